@@ -1,0 +1,305 @@
+"""The `custody` command: run the gateway, mint development tokens, check and explain
+rules, and read and verify the audit log.
+
+    custody run [--config custody.yaml] [--listen-port 8080]
+    custody token --sub crew-analyst --groups analysts --ttl 15m
+    custody rules check
+    custody rules explain --token "$TOKEN" POST https://sample-api.internal/orders --body '{"quantity": 500}'
+    custody audit tail [-n 20] [--follow]
+    custody audit show EVENT_OR_SESSION
+    custody audit verify
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import sys
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from addons import config, devissuer, httpops
+from addons.connections import Registry
+from addons.rules import RuleError, RuleSet, decide
+from addons.store import Store
+from addons.tokens import TokenError, Verifier
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit status 1 (or .status)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _config(args: argparse.Namespace) -> config.Config:
+    try:
+        return config.load(config.find(args.config))
+    except config.ConfigError as e:
+        raise CliError(str(e)) from None
+
+
+# token
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    dev = cfg.identity.dev_issuer
+    if dev is None:
+        raise CliError(f"{cfg.path}: the development issuer is not enabled (identity.dev_issuer.enabled)")
+    groups = [g for value in args.groups for g in value.split(",") if g]
+    agent = {k: getattr(args, k) for k in devissuer.AGENT_ATTRIBUTES if getattr(args, k)}
+    try:
+        ttl = config.parse_duration(args.ttl)
+        token = devissuer.mint(dev, args.sub, groups=groups, ttl=ttl, agent=agent, audience=args.audience)
+    except ValueError as e:
+        raise CliError(f"custody token: {e}") from None
+    print(token)
+    return 0
+
+
+# rules
+
+
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    try:
+        rules = RuleSet.load(cfg.rules)
+    except RuleError as e:
+        raise CliError(str(e)) from None
+    known = {c.name for c in cfg.connections}
+    for rule in rules.rules:
+        for name in rule.connections:
+            if name not in known:
+                print(f"warning: {rule.file}: rule {rule.id!r}: match.connection: no connection named {name!r}")
+    print(f"ok: {len(rules.rules)} rules in {len(rules.files)} files")
+    return 0
+
+
+def _explain(cfg: config.Config, args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        rules = RuleSet.load(cfg.rules)
+    except RuleError as e:
+        raise CliError(str(e)) from None
+    try:
+        principal = asyncio.run(Verifier(cfg.identity).verify(args.token))
+    except TokenError as e:
+        return {"decision": {"effect": "deny", "reason": str(e), "error": "unauthenticated", "rules": []}}
+    target = urlsplit(args.url)
+    if target.scheme not in ("http", "https") or not target.hostname:
+        raise CliError(f"not an http(s) URL: {args.url}")
+    port = target.port or (443 if target.scheme == "https" else 80)
+    conn = Registry(cfg.connections).find(target.hostname, port)
+    if conn is None:
+        reason = f"{target.hostname}:{port} is not a registered connection"
+        return {"decision": {"effect": "deny", "reason": reason, "error": "unknown_connection", "rules": []}}
+    headers = {}
+    for h in args.header:
+        name, _, value = h.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = args.body
+    if body and body.startswith("@"):
+        with open(body[1:], "rb") as fh:
+            content = fh.read()
+    else:
+        content = body.encode() if body else None
+    if content and "content-type" not in headers:
+        headers["content-type"] = "application/json"
+    path = target.path or "/"
+    op = httpops.classify(conn.name, args.method, path + (f"?{target.query}" if target.query else ""), headers, content)
+    matched, missed = [], []
+    for rule in rules.rules:
+        failed = rule.first_failure(principal, op)
+        entry = {"id": rule.id, "effect": rule.effect, "file": rule.file}
+        if failed is None:
+            matched.append(rule)
+        else:
+            missed.append({**entry, "failed": failed})
+    return {
+        "principal": principal.as_dict(),
+        "operation": op.as_dict(),
+        "decision": decide(matched).as_dict(),
+        "matched": [{"id": r.id, "effect": r.effect, "file": r.file} for r in matched],
+        "not_matched": missed,
+    }
+
+
+def cmd_rules_explain(args: argparse.Namespace) -> int:
+    result = _explain(_config(args), args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        d = result["decision"]
+        print(f"decision:  {d['effect']}  ({d['reason']})")
+        if d.get("rules"):
+            print(f"by rules:  {', '.join(d['rules'])}")
+        if "operation" in result:
+            op, p = result["operation"], result["principal"]
+            print(f"operation: {op['summary']}  [action {op['action']}, risk {op['risk']}]")
+            print(f"principal: {p['subject']}  groups: {', '.join(p['groups']) or '-'}")
+            print("matching rules:")
+            for r in result["matched"] or [{"id": "(none)", "effect": "", "file": ""}]:
+                print(f"  + {r['id']:32} {r['effect']:7} {r['file']}")
+            print("not matching (first condition that failed):")
+            for r in result["not_matched"]:
+                print(f"  - {r['id']:32} {r['effect']:7} {r['failed']}")
+    return 0 if result["decision"]["effect"] == "allow" else 2
+
+
+# audit
+
+
+def _store(args: argparse.Namespace) -> Store:
+    path = args.db or _config(args).store.path
+    if not os.path.exists(path):
+        raise CliError(f"no audit store at {path}")
+    return Store(path)
+
+
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="milliseconds")
+
+
+def format_row(row: dict[str, Any]) -> str:
+    outcome = row["effect"] or (str(row["status"]) if row["status"] is not None else "")
+    if row["kind"] == "decision" and row["status"]:
+        outcome = f"{row['effect']} {row['status']}"
+    what = " ".join(x for x in (row["action"], row["resource"]) if x)
+    return (
+        f"{row['seq']:>6}  {_when(row['ts'])}  {row['kind']:<8}  {row['subject'] or '-':<16}  "
+        f"{row['connection'] or '-':<14}  {what or '-':<28}  {outcome:<10}  {row['reason'] or ''}"
+    ).rstrip()
+
+
+def _printable(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    for key in ("principal", "operation", "detail", "rules"):
+        if out.get(key):
+            out[key] = json.loads(out[key])
+    body = out.pop("body")
+    if body is not None:
+        try:
+            out["body"] = body.decode()
+        except UnicodeDecodeError:
+            out["body"] = f"<{len(body)} bytes of binary data>"
+    out["time"] = _when(out["ts"])
+    return out
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> int:
+    store = _store(args)
+    rows = store.tail(args.n)
+    for row in rows:
+        print(format_row(row))
+    last = rows[-1]["seq"] if rows else 0
+    while args.follow:
+        time.sleep(0.5)
+        for row in store.tail(1000, after=last):
+            print(format_row(row), flush=True)
+            last = row["seq"]
+    return 0
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    store = _store(args)
+    event = store.event(args.id)
+    if event is not None:
+        related = store.where("flow = ?", [event["flow"]]) if event["flow"] else [event]
+        if args.json:
+            print(json.dumps({"event": _printable(event), "flow": [_printable(r) for r in related]}, indent=2))
+            return 0
+        print(json.dumps(_printable(event), indent=2))
+        print("\nthe flow it belongs to:")
+        for row in related:
+            print(format_row(row))
+        return 0
+    rows = store.where("session = ? OR flow = ?", [args.id, args.id])
+    if not rows:
+        raise CliError(f"no event, flow or session {args.id!r} in {store.path}")
+    if args.json:
+        print(json.dumps([_printable(r) for r in rows], indent=2))
+    else:
+        for row in rows:
+            print(format_row(row))
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    result = _store(args).verify()
+    if result.ok:
+        print(f"ok: {result.count} events, chain head {result.head}")
+        return 0
+    print(f"BROKEN at event {result.broken_at}: {result.problem}")
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="custody", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", help="configuration file (default: $CUSTODY_CONFIG, ./custody.yaml)")
+        return sp
+
+    sub.add_parser("run", help="run the gateway (lean runner; see `custody run --help`)", add_help=False)
+
+    t = with_config(sub.add_parser("token", help="mint a token from the development issuer"))
+    t.add_argument("--sub", required=True, help="subject (who the agent is)")
+    t.add_argument("--groups", action="append", default=[], help="group, or comma-separated groups; repeatable")
+    t.add_argument("--ttl", default="15m", help="lifetime, e.g. 15m (default 15m)")
+    t.add_argument("--audience", help="audience (default: the issuer's)")
+    for name in devissuer.AGENT_ATTRIBUTES:
+        t.add_argument(f"--{name}", help=f"verified agent attribute: {name}")
+    t.set_defaults(func=cmd_token)
+
+    r = sub.add_parser("rules", help="check and explain rules").add_subparsers(dest="rules_command", required=True)
+    with_config(r.add_parser("check", help="validate every rule file")).set_defaults(func=cmd_rules_check)
+    e = with_config(r.add_parser("explain", help="show the decision for a request and the rules that made it"))
+    e.add_argument("--token", required=True)
+    e.add_argument("method")
+    e.add_argument("url")
+    e.add_argument("--body", help="request body, or @FILE")
+    e.add_argument("-H", "--header", action="append", default=[], help="'Name: value', repeatable")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_rules_explain)
+
+    a = sub.add_parser("audit", help="read and verify the audit log").add_subparsers(dest="audit_command", required=True)
+
+    def audit(name: str, help: str) -> argparse.ArgumentParser:
+        sp = with_config(a.add_parser(name, help=help))
+        sp.add_argument("--db", help="audit store path (default: from the configuration)")
+        return sp
+
+    at = audit("tail", "print the latest events")
+    at.add_argument("-n", type=int, default=20)
+    at.add_argument("-f", "--follow", action="store_true")
+    at.set_defaults(func=cmd_audit_tail)
+    ash = audit("show", "print one event with its flow, or a whole flow or session")
+    ash.add_argument("id")
+    ash.add_argument("--json", action="store_true")
+    ash.set_defaults(func=cmd_audit_show)
+    audit("verify", "walk the hash chain and report the first broken link").set_defaults(func=cmd_audit_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        from addons import runner  # only `run` needs mitmproxy's master and its addons
+
+        return runner.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(e, file=sys.stderr)
+        return e.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

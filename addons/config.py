@@ -1,0 +1,306 @@
+"""The gateway configuration file, parsed once into small typed objects.
+
+One YAML file names the connections, the token issuers, the audit store and where the
+rules live (`addons/schemas/config.json` is its schema). Relative paths are relative to
+the file. Secrets are references (`env:NAME`, `file:PATH`), resolved here so that a
+missing secret stops the gateway at start instead of failing a request later.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from addons import schema
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the file and the field."""
+
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: float | int | str) -> float:
+    """`30` or `"30s"` -> 30.0; `"15m"` -> 900.0; `"250ms"` -> 0.25."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"negative duration: {value}")
+        return float(value)
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)", str(value).strip())
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 15m, 1h)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def resolve_secret(ref: str, base: Path) -> str:
+    """Read `env:NAME` or `file:PATH` (relative to the config file); never a literal."""
+    kind, _, name = ref.partition(":")
+    if kind == "env":
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return os.environ[name]
+    if kind == "file":
+        return (base / name).read_text().strip()
+    raise ValueError(f"not a secret reference: {ref!r} (use env:NAME or file:PATH)")
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What the gateway adds to upstream requests: one header, never seen by the agent."""
+
+    type: str
+    header: str
+    value: str = field(repr=False)
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], secret: str) -> Credential:
+        if raw["type"] == "bearer":
+            return cls("bearer", "authorization", f"Bearer {secret}")
+        if raw["type"] == "basic":
+            pair = f"{raw['username']}:{secret}".encode()
+            return cls("basic", "authorization", "Basic " + base64.b64encode(pair).decode())
+        return cls("header", raw["header"].lower(), secret)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    scheme: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A registered target: traffic to anything else is refused."""
+
+    name: str
+    kind: str
+    hosts: tuple[str, ...]
+    upstream: Upstream | None = None
+    ca_file: str | None = None
+    credential: Credential | None = None
+    bearer_is_gateway: bool = False
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """A trusted token issuer. `key_file` is set only for the development issuer."""
+
+    issuer: str
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...] = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
+    leeway: float = 30.0
+    groups_claim: str = "groups"
+    agent_claims: dict[str, str] = field(default_factory=dict)
+    jwks_url: str | None = None
+    discovery: bool = False
+    ca_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
+class DevIssuer:
+    key_file: str
+    issuer: str
+    audience: str
+    max_ttl: float
+
+
+@dataclass(frozen=True)
+class Identity:
+    issuers: tuple[Issuer, ...]
+    dev_issuer: DevIssuer | None
+    max_token_bytes: int = 8192
+    jwks_refresh: float = 600.0
+    jwks_min_interval: float = 30.0
+    jwks_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class Store:
+    path: str
+    bodies: str = "full"
+    max_body: int = 65536
+    synchronous: str = "normal"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    gateway_host: str
+    identity: Identity
+    connections: tuple[Connection, ...]
+    rules: tuple[str, ...]
+    rules_poll: float
+    store: Store
+
+
+def _upstream(url: str) -> Upstream:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return Upstream(parts.scheme, parts.hostname or "", port)
+
+
+def _connection(raw: dict[str, Any], base: Path, where: str) -> Connection:
+    credential = None
+    if "credential" in raw:
+        try:
+            secret = resolve_secret(raw["credential"]["secret"], base)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{where}.credential.secret: {e}") from None
+        credential = Credential.parse(raw["credential"], secret)
+    tls = raw.get("tls", {})
+    ca_file = str(base / tls["ca_file"]) if "ca_file" in tls else None
+    if ca_file and not os.path.isfile(ca_file):
+        raise ConfigError(f"{where}.tls.ca_file: no such file: {ca_file}")
+    return Connection(
+        name=raw["name"],
+        kind=raw["kind"],
+        hosts=tuple(h.lower() for h in raw["hosts"]),
+        upstream=_upstream(raw["upstream"]) if "upstream" in raw else None,
+        ca_file=ca_file,
+        credential=credential,
+        bearer_is_gateway=raw.get("token_header") == "authorization",
+    )
+
+
+def _issuer(raw: dict[str, Any], base: Path) -> Issuer:
+    aud = raw["audience"]
+    kwargs: dict[str, Any] = {}
+    if "algorithms" in raw:
+        kwargs["algorithms"] = tuple(raw["algorithms"])
+    return Issuer(
+        issuer=raw["issuer"],
+        audiences=(aud,) if isinstance(aud, str) else tuple(aud),
+        leeway=parse_duration(raw.get("leeway", 30)),
+        groups_claim=raw.get("groups_claim", "groups"),
+        agent_claims=dict(raw.get("agent_claims", {})),
+        jwks_url=raw.get("jwks_url"),
+        discovery=raw.get("discovery", False),
+        ca_file=str(base / raw["ca_file"]) if "ca_file" in raw else None,
+        **kwargs,
+    )
+
+
+def _identity(raw: dict[str, Any], base: Path) -> Identity:
+    issuers = [_issuer(i, base) for i in raw.get("issuers", [])]
+    for n, i in enumerate(issuers):
+        if not (i.jwks_url or i.discovery):
+            raise ConfigError(f"identity.issuers[{n}]: set jwks_url, or discovery: true")
+    dev = None
+    dev_raw = raw.get("dev_issuer", {})
+    if dev_raw.get("enabled"):
+        if "key_file" not in dev_raw:
+            raise ConfigError("identity.dev_issuer.key_file: required when enabled")
+        dev = DevIssuer(
+            key_file=str((base / dev_raw["key_file"]).resolve()),
+            issuer=dev_raw.get("issuer", "http://custody.gateway"),
+            audience=dev_raw.get("audience", "custody"),
+            max_ttl=parse_duration(dev_raw.get("max_ttl", "24h")),
+        )
+        issuers.append(
+            Issuer(
+                issuer=dev.issuer,
+                audiences=(dev.audience,),
+                algorithms=("ES256",),
+                leeway=parse_duration(dev_raw.get("leeway", 30)),
+                agent_claims={k: k for k in ("agent", "model", "run", "task", "prompt")},
+                key_file=dev.key_file,
+            )
+        )
+    names = [i.issuer for i in issuers]
+    if len(set(names)) != len(names):
+        raise ConfigError("identity.issuers: the same issuer is listed twice")
+    return Identity(
+        issuers=tuple(issuers),
+        dev_issuer=dev,
+        max_token_bytes=raw.get("max_token_bytes", 8192),
+        jwks_refresh=parse_duration(raw.get("jwks_refresh", "10m")),
+        jwks_min_interval=parse_duration(raw.get("jwks_min_interval", "30s")),
+        jwks_timeout=parse_duration(raw.get("jwks_timeout", "5s")),
+    )
+
+
+def parse(raw: Any, path: str) -> Config:
+    """Validate and build a Config from the parsed YAML of the file at `path`."""
+    problems = schema.errors("config", raw)
+    if problems:
+        raise ConfigError(
+            "\n".join(f"{path}: {where}: {message}" for where, message in problems)
+        )
+    base = Path(path).resolve().parent
+    try:
+        connections = tuple(
+            _connection(c, base, f"connections[{n}]") for n, c in enumerate(raw["connections"])
+        )
+        identity = _identity(raw.get("identity", {}), base)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    seen: dict[str, str] = {}
+    for c in connections:
+        for h in c.hosts:
+            if h in seen:
+                raise ConfigError(f"{path}: connections: host {h} is claimed by both {seen[h]} and {c.name}")
+            seen[h] = c.name
+    names = [c.name for c in connections]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: connections: duplicate connection name")
+    trust: dict[tuple[str, int], Connection] = {}
+    for c in connections:
+        if c.upstream is None:
+            continue
+        other = trust.setdefault((c.upstream.host, c.upstream.port), c)
+        if other.ca_file != c.ca_file:
+            raise ConfigError(
+                f"{path}: connections: {other.name} and {c.name} send to the same upstream "
+                f"{c.upstream.host}:{c.upstream.port} with different tls.ca_file"
+            )
+    rules = raw["rules"]
+    store = raw["store"]
+    if "path" not in store:
+        raise ConfigError(f"{path}: store.path: required")
+    return Config(
+        path=str(Path(path).resolve()),
+        gateway_host=raw.get("gateway", {}).get("host", "custody.gateway").lower(),
+        identity=identity,
+        connections=connections,
+        rules=tuple(str((base / r).resolve()) for r in ([rules] if isinstance(rules, str) else rules)),
+        rules_poll=parse_duration(raw.get("rules_poll", "1s")),
+        store=Store(
+            path=str((base / store["path"]).resolve()),
+            bodies=store.get("bodies", "full"),
+            max_body=store.get("max_body", 65536),
+            synchronous=store.get("synchronous", "normal"),
+        ),
+    )
+
+
+def load(path: str) -> Config:
+    """Read, validate and parse the configuration file at `path`."""
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse(raw, path)
+
+
+def find(explicit: str | None = None) -> str:
+    """The configuration path: an explicit one, else $CUSTODY_CONFIG, else ./custody.yaml."""
+    path = os.path.abspath(explicit or os.environ.get("CUSTODY_CONFIG") or "custody.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"no configuration file at {path}: pass --config or set CUSTODY_CONFIG "
+            "(scripts/run uses examples/custody.yaml)"
+        )
+    return path

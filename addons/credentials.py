@@ -1,0 +1,100 @@
+"""credentials: what the gateway holds for a connection, applied on the way upstream.
+
+For a cleared flow it routes the request to the connection's upstream address (when that
+differs from the name agents use), injects the connection's credential (replacing whatever
+the agent sent in that header), and pins upstream TLS verification to the connection's CA.
+The agent never sees or sends backend credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import ctx as mctx
+from mitmproxy import http, tls
+from mitmproxy.net import tls as net_tls
+from OpenSSL import SSL
+
+from addons import context, failclosed
+from addons.config import Connection
+from addons.connections import Registry
+from addons.failclosed import guarded
+from addons.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def pinned_context(ca_file: str) -> SSL.Context:
+    """A client TLS context that trusts exactly one CA file and verifies the peer."""
+    ssl_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ssl_ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ssl_ctx.set_verify(net_tls.Verify.VERIFY_PEER.value, None)
+    ssl_ctx.load_verify_locations(ca_file)
+    return ssl_ctx
+
+
+def untrusting_context() -> SSL.Context:
+    """Trusts nothing: every handshake fails. Used when pinning itself went wrong."""
+    ssl_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ssl_ctx.set_verify(net_tls.Verify.VERIFY_PEER.value, None)
+    return ssl_ctx
+
+
+def apply(request: http.Request, conn: Connection) -> None:
+    """Route `request` to the connection's upstream and put the gateway's credential on it."""
+    if conn.upstream is not None:
+        request.scheme = conn.upstream.scheme
+        request.host = conn.upstream.host
+        request.port = conn.upstream.port
+    if conn.credential is not None:
+        request.headers[conn.credential.header] = conn.credential.value
+
+
+class Credentials:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = Registry(())
+        self.by_upstream: dict[tuple[str, int], Connection] = {}
+
+    def configure(self, updated: set[str]) -> None:
+        if "custody_config" in updated:
+            connections = self.settings.require().connections
+            self.registry = Registry(connections)
+            self.by_upstream = {
+                (c.upstream.host, c.upstream.port): c for c in connections if c.upstream
+            }
+
+    @guarded
+    def request(self, f: http.HTTPFlow) -> None:
+        if failclosed.answered(f):
+            return
+        ctx = context.of(f)
+        if not ctx.cleared:
+            return  # the gate refuses it
+        apply(f.request, self.registry.by_name[ctx.connection])
+        ctx.destination = (f.request.host, f.request.port)
+
+    def _connection_for(self, address: tuple[str, int]) -> Connection | None:
+        return self.by_upstream.get(address) or self.registry.find(*address)
+
+    def tls_start_server(self, data: tls.TlsData) -> None:
+        """Pin the upstream's trust to the connection's CA (mitmproxy's tlsconfig ran first).
+
+        mitmproxy's tlsconfig builds the connection (SNI, ALPN, hostname verification); it runs
+        before this hook under `custody run` and after it under mitmdump, where the chain is
+        a script, so it is asked to build the connection first when it has not yet. Swapping
+        the context then replaces only the trust store, so the name is still checked.
+        """
+        server = data.conn
+        if not server.address:
+            return
+        conn = self._connection_for(server.address)
+        if conn is None or not conn.ca_file:
+            return
+        try:
+            if data.ssl_conn is None:
+                mctx.master.addons.get("tlsconfig").tls_start_server(data)
+            data.ssl_conn.set_context(pinned_context(conn.ca_file))
+        except Exception:
+            logger.exception("custody: pinning TLS for %s failed; the handshake will fail", conn.name)
+            data.ssl_conn.set_context(untrusting_context())

@@ -1,0 +1,117 @@
+"""Refusing flows, and making sure a broken addon refuses instead of waving traffic on.
+
+mitmproxy logs an exception raised in a hook and carries on with the next addon and with
+the upstream. Left alone, a bug in policy would let traffic through. Every Custody hook is
+wrapped in `guarded`: an exception ends the flow with a 502 carrying a JSON reason, and the
+flow's decision says which addon failed so the recorder (later in the chain) writes it down.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import http, udp
+from mitmproxy import flow as mflow
+
+from addons import context
+from addons.context import Decision
+
+logger = logging.getLogger(__name__)
+
+
+def refuse(
+    f: mflow.Flow,
+    status: int,
+    reason: str,
+    *,
+    error: str,
+    rules: tuple[str, ...] = (),
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Deny the flow: record the decision in its context and answer it locally with JSON.
+
+    Non-HTTP flows (raw TCP, UDP) have nothing to answer with and are killed.
+    """
+    ctx = context.of(f)
+    if ctx.recorded:
+        # A late refusal, after the request and its decision went on record: it is a new
+        # decision with its own event, which the recorder writes with the response.
+        ctx.decision_event = context.new_id()
+        ctx.recorded = False
+    ctx.decision = Decision(
+        effect="deny", rules=rules, reason=reason, status=status, error=error
+    )
+    if not isinstance(f, http.HTTPFlow):
+        if f.killable:
+            f.kill()
+        return
+    body = {
+        "decision": "deny",
+        "error": error,
+        "reason": reason,
+        "rules": list(rules),
+        "event_id": ctx.decision_event,
+    }
+    f.response = http.Response.make(
+        status,
+        json.dumps(body),
+        {"content-type": "application/json", **(headers or {})},
+    )
+
+
+def refuse_ungoverned(f: mflow.Flow) -> None:
+    """Raw TCP and UDP flows: no classifier understands them, so none may pass."""
+    kind = "UDP" if isinstance(f, udp.UDPFlow) else "raw TCP"
+    refuse(f, 0, f"{kind} is not governed", error="unsupported_protocol")
+
+
+def answered(f: mflow.Flow) -> bool:
+    """Has an earlier addon already answered (or killed) this flow?"""
+    if f.error is not None:
+        return True
+    return isinstance(f, http.HTTPFlow) and f.response is not None
+
+
+def _fail(addon: object, hook: str, f: Any, exc: BaseException) -> None:
+    name = type(addon).__name__.lower()
+    logger.error("custody %s.%s failed; refusing the flow", name, hook, exc_info=exc)
+    if not isinstance(f, mflow.Flow):
+        return
+    try:
+        refuse(
+            f,
+            502,
+            f"internal error in the {name} addon ({hook}): {type(exc).__name__}",
+            error="gateway_error",
+        )
+    except Exception:
+        logger.exception("refusing the flow failed too; killing it")
+        f.kill()
+
+
+def guarded(hook: Callable) -> Callable:
+    """Wrap an addon hook so that any exception refuses the flow (fail closed)."""
+    if inspect.iscoroutinefunction(hook):
+
+        @functools.wraps(hook)
+        async def async_wrapper(self, f, *args):
+            try:
+                return await hook(self, f, *args)
+            except Exception as exc:
+                _fail(self, hook.__name__, f, exc)
+
+        return async_wrapper
+
+    @functools.wraps(hook)
+    def wrapper(self, f, *args):
+        try:
+            return hook(self, f, *args)
+        except Exception as exc:
+            _fail(self, hook.__name__, f, exc)
+
+    return wrapper

@@ -1,0 +1,134 @@
+"""HTTP classification: what a plain HTTP request does, in the Operation vocabulary.
+
+Rules match on the normalised path, so every spelling a server would treat as the same
+resource must normalise to the same string: percent-encoding (decoded repeatedly, which
+defeats double encoding), backslashes, dot segments, duplicate and trailing slashes, and
+`;params` that servlet containers strip. Method-override headers are honoured, and when
+the real method and the override disagree the riskier action wins: the gateway cannot know
+which of the two the server will act on.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from addons.context import Operation
+
+READ, WRITE, DELETE, UNKNOWN = "read", "write", "delete", "unknown"
+
+ACTION_OF_METHOD = {
+    "GET": READ,
+    "HEAD": READ,
+    "OPTIONS": READ,
+    "POST": WRITE,
+    "PUT": WRITE,
+    "PATCH": WRITE,
+    "DELETE": DELETE,
+}
+RISK = {READ: 10, WRITE: 40, DELETE: 70, UNKNOWN: 90}
+OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+OVERRIDE_PARAMS = ("_method",)
+
+
+class Unparseable:
+    """The request body claimed or looked like JSON and could not be parsed."""
+
+    def __repr__(self) -> str:
+        return "UNPARSEABLE"
+
+
+UNPARSEABLE = Unparseable()
+
+
+def normalise_path(path: str) -> str:
+    """`/a/./b//c/../d%2f%2e%2e/e/` -> `/a/b/e`: the resource as a server would resolve it."""
+    decoded = path
+    for _ in range(4):
+        once = unquote(decoded)
+        if once == decoded:
+            break
+        decoded = once
+    segments: list[str] = []
+    for segment in decoded.replace("\\", "/").split("/"):
+        segment = segment.split(";", 1)[0]
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    return "/" + "/".join(segments)
+
+
+def action_of(method: str) -> str:
+    return ACTION_OF_METHOD.get(method.upper(), UNKNOWN)
+
+
+def riskier(a: str, b: str) -> str:
+    return a if RISK[a] >= RISK[b] else b
+
+
+def parse_json_body(content: bytes | None, content_type: str) -> Any:
+    """The JSON document in a request body; None when there is no JSON body.
+
+    Duplicate keys make the body UNPARSEABLE: a server may read the first value where we
+    read the last, so no rule may be decided on either.
+    """
+    if not content:
+        return None
+    looks_json = "json" in content_type.lower() or content.lstrip()[:1] in (b"{", b"[")
+    if not looks_json:
+        return None
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            raise ValueError("duplicate key")
+        return out
+
+    try:
+        return json.loads(content, object_pairs_hook=no_duplicates)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return UNPARSEABLE
+
+
+def classify(
+    connection: str,
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    content: bytes | None,
+) -> Operation:
+    """The Operation for one HTTP request. `headers` keys are lower-case."""
+    raw_path, _, raw_query = target.partition("?")  # not urlsplit: "//x" is a path here, not a host
+    path = normalise_path(raw_path or "/")
+    query = parse_qsl(raw_query, keep_blank_values=True)
+    method = method.upper()
+    action = action_of(method)
+    override = next((headers[h] for h in OVERRIDE_HEADERS if h in headers), "")
+    override = override or next((v for k, v in query if k in OVERRIDE_PARAMS), "")
+    details: dict[str, Any] = {"method": method, "path": path, "query": raw_query}
+    if override:
+        override = override.strip().upper()
+        details["method_override"] = override
+        action = riskier(action, action_of(override))
+    payload = parse_json_body(content, headers.get("content-type", ""))
+    details["body"] = (
+        "none" if not content else
+        "unparseable" if payload is UNPARSEABLE else
+        "json" if payload is not None else "other"
+    )
+    shown = method + (f" (as {override})" if override else "")
+    return Operation(
+        protocol="http",
+        connection=connection,
+        action=action,
+        resource=path,
+        risk=RISK[action],
+        summary=f"{shown} {path} on {connection}",
+        details=details,
+        payload=payload,
+    )

@@ -1,0 +1,141 @@
+"""identity: who is asking. Verifies the agent's OIDC token and writes the Principal.
+
+Token sources, in order: `Proxy-Authorization` (Bearer, or Basic whose password is the
+token, as `HTTPS_PROXY=http://agent:TOKEN@gw:8080` sends it), the token presented on the
+CONNECT of the tunnel the request travels in, and, only for connections whose config says
+the bearer header belongs to the gateway (kubeconfig tokens), `Authorization: Bearer`.
+The token is stripped before anything goes upstream; so are the agent's asserted
+`X-Custody-*` attributes, which are kept on the Principal as asserted, never as verified.
+
+Failure answers 407 (proxy credentials) or 401 (bearer header) with a JSON reason; the
+recorder writes it down and nothing reaches the upstream.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import weakref
+
+from mitmproxy import connection, http
+
+from addons import context, failclosed
+from addons.connections import Registry
+from addons.failclosed import guarded
+from addons.settings import Settings
+from addons.tokens import AGENT_ATTRIBUTES, TokenError, Verifier
+
+ASSERTED_HEADERS = {f"x-custody-{name}": name for name in AGENT_ATTRIBUTES}
+MAX_ASSERTED = 256
+
+
+def proxy_token(headers: http.Headers) -> str | None:
+    """The token in Proxy-Authorization: Bearer, or Basic with the token as password."""
+    value = headers.get("proxy-authorization", "")
+    scheme, _, credentials = value.strip().partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return credentials.strip()
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            return ""
+        return decoded.partition(":")[2]
+    return "" if value else None
+
+
+def bearer_token(headers: http.Headers) -> str | None:
+    value = headers.get("authorization", "")
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return token.strip()
+    return None
+
+
+def asserted(headers: http.Headers) -> dict[str, str]:
+    """The agent's own claims about itself, pulled off the request."""
+    out = {}
+    for header, name in ASSERTED_HEADERS.items():
+        if header in headers:
+            out[name] = headers.pop(header)[:MAX_ASSERTED]
+    return out
+
+
+class Identity:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.verifier: Verifier | None = None
+        self.registry = Registry(())
+        self.tunnels: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
+
+    def configure(self, updated: set[str]) -> None:
+        if "custody_config" in updated:
+            cfg = self.settings.require()
+            self.verifier = Verifier(cfg.identity)
+            self.registry = Registry(cfg.connections)
+
+    async def running(self) -> None:
+        if self.verifier:
+            await self.verifier.start()
+
+    def _refuse(self, f: http.HTTPFlow, reason: str, bearer: bool) -> None:
+        if bearer:
+            status, challenge = 401, {"www-authenticate": 'Bearer realm="custody"'}
+        else:
+            status, challenge = 407, {"proxy-authenticate": 'Bearer realm="custody"'}
+        failclosed.refuse(f, status, reason, error="unauthenticated", headers=challenge)
+
+    async def _principal(self, f: http.HTTPFlow, token: str, bearer: bool) -> context.Principal | None:
+        if not token:
+            self._refuse(f, "malformed credentials", bearer)
+            return None
+        try:
+            return await self.verifier.verify(token)
+        except TokenError as e:
+            self._refuse(f, str(e), bearer)
+            return None
+
+    @guarded
+    async def http_connect(self, f: http.HTTPFlow) -> None:
+        if failclosed.answered(f):
+            return
+        token = proxy_token(f.request.headers)
+        f.request.headers.pop("proxy-authorization", None)
+        if token is None:
+            conn = self.registry.find(f.request.host, f.request.port)
+            if conn is not None and conn.bearer_is_gateway:
+                return  # each request in this tunnel must carry its own bearer token
+            self._refuse(f, "no token: send Proxy-Authorization", bearer=False)
+            return
+        principal = await self._principal(f, token, bearer=False)
+        if principal is not None:
+            self.tunnels[f.client_conn] = token
+            context.of(f).principal = principal
+
+    @guarded
+    async def request(self, f: http.HTTPFlow) -> None:
+        if failclosed.answered(f):
+            return
+        headers = f.request.headers
+        conn = self.registry.find(f.request.host, f.request.port)
+        gateway_bearer = conn is not None and conn.bearer_is_gateway
+        token = proxy_token(headers)
+        headers.pop("proxy-authorization", None)
+        bearer = False
+        if token is None:
+            token = self.tunnels.get(f.client_conn)
+        if token is None and gateway_bearer:
+            token, bearer = bearer_token(headers), True
+        if gateway_bearer:
+            headers.pop("authorization", None)
+        claims = asserted(headers)
+        if token is None:
+            if bearer:
+                self._refuse(f, "no token: send Authorization: Bearer", bearer=True)
+            else:
+                self._refuse(f, "no token: send Proxy-Authorization", bearer=False)
+            return
+        principal = await self._principal(f, token, bearer)
+        if principal is not None:
+            context.of(f).principal = dataclasses.replace(principal, asserted=claims) if claims else principal

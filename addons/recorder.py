@@ -1,0 +1,208 @@
+"""recorder: writes every request, decision and response to the hash-chained audit store.
+
+On requests it writes the request and its decision before anything executes; if that write
+fails, the request does not proceed. On responses (after masking) it writes the response;
+if that write fails, the agent gets an error instead of data that is not on record. It
+refuses to record, and so to forward, a response that a rule said to mask when no masker
+ran. It also writes tunnels opened or refused, refused raw TCP/UDP, and upstream errors.
+The flow's comment and marker show the decision in mitmweb.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from mitmproxy import http, tcp, udp
+from mitmproxy import flow as mflow
+
+from addons import context, failclosed
+from addons.config import Store as StoreSettings
+from addons.context import Context, new_id
+from addons.failclosed import guarded
+from addons.settings import Settings
+from addons.store import Event, Writer, digest
+
+logger = logging.getLogger(__name__)
+
+SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "x-auth-token"}
+)
+MARKERS = {"allow": ":white_check_mark:", "review": ":hourglass:", "deny": ":no_entry:"}
+
+
+def headers_for_record(headers: http.Headers) -> list[list[str]]:
+    """Headers as recorded: credential-bearing values are replaced by [redacted]."""
+    return [[k, "[redacted]" if k.lower() in SECRET_HEADERS else v] for k, v in headers.items()]
+
+
+def body_fields(content: bytes | None, settings: StoreSettings) -> dict[str, Any]:
+    """The body, its digest or only its size, as the store configuration says."""
+    if content is None:
+        return {}
+    fields: dict[str, Any] = {"body_size": len(content)}
+    if settings.bodies != "none":
+        fields["body_digest"] = digest(content)
+    if settings.bodies == "full" and len(content) <= settings.max_body:
+        fields["body"] = content
+    return fields
+
+
+def _base(ctx: Context, f: mflow.Flow, kind: str, event_id: str | None = None) -> dict[str, Any]:
+    return {
+        "id": event_id or new_id(),
+        "kind": kind,
+        "session": ctx.session,
+        "flow": f.id,
+        "principal": ctx.principal,
+        "operation": ctx.operation,
+        "connection": ctx.connection,
+    }
+
+
+class Recorder:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.writer: Writer | None = None
+        self.body_settings = StoreSettings(path="")
+
+    def configure(self, updated: set[str]) -> None:
+        if "custody_config" in updated:
+            cfg = self.settings.require().store
+            os.makedirs(os.path.dirname(cfg.path) or ".", exist_ok=True)
+            if self.writer is not None:
+                self.writer.close()
+            self.writer = Writer(cfg.path, cfg.synchronous)
+            self.body_settings = cfg
+
+    def done(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    async def _write(self, ctx: Context, events: list[Event]) -> None:
+        await self.writer.append(events)
+        ctx.events.extend(e.id for e in events)
+
+    def _decision_event(self, ctx: Context, f: mflow.Flow, kind: str, **detail) -> Event:
+        d = ctx.decision
+        return Event(
+            **_base(ctx, f, kind, ctx.decision_event),
+            decision=d,
+            status=d.status if d and d.status else None,
+            detail=detail,
+        )
+
+    def _show(self, f: mflow.Flow, ctx: Context) -> None:
+        d = ctx.decision
+        if d is None:
+            return
+        rules = ",".join(d.rules) or "-"
+        f.comment = f"custody: {d.effect} · rules {rules} · event {ctx.decision_event} · {d.reason}"
+        f.marked = MARKERS.get(d.effect, ":warning:")
+
+    @guarded
+    async def http_connect(self, f: http.HTTPFlow) -> None:
+        ctx = context.of(f)
+        event = self._decision_event(ctx, f, "connect", target=f"{f.request.host}:{f.request.port}")
+        try:
+            await self._write(ctx, [event])
+        except Exception as e:
+            self._unavailable(f, e)
+            return
+        ctx.recorded = True
+        self._show(f, ctx)
+
+    @guarded
+    async def request(self, f: http.HTTPFlow) -> None:
+        ctx = context.of(f)
+        req = f.request
+        request_event = Event(
+            **_base(ctx, f, "request"),
+            detail={
+                "method": req.method,
+                "url": req.pretty_url,
+                "http_version": req.http_version,
+                "headers": headers_for_record(req.headers),
+                "client": list(f.client_conn.peername or ()),
+            },
+            **body_fields(req.get_content(strict=False), self.body_settings),
+            ts=req.timestamp_start,
+        )
+        try:
+            await self._write(ctx, [request_event, self._decision_event(ctx, f, "decision")])
+        except Exception as e:
+            self._unavailable(f, e)
+            return
+        ctx.recorded = True
+        self._show(f, ctx)
+
+    def _unavailable(self, f: mflow.Flow, exc: Exception) -> None:
+        logger.error("custody: audit store write failed; refusing the flow", exc_info=exc)
+        failclosed.refuse(
+            f, 503, f"audit store unavailable ({type(exc).__name__}); nothing was forwarded",
+            error="audit_unavailable",
+        )
+        context.of(f).recorded = False
+
+    @guarded
+    def responseheaders(self, f: http.HTTPFlow) -> None:
+        d = context.of(f).decision
+        if d is not None and d.masks:
+            f.response.stream = False  # a body that must be masked is never streamed through
+
+    @guarded
+    async def response(self, f: http.HTTPFlow) -> None:
+        ctx = context.of(f)
+        d = ctx.decision
+        if d is not None and d.effect != "deny" and d.masks and not ctx.masked:
+            failclosed.refuse(
+                f, 502, f"rules {', '.join(d.rules)} require masking but no masker ran; response withheld",
+                error="masking_unavailable", rules=d.rules,
+            )
+        resp = f.response
+        late = [] if ctx.decision is None or ctx.decision_event in ctx.events else [
+            self._decision_event(ctx, f, "decision")
+        ]
+        event = Event(
+            **_base(ctx, f, "response"),
+            status=resp.status_code,
+            detail={
+                "headers": headers_for_record(resp.headers),
+                "elapsed_ms": round(((resp.timestamp_end or resp.timestamp_start) - f.request.timestamp_start) * 1000, 3),
+                "upstream": f.server_conn.timestamp_start is not None,
+            },
+            **body_fields(resp.get_content(strict=False), self.body_settings),
+            ts=resp.timestamp_end or resp.timestamp_start,
+        )
+        try:
+            await self._write(ctx, [*late, event])
+        except Exception as e:
+            logger.error("custody: audit store write failed; withholding the response", exc_info=e)
+            failclosed.refuse(
+                f, 502, f"audit store unavailable ({type(e).__name__}); response withheld",
+                error="audit_unavailable",
+            )
+
+    @guarded
+    async def error(self, f: http.HTTPFlow) -> None:
+        ctx = context.of(f)
+        event = Event(**_base(ctx, f, "error"), detail={"error": f.error.msg if f.error else ""})
+        try:
+            await self._write(ctx, [event])
+        except Exception:
+            logger.exception("custody: audit store write failed while recording an error")
+
+    @guarded
+    async def tcp_start(self, f: tcp.TCPFlow) -> None:
+        await self._refused_transport(f, "tcp")
+
+    @guarded
+    async def udp_start(self, f: udp.UDPFlow) -> None:
+        await self._refused_transport(f, "udp")
+
+    async def _refused_transport(self, f: mflow.Flow, transport: str) -> None:
+        ctx = context.of(f)
+        address = f.server_conn.address
+        target = f"{address[0]}:{address[1]}" if address else ""
+        await self._write(ctx, [self._decision_event(ctx, f, "connect", transport=transport, target=target)])

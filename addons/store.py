@@ -1,0 +1,308 @@
+"""The audit store: an append-only, hash-chained log of events in SQLite (WAL).
+
+Its schema is the contract the CLI and exporters read. Each event stores the hash of the
+event before it; an event's hash is SHA-256 over the previous hash and a canonical JSON
+encoding of every column (the body is covered through its digest). `chain_head` holds the
+last sequence number and hash, written in the same transaction, so removing events from the
+end is detected as well as editing, deleting or reordering rows anywhere.
+
+Appends run `BEGIN IMMEDIATE`, read the head inside the transaction and commit, so two
+writers on one file cannot fork the chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlite_utils
+
+from addons.context import Decision, Operation, Principal, canonical_json
+
+GENESIS = "0" * 64
+
+# Column name -> SQLite type. Order is the canonical order for hashing.
+COLUMNS: dict[str, type] = {
+    "seq": int,
+    "id": str,
+    "ts": float,
+    "kind": str,
+    "session": str,
+    "flow": str,
+    "subject": str,
+    "issuer": str,
+    "agent": str,
+    "model": str,
+    "connection": str,
+    "protocol": str,
+    "action": str,
+    "resource": str,
+    "risk": int,
+    "effect": str,
+    "rules": str,
+    "reason": str,
+    "status": int,
+    "principal": str,
+    "operation": str,
+    "detail": str,
+    "body": bytes,
+    "body_digest": str,
+    "body_size": int,
+    "prev_hash": str,
+    "hash": str,
+}
+HASHED = [c for c in COLUMNS if c not in ("hash", "body")]
+INDEXES = (["session"], ["flow"])
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else canonical_json(value)
+
+
+def digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+@dataclass
+class Event:
+    """One row of the audit log before it is chained.
+
+    `connection` names the connection when there is no Operation (a refused tunnel).
+    """
+
+    id: str
+    kind: str
+    session: str = ""
+    flow: str = ""
+    principal: Principal | None = None
+    operation: Operation | None = None
+    connection: str = ""
+    decision: Decision | None = None
+    status: int | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    body: bytes | None = None
+    body_digest: str | None = None
+    body_size: int | None = None
+    ts: float = field(default_factory=time.time)
+
+    def row(self) -> dict[str, Any]:
+        p, op, d = self.principal, self.operation, self.decision
+        if self.body is not None and self.body_digest is None:
+            self.body_digest = digest(self.body)
+        detail = {**self.detail, "decision": d.as_dict()} if d else self.detail
+        return {
+            "id": self.id,
+            "ts": self.ts,
+            "kind": self.kind,
+            "session": self.session or None,
+            "flow": self.flow or None,
+            "subject": p.subject if p else None,
+            "issuer": p.issuer if p else None,
+            "agent": (p.attribute("agent") or None) if p else None,
+            "model": (p.attribute("model") or None) if p else None,
+            "connection": op.connection if op else (self.connection or None),
+            "protocol": op.protocol if op else None,
+            "action": op.action if op else None,
+            "resource": op.resource if op else None,
+            "risk": op.risk if op else None,
+            "effect": d.effect if d else None,
+            "rules": _json(list(d.rules)) if d else None,
+            "reason": d.reason if d else None,
+            "status": self.status,
+            "principal": p.json if p else None,
+            "operation": op.json if op else None,
+            "detail": _json(detail),
+            "body": self.body,
+            "body_digest": self.body_digest,
+            "body_size": self.body_size,
+        }
+
+
+def chain_hash(prev_hash: str, row: dict[str, Any]) -> str:
+    canonical = json.dumps([row[c] for c in HASHED], separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Verification:
+    ok: bool
+    count: int
+    head: str
+    broken_at: int | None = None
+    problem: str = ""
+
+
+class Store:
+    def __init__(self, path: str, synchronous: str = "normal") -> None:
+        self.path = path
+        self.db = sqlite_utils.Database(sqlite3.connect(path, isolation_level=None, check_same_thread=False))
+        self.db.execute("PRAGMA busy_timeout = 5000")
+        self.db.enable_wal()
+        self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        self._ensure_schema()
+        cols = [c for c in COLUMNS if c != "seq"]
+        self._insert = f"INSERT INTO events ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+        self._cols = cols
+
+    def _ensure_schema(self) -> None:
+        if "events" not in self.db.table_names():
+            self.db["events"].create(COLUMNS, pk="seq", not_null={"id", "ts", "kind", "prev_hash", "hash"})
+            for cols in INDEXES:
+                self.db["events"].create_index(cols, if_not_exists=True)
+            self.db["events"].create_index(["id"], unique=True, if_not_exists=True)
+        if "chain_head" not in self.db.table_names():
+            self.db["chain_head"].create({"id": int, "seq": int, "hash": str}, pk="id")
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def append(self, events: list[Event]) -> list[int]:
+        """Chain and write `events` in one transaction; returns their sequence numbers."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            head = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
+            seq, prev = head if head else (0, GENESIS)
+            seqs, rows = [], []
+            for event in events:
+                seq += 1
+                row = event.row()
+                row["seq"], row["prev_hash"] = seq, prev
+                row["hash"] = prev = chain_hash(prev, row)
+                rows.append([row[c] for c in self._cols])
+                seqs.append(seq)
+            conn.executemany(self._insert, rows)
+            conn.execute(
+                "INSERT INTO chain_head (id, seq, hash) VALUES (1, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                (seq, prev),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return seqs
+
+    def verify(self) -> Verification:
+        """Walk the chain from the start; report the first broken link."""
+        prev, count, expected_seq = GENESIS, 0, 1
+        for row in self.db.query("SELECT * FROM events ORDER BY seq"):
+            count += 1
+            seq = row["seq"]
+            if seq != expected_seq:
+                return Verification(False, count, prev, seq, f"event {expected_seq} is missing (found {seq})")
+            if row["prev_hash"] != prev:
+                return Verification(False, count, prev, seq, "previous-hash link does not match: an event before it was changed, removed or reordered")
+            if row["body"] is not None and digest(row["body"]) != row["body_digest"]:
+                return Verification(False, count, prev, seq, "body does not match its digest")
+            if chain_hash(prev, row) != row["hash"]:
+                return Verification(False, count, prev, seq, "event contents do not match its hash")
+            prev, expected_seq = row["hash"], seq + 1
+        head = self.db.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
+        head_seq, head_hash = head if head else (0, GENESIS)
+        if (head_seq, head_hash) != (expected_seq - 1, prev):
+            return Verification(False, count, prev, expected_seq, f"chain head says {head_seq} events but the log ends at {expected_seq - 1}: events were removed from the end")
+        return Verification(True, count, prev)
+
+    # Reading
+
+    def event(self, event_id: str) -> dict[str, Any] | None:
+        rows = list(self.db["events"].rows_where("id = ?", [event_id]))
+        return rows[0] if rows else None
+
+    def where(self, clause: str, args: list[Any], limit: int | None = None) -> list[dict[str, Any]]:
+        return list(self.db["events"].rows_where(clause, args, order_by="seq", limit=limit))
+
+    def tail(self, count: int, after: int = 0) -> list[dict[str, Any]]:
+        rows = self.db.query(
+            "SELECT * FROM (SELECT * FROM events WHERE seq > ? ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            [after, count],
+        )
+        return list(rows)
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        yield from self.db.query("SELECT * FROM events ORDER BY seq")
+
+
+class Writer:
+    """Appends to a Store from a thread of its own, committing in groups.
+
+    The gateway must not forward a request before its events are on disk, and a commit per
+    request is the most expensive thing the chain does. Here every append waits for its
+    commit, but the commit covers everything that queued up meanwhile (group commit), and it
+    happens off the event loop (sqlite releases the GIL), so other flows keep moving.
+    A failed transaction fails every append in it, so each of those flows is refused.
+    """
+
+    MAX_BATCH = 256
+
+    def __init__(self, path: str, synchronous: str = "normal") -> None:
+        self.path, self.synchronous = path, synchronous
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="custody-audit-writer", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def append(self, events: list[Event]) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put((events, future))
+        await future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        try:
+            store = Store(self.path, self.synchronous)
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.append(more)
+            try:
+                store.append([e for events, _ in batch for e in events])
+                error = None
+            except Exception as e:
+                error = e
+            try:
+                batch[0][1].get_loop().call_soon_threadsafe(_settle, [f for _, f in batch], error)
+            except RuntimeError:
+                pass  # the event loop is gone: the gateway is shutting down
+        store.close()
+
+
+def _settle(futures: list[asyncio.Future], error: BaseException | None) -> None:
+    for f in futures:
+        if f.done():
+            continue
+        if error is None:
+            f.set_result(None)
+        else:
+            f.set_exception(error)

@@ -1,0 +1,87 @@
+# Shared by scripts/run and scripts/test: find Python >= 3.12 and keep .venv installed.
+# shellcheck shell=bash
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="$ROOT/.venv"
+
+python_ok() {
+    "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' 2>/dev/null
+}
+
+find_python() {
+    local candidates=()
+    [ -n "${CUSTODY_PYTHON:-}" ] && candidates+=("$CUSTODY_PYTHON")
+    candidates+=(python3.14 python3.13 python3.12 python3)
+    if command -v pyenv >/dev/null 2>&1; then
+        local root; root=$(pyenv root)
+        candidates+=($(ls -d "$root"/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -rV))
+    fi
+    candidates+=(/usr/local/bin/python3.12 /usr/bin/python3.12 /opt/homebrew/bin/python3.12)
+    if command -v uv >/dev/null 2>&1; then
+        candidates+=("$(uv python find '>=3.12' 2>/dev/null)")
+    fi
+    local c
+    for c in "${candidates[@]}"; do
+        [ -n "$c" ] || continue
+        if command -v "$c" >/dev/null 2>&1 && python_ok "$c"; then
+            command -v "$c"
+            return 0
+        fi
+    done
+    cat >&2 <<'MSG'
+Custody needs Python 3.12 or newer (mitmproxy 12 requires it), and none was found.
+Install one, then run this again, for example:
+  Debian/Ubuntu:  sudo apt-get install python3.12 python3.12-venv
+  macOS:          brew install python@3.12
+  pyenv:          pyenv install 3.12
+  uv:             uv python install 3.12
+or point CUSTODY_PYTHON at an existing python3.12+ binary.
+MSG
+    return 1
+}
+
+# ensure_venv EXTRAS: create .venv with Python >= 3.12 and install the project (editable).
+ensure_venv() {
+    local extras=$1 python
+    if [ -x "$VENV/bin/python" ] && ! python_ok "$VENV/bin/python"; then
+        echo "Recreating .venv: it was made with Python < 3.12." >&2
+        rm -rf "$VENV"
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        python=$(find_python) || exit 1
+        echo "Creating .venv with $python ($("$python" --version))" >&2
+        "$python" -m venv "$VENV"
+    fi
+    local stamp="$VENV/.custody-installed-$extras"
+    local want; want=$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        echo "Installing Custody and its dependencies into .venv (log: .venv/install.log) ..." >&2
+        if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip \
+               && "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT[$extras]"; } \
+               > "$VENV/install.log" 2>&1; then
+            tail -n 30 "$VENV/install.log" >&2
+            echo "Installing into .venv failed; the whole log is in .venv/install.log" >&2
+            exit 1
+        fi
+        echo "$want" > "$stamp"
+    fi
+}
+
+# ensure_packages CMD=PKG ...: install missing Debian packages when running as root.
+ensure_packages() {
+    local missing=() pair cmd pkg
+    for pair in "$@"; do
+        cmd=${pair%%=*}; pkg=${pair#*=}
+        if [ -x "$cmd" ] || command -v "$cmd" >/dev/null 2>&1; then continue; fi
+        missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "Installing system packages: ${missing[*]}" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2 \
+            || { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2; }
+    else
+        echo "Missing system packages: ${missing[*]} (install them, or run as root to have this script do it)" >&2
+        return 1
+    fi
+}

@@ -1,0 +1,127 @@
+"""Real HTTP(S) servers for tests: an upstream that records what reached it, and a JWKS
+endpoint (with OIDC discovery) whose keys can be rotated and which can be taken down."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class Background:
+    """Runs an HTTP server on 127.0.0.1 (optionally TLS) in a thread."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], tls: tuple[Path, Path] | None = None) -> None:
+        self.server = _Server(("127.0.0.1", 0), handler)
+        self.server.owner = self  # type: ignore[attr-defined]
+        if tls:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _UpstreamHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        owner: Upstream = self.server.owner  # type: ignore[attr-defined]
+        got = Received(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+        owner.received.append(got)
+        document = owner.reply(got)
+        payload = json.dumps(document).encode()
+        self.send_response(document.get("_status", 200) if isinstance(document, dict) else 200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _handle
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class Upstream(Background):
+    """An API server that records every request that reached it and echoes it back."""
+
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+        self.received: list[Received] = []
+        super().__init__(_UpstreamHandler, tls)
+
+    def reply(self, got: Received) -> Any:
+        return {"method": got.method, "path": got.path, "headers": got.headers, "body": got.body.decode(errors="replace")}
+
+
+class _JwksHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        owner: JwksServer = self.server.owner  # type: ignore[attr-defined]
+        owner.hits += 1
+        if owner.down:
+            self.send_response(503)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        if self.path == "/.well-known/openid-configuration":
+            document: Any = {"issuer": owner.issuer, "jwks_uri": f"{owner.url}/jwks.json"}
+        elif self.path == "/jwks.json":
+            document = {"keys": [k.jwk for k in owner.keys]}
+        else:
+            self.send_response(404)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        payload = json.dumps(document).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class JwksServer(Background):
+    """An OIDC issuer's key endpoint. Set `.keys` to rotate, `.down = True` to fail."""
+
+    def __init__(self, keys: list) -> None:
+        self.keys = list(keys)
+        self.down = False
+        self.hits = 0
+        super().__init__(_JwksHandler)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.issuer = self.url
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,152 @@
+"""The configuration file: what parses, and errors that name the file and the field."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from addons import config
+from addons.connections import Registry
+
+BASE = {
+    "connections": [
+        {"name": "api", "kind": "http", "hosts": ["api.internal"], "upstream": "http://127.0.0.1:9000",
+         "credential": {"type": "bearer", "secret": "env:CFG_TEST_SECRET"}},
+    ],
+    "rules": "rules",
+    "store": {"path": "audit.db"},
+    "identity": {"issuers": [{"issuer": "https://idp.example", "audience": "custody", "discovery": True}]},
+}
+
+
+def with_(path: str, value) -> dict:
+    doc = copy.deepcopy(BASE)
+    target = doc
+    keys = path.split(".")
+    for k in keys[:-1]:
+        target = target[int(k)] if k.isdigit() else target[k]
+    last = keys[-1]
+    if value is KeyError:
+        del target[last]
+    else:
+        target[int(last) if last.isdigit() else last] = value
+    return doc
+
+
+@pytest.fixture(autouse=True)
+def secret(monkeypatch):
+    monkeypatch.setenv("CFG_TEST_SECRET", "s3cret")
+
+
+def test_base_parses(tmp_path):
+    cfg = config.parse(BASE, str(tmp_path / "custody.yaml"))
+    (api,) = cfg.connections
+    assert api.credential.header == "authorization" and api.credential.value == "Bearer s3cret"
+    assert api.upstream == config.Upstream("http", "127.0.0.1", 9000)
+    assert cfg.store.path == str(tmp_path / "audit.db")
+    assert cfg.rules == (str(tmp_path / "rules"),)
+    assert cfg.identity.issuers[0].algorithms[0] == "RS256"
+    assert "HS256" not in cfg.identity.issuers[0].algorithms
+
+
+@pytest.mark.parametrize(
+    "change, value, message",
+    [
+        ("connections.0.kind", "ftp", "connections[0].kind: 'ftp' is not one of ['http']"),
+        ("connections.0.name", "Bad Name", "connections[0].name: 'Bad Name' does not match"),
+        ("connections.0.hosts", [], "connections[0].hosts: [] should be non-empty"),
+        ("connections.0.credential.secret", "hunter2", "connections[0].credential.secret: 'hunter2' does not match"),
+        ("connections.0.credential.type", "basic", "connections[0].credential: 'username' is a required property"),
+        ("connections.0.credential.secret", "env:CFG_TEST_UNSET", "connections[0].credential.secret: environment variable CFG_TEST_UNSET is not set"),
+        ("connections.0.credential.secret", "file:missing.txt", "connections[0].credential.secret: [Errno 2] No such file or directory"),
+        ("connections.0.tls", {"ca_file": "missing.pem"}, "connections[0].tls.ca_file: no such file"),
+        ("connections.0.upstream", "ftp://x", "connections[0].upstream: 'ftp://x' does not match"),
+        ("store", {}, "store.path: required"),
+        ("rules", KeyError, "(top level): 'rules' is a required property"),
+        ("identity.issuers.0.algorithms", ["HS256"], "identity.issuers[0].algorithms[0]: 'HS256' is not one of"),
+        ("identity.issuers.0.discovery", False, "identity.issuers[0]: set jwks_url, or discovery: true"),
+        ("identity.issuers.0.leeway", "soon", "identity.issuers[0].leeway: 'soon' does not match"),
+        ("identity.dev_issuer", {"enabled": True}, "identity.dev_issuer.key_file: required when enabled"),
+        ("identity.colour", "blue", "identity: unknown field ('colour' was unexpected)"),
+    ],
+)
+def test_errors_name_file_and_field(tmp_path, change, value, message):
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(with_(change, value), str(tmp_path / "custody.yaml"))
+    assert str(e.value).startswith(f"{tmp_path}/custody.yaml: ")
+    assert message in str(e.value)
+
+
+def test_a_host_belongs_to_one_connection(tmp_path):
+    doc = copy.deepcopy(BASE)
+    doc["connections"].append({"name": "b", "kind": "http", "hosts": ["api.internal"]})
+    with pytest.raises(config.ConfigError, match="host api.internal is claimed by both api and b"):
+        config.parse(doc, str(tmp_path / "c.yaml"))
+
+
+def test_one_upstream_one_trust(tmp_path):
+    (tmp_path / "ca.pem").write_text("x")
+    doc = copy.deepcopy(BASE)
+    doc["connections"].append({"name": "b", "kind": "http", "hosts": ["b.internal"], "upstream": "http://127.0.0.1:9000",
+                               "tls": {"ca_file": "ca.pem"}})
+    with pytest.raises(config.ConfigError, match="api and b send to the same upstream 127.0.0.1:9000 with different tls.ca_file"):
+        config.parse(doc, str(tmp_path / "c.yaml"))
+
+
+def test_load_reports_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("connections: [")
+    with pytest.raises(config.ConfigError, match=f"{bad}: not valid YAML"):
+        config.load(str(bad))
+
+
+def test_sample_configuration_is_valid(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    sample = Path(__file__).parents[1] / "examples" / "custody.yaml"
+    doc = yaml.safe_load(sample.read_text())
+    (tmp_path / "sample-api.token").write_text("t")
+    doc["connections"][0]["credential"]["secret"] = "file:sample-api.token"
+    cfg = config.parse(doc, str(tmp_path / "custody.yaml"))
+    assert cfg.identity.dev_issuer is not None
+
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [(30, 30.0), (1.5, 1.5), ("30s", 30.0), ("15m", 900.0), ("2h", 7200.0), ("1d", 86400.0), ("250ms", 0.25)],
+)
+def test_durations(value, seconds):
+    assert config.parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "-1s", "1w", -1])
+def test_bad_durations(value):
+    with pytest.raises(ValueError):
+        config.parse_duration(value)
+
+
+@pytest.mark.parametrize(
+    "host, port, name",
+    [
+        ("api.internal", 443, "api"),
+        ("API.internal.", 80, "api"),
+        ("api.internal", 22, None),
+        ("db.internal", 5432, "db"),
+        ("db.internal", 443, None),
+        ("x.svc.example", 443, "wild"),
+        ("a.b.svc.example", 443, "wild"),
+        ("svc.example", 443, None),
+        ("exact.svc.example", 443, "exact"),
+        ("elsewhere", 443, None),
+    ],
+)
+def test_registry(host, port, name):
+    c = lambda n, *hosts: config.Connection(n, "http", hosts)  # noqa: E731
+    registry = Registry([c("api", "api.internal"), c("db", "db.internal:5432"), c("wild", "*.svc.example"),
+                         c("exact", "exact.svc.example")])
+    found = registry.find(host, port)
+    assert (found.name if found else None) == name

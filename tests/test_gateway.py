@@ -1,0 +1,332 @@
+"""The governed HTTP data path end to end: a real mitmdump with the chain, real upstreams,
+real clients (curl and requests) configured only with the proxy and the gateway's CA."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import socket
+
+import pytest
+
+from tests.conftest import API_TOKEN, SECURE_KEY, standard_gateway
+
+
+@pytest.fixture
+def mark(upstream, tls_upstream, other_tls_upstream):
+    """What reached the upstreams since the test began."""
+    servers = (upstream, tls_upstream, other_tls_upstream)
+    before = [len(s.received) for s in servers]
+    return lambda: [got for s, n in zip(servers, before) for got in s.received[n:]]
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    response = http.client.HTTPResponse(sock, method="CONNECT")
+    response.begin()
+    return response.status, response.read(int(response.getheader("content-length", 0)))
+
+
+# allow / deny / no match / unknown connection
+
+
+@pytest.mark.parametrize(
+    "groups, method, url, body, status, effect, rules, error",
+    [
+        (["analysts"], "GET", "http://api.test/items", None, 200, "allow", ["analysts-read"], None),
+        (["analysts"], "GET", "https://api.test/items?limit=5", None, 200, "allow", ["analysts-read"], None),
+        (["analysts"], "HEAD", "http://api.test/items", None, 200, "allow", ["analysts-read"], None),
+        (["writers"], "POST", "http://api.test/refunds", {"amount": 10}, 200, "allow", ["writers-write"], None),
+        (["writers"], "POST", "http://api.test/refunds", {"amount": 5000}, 403, "deny", ["big-refunds-denied"], "denied_by_policy"),
+        (["writers"], "DELETE", "https://api.test/items/3", None, 200, "allow", ["writers-write"], None),
+        (["analysts"], "GET", "http://api.test/admin/users", None, 403, "deny", ["admin-denied"], "denied_by_policy"),
+        (["analysts"], "POST", "http://api.test/items", {"name": "x"}, 403, "deny", [], "no_matching_rule"),
+        (["analysts"], "DELETE", "http://api.test/items/1", None, 403, "deny", [], "no_matching_rule"),
+        ([], "GET", "http://api.test/items", None, 403, "deny", [], "no_matching_rule"),
+        (["writers"], "POST", "http://api.test/orders", {"quantity": 3}, 403, "review", ["orders-reviewed"], "review_unavailable"),
+    ],
+)
+def test_decisions(gateway, token, mark, groups, method, url, body, status, effect, rules, error):
+    s = gateway.session(token(groups=groups))
+    r = s.request(method, url, json=body)
+    assert r.status_code == status
+    if error is None:
+        assert len(mark()) == 1 and mark()[0].method == method
+        return
+    assert mark() == []  # nothing reached the backend
+    answer = r.json()
+    assert answer["decision"] == "deny" and answer["error"] == error and answer["rules"] == rules
+    refusal = gateway.event(answer["event_id"])
+    assert refusal["kind"] == "decision" and refusal["effect"] == "deny" and json.loads(refusal["rules"]) == rules
+    decisions = gateway.events("flow = ? AND kind = 'decision'", [refusal["flow"]])
+    assert decisions[0]["effect"] == effect  # policy's decision; a review is then refused by the gate
+
+
+def test_denial_names_reason_rules_and_event(gateway, token, mark):
+    r = gateway.curl(token(groups=["analysts"]), "https://api.test/admin/users")
+    assert r.status == 403 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body == {
+        "decision": "deny",
+        "error": "denied_by_policy",
+        "reason": "admin endpoints are off-limits",
+        "rules": ["admin-denied"],
+        "event_id": body["event_id"],
+    }
+    shown = gateway.custody("audit", "show", body["event_id"], "--json", check=True)
+    flow = json.loads(shown.stdout)["flow"]
+    assert [e["kind"] for e in flow] == ["request", "decision", "response"]
+    assert flow[2]["status"] == 403
+    assert mark() == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://unknown.test/", "http://api.test:22/", "http://127.0.0.1:1/", "http://evil.api.test/"],
+)
+def test_unregistered_hosts_refused_plain(gateway, token, mark, url):
+    r = gateway.curl(token(), url)
+    assert r.status == 403
+    assert r.json()["error"] == "unknown_connection"
+    assert mark() == []
+    assert gateway.event(r.json()["event_id"])["effect"] == "deny"
+
+
+@pytest.mark.parametrize("target", ["unknown.test:443", "api.test:22", "127.0.0.1:22"])
+def test_connect_to_unregistered_host_refused(gateway, token, mark, target):
+    """The tunnel itself is refused: no TCP connection to the target is ever opened."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(
+            f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {token()}\r\n\r\n".encode()
+        )
+        status, raw = read_response(sock)
+    assert status == 403
+    body = json.loads(raw)
+    assert body["error"] == "unknown_connection"
+    events = gateway.events("id = ?", [body["event_id"]])
+    assert events[0]["kind"] == "connect" and events[0]["effect"] == "deny"
+    assert mark() == []
+
+
+def test_raw_tcp_through_a_tunnel_is_refused(gateway, token, mark):
+    """A tunnel to a registered host that then speaks something other than HTTP/TLS."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(f"CONNECT api.test:443 HTTP/1.1\r\nProxy-Authorization: Bearer {token()}\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"\x00\x01SSH-2.0-OpenSSH\r\n" * 4)
+        assert sock.recv(4096) == b""  # closed, nothing relayed
+    assert mark() == []
+    refused = gateway.events("kind = 'connect' AND detail LIKE '%\"transport\":\"tcp\"%'")
+    assert refused and refused[-1]["effect"] == "deny"
+
+
+# credentials and the agent's token
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_upstream_sees_the_connection_credential_never_the_agent_token(gateway, token, mark, scheme):
+    agent_token = token(groups=["analysts"])
+    r = gateway.session(agent_token).get(
+        f"{scheme}://api.test/items",
+        headers={"Authorization": "Bearer agent-supplied", "X-Custody-Model": "gpt-4o", "X-Custody-Agent": "researcher"},
+    )
+    assert r.status_code == 200
+    (got,) = mark()
+    assert got.headers["authorization"] == f"Bearer {API_TOKEN}"
+    assert "proxy-authorization" not in got.headers
+    assert not any(h.startswith("x-custody-") for h in got.headers)
+    assert agent_token not in json.dumps(got.headers)
+
+
+def test_header_credential_on_a_tls_upstream_with_a_pinned_ca(gateway, token, mark):
+    r = gateway.curl(token(groups=["analysts"]), "https://secure.test/reports/1")
+    assert r.status == 200, r
+    (got,) = mark()
+    assert got.headers["x-api-key"] == SECURE_KEY
+    assert r.json()["path"] == "/reports/1"
+
+
+@pytest.mark.parametrize("host", ["mispinned.test", "unpinned.test"])
+def test_upstream_tls_is_verified_against_the_connection_ca(gateway, token, mark, host):
+    """Pinned to another CA, or to the default trust store: the test upstream is refused."""
+    r = gateway.curl(token(groups=["analysts"]), f"https://{host}/items")
+    assert r.status == 502
+    assert b"Certificate verify failed" in r.body
+    assert mark() == []
+    errors = gateway.events("kind = 'error' AND connection = ?", [host.split(".")[0]])
+    assert "Certificate verify failed" in json.loads(errors[-1]["detail"])["error"]
+
+
+def test_basic_credential_and_bearer_token_that_belongs_to_the_gateway(gateway, token, mark):
+    """kubeconfig-style: the agent's JWT arrives in Authorization and is replaced."""
+    agent_token = token(groups=["analysts"])
+    s = gateway.session(None)
+    r = s.get("https://kube.test/api/v1/pods", headers={"Authorization": f"Bearer {agent_token}"})
+    assert r.status_code == 200
+    (got,) = mark()
+    assert got.headers["authorization"].startswith("Basic ")
+    assert base64.b64decode(got.headers["authorization"][6:]).decode() == f"svc:{API_TOKEN}"
+
+
+# classification: the target is what the tunnel says, and paths normalise
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/admin/users",
+        "/admin",
+        "/ADMIN/../admin/users",
+        "/items/../admin/users",
+        "//admin//users",
+        "/admin%2fusers",
+        "/%61dmin/users",
+        "/%2561dmin/users",
+        "/items/..%2fadmin/users",
+        "/items/..;/admin/users",
+        "/./admin/./users/",
+    ],
+)
+def test_path_spellings_do_not_dodge_a_deny(gateway, token, mark, path):
+    r = gateway.curl(token(groups=["analysts"]), "https://api.test" + path, "--path-as-is")
+    assert r.status == 403, path
+    assert r.json()["rules"] == ["admin-denied"]
+    assert mark() == []
+
+
+@pytest.mark.parametrize(
+    "override, status",
+    [("DELETE", 403), ("POST", 403), ("GET", 200)],
+)
+def test_method_override_is_classified(gateway, token, mark, override, status):
+    """GET with an override header: the riskier of the two decides."""
+    r = gateway.session(token(groups=["analysts"])).get(
+        "http://api.test/items/1", headers={"X-HTTP-Method-Override": override}
+    )
+    assert r.status_code == status
+    assert len(mark()) == (1 if status == 200 else 0)
+
+
+def test_host_header_that_disagrees_with_the_tunnel_is_refused(gateway, token, mark):
+    r = gateway.curl(token(groups=["analysts"]), "https://api.test/items", "-H", "Host: secure.test")
+    assert r.status == 400 and r.json()["error"] == "misdirected_request"
+    assert mark() == []
+
+
+def test_host_header_that_disagrees_with_the_request_line_is_refused(gateway, token, mark):
+    r = gateway.curl(token(groups=["analysts"]), "http://api.test/items", "-H", "Host: unknown.test")
+    assert r.status == 400 and r.json()["error"] == "misdirected_request"
+    assert mark() == []
+
+
+def test_sni_that_disagrees_with_the_tunnel_is_refused(gateway, token, mark):
+    r = gateway.curl(
+        token(groups=["analysts"]), "https://secure.test/items",
+        "--connect-to", "secure.test:443:api.test:443", "-H", "Host: api.test",
+    )
+    # curl CONNECTs to api.test but sends the TLS server name secure.test
+    assert r.status == 400 and r.json()["error"] == "misdirected_request"
+    assert r.json()["reason"] == "TLS server name 'secure.test' does not match the request target api.test"
+    assert mark() == []
+
+
+@pytest.mark.parametrize(
+    "content_type, body",
+    [
+        ("application/json", b'{"amount": 5000'),
+        ("application/json", b'{"amount": 10, "amount": 5000}'),
+        ("application/x-www-form-urlencoded", b"amount=5000"),
+        ("text/plain", b"{\"amount\": 5000}"),
+    ],
+)
+def test_bodies_that_cannot_be_read_as_json_count_against_the_agent(gateway, token, mark, content_type, body):
+    r = gateway.session(token(groups=["writers"])).post(
+        "http://api.test/refunds", data=body, headers={"content-type": content_type}
+    )
+    assert r.status_code == 403 and r.json()["rules"] == ["big-refunds-denied"]
+    assert mark() == []
+
+
+def test_protocol_upgrades_are_refused(gateway, token, mark):
+    r = gateway.session(token(groups=["analysts"])).get(
+        "http://api.test/stream", headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"}
+    )
+    assert r.status_code == 403 and r.json()["error"] == "unsupported_protocol"
+    assert mark() == []
+
+
+# the gateway's own endpoints
+
+
+def test_gateway_host_serves_health_and_404s_the_rest(gateway, mark):
+    s = gateway.session(None)
+    assert s.get("http://custody.gateway/healthz").json() == {"status": "ok"}
+    r = s.get("https://custody.gateway/anything")
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    assert mark() == []
+
+
+# audit
+
+
+def test_every_event_carries_who_what_and_the_decision(gateway, token, mark):
+    t = token(groups=["analysts"], sub="crew-researcher", model="claude")
+    r = gateway.session(t).get("https://api.test/items/7", headers={"X-Custody-Task": "restock report"})
+    assert r.status_code == 200
+    flow = gateway.events("flow = (SELECT flow FROM events WHERE kind = 'request' AND resource = '/items/7' AND subject = 'crew-researcher' ORDER BY seq DESC LIMIT 1)")
+    assert [e["kind"] for e in flow] == ["request", "decision", "response"]
+    for e in flow:
+        assert e["subject"] == "crew-researcher" and e["connection"] == "api" and e["session"] and e["flow"]
+        assert e["issuer"].startswith("http://127.0.0.1:")
+        principal = json.loads(e["principal"])
+        assert principal["asserted"] == {"task": "restock report"}
+        assert principal["groups"] == ["analysts"]
+    request, decision, response = flow
+    assert decision["effect"] == "allow" and json.loads(decision["rules"]) == ["analysts-read"]
+    assert json.loads(request["operation"])["action"] == "read"
+    assert response["status"] == 200 and b"/items/7" in response["body"]
+    headers = dict(json.loads(request["detail"])["headers"])
+    assert t not in json.dumps(headers)
+
+
+def test_recorded_headers_hide_credentials(gateway, token):
+    t = token(groups=["analysts"])
+    gateway.session(t).get("http://api.test/items/42", headers={"Cookie": "session=abc123"})
+    request = gateway.events("kind = 'request' AND resource = '/items/42'")[-1]
+    headers = dict(json.loads(request["detail"])["headers"])
+    assert headers["Cookie"] == "[redacted]"
+    assert "abc123" not in request["detail"]
+
+
+def test_audit_chain_verifies_after_traffic(gateway, token):
+    s = gateway.session(token(groups=["analysts"]))
+    for n in range(5):
+        s.get(f"https://api.test/items/{n}")
+    out = gateway.custody("audit", "verify")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith("ok: ")
+
+
+def test_mitmweb_sees_decision_as_comment_and_marker(tmp_path, servers, token):
+    """Flows saved by mitmproxy (what mitmweb shows) carry the decision as comment and marker."""
+    from mitmproxy import io
+
+    flows = tmp_path / "flows.mitm"
+    gw = standard_gateway(tmp_path, servers, options=(f"save_stream_file={flows}",)).start()
+    try:
+        s = gw.session(token(groups=["analysts"]))
+        allowed = s.get("http://api.test/items")
+        denied = s.get("http://api.test/admin/x")
+    finally:
+        gw.stop()
+    with open(flows, "rb") as fh:
+        saved = list(io.FlowReader(fh).stream())
+    by_path = {f.request.path: f for f in saved}
+    assert by_path["/items"].marked == ":white_check_mark:"
+    assert by_path["/items"].comment.startswith("custody: allow · rules analysts-read · event ")
+    assert by_path["/admin/x"].marked == ":no_entry:"
+    assert denied.json()["event_id"] in by_path["/admin/x"].comment
+    assert allowed.status_code == 200
+    # the saved context is plain data, and a copy is never considered cleared
+    assert by_path["/items"].metadata["custody"]["decision"]["effect"] == "allow"

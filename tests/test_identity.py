@@ -1,0 +1,259 @@
+"""identity end to end: every way a token can be wrong is refused with 407/401 and a JSON
+reason, recorded, and nothing reaches the upstream; good tokens work from every source."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import http.client
+import json
+import socket
+import ssl
+import time
+
+import pytest
+
+from tests.conftest import standard_gateway
+from tests.support.gateway import Gateway
+from tests.support.pki import SigningKey
+from tests.support.servers import JwksServer
+
+
+def b64(data: bytes | dict) -> str:
+    if isinstance(data, dict):
+        data = json.dumps(data).encode()
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def claims(issuer: str, **extra) -> dict:
+    now = int(time.time())
+    return {"iss": issuer, "aud": "custody", "sub": "crew-analyst", "iat": now, "exp": now + 600,
+            "groups": ["analysts"], **extra}
+
+
+@pytest.fixture(scope="module")
+def rotating() -> JwksServer:
+    """A second issuer, found through OIDC discovery, whose keys the tests rotate."""
+    server = JwksServer([SigningKey("rot-a", "ES256")])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def idgw(tmp_path_factory, servers, jwks, rotating) -> Gateway:
+    gw = standard_gateway(
+        tmp_path_factory.mktemp("identity"),
+        servers,
+        identity={
+            "issuers": [
+                {"issuer": jwks.issuer, "audience": "custody", "jwks_url": f"{jwks.url}/jwks.json", "leeway": 1},
+                {"issuer": rotating.issuer, "audience": ["custody", "other"], "discovery": True, "leeway": 1},
+            ],
+            "max_token_bytes": 4096,
+            "jwks_min_interval": "200ms",
+        },
+    ).start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def nothing_reached(upstream, tls_upstream):
+    before = len(upstream.received), len(tls_upstream.received)
+    yield
+    assert (len(upstream.received), len(tls_upstream.received)) == before, "a refused request reached the upstream"
+
+
+CASES = [
+    ("no token", "no token: send Proxy-Authorization"),
+    ("empty", "malformed credentials"),
+    ("malformed", "malformed token"),
+    ("three garbage parts", "malformed token"),
+    ("bad signature", "bad signature"),
+    ("tampered claims", "bad signature"),
+    ("alg none", "algorithm 'none' is not allowed"),
+    ("HS256 signed with the public key", "algorithm 'HS256' is not allowed"),
+    ("EC token with an RSA key's kid", "algorithm 'ES256' does not match the signing key"),
+    ("expired", "token expired"),
+    ("not yet valid", "token not yet valid"),
+    ("wrong issuer", "token issuer 'https://evil.example' is not trusted"),
+    ("no issuer", "token has no issuer (iss)"),
+    ("wrong audience", "token audience is not accepted"),
+    ("no subject", "token lacks the 'sub' claim"),
+    ("no expiry", "token lacks the 'exp' claim"),
+    ("unknown kid", "unknown signing key id 'rsa-2'"),
+    ("oversized", "token too large ({size} bytes, limit 4096)"),
+]
+
+
+def forge(keys: dict[str, SigningKey], iss: str) -> dict[str, str | None]:
+    """The token for each case in CASES."""
+    rsa = keys["rsa"]
+    good = rsa.token(iss).split(".")
+    hs_header, hs_body = b64({"alg": "HS256", "kid": "rsa-1", "typ": "JWT"}), b64(claims(iss))
+    hs_sig = b64(hmac.new(rsa.public_pem(), f"{hs_header}.{hs_body}".encode(), hashlib.sha256).digest())
+    return {
+        "no token": None,
+        "empty": "",
+        "malformed": "not-a-jwt",
+        "three garbage parts": "a.b.c",
+        "bad signature": SigningKey("rsa-1", "RS256").token(iss),  # same kid, another key
+        "tampered claims": f"{good[0]}.{b64(claims(iss, groups=['admins']))}.{good[2]}",
+        "alg none": f"{b64({'alg': 'none', 'kid': 'rsa-1'})}.{b64(claims(iss))}.",
+        "HS256 signed with the public key": f"{hs_header}.{hs_body}.{hs_sig}",
+        "EC token with an RSA key's kid": keys["ec"].token(iss, headers={"kid": "rsa-1"}),
+        "expired": rsa.token(iss, ttl=-60),
+        "not yet valid": rsa.token(iss, nbf=int(time.time()) + 600),
+        "wrong issuer": rsa.token("https://evil.example"),
+        "no issuer": rsa.token(iss, iss=None),
+        "wrong audience": rsa.token(iss, audience="someone-else"),
+        "no subject": rsa.token(iss, sub=None),
+        "no expiry": rsa.token(iss, exp=None),
+        "unknown kid": keys["next"].token(iss),
+        "oversized": rsa.token(iss, padding="x" * 5000),
+    }
+
+
+@pytest.fixture(scope="module")
+def forged(keys, jwks) -> dict[str, str | None]:
+    return forge(keys, jwks.issuer)
+
+
+def connect(gw: Gateway, target: str, proxy_auth: str | None) -> tuple[int, dict, bytes]:
+    """A raw CONNECT, so the refusal's JSON body can be read (curl does not show it)."""
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        auth = f"Proxy-Authorization: {proxy_auth}\r\n" if proxy_auth is not None else ""
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n".encode())
+        response = http.client.HTTPResponse(sock, method="CONNECT")
+        response.begin()
+        body = response.read(int(response.getheader("content-length", 0)))
+        return response.status, dict((k.lower(), v) for k, v in response.getheaders()), body
+
+
+@pytest.mark.parametrize("transport", ["http", "connect"])
+@pytest.mark.parametrize("case, reason", CASES)
+def test_bad_tokens_are_refused_and_recorded(idgw, forged, nothing_reached, case, reason, transport):
+    token = forged[case]
+    reason = reason.format(size=len(token or ""))
+    if transport == "http":
+        r = idgw.curl(token, "http://api.test/items")
+        status, headers, body = r.status, r.headers, r.body
+    else:
+        auth = None if token is None else f"Bearer {token}"
+        status, headers, body = connect(idgw, "api.test:443", auth)
+    assert status == 407
+    assert headers["proxy-authenticate"] == 'Bearer realm="custody"'
+    answer = json.loads(body)
+    assert answer["error"] == "unauthenticated" and answer["decision"] == "deny"
+    assert answer["reason"] == reason
+    recorded = idgw.event(answer["event_id"])
+    assert recorded["effect"] == "deny" and recorded["reason"] == reason
+    assert recorded["subject"] is None
+    assert recorded["kind"] == ("decision" if transport == "http" else "connect")
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["bearer", "basic"],
+)
+def test_proxy_authorization_forms(idgw, token, how):
+    t = token(groups=["analysts"])
+    header = f"Bearer {t}" if how == "bearer" else "Basic " + base64.b64encode(f"agent:{t}".encode()).decode()
+    r = idgw.curl(None, "http://api.test/items", "-H", f"Proxy-Authorization: {header}")
+    assert r.status == 200, r.body
+
+
+def test_identity_from_the_connect_holds_for_the_whole_tunnel(idgw, token, upstream):
+    s = idgw.session(token(groups=["analysts"]))
+    before = len(upstream.received)
+    for n in range(3):
+        assert s.get(f"https://api.test/items/{n}").status_code == 200
+    assert len(upstream.received) == before + 3
+    assert all("proxy-authorization" not in got.headers for got in upstream.received[before:])
+
+
+def test_a_tunnel_does_not_outlive_its_token(idgw, keys, jwks):
+    """The tunnel was opened with a valid token; requests after it expires are refused."""
+    t = keys["rsa"].token(jwks.issuer, ttl=2)
+    context = ssl.create_default_context(cafile=str(idgw.ca))
+    with socket.create_connection(("127.0.0.1", idgw.port), timeout=10) as raw:
+        raw.sendall(f"CONNECT api.test:443 HTTP/1.1\r\nProxy-Authorization: Bearer {t}\r\n\r\n".encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        with context.wrap_socket(raw, server_hostname="api.test") as tls:
+            conn = http.client.HTTPConnection("api.test")
+            conn.sock = tls
+            conn.request("GET", "/items/1")
+            assert conn.getresponse().read() and True
+            time.sleep(3.2)  # past exp + leeway (1 s)
+            conn.request("GET", "/items/2")
+            late = conn.getresponse()
+            assert late.status == 407
+            assert json.loads(late.read())["reason"] == "token expired"
+
+
+def test_es256_and_discovery_issuer(idgw, rotating, upstream):
+    t = rotating.keys[0].token(rotating.issuer, audience="other")
+    assert idgw.session(t).get("http://api.test/items").status_code == 200
+
+
+def test_key_rotation_without_restart(idgw, rotating):
+    old, new = rotating.keys[0], SigningKey("rot-b", "ES256")
+    s_old = idgw.session(old.token(rotating.issuer))
+    assert s_old.get("http://api.test/items").status_code == 200
+    s_new = idgw.session(new.token(rotating.issuer))
+    assert s_new.get("http://api.test/items").status_code == 407  # not published yet
+    rotating.keys = [old, new]
+    time.sleep(0.3)  # past jwks_min_interval: the next unknown kid fetches again
+    assert s_new.get("http://api.test/items").status_code == 200
+    # the old key is withdrawn: once the gateway sees the new set, old tokens stop working
+    rotating.keys = [new]
+    time.sleep(0.3)
+    probe = idgw.session(SigningKey("rot-c", "ES256").token(rotating.issuer))
+    assert probe.get("http://api.test/items").status_code == 407  # triggers a refresh
+    r = idgw.session(old.token(rotating.issuer)).get("http://api.test/items")
+    assert r.status_code == 407 and r.json()["reason"] == "unknown signing key id 'rot-a'"
+    rotating.keys = [old]
+
+
+def test_jwks_down_cached_keys_work_unknown_keys_fail_closed(idgw, rotating):
+    known = rotating.keys[0]
+    time.sleep(0.3)
+    assert idgw.session(known.token(rotating.issuer)).get("http://api.test/items").status_code == 200
+    rotating.down = True
+    try:
+        time.sleep(0.3)
+        hits = rotating.hits
+        assert idgw.session(known.token(rotating.issuer, sub="another")).get("http://api.test/items").status_code == 200
+        r = idgw.session(SigningKey("rot-z", "ES256").token(rotating.issuer)).get("http://api.test/items")
+        assert r.status_code == 407
+        assert r.json()["reason"].startswith("unknown signing key id 'rot-z' (JWKS unavailable: HTTPError")
+        assert rotating.hits > hits  # it did try
+        # rate-limited: a burst of unknown kids does not hammer the issuer
+        hits = rotating.hits
+        for n in range(5):
+            idgw.session(SigningKey(f"rot-{n}", "ES256").token(rotating.issuer)).get("http://api.test/items")
+        assert rotating.hits - hits <= 1
+    finally:
+        rotating.down = False
+
+
+@pytest.mark.parametrize(
+    "authorization, reason",
+    [
+        (None, "no token: send Authorization: Bearer"),
+        ("Bearer not-a-jwt", "malformed token"),
+        ("Basic Zm9vOmJhcg==", "no token: send Authorization: Bearer"),
+    ],
+)
+def test_bearer_connections_answer_401(idgw, nothing_reached, authorization, reason):
+    headers = {"Authorization": authorization} if authorization else {}
+    r = idgw.session(None).get("https://kube.test/api/v1/pods", headers=headers)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == 'Bearer realm="custody"'
+    assert r.json()["reason"] == reason
+
+
+def test_without_a_token_other_connections_refuse_the_tunnel(idgw, nothing_reached):
+    status, headers, body = connect(idgw, "api.test:443", None)
+    assert status == 407 and json.loads(body)["reason"] == "no token: send Proxy-Authorization"

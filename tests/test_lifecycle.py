@@ -1,0 +1,111 @@
+"""Starting, reloading and running: invalid rules stop a gateway from starting, changed
+rules are picked up without a restart (or ignored, keeping the last good set, when invalid),
+and the lean runner (`custody run`) governs exactly like mitmdump with the chain."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import STANDARD_RULES, standard_gateway
+from tests.support.gateway import Gateway
+
+
+@pytest.fixture
+def make(tmp_path, servers):
+    started = []
+
+    def make_gateway(**kwargs) -> Gateway:
+        gw = standard_gateway(tmp_path / f"gw{len(started)}", servers, **kwargs)
+        started.append(gw)
+        return gw
+
+    yield make_gateway
+    for gw in started:
+        gw.stop()
+
+
+BAD_RULES = {"bad.yaml": {"rules": [{"id": "readers", "match": {"action": "fetch"}, "effect": "allow"}]}}
+
+
+@pytest.mark.parametrize("runner", ["mitmdump", "custody"])
+def test_invalid_rules_stop_the_gateway_from_starting(make, runner):
+    gw = make(rules=BAD_RULES, runner=runner)
+    code, output = gw.run_to_exit()
+    assert code != 0
+    assert f"{gw.rules_dir}/bad.yaml: rule 'readers': match.action: 'fetch' is not one of" in output
+
+
+@pytest.mark.parametrize("runner", ["mitmdump", "custody"])
+def test_invalid_configuration_stops_the_gateway_from_starting(make, runner):
+    gw = make(runner=runner)
+    gw.config["connections"][0]["credential"]["secret"] = "env:NOT_SET_ANYWHERE"
+    import yaml
+
+    gw.config_file.write_text(yaml.safe_dump(gw.config))
+    code, output = gw.run_to_exit()
+    assert code != 0
+    assert f"{gw.config_file}: connections[0].credential.secret: environment variable NOT_SET_ANYWHERE is not set" in output
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_rules_reload_when_their_files_change(make, token):
+    gw = make().start()
+    s = gw.session(token(groups=["analysts"]))
+    assert s.get("http://api.test/items").status_code == 200
+    gw.write_rules("zz-freeze.yaml", {"rules": [{"id": "freeze", "match": {"connection": "api"}, "effect": "deny", "reason": "frozen"}]})
+    assert wait_for(lambda: s.get("http://api.test/items").status_code == 403)
+    assert s.get("http://api.test/items").json()["rules"] == ["freeze"]
+    assert "rules reloaded: 6 rules from 3 files" in gw.log()
+    (gw.rules_dir / "zz-freeze.yaml").unlink()
+    assert wait_for(lambda: s.get("http://api.test/items").status_code == 200)
+
+
+def test_invalid_rule_changes_keep_the_last_good_set(make, token):
+    gw = make().start()
+    s = gw.session(token(groups=["analysts"]))
+    gw.write_rules("access.yaml", "rules:\n  - id: broken\n    match: {action: fetch}\n    effect: allow\n")
+    assert wait_for(lambda: "rules changed but are invalid; keeping the last good set" in gw.log())
+    assert f"{gw.rules_dir}/access.yaml: rule 'broken': match.action" in gw.log()
+    assert s.get("http://api.test/items").status_code == 200  # the old analysts-read still applies
+    gw.write_rules("access.yaml", STANDARD_RULES["access.yaml"] | {"rules": STANDARD_RULES["access.yaml"]["rules"][1:]})
+    assert wait_for(lambda: s.get("http://api.test/items").status_code == 403)
+
+
+@pytest.mark.parametrize(
+    "groups, url, status",
+    [
+        (["analysts"], "http://api.test/items", 200),
+        (["analysts"], "https://api.test/items", 200),
+        (["analysts"], "https://secure.test/items", 200),
+        (["analysts"], "http://api.test/admin/x", 403),
+        (["nobody"], "http://api.test/items", 403),
+        (["analysts"], "http://unknown.test/", 403),
+    ],
+)
+def test_the_lean_runner_governs_like_mitmdump(make, token, upstream, groups, url, status):
+    gw = make(runner="custody").start()
+    before = len(upstream.received)
+    r = gw.session(token(groups=groups)).get(url)
+    assert r.status_code == status
+    if status != 200:
+        assert r.json()["decision"] == "deny" and len(upstream.received) == before
+    assert gw.custody("audit", "verify").returncode == 0
+
+
+def test_the_chain_never_connects_upstream_before_deciding(make, token):
+    """Even when told to connect eagerly, the tunnel to a virtual host opens without an
+    upstream connection (there is no DNS entry for api.test), because the chain keeps
+    mitmproxy's connection strategy lazy."""
+    gw = make(options=("connection_strategy=eager",)).start()
+    r = gw.session(token(groups=["analysts"])).get("https://api.test/items")
+    assert r.status_code == 200

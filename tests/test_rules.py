@@ -1,0 +1,245 @@
+"""Rules as a specification: validation errors, matching, and how decisions combine."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from addons import httpops
+from addons.context import Principal
+from addons.rules import RuleError, RuleSet, glob_regex, parse_file
+
+ANALYST = Principal("crew-analyst", "https://idp", ("analysts",), agent={"model": "gpt-4o"}, asserted={"task": "report"})
+
+
+def ruleset(*rules: dict) -> RuleSet:
+    return RuleSet(parse_file({"rules": list(rules)}, "t.yaml"))
+
+
+def op(method="GET", path="/items", connection="api", body=None):
+    content = None if body is None else (body if isinstance(body, bytes) else __import__("json").dumps(body).encode())
+    return httpops.classify(connection, method, path, {"content-type": "application/json"}, content)
+
+
+# validation: every error names the file, the rule and the field
+
+
+@pytest.mark.parametrize(
+    "document, message",
+    [
+        ({"rules": [{"id": "a", "match": {"action": "fetch"}, "effect": "allow"}]},
+         "t.yaml: rule 'a': match.action: 'fetch' is not one of"),
+        ({"rules": [{"id": "a", "match": {}, "effect": "permit"}]},
+         "t.yaml: rule 'a': effect: 'permit' is not one of ['allow', 'deny', 'review']"),
+        ({"rules": [{"match": {}, "effect": "allow"}]},
+         "t.yaml: rule #1: (rule): 'id' is a required property"),
+        ({"rules": [{"id": "a", "match": {"pathh": "/x"}, "effect": "allow"}]},
+         "t.yaml: rule 'a': match: unknown field ('pathh' was unexpected)"),
+        ({"rules": [{"id": "a", "match": {"path": "x"}, "effect": "allow"}]},
+         "t.yaml: rule 'a': match.path: 'x' does not match '^/'"),
+        ({"rules": [{"id": "r", "match": {}, "effect": "review"}]},
+         "t.yaml: rule 'r': (rule): 'review' is a required property"),
+        ({"rules": [{"id": "r", "match": {}, "effect": "allow", "review": {"approvers": ["group:x"]}}]},
+         "t.yaml: rule 'r': (rule): "),
+        ({"rules": [{"id": "r", "match": {}, "effect": "review", "review": {"approvers": ["bob"]}}]},
+         "t.yaml: rule 'r': review.approvers[0]: 'bob' does not match"),
+        ({"rules": [{"id": "b", "match": {"body": [{"path": "$.a", "op": "gt", "value": "ten"}]}, "effect": "deny"}]},
+         "t.yaml: rule 'b': match.body[0].value: 'ten' is not of type 'number'"),
+        ({"rules": [{"id": "b", "match": {"body": [{"path": "$.a", "op": "exists", "value": 1}]}, "effect": "deny"}]},
+         "t.yaml: rule 'b': match.body[0]: "),
+        ({"rules": [{"id": "b", "match": {"body": [{"path": "$[[", "op": "exists"}]}, "effect": "deny"}]},
+         "t.yaml: rule 'b': match.body[0].path: not a JSONPath"),
+        ({"rules": [{"id": "b", "match": {"body": [{"path": "$.a", "op": "matches", "value": "("}]}, "effect": "deny"}]},
+         "t.yaml: rule 'b': match.body[0].value: not a regular expression"),
+        ({"rules": [{"id": "a", "match": {"risk": {"min": 500}}, "effect": "allow"}]},
+         "t.yaml: rule 'a': match.risk.min: 500 is greater than the maximum of 100"),
+        ({"rule": []}, "t.yaml: (top level): unknown field"),
+        ("just text", "t.yaml: (top level): 'just text' is not of type 'object'"),
+    ],
+)
+def test_validation_errors(document, message):
+    with pytest.raises(RuleError) as e:
+        parse_file(document, "t.yaml")
+    assert message in str(e.value)
+
+
+def test_every_error_is_reported_and_ids_are_unique_across_files(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"rules": [
+        {"id": "x", "match": {}, "effect": "allow"},
+    ]}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"rules": [
+        {"id": "x", "match": {}, "effect": "deny"},
+        {"id": "y", "match": {"action": "nope"}, "effect": "allow"},
+    ]}))
+    (tmp_path / "c.yaml").write_text("rules: [unclosed")
+    with pytest.raises(RuleError) as e:
+        RuleSet.load([str(tmp_path)])
+    lines = str(e.value).splitlines()
+    assert f"{tmp_path}/b.yaml: rule 'y': match.action: 'nope' is not one of" in lines[0]
+    assert any(f"{tmp_path}/c.yaml: not valid YAML" in line for line in lines)
+    assert not any("rule 'x': id" in line for line in lines)  # b.yaml failed validation as a whole
+
+
+def test_duplicate_ids(tmp_path):
+    for name, effect in (("a.yaml", "allow"), ("b.yaml", "deny")):
+        (tmp_path / name).write_text(yaml.safe_dump({"rules": [{"id": "x", "match": {}, "effect": effect}]}))
+    with pytest.raises(RuleError, match=f"{tmp_path}/b.yaml: rule 'x': id: already used in {tmp_path}/a.yaml"):
+        RuleSet.load([str(tmp_path)])
+
+
+def test_missing_rule_path():
+    with pytest.raises(RuleError, match="/nope: no such rule file or directory"):
+        RuleSet.load(["/nope"])
+
+
+# matching
+
+
+@pytest.mark.parametrize(
+    "pattern, path, matches",
+    [
+        ("/items", "/items", True),
+        ("/items", "/items/1", False),
+        ("/items/*", "/items/1", True),
+        ("/items/*", "/items/1/parts", False),
+        ("/items/**", "/items/1/parts", True),
+        ("/items/**", "/items", True),
+        ("/items/**", "/itemsx", False),
+        ("/**/secrets", "/a/b/secrets", True),
+        ("/v?/x", "/v1/x", True),
+        ("/items/", "/items", True),
+        ("/a.b", "/aXb", False),
+    ],
+)
+def test_path_globs(pattern, path, matches):
+    assert bool(glob_regex(pattern).match(path)) is matches
+
+
+@pytest.mark.parametrize(
+    "match, operation, principal, holds",
+    [
+        ({"connection": "api"}, op(), ANALYST, True),
+        ({"connection": "other"}, op(), ANALYST, False),
+        ({"connection": "a*"}, op(), ANALYST, True),
+        ({"connection": ["x", "api"]}, op(), ANALYST, True),
+        ({"protocol": "http"}, op(), ANALYST, True),
+        ({"protocol": "postgres"}, op(), ANALYST, False),
+        ({"action": "read"}, op(), ANALYST, True),
+        ({"action": ["write", "delete"]}, op(), ANALYST, False),
+        ({"method": "get"}, op(), ANALYST, True),
+        ({"method": ["POST"]}, op(), ANALYST, False),
+        ({"path": "/items/**"}, op(path="/items/3"), ANALYST, True),
+        ({"risk": {"min": 30}}, op(), ANALYST, False),
+        ({"risk": {"min": 30}}, op("DELETE"), ANALYST, True),
+        ({"risk": {"max": 30}}, op(), ANALYST, True),
+        ({"principal": {"groups": ["analysts", "x"]}}, op(), ANALYST, True),
+        ({"principal": {"groups": "writers"}}, op(), ANALYST, False),
+        ({"principal": {"subjects": "crew-*"}}, op(), ANALYST, True),
+        ({"principal": {"subjects": ["bob"]}}, op(), ANALYST, False),
+        ({"principal": {"issuers": "https://idp"}}, op(), ANALYST, True),
+        ({"agent": {"model": "gpt-*"}}, op(), ANALYST, True),
+        ({"agent": {"task": "report"}}, op(), ANALYST, False),  # asserted, not verified
+        ({"asserted": {"task": "rep*"}}, op(), ANALYST, True),
+        ({"asserted": {"model": "gpt-4o"}}, op(), ANALYST, False),
+        ({"connection": "api", "action": "read", "path": "/items"}, op(), ANALYST, True),
+        ({"connection": "api", "action": "write"}, op(), ANALYST, False),
+    ],
+)
+def test_match_fields(match, operation, principal, holds):
+    rules = ruleset({"id": "r", "match": match, "effect": "allow"})
+    assert (rules.decide(principal, operation).effect == "allow") is holds
+
+
+@pytest.mark.parametrize(
+    "condition, body, holds",
+    [
+        ({"path": "$.amount", "op": "gt", "value": 100}, {"amount": 500}, True),
+        ({"path": "$.amount", "op": "gt", "value": 100}, {"amount": 50}, False),
+        ({"path": "$.amount", "op": "gt", "value": 100}, {"amount": "500"}, False),
+        ({"path": "$.amount", "op": "gte", "value": 100}, {"amount": 100}, True),
+        ({"path": "$.amount", "op": "lt", "value": 100}, {"amount": 99.5}, True),
+        ({"path": "$.amount", "op": "lte", "value": 100}, {"amount": True}, False),
+        ({"path": "$.kind", "op": "equals", "value": "refund"}, {"kind": "refund"}, True),
+        ({"path": "$.n", "op": "equals", "value": 1}, {"n": True}, False),
+        ({"path": "$.kind", "op": "in", "value": ["a", "b"]}, {"kind": "b"}, True),
+        ({"path": "$.email", "op": "matches", "value": "@corp\\.example$"}, {"email": "a@corp.example"}, True),
+        ({"path": "$.items[*].qty", "op": "gt", "value": 10}, {"items": [{"qty": 1}, {"qty": 50}]}, True),
+        ({"path": "$..password", "op": "exists"}, {"user": {"password": "x"}}, True),
+        ({"path": "$.dry_run", "op": "absent"}, {"dry_run": True}, False),
+        ({"path": "$.dry_run", "op": "absent"}, {}, True),
+        ({"path": "$.amount", "op": "gt", "value": 100}, None, False),
+    ],
+)
+def test_body_conditions(condition, body, holds):
+    rules = ruleset({"id": "r", "match": {"body": [condition]}, "effect": "allow"})
+    assert (rules.decide(ANALYST, op("POST", body=body)).effect == "allow") is holds
+
+
+@pytest.mark.parametrize("content", [b'{"amount": 5', b'{"amount": 1, "amount": 5000}'])
+@pytest.mark.parametrize("effect, holds", [("deny", True), ("review", True), ("allow", False)])
+def test_unreadable_bodies_count_against_the_agent(content, effect, holds):
+    extra = {"review": {"approvers": ["group:x"]}} if effect == "review" else {}
+    rules = ruleset({"id": "r", "match": {"body": [{"path": "$.amount", "op": "gt", "value": 100}]}, "effect": effect, **extra})
+    got = rules.decide(ANALYST, op("POST", body=content)).effect
+    assert (got == effect) is holds
+
+
+# combining
+
+
+ALLOW = {"id": "allow-all", "match": {}, "effect": "allow", "masks": ["email"]}
+ALLOW2 = {"id": "allow-reads", "match": {"action": "read"}, "effect": "allow", "masks": ["email", "password"]}
+REVIEW = {"id": "review-reads", "match": {"action": "read"}, "effect": "review", "reason": "check it",
+          "review": {"approvers": ["group:leads"], "approvals": 2, "timeout": "10m"}}
+DENY = {"id": "deny-reads", "match": {"action": "read"}, "effect": "deny", "reason": "no reads today"}
+
+
+@pytest.mark.parametrize(
+    "rules, effect, ids, reason, masks",
+    [
+        ([], "deny", [], "no rule matches this request", []),
+        ([ALLOW], "allow", ["allow-all"], "allowed by rule allow-all", ["email"]),
+        ([ALLOW, ALLOW2], "allow", ["allow-all", "allow-reads"], "allowed by rule allow-all", ["email", "password"]),
+        ([ALLOW, REVIEW], "review", ["review-reads"], "check it", ["email"]),
+        ([ALLOW, REVIEW, DENY], "deny", ["deny-reads"], "no reads today", []),
+        ([DENY, ALLOW], "deny", ["deny-reads"], "no reads today", []),
+    ],
+)
+def test_deny_beats_review_beats_allow_and_masks_are_the_union(rules, effect, ids, reason, masks):
+    decision = ruleset(*rules).decide(ANALYST, op())
+    assert decision.effect == effect
+    assert list(decision.rules) == ids
+    assert decision.reason == reason
+    assert list(decision.masks) == masks
+
+
+def test_review_carries_approvers_quorum_and_timeouts():
+    decision = ruleset(REVIEW).decide(ANALYST, op())
+    (review,) = decision.reviews
+    assert review.approvers == ("group:leads",) and review.approvals == 2
+    assert review.timeout == 600 and review.ttl == 3600 and review.denials == 1
+
+
+def test_index_keeps_wildcard_and_action_free_rules():
+    rules = ruleset(
+        {"id": "exact", "match": {"connection": "api", "action": "read"}, "effect": "allow"},
+        {"id": "glob", "match": {"connection": "a*"}, "effect": "allow"},
+        {"id": "any", "match": {}, "effect": "allow"},
+        {"id": "other", "match": {"connection": "db"}, "effect": "allow"},
+    )
+    assert [r.id for r in rules.candidates("api", "read")] == ["exact", "glob", "any"]
+    assert [r.id for r in rules.candidates("api", "write")] == ["glob", "any"]
+    assert list(rules.decide(ANALYST, op()).rules) == ["exact", "glob", "any"]
+
+
+def test_first_failure_explains_a_miss():
+    (rule,) = ruleset({"id": "r", "match": {"connection": "api", "action": "write", "path": "/x"}, "effect": "allow"}).rules
+    assert rule.first_failure(ANALYST, op()) == "action"
+    assert rule.first_failure(ANALYST, op("POST", "/x")) is None
+
+
+def test_shipped_rules_are_valid():
+    from pathlib import Path
+
+    rules = RuleSet.load([str(Path(__file__).parents[1] / "rules")])
+    assert len(rules.rules) >= 5

@@ -40,7 +40,8 @@ MSG
     return 1
 }
 
-# ensure_venv EXTRAS: create .venv with Python >= 3.12 and install the project (editable).
+# ensure_venv run|test: create .venv with Python >= 3.12 and install the project (editable),
+# again whenever pyproject.toml changes.
 ensure_venv() {
     local extras=$1 python
     if [ -x "$VENV/bin/python" ] && ! python_ok "$VENV/bin/python"; then
@@ -53,7 +54,11 @@ ensure_venv() {
         "$python" -m venv "$VENV"
     fi
     local stamp="$VENV/.custody-installed-$extras"
-    local want; want=$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
+    local want; want=$(sha256sum < "$ROOT/pyproject.toml" | cut -d' ' -f1)
+    # an install with the test extras covers a plain run too
+    if [ "$extras" = run ] && [ "$(cat "$VENV/.custody-installed-test" 2>/dev/null)" = "$want" ]; then
+        return 0
+    fi
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "Installing Custody and its dependencies into .venv (log: .venv/install.log) ..." >&2
         if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip \

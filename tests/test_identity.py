@@ -257,3 +257,24 @@ def test_bearer_connections_answer_401(idgw, nothing_reached, authorization, rea
 def test_without_a_token_other_connections_refuse_the_tunnel(idgw, nothing_reached):
     status, headers, body = connect(idgw, "api.test:443", None)
     assert status == 407 and json.loads(body)["reason"] == "no token: send Proxy-Authorization"
+
+
+def test_development_issuer_tokens_and_its_published_jwks(tmp_path, servers):
+    import jwt
+
+    gw = standard_gateway(tmp_path, servers, identity={"dev_issuer": {"enabled": True, "key_file": "dev.pem"}}).start()
+    try:
+        minted = gw.custody("token", "--sub", "crew-analyst", "--groups", "analysts", "--model", "gpt-4o", check=True)
+        token = minted.stdout.strip()
+        assert gw.session(token).get("http://api.test/items").status_code == 200
+        anonymous = gw.session(None)
+        discovery = anonymous.get("https://custody.gateway/.well-known/openid-configuration").json()
+        assert discovery["issuer"] == "http://custody.gateway"
+        assert discovery["jwks_uri"] == "http://custody.gateway/.well-known/jwks.json"
+        (key,) = anonymous.get(discovery["jwks_uri"]).json()["keys"]
+        claims = jwt.decode(token, jwt.PyJWK(key).key, algorithms=["ES256"], audience="custody")
+        assert (claims["sub"], claims["model"]) == ("crew-analyst", "gpt-4o")
+        recorded = gw.events("kind = 'decision' AND subject = 'crew-analyst'")[-1]
+        assert recorded["model"] == "gpt-4o" and recorded["effect"] == "allow"
+    finally:
+        gw.stop()

@@ -1,0 +1,44 @@
+"""The README's first command works: scripts/run starts the sample gateway, whose
+walkthrough requests are allowed, denied and recorded."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import requests
+
+from tests.support.gateway import ROOT
+from tests.support.servers import free_port
+
+
+def test_scripts_run_serves_the_walkthrough(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    log = open(tmp_path / "run.log", "wb")
+    proc = subprocess.Popen([str(ROOT / "scripts" / "run"), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while f"proxy listening at *:{port}" not in (tmp_path / "run.log").read_text():
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        output = (tmp_path / "run.log").read_text()
+        assert re.search(r"TOKEN=\$\(custody token --sub crew-analyst --groups analysts", output)
+        token = subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "custody"), "token", "--sub", "crew-analyst", "--groups", "analysts"],
+            capture_output=True, text=True, check=True,
+            env={**env, "CUSTODY_CONFIG": str(ROOT / "examples" / "custody.yaml")},
+        ).stdout.strip()
+        proxies = {"http": f"http://agent:{token}@127.0.0.1:{port}"}
+        ok = requests.get("http://sample-api.internal/items", proxies=proxies, timeout=10)
+        assert ok.status_code == 200 and ok.json()[0]["name"] == "bolt M6"
+        denied = requests.delete("http://sample-api.internal/items/1", proxies=proxies, timeout=10)
+        assert denied.status_code == 403 and denied.json()["rules"] == ["no-deletes"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)

@@ -1,9 +1,11 @@
 """Custody's addon chain: `mitmdump -s addons/chain.py` (or mitmweb, or `custody run`).
 
 mitmproxy runs every hook in list order, response hooks included, so the order below is
-the order of DESIGN.md: identity, classify, policy, recorder, credentials; the settings
-addon first because the others read it while configuring, and the gateway's own
-endpoints before identity because they need no token. The gate goes after everything,
+the order of DESIGN.md: identity, classify, policy, approval, recorder, credentials. Before
+them: settings (the others read it while configuring), the audit log and the approvals
+book (shared services with no flow hooks), and the gateway's public endpoints (they need
+no token). The approvals API answers the gateway's own host after the recorder has put the
+call on record, and before anything could send it upstream. The gate goes after everything,
 mitmproxy's own addons included (see addons/gate.py).
 """
 
@@ -11,6 +13,10 @@ from __future__ import annotations
 
 from mitmproxy import ctx
 
+from addons.approval import Approval
+from addons.approvalapi import ApprovalAPI
+from addons.approvals import ApprovalBook
+from addons.auditlog import AuditLog
 from addons.classify import Classify
 from addons.credentials import Credentials
 from addons.gate import Gate
@@ -24,14 +30,20 @@ from addons.wellknown import WellKnown
 def build() -> list:
     """A fresh chain of Custody addons, in hook order."""
     settings = Settings()
+    log = AuditLog(settings)
+    book = ApprovalBook(settings, log)
     return [
         Hardening(),
         settings,
+        log,
+        book,
         WellKnown(settings),
         Identity(settings),
         Classify(settings),
         Policy(settings),
-        Recorder(settings),
+        Approval(settings, book),
+        Recorder(settings, log),
+        ApprovalAPI(settings, book),
         Credentials(settings),
     ]
 

@@ -8,6 +8,7 @@ rules, and read and verify the audit log.
     custody audit tail [-n 20] [--follow]
     custody audit show EVENT_OR_SESSION
     custody audit verify
+    custody approvals list | show ID | approve ID [--reason …] | deny ID --reason …
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import json
 import os
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -218,9 +222,9 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
         for row in related:
             print(format_row(row))
         return 0
-    rows = store.where("session = ? OR flow = ?", [args.id, args.id])
+    rows = store.where("session = ? OR flow = ? OR approval = ?", [args.id, args.id, args.id])
     if not rows:
-        raise CliError(f"no event, flow or session {args.id!r} in {store.path}")
+        raise CliError(f"no event, flow, session or approval {args.id!r} in {store.path}")
     if args.json:
         print(json.dumps([_printable(r) for r in rows], indent=2))
     else:
@@ -236,6 +240,84 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         return 0
     print(f"BROKEN at event {result.broken_at}: {result.problem}")
     return 1
+
+
+# approvals
+
+
+def _approvals_api(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> Any:
+    base = args.url or os.environ.get("CUSTODY_APPROVALS_URL") or _config(args).approvals.public_url
+    token = args.token or os.environ.get("CUSTODY_TOKEN")
+    if not token:
+        raise CliError("an approver's token is needed: pass --token or set CUSTODY_TOKEN")
+    request = urllib.request.Request(
+        base.rstrip("/") + path, method=method, data=json.dumps(body).encode() if body is not None else None,
+        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        try:
+            reason = json.loads(e.read()).get("reason", e.reason)
+        except ValueError:
+            reason = e.reason
+        raise CliError(f"{e.code}: {reason}") from None
+    except urllib.error.URLError as e:
+        raise CliError(f"cannot reach the approvals API at {base}: {e.reason}") from None
+
+
+def _age(ts: float) -> str:
+    seconds = max(0, int(time.time() - ts))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def cmd_approvals_list(args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({k: v for k, v in (("state", args.state), ("connection", args.connection),
+                                                       ("requester", args.requester)) if v})
+    approvals = _approvals_api(args, "GET", "/approvals" + (f"?{query}" if query else ""))["approvals"]
+    if args.json:
+        print(json.dumps(approvals, indent=2))
+        return 0
+    for a in approvals:
+        print(f"{a['id']}  {a['state']:<9} {_age(a['created']):>7}  {a['requester']['subject']:<16} "
+              f"risk {a['operation']['risk']:>3}  {a['operation']['summary']}  [{', '.join(a['rules'])}]")
+    if not approvals:
+        print("no approvals" + (f" in state {args.state}" if args.state else ""))
+    return 0
+
+
+def cmd_approvals_show(args: argparse.Namespace) -> int:
+    a = _approvals_api(args, "GET", f"/approvals/{args.id}")
+    if args.json:
+        print(json.dumps(a, indent=2))
+        return 0
+    who = a["requester"]
+    agent = {**who.get("asserted", {}), **who.get("agent", {})}
+    print(f"approval   {a['id']}  ({a['state']}{': ' + a['outcome'] if a['outcome'] else ''})")
+    print(f"requester  {who['subject']}  groups: {', '.join(who['groups']) or '-'}  "
+          + "  ".join(f"{k}: {v}" for k, v in agent.items()))
+    print(f"operation  {a['operation']['summary']}  [action {a['operation']['action']}, risk {a['operation']['risk']}]")
+    print(f"why        {', '.join(a['rules'])}: {a['reason']}")
+    print(f"approvers  {', '.join(a['approvers'])}")
+    for v in a["votes"]:
+        print(f"vote       {v['approver']} {v['vote']}d via {v['via']}" + (f": {v['reason']}" if v["reason"] else ""))
+    print(f"request    {a['request']['method']} {a['request']['url']}")
+    if a["request"]["body"]:
+        print(a["request"]["body"])
+    print("timeline:")
+    for e in a["timeline"]:
+        step = e["detail"].get("step", "")
+        print(f"  {_when(e['ts'])}  {e['kind']:<9} {step:<13} {e['subject'] or '-':<16} {e['effect'] or ''} {e['reason'] or ''}".rstrip())
+    return 0
+
+
+def cmd_approvals_vote(args: argparse.Namespace) -> int:
+    if args.action == "deny" and not args.reason:
+        raise CliError("a denial needs a reason: --reason '...'")
+    a = _approvals_api(args, "POST", f"/approvals/{args.id}/{args.action}", {"reason": args.reason or ""})
+    print(f"{a['id']}: {a['state']}" + (f" ({a['outcome']})" if a["outcome"] else ""))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,11 +361,36 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("-n", type=int, default=20)
     at.add_argument("-f", "--follow", action="store_true")
     at.set_defaults(func=cmd_audit_tail)
-    ash = audit("show", "print one event with its flow, or a whole flow or session")
+    ash = audit("show", "print one event with its flow, or a whole flow, session or approval")
     ash.add_argument("id")
     ash.add_argument("--json", action="store_true")
     ash.set_defaults(func=cmd_audit_show)
     audit("verify", "walk the hash chain and report the first broken link").set_defaults(func=cmd_audit_verify)
+
+    ap = sub.add_parser("approvals", help="list, show, approve and deny held requests")
+    aps = ap.add_subparsers(dest="approvals_command", required=True)
+
+    def approvals(name: str, help: str) -> argparse.ArgumentParser:
+        sp = with_config(aps.add_parser(name, help=help))
+        sp.add_argument("--url", help="approvals API (default: $CUSTODY_APPROVALS_URL, else approvals.public_url)")
+        sp.add_argument("--token", help="your token (default: $CUSTODY_TOKEN)")
+        return sp
+
+    al = approvals("list", "approvals, newest first")
+    al.add_argument("--state", default="pending", help="pending (default), approved, executed, denied, expired, abandoned, or ''")
+    al.add_argument("--connection")
+    al.add_argument("--requester")
+    al.add_argument("--json", action="store_true")
+    al.set_defaults(func=cmd_approvals_list)
+    ash2 = approvals("show", "one approval with its request and timeline")
+    ash2.add_argument("id")
+    ash2.add_argument("--json", action="store_true")
+    ash2.set_defaults(func=cmd_approvals_show)
+    for action in ("approve", "deny"):
+        av = approvals(action, f"{action} a pending approval")
+        av.add_argument("id")
+        av.add_argument("--reason", help="why (required to deny)")
+        av.set_defaults(func=cmd_approvals_vote, action=action)
     return p
 
 

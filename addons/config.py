@@ -21,6 +21,10 @@ import yaml
 from addons import schema
 
 
+GATEWAY_CONNECTION = "custody"
+"""The built-in connection for the gateway's own host (its endpoints and the approvals API)."""
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the file and the field."""
 
@@ -133,6 +137,26 @@ class Store:
 
 
 @dataclass(frozen=True)
+class Webhook:
+    url: str
+    format: str = "json"
+    events: tuple[str, ...] = ("pending", "decided", "expired")
+
+
+@dataclass(frozen=True)
+class Approvals:
+    """Where approvers act: the gateway host through the proxy, and optionally a listener."""
+
+    listen: tuple[str, int] | None
+    public_url: str
+    sweep: float = 1.0
+    webhooks: tuple[Webhook, ...] = ()
+    retries: int = 3
+    backoff: float = 1.0
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     gateway_host: str
@@ -141,6 +165,7 @@ class Config:
     rules: tuple[str, ...]
     rules_poll: float
     store: Store
+    approvals: Approvals
 
 
 def _upstream(url: str) -> Upstream:
@@ -229,6 +254,26 @@ def _identity(raw: dict[str, Any], base: Path) -> Identity:
     )
 
 
+def _approvals(raw: dict[str, Any], notify: dict[str, Any], gateway_host: str) -> Approvals:
+    listen = None
+    if "listen" in raw:
+        host, _, port = raw["listen"].rpartition(":")
+        listen = (host.strip("[]") or "127.0.0.1", int(port))
+    public = raw.get("public_url") or (f"http://{listen[0]}:{listen[1]}" if listen else f"http://{gateway_host}")
+    return Approvals(
+        listen=listen,
+        public_url=public.rstrip("/"),
+        sweep=parse_duration(raw.get("sweep", "1s")),
+        webhooks=tuple(
+            Webhook(w["url"], w.get("format", "json"), tuple(w.get("events", ("pending", "decided", "expired"))))
+            for w in notify.get("webhooks", [])
+        ),
+        retries=notify.get("retries", 3),
+        backoff=parse_duration(notify.get("backoff", "1s")),
+        timeout=parse_duration(notify.get("timeout", "5s")),
+    )
+
+
 def parse(raw: Any, path: str) -> Config:
     """Validate and build a Config from the parsed YAML of the file at `path`."""
     problems = schema.errors("config", raw)
@@ -244,6 +289,10 @@ def parse(raw: Any, path: str) -> Config:
         identity = _identity(raw.get("identity", {}), base)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    gateway_host = raw.get("gateway", {}).get("host", "custody.gateway").lower()
+    if any(c.name == GATEWAY_CONNECTION for c in connections):
+        raise ConfigError(f"{path}: connections: the name {GATEWAY_CONNECTION!r} is reserved for the gateway itself")
+    connections += (Connection(GATEWAY_CONNECTION, "gateway", (gateway_host,), bearer_is_gateway=True),)
     seen: dict[str, str] = {}
     for c in connections:
         for h in c.hosts:
@@ -269,7 +318,7 @@ def parse(raw: Any, path: str) -> Config:
         raise ConfigError(f"{path}: store.path: required")
     return Config(
         path=str(Path(path).resolve()),
-        gateway_host=raw.get("gateway", {}).get("host", "custody.gateway").lower(),
+        gateway_host=gateway_host,
         identity=identity,
         connections=connections,
         rules=tuple(str((base / r).resolve()) for r in ([rules] if isinstance(rules, str) else rules)),
@@ -280,6 +329,7 @@ def parse(raw: Any, path: str) -> Config:
             max_body=store.get("max_body", 65536),
             synchronous=store.get("synchronous", "normal"),
         ),
+        approvals=_approvals(raw.get("approvals", {}), raw.get("notify", {}), gateway_host),
     )
 
 

@@ -127,6 +127,7 @@ class Decision:
     reviews: tuple[Review, ...] = ()
     status: int = 0
     error: str = ""
+    approval: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -134,6 +135,8 @@ class Decision:
             "rules": list(self.rules),
             "reason": self.reason,
         }
+        if self.approval:
+            out["approval"] = self.approval
         if self.masks:
             out["masks"] = list(self.masks)
         if self.reviews:
@@ -171,6 +174,7 @@ class Context:
     recorded: bool = False
     masked: bool = False
     destination: tuple[str, int] | None = None
+    approval: str = ""
     events: list[str] = field(default_factory=list)
 
     def __deepcopy__(self, memo: dict) -> dict[str, Any]:
@@ -185,6 +189,7 @@ class Context:
             "operation": self.operation.as_dict() if self.operation else None,
             "decision": self.decision.as_dict() if self.decision else None,
             "decision_event": self.decision_event,
+            "approval": self.approval,
             "events": list(self.events),
         }
 

@@ -32,9 +32,12 @@ def refuse(
     error: str,
     rules: tuple[str, ...] = (),
     headers: dict[str, str] | None = None,
+    approval: str = "",
+    extra: dict[str, str] | None = None,
 ) -> None:
     """Deny the flow: record the decision in its context and answer it locally with JSON.
 
+    `approval` and `extra` add the approval id and state when a review ended this way.
     Non-HTTP flows (raw TCP, UDP) have nothing to answer with and are killed.
     """
     ctx = context.of(f)
@@ -44,7 +47,7 @@ def refuse(
         ctx.decision_event = context.new_id()
         ctx.recorded = False
     ctx.decision = Decision(
-        effect="deny", rules=rules, reason=reason, status=status, error=error
+        effect="deny", rules=rules, reason=reason, status=status, error=error, approval=approval
     )
     if not isinstance(f, http.HTTPFlow):
         if f.killable:
@@ -56,6 +59,8 @@ def refuse(
         "reason": reason,
         "rules": list(rules),
         "event_id": ctx.decision_event,
+        **({"approval_id": approval} if approval else {}),
+        **(extra or {}),
     }
     f.response = http.Response.make(
         status,

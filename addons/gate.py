@@ -20,12 +20,7 @@ class Gate:
         if failclosed.answered(f):
             return
         ctx = context.of(f)
-        if ctx.decision is not None and ctx.decision.effect == "review" and ctx.recorded:
-            failclosed.refuse(
-                f, 403, "held for review, but no approval addon is running",
-                error="review_unavailable", rules=ctx.decision.rules,
-            )
-        elif not ctx.cleared:
+        if not ctx.cleared:
             failclosed.refuse(f, 502, "the request was not cleared by the custody chain", error="not_cleared")
         elif ctx.destination is not None and (f.request.host, f.request.port) != ctx.destination:
             failclosed.refuse(f, 502, "the request was redirected after its decision", error="not_cleared")

@@ -11,7 +11,6 @@ The flow's comment and marker show the decision in mitmweb.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from mitmproxy import http, tcp, udp
@@ -22,7 +21,8 @@ from addons.config import Store as StoreSettings
 from addons.context import Context, new_id
 from addons.failclosed import guarded
 from addons.settings import Settings
-from addons.store import Event, Writer, digest
+from addons.auditlog import AuditLog
+from addons.store import Event, digest
 
 logger = logging.getLogger(__name__)
 
@@ -58,30 +58,22 @@ def _base(ctx: Context, f: mflow.Flow, kind: str, event_id: str | None = None) -
         "principal": ctx.principal,
         "operation": ctx.operation,
         "connection": ctx.connection,
+        "approval": ctx.approval,
     }
 
 
 class Recorder:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, log: AuditLog) -> None:
         self.settings = settings
-        self.writer: Writer | None = None
+        self.log = log
         self.body_settings = StoreSettings(path="")
 
     def configure(self, updated: set[str]) -> None:
         if "custody_config" in updated:
-            cfg = self.settings.require().store
-            os.makedirs(os.path.dirname(cfg.path) or ".", exist_ok=True)
-            if self.writer is not None:
-                self.writer.close()
-            self.writer = Writer(cfg.path, cfg.synchronous)
-            self.body_settings = cfg
-
-    def done(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+            self.body_settings = self.settings.require().store
 
     async def _write(self, ctx: Context, events: list[Event]) -> None:
-        await self.writer.append(events)
+        await self.log.write(events)
         ctx.events.extend(e.id for e in events)
 
     def _decision_event(self, ctx: Context, f: mflow.Flow, kind: str, **detail) -> Event:

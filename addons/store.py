@@ -19,7 +19,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,11 @@ import sqlite_utils
 from addons.context import Decision, Operation, Principal, canonical_json
 
 GENESIS = "0" * 64
+SCHEMA_VERSION = 1  # PRAGMA user_version: bumped when columns or hashing change
+
+
+class StoreError(Exception):
+    """The audit store cannot be used as it is; the message says why and what to do."""
 
 # Column name -> SQLite type. Order is the canonical order for hashing.
 COLUMNS: dict[str, type] = {
@@ -37,6 +42,7 @@ COLUMNS: dict[str, type] = {
     "kind": str,
     "session": str,
     "flow": str,
+    "approval": str,
     "subject": str,
     "issuer": str,
     "agent": str,
@@ -60,7 +66,21 @@ COLUMNS: dict[str, type] = {
     "hash": str,
 }
 HASHED = [c for c in COLUMNS if c not in ("hash", "body")]
-INDEXES = (["session"], ["flow"])
+INDEXES = (["session"], ["flow"], ["approval"])
+
+# Approvals: the current state of each review (the hash chain holds every step of it).
+APPROVAL_COLUMNS: dict[str, type] = {
+    "id": str,
+    "state": str,
+    "created": float,
+    "updated": float,
+    "subject": str,
+    "connection": str,
+    "fingerprint": str,
+    "held": int,
+    "expires": float,
+    "document": str,
+}
 
 
 def _json(value: Any) -> str | None:
@@ -86,6 +106,7 @@ class Event:
     operation: Operation | None = None
     connection: str = ""
     decision: Decision | None = None
+    approval: str = ""
     status: int | None = None
     detail: dict[str, Any] = field(default_factory=dict)
     body: bytes | None = None
@@ -104,6 +125,7 @@ class Event:
             "kind": self.kind,
             "session": self.session or None,
             "flow": self.flow or None,
+            "approval": self.approval or None,
             "subject": p.subject if p else None,
             "issuer": p.issuer if p else None,
             "agent": (p.attribute("agent") or None) if p else None,
@@ -153,6 +175,13 @@ class Store:
         self._cols = cols
 
     def _ensure_schema(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if "events" in self.db.table_names() and version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: audit store schema version {version}, but this gateway writes version "
+                f"{SCHEMA_VERSION}; verify and archive the old store, then use a new store.path"
+            )
+        self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         if "events" not in self.db.table_names():
             self.db["events"].create(COLUMNS, pk="seq", not_null={"id", "ts", "kind", "prev_hash", "hash"})
             for cols in INDEXES:
@@ -160,15 +189,25 @@ class Store:
             self.db["events"].create_index(["id"], unique=True, if_not_exists=True)
         if "chain_head" not in self.db.table_names():
             self.db["chain_head"].create({"id": int, "seq": int, "hash": str}, pk="id")
+        if "approvals" not in self.db.table_names():
+            self.db["approvals"].create(APPROVAL_COLUMNS, pk="id", not_null={"state", "created", "document"})
+            self.db["approvals"].create_index(["state"], if_not_exists=True)
+            self.db["approvals"].create_index(["fingerprint"], if_not_exists=True)
 
     def close(self) -> None:
         self.db.conn.close()
 
-    def append(self, events: list[Event]) -> list[int]:
-        """Chain and write `events` in one transaction; returns their sequence numbers."""
+    def append(self, events: list[Event], apply: Callable[[sqlite3.Connection], None] | None = None) -> list[int]:
+        """Chain and write `events` in one transaction; returns their sequence numbers.
+
+        `apply`, when given, runs first in the same transaction (state that must change
+        together with the events that record the change, such as an approval's state).
+        """
         conn = self.db.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if apply is not None:
+                apply(conn)
             head = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
             seq, prev = head if head else (0, GENESIS)
             seqs, rows = [], []
@@ -255,9 +294,9 @@ class Writer:
         if self._error is not None:
             raise self._error
 
-    async def append(self, events: list[Event]) -> None:
+    async def append(self, events: list[Event], apply: Callable[[sqlite3.Connection], None] | None = None) -> None:
         future = asyncio.get_running_loop().create_future()
-        self._queue.put((events, future))
+        self._queue.put((events, apply, future))
         await future
 
     def close(self) -> None:
@@ -286,13 +325,17 @@ class Writer:
                     self._queue.put(None)
                     break
                 batch.append(more)
+            applies = [a for _, a, _ in batch if a is not None]
             try:
-                store.append([e for events, _ in batch for e in events])
+                store.append(
+                    [e for events, _, _ in batch for e in events],
+                    (lambda conn: [a(conn) for a in applies]) if applies else None,
+                )
                 error = None
             except Exception as e:
                 error = e
             try:
-                batch[0][1].get_loop().call_soon_threadsafe(_settle, [f for _, f in batch], error)
+                batch[0][2].get_loop().call_soon_threadsafe(_settle, [f for _, _, f in batch], error)
             except RuntimeError:
                 pass  # the event loop is gone: the gateway is shutting down
         store.close()

@@ -1,14 +1,15 @@
 """wellknown: the gateway's own public endpoints, on its virtual host (`gateway.host`).
 
 Publishes the development issuer's discovery document and JWKS, so services behind the
-gateway can verify the same tokens, and a health check. These need no token; everything
-else on the gateway host is 404. A CONNECT to the gateway host is let through so the same
-endpoints answer over HTTPS.
+gateway can verify the same tokens, a health check, and the approvals page (which then
+signs in with a token). These need no token; everything else on the gateway host goes
+through the chain to the approvals API.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from mitmproxy import http
 
@@ -18,48 +19,42 @@ from addons.failclosed import guarded
 from addons.settings import Settings
 
 
+PAGE = Path(__file__).parent / "web" / "approvals.html"
+
+
 class WellKnown:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.host = ""
-        self.documents: dict[str, dict] = {}
+        self.documents: dict[str, tuple[str, bytes]] = {}
 
     def configure(self, updated: set[str]) -> None:
         if "custody_config" not in updated:
             return
         cfg = self.settings.require()
         self.host = cfg.gateway_host
-        self.documents = {"/healthz": {"status": "ok"}}
+        self.documents = {
+            "/": ("text/html; charset=utf-8", PAGE.read_bytes()),
+            "/healthz": ("application/json", b'{"status": "ok"}'),
+        }
         dev = cfg.identity.dev_issuer
         if dev is not None:
             base = dev.issuer.rstrip("/")
-            self.documents["/.well-known/jwks.json"] = devissuer.jwks(dev)
-            self.documents["/.well-known/openid-configuration"] = {
+            discovery = {
                 "issuer": dev.issuer,
                 "jwks_uri": f"{base}/.well-known/jwks.json",
                 "id_token_signing_alg_values_supported": ["ES256"],
             }
-
-    def _ours(self, f: http.HTTPFlow) -> bool:
-        return f.request.host.lower() == self.host and f.request.port in (80, 443)
-
-    @guarded
-    def http_connect(self, f: http.HTTPFlow) -> None:
-        if failclosed.answered(f) or not self._ours(f):
-            return
-        ctx = context.of(f)
-        ctx.decision = Decision(effect="allow", reason="tunnel to the gateway's own endpoints")
-        f.response = http.Response.make(200)
+            self.documents["/.well-known/jwks.json"] = ("application/json", json.dumps(devissuer.jwks(dev)).encode())
+            self.documents["/.well-known/openid-configuration"] = ("application/json", json.dumps(discovery).encode())
 
     @guarded
     def request(self, f: http.HTTPFlow) -> None:
-        if failclosed.answered(f) or not self._ours(f):
+        if failclosed.answered(f) or f.request.host.lower() != self.host or f.request.method not in ("GET", "HEAD"):
             return
         document = self.documents.get(f.request.path.split("?")[0])
-        if document is None or f.request.method not in ("GET", "HEAD"):
-            failclosed.refuse(f, 404, f"no such gateway endpoint: {f.request.path}", error="not_found")
-            return
-        context.of(f).decision = Decision(effect="allow", reason="gateway endpoint")
-        f.response = http.Response.make(
-            200, json.dumps(document), {"content-type": "application/json", "cache-control": "max-age=300"}
-        )
+        if document is None:
+            return  # not public: identity and the rest of the chain take it from here
+        content_type, content = document
+        context.of(f).decision = Decision(effect="allow", reason="the gateway's public endpoints")
+        f.response = http.Response.make(200, content, {"content-type": content_type, "cache-control": "no-cache"})

@@ -111,7 +111,7 @@ STANDARD_RULES = {
                                                    "body": [{"path": "$.amount", "op": "gt", "value": 1000}]},
              "effect": "deny", "reason": "refunds over 1000 are denied"},
             {"id": "orders-reviewed", "match": {"connection": "api", "path": "/orders", "action": "write"},
-             "effect": "review", "review": {"approvers": ["group:managers"]}},
+             "effect": "review", "review": {"approvers": ["group:managers"], "timeout": "1s"}},
         ]
     },
 }

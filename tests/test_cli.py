@@ -155,4 +155,4 @@ def test_audit_show_and_tail(setup):
     session = json.loads(setup("audit", "show", "sess-1", "--json").stdout)
     assert [e["id"] for e in session] == ["ev-1", "ev-2"]
     missing = setup("audit", "show", "nope")
-    assert missing.returncode == 1 and "no event, flow or session 'nope'" in missing.stderr
+    assert missing.returncode == 1 and "no event, flow, session or approval 'nope'" in missing.stderr

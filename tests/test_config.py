@@ -42,7 +42,9 @@ def secret(monkeypatch):
 
 def test_base_parses(tmp_path):
     cfg = config.parse(BASE, str(tmp_path / "custody.yaml"))
-    (api,) = cfg.connections
+    api, gateway = cfg.connections
+    assert (gateway.name, gateway.kind, gateway.hosts, gateway.bearer_is_gateway) == (
+        "custody", "gateway", ("custody.gateway",), True)
     assert api.credential.header == "authorization" and api.credential.value == "Bearer s3cret"
     assert api.upstream == config.Upstream("http", "127.0.0.1", 9000)
     assert cfg.store.path == str(tmp_path / "audit.db")

@@ -43,7 +43,7 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
         (["analysts"], "POST", "http://api.test/items", {"name": "x"}, 403, "deny", [], "no_matching_rule"),
         (["analysts"], "DELETE", "http://api.test/items/1", None, 403, "deny", [], "no_matching_rule"),
         ([], "GET", "http://api.test/items", None, 403, "deny", [], "no_matching_rule"),
-        (["writers"], "POST", "http://api.test/orders", {"quantity": 3}, 403, "review", ["orders-reviewed"], "review_unavailable"),
+        (["writers"], "POST", "http://api.test/orders", {"quantity": 3}, 403, "review", ["orders-reviewed"], "approval_pending"),
     ],
 )
 def test_decisions(gateway, token, mark, groups, method, url, body, status, effect, rules, error):
@@ -58,8 +58,8 @@ def test_decisions(gateway, token, mark, groups, method, url, body, status, effe
     assert answer["decision"] == "deny" and answer["error"] == error and answer["rules"] == rules
     refusal = gateway.event(answer["event_id"])
     assert refusal["kind"] == "decision" and refusal["effect"] == "deny" and json.loads(refusal["rules"]) == rules
-    decisions = gateway.events("flow = ? AND kind = 'decision'", [refusal["flow"]])
-    assert decisions[0]["effect"] == effect  # policy's decision; a review is then refused by the gate
+    steps = [json.loads(e["detail"])["step"] for e in gateway.events("flow = ? AND kind = 'approval'", [refusal["flow"]])]
+    assert steps == (["requested", "hold_timeout"] if effect == "review" else [])
 
 
 def test_denial_names_reason_rules_and_event(gateway, token, mark):
@@ -259,10 +259,14 @@ def test_protocol_upgrades_are_refused(gateway, token, mark):
 # the gateway's own endpoints
 
 
-def test_gateway_host_serves_health_and_404s_the_rest(gateway, mark):
+def test_gateway_host_serves_public_endpoints_and_authenticates_the_rest(gateway, token, mark):
     s = gateway.session(None)
     assert s.get("http://custody.gateway/healthz").json() == {"status": "ok"}
+    page = s.get("https://custody.gateway/")
+    assert page.status_code == 200 and "Custody approvals" in page.text
     r = s.get("https://custody.gateway/anything")
+    assert r.status_code == 401 and r.json()["error"] == "unauthenticated"
+    r = gateway.session(token(groups=["analysts"])).get("https://custody.gateway/anything")
     assert r.status_code == 404 and r.json()["error"] == "not_found"
     assert mark() == []
 

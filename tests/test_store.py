@@ -132,3 +132,13 @@ def test_event_row_flattens_principal_operation_and_decision():
                 decision=Decision("allow", ("r1",), "ok")).row()
     assert (row["subject"], row["agent"], row["model"]) == ("s", "a", "m")  # verified claims win
     assert (row["connection"], row["action"], row["effect"], row["rules"]) == ("c", "read", "allow", '["r1"]')
+
+
+def test_a_store_from_another_schema_version_is_refused(tmp_path):
+    from addons.store import SCHEMA_VERSION, StoreError
+
+    db = tmp_path / "a.db"
+    populate(db, 1)
+    sql(db, "PRAGMA user_version = 0")
+    with pytest.raises(StoreError, match=f"schema version 0, but this gateway writes version {SCHEMA_VERSION}"):
+        Store(str(db))

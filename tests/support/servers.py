@@ -125,3 +125,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class _ReceiverHandler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        owner: Receiver = self.server.owner  # type: ignore[attr-defined]
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        owner.attempts += 1
+        status = 500 if owner.failing else 200
+        if not owner.failing:
+            owner.received.append(json.loads(body))
+        self.send_response(status)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class Receiver(Background):
+    """A webhook receiver: keeps every JSON document POSTed to it (or fails them all)."""
+
+    def __init__(self, failing: bool = False) -> None:
+        self.received: list[Any] = []
+        self.attempts = 0
+        self.failing = failing
+        super().__init__(_ReceiverHandler)
+        self.url = f"http://127.0.0.1:{self.port}/hook"

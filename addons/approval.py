@@ -29,6 +29,7 @@ from mitmproxy import hooks, http
 from addons import context, failclosed
 from addons.approvals import APPROVED, DENIED, EXPIRED, ApprovalBook, fingerprint
 from addons.context import Decision
+from addons.maskpool import MaskPool
 from addons.failclosed import guarded
 from addons.recorder import headers_for_record
 from addons.settings import Settings
@@ -36,17 +37,24 @@ from addons.settings import Settings
 POLL = 0.25  # how often a hold looks for a resumed/killed flow or a departed client
 
 
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer",
+                        "transfer-encoding", "upgrade", "content-length", "host"})
+
+
 def request_fingerprint(f: http.HTTPFlow, c: context.Context) -> str:
-    op = c.operation
-    query = op.details.get("query", "")
-    url = f"{f.request.scheme}://{f.request.host}:{f.request.port}{op.resource}" + (f"?{query}" if query else "")
-    return fingerprint(c.principal, op.connection, f.request.method, url, f.request.get_content(strict=False) or b"")
+    """The fingerprint of the request as it will go upstream (after identity stripped the
+    agent's token and attributes, before the gateway adds its credential)."""
+    req = f.request
+    url = f"{req.scheme}://{req.host}:{req.port}{req.path}"
+    headers = [[k, v] for k, v in req.headers.items(multi=True) if k.lower() not in HOP_BY_HOP]
+    return fingerprint(c.principal, c.operation.connection, req.method, url, headers, req.get_content(strict=False) or b"")
 
 
 class Approval:
-    def __init__(self, settings: Settings, book: ApprovalBook) -> None:
+    def __init__(self, settings: Settings, book: ApprovalBook, pool: MaskPool) -> None:
         self.settings = settings
         self.book = book
+        self.pool = pool
 
     def _show(self, f: http.HTTPFlow, text: str, marker: str) -> None:
         f.comment, f.marked = text, marker
@@ -67,12 +75,13 @@ class Approval:
             self._allow(c, grant.id, decision, grant.outcome)
             return
         max_body = self.settings.require().store.max_body
-        body = f.request.get_content(strict=False) or b""
+        raw = f.request.get_content(strict=False) or b""
+        body, withheld = await self.pool.for_record(raw, f.request.headers.get("content-type", ""), decision.masks)
         approval = await self.book.open(
             c.principal, c.operation,
             {"method": f.request.method, "url": f.request.pretty_url,
              "headers": headers_for_record(f.request.headers),
-             "body": body[:max_body].decode(errors="replace"), "body_size": len(body)},
+             "body": withheld or (body or b"")[:max_body].decode(errors="replace"), "body_size": len(raw)},
             fp, decision, f.id, c.session,
         )
         c.approval = approval.id
@@ -110,6 +119,10 @@ class Approval:
             await self.book.console(approval, "approve")
             outcome = approval.state
         refuse = dict(rules=decision.rules, approval=approval.id)
+        if outcome == APPROVED and approval.state != APPROVED:
+            failclosed.refuse(f, 403, f"approval {approval.id} is {approval.state}; it can be used only once",
+                              error="approval_used", extra={"state": approval.state}, **refuse)
+            return
         if outcome == APPROVED:
             if request_fingerprint(f, c) != fp:
                 failclosed.refuse(f, 403, "the request changed while it was held; it was not sent",

@@ -5,7 +5,8 @@
     POST /approvals/ID/approve   {"reason": "…"}               vote to approve
     POST /approvals/ID/deny      {"reason": "…"}               vote to deny (a reason is required)
 
-Reachable through the proxy (`http://custody.gateway/…`) and on the listener named by
+Callers see only approvals they may act on or asked for themselves (request bodies are in
+them). Reachable through the proxy (`http://custody.gateway/…`) and on the listener named by
 `approvals.listen` (a mitmproxy reverse-mode listener that browsers open directly). Callers
 are identified by the identity addon like everyone else (`Authorization: Bearer` works here)
 and every call is recorded; this addon answers them and never lets one go upstream.
@@ -20,7 +21,7 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from addons import context, failclosed
-from addons.approvals import ApprovalBook, ApprovalError
+from addons.approvals import ApprovalBook, ApprovalError, visible
 from addons.config import GATEWAY_CONNECTION
 from addons.failclosed import guarded
 from addons.settings import Settings
@@ -75,10 +76,12 @@ class ApprovalAPI:
         if approval_id is None and method == "GET":
             q = f.request.query
             limit = min(int(q.get("limit", "100")) if q.get("limit", "100").isdigit() else 100, 1000)
-            found = self.book.list(q.get("state"), q.get("connection"), q.get("requester"), limit)
+            found = self.book.list(q.get("state"), q.get("connection"), q.get("requester"), limit, viewer=c.principal)
             return {"approvals": [a.document() for a in found]}
         if approval_id is not None and action is None and method == "GET":
             approval = self.book.get(approval_id)
+            if not visible(approval, c.principal):
+                raise ApprovalError(404, "not_found", f"no approval {approval_id}")
             return {**approval.document(), "timeline": self.book.timeline(approval_id)}
         if approval_id is not None and action is not None and method == "POST":
             reason = self._reason(f)

@@ -50,8 +50,10 @@ class ApprovalError(Exception):
         self.status, self.error = status, error
 
 
-def fingerprint(principal: Principal, connection: str, method: str, url: str, body: bytes) -> str:
-    """What an approval is bound to: who, where, and the exact request."""
+def fingerprint(principal: Principal, connection: str, method: str, url: str, headers: list[list[str]],
+                body: bytes) -> str:
+    """What an approval is bound to: who, where, and the exact request: method, URL as
+    sent, every header that reaches the upstream, and the body."""
     return hashlib.sha256(
         canonical_json({
             "subject": principal.subject,
@@ -59,6 +61,7 @@ def fingerprint(principal: Principal, connection: str, method: str, url: str, bo
             "connection": connection,
             "method": method.upper(),
             "url": url,
+            "headers": sorted([k.lower(), v] for k, v in headers),
             "body": hashlib.sha256(body).hexdigest(),
         }).encode()
     ).hexdigest()
@@ -194,6 +197,14 @@ class Approval:
                 self.fingerprint, int(self.held), self.expires, canonical_json(self.document()))
 
 
+def visible(approval: Approval, who: Principal) -> bool:
+    """Approvals show request bodies: only their approvers and their requester see them."""
+    requester = approval.requester
+    return (who.subject, who.issuer) == (requester.subject, requester.issuer) or any(
+        eligible(r, who.subject, who.groups) for r in approval.reviews
+    )
+
+
 def check_vote(approval: Approval, voter: Principal) -> None:
     """Raise ApprovalError unless `voter` may vote on `approval` now."""
     if approval.state != PENDING:
@@ -267,7 +278,7 @@ class ApprovalBook:
         ).fetchall()
         for (document,) in rows:
             approval = Approval.from_document(json.loads(document))
-            if approval.state == PENDING and approval.held:
+            if approval.held:  # its flow died with the old process: nothing may run it now
                 await self._finish(approval, ABANDONED, "the gateway restarted while the request was held",
                                    step="abandoned")
             else:
@@ -279,7 +290,7 @@ class ApprovalBook:
         """An approved, unused, unexpired approval for exactly this request by this principal."""
         now = time.time()
         for a in self.live.values():
-            if (a.state == APPROVED and a.fingerprint == fp and a.expires > now
+            if (a.state == APPROVED and not a.held and a.fingerprint == fp and a.expires > now
                     and (a.requester.subject, a.requester.issuer) == (principal.subject, principal.issuer)):
                 return a
         return None
@@ -304,8 +315,8 @@ class ApprovalBook:
             flow=flow,
             session=session,
         )
-        self.live[approval.id] = approval
         await self._save(approval, "requested", risk=operation.risk, approvers=approval.approvers())
+        self.live[approval.id] = approval  # only once its request is on record
         self.notifier.send("pending", approval)
         return approval
 
@@ -322,7 +333,10 @@ class ApprovalBook:
         await self._save(approval, "hold_timeout")
 
     async def execute(self, approval: Approval, flow: str, late: bool) -> None:
-        """Use the approval, once: the flow it belongs to (or its identical replay) goes upstream."""
+        """Use the approval, once: the flow it belongs to (or its identical replay) goes upstream.
+        The state changes before anything is awaited, so no second flow can use it."""
+        if approval.state != APPROVED:
+            raise ApprovalError(409, "not_approved", f"approval {approval.id} is {approval.state}, not approved")
         approval.state, approval.executed, approval.held = EXECUTED, time.time(), False
         self.live.pop(approval.id, None)
         self.waiters.pop(approval.id, None)
@@ -333,7 +347,9 @@ class ApprovalBook:
 
     async def _finish(self, approval: Approval, state: str, why: str, step: str,
                       actor: Principal | None = None, **detail: Any) -> None:
-        approval.state, approval.outcome, approval.decided, approval.held = state, why, time.time(), False
+        approval.state, approval.outcome, approval.decided = state, why, time.time()
+        if state != APPROVED:
+            approval.held = False  # an approved hold stays the held flow's until it runs
         if state not in LIVE:
             self.live.pop(approval.id, None)
         await self._save(approval, step, actor, **detail)
@@ -363,7 +379,8 @@ class ApprovalBook:
         ]
 
     def list(self, state: str | None = None, connection: str | None = None, requester: str | None = None,
-             limit: int = 100) -> list[Approval]:
+             limit: int = 100, viewer: Principal | None = None) -> list[Approval]:
+        """Newest first; with `viewer`, only the approvals that principal may see."""
         clauses, args = [], []
         for column, value in (("state", state), ("connection", connection), ("subject", requester)):
             if value:
@@ -371,9 +388,16 @@ class ApprovalBook:
                 args.append(value)
         where = " AND ".join(clauses) or "1"
         rows = self.log.reader.db.execute(
-            f"SELECT id, document FROM approvals WHERE {where} ORDER BY created DESC LIMIT ?", [*args, limit]
-        ).fetchall()
-        return [self.live.get(i) or Approval.from_document(json.loads(d)) for i, d in rows]
+            f"SELECT id, document FROM approvals WHERE {where} ORDER BY created DESC", args
+        )
+        found = []
+        for approval_id, document in rows:
+            approval = self.live.get(approval_id) or Approval.from_document(json.loads(document))
+            if viewer is None or visible(approval, viewer):
+                found.append(approval)
+                if len(found) >= limit:
+                    break
+        return found
 
     async def vote(self, approval_id: str, voter: Principal, vote: str, reason: str) -> Approval:
         approval = self.live.get(approval_id) or self.get(approval_id)
@@ -388,7 +412,10 @@ class ApprovalBook:
         return approval
 
     async def console(self, approval: Approval, vote: str) -> None:
-        """mitmweb's operator resumed (approve) or killed (deny) the held flow."""
+        """mitmweb's operator resumed (approve) or killed (deny) the held flow. A decision
+        that was already made stands."""
+        if approval.state != PENDING:
+            return
         operator = Principal(CONSOLE, "mitmproxy")
         reason = "resumed in the mitmproxy console" if vote == "approve" else "killed in the mitmproxy console"
         approval.votes.append(Vote(CONSOLE, "mitmproxy", [], vote, reason, time.time(), via="console"))

@@ -1,15 +1,18 @@
 """Custody's addon chain: `mitmdump -s addons/chain.py` (or mitmweb, or `custody run`).
 
 mitmproxy runs every hook in list order, response hooks included, so the order below is
-the order of DESIGN.md: identity, classify, policy, approval, recorder, credentials. Before
-them: settings (the others read it while configuring), the audit log and the approvals
-book (shared services with no flow hooks), and the gateway's public endpoints (they need
-no token). The approvals API answers the gateway's own host after the recorder has put the
+the order of DESIGN.md: identity, classify, policy, approval, masking, recorder, credentials.
+Before them: settings (the others read it while configuring), the audit log, the approvals
+book and the masking workers (shared services with no flow hooks), and the gateway's
+public endpoints (they need no token). Masking has only response hooks, so on responses it
+runs before the recorder, which therefore only ever sees masked bodies. The approvals API answers the gateway's own host after the recorder has put the
 call on record, and before anything could send it upstream. The gate goes after everything,
 mitmproxy's own addons included (see addons/gate.py).
 """
 
 from __future__ import annotations
+
+import logging
 
 from mitmproxy import ctx
 
@@ -21,10 +24,15 @@ from addons.classify import Classify
 from addons.credentials import Credentials
 from addons.gate import Gate
 from addons.identity import Identity
+from addons.maskpool import MaskPool
+from addons.masking import Masking
 from addons.policy import Policy
 from addons.recorder import Recorder
 from addons.settings import Settings
 from addons.wellknown import WellKnown
+
+
+logger = logging.getLogger(__name__)
 
 
 def build() -> list:
@@ -32,17 +40,20 @@ def build() -> list:
     settings = Settings()
     log = AuditLog(settings)
     book = ApprovalBook(settings, log)
+    pool = MaskPool(settings)
     return [
         Hardening(),
         settings,
         log,
         book,
+        pool,
         WellKnown(settings),
         Identity(settings),
         Classify(settings),
         Policy(settings),
-        Approval(settings, book),
-        Recorder(settings, log),
+        Approval(settings, book, pool),
+        Masking(settings, pool),
+        Recorder(settings, log, pool),
         ApprovalAPI(settings, book),
         Credentials(settings),
     ]
@@ -60,12 +71,28 @@ class Chain:
         self.addons = build()
 
 
+# mitmproxy options that would let bytes past the chain, and the values the chain needs:
+# no upstream connection before a decision; no request or response streamed before the
+# chain has seen it; nothing relayed as raw TCP/UDP or passed through uninspected.
+REQUIRED = {
+    "connection_strategy": "lazy",
+    "stream_large_bodies": None,
+    "rawtcp": False,
+    "tcp_hosts": [],
+    "udp_hosts": [],
+    "ignore_hosts": [],
+    "allow_hosts": [],
+}
+
+
 class Hardening:
-    """Options the chain depends on: no upstream connection before a decision is made."""
+    """Keeps the options in REQUIRED at the values the chain depends on, whatever is set."""
 
     def configure(self, updated: set[str]) -> None:
-        if ctx.options.connection_strategy != "lazy":
-            ctx.options.update(connection_strategy="lazy")
+        wrong = {k: v for k, v in REQUIRED.items() if k in ctx.options and getattr(ctx.options, k) != v}
+        if wrong:
+            logger.warning("custody: overriding mitmproxy options the gateway cannot allow: %s", ", ".join(wrong))
+            ctx.options.update(**wrong)
 
 
 def _install_gate() -> None:

@@ -9,7 +9,7 @@ cannot govern (raw TCP, UDP, upgrades to WebSocket or h2c) are refused.
 
 from __future__ import annotations
 
-from mitmproxy import http, tcp
+from mitmproxy import http
 from mitmproxy.net.http import url
 
 from addons import context, failclosed, httpops
@@ -24,6 +24,14 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 def authority_mismatch(f: http.HTTPFlow) -> str | None:
     """Why the Host header or SNI disagrees with the real target, or None if they agree."""
     req = f.request
+    if req.authority and not (req.is_http2 or req.is_http3):
+        # an absolute-form request line inside a tunnel: servers route on it, not on Host
+        try:
+            host, port = url.parse_authority(req.authority, check=True)
+        except ValueError:
+            return "the request target is not a valid authority"
+        if host.lower().rstrip(".") != req.host.lower().rstrip(".") or (port or DEFAULT_PORTS.get(req.scheme)) != req.port:
+            return f"request target {req.authority!r} does not match the tunnel to {req.host}:{req.port}"
     header = req.host_header
     if header:
         try:
@@ -83,6 +91,9 @@ class Classify:
         if problem := authority_mismatch(f):
             failclosed.refuse(f, 400, problem, error="misdirected_request")
             return
+        if problem := httpops.ambiguity(f.request.path.split("?", 1)[0]):
+            failclosed.refuse(f, 400, f"{problem}; send the resolved path", error="ambiguous_path")
+            return
         if "upgrade" in f.request.headers:
             failclosed.refuse(
                 f,
@@ -91,6 +102,8 @@ class Classify:
                 error="unsupported_protocol",
             )
             return
+        if not (f.request.is_http2 or f.request.is_http3):
+            f.request.authority = ""  # upstream gets origin-form, so Host is the only authority
         ctx = context.of(f)
         ctx.connection = conn.name
         ctx.operation = httpops.classify(
@@ -100,9 +113,3 @@ class Classify:
             {k.lower(): v for k, v in f.request.headers.items()},
             f.request.get_content(strict=False),
         )
-
-    @guarded
-    def tcp_start(self, f: tcp.TCPFlow) -> None:
-        failclosed.refuse_ungoverned(f)
-
-    udp_start = tcp_start

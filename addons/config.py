@@ -157,6 +157,16 @@ class Approvals:
 
 
 @dataclass(frozen=True)
+class Masking:
+    workers: int = 1
+    timeout: float = 10.0
+    max_body: int = 16 * 1024 * 1024
+    max_record: int = 1024 * 1024
+    hash_key: bytes = field(default=b"", repr=False)
+    ner_model: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     gateway_host: str
@@ -166,6 +176,7 @@ class Config:
     rules_poll: float
     store: Store
     approvals: Approvals
+    masking: Masking
 
 
 def _upstream(url: str) -> Upstream:
@@ -274,6 +285,35 @@ def _approvals(raw: dict[str, Any], notify: dict[str, Any], gateway_host: str) -
     )
 
 
+def _masking(raw: dict[str, Any], base: Path, store_dir: Path, path: str) -> Masking:
+    """Masking settings; without a configured hash key, a key file beside the audit store."""
+    if "hash_key" in raw:
+        try:
+            key = resolve_secret(raw["hash_key"], base).encode()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: masking.hash_key: {e}") from None
+    else:
+        key_file = store_dir / "masking.key"
+        if not key_file.exists():
+            store_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(base64.b64encode(os.urandom(32)).decode())
+        key = key_file.read_text().strip().encode()
+    return Masking(
+        workers=raw.get("workers", 1),
+        timeout=parse_duration(raw.get("timeout", "10s")),
+        max_body=raw.get("max_body", 16 * 1024 * 1024),
+        max_record=raw.get("max_record", 1024 * 1024),
+        hash_key=key,
+        ner_model=raw.get("ner_model"),
+    )
+
+
 def parse(raw: Any, path: str) -> Config:
     """Validate and build a Config from the parsed YAML of the file at `path`."""
     problems = schema.errors("config", raw)
@@ -330,6 +370,7 @@ def parse(raw: Any, path: str) -> Config:
             synchronous=store.get("synchronous", "normal"),
         ),
         approvals=_approvals(raw.get("approvals", {}), raw.get("notify", {}), gateway_host),
+        masking=_masking(raw.get("masking", {}), base, (base / store["path"]).resolve().parent, path),
     )
 
 

@@ -175,6 +175,10 @@ class Context:
     masked: bool = False
     destination: tuple[str, int] | None = None
     approval: str = ""
+    masking: dict[str, Any] | None = None
+    response_body: bytes | None = None
+    stream: Any = field(default=None, repr=False)
+    """The masked stream the agent is receiving, when the response is streamed."""
     events: list[str] = field(default_factory=list)
 
     def __deepcopy__(self, memo: dict) -> dict[str, Any]:
@@ -190,6 +194,7 @@ class Context:
             "decision": self.decision.as_dict() if self.decision else None,
             "decision_event": self.decision_event,
             "approval": self.approval,
+            "masking": self.masking,
             "events": list(self.events),
         }
 

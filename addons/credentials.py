@@ -41,7 +41,9 @@ def untrusting_context() -> SSL.Context:
 
 
 def apply(request: http.Request, conn: Connection) -> None:
-    """Route `request` to the connection's upstream and put the gateway's credential on it."""
+    """Route `request` to the connection's upstream and put the gateway's credential on it.
+    Whatever credential the agent sent is removed: backend credentials are the gateway's."""
+    request.headers.pop("authorization", None)
     if conn.upstream is not None:
         request.scheme = conn.upstream.scheme
         request.host = conn.upstream.host

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from mitmproxy import http, udp
+from mitmproxy import http
 from mitmproxy import flow as mflow
 
 from addons import context
@@ -67,12 +67,6 @@ def refuse(
         json.dumps(body),
         {"content-type": "application/json", **(headers or {})},
     )
-
-
-def refuse_ungoverned(f: mflow.Flow) -> None:
-    """Raw TCP and UDP flows: no classifier understands them, so none may pass."""
-    kind = "UDP" if isinstance(f, udp.UDPFlow) else "raw TCP"
-    refuse(f, 0, f"{kind} is not governed", error="unsupported_protocol")
 
 
 def answered(f: mflow.Flow) -> bool:

@@ -1,6 +1,7 @@
 """The gate: the last word on every flow. Only a cleared flow leaves the gateway.
 
 A flow is cleared when an allow decision for it is on record (see `Context.cleared`).
+Connections that would be relayed as raw TCP, UDP or DNS are closed before they start.
 The gate runs after every other addon, mitmproxy's own included, and lives outside the
 chain script: if `addons/chain.py` fails to load or reload, or any addon in it is skipped,
 nothing is cleared and the gate refuses everything rather than turning mitmdump into an
@@ -9,10 +10,26 @@ open proxy. It also refuses a request that something redirected after its decisi
 
 from __future__ import annotations
 
-from mitmproxy import http, tcp
+import logging
+
+from mitmproxy import http
+from mitmproxy.proxy import commands, events, layer, layers
 
 from addons import context, failclosed
 from addons.failclosed import guarded
+
+logger = logging.getLogger(__name__)
+UNGOVERNED = (layers.TCPLayer, layers.UDPLayer, layers.DNSLayer, layers.RawQuicLayer)
+
+
+class Closed(layer.Layer):
+    """Put in place of a layer that would relay bytes nothing here can govern: it closes
+    the client connection and relays nothing."""
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start):
+            yield commands.Log("custody: refusing a connection no classifier understands (raw TCP/UDP/DNS)")
+            yield commands.CloseConnection(self.context.client)
 
 
 class Gate:
@@ -25,6 +42,12 @@ class Gate:
         elif ctx.destination is not None and (f.request.host, f.request.port) != ctx.destination:
             failclosed.refuse(f, 502, "the request was redirected after its decision", error="not_cleared")
 
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """mitmproxy relays raw TCP without asking any flow hook whether it may (tcp_start
+        cannot stop it), so the layer itself is replaced before it can start."""
+        if isinstance(nextlayer.layer, UNGOVERNED):
+            nextlayer.layer = Closed(nextlayer.context)
+
     @guarded
     def http_connect(self, f: http.HTTPFlow) -> None:
         self._check(f)
@@ -32,9 +55,3 @@ class Gate:
     @guarded
     def request(self, f: http.HTTPFlow) -> None:
         self._check(f)
-
-    @guarded
-    def tcp_start(self, f: tcp.TCPFlow) -> None:
-        failclosed.refuse_ungoverned(f)
-
-    udp_start = tcp_start

@@ -2,8 +2,9 @@
 
 Rules match on the normalised path, so every spelling a server would treat as the same
 resource must normalise to the same string: percent-encoding (decoded repeatedly, which
-defeats double encoding), backslashes, dot segments, duplicate and trailing slashes, and
-`;params` that servlet containers strip. Method-override headers are honoured, and when
+defeats double encoding), duplicate and trailing slashes, and `;params` that servlet
+containers strip. Dot segments and backslashes are different: servers disagree on them,
+so a path that has them (at any depth of encoding) is refused, not resolved (`ambiguity`). Method-override headers are honoured, and when
 the real method and the override disagree the riskier action wins: the gateway cannot know
 which of the two the server will act on.
 """
@@ -44,12 +45,7 @@ UNPARSEABLE = Unparseable()
 
 def normalise_path(path: str) -> str:
     """`/a/./b//c/../d%2f%2e%2e/e/` -> `/a/b/e`: the resource as a server would resolve it."""
-    decoded = path
-    for _ in range(4):
-        once = unquote(decoded)
-        if once == decoded:
-            break
-        decoded = once
+    *_, decoded = _decodings(path)
     segments: list[str] = []
     for segment in decoded.replace("\\", "/").split("/"):
         segment = segment.split(";", 1)[0]
@@ -61,6 +57,33 @@ def normalise_path(path: str) -> str:
             continue
         segments.append(segment)
     return "/" + "/".join(segments)
+
+
+def _decodings(path: str):
+    """The path and what it decodes to, once, twice, ... until it stops changing."""
+    yield path
+    for _ in range(4):
+        once = unquote(path)
+        if once == path:
+            return
+        path = once
+        yield path
+
+
+def ambiguity(path: str) -> str | None:
+    """Why a backend might resolve this path differently than the gateway, if it might.
+
+    The gateway decides on the resolved path; a server that resolves `..`, `.` or `\\`
+    differently (or not at all) would act on another resource. Such paths are refused
+    rather than guessed at.
+    """
+    for decoded in _decodings(path):
+        if "\\" in decoded:
+            return "the path contains a backslash"
+        for segment in decoded.split("/"):
+            if segment.split(";", 1)[0] in (".", ".."):
+                return "the path contains a '.' or '..' segment"
+    return None
 
 
 def action_of(method: str) -> str:

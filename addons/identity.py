@@ -54,11 +54,13 @@ def bearer_token(headers: http.Headers) -> str | None:
 
 
 def asserted(headers: http.Headers) -> dict[str, str]:
-    """The agent's own claims about itself, pulled off the request."""
+    """The agent's own claims about itself, pulled off the request (every X-Custody-*
+    header is the gateway's, so none goes upstream; the known ones are kept)."""
     out = {}
-    for header, name in ASSERTED_HEADERS.items():
-        if header in headers:
-            out[name] = headers.pop(header)[:MAX_ASSERTED]
+    for header in [h for h in headers if h.lower().startswith("x-custody-")]:
+        value = headers.pop(header)
+        if (name := ASSERTED_HEADERS.get(header.lower())) is not None:
+            out[name] = value[:MAX_ASSERTED]
     return out
 
 

@@ -61,17 +61,25 @@ def generic(kind: str, approval: Approval, public_url: str) -> dict[str, Any]:
     }
 
 
+def mrkdwn(text: str) -> str:
+    """Agent-supplied text as Slack shows it: no links, no formatting, one line."""
+    text = " ".join(str(text).split())
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("*", "∗").replace("`", "'")
+
+
 def slack(kind: str, approval: Approval, public_url: str) -> dict[str, Any]:
     op, who = approval.operation, approval.requester
     link = links(approval, public_url)
     model = who.agent.get("model") or who.asserted.get("model")
-    agent = f" ({model})" if model else ""
+    agent = f" ({mrkdwn(model)})" if model else ""
+    subject, summary, outcome = mrkdwn(who.subject), mrkdwn(op.summary), mrkdwn(approval.outcome)
     headline = {
-        "pending": f":hourglass: *{who.subject}*{agent} wants to `{op.summary}` (risk {op.risk})",
-        "decided": f":white_check_mark: Approval for `{op.summary}` by *{who.subject}* is {approval.state}: {approval.outcome}",
-        "expired": f":x: Approval for `{op.summary}` by *{who.subject}* is {approval.state}: {approval.outcome}",
+        "pending": f":hourglass: *{subject}*{agent} wants to `{summary}` (risk {op.risk})",
+        "decided": f":white_check_mark: Approval for `{summary}` by *{subject}* is {approval.state}: {outcome}",
+        "expired": f":x: Approval for `{summary}` by *{subject}* is {approval.state}: {outcome}",
     }[kind]
-    text = f"{headline}\nRule {', '.join(approval.rules)}: {approval.reason}\nApprovers: {', '.join(approval.approvers())}"
+    text = (f"{headline}\nRule {mrkdwn(', '.join(approval.rules))}: {mrkdwn(approval.reason)}\n"
+            f"Approvers: {mrkdwn(', '.join(approval.approvers()))}")
     if kind == "pending":
         text += f"\n<{link['approve']}|Approve> · <{link['deny']}|Deny> · <{link['page']}|Details>"
     blocks: list[dict[str, Any]] = [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]

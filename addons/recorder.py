@@ -4,7 +4,7 @@ On requests it writes the request and its decision before anything executes; if 
 fails, the request does not proceed. On responses (after masking) it writes the response;
 if that write fails, the agent gets an error instead of data that is not on record. It
 refuses to record, and so to forward, a response that a rule said to mask when no masker
-ran. It also writes tunnels opened or refused, refused raw TCP/UDP, and upstream errors.
+ran. It also writes tunnels opened or refused, and upstream errors.
 The flow's comment and marker show the decision in mitmweb.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mitmproxy import http, tcp, udp
+from mitmproxy import http
 from mitmproxy import flow as mflow
 
 from addons import context, failclosed
@@ -22,6 +22,7 @@ from addons.context import Context, new_id
 from addons.failclosed import guarded
 from addons.settings import Settings
 from addons.auditlog import AuditLog
+from addons.maskpool import MaskPool
 from addons.store import Event, digest
 
 logger = logging.getLogger(__name__)
@@ -63,9 +64,10 @@ def _base(ctx: Context, f: mflow.Flow, kind: str, event_id: str | None = None) -
 
 
 class Recorder:
-    def __init__(self, settings: Settings, log: AuditLog) -> None:
+    def __init__(self, settings: Settings, log: AuditLog, pool: MaskPool) -> None:
         self.settings = settings
         self.log = log
+        self.pool = pool
         self.body_settings = StoreSettings(path="")
 
     def configure(self, updated: set[str]) -> None:
@@ -109,6 +111,8 @@ class Recorder:
     async def request(self, f: http.HTTPFlow) -> None:
         ctx = context.of(f)
         req = f.request
+        masks = ctx.decision.masks if ctx.decision else ()
+        body, withheld = await self.pool.for_record(req.get_content(strict=False), req.headers.get("content-type", ""), masks)
         request_event = Event(
             **_base(ctx, f, "request"),
             detail={
@@ -117,8 +121,9 @@ class Recorder:
                 "http_version": req.http_version,
                 "headers": headers_for_record(req.headers),
                 "client": list(f.client_conn.peername or ()),
+                **({"body": withheld} if withheld else {}),
             },
-            **body_fields(req.get_content(strict=False), self.body_settings),
+            **body_fields(body, self.body_settings),
             ts=req.timestamp_start,
         )
         try:
@@ -138,12 +143,6 @@ class Recorder:
         context.of(f).recorded = False
 
     @guarded
-    def responseheaders(self, f: http.HTTPFlow) -> None:
-        d = context.of(f).decision
-        if d is not None and d.masks:
-            f.response.stream = False  # a body that must be masked is never streamed through
-
-    @guarded
     async def response(self, f: http.HTTPFlow) -> None:
         ctx = context.of(f)
         d = ctx.decision
@@ -156,15 +155,21 @@ class Recorder:
         late = [] if ctx.decision is None or ctx.decision_event in ctx.events else [
             self._decision_event(ctx, f, "decision")
         ]
+        detail = {
+            "headers": headers_for_record(resp.headers),
+            "elapsed_ms": round(((resp.timestamp_end or resp.timestamp_start) - f.request.timestamp_start) * 1000, 3),
+            "upstream": f.server_conn.timestamp_start is not None,
+        }
+        if ctx.masking:
+            detail["masking"] = ctx.masking
+        if ctx.stream is not None:
+            detail["streamed"] = ctx.stream.size
+        body = ctx.response_body if ctx.response_body is not None else resp.get_content(strict=False)
         event = Event(
             **_base(ctx, f, "response"),
             status=resp.status_code,
-            detail={
-                "headers": headers_for_record(resp.headers),
-                "elapsed_ms": round(((resp.timestamp_end or resp.timestamp_start) - f.request.timestamp_start) * 1000, 3),
-                "upstream": f.server_conn.timestamp_start is not None,
-            },
-            **body_fields(resp.get_content(strict=False), self.body_settings),
+            detail=detail,
+            **body_fields(body, self.body_settings),
             ts=resp.timestamp_end or resp.timestamp_start,
         )
         try:
@@ -184,17 +189,3 @@ class Recorder:
             await self._write(ctx, [event])
         except Exception:
             logger.exception("custody: audit store write failed while recording an error")
-
-    @guarded
-    async def tcp_start(self, f: tcp.TCPFlow) -> None:
-        await self._refused_transport(f, "tcp")
-
-    @guarded
-    async def udp_start(self, f: udp.UDPFlow) -> None:
-        await self._refused_transport(f, "udp")
-
-    async def _refused_transport(self, f: mflow.Flow, transport: str) -> None:
-        ctx = context.of(f)
-        address = f.server_conn.address
-        target = f"{address[0]}:{address[1]}" if address else ""
-        await self._write(ctx, [self._decision_event(ctx, f, "connect", transport=transport, target=target)])

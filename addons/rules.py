@@ -2,9 +2,11 @@
 
 Semantics: every matching rule counts; deny beats review beats allow; masks are the union
 of all matching rules; no matching rule means deny. A body condition that cannot be
-evaluated because the request body is not parseable JSON counts against the agent: it holds
-for deny and review rules and fails for allow rules, so a malformed body can never dodge a
-deny nor earn an allow.
+evaluated counts against the agent: it holds for deny and review rules and fails for allow
+rules, so a malformed body can never dodge a deny nor earn an allow. That covers a body
+that is not parseable JSON, and a value of a type the condition cannot judge (a list or a
+word where a number was expected); numeric strings are compared as the numbers servers
+read them as.
 
 Evaluation is an index lookup by (connection, action) followed by short tuples of compiled
 checks, so a rule set of a thousand rules decides in microseconds.
@@ -27,6 +29,7 @@ from addons import schema
 from addons.config import parse_duration
 from addons.context import Decision, Operation, Principal, Review
 from addons.httpops import UNPARSEABLE
+from addons.masks import parse as parse_mask
 
 Check = Callable[[Principal, Operation], bool]
 UNKNOWN_BODY = ("unparseable", "other")
@@ -98,22 +101,44 @@ def _globs(patterns: tuple[str, ...]) -> Callable[[str], bool]:
     return lambda value: any(fnmatch.fnmatchcase(value, p) for p in patterns)
 
 
-def _compare(op: str, expected: Any) -> Callable[[Any], bool]:
-    if op == "equals":
-        return lambda v: v == expected and type(v) is type(expected)
-    if op == "in":
-        return lambda v: any(v == e and type(v) is type(e) for e in expected)
+UNKNOWN = None  # a value of a type the condition cannot judge
+
+
+def _number(v: Any) -> float | None:
+    """A number, or a string a server would read as one ("500", " 5e2 ")."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        try:
+            return float(v.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _compare(op: str, expected: Any) -> Callable[[Any], bool | None]:
+    """A test on one value: True, False, or UNKNOWN when the value's type does not fit
+    (a list where a number was expected): UNKNOWN counts against the agent."""
+    if op in ("equals", "in"):
+        options = [expected] if op == "equals" else expected
+
+        def test(v: Any) -> bool | None:
+            if any(v == e and type(v) is type(e) for e in options):
+                return True
+            return False if any(type(v) is type(e) for e in options) else UNKNOWN
+
+        return test
     if op == "matches":
         rx = re.compile(expected)
-        return lambda v: isinstance(v, str) and rx.search(v) is not None
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    if op == "gt":
-        return lambda v: number(v) and v > expected
-    if op == "gte":
-        return lambda v: number(v) and v >= expected
-    if op == "lt":
-        return lambda v: number(v) and v < expected
-    return lambda v: number(v) and v <= expected
+        return lambda v: (rx.search(v) is not None) if isinstance(v, str) else UNKNOWN
+    compare = {"gt": lambda a: a > expected, "gte": lambda a: a >= expected,
+               "lt": lambda a: a < expected, "lte": lambda a: a <= expected}[op]
+
+    def numeric(v: Any) -> bool | None:
+        n = _number(v)
+        return UNKNOWN if n is None else compare(n)
+
+    return numeric
 
 
 def _body_check(conditions: list[dict[str, Any]], effect: str) -> Check:
@@ -136,7 +161,8 @@ def _body_check(conditions: list[dict[str, Any]], effect: str) -> Check:
             elif kind == "absent":
                 ok = not values
             else:
-                ok = any(test(v) for v in values)
+                results = [test(v) for v in values]
+                ok = any(results) or (UNKNOWN in results and unknown_holds)
             if not ok:
                 return False
         return True
@@ -233,6 +259,11 @@ def parse_file(document: Any, file: str, start: int = 0) -> list[Rule]:
                     re.compile(cond["value"])
                 except re.error as e:
                     raise RuleError(f"{where}: match.body[{c}].value: not a regular expression: {e}") from None
+        for m, mask in enumerate(raw.get("masks", ())):
+            try:
+                parse_mask(mask)
+            except ValueError as e:
+                raise RuleError(f"{where}: masks[{m}]: {e}") from None
         match = raw["match"]
         conns = _many(match["connection"]) if "connection" in match else ()
         out.append(

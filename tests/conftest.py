@@ -87,6 +87,16 @@ def standard_connections(upstream: Upstream, tls_upstream: Upstream, ca: CA, sec
             "upstream": f"https://localhost:{other_tls_upstream.port}",
         },
         {
+            "name": "direct",  # a registered host that really resolves: nothing virtual about it
+            "kind": "http",
+            "hosts": [f"127.0.0.1:{upstream.port}"],
+        },
+        {
+            "name": "resolver",  # port 53: mitmproxy would speak DNS here, ungoverned
+            "kind": "http",
+            "hosts": ["127.0.0.1:53"],
+        },
+        {
             "name": "kube",
             "kind": "http",
             "hosts": ["kube.test"],
@@ -100,7 +110,7 @@ def standard_connections(upstream: Upstream, tls_upstream: Upstream, ca: CA, sec
 STANDARD_RULES = {
     "access.yaml": {
         "rules": [
-            {"id": "analysts-read", "match": {"connection": ["api", "secure", "kube", "mispinned", "unpinned"], "principal": {"groups": ["analysts"]}, "action": "read"}, "effect": "allow"},
+            {"id": "analysts-read", "match": {"connection": ["api", "secure", "kube", "mispinned", "unpinned", "direct"], "principal": {"groups": ["analysts"]}, "action": "read"}, "effect": "allow"},
             {"id": "writers-write", "match": {"connection": "api", "principal": {"groups": ["writers"]}, "action": ["write", "delete"]}, "effect": "allow"},
         ]
     },

@@ -156,6 +156,9 @@ def test_timeout_then_late_execution_exactly_once(gw, people, upstream, token):
     assert other_body.status_code == 403 and other_body.json()["approval_id"] != approval_id
     other_agent = send(gw, token(sub="crew-other", groups=["buyers"]), "/quick", body)
     assert other_agent.status_code == 403 and other_agent.json()["approval_id"] != approval_id
+    # nor does the same request with a header added (the upstream would see it)
+    extra = send(gw, people["buyer"], "/quick", body, **{"X-HTTP-Method-Override": "PUT"})
+    assert extra.status_code == 403 and extra.json()["approval_id"] != approval_id
     # the identical request from the same principal goes through, once (a new token is fine)
     replay = send(gw, token(sub="crew-buyer", groups=["buyers"]), "/quick", body)
     assert replay.status_code == 200
@@ -252,6 +255,13 @@ def test_api_lists_filters_and_records_every_call(gw, people):
     assert r.status_code == 200 and all(a["requester"]["subject"] == "crew-buyer" for a in r.json()["approvals"])
     missing = people["m1"].session.get(f"{gw.approvals_url}/approvals/{'0' * 32}")
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    # approvals carry request bodies: a principal who is neither approver nor requester sees none
+    assert people["analyst"].list(state="") == []
+    some = people["m1"].list(state="")[0]
+    hidden = people["analyst"].session.get(f"{gw.approvals_url}/approvals/{some['id']}")
+    assert hidden.status_code == 404
+    mine = Approver(gw.approvals_url, people["buyer"]).list(state="")
+    assert mine and all(a["requester"]["subject"] == "crew-buyer" for a in mine)
     anonymous = requests.get(f"{gw.approvals_url}/approvals", timeout=10)
     assert anonymous.status_code == 401 and anonymous.json()["error"] == "unauthenticated"
     recorded = gw.events("kind = 'request' AND connection = 'custody' AND subject = 'manager-1'")

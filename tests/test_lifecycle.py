@@ -4,6 +4,7 @@ and the lean runner (`custody run`) governs exactly like mitmdump with the chain
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -109,3 +110,27 @@ def test_the_chain_never_connects_upstream_before_deciding(make, token):
     gw = make(options=("connection_strategy=eager",)).start()
     r = gw.session(token(groups=["analysts"])).get("https://api.test/items")
     assert r.status_code == 200
+
+
+def test_options_that_would_let_bytes_past_the_chain_are_overridden(make, upstream, token):
+    """An operator's stream_large_bodies, rawtcp or ignore_hosts cannot open a way around."""
+    gw = make(options=("stream_large_bodies=1k", "rawtcp=true", f"ignore_hosts=127.0.0.1", "tcp_hosts=.*")).start()
+    assert "overriding mitmproxy options the gateway cannot allow" in gw.log()
+    seen = len(upstream.received)
+    body = b"x" * 4096
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"POST http://api.test/admin/drop HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 407")
+    target = f"127.0.0.1:{upstream.port}"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nProxy-Authorization: Bearer {token(groups=['analysts'])}\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+        try:
+            answer = sock.recv(4096)
+        except TimeoutError:
+            answer = b""
+    assert b"BaseHTTP" not in answer
+    assert len(upstream.received) == seen

@@ -53,6 +53,14 @@ def op(method="GET", path="/items", connection="api", body=None):
          "t.yaml: rule 'b': match.body[0].value: not a regular expression"),
         ({"rules": [{"id": "a", "match": {"risk": {"min": 500}}, "effect": "allow"}]},
          "t.yaml: rule 'a': match.risk.min: 500 is greater than the maximum of 100"),
+        ({"rules": [{"id": "m", "match": {}, "effect": "allow", "masks": ["everything"]}]},
+         "t.yaml: rule 'm': masks[0]: "),
+        ({"rules": [{"id": "m", "match": {}, "effect": "allow", "masks": [{"detect": ["EMAIL"]}]}]},
+         "t.yaml: rule 'm': masks[0]: unknown entity 'EMAIL'"),
+        ({"rules": [{"id": "m", "match": {}, "effect": "allow", "masks": [{"fields": "$[["}]}]},
+         "t.yaml: rule 'm': masks[0]: not a JSONPath"),
+        ({"rules": [{"id": "m", "match": {}, "effect": "allow", "masks": [{"fields": "$.a", "operator": "shred"}]}]},
+         "t.yaml: rule 'm': masks[0]"),
         ({"rule": []}, "t.yaml: (top level): unknown field"),
         ("just text", "t.yaml: (top level): 'just text' is not of type 'object'"),
     ],
@@ -155,7 +163,8 @@ def test_match_fields(match, operation, principal, holds):
     [
         ({"path": "$.amount", "op": "gt", "value": 100}, {"amount": 500}, True),
         ({"path": "$.amount", "op": "gt", "value": 100}, {"amount": 50}, False),
-        ({"path": "$.amount", "op": "gt", "value": 100}, {"amount": "500"}, False),
+        ({"path": "$.amount", "op": "gt", "value": 100}, {"amount": "500"}, True),  # servers read "500" as 500
+        ({"path": "$.amount", "op": "gt", "value": 100}, {"amount": [500]}, False),  # unknown: no allow
         ({"path": "$.amount", "op": "gte", "value": 100}, {"amount": 100}, True),
         ({"path": "$.amount", "op": "lt", "value": 100}, {"amount": 99.5}, True),
         ({"path": "$.amount", "op": "lte", "value": 100}, {"amount": True}, False),
@@ -175,6 +184,35 @@ def test_body_conditions(condition, body, holds):
     assert (rules.decide(ANALYST, op("POST", body=body)).effect == "allow") is holds
 
 
+@pytest.mark.parametrize(
+    "quantity, read_as",
+    [("500", 500), (" 5e2 ", 500), ("50", 50), ([500], None), ({"n": 500}, None), ("lots", None), (True, None), (None, None)],
+)
+@pytest.mark.parametrize("effect", ["deny", "review", "allow"])
+def test_a_value_of_another_type_does_not_dodge_a_condition(quantity, read_as, effect):
+    """quantity > 100: numeric strings compare as numbers; other types count against the agent."""
+    extra = {"review": {"approvers": ["group:x"]}} if effect == "review" else {}
+    rules = ruleset({"id": "r", "match": {"body": [{"path": "$.quantity", "op": "gt", "value": 100}]}, "effect": effect, **extra})
+    matched = rules.decide(ANALYST, op("POST", body={"quantity": quantity})).rules == ("r",)
+    assert matched is (read_as > 100 if read_as is not None else effect != "allow")
+
+
+@pytest.mark.parametrize(
+    "condition, value, holds_for_deny",
+    [
+        ({"op": "equals", "value": "admin"}, "admin", True),
+        ({"op": "equals", "value": "admin"}, "user", False),
+        ({"op": "equals", "value": "admin"}, ["admin"], True),
+        ({"op": "in", "value": ["a", "b"]}, {"x": 1}, True),
+        ({"op": "matches", "value": "^prod"}, 42, True),
+        ({"op": "matches", "value": "^prod"}, "staging", False),
+    ],
+)
+def test_type_mismatch_counts_against_the_agent(condition, value, holds_for_deny):
+    rules = ruleset({"id": "r", "match": {"body": [{"path": "$.v", **condition}]}, "effect": "deny"})
+    assert (rules.decide(ANALYST, op("POST", body={"v": value})).rules == ("r",)) is holds_for_deny
+
+
 @pytest.mark.parametrize("content", [b'{"amount": 5', b'{"amount": 1, "amount": 5000}'])
 @pytest.mark.parametrize("effect, holds", [("deny", True), ("review", True), ("allow", False)])
 def test_unreadable_bodies_count_against_the_agent(content, effect, holds):
@@ -187,8 +225,9 @@ def test_unreadable_bodies_count_against_the_agent(content, effect, holds):
 # combining
 
 
-ALLOW = {"id": "allow-all", "match": {}, "effect": "allow", "masks": ["email"]}
-ALLOW2 = {"id": "allow-reads", "match": {"action": "read"}, "effect": "allow", "masks": ["email", "password"]}
+EMAIL = {"fields": "$..email"}
+ALLOW = {"id": "allow-all", "match": {}, "effect": "allow", "masks": [EMAIL]}
+ALLOW2 = {"id": "allow-reads", "match": {"action": "read"}, "effect": "allow", "masks": [EMAIL, "secrets"]}
 REVIEW = {"id": "review-reads", "match": {"action": "read"}, "effect": "review", "reason": "check it",
           "review": {"approvers": ["group:leads"], "approvals": 2, "timeout": "10m"}}
 DENY = {"id": "deny-reads", "match": {"action": "read"}, "effect": "deny", "reason": "no reads today"}
@@ -198,9 +237,9 @@ DENY = {"id": "deny-reads", "match": {"action": "read"}, "effect": "deny", "reas
     "rules, effect, ids, reason, masks",
     [
         ([], "deny", [], "no rule matches this request", []),
-        ([ALLOW], "allow", ["allow-all"], "allowed by rule allow-all", ["email"]),
-        ([ALLOW, ALLOW2], "allow", ["allow-all", "allow-reads"], "allowed by rule allow-all", ["email", "password"]),
-        ([ALLOW, REVIEW], "review", ["review-reads"], "check it", ["email"]),
+        ([ALLOW], "allow", ["allow-all"], "allowed by rule allow-all", [EMAIL]),
+        ([ALLOW, ALLOW2], "allow", ["allow-all", "allow-reads"], "allowed by rule allow-all", [EMAIL, "secrets"]),
+        ([ALLOW, REVIEW], "review", ["review-reads"], "check it", [EMAIL]),
         ([ALLOW, REVIEW, DENY], "deny", ["deny-reads"], "no reads today", []),
         ([DENY, ALLOW], "deny", ["deny-reads"], "no reads today", []),
     ],

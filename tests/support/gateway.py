@@ -159,6 +159,13 @@ class Gateway:
         finally:
             store.close()
 
+    def wait_events(self, where: str, args: list | None = None, timeout: float = 10) -> list[dict[str, Any]]:
+        """Like events(), for events written just after the client got its answer."""
+        deadline = time.monotonic() + timeout
+        while not (found := self.events(where, args)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return found
+
     def event(self, event_id: str) -> dict[str, Any] | None:
         store = self.store()
         try:

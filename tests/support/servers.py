@@ -45,8 +45,37 @@ class Background:
         self.server.server_close()
 
 
+@dataclass
+class Route:
+    """A canned answer: a body, or chunks sent one by one (chunked encoding) as the test
+    releases them (`gates[i]` is waited on before chunk i, when given)."""
+
+    content_type: str
+    body: bytes = b""
+    chunks: list[bytes] | None = None
+    gates: dict[int, threading.Event] | None = None
+    length: int | None = None  # announce this content-length instead of the real one
+
+
 class _UpstreamHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+
+    def _canned(self, route: Route) -> None:
+        self.send_response(200)
+        self.send_header("content-type", route.content_type)
+        if route.chunks is None:
+            self.send_header("content-length", str(route.length if route.length is not None else len(route.body)))
+            self.end_headers()
+            self.wfile.write(route.body)
+            return
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for n, chunk in enumerate(route.chunks):
+            if route.gates and n in route.gates:
+                route.gates[n].wait(30)
+            self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
 
     def _handle(self) -> None:
         length = int(self.headers.get("content-length") or 0)
@@ -54,6 +83,10 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
         owner: Upstream = self.server.owner  # type: ignore[attr-defined]
         got = Received(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
         owner.received.append(got)
+        route = owner.routes.get(self.path.split("?")[0])
+        if route is not None:
+            self._canned(route)
+            return
         document = owner.reply(got)
         payload = json.dumps(document).encode()
         self.send_response(document.get("_status", 200) if isinstance(document, dict) else 200)
@@ -74,6 +107,7 @@ class Upstream(Background):
 
     def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
         self.received: list[Received] = []
+        self.routes: dict[str, Route] = {}
         super().__init__(_UpstreamHandler, tls)
 
     def reply(self, got: Received) -> Any:

@@ -1,0 +1,340 @@
+"""Masks: what a rule says to hide, and hiding it in documents, text and streams.
+
+A mask is one of
+
+    fields:  [JSONPath, ...]      values at these paths          ($.users[*].email, $..password)
+    keys:    [glob, ...] | builtin values under matching key names (*token*, *secret*, password, ...)
+    detect:  [entity or group]    entities found in string values (secrets, pii, EMAIL_ADDRESS, ...)
+
+with an operator (`redact` → `[EMAIL_ADDRESS]`, `partial` → `****1111`, `hash` → a keyed
+HMAC-SHA256, so equal values stay matchable across records without being readable) and,
+for `detect`, a score threshold. The strings `secrets`, `pii` and `secret-keys` are
+shorthands for the common cases.
+
+Protocols hand the masker "structured values with names": a JSON document (an HTTP body,
+SQL rows as objects keyed by column, a Kubernetes object). Field and key masks replace
+whole values; detection runs on string leaves only, so JSON stays valid and numbers,
+booleans and keys are left alone. Field and key masks need a structure: a body that is not
+JSON is refused when one applies, rather than passed through in some other representation.
+
+Pure code: the detector is passed in (addons/detectors.py builds the real one).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import hashlib
+import hmac
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from jsonpath_ng.ext import parse as jsonpath_parse
+
+OPERATORS = ("redact", "partial", "hash")
+BUILTIN_KEYS = ("*token*", "*secret*", "*password*", "*passwd*", "api_key", "apikey", "authorization", "*private_key*")
+SECRET_ENTITIES = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN", "GITLAB_TOKEN", "SLACK_TOKEN",
+    "JWT", "PRIVATE_KEY", "AUTH_CREDENTIAL", "URL_CREDENTIAL", "GENERIC_SECRET",
+)
+PII_ENTITIES = ("EMAIL_ADDRESS", "CREDIT_CARD", "IBAN_CODE", "PHONE_NUMBER", "US_SSN", "IP_ADDRESS")
+NER_ENTITIES = ("PERSON", "LOCATION")
+GROUPS = {"secrets": SECRET_ENTITIES, "pii": PII_ENTITIES}
+ENTITIES = SECRET_ENTITIES + PII_ENTITIES + NER_ENTITIES
+PRESETS = {
+    "secrets": {"detect": ["secrets"]},
+    "pii": {"detect": ["pii"]},
+    "secret-keys": {"keys": "builtin"},
+}
+
+
+class MaskError(Exception):
+    """A body a mask applies to cannot be masked; it must be refused, never passed on."""
+
+
+class Finder(Protocol):
+    def find(self, text: str, entities: frozenset[str], threshold: float, name: str = "") -> list: ...
+
+
+@dataclass(frozen=True)
+class Mask:
+    kind: str  # fields | keys | detect
+    label: str
+    operator: str = "redact"
+    paths: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
+    entities: frozenset[str] = frozenset()
+    threshold: float = 0.5
+    keep: int = 4
+
+    @functools.cached_property
+    def compiled(self) -> tuple:
+        return tuple(jsonpath_parse(p) for p in self.paths)
+
+
+def parse(raw: Any) -> Mask:
+    """One mask from a rule's `masks:` entry; ValueError names what is wrong."""
+    if isinstance(raw, str):
+        if raw not in PRESETS:
+            raise ValueError(f"unknown mask {raw!r} (presets: {', '.join(PRESETS)})")
+        spec, label = PRESETS[raw], raw
+    else:
+        spec, label = raw, ""
+    kinds = [k for k in ("fields", "keys", "detect") if k in spec]
+    if len(kinds) != 1:
+        raise ValueError("a mask has exactly one of fields, keys or detect")
+    kind = kinds[0]
+    operator = spec.get("operator", "redact")
+    if operator not in OPERATORS:
+        raise ValueError(f"operator {operator!r} is not one of {', '.join(OPERATORS)}")
+    common = {"kind": kind, "operator": operator, "keep": int(spec.get("keep", 4))}
+    values = spec[kind]
+    if kind == "fields":
+        paths = tuple([values] if isinstance(values, str) else values)
+        for p in paths:
+            try:
+                jsonpath_parse(p)
+            except Exception as e:  # jsonpath-ng raises several unrelated types
+                raise ValueError(f"not a JSONPath: {p!r}: {e}") from None
+        return Mask(label=label or f"fields:{','.join(paths)}", paths=paths, **common)
+    if kind == "keys":
+        keys = BUILTIN_KEYS if values == "builtin" else tuple([values] if isinstance(values, str) else values)
+        return Mask(label=label or f"keys:{','.join(keys)}", keys=tuple(k.lower() for k in keys), **common)
+    names = [values] if isinstance(values, str) else values
+    entities: set[str] = set()
+    for name in names:
+        if name in GROUPS:
+            entities.update(GROUPS[name])
+        elif name in ENTITIES:
+            entities.add(name)
+        else:
+            raise ValueError(f"unknown entity {name!r} (groups: secrets, pii; entities: {', '.join(ENTITIES)})")
+    threshold = float(spec.get("threshold", 0.5))
+    if not 0 <= threshold <= 1:
+        raise ValueError("threshold must be between 0 and 1")
+    return Mask(label=label or f"detect:{','.join(names)}", entities=frozenset(entities), threshold=threshold, **common)
+
+
+def parse_all(raw: list | tuple) -> tuple[Mask, ...]:
+    return tuple(parse(m) for m in raw)
+
+
+@dataclass
+class Report:
+    """What was masked: counts per mask and per entity, never the values."""
+
+    fields: Counter = field(default_factory=Counter)
+    entities: Counter = field(default_factory=Counter)
+
+    @property
+    def masked(self) -> int:
+        return sum(self.fields.values()) + sum(self.entities.values())
+
+    def add(self, other: Report) -> None:
+        self.fields.update(other.fields)
+        self.entities.update(other.entities)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"masked": self.masked, "fields": dict(self.fields), "entities": dict(self.entities)}
+
+
+class Masker:
+    """Applies a set of masks, with one detector and one hashing key."""
+
+    def __init__(self, masks: tuple[Mask, ...], finder: Finder | None, hash_key: bytes) -> None:
+        self.masks = masks
+        self.finder = finder
+        self.hash_key = hash_key
+        self.structural = tuple(m for m in masks if m.kind != "detect")
+        detect = [m for m in masks if m.kind == "detect"]
+        self.by_entity: dict[str, Mask] = {}
+        for m in detect:
+            for e in m.entities:
+                self.by_entity.setdefault(e, m)
+        self.entities = frozenset(self.by_entity)
+        self.threshold = min((m.threshold for m in detect), default=1.0)
+        if self.entities and finder is None:
+            raise MaskError("content detection is not available")
+
+    # operators
+
+    def replace(self, value: str, mask: Mask, label: str) -> str:
+        if mask.operator == "partial":
+            return "****" + value[-mask.keep:] if len(value) > mask.keep * 2 else "****"
+        if mask.operator == "hash":
+            digest = hmac.new(self.hash_key, value.encode(), hashlib.sha256).hexdigest()[:16]
+            return f"[{label}:{digest}]"
+        return f"[{label}]"
+
+    def _whole(self, value: Any, mask: Mask) -> str:
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+        return self.replace(text, mask, "REDACTED")
+
+    # text
+
+    def text(self, text: str, report: Report, name: str = "") -> str:
+        """Mask detected entities in one string."""
+        if not self.entities:
+            return text
+        findings = [f for f in self.finder.find(text, self.entities, self.threshold, name)
+                    if f.score >= self.by_entity[f.entity].threshold]
+        for f in sorted(findings, key=lambda f: f.start, reverse=True):
+            text = text[:f.start] + self.replace(text[f.start:f.end], self.by_entity[f.entity], f.entity) + text[f.end:]
+            report.entities[f.entity] += 1
+        return text
+
+    def lines(self, text: str, report: Report) -> str:
+        """Mask a text body line by line (a line is to text what a leaf is to JSON), after
+        masking what spans lines: PEM private keys."""
+        if "PRIVATE_KEY" in self.entities and "PRIVATE KEY-----" in text:
+            pem = self.by_entity["PRIVATE_KEY"]
+            for f in sorted(self.finder.find(text, frozenset({"PRIVATE_KEY"}), pem.threshold), key=lambda f: -f.start):
+                text = text[:f.start] + self.replace(text[f.start:f.end], pem, "PRIVATE_KEY") + text[f.end:]
+                report.entities["PRIVATE_KEY"] += 1
+        return "\n".join(self.text(line, report) for line in text.split("\n"))
+
+    # documents
+
+    def document(self, doc: Any, report: Report) -> Any:
+        """Mask a JSON document: field and key masks first, then detection on string leaves."""
+        for mask in self.structural:
+            if mask.kind == "fields":
+                for expr in mask.compiled:
+                    for match in expr.find(doc):
+                        if not _masked_already(match.value):
+                            doc = match.full_path.update(doc, self._whole(match.value, mask))
+                            report.fields[mask.label] += 1
+            else:
+                doc = self._keys(doc, mask, report)
+        if self.entities:
+            doc = self._leaves(doc, report, "")
+        return doc
+
+    def _keys(self, node: Any, mask: Mask, report: Report) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                if any(fnmatch.fnmatchcase(str(k).lower(), g) for g in mask.keys) and not _masked_already(v):
+                    out[k] = self._whole(v, mask)
+                    report.fields[mask.label] += 1
+                else:
+                    out[k] = self._keys(v, mask, report)
+            return out
+        if isinstance(node, list):
+            return [self._keys(v, mask, report) for v in node]
+        return node
+
+    def _leaves(self, node: Any, report: Report, name: str) -> Any:
+        if isinstance(node, str):
+            return self.text(node, report, name)
+        if isinstance(node, dict):
+            return {k: self._leaves(v, report, str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self._leaves(v, report, name) for v in node]
+        return node
+
+    # bodies
+
+    def body(self, content: bytes, content_type: str) -> tuple[bytes, Report]:
+        """Mask a whole response body. JSON is masked as a document, other text as text."""
+        report = Report()
+        if not self.masks or not content:
+            return content, report
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MaskError(f"the response body ({content_type or 'no content type'}) is not text and cannot be masked") from None
+        doc = parse_json(text, content_type)
+        if doc is _NOT_JSON:
+            if self.structural:
+                raise MaskError(f"field masks need a JSON body, and this {content_type or 'response'} is not JSON")
+            masked = self.lines(text, report)
+            return (masked.encode() if report.masked else content), report
+        masked_doc = self.document(doc, report)
+        if not report.masked:
+            return content, report
+        return json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":")).encode(), report
+
+    def record(self, line: bytes, report: Report) -> bytes:
+        """Mask one record of a stream: a JSON line, a server-sent-events field, or text."""
+        prefix = b""
+        payload = line
+        if line.startswith(b"data:"):
+            prefix, payload = b"data:", line[5:]
+        elif line[:1] == b":" or line.startswith((b"event:", b"id:", b"retry:")) or not line.strip():
+            return line
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MaskError("a streamed record is not text and cannot be masked") from None
+        doc = parse_json(text.strip(), "") if text.strip()[:1] in ("{", "[") else _NOT_JSON
+        before = report.masked
+        if doc is _NOT_JSON:
+            if self.structural:
+                raise MaskError("field masks need JSON records, and this stream carries text")
+            masked = self.text(text, report)
+        else:
+            masked_doc = self.document(doc, report)
+            if report.masked == before:
+                return line
+            masked = (" " if text.startswith(" ") else "") + json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":"))
+        return line if report.masked == before else prefix + masked.encode()
+
+
+_NOT_JSON = object()
+
+
+def parse_json(text: str, content_type: str) -> Any:
+    """The JSON document in `text`, or _NOT_JSON. A body that says it is JSON must parse."""
+    says_json = "json" in content_type.lower()
+    if not says_json and text.lstrip()[:1] not in ("{", "["):
+        return _NOT_JSON
+    try:
+        return json.loads(text)
+    except ValueError:
+        if says_json:
+            raise MaskError(f"the response says it is {content_type} but does not parse as JSON") from None
+        return _NOT_JSON
+
+
+def _masked_already(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("[") and value.endswith("]") and value[1:2].isupper()
+
+
+class RecordStream:
+    """mitmproxy's stream hook: masks a chunked response record by record (lines).
+
+    Chunks are cut at newlines; a partial record waits for the rest. A record longer than
+    `max_record`, or one that cannot be masked, raises MaskError: the caller ends the
+    stream, it never lets the record through. What was sent is kept (up to `keep` bytes)
+    for the audit log, together with the report.
+    """
+
+    def __init__(self, masker: Masker, max_record: int, keep: int) -> None:
+        self.masker, self.max_record, self.keep = masker, max_record, keep
+        self.pending = b""
+        self.report = Report()
+        self.sent = bytearray()
+        self.size = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if not self.masker.masks:
+            return self._sent(chunk)
+        if chunk == b"":  # end of the stream: whatever is left is the last record
+            lines, self.pending = ([self.pending] if self.pending else []), b""
+            out = b"\n".join(self.masker.record(line, self.report) for line in lines)
+        else:
+            data = self.pending + chunk
+            *lines, self.pending = data.split(b"\n")
+            if max(map(len, lines), default=0) > self.max_record or len(self.pending) > self.max_record:
+                raise MaskError(f"a streamed record is longer than {self.max_record} bytes")
+            out = b"".join(self.masker.record(line, self.report) + b"\n" for line in lines)
+        return self._sent(out)
+
+    def _sent(self, out: bytes) -> bytes:
+        self.size += len(out)
+        if len(self.sent) < self.keep:
+            self.sent += out[: self.keep - len(self.sent)]
+        return out

@@ -1,0 +1,119 @@
+"""The approvals book in-process, for what an end-to-end test cannot time: races between a
+held flow, a late replay and the console; plus the Slack rendering of hostile input."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from addons.approvals import APPROVED, DENIED, EXECUTED, ApprovalBook, ApprovalError, fingerprint
+from addons.config import Approvals
+from addons.context import Decision, Operation, Principal, Review
+from addons.notify import Notifier, slack
+from addons.store import Store, Writer
+
+REQUESTER = Principal("crew-buyer", "idp", ("buyers",), asserted={"model": "gpt-4o)\n*URGENT* <https://evil.example/login|Approve>"})
+MANAGER = Principal("manager-1", "idp", ("managers",))
+OPERATION = Operation("http", "api", "write", "/orders", 40, "POST /orders on api")
+DECISION = Decision("review", ("orders",), "orders need a manager",
+                    reviews=(Review(("group:managers",), approvals=1, timeout=60, ttl=3600),))
+
+
+class Log:
+    """The audit log's interface, on a real store."""
+
+    def __init__(self, path: str) -> None:
+        self.writer, self.reader = Writer(path), Store(path)
+
+    async def write(self, events, apply=None):
+        await self.writer.append(events, apply)
+
+
+@pytest.fixture
+def book(tmp_path):
+    settings = SimpleNamespace(require=lambda: SimpleNamespace(approvals=Approvals(None, "http://gw")))
+    b = ApprovalBook(settings, Log(str(tmp_path / "audit.db")))
+    b.notifier = Notifier(Approvals(None, "http://gw"), b._notified)
+    return b
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def fp(body: bytes = b"{}") -> str:
+    return fingerprint(REQUESTER, "api", "POST", "http://api.test:80/orders", [["content-type", "application/json"]], body)
+
+
+def test_a_held_approval_is_never_given_to_a_replay_and_executes_once(book):
+    async def scenario():
+        approval = await book.open(REQUESTER, OPERATION, {"body": "{}"}, fp(), DECISION, "flow-1", "s")
+        waiter = book.waiter(approval.id)
+        await book.vote(approval.id, MANAGER, "approve", "ok")
+        assert waiter.result() == APPROVED
+        assert book.grant_for(fp(), REQUESTER) is None  # the held flow owns it
+        await book.execute(approval, "flow-1", late=False)
+        assert approval.state == EXECUTED
+        with pytest.raises(ApprovalError) as e:
+            await book.execute(approval, "flow-2", late=True)
+        assert e.value.error == "not_approved"
+        assert book.grant_for(fp(), REQUESTER) is None
+
+    run(scenario())
+
+
+def test_a_released_approval_serves_one_identical_replay(book):
+    async def scenario():
+        approval = await book.open(REQUESTER, OPERATION, {"body": "{}"}, fp(), DECISION, "flow-1", "s")
+        await book.release(approval)  # the hold timed out
+        await book.vote(approval.id, MANAGER, "approve", "")
+        assert book.grant_for(fp(b'{"other": 1}'), REQUESTER) is None
+        assert book.grant_for(fp(), MANAGER) is None
+        grant = book.grant_for(fp(), REQUESTER)
+        assert grant is approval
+        await book.execute(grant, "flow-2", late=True)
+        assert book.grant_for(fp(), REQUESTER) is None
+
+    run(scenario())
+
+
+def test_the_console_cannot_overturn_a_decision(book):
+    async def scenario():
+        approval = await book.open(REQUESTER, OPERATION, {"body": "{}"}, fp(), DECISION, "flow-1", "s")
+        await book.vote(approval.id, MANAGER, "deny", "no")
+        await book.console(approval, "approve")
+        assert approval.state == DENIED and [v.vote for v in approval.votes] == ["deny"]
+
+    run(scenario())
+
+
+def test_a_request_that_could_not_be_recorded_leaves_no_approval(book):
+    async def scenario():
+        async def failing(events, apply=None):
+            raise RuntimeError("disk full")
+        book.log.write = failing
+        with pytest.raises(RuntimeError):
+            await book.open(REQUESTER, OPERATION, {"body": "{}"}, fp(), DECISION, "flow-1", "s")
+        assert book.live == {}
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("header", [[["x-http-method-override", "DELETE"]], [["authorization", "Bearer mine"]], []])
+def test_the_fingerprint_covers_every_header_that_goes_upstream(header):
+    base = fingerprint(REQUESTER, "api", "POST", "http://api.test:80/orders", [["content-type", "application/json"]], b"{}")
+    other = fingerprint(REQUESTER, "api", "POST", "http://api.test:80/orders",
+                        [["content-type", "application/json"], *header], b"{}")
+    assert (other == base) is (header == [])
+
+
+def test_slack_messages_cannot_carry_agent_links_or_formatting(book):
+    async def scenario():
+        return await book.open(REQUESTER, OPERATION, {"body": "{}"}, fp(), DECISION, "flow-1", "s")
+
+    message = slack("pending", run(scenario()), "http://gw")
+    assert "<https://evil.example" not in message["text"] and "*URGENT*" not in message["text"]
+    assert "&lt;https://evil.example/login|Approve&gt;" in message["text"]
+    assert message["text"].count("\n") == 3  # the agent's newline did not make a line of its own

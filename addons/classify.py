@@ -4,15 +4,23 @@ Traffic to anything that is not a registered connection is refused, on the CONNE
 as on the request, so Custody is never an open proxy. The target is the tunnel's (or the
 request line's) host and port; a Host header or TLS SNI that names a different host is
 refused rather than trusted, because the upstream would route on it. Protocols the gateway
-cannot govern (raw TCP, UDP, upgrades to WebSocket or h2c) are refused.
+cannot govern (raw TCP, UDP, h2c, SPDY, and WebSocket except Kubernetes exec, attach and
+port-forward, whose frames the chain records and masks) are refused.
+
+kubectl falls back from a refused WebSocket exec to SPDY, and would print the SPDY refusal
+instead of the real one (a denial, or the id of the approval it waits for). So a refused
+WebSocket exec is remembered for a minute, and the SPDY fallback gets the same answer.
 """
 
 from __future__ import annotations
 
+import json
+import time
+
 from mitmproxy import http
 from mitmproxy.net.http import url
 
-from addons import context, failclosed, httpops
+from addons import context, failclosed, httpops, kubeops
 from addons.connections import Registry
 from addons.context import Decision
 from addons.failclosed import guarded
@@ -47,10 +55,46 @@ def authority_mismatch(f: http.HTTPFlow) -> str | None:
     return None
 
 
+WEBSOCKET_SUBRESOURCES = ("exec", "attach", "portforward")
+
+
+def operation_of(conn, request: http.Request):
+    """The protocol's classifier for this connection's kind."""
+    content = request.get_content(strict=False)
+    if conn.kind == "kubernetes":
+        headers: dict[str, list[str]] = {}
+        for k, v in request.headers.items(multi=True):
+            headers.setdefault(k.lower(), []).append(v)
+        return kubeops.classify(conn.name, request.method, request.path, headers, content)
+    return httpops.classify(conn.name, request.method, request.path,
+                            {k.lower(): v for k, v in request.headers.items()}, content)
+
+
+SPDY_MESSAGE = ("SPDY streams cannot be inspected by the gateway; use kubectl 1.30 or newer, which speaks "
+                "WebSocket (KUBECTL_REMOTE_COMMAND_WEBSOCKETS=true, the default since 1.31)")
+FALLBACK_WINDOW = 60.0
+FALLBACK_MEMORY = 10_000
+
+
+def upgrade_refusal(conn, request: http.Request, operation) -> str | None:
+    """Protocol upgrades the gateway can govern: WebSocket for Kubernetes exec, attach and
+    port-forward (each frame is then recorded and masked). Nothing else."""
+    upgrade = request.headers.get("upgrade", "")
+    if not upgrade:
+        return None
+    if upgrade.lower().startswith("spdy"):
+        return SPDY_MESSAGE
+    if (conn.kind == "kubernetes" and upgrade.lower() == "websocket"
+            and operation.details.get("subresource") in WEBSOCKET_SUBRESOURCES):
+        return None
+    return f"protocol upgrade to {upgrade!r} is not governed on {conn.kind} connections"
+
+
 class Classify:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = Registry(())
+        self.refused_websockets: dict[tuple, tuple[float, Decision, dict]] = {}
 
     def configure(self, updated: set[str]) -> None:
         if "custody_config" in updated:
@@ -88,28 +132,52 @@ class Classify:
         conn = self._connection(f)
         if conn is None:
             return
+        ctx = context.of(f)
+        ctx.connection, ctx.protocol = conn.name, conn.kind
         if problem := authority_mismatch(f):
             failclosed.refuse(f, 400, problem, error="misdirected_request")
             return
         if problem := httpops.ambiguity(f.request.path.split("?", 1)[0]):
             failclosed.refuse(f, 400, f"{problem}; send the resolved path", error="ambiguous_path")
             return
-        if "upgrade" in f.request.headers:
-            failclosed.refuse(
-                f,
-                403,
-                f"protocol upgrade to {f.request.headers['upgrade']!r} is not governed on {conn.kind} connections",
-                error="unsupported_protocol",
-            )
-            return
         if not (f.request.is_http2 or f.request.is_http3):
             f.request.authority = ""  # upstream gets origin-form, so Host is the only authority
+        ctx.operation = operation_of(conn, f.request)
+        if problem := upgrade_refusal(conn, f.request, ctx.operation):
+            if problem == SPDY_MESSAGE and (earlier := self._refused_websocket(f)):
+                decision, extra = earlier
+                failclosed.refuse(f, decision.status, decision.reason, error=decision.error, rules=decision.rules,
+                                  approval=decision.approval, extra=extra)
+            else:
+                failclosed.refuse(f, 403, problem, error="unsupported_protocol")
+
+    def _key(self, f: http.HTTPFlow) -> tuple | None:
         ctx = context.of(f)
-        ctx.connection = conn.name
-        ctx.operation = httpops.classify(
-            conn.name,
-            f.request.method,
-            f.request.path,
-            {k.lower(): v for k, v in f.request.headers.items()},
-            f.request.get_content(strict=False),
-        )
+        if ctx.principal is None or ctx.operation is None or ctx.operation.protocol != "kubernetes":
+            return None
+        return ctx.principal.issuer, ctx.principal.subject, ctx.connection, f.request.path
+
+    def _refused_websocket(self, f: http.HTTPFlow) -> tuple[Decision, dict] | None:
+        hit = self.refused_websockets.pop(self._key(f), None)
+        if hit is None or time.monotonic() - hit[0] > FALLBACK_WINDOW:
+            return None
+        return hit[1], hit[2]
+
+    @guarded
+    def response(self, f: http.HTTPFlow) -> None:
+        """Remember a refused Kubernetes WebSocket upgrade for the SPDY fallback that follows."""
+        d = context.of(f).decision
+        if d is None or d.effect != "deny" or f.request.headers.get("upgrade", "").lower() != "websocket":
+            return
+        if (key := self._key(f)) is None:
+            return
+        now = time.monotonic()
+        if len(self.refused_websockets) >= FALLBACK_MEMORY:
+            self.refused_websockets = {k: v for k, v in self.refused_websockets.items() if now - v[0] <= FALLBACK_WINDOW}
+            if len(self.refused_websockets) >= FALLBACK_MEMORY:
+                del self.refused_websockets[next(iter(self.refused_websockets))]  # the oldest
+        try:
+            state = json.loads(f.response.content or b"{}").get("state")
+        except ValueError:
+            state = None
+        self.refused_websockets[key] = (now, d, {"state": state} if state else {})

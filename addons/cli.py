@@ -9,6 +9,7 @@ rules, and read and verify the audit log.
     custody audit show EVENT_OR_SESSION
     custody audit verify
     custody approvals list | show ID | approve ID [--reason …] | deny ID --reason …
+    custody kubeconfig --connection prod-k8s --token-file agent.jwt [--direct] [-o FILE]
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from addons import config, devissuer, httpops
+import yaml
+
+from addons import config, devissuer, httpops, kubeconfig
 from addons.connections import Registry
 from addons.rules import RuleError, RuleSet, decide
 from addons.store import Store
@@ -320,6 +324,33 @@ def cmd_approvals_vote(args: argparse.Namespace) -> int:
     return 0
 
 
+# kubeconfig
+
+
+def cmd_kubeconfig(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    conn = next((c for c in cfg.connections if c.name == args.connection), None)
+    if conn is None:
+        names = ", ".join(c.name for c in cfg.connections if c.kind == "kubernetes") or "none"
+        raise CliError(f"no connection {args.connection!r} in {cfg.path} (kubernetes connections: {names})")
+    ca = Path(args.ca or Path(args.confdir).expanduser() / "mitmproxy-ca-cert.pem")
+    agent = kubeconfig.Agent(token=args.token, token_file=args.token_file, namespace=args.namespace)
+    try:
+        document = kubeconfig.build(conn, agent, ca_file=ca, proxy_url=args.proxy_url, direct=args.direct,
+                                    embed_ca=args.embed_ca)
+    except kubeconfig.KubeconfigError as e:
+        raise CliError(f"custody kubeconfig: {e}") from None
+    text = yaml.safe_dump(document, sort_keys=False)
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold a token
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        print(f"wrote {args.output}: KUBECONFIG={args.output} kubectl get pods", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="custody", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -391,6 +422,22 @@ def build_parser() -> argparse.ArgumentParser:
         av.add_argument("id")
         av.add_argument("--reason", help="why (required to deny)")
         av.set_defaults(func=cmd_approvals_vote, action=action)
+
+    k = with_config(sub.add_parser("kubeconfig", help="write a kubeconfig that reaches a kubernetes connection "
+                                                       "through the gateway"))
+    k.add_argument("--connection", required=True, help="the kubernetes connection's name")
+    k.add_argument("--token", help="the agent's token, written into the kubeconfig")
+    k.add_argument("--token-file", help="a file holding the agent's token (kubectl re-reads it: rotation)")
+    k.add_argument("--namespace", default="default")
+    k.add_argument("--proxy-url", default=os.environ.get("CUSTODY_PROXY_URL", "http://127.0.0.1:8080"),
+                   help="the gateway as agents reach it (default: $CUSTODY_PROXY_URL, else http://127.0.0.1:8080)")
+    k.add_argument("--direct", action="store_true", help="no proxy: the connection's own listener (its `listen`)")
+    k.add_argument("--confdir", default=os.environ.get("CUSTODY_CONFDIR", "~/.mitmproxy"),
+                   help="the gateway's mitmproxy confdir, where its CA is (default: $CUSTODY_CONFDIR, ~/.mitmproxy)")
+    k.add_argument("--ca", help="the gateway CA certificate (default: CONFDIR/mitmproxy-ca-cert.pem)")
+    k.add_argument("--embed-ca", action="store_true", help="embed the CA (certificate-authority-data)")
+    k.add_argument("-o", "--output", help="write here (mode 0600) instead of stdout")
+    k.set_defaults(func=cmd_kubeconfig)
     return p
 
 

@@ -92,6 +92,8 @@ class Connection:
     ca_file: str | None = None
     credential: Credential | None = None
     bearer_is_gateway: bool = False
+    client_cert: str | None = None
+    listen: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,10 @@ def _upstream(url: str) -> Upstream:
     return Upstream(parts.scheme, parts.hostname or "", port)
 
 
+# kubectl sends its kubeconfig token as Authorization: Bearer; that token is the agent's JWT.
+DEFAULT_TOKEN_HEADER = {"kubernetes": "authorization"}
+
+
 def _connection(raw: dict[str, Any], base: Path, where: str) -> Connection:
     credential = None
     if "credential" in raw:
@@ -197,6 +203,9 @@ def _connection(raw: dict[str, Any], base: Path, where: str) -> Connection:
     ca_file = str(base / tls["ca_file"]) if "ca_file" in tls else None
     if ca_file and not os.path.isfile(ca_file):
         raise ConfigError(f"{where}.tls.ca_file: no such file: {ca_file}")
+    client_cert = str(base / tls["client_cert"]) if "client_cert" in tls else None
+    if client_cert and not os.path.isfile(client_cert):
+        raise ConfigError(f"{where}.tls.client_cert: no such file: {client_cert}")
     return Connection(
         name=raw["name"],
         kind=raw["kind"],
@@ -204,7 +213,9 @@ def _connection(raw: dict[str, Any], base: Path, where: str) -> Connection:
         upstream=_upstream(raw["upstream"]) if "upstream" in raw else None,
         ca_file=ca_file,
         credential=credential,
-        bearer_is_gateway=raw.get("token_header") == "authorization",
+        bearer_is_gateway=raw.get("token_header", DEFAULT_TOKEN_HEADER.get(raw["kind"])) == "authorization",
+        client_cert=client_cert,
+        listen=listen_address(raw["listen"]) if "listen" in raw else None,
     )
 
 
@@ -265,11 +276,14 @@ def _identity(raw: dict[str, Any], base: Path) -> Identity:
     )
 
 
+def listen_address(spec: str) -> tuple[str, int]:
+    """"127.0.0.1:9090" or "9090" (loopback) -> (host, port)."""
+    host, _, port = spec.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 def _approvals(raw: dict[str, Any], notify: dict[str, Any], gateway_host: str) -> Approvals:
-    listen = None
-    if "listen" in raw:
-        host, _, port = raw["listen"].rpartition(":")
-        listen = (host.strip("[]") or "127.0.0.1", int(port))
+    listen = listen_address(raw["listen"]) if "listen" in raw else None
     public = raw.get("public_url") or (f"http://{listen[0]}:{listen[1]}" if listen else f"http://{gateway_host}")
     return Approvals(
         listen=listen,

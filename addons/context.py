@@ -168,6 +168,8 @@ class Context:
     session: str
     principal: Principal | None = None
     connection: str = ""
+    protocol: str = ""
+    """The connection's kind, known before the operation is (refusals answer in its shape)."""
     operation: Operation | None = None
     decision: Decision | None = None
     decision_event: str = field(default_factory=new_id)

@@ -2,8 +2,9 @@
 
 For a cleared flow it routes the request to the connection's upstream address (when that
 differs from the name agents use), injects the connection's credential (replacing whatever
-the agent sent in that header), and pins upstream TLS verification to the connection's CA.
-The agent never sees or sends backend credentials.
+the agent sent), pins upstream TLS verification to the connection's CA and presents its
+client certificate. The agent never sees or sends backend credentials. Connections with a
+`listen` address also get a direct listener, for clients that cannot use a proxy.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from mitmproxy import ctx as mctx
 from mitmproxy import http, tls
 from mitmproxy.net import tls as net_tls
+import certifi
 from OpenSSL import SSL
 
 from addons import context, failclosed
@@ -24,12 +26,16 @@ from addons.settings import Settings
 logger = logging.getLogger(__name__)
 
 
-def pinned_context(ca_file: str) -> SSL.Context:
-    """A client TLS context that trusts exactly one CA file and verifies the peer."""
+def upstream_context(conn: Connection) -> SSL.Context:
+    """The TLS client context for a connection: trust pinned to its CA file (else the
+    system's), and the client certificate it presents, if it has one."""
     ssl_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     ssl_ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ssl_ctx.set_verify(net_tls.Verify.VERIFY_PEER.value, None)
-    ssl_ctx.load_verify_locations(ca_file)
+    ssl_ctx.load_verify_locations(conn.ca_file or certifi.where())
+    if conn.client_cert:
+        ssl_ctx.use_certificate_chain_file(conn.client_cert)
+        ssl_ctx.use_privatekey_file(conn.client_cert)
     return ssl_ctx
 
 
@@ -66,6 +72,19 @@ class Credentials:
                 (c.upstream.host, c.upstream.port): c for c in connections if c.upstream
             }
 
+    def running(self) -> None:
+        """Direct listeners (mitmproxy reverse mode) for connections whose clients cannot
+        use a proxy; added once running, as mitmdump loads the chain while it starts."""
+        modes = list(mctx.options.mode)
+        for c in self.settings.require().connections:
+            if c.listen is not None:
+                host = c.hosts[0]
+                spec = f"reverse:https://{host}@{c.listen[0]}:{c.listen[1]}"
+                if spec not in modes:
+                    modes.append(spec)
+        if modes != list(mctx.options.mode):
+            mctx.options.update(mode=modes)
+
     @guarded
     def request(self, f: http.HTTPFlow) -> None:
         if failclosed.answered(f):
@@ -91,12 +110,12 @@ class Credentials:
         if not server.address:
             return
         conn = self._connection_for(server.address)
-        if conn is None or not conn.ca_file:
+        if conn is None or not (conn.ca_file or conn.client_cert):
             return
         try:
             if data.ssl_conn is None:
                 mctx.master.addons.get("tlsconfig").tls_start_server(data)
-            data.ssl_conn.set_context(pinned_context(conn.ca_file))
+            data.ssl_conn.set_context(upstream_context(conn))
         except Exception:
             logger.exception("custody: pinning TLS for %s failed; the handshake will fail", conn.name)
             data.ssl_conn.set_context(untrusting_context())

@@ -62,11 +62,25 @@ def refuse(
         **({"approval_id": approval} if approval else {}),
         **(extra or {}),
     }
+    if ctx.protocol == "kubernetes":
+        body.update(kubernetes_status(status, reason))
     f.response = http.Response.make(
         status,
         json.dumps(body),
         {"content-type": "application/json", **(headers or {})},
     )
+
+
+STATUS_REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
+                  502: "InternalError", 503: "ServiceUnavailable"}
+
+
+def kubernetes_status(status: int, reason: str) -> dict:
+    """A refusal as a Kubernetes Status, which clients understand: kubectl prints
+    `Error from server (Forbidden): custody: <reason>`. Status's own `reason` is its enum;
+    Custody's fields (decision, error, rules, event_id, approval_id) stay beside it."""
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": f"custody: {reason}", "reason": STATUS_REASONS.get(status, "Forbidden"), "code": status}
 
 
 def answered(f: mflow.Flow) -> bool:

@@ -24,7 +24,7 @@ from mitmproxy import http
 
 from addons import context, failclosed
 from addons.maskpool import MaskPool, MaskUnavailable
-from addons.masks import Masker, MaskError, RecordStream, parse_all
+from addons.masks import Masker, MaskError, RecordStream, Report, parse, parse_all
 from addons.failclosed import guarded
 from addons.settings import Settings
 
@@ -40,8 +40,33 @@ def is_stream(f: http.HTTPFlow) -> bool:
     content_type = f.response.headers.get("content-type", "").lower()
     if content_type.startswith(STREAM_TYPES):
         return True
+    op = context.of(f).operation
+    if op is not None and op.protocol == "kubernetes":
+        return op.details.get("stream", False)  # watch (by query or path) and logs -f
     query = f.request.query
     return query.get("watch", "") in ("true", "1") or query.get("follow", "") in ("true", "1")
+
+
+def is_watch(f: http.HTTPFlow) -> bool:
+    op = context.of(f).operation
+    return op is not None and op.protocol == "kubernetes" and op.details.get("verb") == "watch"
+
+
+TEXT_SUBRESOURCES = ("log", "exec", "attach")
+
+
+def masks_for(f: http.HTTPFlow) -> tuple:
+    """The decision's masks that apply to this flow's response (none unless it was allowed).
+    A container's log and terminal, and the API server's own non-resource endpoints
+    (health, metrics), are text, not API objects: only detection applies to them."""
+    c = context.of(f)
+    if c.decision is None or c.decision.effect != "allow":
+        return ()
+    op = c.operation
+    if op is not None and op.protocol == "kubernetes" and (
+            op.details.get("subresource") in TEXT_SUBRESOURCES or not op.details.get("resource_request")):
+        return tuple(m for m in c.decision.masks if parse(m).kind == "detect")
+    return tuple(c.decision.masks)
 
 
 class Drain:
@@ -60,7 +85,7 @@ def error_record(f: http.HTTPFlow, reason: str) -> bytes:
     Kubernetes watch gets an ERROR event with a Status (kubectl prints it), SSE an event,
     JSON lines an object, text a line."""
     content_type = f.response.headers.get("content-type", "").lower()
-    if f.request.query.get("watch") in ("true", "1"):
+    if is_watch(f):
         status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError",
                   "code": 502, "message": f"custody: {reason}"}
         return json.dumps({"type": "ERROR", "object": status}).encode() + b"\n"
@@ -112,24 +137,63 @@ class Masking:
         context.of(f).response_body = f.response.content
 
     @guarded
+    def request(self, f: http.HTTPFlow) -> None:
+        """When a mask applies, ask for JSON: a Kubernetes API server would otherwise answer
+        typed clients in protobuf, which cannot be masked and would be refused. A
+        port-forward is a tunnel of raw bytes: with masks to apply, it is refused."""
+        if not (masks := masks_for(f)):
+            return
+        op = context.of(f).operation
+        if op is not None and op.protocol == "kubernetes" and op.details.get("subresource") == "portforward":
+            failclosed.refuse(f, 403, "a port-forward carries raw bytes that cannot be masked, and the rules that "
+                                      f"allow it mask ({', '.join(map(str, masks))})", error="masking_refused")
+            return
+        accept = f.request.headers.get("accept", "")
+        if "protobuf" in accept:
+            kept = [a.strip() for a in accept.split(",") if "protobuf" not in a]
+            f.request.headers["accept"] = ",".join(kept) or "application/json"
+
+    @guarded
+    def websocket_message(self, f: http.HTTPFlow) -> None:
+        """Kubernetes exec/attach frames from the server: stdout (1) and stderr (2) masked
+        with the detection masks, line by line. A frame that cannot be masked (text frames
+        of the base64 protocols, or no detector) ends the session."""
+        message = f.websocket.messages[-1]
+        masks = parse_all(masks_for(f))
+        if not masks or message.from_client:
+            return
+        if not message.is_text and message.content[:1] in (b"\x01", b"\x02") and self.detector is not None:
+            report = Report()
+            text = message.content[1:].decode("utf-8", "replace")
+            masked = Masker(masks, self.detector, self.settings.require().masking.hash_key).lines(text, report)
+            if report.masked:
+                message.content = message.content[:1] + masked.encode()
+                c = context.of(f)
+                c.masking = {**(c.masking or {}), "frames_masked": (c.masking or {}).get("frames_masked", 0) + 1}
+        elif message.is_text or self.detector is None:
+            message.drop()
+            logger.error("custody: a WebSocket frame that cannot be masked; ending the session")
+            f.kill()
+
+    @guarded
     def responseheaders(self, f: http.HTTPFlow) -> None:
         c = context.of(f)
-        d = c.decision
-        if d is None or d.effect != "allow":
-            return  # our own refusals carry nothing to mask
+        masks = masks_for(f)
+        if c.decision is None or c.decision.effect != "allow" or f.response.status_code == 101:
+            return  # our own refusals carry nothing to mask; upgraded sessions are masked per frame
         cfg = self.settings.require()
         if is_stream(f):
-            masks = parse_all(d.masks)
-            if any(m.kind == "detect" for m in masks) and self.detector is None:
+            parsed = parse_all(masks)
+            if any(m.kind == "detect" for m in parsed) and self.detector is None:
                 self._refuse_now(f, 502, "masking is not ready; the stream was not sent", "masking_unavailable")
                 return
-            stream = RecordStream(Masker(masks, self.detector, cfg.masking.hash_key), cfg.masking.max_record,
+            stream = RecordStream(Masker(parsed, self.detector, cfg.masking.hash_key), cfg.masking.max_record,
                                   keep=cfg.store.max_body)
             f.response.stream = CutOff(stream, f)
             c.stream = stream
             c.masked = True
             return
-        if not d.masks:
+        if not masks:
             return
         f.response.stream = False  # a body to be masked is buffered, never streamed through
         content_type = f.response.headers.get("content-type", "").lower()
@@ -143,12 +207,16 @@ class Masking:
     @guarded
     async def response(self, f: http.HTTPFlow) -> None:
         c = context.of(f)
-        d = c.decision
         if c.stream is not None:
             c.masking = c.masking or c.stream.report.as_dict()
             c.response_body = bytes(c.stream.sent)
             return
-        if d is None or d.effect != "allow" or not d.masks or c.response_body is not None:
+        if c.response_body is not None or c.decision is None or c.decision.effect != "allow":
+            return
+        masks = masks_for(f)
+        if not masks or f.response.status_code == 101:
+            # considered: no mask applies to this response (upgraded sessions: per frame)
+            c.masked = bool(c.decision.masks)
             return
         content = f.response.get_content(strict=False) or b""
         cfg = self.settings.require().masking
@@ -157,7 +225,7 @@ class Masking:
                                       f"({cfg.max_body}); it was not sent", error="masking_refused")
             return
         try:
-            masked, report = await self.pool.mask(content, f.response.headers.get("content-type", ""), d.masks)
+            masked, report = await self.pool.mask(content, f.response.headers.get("content-type", ""), masks)
         except MaskError as e:
             failclosed.refuse(f, 502, f"{e}; it was not sent", error="masking_refused")
             return

@@ -4,12 +4,15 @@ A mask is one of
 
     fields:  [JSONPath, ...]      values at these paths          ($.users[*].email, $..password)
     keys:    [glob, ...] | builtin values under matching key names (*token*, *secret*, password, ...)
+    objects: {kind, fields}       fields of every object of a kind, wherever it is (a Secret's
+                                  data in an object, a list, a Table row or a watch event)
     detect:  [entity or group]    entities found in string values (secrets, pii, EMAIL_ADDRESS, ...)
 
 with an operator (`redact` → `[EMAIL_ADDRESS]`, `partial` → `****1111`, `hash` → a keyed
 HMAC-SHA256, so equal values stay matchable across records without being readable) and,
 for `detect`, a score threshold. The strings `secrets`, `pii` and `secret-keys` are
-shorthands for the common cases.
+shorthands for the common cases, and `kubernetes-secrets` / `kubernetes-env` for Secret
+data and container environment values.
 
 Protocols hand the masker "structured values with names": a JSON document (an HTTP body,
 SQL rows as objects keyed by column, a Kubernetes object). Field and key masks replace
@@ -43,10 +46,14 @@ PII_ENTITIES = ("EMAIL_ADDRESS", "CREDIT_CARD", "IBAN_CODE", "PHONE_NUMBER", "US
 NER_ENTITIES = ("PERSON", "LOCATION")
 GROUPS = {"secrets": SECRET_ENTITIES, "pii": PII_ENTITIES}
 ENTITIES = SECRET_ENTITIES + PII_ENTITIES + NER_ENTITIES
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
 PRESETS = {
     "secrets": {"detect": ["secrets"]},
     "pii": {"detect": ["pii"]},
     "secret-keys": {"keys": "builtin"},
+    "kubernetes-secrets": {"objects": {"kind": "Secret", "fields": ["data", "stringData"]}},
+    "kubernetes-env": {"fields": ["$..env[*].value"]},
 }
 
 
@@ -60,11 +67,12 @@ class Finder(Protocol):
 
 @dataclass(frozen=True)
 class Mask:
-    kind: str  # fields | keys | detect
+    kind: str  # fields | keys | objects | detect
     label: str
     operator: str = "redact"
     paths: tuple[str, ...] = ()
     keys: tuple[str, ...] = ()
+    object_kind: str = ""
     entities: frozenset[str] = frozenset()
     threshold: float = 0.5
     keep: int = 4
@@ -82,9 +90,9 @@ def parse(raw: Any) -> Mask:
         spec, label = PRESETS[raw], raw
     else:
         spec, label = raw, ""
-    kinds = [k for k in ("fields", "keys", "detect") if k in spec]
+    kinds = [k for k in ("fields", "keys", "objects", "detect") if k in spec]
     if len(kinds) != 1:
-        raise ValueError("a mask has exactly one of fields, keys or detect")
+        raise ValueError("a mask has exactly one of fields, keys, objects or detect")
     kind = kinds[0]
     operator = spec.get("operator", "redact")
     if operator not in OPERATORS:
@@ -102,6 +110,11 @@ def parse(raw: Any) -> Mask:
     if kind == "keys":
         keys = BUILTIN_KEYS if values == "builtin" else tuple([values] if isinstance(values, str) else values)
         return Mask(label=label or f"keys:{','.join(keys)}", keys=tuple(k.lower() for k in keys), **common)
+    if kind == "objects":
+        if not isinstance(values, dict) or not values.get("kind") or not values.get("fields"):
+            raise ValueError("objects needs a kind and fields: {kind: Secret, fields: [data, stringData]}")
+        return Mask(label=label or f"objects:{values['kind']}", object_kind=values["kind"],
+                    keys=tuple(values["fields"]), **common)
     names = [values] if isinstance(values, str) else values
     entities: set[str] = set()
     for name in names:
@@ -206,6 +219,8 @@ class Masker:
                         if not _masked_already(match.value):
                             doc = match.full_path.update(doc, self._whole(match.value, mask))
                             report.fields[mask.label] += 1
+            elif mask.kind == "objects":
+                doc = self._objects(doc, mask, report)
             else:
                 doc = self._keys(doc, mask, report)
         if self.entities:
@@ -225,6 +240,45 @@ class Masker:
         if isinstance(node, list):
             return [self._keys(v, mask, report) for v in node]
         return node
+
+    def _objects(self, node: Any, mask: Mask, report: Report, typed: bool = False) -> Any:
+        """Every value under the named fields of objects of the kind (each key of a
+        Secret's data masked on its own, so the keys stay readable), wherever they are: an
+        object, the items of its list (`SecretList` items carry no kind of their own), a
+        Table row, a watch event. The copy of an object kubectl keeps in its
+        last-applied-configuration annotation is masked the same way."""
+        if isinstance(node, list):
+            return [self._objects(v, mask, report, typed) for v in node]
+        if not isinstance(node, dict):
+            return node
+        is_list = node.get("kind") == f"{mask.object_kind}List"
+        out = {k: self._objects(v, mask, report, is_list and k == "items") for k, v in node.items()}
+        if typed or node.get("kind") == mask.object_kind:
+            for name in mask.keys:
+                value = out.get(name)
+                if isinstance(value, dict):
+                    out[name] = {k: v if _masked_already(v) else self._whole(v, mask) for k, v in value.items()}
+                    report.fields[mask.label] += sum(1 for v in value.values() if not _masked_already(v))
+                elif value is not None and not _masked_already(value):
+                    out[name] = self._whole(value, mask)
+                    report.fields[mask.label] += 1
+        annotations = (out.get("metadata") or {}).get("annotations") if isinstance(out.get("metadata"), dict) else None
+        if isinstance(annotations, dict) and isinstance(annotations.get(LAST_APPLIED), str):
+            out["metadata"] = {**out["metadata"], "annotations": {
+                **annotations, LAST_APPLIED: self._embedded(annotations[LAST_APPLIED], mask, report)}}
+        return out
+
+    def _embedded(self, text: str, mask: Mask, report: Report) -> str:
+        """An object serialised into an annotation: masked as an object, or whole when it
+        cannot be read (it might be the kind's)."""
+        try:
+            inner = json.loads(text)
+        except ValueError:
+            report.fields[mask.label] += 1
+            return self._whole(text, mask)
+        before = sum(report.fields.values())
+        masked = self._objects(inner, mask, report)
+        return text if sum(report.fields.values()) == before else json.dumps(masked, separators=(",", ":"))
 
     def _leaves(self, node: Any, report: Report, name: str) -> Any:
         if isinstance(node, str):

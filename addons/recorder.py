@@ -23,6 +23,7 @@ from addons.failclosed import guarded
 from addons.settings import Settings
 from addons.auditlog import AuditLog
 from addons.maskpool import MaskPool
+from addons.masking import masks_for
 from addons.store import Event, digest
 
 logger = logging.getLogger(__name__)
@@ -189,3 +190,35 @@ class Recorder:
             await self._write(ctx, [event])
         except Exception:
             logger.exception("custody: audit store write failed while recording an error")
+
+    @guarded
+    async def websocket_message(self, f: http.HTTPFlow) -> None:
+        """Every frame of a governed session (Kubernetes exec: stdin, stdout, stderr) is an
+        event of that flow. Frames from the server arrive masked (the masking addon ran);
+        what the agent typed goes to the pod as typed and is masked for the record."""
+        ctx = context.of(f)
+        message = f.websocket.messages[-1]
+        channel = message.content[0] if message.content and not message.is_text else None
+        content, withheld = message.content, ""
+        if message.from_client and channel is not None:
+            stored, withheld = await self.pool.for_record(content[1:], "text/plain", masks_for(f))
+            content = None if stored is None else content[:1] + stored
+        event = Event(**_base(ctx, f, "message"),
+                      detail={"from_client": message.from_client, "channel": channel, "text": message.is_text,
+                              "dropped": message.dropped, **({"body": withheld} if withheld else {})},
+                      **body_fields(content, self.body_settings))
+        try:
+            await self._write(ctx, [event])
+        except Exception as e:
+            logger.error("custody: audit store write failed; ending the session", exc_info=e)
+            message.drop()
+            f.kill()
+
+    @guarded
+    async def websocket_end(self, f: http.HTTPFlow) -> None:
+        ctx = context.of(f)
+        ws = f.websocket
+        await self._write(ctx, [Event(**_base(ctx, f, "session_end"),
+                                      detail={"close_code": ws.close_code, "close_reason": ws.close_reason,
+                                              "messages": len(ws.messages), "masking": ctx.masking})])
+

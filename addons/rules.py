@@ -213,7 +213,43 @@ def _compile_checks(match: dict[str, Any], effect: str) -> tuple[tuple[str, Chec
             checks.append((f"{source}.{attribute}", _attribute_check(source, attribute, patterns)))
     if "body" in match:
         checks.append(("body", _body_check(match["body"], effect)))
+    checks += _kubernetes_checks(match.get("kubernetes"), effect)
     return tuple(checks)
+
+
+def _kubernetes_checks(k8s: dict[str, Any] | None, effect: str) -> list[tuple[str, Check]]:
+    """Checks on Kubernetes request info. An impersonating request matches an allow rule
+    only when the rule names impersonation itself: no rule allows it by accident."""
+    checks: list[tuple[str, Check]] = []
+    k8s = k8s or {}
+    fields = {"verbs": "verb", "groups": "api_group", "namespaces": "namespace", "names": "name"}
+    for key, detail in fields.items():
+        if key in k8s:
+            test = _globs(_many(k8s[key]))
+            checks.append((f"kubernetes.{key}", lambda p, op, t=test, d=detail: op.protocol == "kubernetes" and t(op.details.get(d, ""))))
+    if "resources" in k8s:
+        test = _globs(_many(k8s["resources"]))
+        checks.append(("kubernetes.resources", lambda p, op: op.protocol == "kubernetes" and op.details.get("resource_request", False) and test(op.resource)))
+    if "commands" in k8s:
+        test = _globs(_many(k8s["commands"]))
+        checks.append(("kubernetes.commands", lambda p, op: test(" ".join(op.details.get("command", [])))))
+    for key in ("non_resource", "dry_run"):
+        if key in k8s:
+            want, detail = k8s[key], {"non_resource": "resource_request", "dry_run": "dry_run"}[key]
+            flip = key == "non_resource"
+            checks.append((f"kubernetes.{key}", lambda p, op, w=want, d=detail, x=flip: op.protocol == "kubernetes" and (bool(op.details.get(d)) != x) == w))
+    if "impersonate" in k8s:
+        users = _globs(_many(k8s["impersonate"].get("users", "*")))
+        groups = _globs(_many(k8s["impersonate"].get("groups", "*")))
+
+        def impersonates(p: Principal, op: Operation) -> bool:
+            imp = op.details.get("impersonate")
+            return bool(imp) and users(imp["user"] or imp["uid"]) and all(groups(g) for g in imp["groups"])
+
+        checks.append(("kubernetes.impersonate", impersonates))
+    elif effect == "allow":
+        checks.append(("kubernetes.impersonate", lambda p, op: "impersonate" not in op.details))
+    return checks
 
 
 def _review(raw: dict[str, Any]) -> Review:

@@ -139,8 +139,11 @@ class KeySet:
         return self.keys.get(kid)
 
     async def key(self, kid: str | None) -> SigningKey | None:
-        """The key for `kid`: fetched now when unknown, refreshed in the background when stale."""
+        """The key for `kid`: fetched now when unknown, refreshed in the background when stale.
+        A fetch already under way (the one at start, say) is waited for, not raced."""
         if self.remote:
+            if self._inflight is not None:
+                await asyncio.shield(self._inflight)
             now = time.monotonic()
             may_fetch = now - self.attempted >= self.settings.jwks_min_interval
             if self._lookup(kid) is None and may_fetch:

@@ -90,3 +90,19 @@ ensure_packages() {
         return 1
     fi
 }
+
+# ensure_kubectl: kubectl 1.30 or newer (exec over WebSocket). Installed from a Debian
+# repository when missing and root: `kubectl` where the Kubernetes or Google Cloud
+# repository is configured, else Debian's own `kubernetes-client`.
+ensure_kubectl() {
+    if ! command -v kubectl >/dev/null 2>&1; then
+        ensure_packages kubectl=kubectl 2>/dev/null || ensure_packages kubectl=kubernetes-client || return 1
+    fi
+    local minor
+    minor=$(kubectl version --client -o json 2>/dev/null | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["clientVersion"]["minor"].rstrip("+"))' || echo 0)
+    if [ "${minor:-0}" -lt 30 ]; then
+        echo "kubectl 1.$minor is too old for the Kubernetes tests (exec needs 1.30+, WebSocket):" >&2
+        echo "  see https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/ (the pkgs.k8s.io apt repository)" >&2
+        return 1
+    fi
+}

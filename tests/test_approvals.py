@@ -251,6 +251,7 @@ def test_webhooks_carry_pending_and_decided(gw, people, agents, hooks):
 
 
 def test_api_lists_filters_and_records_every_call(gw, people):
+    send(gw, people["buyer"], "/quick", {"tag": "listed"})  # an approval to find
     r = people["m1"].session.get(f"{gw.approvals_url}/approvals", params={"connection": "api", "requester": "crew-buyer", "state": ""})
     assert r.status_code == 200 and all(a["requester"]["subject"] == "crew-buyer" for a in r.json()["approvals"])
     missing = people["m1"].session.get(f"{gw.approvals_url}/approvals/{'0' * 32}")

@@ -56,7 +56,7 @@ def test_base_parses(tmp_path):
 @pytest.mark.parametrize(
     "change, value, message",
     [
-        ("connections.0.kind", "ftp", "connections[0].kind: 'ftp' is not one of ['http']"),
+        ("connections.0.kind", "ftp", "connections[0].kind: 'ftp' is not one of ['http', 'kubernetes']"),
         ("connections.0.name", "Bad Name", "connections[0].name: 'Bad Name' does not match"),
         ("connections.0.hosts", [], "connections[0].hosts: [] should be non-empty"),
         ("connections.0.credential.secret", "hunter2", "connections[0].credential.secret: 'hunter2' does not match"),
@@ -113,8 +113,13 @@ def test_sample_configuration_is_valid(monkeypatch, tmp_path):
     doc = yaml.safe_load(sample.read_text())
     (tmp_path / "sample-api.token").write_text("t")
     doc["connections"][0]["credential"]["secret"] = "file:sample-api.token"
+    doc["connections"][1]["credential"]["secret"] = "file:sample-api.token"
+    doc["connections"][1]["tls"]["ca_file"] = "cluster-ca.pem"
+    (tmp_path / "cluster-ca.pem").write_text("")
     cfg = config.parse(doc, str(tmp_path / "custody.yaml"))
     assert cfg.identity.dev_issuer is not None
+    assert [(c.name, c.kind, c.bearer_is_gateway) for c in cfg.connections[:2]] == [
+        ("sample-api", "http", False), ("prod-k8s", "kubernetes", True)]
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from addons import httpops
+from addons import httpops, kubeops
 from addons.context import Principal
 from addons.rules import RuleError, RuleSet, glob_regex, parse_file
 
@@ -275,6 +275,55 @@ def test_first_failure_explains_a_miss():
     (rule,) = ruleset({"id": "r", "match": {"connection": "api", "action": "write", "path": "/x"}, "effect": "allow"}).rules
     assert rule.first_failure(ANALYST, op()) == "action"
     assert rule.first_failure(ANALYST, op("POST", "/x")) is None
+
+
+def kube(method="GET", target="/api/v1/namespaces/default/pods", **headers):
+    return kubeops.classify("k8s", method, target, {k.replace("_", "-"): [v] for k, v in headers.items()}, None)
+
+
+@pytest.mark.parametrize(
+    "match, operation, holds",
+    [
+        ({"verbs": "list"}, kube(), True),
+        ({"verbs": ["get", "watch"]}, kube(), False),
+        ({"verbs": "watch"}, kube(target="/api/v1/namespaces/default/pods?watch=1"), True),
+        ({"resources": "pods"}, kube(), True),
+        ({"resources": "pods"}, kube("POST", "/api/v1/namespaces/default/pods/web/exec"), False),
+        ({"resources": "pods/*"}, kube("POST", "/api/v1/namespaces/default/pods/web/exec"), True),
+        ({"resources": "secrets"}, kube(target="/version"), False),
+        ({"groups": "apps"}, kube(target="/apis/apps/v1/namespaces/default/deployments"), True),
+        ({"groups": ""}, kube(), True),
+        ({"namespaces": "team-*"}, kube(target="/api/v1/namespaces/team-a/pods"), True),
+        ({"namespaces": "team-*"}, kube(), False),
+        ({"names": "web-*"}, kube(target="/api/v1/namespaces/default/pods/web-1"), True),
+        ({"names": "web-1"}, kube(target="/api/v1/namespaces/default/pods?fieldSelector=metadata.name%3Dweb-1"), True),
+        ({"commands": "cat /etc/*"}, kube("POST", "/api/v1/namespaces/d/pods/p/exec?command=cat&command=/etc/shadow"), True),
+        ({"commands": "ls"}, kube("POST", "/api/v1/namespaces/d/pods/p/exec?command=ls&command=-la"), False),
+        ({"non_resource": True}, kube(target="/healthz"), True),
+        ({"non_resource": True}, kube(), False),
+        ({"non_resource": False}, kube(), True),
+        ({"dry_run": True}, kube("POST", "/api/v1/namespaces/default/pods?dryRun=All"), True),
+        ({"dry_run": False}, kube("POST", "/api/v1/namespaces/default/pods?dryRun=All"), False),
+        ({"verbs": "list"}, kube(impersonate_user="admin"), False),  # an allow rule never impersonates by accident
+        ({"impersonate": {"users": "viewer"}}, kube(impersonate_user="viewer"), True),
+        ({"impersonate": {"users": "viewer"}}, kube(impersonate_user="admin"), False),
+        ({"impersonate": {"users": "viewer"}}, kube(), False),
+        ({"impersonate": {"groups": "devs"}}, kube(impersonate_user="x", impersonate_group="system:masters"), False),
+        ({"verbs": "get"}, op(), False),  # Kubernetes conditions never hold for other protocols
+    ],
+)
+def test_kubernetes_match_fields(match, operation, holds):
+    rules = ruleset({"id": "r", "match": {"kubernetes": match}, "effect": "allow"})
+    assert (rules.decide(ANALYST, operation).effect == "allow") is holds
+
+
+def test_impersonation_blocks_deny_and_review_too():
+    rules = ruleset({"id": "no-admin-impersonation", "match": {"kubernetes": {"impersonate": {"users": "admin"}}},
+                     "effect": "deny"},
+                    {"id": "anything", "match": {"connection": "k8s"}, "effect": "review",
+                     "review": {"approvers": ["group:sre"]}})
+    assert rules.decide(ANALYST, kube(impersonate_user="admin")).effect == "deny"
+    assert rules.decide(ANALYST, kube(impersonate_user="viewer")).effect == "review"  # deny/review need no opt-in
 
 
 def test_shipped_rules_are_valid():

@@ -12,7 +12,23 @@ import time
 import requests
 
 from tests.support.gateway import ROOT
+from tests.support.kubectl import clean_env
 from tests.support.servers import free_port
+
+
+def walkthrough_kubectl(tmp_path, env, port):
+    """kubectl set up the way scripts/run prints: a token, `custody kubeconfig`, KUBECONFIG."""
+    custody_env = {**env, "CUSTODY_CONFIG": str(ROOT / "examples" / "custody.yaml")}
+    token = subprocess.run([str(ROOT / ".venv" / "bin" / "custody"), "token", "--sub", "crew-ops", "--groups",
+                            "k8s-operators", "--ttl", "1h"], capture_output=True, text=True, check=True,
+                           env=custody_env).stdout
+    (tmp_path / "ops.jwt").write_text(token)
+    subprocess.run([str(ROOT / ".venv" / "bin" / "custody"), "kubeconfig", "--connection", "prod-k8s", "--token-file",
+                    str(tmp_path / "ops.jwt"), "--proxy-url", f"http://127.0.0.1:{port}", "--confdir",
+                    str(ROOT / ".custody" / "mitmproxy"), "-o", str(tmp_path / "ops.kubeconfig")],
+                   capture_output=True, text=True, check=True, env=custody_env)
+    kube_env = clean_env(KUBECONFIG=str(tmp_path / "ops.kubeconfig"), KUBECACHEDIR=str(tmp_path / "kube-cache"))
+    return lambda *args: subprocess.run(["kubectl", *args], capture_output=True, text=True, env=kube_env, timeout=60)
 
 
 def test_scripts_run_serves_the_walkthrough(tmp_path):
@@ -39,6 +55,13 @@ def test_scripts_run_serves_the_walkthrough(tmp_path):
         assert ok.status_code == 200 and ok.json()[0]["name"] == "bolt M6"
         denied = requests.delete("http://sample-api.internal/items/1", proxies=proxies, timeout=10)
         assert denied.status_code == 403 and denied.json()["rules"] == ["no-deletes"]
+        kubectl = walkthrough_kubectl(tmp_path, env, port)
+        pods = kubectl("get", "pods", "-n", "shop")
+        assert pods.returncode == 0 and "web-1" in pods.stdout, pods.stderr
+        secret = kubectl("get", "secret", "db-credentials", "-n", "shop", "-o", "jsonpath={.data.password}")
+        assert (secret.returncode, secret.stdout) == (0, "[REDACTED]"), secret.stderr
+        gone = kubectl("delete", "namespace", "shop")
+        assert gone.returncode == 1 and "custody: Agents never delete namespaces." in gone.stderr
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)

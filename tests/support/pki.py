@@ -42,27 +42,34 @@ class CA:
 
     def issue(self, hostname: str = "localhost") -> tuple[Path, Path]:
         """A server certificate and key (PEM files) for `hostname` and 127.0.0.1."""
+        san = x509.SubjectAlternativeName([x509.DNSName(hostname), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+        return self._issue(hostname, x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, san)
+
+    def issue_client(self, common_name: str) -> Path:
+        """A client certificate with its key in one PEM file (what TLS client auth loads)."""
+        cert_file, key_file = self._issue(common_name, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, None)
+        both = cert_file.with_suffix(".pem")
+        both.write_bytes(cert_file.read_bytes() + key_file.read_bytes())
+        return both
+
+    def _issue(self, name: str, usage, san) -> tuple[Path, Path]:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (
+        builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName(hostname), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(self.key, hashes.SHA256())
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )
-        cert_file = self.dir / f"{hostname}-{id(cert)}.crt"
-        key_file = self.dir / f"{hostname}-{id(cert)}.key"
+        if san is not None:
+            builder = builder.add_extension(san, critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        cert_file = self.dir / f"{name}-{id(cert)}.crt"
+        key_file = self.dir / f"{name}-{id(cert)}.key"
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         key_file.write_bytes(
             key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())

@@ -361,11 +361,12 @@ def parse(raw: Any, path: str) -> Config:
         if c.upstream is None:
             continue
         other = trust.setdefault((c.upstream.host, c.upstream.port), c)
-        if other.ca_file != c.ca_file:
-            raise ConfigError(
-                f"{path}: connections: {other.name} and {c.name} send to the same upstream "
-                f"{c.upstream.host}:{c.upstream.port} with different tls.ca_file"
-            )
+        for setting in ("ca_file", "client_cert"):
+            if getattr(other, setting) != getattr(c, setting):  # upstream TLS is chosen by address
+                raise ConfigError(
+                    f"{path}: connections: {other.name} and {c.name} send to the same upstream "
+                    f"{c.upstream.host}:{c.upstream.port} with different tls.{setting}"
+                )
     rules = raw["rules"]
     store = raw["store"]
     if "path" not in store:

@@ -88,12 +88,13 @@ def test_a_host_belongs_to_one_connection(tmp_path):
         config.parse(doc, str(tmp_path / "c.yaml"))
 
 
-def test_one_upstream_one_trust(tmp_path):
-    (tmp_path / "ca.pem").write_text("x")
+@pytest.mark.parametrize("setting", ["ca_file", "client_cert"])
+def test_one_upstream_one_tls(tmp_path, setting):
+    (tmp_path / "tls.pem").write_text("x")
     doc = copy.deepcopy(BASE)
     doc["connections"].append({"name": "b", "kind": "http", "hosts": ["b.internal"], "upstream": "http://127.0.0.1:9000",
-                               "tls": {"ca_file": "ca.pem"}})
-    with pytest.raises(config.ConfigError, match="api and b send to the same upstream 127.0.0.1:9000 with different tls.ca_file"):
+                               "tls": {setting: "tls.pem"}})
+    with pytest.raises(config.ConfigError, match=f"api and b send to the same upstream 127.0.0.1:9000 with different tls.{setting}"):
         config.parse(doc, str(tmp_path / "c.yaml"))
 
 

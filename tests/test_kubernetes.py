@@ -65,7 +65,9 @@ def gw(tmp_path_factory, servers, kube, ca):
             {"name": "prod-k8s", "kind": "kubernetes", "hosts": ["kube.test"], "upstream": kube.url,
              "tls": {"ca_file": str(ca.cert_file)}, "credential": {"type": "bearer", "secret": "env:KUBE_SA_TOKEN"},
              "listen": f"127.0.0.1:{direct}"},
-            {"name": "cert-k8s", "kind": "kubernetes", "hosts": ["cert.kube.test"], "upstream": kube.url,
+            # the same API server under another name: upstream TLS settings are chosen by address
+            {"name": "cert-k8s", "kind": "kubernetes", "hosts": ["cert.kube.test"],
+             "upstream": kube.url.replace("127.0.0.1", "localhost"),
              "tls": {"ca_file": str(ca.cert_file), "client_cert": str(client_cert)}},
         ],
         rules={"kubernetes.yaml": (ROOT / "rules" / "kubernetes.yaml").read_text(), "test.yaml": TEST_RULES},

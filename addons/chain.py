@@ -1,7 +1,10 @@
 """Custody's addon chain: `mitmdump -s addons/chain.py` (or mitmweb, or `custody run`).
 
 mitmproxy runs every hook in list order, response hooks included, so the order below is
-the order of DESIGN.md: identity, classify, policy, approval, masking, recorder, credentials.
+the order of DESIGN.md: identity, classify, policy, approval, masking, recorder, credentials,
+terminals. pg_bridge's planner sits between classify and policy (a statement's row estimate
+and what `EXECUTE name` runs are part of what it does), and its executor is the terminal
+that answers Postgres flows on the real server; both share the open sessions.
 Before them: settings (the others read it while configuring), the audit log, the approvals
 book and the masking workers (shared services with no flow hooks), and the gateway's
 public endpoints (they need no token). Masking has only response hooks, so on responses it
@@ -30,6 +33,9 @@ from addons.policy import Policy
 from addons.recorder import Recorder
 from addons.settings import Settings
 from addons.wellknown import WellKnown
+from pg_bridge.executor import Executor
+from pg_bridge.planner import Planner
+from pg_bridge.sessions import Sessions
 
 
 logger = logging.getLogger(__name__)
@@ -41,21 +47,25 @@ def build() -> list:
     log = AuditLog(settings)
     book = ApprovalBook(settings, log)
     pool = MaskPool(settings)
+    sessions = Sessions()
     return [
         Hardening(),
         settings,
         log,
         book,
         pool,
+        sessions,
         WellKnown(settings),
         Identity(settings),
         Classify(settings),
+        Planner(sessions),
         Policy(settings),
         Approval(settings, book, pool),
         Masking(settings, pool),
         Recorder(settings, log, pool),
         ApprovalAPI(settings, book),
         Credentials(settings),
+        Executor(settings, sessions),
     ]
 
 

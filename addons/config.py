@@ -58,7 +58,8 @@ def resolve_secret(ref: str, base: Path) -> str:
 
 @dataclass(frozen=True)
 class Credential:
-    """What the gateway adds to upstream requests: one header, never seen by the agent."""
+    """What the gateway adds to upstream requests: one header, never seen by the agent.
+    For a `password` credential (a database login), `header` holds the user name."""
 
     type: str
     header: str
@@ -68,6 +69,8 @@ class Credential:
     def parse(cls, raw: dict[str, Any], secret: str) -> Credential:
         if raw["type"] == "bearer":
             return cls("bearer", "authorization", f"Bearer {secret}")
+        if raw["type"] == "password":  # a database login: pg_bridge's executor presents it
+            return cls("password", raw["username"], secret)
         if raw["type"] == "basic":
             pair = f"{raw['username']}:{secret}".encode()
             return cls("basic", "authorization", "Basic " + base64.b64encode(pair).decode())
@@ -79,6 +82,7 @@ class Upstream:
     scheme: str
     host: str
     port: int
+    database: str = ""
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,8 @@ class Connection:
     bearer_is_gateway: bool = False
     client_cert: str | None = None
     listen: tuple[str, int] | None = None
+    server_cert: str | None = None
+    max_result_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -181,21 +187,27 @@ class Config:
     masking: Masking
 
 
-def _upstream(url: str) -> Upstream:
+DEFAULT_UPSTREAM_PORTS = {"https": 443, "http": 80, "postgresql": 5432, "postgres": 5432}
+UPSTREAM_SCHEMES = {"http": ("http", "https"), "kubernetes": ("http", "https"), "postgres": ("postgresql", "postgres")}
+
+
+def _upstream(url: str, kind: str, where: str) -> Upstream:
     parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return Upstream(parts.scheme, parts.hostname or "", port)
+    if parts.scheme not in UPSTREAM_SCHEMES[kind]:
+        raise ConfigError(f"{where}.upstream: a {kind} connection needs a {' or '.join(UPSTREAM_SCHEMES[kind])} URL")
+    port = parts.port or DEFAULT_UPSTREAM_PORTS[parts.scheme]
+    return Upstream(parts.scheme, parts.hostname or "", port, parts.path.strip("/"))
 
 
 # kubectl sends its kubeconfig token as Authorization: Bearer; that token is the agent's JWT.
 DEFAULT_TOKEN_HEADER = {"kubernetes": "authorization"}
 
 
-def _connection(raw: dict[str, Any], base: Path, where: str) -> Connection:
+def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = True) -> Connection:
     credential = None
     if "credential" in raw:
         try:
-            secret = resolve_secret(raw["credential"]["secret"], base)
+            secret = resolve_secret(raw["credential"]["secret"], base) if secrets else ""
         except (OSError, ValueError) as e:
             raise ConfigError(f"{where}.credential.secret: {e}") from None
         credential = Credential.parse(raw["credential"], secret)
@@ -206,16 +218,29 @@ def _connection(raw: dict[str, Any], base: Path, where: str) -> Connection:
     client_cert = str(base / tls["client_cert"]) if "client_cert" in tls else None
     if client_cert and not os.path.isfile(client_cert):
         raise ConfigError(f"{where}.tls.client_cert: no such file: {client_cert}")
+    server_cert = str(base / tls["server_cert"]) if "server_cert" in tls else None
+    if server_cert and not os.path.isfile(server_cert):
+        raise ConfigError(f"{where}.tls.server_cert: no such file: {server_cert}")
+    if raw["kind"] == "postgres":
+        if "upstream" not in raw:
+            raise ConfigError(f"{where}.upstream: a postgres connection needs postgresql://host:port/database")
+        if credential is None or credential.type != "password":
+            raise ConfigError(f"{where}.credential: a postgres connection needs a password credential "
+                              "(type: password, username, secret)")
+    elif credential is not None and credential.type == "password":
+        raise ConfigError(f"{where}.credential: type password is for postgres connections")
     return Connection(
         name=raw["name"],
         kind=raw["kind"],
         hosts=tuple(h.lower() for h in raw["hosts"]),
-        upstream=_upstream(raw["upstream"]) if "upstream" in raw else None,
+        upstream=_upstream(raw["upstream"], raw["kind"], where) if "upstream" in raw else None,
         ca_file=ca_file,
         credential=credential,
         bearer_is_gateway=raw.get("token_header", DEFAULT_TOKEN_HEADER.get(raw["kind"])) == "authorization",
         client_cert=client_cert,
         listen=listen_address(raw["listen"]) if "listen" in raw else None,
+        server_cert=server_cert,
+        max_result_bytes=raw.get("max_result_bytes", 16 * 1024 * 1024),
     )
 
 
@@ -328,8 +353,10 @@ def _masking(raw: dict[str, Any], base: Path, store_dir: Path, path: str) -> Mas
     )
 
 
-def parse(raw: Any, path: str) -> Config:
-    """Validate and build a Config from the parsed YAML of the file at `path`."""
+def parse(raw: Any, path: str, secrets: bool = True) -> Config:
+    """Validate and build a Config from the parsed YAML of the file at `path`. Without
+    `secrets`, connection credentials are left empty: for processes such as pg_bridge
+    that must never hold them."""
     problems = schema.errors("config", raw)
     if problems:
         raise ConfigError(
@@ -338,7 +365,7 @@ def parse(raw: Any, path: str) -> Config:
     base = Path(path).resolve().parent
     try:
         connections = tuple(
-            _connection(c, base, f"connections[{n}]") for n, c in enumerate(raw["connections"])
+            _connection(c, base, f"connections[{n}]", secrets) for n, c in enumerate(raw["connections"])
         )
         identity = _identity(raw.get("identity", {}), base)
     except ConfigError as e:
@@ -385,11 +412,12 @@ def parse(raw: Any, path: str) -> Config:
             synchronous=store.get("synchronous", "normal"),
         ),
         approvals=_approvals(raw.get("approvals", {}), raw.get("notify", {}), gateway_host),
-        masking=_masking(raw.get("masking", {}), base, (base / store["path"]).resolve().parent, path),
+        masking=_masking(raw.get("masking", {}), base, (base / store["path"]).resolve().parent, path)
+        if secrets else Masking(),
     )
 
 
-def load(path: str) -> Config:
+def load(path: str, secrets: bool = True) -> Config:
     """Read, validate and parse the configuration file at `path`."""
     try:
         with open(path) as fh:
@@ -398,7 +426,7 @@ def load(path: str) -> Config:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse(raw, path)
+    return parse(raw, path, secrets)
 
 
 def find(explicit: str | None = None) -> str:

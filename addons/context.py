@@ -79,6 +79,8 @@ class Operation:
     details: dict[str, Any] = field(default_factory=dict)
     payload: Any = field(default=None, repr=False, compare=False)
     """The parsed request document rules may look into (JSON body); never recorded here."""
+    parts: tuple[Operation, ...] = field(default=(), compare=False)
+    """The statements of a multi-statement SQL string: policy decides each one."""
 
     @functools.cached_property
     def json(self) -> str:
@@ -93,6 +95,7 @@ class Operation:
             "risk": self.risk,
             "summary": self.summary,
             "details": self.details,
+            **({"parts": [p.as_dict() for p in self.parts]} if len(self.parts) > 1 else {}),
         }
 
 

@@ -5,6 +5,9 @@ differs from the name agents use), injects the connection's credential (replacin
 the agent sent), pins upstream TLS verification to the connection's CA and presents its
 client certificate. The agent never sees or sends backend credentials. Connections with a
 `listen` address also get a direct listener, for clients that cannot use a proxy.
+
+Only HTTP-speaking upstreams (kinds in PROXIED) are reached this way; a Postgres flow is
+answered by its terminal (pg_bridge/executor.py), which holds the database login itself.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from addons.failclosed import guarded
 from addons.settings import Settings
 
 logger = logging.getLogger(__name__)
+PROXIED = ("http", "kubernetes")
 
 
 def upstream_context(conn: Connection) -> SSL.Context:
@@ -69,7 +73,7 @@ class Credentials:
             connections = self.settings.require().connections
             self.registry = Registry(connections)
             self.by_upstream = {
-                (c.upstream.host, c.upstream.port): c for c in connections if c.upstream
+                (c.upstream.host, c.upstream.port): c for c in connections if c.upstream and c.kind in PROXIED
             }
 
     def running(self) -> None:
@@ -77,7 +81,7 @@ class Credentials:
         use a proxy; added once running, as mitmdump loads the chain while it starts."""
         modes = list(mctx.options.mode)
         for c in self.settings.require().connections:
-            if c.listen is not None:
+            if c.listen is not None and c.kind in PROXIED:
                 host = c.hosts[0]
                 spec = f"reverse:https://{host}@{c.listen[0]}:{c.listen[1]}"
                 if spec not in modes:
@@ -92,7 +96,10 @@ class Credentials:
         ctx = context.of(f)
         if not ctx.cleared:
             return  # the gate refuses it
-        apply(f.request, self.registry.by_name[ctx.connection])
+        conn = self.registry.by_name[ctx.connection]
+        if conn.kind not in PROXIED:
+            return  # answered by its terminal
+        apply(f.request, conn)
         ctx.destination = (f.request.host, f.request.port)
 
     def _connection_for(self, address: tuple[str, int]) -> Connection | None:

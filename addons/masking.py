@@ -120,16 +120,11 @@ class Masking:
     def __init__(self, settings: Settings, pool: MaskPool) -> None:
         self.settings = settings
         self.pool = pool
-        self.detector = None
-        self._loading: asyncio.Future | None = None
 
-    def running(self) -> None:
-        self._loading = asyncio.ensure_future(self._load_detector())
-
-    async def _load_detector(self) -> None:
-        from addons.detectors import Detector  # Presidio: imported off the event loop
-
-        self.detector = await asyncio.to_thread(Detector, self.settings.require().masking.ner_model)
+    @property
+    def detector(self):
+        """The detector in this process (for streams and frames), once loaded."""
+        return self.pool.detector
 
     def _refuse_now(self, f: http.HTTPFlow, status: int, reason: str, error: str) -> None:
         failclosed.refuse(f, status, reason, error=error)
@@ -201,7 +196,7 @@ class Masking:
         if length.isdigit() and int(length) > cfg.masking.max_body:
             self._refuse_now(f, 502, f"the response ({length} bytes) is larger than masking allows "
                                      f"({cfg.masking.max_body}); it was not sent", "masking_refused")
-        elif content_type.startswith(BINARY_TYPES):
+        elif content_type.startswith(BINARY_TYPES) and "json" not in content_type:  # vnd.…+json is JSON
             self._refuse_now(f, 502, f"a {content_type} response cannot be masked; it was not sent", "masking_refused")
 
     @guarded

@@ -3,7 +3,11 @@
 Detection is CPU work, and a thread would still stall every other flow through the GIL,
 so bodies are masked in a process pool. Each worker builds its Presidio recognizers once
 (at start, in the background; until then masking is "not ready" and masked responses are
-refused). A job that fails, times out or loses its worker raises MaskUnavailable, and a
+refused). Bodies of at most INLINE bytes (a SQL row, a small JSON answer) are masked in a
+thread of the gateway with its own detector: they take tens of microseconds, where a trip
+to a worker process costs about a millisecond; a detector that hangs there is dropped and
+the workers take over. Streams and WebSocket frames are
+masked with that detector too (addons/masking.py). A job that fails, times out or loses its worker raises MaskUnavailable, and a
 pool that timed out or broke is replaced, so one bad body cannot wedge the gateway.
 """
 
@@ -25,16 +29,21 @@ from addons.settings import Settings
 logger = logging.getLogger(__name__)
 
 _state: dict[str, Any] = {}  # per worker process
+INLINE = 1024
 
 
 class MaskUnavailable(Exception):
     """Masking could not run (not ready, timed out, worker died): refuse, never pass on."""
 
 
-def _init(hash_key: bytes, ner_model: str | None) -> None:
-    from addons.detectors import Detector
+def _detector(ner_model: str | None):
+    from addons.detectors import Detector  # Presidio: imported off the event loop
 
-    _state["detector"] = Detector(ner_model)
+    return Detector(ner_model)
+
+
+def _init(hash_key: bytes, ner_model: str | None) -> None:
+    _state["detector"] = _detector(ner_model)
     _state["key"] = hash_key
 
 
@@ -67,15 +76,27 @@ class MaskPool:
         self.settings = MaskingSettings()
         self.executor: ProcessPoolExecutor | None = None
         self.ready: asyncio.Future | None = None
+        self.detector = None
+        self.inline = True
+        self._loading: asyncio.Future | None = None
 
     def configure(self, updated: set[str]) -> None:
         if "custody_config" in updated:
             self.settings = self.config.require().masking
+            MaskPool._local.cache_clear()
             if self.executor is not None:
                 self.restart("the configuration changed")
 
     def running(self) -> None:
         self.start()
+        self._loading = asyncio.ensure_future(self._load_detector())
+
+    async def _load_detector(self) -> None:
+        self.detector = await asyncio.to_thread(_detector, self.settings.ner_model)
+
+    @functools.lru_cache(maxsize=256)
+    def _local(self, masks: str) -> Masker:
+        return Masker(parse_all(json.loads(masks)), self.detector, self.settings.hash_key)
 
     def done(self) -> None:
         self.close()
@@ -111,6 +132,19 @@ class MaskPool:
     async def mask(self, content: bytes, content_type: str, masks: tuple) -> tuple[bytes, dict]:
         """The masked body and its report; MaskError for bodies that cannot be masked."""
         timeout = self.settings.timeout
+        if len(content) <= INLINE and self.detector is not None and self.inline:
+            masker = self._local(masks_json(masks))
+            try:
+                out, report = await asyncio.wait_for(asyncio.to_thread(masker.body, content, content_type), timeout)
+            except MaskError:
+                raise
+            except TimeoutError:
+                self.inline = False  # a detector that hung here stays out of this process
+                logger.error("custody: masking in the gateway process hung; using the workers only from now on")
+                raise MaskUnavailable(f"masking did not finish within {timeout:g}s") from None
+            except Exception as e:
+                raise MaskUnavailable(f"masking failed: {type(e).__name__}: {e}") from None
+            return out, report.as_dict()
         try:
             await asyncio.wait_for(asyncio.shield(self.ready), timeout)
         except (TimeoutError, asyncio.CancelledError):

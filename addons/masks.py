@@ -25,6 +25,7 @@ Pure code: the detector is passed in (addons/detectors.py builds the real one).
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import functools
 import hashlib
@@ -47,6 +48,12 @@ NER_ENTITIES = ("PERSON", "LOCATION")
 GROUPS = {"secrets": SECRET_ENTITIES, "pii": PII_ENTITIES}
 ENTITIES = SECRET_ENTITIES + PII_ENTITIES + NER_ENTITIES
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+SQL_RESULTS = "application/vnd.custody.sql-results+json"
+"""pg_bridge results (pg_bridge/executor.py): masked by column, see Masker.sql_results."""
+TEXT_OID = 25
+TEXT_OIDS = frozenset({25, 1043, 1042, 19, 18, 114, 142, 705})
+"""text, varchar, bpchar, name, char, json, xml, unknown: their binary form is their text."""
+ERROR_TEXT_FIELDS = ("M", "D", "H", "W")
 
 PRESETS = {
     "secrets": {"detect": ["secrets"]},
@@ -280,6 +287,78 @@ class Masker:
         masked = self._objects(inner, mask, report)
         return text if sum(report.fields.values()) == before else json.dumps(masked, separators=(",", ":"))
 
+    def sql_results(self, doc: dict[str, Any], report: Report) -> dict[str, Any]:
+        """pg_bridge results. A column is to SQL what a key is to JSON: `keys` masks mask
+        whole columns by name, `fields` masks see each row as {column: value}, detection
+        runs on text cells and on the text of errors and notices (an error's DETAIL can
+        quote a row). A column whose values were replaced becomes type text, so clients
+        decode `[REDACTED]` as a string instead of failing on it as an integer."""
+        for result in doc.get("results", []):
+            if "columns" in result:
+                self._table(result["columns"], result.get("rows", []), report)
+            if "error" in result:
+                result["error"] = self._error_text(result["error"], report)
+        doc["notices"] = [self._error_text(n, report) for n in doc.get("notices", [])]
+        return doc
+
+    def _error_text(self, fields: dict[str, str], report: Report) -> dict[str, str]:
+        if not self.entities:
+            return fields
+        return {k: self.text(v, report) if k in ERROR_TEXT_FIELDS else v for k, v in fields.items()}
+
+    def _table(self, columns: list[dict[str, Any]], rows: list[list[Any]], report: Report) -> None:
+        names = [c["name"] for c in columns]
+        text_like = [c["type_oid"] in TEXT_OIDS for c in columns]
+        binary = [c.get("format") == 1 for c in columns]
+        whole: set[int] = set()
+        retyped: set[int] = set()
+        for mask in self.structural:
+            if mask.kind == "keys":
+                for i, n in enumerate(names):
+                    if any(fnmatch.fnmatchcase(n.lower(), g) for g in mask.keys):
+                        whole.add(i)
+                        report.fields[mask.label] += sum(1 for row in rows if row[i] is not None)
+        fields = [m for m in self.structural if m.kind == "fields"]
+        for row in rows:
+            hit: set[int] = set()
+            as_object = {}
+            for i, n in enumerate(names):
+                as_object.setdefault(n, _cell_text(row[i], binary[i], text_like[i]))
+            for mask in fields:
+                for expr in mask.compiled:
+                    for match in expr.find(as_object):
+                        top = match.full_path
+                        while hasattr(top, "left"):
+                            top = top.left
+                        if getattr(top, "fields", None):
+                            cells = {i for i, n in enumerate(names) if n == top.fields[0] and i not in whole}
+                            report.fields[mask.label] += len(cells - hit)
+                            hit |= cells
+            for i in hit:
+                if binary[i] and not text_like[i]:
+                    whole.add(i)  # binary cells of other types cannot hold text: the whole column goes
+                elif row[i] is not None:
+                    row[i] = _cell(self._whole(_cell_text(row[i], binary[i], True), fields[0]), binary[i])
+                    retyped.add(i)
+            if self.entities:
+                for i, cell in enumerate(row):
+                    if cell is None or i in whole or i in hit or (binary[i] and not text_like[i]):
+                        continue
+                    before = report.masked
+                    masked = self.text(_cell_text(cell, binary[i], True), report, names[i])
+                    if report.masked != before:
+                        row[i] = _cell(masked, binary[i])
+                        retyped.add(i)
+        for i in whole:
+            mask = next((m for m in self.structural if m.kind == "keys"), None) or fields[0]
+            for row in rows:
+                if row[i] is not None:
+                    row[i] = _cell(self._whole(_cell_text(row[i], binary[i], text_like[i]), mask), binary[i])
+            retyped.add(i)
+        for i in retyped:
+            if not text_like[i]:
+                columns[i].update(type_oid=TEXT_OID, type_size=-1, type_modifier=-1)
+
     def _leaves(self, node: Any, report: Report, name: str) -> Any:
         if isinstance(node, str):
             return self.text(node, report, name)
@@ -300,6 +379,11 @@ class Masker:
             text = content.decode("utf-8")
         except UnicodeDecodeError:
             raise MaskError(f"the response body ({content_type or 'no content type'}) is not text and cannot be masked") from None
+        if content_type.startswith(SQL_RESULTS):
+            masked_doc = self.sql_results(json.loads(text), report)
+            if not report.masked and not self.structural:  # column masks retype columns even with no rows
+                return content, report
+            return json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":")).encode(), report
         doc = parse_json(text, content_type)
         if doc is _NOT_JSON:
             if self.structural:
@@ -351,6 +435,18 @@ def parse_json(text: str, content_type: str) -> Any:
         if says_json:
             raise MaskError(f"the response says it is {content_type} but does not parse as JSON") from None
         return _NOT_JSON
+
+
+def _cell_text(cell: str | None, binary: bool, text_like: bool) -> str | None:
+    """A result cell as text: binary cells travel base64; those of text types are UTF-8."""
+    if cell is None or not binary:
+        return cell
+    raw = base64.b64decode(cell)
+    return raw.decode("utf-8", "replace") if text_like else raw.hex()
+
+
+def _cell(text: str, binary: bool) -> str:
+    return base64.b64encode(text.encode()).decode() if binary else text
 
 
 def _masked_already(value: Any) -> bool:

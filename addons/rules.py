@@ -214,7 +214,39 @@ def _compile_checks(match: dict[str, Any], effect: str) -> tuple[tuple[str, Chec
     if "body" in match:
         checks.append(("body", _body_check(match["body"], effect)))
     checks += _kubernetes_checks(match.get("kubernetes"), effect)
+    checks += _sql_checks(match.get("sql"), effect)
     return tuple(checks)
+
+
+def _sql_checks(sql: dict[str, Any] | None, effect: str) -> list[tuple[str, Check]]:
+    """Checks on one SQL statement (policy decides each statement of a string on its own).
+    A write whose row estimate could not be made counts against the agent."""
+    checks: list[tuple[str, Check]] = []
+    sql = sql or {}
+    for key in ("classes", "tables", "functions"):
+        if key in sql:
+            test = _globs(tuple(v if key == "classes" else v.lower() for v in _many(sql[key])))
+            checks.append((f"sql.{key}", lambda p, op, t=test, k=key: op.protocol == "postgres"
+                           and any(t(v) for v in op.details.get(k, ()))))
+    if "commands" in sql:
+        commands = _globs(tuple(v.upper() for v in _many(sql["commands"])))
+        checks.append(("sql.commands", lambda p, op: op.protocol == "postgres" and commands(op.details.get("command", ""))))
+    if "where" in sql:
+        want = sql["where"]
+        checks.append(("sql.where", lambda p, op: op.protocol == "postgres" and "where" in op.details
+                       and op.details["where"] == want))
+    if "rows" in sql:
+        low, high = sql["rows"].get("min", 0), sql["rows"].get("max", float("inf"))
+        unknown_holds = effect != "allow"
+
+        def rows(p: Principal, op: Operation) -> bool:
+            if op.protocol != "postgres" or "rows" not in op.details:
+                return False  # not a write
+            n = op.details["rows"]
+            return unknown_holds if n is None else low <= n <= high
+
+        checks.append(("sql.rows", rows))
+    return checks
 
 
 def _kubernetes_checks(k8s: dict[str, Any] | None, effect: str) -> list[tuple[str, Check]]:
@@ -389,7 +421,12 @@ class RuleSet:
         return [r for r in self.candidates(op.connection, op.action) if r.matches(principal, op)]
 
     def decide(self, principal: Principal, op: Operation) -> Decision:
-        return decide(self.matching(principal, op))
+        """The decision for an operation; for one with parts (SQL statements), every part
+        is decided on its own and the strictest decision wins."""
+        if not op.parts:
+            return decide(self.matching(principal, op))
+        decisions = [decide(self.matching(principal, part)) for part in op.parts]
+        return strictest(decisions, op.parts)
 
 
 def decide(matched: list[Rule]) -> Decision:
@@ -417,3 +454,28 @@ def decide(matched: list[Rule]) -> Decision:
         masks=tuple(masks),
         reviews=tuple(r.review for r in chosen if r.review) if effect == "review" else (),
     )
+
+
+def strictest(decisions: list[Decision], parts: tuple[Operation, ...]) -> Decision:
+    """Combine the decisions on the statements of one string: a denied statement denies
+    the string (its reason names the statement), a reviewed one holds it, and only a
+    string whose every statement is allowed is allowed; masks and rules are the union."""
+    def which(n: int) -> str:
+        return f"statement {n + 1} ({parts[n].details.get('command', '?')}): " if len(parts) > 1 else ""
+
+    for n, d in enumerate(decisions):
+        if d.effect == "deny":
+            return Decision(effect="deny", rules=d.rules, reason=which(n) + d.reason, status=d.status, error=d.error)
+    rules = tuple(dict.fromkeys(r for d in decisions for r in d.rules))
+    masks: list[Any] = []
+    for m in (m for d in decisions for m in d.masks):
+        if m not in masks:
+            masks.append(m)
+    reviewed = [(n, d) for n, d in enumerate(decisions) if d.effect == "review"]
+    if reviewed:
+        reviews = tuple(dict.fromkeys(r for _, d in reviewed for r in d.reviews))
+        return Decision(effect="review", rules=rules, reason="; ".join(which(n) + d.reason for n, d in reviewed),
+                        masks=tuple(masks), reviews=reviews)
+    return Decision(effect="allow", rules=rules, reason=decisions[0].reason if len(decisions) == 1 else
+                    f"all {len(decisions)} statements allowed", masks=tuple(masks))
+

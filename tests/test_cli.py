@@ -27,6 +27,7 @@ def setup(tmp_path):
     cluster = doc["connections"][1]
     cluster["credential"]["secret"], cluster["tls"]["ca_file"] = "file:api.token", "cluster-ca.pem"
     (tmp_path / "cluster-ca.pem").write_text("")
+    doc["connections"][2]["credential"]["secret"] = "file:api.token"
     doc["rules"] = str(ROOT / "rules")
     doc["store"]["path"] = "audit.db"
     (tmp_path / "api.token").write_text("t")
@@ -79,7 +80,7 @@ def test_token_needs_the_dev_issuer(setup):
 
 def test_rules_check(setup, tmp_path):
     ok = setup("rules", "check")
-    assert ok.returncode == 0 and ok.stdout.startswith("ok: 12 rules in 2 files")
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: 18 rules in 3 files")
     bad_dir = tmp_path / "bad-rules"
     bad_dir.mkdir()
     (bad_dir / "x.yaml").write_text(yaml.safe_dump({"rules": [

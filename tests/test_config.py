@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -56,7 +57,7 @@ def test_base_parses(tmp_path):
 @pytest.mark.parametrize(
     "change, value, message",
     [
-        ("connections.0.kind", "ftp", "connections[0].kind: 'ftp' is not one of ['http', 'kubernetes']"),
+        ("connections.0.kind", "ftp", "connections[0].kind: 'ftp' is not one of ['http', 'kubernetes', 'postgres']"),
         ("connections.0.name", "Bad Name", "connections[0].name: 'Bad Name' does not match"),
         ("connections.0.hosts", [], "connections[0].hosts: [] should be non-empty"),
         ("connections.0.credential.secret", "hunter2", "connections[0].credential.secret: 'hunter2' does not match"),
@@ -116,11 +117,43 @@ def test_sample_configuration_is_valid(monkeypatch, tmp_path):
     doc["connections"][0]["credential"]["secret"] = "file:sample-api.token"
     doc["connections"][1]["credential"]["secret"] = "file:sample-api.token"
     doc["connections"][1]["tls"]["ca_file"] = "cluster-ca.pem"
+    doc["connections"][2]["credential"]["secret"] = "file:sample-api.token"
     (tmp_path / "cluster-ca.pem").write_text("")
     cfg = config.parse(doc, str(tmp_path / "custody.yaml"))
     assert cfg.identity.dev_issuer is not None
-    assert [(c.name, c.kind, c.bearer_is_gateway) for c in cfg.connections[:2]] == [
-        ("sample-api", "http", False), ("prod-k8s", "kubernetes", True)]
+    assert [(c.name, c.kind, c.bearer_is_gateway) for c in cfg.connections[:3]] == [
+        ("sample-api", "http", False), ("prod-k8s", "kubernetes", True), ("prod-db", "postgres", False)]
+    db = cfg.connections[2]
+    assert (db.upstream.port, db.upstream.database, db.credential.header, db.listen) == (
+        5433, "shop", "app", ("127.0.0.1", 15432))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"upstream": "https://db.internal"}, "connections[0].upstream: a postgres connection needs a postgresql"),
+        ({"credential": {"type": "bearer", "secret": "env:HOME"}}, "a postgres connection needs a password credential"),
+        ({"upstream": None}, "connections[0].upstream: a postgres connection needs postgresql://host:port/database"),
+    ],
+)
+def test_postgres_connection_errors(tmp_path, change, message):
+    conn = {"name": "db", "kind": "postgres", "hosts": ["db.internal"], "upstream": "postgresql://127.0.0.1:5432/shop",
+            "credential": {"type": "password", "username": "app", "secret": "env:HOME"}, **change}
+    conn = {k: v for k, v in conn.items() if v is not None}
+    doc = {"connections": [conn], "rules": "rules", "store": {"path": "a.db"}}
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.parse(doc, str(tmp_path / "c.yaml"))
+
+
+def test_the_bridge_reads_the_configuration_without_secrets(tmp_path):
+    conn = {"name": "db", "kind": "postgres", "hosts": ["db.internal"], "upstream": "postgresql://127.0.0.1:5432/shop",
+            "credential": {"type": "password", "username": "app", "secret": "env:CUSTODY_UNSET_SECRET"},
+            "listen": "127.0.0.1:15432"}
+    doc = {"connections": [conn], "rules": "rules", "store": {"path": "a.db"}}
+    with pytest.raises(config.ConfigError, match="CUSTODY_UNSET_SECRET is not set"):
+        config.parse(doc, str(tmp_path / "c.yaml"))
+    cfg = config.parse(doc, str(tmp_path / "c.yaml"), secrets=False)
+    assert cfg.connections[0].credential.value == "" and not (tmp_path / "masking.key").exists()
 
 
 @pytest.mark.parametrize(

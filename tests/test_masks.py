@@ -89,3 +89,82 @@ def test_container_environment_values():
 def test_object_mask_errors(raw, message):
     with pytest.raises(ValueError, match=message):
         parse(raw)
+
+
+# SQL results (pg_bridge): a column is to SQL what a key is to JSON
+
+
+def column(name, type_oid=25, fmt=0):
+    return {"name": name, "table_oid": 0, "column": 0, "type_oid": type_oid, "type_size": -1, "type_modifier": -1,
+            "format": fmt}
+
+
+def sql_mask(columns, rows, *masks, error=None):
+    from addons.detectors import Detector
+    from addons.masks import SQL_RESULTS
+
+    results = [{"columns": columns, "rows": rows, "command": f"SELECT {len(rows)}"}]
+    if error:
+        results.append({"error": error})
+    content = json.dumps({"results": results, "notices": [], "status": "I", "parameters": {}}).encode()
+    out, report = Masker(parse_all(masks), _detector(), b"k").body(content, SQL_RESULTS)
+    return json.loads(out), report
+
+
+_DETECTOR = []
+
+
+def _detector():
+    if not _DETECTOR:
+        from addons.detectors import Detector
+
+        _DETECTOR.append(Detector(None))
+    return _DETECTOR[0]
+
+
+def b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "columns, rows, masks, masked_rows, types",
+    [
+        # credential-named columns are masked whole; an int column that is masked becomes text
+        ([column("id", 23), column("password"), column("api_token", 23)], [["1", "hunter2", "77"], ["2", None, "8"]],
+         ("secret-keys",), [["1", "[REDACTED]", "[REDACTED]"], ["2", None, "[REDACTED]"]], [23, 25, 25]),
+        # detection in free text, wherever it is in the cell
+        ([column("note")], [["mail bob@example.com now"]], ("pii",), [["mail [EMAIL_ADDRESS] now"]], [25]),
+        # a non-text type whose text was rewritten is announced as text, so clients read a string
+        ([column("addr", 869)], [["10.1.2.3"]], ("pii",), [["[IP_ADDRESS]"]], [25]),
+        # fields masks see each row as {column: value}
+        ([column("id", 23), column("email")], [["1", "a@b.example"]], ({"fields": ["$.email"]},),
+         [["1", "[REDACTED]"]], [23, 25]),
+        # binary cells of text types are their UTF-8 bytes (base64 in transit)
+        ([column("note", 25, 1)], [[b64("mail bob@example.com")]], ("pii",), [[b64("mail [EMAIL_ADDRESS]")]], [25]),
+        # binary cells of other types cannot hold text: masked by name, the whole column goes
+        ([column("secret_n", 23, 1)], [[b64("\x00\x00\x00\x07")]], ("secret-keys",), [[b64("[REDACTED]")]], [25]),
+        # nothing to mask: rows and types unchanged
+        ([column("n", 23)], [["1"]], ("pii",), [["1"]], [23]),
+    ],
+)
+def test_sql_results_are_masked_by_column(columns, rows, masks, masked_rows, types):
+    doc, _ = sql_mask(columns, rows, *masks)
+    result = doc["results"][0]
+    assert result["rows"] == masked_rows
+    assert [c["type_oid"] for c in result["columns"]] == types
+
+
+def test_sql_errors_are_masked_too():
+    error = {"S": "ERROR", "C": "23505", "M": "duplicate key value violates unique constraint \"users_email_key\"",
+             "D": "Key (email)=(bob@example.com) already exists."}
+    doc, report = sql_mask([column("n", 23)], [], "pii", error=error)
+    assert doc["results"][1]["error"]["D"] == "Key (email)=([EMAIL_ADDRESS]) already exists."
+    assert doc["results"][1]["error"]["C"] == "23505" and report.entities["EMAIL_ADDRESS"] == 1
+
+
+def test_a_described_column_is_retyped_like_an_executed_one():
+    """Describe (no rows) and Execute must announce the same types for a masked column."""
+    doc, _ = sql_mask([column("password", 23)], [], "secret-keys")
+    assert doc["results"][0]["columns"][0]["type_oid"] == 25

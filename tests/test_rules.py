@@ -331,3 +331,68 @@ def test_shipped_rules_are_valid():
 
     rules = RuleSet.load([str(Path(__file__).parents[1] / "rules")])
     assert len(rules.rules) >= 5
+
+
+def sql(text: str, rows: int | None | str = "none"):
+    """A classified SQL string; `rows` is the planner's estimate for its writes."""
+    from addons import sqlops
+
+    op = sqlops.classify("db", "execute", text)
+    if rows == "none":
+        return op
+    return sqlops.combine("db", "execute", tuple(sqlops.estimated(p, rows) for p in op.parts))
+
+
+@pytest.mark.parametrize(
+    "match, effect, operation, holds",
+    [
+        ({"classes": "DDL"}, "deny", sql("DROP TABLE users"), True),
+        ({"classes": ["DDL", "ROLE"]}, "deny", sql("SET ROLE postgres"), True),
+        ({"classes": "DDL"}, "deny", sql("SELECT 'DROP TABLE users'"), False),
+        ({"commands": "drop table"}, "deny", sql("DROP TABLE users"), True),
+        ({"commands": "DROP *"}, "deny", sql("DROP INDEX i"), True),
+        ({"tables": "users"}, "deny", sql("SELECT * FROM public.orders JOIN users USING (id)"), True),
+        ({"tables": "public.*"}, "deny", sql("SELECT * FROM public.orders"), True),
+        ({"tables": "users"}, "deny", sql("SELECT * FROM orders"), False),
+        ({"functions": "pg_sleep"}, "deny", sql("SELECT pg_sleep(10)"), True),
+        ({"where": False}, "review", sql("DELETE FROM users"), True),
+        ({"where": False}, "review", sql("DELETE FROM users WHERE id = 1"), False),
+        ({"where": False}, "review", sql("SELECT 1"), False),  # not a write
+        ({"rows": {"min": 101}}, "review", sql("UPDATE t SET a = 1 WHERE b", 5000), True),
+        ({"rows": {"min": 101}}, "review", sql("UPDATE t SET a = 1 WHERE b", 3), False),
+        ({"rows": {"min": 101}}, "review", sql("UPDATE t SET a = 1 WHERE b", None), True),  # no estimate: against
+        ({"rows": {"max": 100}}, "allow", sql("UPDATE t SET a = 1 WHERE b", None), False),
+        ({"rows": {"max": 100}}, "allow", sql("UPDATE t SET a = 1 WHERE b", 7), True),
+        ({"rows": {"min": 0}}, "review", sql("SELECT 1"), False),  # reads have no estimate
+        ({"classes": "DDL"}, "deny", op(), False),  # SQL conditions never hold for other protocols
+    ],
+)
+def test_sql_match_fields(match, effect, operation, holds):
+    extra = {"review": {"approvers": ["group:dba"]}} if effect == "review" else {}
+    base = [] if effect == "allow" else [{"id": "base", "match": {"connection": ["db", "api"]}, "effect": "allow"}]
+    rules = ruleset({"id": "r", "match": {"sql": match}, "effect": effect, **extra}, *base)
+    assert (rules.decide(ANALYST, operation).effect == effect) is holds
+
+
+@pytest.mark.parametrize(
+    "text, effect, reason",
+    [
+        ("SELECT 1; SELECT 2", "allow", "all 2 statements allowed"),
+        ("SELECT 1; DROP TABLE users", "deny", "statement 2 (DROP TABLE): no DDL"),
+        ("SELECT 1; DELETE FROM users", "review", "statement 2 (DELETE): unfiltered"),
+        ("DELETE FROM users; DROP TABLE users", "deny", "statement 2 (DROP TABLE): no DDL"),  # deny beats review
+        ("SELECT 1; VACUUM", "deny", "statement 2 (VACUUM): no rule matches this request"),
+    ],
+)
+def test_each_statement_is_decided_and_the_strictest_wins(text, effect, reason):
+    rules = ruleset(
+        {"id": "reads", "match": {"action": "read"}, "effect": "allow", "masks": ["pii"]},
+        {"id": "writes", "match": {"action": ["write", "delete"]}, "effect": "allow"},
+        {"id": "no-ddl", "match": {"sql": {"classes": "DDL"}}, "effect": "deny", "reason": "no DDL"},
+        {"id": "unfiltered", "match": {"sql": {"where": False}}, "effect": "review", "reason": "unfiltered",
+         "review": {"approvers": ["group:dba"]}},
+    )
+    decision = rules.decide(ANALYST, sql(text))
+    assert (decision.effect, decision.reason) == (effect, reason)
+    if effect != "deny":
+        assert decision.masks == ("pii",)  # the reads' masks apply to the whole string's results

@@ -13,6 +13,7 @@ import requests
 
 from tests.support.gateway import ROOT
 from tests.support.kubectl import clean_env
+from tests.support.pgbridge import psql
 from tests.support.servers import free_port
 
 
@@ -62,6 +63,10 @@ def test_scripts_run_serves_the_walkthrough(tmp_path):
         assert (secret.returncode, secret.stdout) == (0, "[REDACTED]"), secret.stderr
         gone = kubectl("delete", "namespace", "shop")
         assert gone.returncode == 1 and "custody: Agents never delete namespaces." in gone.stderr
+        rows = psql(15432, token, "-A", "-t", "-c", "SELECT name, email FROM customers WHERE id = 1")
+        assert (rows.returncode, rows.stdout.strip()) == (0, "Customer 1|[EMAIL_ADDRESS]"), rows.stderr
+        dropped = psql(15432, token, "-c", "DROP TABLE orders")
+        assert dropped.returncode == 1 and "custody: Schema changes (DDL) are not allowed for agents." in dropped.stderr
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)

@@ -1,0 +1,106 @@
+"""executor: the terminal for postgres connections. It answers cleared pg_bridge requests
+itself, on the real server, with the database login only the gateway holds.
+
+It sets `flow.response` in the request hook, so nothing goes upstream as HTTP and the
+response hooks (masking, then the recorder) still run on the result. The response is
+SQL_RESULTS JSON: every statement's columns (name, type OID, …), rows as the server
+encoded them, command tag or the server's own error fields; notices; the transaction
+state and the parameters that changed. A server error is a result, not a gateway error;
+the gateway's own failures (no such session, database unreachable) are results too, with
+their SQLSTATE, so the client sees a PostgreSQL error either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from mitmproxy import http
+
+from addons import context, failclosed
+from addons.config import Connection
+from addons.connections import Registry
+from addons.failclosed import guarded
+from addons.masks import SQL_RESULTS
+from addons.settings import Settings
+from pg_bridge.backend import Backend, BackendError, Output, conninfo, failure
+from pg_bridge.sessions import Session, Sessions
+
+logger = logging.getLogger(__name__)
+
+def unsupported(parts: list[dict]) -> dict | None:
+    """ErrorResponse fields for statements the gateway cannot carry faithfully, if any."""
+    for p in parts:
+        if p.get("copy") and not p.get("server_side"):
+            return failure("0A000", "COPY FROM STDIN / TO STDOUT is not supported through the gateway",
+                           H="Use INSERT … VALUES to load rows and SELECT to read them.")
+        if p.get("command") in ("SET", "RESET") and "client_encoding" in p.get("sql", "").lower():
+            return failure("0A000", "pg_bridge speaks UTF8 only; client_encoding cannot be changed")
+    return None
+
+
+class Executor:
+    def __init__(self, settings: Settings, sessions: Sessions) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.registry = Registry(())
+
+    def configure(self, updated: set[str]) -> None:
+        if "custody_config" in updated:
+            self.registry = Registry(self.settings.require().connections)
+
+    @guarded
+    async def request(self, f: http.HTTPFlow) -> None:
+        if failclosed.answered(f):
+            return
+        c = context.of(f)
+        if c.protocol != "postgres" or not c.cleared:
+            return  # not ours, or the gate refuses it
+        conn = self.registry.by_name[c.connection]
+        op = c.operation
+        body = op.payload
+        phase = op.details["phase"]
+        session_id = op.details["session"]
+        try:
+            if phase == "connect":
+                out = await self._connect(conn, session_id, c, body)
+            else:
+                session = self.sessions.get(session_id, c.principal, conn.name)
+                if session is None:
+                    raise BackendError(failure("08003", "no such session on the gateway (it was closed, or it is "
+                                                        "not yours); reconnect"))
+                out = await self._step(conn, session, phase, body, op)
+        except BackendError as e:
+            out = Output(results=[{"error": e.fields}])
+        f.response = http.Response.make(200, json.dumps(out.as_dict(), ensure_ascii=False),
+                                        {"content-type": SQL_RESULTS})
+
+    async def _connect(self, conn: Connection, session_id: str, c: context.Context, body: dict) -> Output:
+        settings = {k: str(v) for k, v in (body.get("parameters") or {}).items()}
+        info = conninfo(conn.upstream.host, conn.upstream.port, conn.upstream.database, conn.credential.header,
+                        conn.credential.value, conn.ca_file, settings)
+        backend = await Backend.connect(info)
+        self.sessions.add(Session(session_id, self.sessions.owner(c.principal), conn.name, backend))
+        return Output(status=backend.status, parameters=backend.parameters)
+
+    async def _step(self, conn: Connection, session: Session, phase: str, body: dict, op) -> Output:
+        if phase == "close":
+            self.sessions.close(session.id)
+            return Output()
+        if phase == "cancel":
+            cancelled = await asyncio.to_thread(session.backend.cancel)
+            return Output(results=[{"command": "CANCEL" if cancelled else "IDLE"}], status=session.backend.status)
+        if phase == "describe":
+            if "portal" in body:
+                return await session.backend.describe_portal(body["portal"])
+            return await session.backend.describe(body["sql"], body.get("param_types"))
+        parts = [p.details for p in op.parts]
+        if problem := unsupported(parts):
+            return Output(results=[{"error": problem}], status=session.backend.status)
+        out = await session.backend.execute(
+            body["sql"], extended=bool(body.get("extended")), params=body.get("params"),
+            types=body.get("param_types"), formats=body.get("param_formats"),
+            result_format=int(body.get("result_format", 0)), max_bytes=conn.max_result_bytes)
+        session.remember(parts, out.results)
+        return out

@@ -1,0 +1,56 @@
+"""pg_bridge as a process for tests and benchmarks, and the clients that use it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.support.gateway import ROOT, Gateway
+
+
+class BridgeProcess:
+    """`python -m pg_bridge` for a gateway's configuration, without any database secret in
+    its environment (the bridge must never need one)."""
+
+    def __init__(self, gateway: Gateway, port: int, log: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        self.port = port
+        self.log_file = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pg_bridge", "--config", str(gateway.config_file),
+             "--proxy", f"http://127.0.0.1:{gateway.port}"],
+            cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        raise RuntimeError(f"pg_bridge did not start:\n{log.read_text()}")
+
+    def environ(self) -> bytes:
+        return Path(f"/proc/{self.proc.pid}/environ").read_bytes()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def psql(port: int, token: str, *args: str, database: str = "shop", stdin: str | None = None,
+         timeout: float = 60, sslmode: str = "disable") -> subprocess.CompletedProcess:
+    """The real psql, logging in to the bridge with `token` as the password."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PG")}, "PGPASSWORD": token,
+           "PGCONNECT_TIMEOUT": "10"}
+    return subprocess.run(
+        ["psql", "-X", "-v", "ON_ERROR_STOP=1", f"host=127.0.0.1 port={port} dbname={database} user=agent "
+         f"sslmode={sslmode}", *args], input=stdin, capture_output=True, text=True, env=env, timeout=timeout)

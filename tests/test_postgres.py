@@ -1,0 +1,558 @@
+"""PostgreSQL through pg_bridge: a real PostgreSQL (initdb/pg_ctl), the real gateway, the
+bridge process, the shipped sample rules (rules/postgres.yaml), and real clients: psql,
+psycopg 3 and SQLAlchemy. "Nothing reached the backend" is read from the server's own
+statement log (log_statement = all)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+import psycopg
+import pytest
+import sqlalchemy
+import yaml
+
+from tests.conftest import standard_identity
+from tests.support.approvals import Approver, listening, wait_for
+from tests.support.gateway import ROOT, Gateway
+from tests.support.pgbridge import BridgeProcess, psql
+from tests.support.postgres import PostgresServer
+from tests.support.servers import free_port
+
+APP_PASSWORD = "app-Passw0rd-9c1e"  # the login the gateway holds; no agent may ever see it
+EMAIL = "bob.builder@example.com"
+
+TEST_RULES = {"rules": [
+    {"id": "small-cap-reads", "match": {"connection": "capped-db", "action": "read"}, "effect": "allow"},
+]}
+
+
+@pytest.fixture(scope="module")
+def pg():
+    server = PostgresServer("admin-pw")
+    server.execute("CREATE DATABASE shop")
+    server.execute(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'")
+    server.execute("GRANT ALL ON SCHEMA public TO app", "shop")
+    with psycopg.connect(server.dsn("shop", "app", APP_PASSWORD), autocommit=True) as c:
+        c.execute("CREATE TABLE users (id serial PRIMARY KEY, name text, email text, password text, score int)")
+        c.execute("INSERT INTO users (name, email, password, score) "
+                  "SELECT 'user' || g, 'user' || g || '@example.com', 'pw-' || g, g FROM generate_series(1, 300) g")
+        c.execute("CREATE TABLE notes (id int PRIMARY KEY, body text, tags text[], attrs jsonb)")
+        c.execute("INSERT INTO notes VALUES (1, %s, '{a,b}', '{\"k\": \"v\"}'), (2, 'plain', NULL, NULL)",
+                  (f"call {EMAIL} today",))
+        c.execute("CREATE FUNCTION wipe() RETURNS int LANGUAGE sql AS 'DELETE FROM notes RETURNING 1'")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, servers, pg, ca):
+    directory = tmp_path_factory.mktemp("pg-gateway")
+    cert, key = ca.issue("localhost")
+    both = directory / "bridge.pem"
+    both.write_bytes(cert.read_bytes() + key.read_bytes())
+    approvals = free_port()
+    gateway = Gateway(
+        directory,
+        connections=[
+            {"name": "prod-db", "kind": "postgres", "hosts": ["db.prod.internal"],
+             "upstream": f"postgresql://127.0.0.1:{pg.port}/shop",
+             "credential": {"type": "password", "username": "app", "secret": "env:PG_APP_PASSWORD"},
+             "listen": f"127.0.0.1:{free_port()}", "tls": {"server_cert": str(both)}},
+            {"name": "capped-db", "kind": "postgres", "hosts": ["capped.internal"],
+             "upstream": f"postgresql://127.0.0.1:{pg.port}/shop",
+             "credential": {"type": "password", "username": "app", "secret": "env:PG_APP_PASSWORD"},
+             "listen": f"127.0.0.1:{free_port()}", "max_result_bytes": 4096},
+        ],
+        rules={"postgres.yaml": (ROOT / "rules" / "postgres.yaml").read_text(), "test.yaml": TEST_RULES},
+        identity=standard_identity(servers.jwks),
+        env={"PG_APP_PASSWORD": APP_PASSWORD},
+    )
+    gateway.config["approvals"] = {"listen": f"127.0.0.1:{approvals}", "sweep": "200ms"}
+    gateway.config_file.write_text(yaml.safe_dump(gateway.config))
+    gateway.approvals_url = f"http://127.0.0.1:{approvals}"
+    gateway.start()
+    wait_for(lambda: listening(gateway.approvals_url))
+    gateway.bridge_port = int(gateway.config["connections"][0]["listen"].rsplit(":", 1)[1])
+    gateway.capped_port = int(gateway.config["connections"][1]["listen"].rsplit(":", 1)[1])
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def bridge(gw, tmp_path_factory):
+    process = BridgeProcess(gw, gw.bridge_port, tmp_path_factory.mktemp("bridge") / "bridge.log")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def tokens(keys, jwks):
+    def mint(sub: str, groups: list[str], **kw) -> str:
+        return keys["rsa"].token(jwks.issuer, sub=sub, groups=groups, ttl=3600, **kw)
+
+    return {
+        "analyst": mint("crew-analyst", ["analysts"]),
+        "writer": mint("crew-writer", ["app-writers"]),
+        "stranger": mint("nobody", []),
+        "dba": mint("dba-1", ["dba"]),
+        "expired": keys["rsa"].token(jwks.issuer, sub="crew-analyst", groups=["analysts"], ttl=-120),
+    }
+
+
+def connect(gw: Gateway, token: str, port: int | None = None, **kwargs) -> psycopg.Connection:
+    return psycopg.connect(host="127.0.0.1", port=port or gw.bridge_port, dbname="shop", user="agent",
+                           password=token, sslmode="disable", connect_timeout=10, **kwargs)
+
+
+class Agent(threading.Thread):
+    """Runs statements as an agent in the background, where they may wait for an approval;
+    keeps the last statement's row count, or the error that ended them."""
+
+    def __init__(self, gw: Gateway, token: str, *statements: str) -> None:
+        super().__init__(daemon=True)
+        self.gw, self.token, self.statements = gw, token, statements
+        self.rowcount: int | None = None
+        self.error: psycopg.Error | None = None
+        self.start()
+
+    def run(self) -> None:
+        with connect(self.gw, self.token, autocommit=True) as c:
+            try:
+                for sql in self.statements:
+                    self.rowcount = c.execute(sql).rowcount
+            except psycopg.Error as e:
+                self.error = e
+
+
+def reached(pg: PostgresServer, fragment: str) -> bool:
+    """Did the server run a statement containing `fragment`? The planner's EXPLAIN of a
+    write (pg_bridge/planner.py) plans it without running it, so it does not count."""
+    for line in pg.log().splitlines():
+        _, _, logged = line.partition("LOG:  ")
+        text = logged.split(": ", 1)[1] if logged.startswith(("statement: ", "execute ")) else ""
+        if fragment in text and not text.startswith("EXPLAIN (FORMAT JSON) "):
+            return True
+    return False
+
+
+# reading, masking
+
+
+def test_psql_reads_with_credential_columns_and_pii_masked(bridge, gw, tokens):
+    done = psql(gw.bridge_port, tokens["analyst"], "-A", "-c", "SELECT id, name, email, password, score FROM users "
+                                                             "WHERE id <= 2 ORDER BY id")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["id|name|email|password|score", "1|user1|[EMAIL_ADDRESS]|[REDACTED]|1",
+                                        "2|user2|[EMAIL_ADDRESS]|[REDACTED]|2", "(2 rows)"]
+
+
+def test_pii_in_free_text_arrays_and_json_is_masked(bridge, gw, tokens):
+    with connect(gw, tokens["analyst"]) as c:
+        rows = c.execute("SELECT body, tags, attrs FROM notes ORDER BY id").fetchall()
+    assert rows == [("call [EMAIL_ADDRESS] today", ["a", "b"], {"k": "v"}), ("plain", None, None)]
+
+
+def test_psql_describe_commands(bridge, gw, tokens):
+    done = psql(gw.bridge_port, tokens["analyst"], "-c", r"\d users", "-c", r"\dt", "-c", r"\df wipe")
+    assert done.returncode == 0, done.stderr
+    assert 'Table "public.users"' in done.stdout and "nextval('users_id_seq'::regclass)" in done.stdout
+    assert "public | notes | table | app" in done.stdout and "public | wipe" in done.stdout
+
+
+def test_sqlalchemy_connects_and_reflects(bridge, gw, tokens):
+    engine = sqlalchemy.create_engine(
+        f"postgresql+psycopg://agent:{tokens['analyst']}@127.0.0.1:{gw.bridge_port}/shop?sslmode=disable")
+    try:
+        inspector = sqlalchemy.inspect(engine)
+        assert sorted(inspector.get_table_names()) == ["notes", "users"]
+        columns = {c["name"]: str(c["type"]) for c in inspector.get_columns("users")}
+        assert columns == {"id": "INTEGER", "name": "TEXT", "email": "TEXT", "password": "TEXT", "score": "INTEGER"}
+        assert inspector.get_pk_constraint("users")["constrained_columns"] == ["id"]
+        with engine.connect() as conn:
+            assert conn.execute(sqlalchemy.text("SELECT count(*) FROM users")).scalar() >= 300
+    finally:
+        engine.dispose()
+
+
+def test_psycopg_types_binary_parameters_and_results(bridge, gw, tokens):
+    with connect(gw, tokens["analyst"]) as c:
+        row = c.execute("SELECT %s::int, %s::text, %s::numeric, %s::text IS NULL, %s::bytea, 'ünïcødé ✓'",
+                        (42, "naïve ✓", 1.5, None, b"\x00\xff"), binary=True).fetchone()
+        assert row == (42, "naïve ✓", __import__("decimal").Decimal("1.5"), True, b"\x00\xff", "ünïcødé ✓")
+        text_row = c.execute("SELECT %s::int, NULL::int, now() IS NOT NULL", (7,)).fetchone()
+        assert text_row == (7, None, True)
+        cur = c.execute("SELECT id, password FROM users WHERE id = %s", (1,), binary=True)
+        assert cur.fetchone() == (1, "[REDACTED]") and cur.description[1].type_code == 25
+
+
+def test_prepared_statements_and_server_side_cursors(bridge, gw, tokens):
+    with connect(gw, tokens["analyst"], prepare_threshold=0) as c:
+        for n in range(3):
+            assert c.execute("SELECT score FROM users WHERE id = %s", (n + 1,)).fetchone() == (n + 1,)
+        c.execute("PREPARE top(int) AS SELECT id FROM users ORDER BY id LIMIT $1")
+        assert c.execute("EXECUTE top(3)").fetchall() == [(1,), (2,), (3,)]
+        with c.cursor("walk") as cur:
+            cur.execute("SELECT id FROM users ORDER BY id")
+            assert [r[0] for r in cur.fetchmany(5)] == [1, 2, 3, 4, 5]
+            assert len(cur.fetchall()) == 295
+
+
+def test_large_results_arrive_whole(bridge, gw, tokens):
+    with connect(gw, tokens["analyst"]) as c:
+        rows = c.execute("SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g").fetchall()
+    assert len(rows) == 20000 and rows[-1] == (20000, "x" * 100)
+
+
+def test_a_result_past_the_cap_is_an_error_not_a_truncated_result(bridge, gw, tokens, tmp_path):
+    capped = BridgeProcess(gw, gw.capped_port, tmp_path / "capped.log")
+    try:
+        with connect(gw, tokens["analyst"], port=gw.capped_port, autocommit=True) as c:
+            with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="larger than the gateway allows"):
+                c.execute("SELECT repeat('x', 100) FROM generate_series(1, 1000)").fetchall()
+            assert c.execute("SELECT 1").fetchone() == (1,)  # the session goes on
+    finally:
+        capped.stop()
+
+
+def test_row_limits_suspend_the_portal(bridge, gw, tokens):
+    """Execute with a row limit (what JDBC's fetch size and psycopg's named cursors do)."""
+    raw = RawClient(gw.bridge_port, tokens["analyst"])
+    raw.send(b"P", b"\0SELECT g FROM generate_series(1, 5) g\0\0\0")
+    raw.send(b"B", b"\0\0" + struct.pack("!hhh", 0, 0, 0))
+    raw.send(b"E", b"\0" + struct.pack("!i", 2))
+    raw.send(b"E", b"\0" + struct.pack("!i", 2))
+    raw.send(b"E", b"\0" + struct.pack("!i", 0))
+    raw.send(b"S", b"")
+    kinds = raw.until(b"Z")
+    assert [k for k, _ in kinds] == [b"1", b"2", b"D", b"D", b"s", b"D", b"D", b"s", b"D", b"C", b"Z"]
+    assert kinds[-2][1] == b"SELECT 5\0"
+    raw.close()
+
+
+# transactions and errors
+
+
+def test_transactions_commit_and_roll_back(bridge, gw, tokens, pg):
+    with connect(gw, tokens["writer"]) as c:
+        c.execute("INSERT INTO users (name) VALUES ('tx-rolled-back')")
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        c.rollback()
+        c.execute("INSERT INTO users (name) VALUES ('tx-committed')")
+        c.commit()
+    with pg.connect("shop") as direct:
+        names = [r[0] for r in direct.execute("SELECT name FROM users WHERE name LIKE 'tx-%'").fetchall()]
+    assert names == ["tx-committed"]
+
+
+def test_an_error_mid_transaction_aborts_it_like_a_real_server(bridge, gw, tokens):
+    with connect(gw, tokens["writer"]) as c:
+        c.execute("UPDATE users SET score = score WHERE id = 1")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            c.execute("SELECT 1 / 0")
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            c.execute("SELECT 1")
+        c.rollback()
+        assert c.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_server_errors_keep_their_sqlstate_and_fields(bridge, gw, tokens):
+    with connect(gw, tokens["writer"], autocommit=True) as c:
+        with pytest.raises(psycopg.errors.UndefinedTable) as e:
+            c.execute("SELECT * FROM nope")
+        assert e.value.diag.sqlstate == "42P01" and e.value.diag.statement_position == "15"
+        with pytest.raises(psycopg.errors.UniqueViolation) as e:
+            c.execute("INSERT INTO users (id, name) VALUES (1, 'dup')")
+        assert e.value.diag.constraint_name == "users_pkey" and e.value.diag.table_name == "users"
+
+
+def test_psql_on_error_stop_and_multi_statement_strings(bridge, gw, tokens):
+    done = psql(gw.bridge_port, tokens["writer"], "-c", "SELECT 1 AS one; SELECT 2 AS two")
+    assert done.returncode == 0 and "one" in done.stdout and "two" in done.stdout
+    done = psql(gw.bridge_port, tokens["writer"], stdin="BEGIN;\nSELECT 1/0;\nSELECT 'never';\n")
+    assert done.returncode == 3 and "ERROR:  division by zero" in done.stderr and "never" not in done.stdout
+
+
+def test_executemany_is_one_transaction_per_sync(bridge, gw, tokens, pg):
+    with connect(gw, tokens["writer"], autocommit=True) as c:
+        with c.cursor() as cur:
+            cur.executemany("INSERT INTO users (name, score) VALUES (%s, %s)", [(f"many-{n}", n) for n in range(5)])
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            with c.cursor() as cur:
+                cur.executemany("INSERT INTO users (id, name) VALUES (%s, %s)", [(900001, "ok"), (1, "dup")])
+    with pg.connect("shop") as direct:
+        assert direct.execute("SELECT count(*) FROM users WHERE name LIKE 'many-%'").fetchone() == (5,)
+        assert direct.execute("SELECT count(*) FROM users WHERE id = 900001").fetchone() == (0,)  # rolled back
+
+
+def test_copy_is_refused_with_a_clear_error(bridge, gw, tokens):
+    done = psql(gw.bridge_port, tokens["analyst"], "-c", r"\copy users TO STDOUT")
+    assert done.returncode == 1
+    assert "COPY FROM STDIN / TO STDOUT is not supported through the gateway" in done.stderr
+
+
+# policy
+
+
+@pytest.mark.parametrize(
+    "who, sql, message, fragment",
+    [
+        ("analyst", "DROP TABLE users", "Schema changes (DDL) are not allowed for agents.", "DROP TABLE users"),
+        ("analyst", "SELECT 1; DROP TABLE users",
+         "statement 2 (DROP TABLE): Schema changes (DDL) are not allowed for agents.", "DROP TABLE users"),
+        ("writer", "ALTER TABLE users ADD COLUMN pwned int", "Schema changes (DDL)", "pwned"),
+        ("writer", "SELECT * INTO stolen FROM users", "Schema changes (DDL)", "stolen"),
+        ("analyst", "DELETE FROM users WHERE id = 1", "no rule matches this request", "DELETE FROM users WHERE id = 1"),
+        ("analyst", "WITH gone AS (DELETE FROM users WHERE id = 2 RETURNING *) SELECT * FROM gone",
+         "no rule matches this request", "gone AS"),
+        ("analyst", "PREPARE p2 AS DELETE FROM users WHERE id = 3", "no rule matches this request", "PREPARE p2"),
+        ("analyst", "EXECUTE never_prepared", "no rule matches this request", "never_prepared"),
+        ("analyst", "SELECT wipe()", "no rule matches this request", "SELECT wipe()"),
+        ("analyst", "DO $$BEGIN DELETE FROM users; END$$", "no rule matches this request", "DO $$"),
+        ("writer", "SET ROLE custody_admin", "Role, privilege and server administration", "SET ROLE"),
+        ("writer", "SET SESSION AUTHORIZATION custody_admin", "Role, privilege", "SESSION AUTHORIZATION"),
+        ("writer", "SELECT set_config('role', 'custody_admin', false)", "Role, privilege", "set_config"),
+        ("writer", "COPY users TO PROGRAM 'cat > /tmp/stolen'", "Role, privilege", "PROGRAM"),
+        ("writer", "ALTER SYSTEM SET log_statement = 'none'", "Role, privilege", "ALTER SYSTEM"),
+        ("writer", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity", "Role, privilege", "pg_terminate"),
+        ("writer", "GRANT ALL ON users TO PUBLIC", "Role, privilege", "GRANT ALL ON users"),
+        ("analyst", "SELEC * FROM users", "no rule matches this request", "SELEC *"),
+        ("stranger", "SELECT 1", None, None),
+    ],
+)
+def test_refused_statements_never_reach_the_database(bridge, gw, tokens, pg, who, sql, message, fragment):
+    if who == "stranger":  # no rule lets this principal even open a session
+        done = psql(gw.bridge_port, tokens[who], "-c", sql)
+        assert done.returncode == 2 and "FATAL:  custody: no rule matches this request" in done.stderr
+        return
+    with connect(gw, tokens[who], autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            c.execute(sql)
+        assert e.value.diag.message_primary == f"custody: {message}" or message in e.value.diag.message_primary
+        assert "audit event:" in e.value.diag.message_detail
+        assert c.execute("SELECT 1").fetchone() == (1,)  # the session goes on
+    assert not reached(pg, fragment)
+
+
+def test_execute_is_decided_on_what_was_prepared(bridge, gw, tokens, pg):
+    with connect(gw, tokens["analyst"], autocommit=True) as c:
+        c.execute("PREPARE counted AS SELECT count(*) FROM users")
+        assert c.execute("EXECUTE counted").fetchone()[0] >= 300
+    dba = Approver(gw.approvals_url, tokens["dba"])
+    agent = Agent(gw, tokens["writer"], "PREPARE wipe_all AS DELETE FROM notes", "EXECUTE wipe_all")
+    held = wait_for(lambda: [a for a in dba.list() if "wipe_all" in a["operation"]["details"].get("sql", "")])[0]
+    details = held["operation"]["details"]
+    assert (details["command"], details["executes"], details["where"]) == ("EXECUTE", "DELETE", False)
+    assert "pg-unfiltered-writes-reviewed" in held["rules"]
+    dba.vote(held["id"], "deny", "no")
+    agent.join(30)
+    assert agent.error is not None and agent.error.diag.sqlstate == "42501"
+    assert not reached(pg, "EXECUTE wipe_all")
+
+
+def test_large_writes_wait_for_a_dba_and_run_once_approved(bridge, gw, tokens, pg):
+    dba = Approver(gw.approvals_url, tokens["dba"])
+    agent = Agent(gw, tokens["writer"], "UPDATE users SET score = score + 1000 WHERE id <= 200")
+    pending = wait_for(lambda: [a for a in dba.list() if "UPDATE" in a["operation"]["summary"]])
+    approval = pending[0]
+    assert approval["rules"] == ["pg-large-writes-reviewed"]
+    assert approval["operation"]["details"]["rows"] >= 150  # the planner's estimate
+    assert not reached(pg, "score + 1000")  # nothing runs before the approval
+    assert agent.is_alive()  # the client just sees a statement running
+    assert dba.vote(approval["id"], "approve", "batch fix").status_code == 200
+    agent.join(30)
+    assert agent.rowcount == 200 and reached(pg, "score + 1000")
+    decided = dba.show(approval["id"])
+    assert decided["state"] == "executed" and decided["votes"][0]["approver"] == "dba-1"
+
+
+def test_a_denied_write_names_the_approval(bridge, gw, tokens, pg):
+    dba = Approver(gw.approvals_url, tokens["dba"])
+    agent = Agent(gw, tokens["writer"], "DELETE FROM users WHERE id > 100")
+    approval = wait_for(lambda: [a for a in dba.list() if "DELETE" in a["operation"]["summary"]])[0]
+    dba.vote(approval["id"], "deny", "too broad")
+    agent.join(30)
+    assert agent.error is not None and agent.error.diag.sqlstate == "42501"
+    assert f"approval: {approval['id']}" in agent.error.diag.message_detail
+    assert not reached(pg, "DELETE FROM users WHERE id > 100")
+
+
+# cancel
+
+
+def test_cancel_stops_a_running_statement(bridge, gw, tokens):
+    with connect(gw, tokens["analyst"], autocommit=True) as c:
+        timer = threading.Timer(1.0, c.cancel)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            c.execute("SELECT count(*) FROM generate_series(1, 3000000000)")
+        assert time.monotonic() - started < 20
+        assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_cancel_abandons_a_statement_waiting_for_approval(bridge, gw, tokens, pg):
+    with connect(gw, tokens["writer"], autocommit=True) as c:
+        threading.Timer(1.5, c.cancel).start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            c.execute("UPDATE users SET score = 0 WHERE id > 50")
+    assert not reached(pg, "SET score = 0 WHERE id > 50")
+
+
+# identity and credentials
+
+
+@pytest.mark.parametrize(
+    "password, message",
+    [
+        ("not-a-jwt", "custody: malformed token"),
+        ("", "fe_sendauth: no password supplied"),
+        ("eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.", "custody:"),
+    ],
+)
+def test_bad_tokens_never_open_a_database_session(bridge, gw, pg, password, message):
+    before = pg.log().count("connection authorized: user=app")
+    done = psql(gw.bridge_port, password, "-c", "SELECT 1")
+    assert done.returncode == 2 and message in done.stderr
+    assert pg.log().count("connection authorized: user=app") == before
+
+
+def test_an_expired_token_is_refused(bridge, gw, tokens):
+    done = psql(gw.bridge_port, tokens["expired"], "-c", "SELECT 1")
+    assert done.returncode == 2 and "FATAL:  custody:" in done.stderr and "expired" in done.stderr
+
+
+def test_the_agent_never_learns_the_database_password(bridge, gw, tokens):
+    outputs = []
+    for sql in ("SHOW ALL", "SELECT * FROM pg_stat_activity", "SELECT current_user, session_user",
+                "SELECT * FROM nope_" + "x" * 10):
+        done = psql(gw.bridge_port, tokens["analyst"], "-c", sql)
+        outputs.append(done.stdout + done.stderr)
+    assert "app" in outputs[2]  # the gateway's role does the work...
+    assert all(APP_PASSWORD not in o for o in outputs)  # ...but its password never shows
+    assert APP_PASSWORD.encode() not in bridge.environ()  # the bridge never holds it either
+    assert APP_PASSWORD.encode() not in gw.db.read_bytes()
+
+
+def test_the_wrong_database_is_refused(bridge, gw, tokens):
+    done = psql(gw.bridge_port, tokens["analyst"], "-c", "SELECT 1", database="postgres")
+    assert done.returncode == 2 and 'database "postgres" does not exist' in done.stderr
+
+
+def test_tls_when_the_client_asks(bridge, gw, tokens):
+    done = psql(gw.bridge_port, tokens["analyst"], "-A", "-t", "-c", "SELECT 'over tls'", sslmode="require")
+    assert done.returncode == 0 and done.stdout.strip() == "over tls", done.stderr
+
+
+# audit
+
+
+def test_statements_are_recorded_with_the_agent_and_masked(bridge, gw, tokens):
+    marker = "audit-marker-71"
+    done = psql(gw.bridge_port, tokens["analyst"], "-c", f"SELECT '{marker}' AS m, password FROM users WHERE id = 1")
+    assert done.returncode == 0, done.stderr
+    decision = gw.wait_events("kind = 'decision' AND operation LIKE ?", [f"%{marker}%"])[-1]
+    assert decision["subject"] == "crew-analyst" and decision["protocol"] == "postgres"
+    assert decision["connection"] == "prod-db" and decision["action"] == "read"
+    assert decision["rules"] == '["pg-analysts-read"]'
+    response = gw.wait_events("kind = 'response' AND flow = ?", [decision["flow"]])[-1]
+    assert b"[REDACTED]" in response["body"] and b"pw-1" not in response["body"]
+    assert b"pw-17" not in gw.db.read_bytes()  # stored bodies are the masked ones
+
+
+# the wire protocol itself
+
+
+class RawClient:
+    """Speaks the protocol by hand, for what no client library sends on purpose."""
+
+    def __init__(self, port: int, token: str | None = None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buffer = b""
+        if token is not None:
+            self.startup({"user": "agent", "database": "shop"})
+            kind, body = self.read()
+            assert (kind, body) == (b"R", struct.pack("!I", 3))
+            self.send(b"p", token.encode() + b"\0")
+            assert [k for k, _ in self.until(b"Z")][0] == b"R"
+
+    def startup(self, params: dict[str, str], code: int = 196608) -> None:
+        body = struct.pack("!I", code) + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items())
+        self.sock.sendall(struct.pack("!I", len(body) + 5) + body + b"\0")
+
+    def packet(self, code: int) -> None:
+        self.sock.sendall(struct.pack("!II", 8, code))
+
+    def send(self, kind: bytes, body: bytes) -> None:
+        self.sock.sendall(kind + struct.pack("!I", len(body) + 4) + body)
+
+    def _fill(self, n: int) -> None:
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buffer += chunk
+
+    def byte(self) -> bytes:
+        self._fill(1)
+        out, self.buffer = self.buffer[:1], self.buffer[1:]
+        return out
+
+    def read(self) -> tuple[bytes, bytes]:
+        self._fill(5)
+        kind, length = self.buffer[:1], struct.unpack("!I", self.buffer[1:5])[0]
+        self._fill(1 + length)
+        body, self.buffer = self.buffer[5:1 + length], self.buffer[1 + length:]
+        return kind, body
+
+    def until(self, kind: bytes) -> list[tuple[bytes, bytes]]:
+        out = []
+        while True:
+            out.append(self.read())
+            if out[-1][0] == kind:
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_gssapi_encryption_is_declined_and_the_client_may_go_on(bridge, gw):
+    raw = RawClient(gw.bridge_port)
+    raw.packet(80877104)
+    assert raw.byte() == b"N"
+    raw.startup({"user": "agent", "database": "shop"})
+    assert raw.read() == (b"R", struct.pack("!I", 3))
+    raw.close()
+
+
+def test_a_newer_protocol_minor_is_negotiated_down(bridge, gw):
+    raw = RawClient(gw.bridge_port)
+    raw.startup({"user": "agent", "database": "shop", "_pq_.future": "1"}, code=196610)
+    kind, body = raw.read()
+    assert kind == b"v" and struct.unpack("!II", body[:8]) == (0, 1) and body[8:] == b"_pq_.future\0"
+    assert raw.read() == (b"R", struct.pack("!I", 3))
+    raw.close()
+
+
+@pytest.mark.parametrize(
+    "code, sqlstate, message",
+    [(131072, b"08P01", b"unsupported frontend protocol 2.0"), (196608, b"3D000", b'database "" does not exist')],
+)
+def test_bad_startup_packets_get_a_fatal_error(bridge, gw, code, sqlstate, message):
+    raw = RawClient(gw.bridge_port)
+    raw.startup({}, code=code)
+    kind, body = raw.read()
+    assert kind == b"E" and b"C" + sqlstate + b"\0" in body and message in body
+    raw.close()
+
+
+def test_the_function_call_protocol_is_refused(bridge, gw, tokens):
+    raw = RawClient(gw.bridge_port, tokens["analyst"])
+    raw.send(b"F", struct.pack("!Ihhh", 1598, 0, 0, 0) + struct.pack("!h", 0))
+    kind, body = raw.read()
+    assert kind == b"E" and b"C0A000\0" in body and raw.read()[0] == b"Z"
+    raw.close()

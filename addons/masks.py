@@ -31,6 +31,7 @@ import functools
 import hashlib
 import hmac
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -52,8 +53,16 @@ SQL_RESULTS = "application/vnd.custody.sql-results+json"
 """pg_bridge results (pg_bridge/executor.py): masked by column, see Masker.sql_results."""
 TEXT_OID = 25
 TEXT_OIDS = frozenset({25, 1043, 1042, 19, 18, 114, 142, 705})
+JSON_OIDS = frozenset({114, 3802})
+TEXT_ARRAY_OIDS = frozenset({1009, 1015, 1014, 1003})
+"""text[], varchar[], bpchar[], name[]: a masked element is still a valid array literal."""
 """text, varchar, bpchar, name, char, json, xml, unknown: their binary form is their text."""
 ERROR_TEXT_FIELDS = ("M", "D", "H", "W")
+QUOTING_ERRORS = {
+    "22": (("M", r'"[^"]*"', '"[REDACTED]"'), ("D", r'"[^"]*"', '"[REDACTED]"')),  # invalid input: "<value>"
+    "23": (("D", r"=\(.*\)", "=([REDACTED])"), ("D", r"row contains \(.*\)", "row contains ([REDACTED])")),
+}
+"""Data (22) and integrity (23) errors quote row values; which column they came from is unknown."""
 
 PRESETS = {
     "secrets": {"detect": ["secrets"]},
@@ -302,6 +311,15 @@ class Masker:
         return doc
 
     def _error_text(self, fields: dict[str, str], report: Report) -> dict[str, str]:
+        """Errors and notices: detection on their text; and when column masks apply, the
+        values a data or constraint error quotes (`invalid input syntax for type integer:
+        "<a password hash>"`, `Key (email)=(…)`) are hidden, since their column is unknown."""
+        if self.structural and fields.get("C", "")[:2] in QUOTING_ERRORS:
+            fields = dict(fields)
+            for key, pattern, replacement in QUOTING_ERRORS[fields["C"][:2]]:
+                if key in fields and (hidden := re.sub(pattern, replacement, fields[key])) != fields[key]:
+                    fields[key] = hidden
+                    report.fields["error values"] += 1
         if not self.entities:
             return fields
         return {k: self.text(v, report) if k in ERROR_TEXT_FIELDS else v for k, v in fields.items()}
@@ -312,10 +330,12 @@ class Masker:
         binary = [c.get("format") == 1 for c in columns]
         whole: set[int] = set()
         retyped: set[int] = set()
+        origins = [c.get("origin") or c["name"] for c in columns]  # the table column, whatever its alias
         for mask in self.structural:
             if mask.kind == "keys":
                 for i, n in enumerate(names):
-                    if any(fnmatch.fnmatchcase(n.lower(), g) for g in mask.keys):
+                    if any(fnmatch.fnmatchcase(n.lower(), g) or fnmatch.fnmatchcase(origins[i].lower(), g)
+                           for g in mask.keys):
                         whole.add(i)
                         report.fields[mask.label] += sum(1 for row in rows if row[i] is not None)
         fields = [m for m in self.structural if m.kind == "fields"]
@@ -340,15 +360,20 @@ class Masker:
                 elif row[i] is not None:
                     row[i] = _cell(self._whole(_cell_text(row[i], binary[i], True), fields[0]), binary[i])
                     retyped.add(i)
-            if self.entities:
-                for i, cell in enumerate(row):
-                    if cell is None or i in whole or i in hit or (binary[i] and not text_like[i]):
-                        continue
-                    before = report.masked
+            for i, cell in enumerate(row):
+                if cell is None or i in whole or i in hit or (binary[i] and not text_like[i]):
+                    continue
+                before = report.masked
+                if columns[i]["type_oid"] in JSON_OIDS and not binary[i]:
+                    masked = self._json_cell(cell, report)  # row_to_json(t), json_agg(…): keys inside
+                elif self.entities:
                     masked = self.text(_cell_text(cell, binary[i], True), report, names[i])
-                    if report.masked != before:
-                        row[i] = _cell(masked, binary[i])
-                        retyped.add(i)
+                else:
+                    continue
+                if report.masked != before:
+                    row[i] = _cell(masked, binary[i])
+                    if columns[i]["type_oid"] not in JSON_OIDS | TEXT_ARRAY_OIDS:
+                        retyped.add(i)  # JSON stays JSON, a text array an array
         for i in whole:
             mask = next((m for m in self.structural if m.kind == "keys"), None) or fields[0]
             for row in rows:
@@ -358,6 +383,16 @@ class Masker:
         for i in retyped:
             if not text_like[i]:
                 columns[i].update(type_oid=TEXT_OID, type_size=-1, type_modifier=-1)
+
+    def _json_cell(self, text: str, report: Report) -> str:
+        """A json/jsonb cell masked as a document (keys, fields and detection inside it)."""
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return self.text(text, report) if self.entities else text
+        before = report.masked
+        masked = self.document(doc, report)
+        return text if report.masked == before else json.dumps(masked, ensure_ascii=False)
 
     def _leaves(self, node: Any, report: Report, name: str) -> Any:
         if isinstance(node, str):

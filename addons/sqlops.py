@@ -52,7 +52,9 @@ DANGEROUS_FUNCTIONS = frozenset({
     "pg_logical_emit_message", "pg_replication_origin_create", "pg_create_logical_replication_slot",
     "pg_create_physical_replication_slot", "pg_drop_replication_slot", "pg_advisory_lock", "pg_advisory_xact_lock",
 })
-DANGEROUS_PREFIXES = ("dblink", "pg_catalog.dblink")
+DANGEROUS_PREFIXES = ("dblink", "lo_", "pg_advisory", "pg_try_advisory", "pg_replication_", "pg_logical_",
+                      "pg_create_", "pg_drop_", "pg_notify", "pg_stat_reset", "pg_read_", "pg_ls_", "pg_file_",
+                      "pg_import_system_collations", "pg_wal_replay_", "pg_xact_commit", "pg_export_snapshot")
 WRITING_FUNCTIONS = frozenset({"nextval", "setval"})
 BUILTIN_FUNCTIONS = frozenset("""
     count sum avg min max array_agg string_agg json_agg jsonb_agg json_object_agg jsonb_object_agg bool_and bool_or
@@ -82,12 +84,19 @@ BUILTIN_FUNCTIONS = frozenset("""
     pg_database_size pg_column_size obj_description col_description shobj_description has_table_privilege
     has_schema_privilege has_database_privilege has_column_privilege pg_has_role to_regclass to_regtype
     gen_random_uuid uuid_generate_v4 exists any all array row int4 int8 text numeric bool
+    pg_relation_is_publishable pg_tablespace_location pg_describe_object pg_identify_object pg_char_to_encoding
+    pg_relation_filenode pg_indexam_has_property pg_index_column_has_property pg_column_is_updatable
+    pg_relation_is_updatable pg_sequence_parameters pg_options_to_table array_remove textlen regexp_like
+    pg_partition_root pg_partition_tree pg_partition_ancestors pg_get_keywords pg_backend_memory_contexts
+    pg_total_relation_size pg_collation_for pg_postmaster_start_time pg_conf_load_time pg_is_in_recovery
+    inet_server_addr inet_server_port current_query pg_jit_available pg_stat_get_numscans pg_size_bytes
+    string_to_table to_regproc to_regprocedure to_regnamespace to_regrole to_regoper array_fill
 """.split())
 
 
 def _name(func: ast.FuncCall) -> tuple[str, str]:
-    """(schema, name) of a called function, lower-cased."""
-    parts = [n.sval.lower() for n in func.funcname if isinstance(n, ast.String)]
+    """(schema, name) of a called function, as the server resolves them."""
+    parts = [n.sval for n in func.funcname if isinstance(n, ast.String)]  # unquoted: folded by the parser
     return (parts[-2] if len(parts) > 1 else "", parts[-1] if parts else "")
 
 
@@ -123,14 +132,18 @@ class _Walk(Visitor):
 
 
 def function_action(qualified: str) -> str:
-    """What calling a function may do: admin for dangerous built-ins, write for sequence
-    changes, read for known harmless built-ins (also anything in pg_catalog), else exec."""
+    """What calling a function may do: admin for dangerous built-ins (whatever schema they
+    are named with), write for sequence changes, read for known harmless built-ins and the
+    catalog's own introspection (pg_get_*, *_is_visible, has_*_privilege), else exec: a
+    function nobody listed may write, and so may one in another schema."""
     schema, _, name = qualified.rpartition(".")
-    if name in DANGEROUS_FUNCTIONS or name.startswith("dblink"):
+    if name in DANGEROUS_FUNCTIONS or name.startswith(DANGEROUS_PREFIXES):
         return ADMIN
+    if schema not in ("", "pg_catalog"):
+        return EXEC
     if name in WRITING_FUNCTIONS:
         return WRITE
-    if schema == "pg_catalog" or (not schema and name in BUILTIN_FUNCTIONS):
+    if name in BUILTIN_FUNCTIONS or name.startswith(("pg_get_", "has_", "pg_has_")) or name.endswith("_is_visible"):
         return READ
     return EXEC
 
@@ -149,6 +162,14 @@ MAINTENANCE = (ast.VacuumStmt, ast.ClusterStmt, ast.ReindexStmt, ast.CheckPointS
 MISC_READS = (ast.TransactionStmt, ast.VariableShowStmt, ast.DiscardStmt, ast.ListenStmt, ast.UnlistenStmt,
               ast.FetchStmt, ast.ClosePortalStmt, ast.DeallocateStmt)
 ROLE_SETTINGS = ("role", "session_authorization")
+TWO_PHASE = ("TRANS_STMT_PREPARE", "TRANS_STMT_COMMIT_PREPARED", "TRANS_STMT_ROLLBACK_PREPARED")
+PROTECTED_SETTINGS = ("standard_conforming_strings", "backslash_quote", "client_encoding", "search_path",
+                      "escape_string_warning", "session_replication_role", "default_transaction_read_only",
+                      "transaction_read_only")
+"""Settings that change how the server reads SQL text (so what pglast parsed is not what
+runs: a backslash or a multibyte encoding can end a string early), which functions an
+unqualified name calls, or whether triggers and read-only mode apply. Changing them is an
+administrative act, and the executor refuses it whatever the rules say."""
 
 
 COMMANDS = {"VariableSet": "SET", "VariableShow": "SHOW", "Index": "CREATE INDEX", "Create": "CREATE TABLE",
@@ -161,7 +182,8 @@ def command_of(node: ast.Node) -> str:
     """The statement's command as PostgreSQL names it: `DROP TABLE`, `SET`, `BEGIN`."""
     name = type(node).__name__.removesuffix("Stmt")
     if isinstance(node, ast.TransactionStmt):
-        return node.kind.name.removeprefix("TRANS_STMT_").replace("_", " ")
+        kind = node.kind.name.removeprefix("TRANS_STMT_").replace("_", " ")
+        return "PREPARE TRANSACTION" if kind == "PREPARE" else kind
     if isinstance(node, ast.DropStmt):
         return "DROP " + node.removeType.name.removeprefix("OBJECT_").replace("_", " ")
     if isinstance(node, ast.VariableSetStmt) and node.kind.name.startswith("VAR_RESET"):
@@ -195,10 +217,10 @@ def statement(node: ast.Node, text: str) -> dict[str, Any]:
         # no WHERE to judge and no rows to estimate until EXECUTE, which is decided again
         inner = statement(node.query, text)
         outer = {k: v for k, v in inner.items() if k not in ("where", "sql", "command")}
-        return {**outer, "sql": text, "command": command, "prepares": inner, "name": node.name.lower()}
+        return {**outer, "sql": text, "command": command, "prepares": inner, "name": node.name}
     if isinstance(node, ast.ExecuteStmt):
         return {**out, "classes": ["UNKNOWN"], "action": UNKNOWN, "tables": [], "functions": functions,
-                "name": node.name.lower(), "reason": f"what prepared statement {node.name!r} does is not known"}
+                "name": node.name, "reason": f"what prepared statement {node.name!r} does is not known"}
     if isinstance(node, ast.SelectStmt):
         classes.add("READ")
         if node.intoClause is not None:
@@ -231,8 +253,13 @@ def statement(node: ast.Node, text: str) -> dict[str, Any]:
         classes.add("ROLE")
         action = ADMIN
     elif isinstance(node, ast.VariableSetStmt):
-        if (node.name or "").lower() in ROLE_SETTINGS:
+        setting = (node.name or "").lower()
+        out["setting"] = setting or "all"
+        if setting in ROLE_SETTINGS:
             classes.add("ROLE")
+            action = ADMIN
+        elif setting in PROTECTED_SETTINGS:
+            classes.add("MISC_SET")
             action = ADMIN
         else:
             classes.add("MISC_SET")
@@ -242,10 +269,13 @@ def statement(node: ast.Node, text: str) -> dict[str, Any]:
     elif isinstance(node, ast.LockStmt):
         classes.add("MISC")
         action = WRITE
+    elif isinstance(node, ast.TransactionStmt) and node.kind.name in TWO_PHASE:
+        classes.add("MISC")  # another application's prepared transaction: commit, abort or park one
+        action = ADMIN
     elif isinstance(node, MISC_READS):
         classes.add("MISC")
         if isinstance(node, ast.DeallocateStmt):
-            out["name"] = (node.name or "").lower()
+            out["name"] = node.name or ""
             out["all"] = bool(node.isall) or not node.name
     else:
         classes.add("DDL")
@@ -394,5 +424,6 @@ def resolved(op: Operation, prepared: dict[str, Any] | None) -> Operation:
         return op
     inner = prepared["prepares"]
     details = {**inner, "sql": op.details["sql"], "command": "EXECUTE", "executes": inner["command"],
-               "name": op.details["name"], "phase": op.details.get("phase", "execute")}
+               "name": op.details["name"], "phase": op.details.get("phase", "execute"),
+               "prepared_sql": prepared["sql"]}  # the executor checks it is still what runs
     return part(op.connection, details)

@@ -29,9 +29,12 @@ REPORTED = ("application_name", "client_encoding", "DateStyle", "default_transac
             "integer_datetimes", "IntervalStyle", "is_superuser", "server_encoding", "server_version",
             "session_authorization", "standard_conforming_strings", "TimeZone")
 """The parameters the server reports to clients (ParameterStatus), relayed as they change."""
-STARTUP = ("DateStyle", "TimeZone", "IntervalStyle", "extra_float_digits", "search_path", "bytea_output",
+STARTUP = ("DateStyle", "TimeZone", "IntervalStyle", "extra_float_digits", "bytea_output",
            "lc_monetary", "lc_numeric", "lc_time", "statement_timeout", "lock_timeout")
-"""Startup settings a client may pass through to its session."""
+"""Startup settings a client may pass through to its session (none that changes how SQL
+text is read or which function a name calls: see addons/sqlops.py PROTECTED_SETTINGS)."""
+PINNED = {"standard_conforming_strings": "on", "client_encoding": "UTF8"}
+"""What the classifier assumed when it parsed the SQL; checked before every execution."""
 CHUNK_ROWS = 1000
 FIELDS = {f.value: chr(f.value) for f in pq.DiagnosticField}
 
@@ -62,8 +65,14 @@ def failure(code: str, message: str, **more: str) -> dict[str, str]:
 def conninfo(host: str, port: int, database: str, user: str, password: str, ca_file: str | None,
              settings: dict[str, str]) -> str:
     """libpq connection string: the upstream verified with the connection's CA when it has
-    one (verify-full), else TLS when the server offers it; UTF8 always (results travel as JSON)."""
-    options = " ".join(f"-c {k}={_escape(v)}" for k, v in settings.items() if k in STARTUP)
+    one (verify-full), else TLS when the server offers it; UTF8 and standard strings always
+    (results travel as JSON; the classifier parsed the SQL that way). A setting whose value
+    holds a control character is refused: the server splits `options` on any whitespace."""
+    for k, v in settings.items():
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in k + v):
+            raise BackendError(failure("22023", f"invalid startup parameter {k!r}: control characters"))
+    chosen = {k: v for k, v in settings.items() if k in STARTUP} | PINNED
+    options = " ".join(f"-c {k}={_escape(v)}" for k, v in chosen.items() if k != "client_encoding")
     return make_conninfo(
         host=host, port=port, dbname=database, user=user, password=password,
         sslmode="verify-full" if ca_file else "prefer", **({"sslrootcert": ca_file} if ca_file else {}),
@@ -158,13 +167,23 @@ class Backend:
         message = self.pg.get_error_message().strip() or "the database connection was lost"
         return BackendError(failure("08006", f"the gateway's database connection failed: {message}"))
 
+    def drifted(self) -> dict[str, str] | None:
+        """Error fields when the session no longer reads SQL the way the classifier did."""
+        for name, value in PINNED.items():
+            if self._parameter(name) != value:
+                return failure("0A000", f"the session's {name} is not {value}; the gateway cannot govern it: reconnect")
+        return None
+
     async def execute(self, sql: str, *, extended: bool = False, params: list | None = None,
                       types: list[int] | None = None, formats: list[int] | None = None,
-                      result_format: int = 0, max_bytes: int) -> Output:
+                      result_format: int = 0, max_bytes: int, guard=None) -> Output:
         """Run `sql` as the client asked: the simple protocol (one or more statements) or
-        the extended one with parameters; results past `max_bytes` end in error 54000."""
+        the extended one with parameters; results past `max_bytes` end in error 54000.
+        `guard()`, called once the connection is this request's, may refuse it (error fields)."""
         async with self.lock:
             self.notices = []
+            if problem := self.drifted() or (guard() if guard else None):
+                return Output(results=[{"error": problem}], status=self.status)
             try:
                 if extended:
                     self.pg.send_query_params(sql.encode(), _values(params or [], formats or []), types or None,

@@ -18,26 +18,45 @@ import logging
 
 from mitmproxy import http
 
-from addons import context, failclosed
+from addons import context, failclosed, sqlops
 from addons.config import Connection
 from addons.connections import Registry
 from addons.failclosed import guarded
 from addons.masks import SQL_RESULTS
 from addons.settings import Settings
 from pg_bridge.backend import Backend, BackendError, Output, conninfo, failure
+from pg_bridge.catalog import Catalogs
 from pg_bridge.sessions import Session, Sessions
 
 logger = logging.getLogger(__name__)
 
 def unsupported(parts: list[dict]) -> dict | None:
-    """ErrorResponse fields for statements the gateway cannot carry faithfully, if any."""
+    """ErrorResponse fields for statements the gateway cannot carry faithfully, whatever
+    the rules say: COPY to or from the client, and settings that would make the server
+    read SQL text differently from the classifier (addons/sqlops.py PROTECTED_SETTINGS)."""
     for p in parts:
         if p.get("copy") and not p.get("server_side"):
             return failure("0A000", "COPY FROM STDIN / TO STDOUT is not supported through the gateway",
                            H="Use INSERT … VALUES to load rows and SELECT to read them.")
-        if p.get("command") in ("SET", "RESET") and "client_encoding" in p.get("sql", "").lower():
-            return failure("0A000", "pg_bridge speaks UTF8 only; client_encoding cannot be changed")
+        if p.get("setting") in ("all", *sqlops.PROTECTED_SETTINGS) and p.get("command") != "RESET":
+            return failure("0A000", f"{p['setting']} cannot be changed through the gateway")
     return None
+
+
+def prepared_guard(session: Session, parts: list[dict]):
+    """For EXECUTE: refuse when a prepared statement was replaced after the decision (the
+    decision was on what it was then)."""
+    expected = {p["name"]: p.get("prepared_sql") for p in parts if p.get("command") == "EXECUTE"}
+
+    def guard() -> dict | None:
+        for name, sql in expected.items():
+            now = session.prepared.get(name)
+            if sql is not None and (now is None or now["sql"] != sql):
+                return failure("42501", f"custody: prepared statement {name!r} changed after it was decided; "
+                                        "send the EXECUTE again")
+        return None
+
+    return guard
 
 
 class Executor:
@@ -45,10 +64,14 @@ class Executor:
         self.settings = settings
         self.sessions = sessions
         self.registry = Registry(())
+        self.catalogs = Catalogs()
 
     def configure(self, updated: set[str]) -> None:
         if "custody_config" in updated:
             self.registry = Registry(self.settings.require().connections)
+
+    def done(self) -> None:
+        self.catalogs.close()
 
     @guarded
     async def request(self, f: http.HTTPFlow) -> None:
@@ -70,13 +93,15 @@ class Executor:
                 if session is None:
                     raise BackendError(failure("08003", "no such session on the gateway (it was closed, or it is "
                                                         "not yours); reconnect"))
-                out = await self._step(conn, session, phase, body, op)
+                out = await self._step(conn, session, phase, body, op, c)
         except BackendError as e:
             out = Output(results=[{"error": e.fields}])
         f.response = http.Response.make(200, json.dumps(out.as_dict(), ensure_ascii=False),
                                         {"content-type": SQL_RESULTS})
 
     async def _connect(self, conn: Connection, session_id: str, c: context.Context, body: dict) -> Output:
+        if self.sessions.taken(session_id, c.principal):
+            raise BackendError(failure("08P01", "that session id belongs to another principal"))
         settings = {k: str(v) for k, v in (body.get("parameters") or {}).items()}
         info = conninfo(conn.upstream.host, conn.upstream.port, conn.upstream.database, conn.credential.header,
                         conn.credential.value, conn.ca_file, settings)
@@ -84,23 +109,44 @@ class Executor:
         self.sessions.add(Session(session_id, self.sessions.owner(c.principal), conn.name, backend))
         return Output(status=backend.status, parameters=backend.parameters)
 
-    async def _step(self, conn: Connection, session: Session, phase: str, body: dict, op) -> Output:
+    async def _step(self, conn: Connection, session: Session, phase: str, body: dict, op, c) -> Output:
         if phase == "close":
             self.sessions.close(session.id)
             return Output()
         if phase == "cancel":
             cancelled = await asyncio.to_thread(session.backend.cancel)
             return Output(results=[{"command": "CANCEL" if cancelled else "IDLE"}], status=session.backend.status)
+        masked = bool(c.decision.masks)
         if phase == "describe":
             if "portal" in body:
-                return await session.backend.describe_portal(body["portal"])
-            return await session.backend.describe(body["sql"], body.get("param_types"))
+                out = await session.backend.describe_portal(body["portal"])
+            else:
+                out = await session.backend.describe(body["sql"], body.get("param_types"))
+            return await self._named(conn, out, masked, 0 if masked else int(body.get("result_format", 0)))
         parts = [p.details for p in op.parts]
         if problem := unsupported(parts):
             return Output(results=[{"error": problem}], status=session.backend.status)
+        # masked results travel as text: binary arrays, JSON or bytea would carry text past detection
+        result_format = 0 if masked else int(body.get("result_format", 0))
         out = await session.backend.execute(
             body["sql"], extended=bool(body.get("extended")), params=body.get("params"),
             types=body.get("param_types"), formats=body.get("param_formats"),
-            result_format=int(body.get("result_format", 0)), max_bytes=conn.max_result_bytes)
+            result_format=result_format, max_bytes=conn.max_result_bytes, guard=prepared_guard(session, parts))
         session.remember(parts, out.results)
+        return await self._named(conn, out, masked)
+
+    async def _named(self, conn: Connection, out: Output, masked: bool, described: int | None = None) -> Output:
+        """Columns carry the format they will travel in (`described`: for a description,
+        what an execution will send) and, when masks apply, the name of the table column
+        they come from: a mask on `password` must not miss `password AS p`."""
+        columns = [col for r in out.results for col in r.get("columns", ())]
+        for col in columns:
+            if described is not None:
+                col["format"] = described
+        if masked:
+            origins = await self.catalogs.origins(conn, [(col["table_oid"], col["column"]) for col in columns
+                                                         if col["table_oid"]])
+            for col in columns:
+                if col["table_oid"]:
+                    col["origin"] = origins[(col["table_oid"], col["column"])]
         return out

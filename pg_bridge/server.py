@@ -224,7 +224,7 @@ class Client:
         finally:
             if self.session is not None:
                 self.bridge.sessions.pop((self.session.pid, self.session.secret), None)
-                asyncio.ensure_future(self.bridge.close_session(self.session))
+                self.bridge.closing(self.session)
             self.writer.close()
 
     async def _login(self) -> bool:
@@ -465,14 +465,17 @@ class Client:
         else:
             portal = self._portal(msg.name)
             sql, types, fmt = portal.sql, portal.types, portal.result_format
-        answer = await self._call("describe", {"sql": sql, "param_types": types})
+        answer = await self._call("describe", {"sql": sql, "param_types": types, "result_format": fmt})
         result = (answer.get("results") or [{}])[0]
         if "error" in result:
             raise Failed(result["error"])
         if msg.kind == "S":
             self.out += pgp.parameter_description(result.get("params", []))
         columns = result.get("columns") or []
-        self.out += pgp.row_description(columns, [fmt]) if columns else pgp.NO_DATA
+        if msg.kind == "S":  # a statement's result formats are not known until Bind
+            self.out += pgp.row_description(columns, [0]) if columns else pgp.NO_DATA
+        else:  # the formats the execution will really send (text when masks apply)
+            self.out += pgp.row_description(columns, [c["format"] for c in columns]) if columns else pgp.NO_DATA
 
     async def _execute(self, portal: Portal, max_rows: int, *, describe: bool) -> bool:
         """Run the portal (once), or send what is left of a suspended run."""
@@ -497,6 +500,7 @@ class Bridge:
         self.connection = connection
         self.gateway = Gateway(proxy, connection.hosts[0].split(":")[0])
         self.sessions: dict[tuple[int, int], Session] = {}
+        self.tasks: set[asyncio.Task] = set()
         self.tls: ssl.SSLContext | None = None
         if connection.server_cert:
             self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -525,6 +529,12 @@ class Bridge:
         if not running and s.inflight is not None:
             s.cancelled = True
             s.inflight.cancel()
+
+    def closing(self, s: Session) -> None:
+        """Close a session at the gateway in the background (the task is kept until done)."""
+        task = asyncio.ensure_future(self.close_session(s))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def close_session(self, s: Session) -> None:
         try:

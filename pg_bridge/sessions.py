@@ -76,6 +76,11 @@ class Sessions:
         s.used = time.monotonic()
         return s
 
+    def taken(self, session_id: str, principal: Principal) -> bool:
+        """Is this session id someone else's? (A connect must not replace their session.)"""
+        s = self.open.get(session_id)
+        return s is not None and s.owner != self.owner(principal)
+
     def add(self, session: Session) -> None:
         old = self.open.pop(session.id, None)
         if old is not None:

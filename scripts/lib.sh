@@ -106,3 +106,13 @@ ensure_kubectl() {
         return 1
     fi
 }
+
+# ensure_postgres: a PostgreSQL server (initdb, pg_ctl, pgbench, in Debian's
+# /usr/lib/postgresql/N/bin layout or on PATH) and psql, for pg_bridge's tests and sample.
+ensure_postgres() {
+    ensure_packages psql=postgresql-client || return 1
+    if compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1; then
+        return 0
+    fi
+    ensure_packages /usr/lib/postgresql/any/bin/initdb=postgresql
+}

@@ -157,7 +157,9 @@ def test_pii_in_free_text_arrays_and_json_is_masked(bridge, gw, tokens):
 
 
 def test_psql_describe_commands(bridge, gw, tokens):
-    done = psql(gw.bridge_port, tokens["analyst"], "-c", r"\d users", "-c", r"\dt", "-c", r"\df wipe")
+    done = psql(gw.bridge_port, tokens["analyst"], "-c", r"\d users", "-c", r"\dt", "-c", r"\df wipe",
+                *(a for cmd in (r"\d+ users", r"\dn", r"\di", r"\dv", r"\l", r"\du", r"\dx", r"\ds", r"\dT",
+                                r"\dp users", r"\sf wipe", r"\conninfo") for a in ("-c", cmd)))
     assert done.returncode == 0, done.stderr
     assert 'Table "public.users"' in done.stdout and "nextval('users_id_seq'::regclass)" in done.stdout
     assert "public | notes | table | app" in done.stdout and "public | wipe" in done.stdout
@@ -556,3 +558,60 @@ def test_the_function_call_protocol_is_refused(bridge, gw, tokens):
     kind, body = raw.read()
     assert kind == b"E" and b"C0A000\0" in body and raw.read()[0] == b"Z"
     raw.close()
+
+
+# what a careful attacker tries
+
+
+def test_column_masks_follow_the_column_through_aliases_and_json(bridge, gw, tokens):
+    with connect(gw, tokens["analyst"]) as c:
+        assert c.execute("SELECT password AS p, name AS n FROM users WHERE id = 1").fetchone() == ("[REDACTED]", "user1")
+        row = c.execute("SELECT row_to_json(u) FROM users u WHERE id = 1").fetchone()[0]
+        assert row["password"] == "[REDACTED]" and row["email"] == "[EMAIL_ADDRESS]" and row["name"] == "user1"
+        emails = c.execute("SELECT array_agg(email ORDER BY id) FROM users WHERE id < 3", binary=True).fetchone()[0]
+        assert emails == ["[EMAIL_ADDRESS]", "[EMAIL_ADDRESS]"]  # binary asked, text sent: masked all the same
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation) as e:
+            c.execute("SELECT password::int FROM users WHERE id = 1")
+        assert "pw-1" not in str(e.value) and '"[REDACTED]"' in e.value.diag.message_primary
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["SET standard_conforming_strings = off", "SET NAMES 'SJIS'", "SET search_path = public, pg_catalog",
+     "SELECT pg_catalog.lo_create(0)", "COMMIT PREPARED 'someone-elses'"],
+)
+def test_settings_and_functions_that_would_change_what_runs_are_refused(bridge, gw, tokens, pg, sql):
+    with connect(gw, tokens["writer"], autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute(sql)
+    assert not reached(pg, sql)
+
+
+def test_startup_parameters_cannot_smuggle_settings(bridge, gw, tokens):
+    raw = RawClient(gw.bridge_port)
+    raw.startup({"user": "agent", "database": "shop", "DateStyle": "ISO\t-crole=custody_admin"})
+    assert raw.read()[0] == b"R"
+    raw.send(b"p", tokens["analyst"].encode() + b"\0")
+    kind, body = raw.read()
+    assert kind == b"E" and b"C22023\0" in body and b"control characters" in body
+    raw.close()
+
+
+def test_a_session_cannot_be_borrowed_by_another_principal(bridge, gw, tokens):
+    import requests
+
+    def post(token: str, phase: str, body: dict) -> dict:
+        r = requests.post(f"http://db.prod.internal/{phase}", json=body, timeout=10,
+                          headers={"pg-bridge-session": "shared-id-1", "proxy-authorization": f"Bearer {token}"},
+                          proxies={"http": f"http://127.0.0.1:{gw.port}"})
+        return r.json()
+
+    assert post(tokens["analyst"], "connect", {"database": "shop"})["results"] == []
+    mine = post(tokens["analyst"], "execute", {"sql": "SELECT 41 + 1"})
+    assert mine["results"][0]["rows"] == [["42"]]
+    taken = post(tokens["writer"], "connect", {"database": "shop"})
+    assert taken["results"][0]["error"]["C"] == "08P01"
+    borrowed = post(tokens["writer"], "execute", {"sql": "SELECT 1"})
+    assert borrowed["results"][0]["error"]["C"] == "08003"
+    assert post(tokens["analyst"], "execute", {"sql": "SELECT 2"})["results"][0]["rows"] == [["2"]]
+    post(tokens["analyst"], "close", {})

@@ -51,7 +51,20 @@ def one(sql: str, phase: str = "execute") -> dict:
         ("RESET ROLE", "admin", ["ROLE"], []),
         ("GRANT ALL ON users TO PUBLIC", "admin", ["ROLE"], ["users"]),
         ("CREATE ROLE x SUPERUSER", "admin", ["ROLE"], []),
-        ("SET search_path = public", "read", ["MISC_SET"], []),
+        ("SET search_path = evil, pg_catalog", "admin", ["MISC_SET"], []),  # would reroute unqualified names
+        ("SET standard_conforming_strings = off", "admin", ["MISC_SET"], []),  # backslashes would end strings
+        ("SET NAMES 'SJIS'", "admin", ["MISC_SET"], []),  # a multibyte encoding can swallow a quote
+        ("RESET client_encoding", "admin", ["MISC_SET"], []),
+        ("SET statement_timeout = '5s'", "read", ["MISC_SET"], []),
+        ("PREPARE TRANSACTION 'tx1'", "admin", ["MISC"], []),
+        ("COMMIT PREPARED 'other-apps-tx'", "admin", ["MISC"], []),
+        ("ROLLBACK PREPARED 'other-apps-tx'", "admin", ["MISC"], []),
+        ("SELECT pg_catalog.lo_create(0)", "admin", ["FUNCTION", "READ"], []),  # schema-qualified: same list
+        ("SELECT pg_catalog.pg_notify('orders', 'x')", "admin", ["FUNCTION", "READ"], []),
+        ("SELECT pg_try_advisory_lock(1)", "admin", ["FUNCTION", "READ"], []),
+        ("SELECT public.lower('x')", "exec", ["FUNCTION", "READ"], []),  # not the built-in
+        ('SELECT "Count"(1)', "exec", ["FUNCTION", "READ"], []),  # a quoted name is another function
+        ("SELECT pg_catalog.pg_get_viewdef(1), pg_catalog.pg_table_is_visible(1)", "read", ["READ"], []),
         ("SHOW server_version", "read", ["MISC"], []),
         ("BEGIN", "read", ["MISC"], []),
         ("VACUUM users", "admin", ["MISC"], ["users"]),
@@ -86,6 +99,7 @@ def test_where(sql, where):
 @pytest.mark.parametrize(
     "sql, command",
     [("DROP TABLE users", "DROP TABLE"), ("drop index i", "DROP INDEX"), ("SET x = 1", "SET"), ("COMMIT", "COMMIT"),
+     ("PREPARE TRANSACTION 'x'", "PREPARE TRANSACTION"), ("PREPARE p AS SELECT 1", "PREPARE"),
      ("insert into t values (1)", "INSERT"), ("create index i on t(a)", "CREATE INDEX"), ("RESET ALL", "RESET")],
 )
 def test_commands_are_named_as_postgres_names_them(sql, command):
@@ -120,6 +134,12 @@ def test_malformed_requests_are_unknown(method, path, session, body, problem):
     assert op.action == "unknown" and op.risk == 100 and problem in op.details["reason"]
 
 
+def test_prepared_names_keep_their_case():
+    """The parser folds unquoted names; "P" and p are two statements to the server."""
+    assert one('EXECUTE "P"')["name"] == "P" and one("EXECUTE P")["name"] == "p"
+    assert one('PREPARE "P" AS SELECT 1')["name"] == "P"
+
+
 def test_execute_resolves_what_the_session_prepared():
     prepared = sqlops.classify("db", "execute", "PREPARE p AS DELETE FROM users").details
     executed = sqlops.resolved(sqlops.classify("db", "execute", "EXECUTE p").parts[0], prepared)
@@ -136,3 +156,44 @@ def test_execute_resolves_what_the_session_prepared():
 def test_the_row_estimate_raises_risk(sql, rows, risk):
     part = sqlops.estimated(sqlops.classify("db", "execute", sql).parts[0], rows)
     assert part.details["rows"] == rows and part.risk == risk
+
+
+# what the executor refuses whatever the rules say
+
+
+@pytest.mark.parametrize(
+    "sql, refused",
+    [
+        ("COPY users TO STDOUT", "COPY FROM STDIN / TO STDOUT is not supported"),
+        ("COPY users FROM STDIN", "COPY FROM STDIN / TO STDOUT is not supported"),
+        ("SET standard_conforming_strings = off", "standard_conforming_strings cannot be changed"),
+        ("SET NAMES 'SJIS'", "client_encoding cannot be changed"),
+        ("SELECT 1; SET search_path = evil", "search_path cannot be changed"),
+        ("SET statement_timeout = '1s'", None),
+        ("RESET search_path", None),  # back to the session's default: nothing to fear
+        ("COPY users TO '/tmp/x'", None),  # server-side: a matter for the rules (admin)
+    ],
+)
+def test_the_executor_refuses_what_it_cannot_carry(sql, refused):
+    from pg_bridge.executor import unsupported
+
+    problem = unsupported([p.details for p in sqlops.classify("db", "execute", sql).parts])
+    assert (problem["M"] if problem else None) == (refused and problem["M"])
+    if refused:
+        assert refused in problem["M"] and problem["C"] == "0A000"
+
+
+def test_execute_runs_only_what_was_decided():
+    from types import SimpleNamespace
+
+    from pg_bridge.executor import prepared_guard
+
+    prepare = sqlops.classify("db", "execute", "PREPARE p AS DELETE FROM t WHERE id = 1").details
+    session = SimpleNamespace(prepared={"p": prepare})
+    decided = sqlops.resolved(sqlops.classify("db", "execute", "EXECUTE p").parts[0], prepare)
+    guard = prepared_guard(session, [decided.details])
+    assert guard() is None
+    session.prepared["p"] = sqlops.classify("db", "execute", "PREPARE p AS DELETE FROM t").details  # swapped
+    assert "changed after it was decided" in guard()["M"]
+    del session.prepared["p"]
+    assert "changed after it was decided" in guard()["M"]

@@ -33,9 +33,10 @@ from addons.policy import Policy
 from addons.recorder import Recorder
 from addons.settings import Settings
 from addons.wellknown import WellKnown
-from pg_bridge.executor import Executor
+from pg_bridge.executor import PgExecutor
 from pg_bridge.planner import Planner
 from pg_bridge.sessions import Sessions
+from ssh_bridge.executor import SshExecutor
 
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ def build() -> list:
         Recorder(settings, log, pool),
         ApprovalAPI(settings, book),
         Credentials(settings),
-        Executor(settings, sessions),
+        PgExecutor(settings, sessions),
+        SshExecutor(settings),
     ]
 
 

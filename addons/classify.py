@@ -20,7 +20,7 @@ import time
 from mitmproxy import http
 from mitmproxy.net.http import url
 
-from addons import context, failclosed, httpops, kubeops, sqlops
+from addons import context, failclosed, httpops, kubeops, shellops, sqlops
 from addons.connections import Registry
 from addons.context import Decision
 from addons.failclosed import guarded
@@ -66,10 +66,11 @@ def operation_of(conn, request: http.Request):
         for k, v in request.headers.items(multi=True):
             headers.setdefault(k.lower(), []).append(v)
         return kubeops.classify(conn.name, request.method, request.path, headers, content)
-    if conn.kind == "postgres":
+    if conn.kind in ("postgres", "ssh"):
         body = httpops.parse_json_body(content, "application/json")
-        return sqlops.classify_request(conn.name, request.method, request.path,
-                                       request.headers.get(sqlops.SESSION_HEADER, ""), body)
+        ops = sqlops if conn.kind == "postgres" else shellops
+        return ops.classify_request(conn.name, request.method, request.path,
+                                    request.headers.get(ops.SESSION_HEADER, ""), body)
     return httpops.classify(conn.name, request.method, request.path,
                             {k.lower(): v for k, v in request.headers.items()}, content)
 
@@ -147,7 +148,7 @@ class Classify:
         if not (f.request.is_http2 or f.request.is_http3):
             f.request.authority = ""  # upstream gets origin-form, so Host is the only authority
         ctx.operation = operation_of(conn, f.request)
-        if conn.kind == "postgres" and ctx.operation.details.get("session"):
+        if conn.kind in ("postgres", "ssh") and ctx.operation.details.get("session"):
             ctx.session = ctx.operation.details["session"]  # the client's session, not the bridge's HTTP connection
         if problem := upgrade_refusal(conn, f.request, ctx.operation):
             if problem == SPDY_MESSAGE and (earlier := self._refused_websocket(f)):

@@ -9,6 +9,7 @@ missing secret stops the gateway at start instead of failing a request later.
 from __future__ import annotations
 
 import base64
+import getpass
 import os
 import re
 from dataclasses import dataclass, field
@@ -71,6 +72,8 @@ class Credential:
             return cls("bearer", "authorization", f"Bearer {secret}")
         if raw["type"] == "password":  # a database login: pg_bridge's executor presents it
             return cls("password", raw["username"], secret)
+        if raw["type"] == "private_key":  # an SSH key (PEM/OpenSSH text): ssh_bridge's executor uses it
+            return cls("private_key", "", secret)
         if raw["type"] == "basic":
             pair = f"{raw['username']}:{secret}".encode()
             return cls("basic", "authorization", "Basic " + base64.b64encode(pair).decode())
@@ -83,6 +86,7 @@ class Upstream:
     host: str
     port: int
     database: str = ""
+    """postgres: the database; ssh: the user to log in as (default: the gateway's own user)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,9 @@ class Connection:
     listen: tuple[str, int] | None = None
     server_cert: str | None = None
     max_result_bytes: int = 16 * 1024 * 1024
+    known_hosts: str | None = None
+    host_key: str | None = None
+    max_output_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -187,8 +194,9 @@ class Config:
     masking: Masking
 
 
-DEFAULT_UPSTREAM_PORTS = {"https": 443, "http": 80, "postgresql": 5432, "postgres": 5432}
-UPSTREAM_SCHEMES = {"http": ("http", "https"), "kubernetes": ("http", "https"), "postgres": ("postgresql", "postgres")}
+DEFAULT_UPSTREAM_PORTS = {"https": 443, "http": 80, "postgresql": 5432, "postgres": 5432, "ssh": 22}
+UPSTREAM_SCHEMES = {"http": ("http", "https"), "kubernetes": ("http", "https"), "postgres": ("postgresql", "postgres"),
+                    "ssh": ("ssh",)}
 
 
 def _upstream(url: str, kind: str, where: str) -> Upstream:
@@ -196,7 +204,8 @@ def _upstream(url: str, kind: str, where: str) -> Upstream:
     if parts.scheme not in UPSTREAM_SCHEMES[kind]:
         raise ConfigError(f"{where}.upstream: a {kind} connection needs a {' or '.join(UPSTREAM_SCHEMES[kind])} URL")
     port = parts.port or DEFAULT_UPSTREAM_PORTS[parts.scheme]
-    return Upstream(parts.scheme, parts.hostname or "", port, parts.path.strip("/"))
+    database = {"postgres": parts.path.strip("/"), "ssh": parts.username or getpass.getuser()}.get(kind, "")
+    return Upstream(parts.scheme, parts.hostname or "", port, database)
 
 
 # kubectl sends its kubeconfig token as Authorization: Bearer; that token is the agent's JWT.
@@ -227,8 +236,14 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
         if credential is None or credential.type != "password":
             raise ConfigError(f"{where}.credential: a postgres connection needs a password credential "
                               "(type: password, username, secret)")
-    elif credential is not None and credential.type == "password":
-        raise ConfigError(f"{where}.credential: type password is for postgres connections")
+    elif raw["kind"] == "ssh":
+        if "upstream" not in raw or credential is None or credential.type != "private_key" or "known_hosts" not in raw:
+            raise ConfigError(f"{where}: an ssh connection needs upstream (ssh://user@host:port), a private_key "
+                              "credential and known_hosts (the host key is pinned, never learned)")
+        if not os.path.isfile(base / raw["known_hosts"]):
+            raise ConfigError(f"{where}.known_hosts: no such file: {base / raw['known_hosts']}")
+    elif credential is not None and credential.type in ("password", "private_key"):
+        raise ConfigError(f"{where}.credential: type {credential.type} is for postgres and ssh connections")
     return Connection(
         name=raw["name"],
         kind=raw["kind"],
@@ -241,6 +256,9 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
         listen=listen_address(raw["listen"]) if "listen" in raw else None,
         server_cert=server_cert,
         max_result_bytes=raw.get("max_result_bytes", 16 * 1024 * 1024),
+        known_hosts=str(base / raw["known_hosts"]) if "known_hosts" in raw else None,
+        host_key=str(base / raw["host_key"]) if "host_key" in raw else None,
+        max_output_bytes=raw.get("max_output_bytes", 16 * 1024 * 1024),
     )
 
 

@@ -7,7 +7,8 @@ client certificate. The agent never sees or sends backend credentials. Connectio
 `listen` address also get a direct listener, for clients that cannot use a proxy.
 
 Only HTTP-speaking upstreams (kinds in PROXIED) are reached this way; a Postgres flow is
-answered by its terminal (pg_bridge/executor.py), which holds the database login itself.
+answered by its terminal (pg_bridge/executor.py, ssh_bridge/executor.py), which holds the
+database login or the SSH key itself.
 """
 
 from __future__ import annotations

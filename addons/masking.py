@@ -16,7 +16,6 @@ the recorder, which stores only masked bodies.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 

@@ -50,6 +50,8 @@ GROUPS = {"secrets": SECRET_ENTITIES, "pii": PII_ENTITIES}
 ENTITIES = SECRET_ENTITIES + PII_ENTITIES + NER_ENTITIES
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 SQL_RESULTS = "application/vnd.custody.sql-results+json"
+SSH_RESULTS = "application/vnd.custody.ssh-results+json"
+"""ssh_bridge output (ssh_bridge/executor.py): stdout and stderr masked as text, line by line."""
 """pg_bridge results (pg_bridge/executor.py): masked by column, see Masker.sql_results."""
 TEXT_OID = 25
 TEXT_OIDS = frozenset({25, 1043, 1042, 19, 18, 114, 142, 705})
@@ -414,6 +416,17 @@ class Masker:
             text = content.decode("utf-8")
         except UnicodeDecodeError:
             raise MaskError(f"the response body ({content_type or 'no content type'}) is not text and cannot be masked") from None
+        if content_type.startswith(SSH_RESULTS):
+            doc = json.loads(text)
+            if self.structural:
+                raise MaskError("field and key masks need JSON, and command output is text; use detect masks")
+            if doc.get("encoding") != "utf-8":
+                raise MaskError("the command's output is not text and cannot be masked")
+            for stream in ("stdout", "stderr"):
+                doc[stream] = self.lines(doc[stream], report)
+            if not report.masked:
+                return content, report
+            return json.dumps(doc, ensure_ascii=False).encode(), report
         if content_type.startswith(SQL_RESULTS):
             masked_doc = self.sql_results(json.loads(text), report)
             if not report.masked and not self.structural:  # column masks retype columns even with no rows

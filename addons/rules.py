@@ -215,7 +215,32 @@ def _compile_checks(match: dict[str, Any], effect: str) -> tuple[tuple[str, Chec
         checks.append(("body", _body_check(match["body"], effect)))
     checks += _kubernetes_checks(match.get("kubernetes"), effect)
     checks += _sql_checks(match.get("sql"), effect)
+    checks += _ssh_checks(match.get("ssh"))
     return tuple(checks)
+
+
+def _ssh_checks(ssh: dict[str, Any] | None) -> list[tuple[str, Check]]:
+    """Checks on one simple shell command (policy decides each command of a line on its own)."""
+    checks: list[tuple[str, Check]] = []
+    ssh = ssh or {}
+    if "programs" in ssh:
+        programs = _globs(_many(ssh["programs"]))
+        checks.append(("ssh.programs", lambda p, op: op.protocol == "ssh"
+                       and any(programs(x) for x in op.details.get("programs", ()))))
+    if "commands" in ssh:
+        patterns = _many(ssh["commands"])
+        checks.append(("ssh.commands", lambda p, op: op.protocol == "ssh" and any(
+            fnmatch.fnmatchcase(op.details.get("command", ""), g) for g in patterns)))
+    for key in ("paths", "writes"):
+        if key in ssh:
+            regexes = tuple(glob_regex(g) for g in _many(ssh[key]))
+            checks.append((f"ssh.{key}", lambda p, op, r=regexes, k=key: op.protocol == "ssh" and any(
+                x.match(path) for x in r for path in op.details.get(k, ()))))
+    for key in ("sudo", "network", "package"):
+        if key in ssh:
+            checks.append((f"ssh.{key}", lambda p, op, w=ssh[key], k=key: op.protocol == "ssh"
+                           and bool(op.details.get(k)) == w))
+    return checks
 
 
 def _sql_checks(sql: dict[str, Any] | None, effect: str) -> list[tuple[str, Check]]:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
-import signal
 import sys
 
-from addons import config
+from addons import bridgemain, config
 from pg_bridge.server import Bridge
 
 
@@ -37,23 +35,13 @@ async def serve(cfg: config.Config, proxy: str, only: list[str] | None) -> int:
         await b.start()
         print(f"pg_bridge: {b.connection.name} on {b.connection.listen[0]}:{b.connection.listen[1]} "
               f"-> gateway {proxy}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    for b in bridges:
-        b.server.close()
-    return 0
+    return await bridgemain.serve_until_stopped(bridges)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        cfg = config.load(config.find(args.config), secrets=False)  # the bridge holds no credential
-    except config.ConfigError as e:
-        print(f"pg_bridge: {e}", file=sys.stderr)
+    cfg = bridgemain.load("pg_bridge", args.config)  # the bridge holds no credential
+    if cfg is None:
         return 2
     return asyncio.run(serve(cfg, args.proxy, args.connection))
 

@@ -59,7 +59,7 @@ def prepared_guard(session: Session, parts: list[dict]):
     return guard
 
 
-class Executor:
+class PgExecutor:
     def __init__(self, settings: Settings, sessions: Sessions) -> None:
         self.settings = settings
         self.sessions = sessions

@@ -32,7 +32,7 @@ from addons.config import Connection
 from addons.masks import SQL_RESULTS
 from addons.sqlops import SESSION_HEADER
 from pg_bridge import protocol as pgp
-from pg_bridge.protocol import Bind, Close, Describe, Execute, Parse, ProtocolError
+from pg_bridge.protocol import Bind, Describe, ProtocolError
 
 logger = logging.getLogger(__name__)
 SERVER_ENCODING = {"client_encoding": "UTF8", "server_encoding": "UTF8"}

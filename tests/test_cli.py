@@ -28,6 +28,9 @@ def setup(tmp_path):
     cluster["credential"]["secret"], cluster["tls"]["ca_file"] = "file:api.token", "cluster-ca.pem"
     (tmp_path / "cluster-ca.pem").write_text("")
     doc["connections"][2]["credential"]["secret"] = "file:api.token"
+    doc["connections"][3]["credential"]["secret"] = "file:api.token"
+    doc["connections"][3]["known_hosts"] = "cluster-ca.pem"
+    doc["connections"][3]["host_key"] = "bridge-host-key"
     doc["rules"] = str(ROOT / "rules")
     doc["store"]["path"] = "audit.db"
     (tmp_path / "api.token").write_text("t")
@@ -80,7 +83,7 @@ def test_token_needs_the_dev_issuer(setup):
 
 def test_rules_check(setup, tmp_path):
     ok = setup("rules", "check")
-    assert ok.returncode == 0 and ok.stdout.startswith("ok: 18 rules in 3 files")
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: 25 rules in 4 files")
     bad_dir = tmp_path / "bad-rules"
     bad_dir.mkdir()
     (bad_dir / "x.yaml").write_text(yaml.safe_dump({"rules": [

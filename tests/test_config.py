@@ -57,7 +57,7 @@ def test_base_parses(tmp_path):
 @pytest.mark.parametrize(
     "change, value, message",
     [
-        ("connections.0.kind", "ftp", "connections[0].kind: 'ftp' is not one of ['http', 'kubernetes', 'postgres']"),
+        ("connections.0.kind", "ftp", "connections[0].kind: 'ftp' is not one of ['http', 'kubernetes', 'postgres', 'ssh']"),
         ("connections.0.name", "Bad Name", "connections[0].name: 'Bad Name' does not match"),
         ("connections.0.hosts", [], "connections[0].hosts: [] should be non-empty"),
         ("connections.0.credential.secret", "hunter2", "connections[0].credential.secret: 'hunter2' does not match"),
@@ -118,11 +118,17 @@ def test_sample_configuration_is_valid(monkeypatch, tmp_path):
     doc["connections"][1]["credential"]["secret"] = "file:sample-api.token"
     doc["connections"][1]["tls"]["ca_file"] = "cluster-ca.pem"
     doc["connections"][2]["credential"]["secret"] = "file:sample-api.token"
+    doc["connections"][3]["credential"]["secret"] = "file:sample-api.token"
+    doc["connections"][3]["known_hosts"] = "cluster-ca.pem"
     (tmp_path / "cluster-ca.pem").write_text("")
     cfg = config.parse(doc, str(tmp_path / "custody.yaml"))
     assert cfg.identity.dev_issuer is not None
-    assert [(c.name, c.kind, c.bearer_is_gateway) for c in cfg.connections[:3]] == [
-        ("sample-api", "http", False), ("prod-k8s", "kubernetes", True), ("prod-db", "postgres", False)]
+    assert [(c.name, c.kind, c.bearer_is_gateway) for c in cfg.connections[:4]] == [
+        ("sample-api", "http", False), ("prod-k8s", "kubernetes", True), ("prod-db", "postgres", False),
+        ("prod-web", "ssh", False)]
+    import getpass
+
+    assert (cfg.connections[3].upstream.port, cfg.connections[3].upstream.database) == (2200, getpass.getuser())
     db = cfg.connections[2]
     assert (db.upstream.port, db.upstream.database, db.credential.header, db.listen) == (
         5433, "shop", "app", ("127.0.0.1", 15432))
@@ -191,3 +197,34 @@ def test_registry(host, port, name):
                          c("exact", "exact.svc.example")])
     found = registry.find(host, port)
     assert (found.name if found else None) == name
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"known_hosts": None}, "an ssh connection needs upstream (ssh://user@host:port), a private_key credential and known_hosts"),
+        ({"credential": {"type": "bearer", "secret": "env:HOME"}}, "a private_key credential"),
+        ({"known_hosts": "missing_known_hosts"}, "known_hosts: no such file"),
+        ({"upstream": "https://web.internal"}, "a ssh connection needs a ssh URL"),
+    ],
+)
+def test_ssh_connection_errors(tmp_path, change, message):
+    (tmp_path / "known_hosts").write_text("")
+    conn = {"name": "web", "kind": "ssh", "hosts": ["web.internal"], "upstream": "ssh://deploy@10.0.0.5:22",
+            "credential": {"type": "private_key", "secret": "env:HOME"}, "known_hosts": "known_hosts", **change}
+    conn = {k: v for k, v in conn.items() if v is not None}
+    doc = {"connections": [conn], "rules": "rules", "store": {"path": "a.db"}}
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.parse(doc, str(tmp_path / "c.yaml"))
+
+
+def test_ssh_connection(tmp_path):
+    (tmp_path / "known_hosts").write_text("")
+    conn = {"name": "web", "kind": "ssh", "hosts": ["web.internal"], "upstream": "ssh://deploy@10.0.0.5:2200",
+            "credential": {"type": "private_key", "secret": "env:HOME"}, "known_hosts": "known_hosts",
+            "listen": "127.0.0.1:2222"}
+    cfg = config.parse({"connections": [conn], "rules": "rules", "store": {"path": "a.db"}}, str(tmp_path / "c.yaml"))
+    c = cfg.connections[0]
+    assert (c.upstream.host, c.upstream.port, c.upstream.database, c.credential.type) == (
+        "10.0.0.5", 2200, "deploy", "private_key")
+    assert c.known_hosts == str(tmp_path / "known_hosts") and c.listen == ("127.0.0.1", 2222)

@@ -3,12 +3,14 @@ walkthrough requests are allowed, denied and recorded."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
 import time
 
+import asyncssh
 import requests
 
 from tests.support.gateway import ROOT
@@ -30,6 +32,13 @@ def walkthrough_kubectl(tmp_path, env, port):
                    capture_output=True, text=True, check=True, env=custody_env)
     kube_env = clean_env(KUBECONFIG=str(tmp_path / "ops.kubeconfig"), KUBECACHEDIR=str(tmp_path / "kube-cache"))
     return lambda *args: subprocess.run(["kubectl", *args], capture_output=True, text=True, env=kube_env, timeout=60)
+
+
+async def ssh_walkthrough(token: str, *commands: str) -> list:
+    """The walkthrough's ssh commands, with asyncssh (the token as the password)."""
+    async with asyncssh.connect("127.0.0.1", 2222, username="agent", password=token, known_hosts=None,
+                                client_keys=None, agent_path=None, config=None) as conn:
+        return [await conn.run(c, check=False) for c in commands]
 
 
 def test_scripts_run_serves_the_walkthrough(tmp_path):
@@ -67,6 +76,15 @@ def test_scripts_run_serves_the_walkthrough(tmp_path):
         assert (rows.returncode, rows.stdout.strip()) == (0, "Customer 1|[EMAIL_ADDRESS]"), rows.stderr
         dropped = psql(15432, token, "-c", "DROP TABLE orders")
         assert dropped.returncode == 1 and "custody: Schema changes (DDL) are not allowed for agents." in dropped.stderr
+        ops = subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "custody"), "token", "--sub", "crew-ops", "--groups", "ops"],
+            capture_output=True, text=True, check=True,
+            env={**env, "CUSTODY_CONFIG": str(ROOT / "examples" / "custody.yaml")},
+        ).stdout.strip()
+        notes = ROOT / ".custody" / "sample-host" / "notes.txt"
+        shown, refused = asyncio.run(ssh_walkthrough(ops, f"cat {notes}", "sudo id"))
+        assert shown.exit_status == 0 and "deploy key: [AWS_ACCESS_KEY_ID]" in shown.stdout, shown.stderr
+        assert refused.exit_status == 126 and "custody: sudo, su and doas are not allowed" in refused.stderr
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)

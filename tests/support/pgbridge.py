@@ -3,47 +3,33 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.support.gateway import ROOT, Gateway
+from tests.support.servers import stop_process, wait_listening
 
 
 class BridgeProcess:
-    """`python -m pg_bridge` for a gateway's configuration, without any database secret in
-    its environment (the bridge must never need one)."""
+    """`python -m pg_bridge` (or ssh_bridge) for a gateway's configuration, without any
+    database secret in its environment (the bridge must never need one)."""
 
-    def __init__(self, gateway: Gateway, port: int, log: Path) -> None:
+    def __init__(self, gateway: Gateway, port: int, log: Path, module: str = "pg_bridge") -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         self.port = port
         self.log_file = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pg_bridge", "--config", str(gateway.config_file),
+            [sys.executable, "-m", module, "--config", str(gateway.config_file),
              "--proxy", f"http://127.0.0.1:{gateway.port}"],
             cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-        raise RuntimeError(f"pg_bridge did not start:\n{log.read_text()}")
+        wait_listening(port, self.proc, module, log.read_text)
 
     def environ(self) -> bytes:
         return Path(f"/proc/{self.proc.pid}/environ").read_bytes()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
 
 
 def psql(port: int, token: str, *args: str, database: str = "shop", stdin: str | None = None,

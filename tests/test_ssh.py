@@ -1,0 +1,304 @@
+"""SSH through ssh_bridge: a real sshd, the real gateway, the bridge process, the shipped
+sample rules (rules/ssh.yaml), and real clients: OpenSSH's `ssh` (the token from
+SSH_ASKPASS) and asyncssh. "Nothing reached the host" is read from sshd's own log and
+from the files the commands would have touched."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from tests.conftest import standard_identity
+from tests.support.approvals import Approver, listening, wait_for
+from tests.support.gateway import ROOT, Gateway
+from tests.support.pgbridge import BridgeProcess
+from tests.support.servers import free_port
+from tests.support.sshd import SshServer, keygen
+
+AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
+
+
+@pytest.fixture(scope="module")
+def sshd():
+    server = SshServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, servers, sshd):
+    directory = tmp_path_factory.mktemp("ssh-gateway")
+    wrong = directory / "wrong_known_hosts"  # the host "moved": a key nobody pinned
+    other = keygen(directory / "other_host_key")
+    wrong.write_text(f"[127.0.0.1]:{sshd.port} {Path(str(other) + '.pub').read_text()}")
+    port, approvals = free_port(), free_port()
+    base = {"kind": "ssh", "upstream": f"ssh://{sshd.user}@127.0.0.1:{sshd.port}",
+            "credential": {"type": "private_key", "secret": f"file:{sshd.client_key}"},
+            "listen": f"127.0.0.1:{port}", "host_key": str(directory / "bridge_host_key")}
+    gateway = Gateway(
+        directory,
+        connections=[{"name": "prod-web", "hosts": ["web.prod.internal"], "known_hosts": str(sshd.known_hosts),
+                      "max_output_bytes": 200_000, **base},
+                     {"name": "moved-web", "hosts": ["moved.internal"], "known_hosts": str(wrong), **base}],
+        rules={"ssh.yaml": (ROOT / "rules" / "ssh.yaml").read_text(),
+               "test.yaml": {"rules": [
+                   {"id": "moved-read", "match": {"connection": "moved-web", "action": "read"}, "effect": "allow"},
+                   {"id": "raw-read", "match": {"connection": "prod-web", "principal": {"groups": ["raw"]},
+                                                "action": "read"}, "effect": "allow"}]}},
+        identity=standard_identity(servers.jwks),
+    )
+    gateway.config["approvals"] = {"listen": f"127.0.0.1:{approvals}", "sweep": "200ms"}
+    gateway.config_file.write_text(__import__("yaml").safe_dump(gateway.config))
+    gateway.approvals_url = f"http://127.0.0.1:{approvals}"
+    gateway.start()
+    wait_for(lambda: listening(gateway.approvals_url))
+    gateway.bridge_port = port
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def bridge(gw, tmp_path_factory):
+    process = BridgeProcess(gw, gw.bridge_port, tmp_path_factory.mktemp("ssh-bridge") / "bridge.log",
+                            module="ssh_bridge")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def tokens(keys, jwks):
+    def mint(sub: str, groups: list[str]) -> str:
+        return keys["rsa"].token(jwks.issuer, sub=sub, groups=groups, ttl=3600)
+
+    return {"ops": mint("crew-ops", ["ops"]), "reader": mint("crew-reader", ["ops-readers"]), "raw": mint("raw", ["raw"]),
+            "stranger": mint("nobody", []), "sre": mint("sre-1", ["sre"])}
+
+
+@pytest.fixture(scope="module")
+def askpass(tmp_path_factory):
+    script = tmp_path_factory.mktemp("askpass") / "askpass"
+    script.write_text("#!/bin/sh\nprintf '%s\\n' \"$CUSTODY_TOKEN\"\n")
+    script.chmod(0o755)
+    return script
+
+
+def ssh(gw, askpass, token: str, *args: str, user: str = "agent+prod-web", stdin: bytes | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess:
+    """The real OpenSSH client, its password (the token) from SSH_ASKPASS."""
+    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "CUSTODY_TOKEN": token,
+           "DISPLAY": ":0"}
+    cmd = ["ssh", "-p", str(gw.bridge_port), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+           "-o", "PreferredAuthentications=password,keyboard-interactive", "-o", "PubkeyAuthentication=no",
+           "-o", "LogLevel=ERROR", "-o", "NumberOfPasswordPrompts=1", "-F", "/dev/null", *args[:-1],
+           f"{user}@127.0.0.1", *args[-1:]]
+    return subprocess.run(cmd, input=stdin if stdin is not None else b"", capture_output=True, env=env,
+                          timeout=timeout)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def asyncssh_connect(gw, token: str, user: str = "agent+prod-web", **kw):
+    return await asyncssh.connect("127.0.0.1", gw.bridge_port, username=user, password=token, known_hosts=None,
+                                  client_keys=None, agent_path=None, config=None, **kw)
+
+
+# exec
+
+
+def test_exec_returns_stdout_stderr_and_the_exit_status(bridge, gw, askpass, tokens):
+    done = ssh(gw, askpass, tokens["ops"], "echo hello; echo oops >&2; exit 3")
+    assert (done.returncode, done.stdout, done.stderr) == (3, b"hello\n", b"oops\n")
+
+
+def test_exec_is_binary_safe(bridge, gw, askpass, tokens):
+    done = ssh(gw, askpass, tokens["raw"], r"printf '\000\001\377abc'")  # a rule without masks
+    assert (done.returncode, done.stdout) == (0, b"\x00\x01\xffabc")
+
+
+def test_binary_output_that_must_be_masked_is_refused(bridge, gw, askpass, tokens):
+    done = ssh(gw, askpass, tokens["reader"], r"printf '\000\001\377abc'")
+    assert done.returncode == 126 and done.stdout == b""
+    assert b"custody: the command's output is not text and cannot be masked" in done.stderr
+
+
+def test_exec_passes_standard_input(bridge, gw, askpass, tokens):
+    done = ssh(gw, askpass, tokens["reader"], "wc -c", stdin=b"x" * 5000)
+    assert done.returncode == 0 and done.stdout.strip() == b"5000"
+
+
+def test_large_output_is_capped_with_a_clear_message(bridge, gw, askpass, tokens):
+    done = ssh(gw, askpass, tokens["ops"], "head -c 1000000 /dev/zero | tr '\\0' x")
+    assert done.returncode == 255 and len(done.stdout) == 200_000
+    assert b"custody: the output passed 200000 bytes; the command was stopped" in done.stderr
+
+
+def test_secrets_in_output_are_masked(bridge, gw, askpass, tokens, sshd, tmp_path):
+    secret = Path("/tmp") / f"custody-secret-{os.getpid()}.txt"
+    secret.write_text(f"aws_access_key_id = {AWS_KEY}\nregion = eu-west-1\n")
+    try:
+        done = ssh(gw, askpass, tokens["reader"], f"cat {secret}")
+        assert done.returncode == 0 and AWS_KEY.encode() not in done.stdout
+        assert b"region = eu-west-1" in done.stdout and b"[AWS_ACCESS_KEY_ID]" in done.stdout
+        assert AWS_KEY.encode() not in gw.db.read_bytes()
+    finally:
+        secret.unlink()
+
+
+# shell
+
+
+def test_a_shell_keeps_its_directory_and_variables(bridge, gw, askpass, tokens):
+    done = ssh(gw, askpass, tokens["ops"], "-T", "", stdin=b"cd /tmp\nX=42\npwd\necho $X\nexit 4\n")
+    assert done.returncode == 4
+    assert b"/tmp\n" in done.stdout and b"42\n" in done.stdout
+
+
+def test_a_shell_line_is_governed_on_its_own(bridge, gw, askpass, tokens, tmp_path):
+    target = Path("/tmp") / f"custody-shell-{os.getpid()}"
+    done = ssh(gw, askpass, tokens["reader"], "-T", "", stdin=f"echo before\ntouch {target}\necho after\n".encode())
+    assert b"before\n" in done.stdout and b"after\n" in done.stdout
+    assert b"custody: no rule matches this request" in done.stderr and not target.exists()
+
+
+def test_interactive_programs_are_refused_not_passed_through(bridge, gw, askpass, tokens):
+    done = ssh(gw, askpass, tokens["ops"], "-T", "", stdin=b"vi /tmp/x\necho still here\n")
+    assert b"vi is interactive" in done.stderr and b"still here" in done.stdout
+
+
+def test_a_shell_with_a_terminal_echoes_and_edits(bridge, gw, tokens):
+    async def main():
+        async with await asyncssh_connect(gw, tokens["reader"]) as conn:
+            process = await conn.create_process(term_type="xterm", encoding=None)
+            process.stdin.write(b"echo hellx\x7fo\r")
+            out = b""
+            while b"hello\r\n$ " not in out.split(b"hellx\x08 \x08o", 1)[-1]:
+                out += await asyncio.wait_for(process.stdout.read(1024), 10)
+            process.stdin.write(b"\x04")
+            await process.wait_closed()
+            return out
+
+    assert b"hellx\b \bo\r\nhello\r\n" in run(main())
+
+
+# policy
+
+
+@pytest.mark.parametrize(
+    "token, command, message",
+    [
+        ("ops", "sudo id", "custody: sudo, su and doas are not allowed for agents."),
+        ("ops", "echo pwned > /etc/custody-test", "custody: Writing under /etc is not allowed for agents."),
+        ("ops", "curl http://example.com", "custody: Network tools"),
+        ("ops", "ls; sudo -s", "custody: statement 2"),
+        ("reader", "rm /tmp/anything", "custody: no rule matches this request"),
+        ("ops", "echo $(id)", "custody: no rule matches this request"),
+        ("ops", "bash -c 'sudo id'", "custody: sudo, su and doas are not allowed for agents."),
+        ("ops", "echo 'unbalanced", "custody: no rule matches this request"),
+    ],
+)
+def test_refused_commands_never_reach_the_host(bridge, gw, askpass, tokens, sshd, token, command, message):
+    before = sshd.log().count("Starting session: command")
+    done = ssh(gw, askpass, tokens[token], command)
+    assert done.returncode == 126 and message in done.stderr.decode(), done.stderr
+    assert done.stdout == b"" and not Path("/etc/custody-test").exists()
+    assert sshd.log().count("Starting session: command") == before
+
+
+def test_a_recursive_rm_waits_for_an_sre(bridge, gw, askpass, tokens):
+    target = Path("/tmp") / f"custody-doomed-{os.getpid()}"
+    (target / "inner").mkdir(parents=True)
+    sre = Approver(gw.approvals_url, tokens["sre"])
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(done=ssh(gw, askpass, tokens["ops"], f"rm -r {target}")))
+    thread.start()
+    approval = wait_for(lambda: [a for a in sre.list() if str(target) in a["operation"]["summary"]])[0]
+    assert approval["rules"] == ["ssh-recursive-rm-reviewed"] and target.exists()
+    assert sre.vote(approval["id"], "approve", "cleanup").status_code == 200
+    thread.join(30)
+    assert outcome["done"].returncode == 0 and not target.exists()
+
+
+# what is refused outright
+
+
+def test_port_forwarding_is_refused(bridge, gw, tokens, sshd):
+    async def main():
+        async with await asyncssh_connect(gw, tokens["ops"]) as conn:
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.open_connection("127.0.0.1", sshd.port)
+            with pytest.raises(asyncssh.ChannelListenError):
+                await conn.forward_remote_port("127.0.0.1", free_port(), "127.0.0.1", 22)
+
+    run(main())
+
+
+def test_sftp_is_refused(bridge, gw, tokens):
+    async def main():
+        async with await asyncssh_connect(gw, tokens["ops"]) as conn:
+            with pytest.raises((asyncssh.SFTPError, asyncssh.ChannelOpenError, asyncssh.ProcessError, OSError)):
+                async with conn.start_sftp_client() as sftp:
+                    await sftp.listdir("/")
+
+    run(main())
+
+
+# identity and the host key
+
+
+@pytest.mark.parametrize("password", ["not-a-jwt", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."])
+def test_bad_tokens_are_refused_before_the_host(bridge, gw, askpass, sshd, password):
+    before = sshd.accepted()
+    done = ssh(gw, askpass, password, "id")
+    assert done.returncode == 255 and b"Permission denied" in done.stderr
+    assert sshd.accepted() == before
+
+
+def test_a_principal_without_rules_cannot_log_in(bridge, gw, askpass, tokens, sshd):
+    done = ssh(gw, askpass, tokens["stranger"], "id")
+    assert done.returncode == 255 and b"Permission denied" in done.stderr
+
+
+def test_keyboard_interactive_and_the_connection_in_the_user_name(bridge, gw, tokens):
+    class Answers(asyncssh.SSHClient):
+        def kbdint_auth_requested(self) -> str:
+            return ""
+
+        def kbdint_challenge_received(self, name, instructions, lang, prompts):
+            return [tokens["reader"] for _ in prompts]
+
+    async def main():
+        conn, _ = await asyncssh.create_connection(
+            Answers, "127.0.0.1", gw.bridge_port, username="agent+prod-web", known_hosts=None, client_keys=None,
+            agent_path=None, config=None, preferred_auth="keyboard-interactive")
+        async with conn:
+            return await conn.run("echo via kbdint", check=False)
+
+    assert run(main()).stdout == "via kbdint\n"
+
+
+def test_a_changed_host_key_is_refused(bridge, gw, tokens, sshd):
+    before = sshd.accepted()
+
+    async def main():
+        with pytest.raises(asyncssh.PermissionDenied):
+            await asyncssh_connect(gw, tokens["ops"], user="agent+moved-web")
+
+    run(main())
+    assert sshd.accepted() == before
+    refusal = gw.wait_events("kind = 'response' AND connection = 'moved-web'")[-1]
+    assert b"does not match known_hosts" in refusal["body"]
+
+
+def test_the_bridge_holds_no_key_and_keeps_its_own(bridge, gw, sshd):
+    assert sshd.client_key.read_bytes() not in bridge.environ()
+    key = Path(gw.config["connections"][0]["host_key"])
+    assert key.exists() and stat.S_IMODE(key.stat().st_mode) == 0o600

@@ -2,9 +2,10 @@
 
 mitmproxy runs every hook in list order, response hooks included, so the order below is
 the order of DESIGN.md: identity, classify, policy, approval, masking, recorder, credentials,
-terminals. pg_bridge's planner sits between classify and policy (a statement's row estimate
-and what `EXECUTE name` runs are part of what it does), and its executor is the terminal
-that answers Postgres flows on the real server; both share the open sessions.
+terminals. The bridges' planners sit between classify and policy (a statement's row
+estimate and what `EXECUTE name` runs, a command line's working directory, are part of
+what it does), and their executors are the terminals that answer Postgres and SSH flows
+on the real server or host; each planner reads its executor's open sessions.
 Before them: settings (the others read it while configuring), the audit log, the approvals
 book and the masking workers (shared services with no flow hooks), and the gateway's
 public endpoints (they need no token). Masking has only response hooks, so on responses it
@@ -37,6 +38,7 @@ from pg_bridge.executor import PgExecutor
 from pg_bridge.planner import Planner
 from pg_bridge.sessions import Sessions
 from ssh_bridge.executor import SshExecutor
+from ssh_bridge.planner import SshPlanner
 
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ def build() -> list:
     book = ApprovalBook(settings, log)
     pool = MaskPool(settings)
     sessions = Sessions()
+    ssh = SshExecutor(settings)
     return [
         Hardening(),
         settings,
@@ -60,6 +63,7 @@ def build() -> list:
         Identity(settings),
         Classify(settings),
         Planner(sessions),
+        SshPlanner(ssh),
         Policy(settings),
         Approval(settings, book, pool),
         Masking(settings, pool),
@@ -67,7 +71,7 @@ def build() -> list:
         ApprovalAPI(settings, book),
         Credentials(settings),
         PgExecutor(settings, sessions),
-        SshExecutor(settings),
+        ssh,
     ]
 
 

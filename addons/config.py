@@ -107,6 +107,7 @@ class Connection:
     known_hosts: str | None = None
     host_key: str | None = None
     max_output_bytes: int = 16 * 1024 * 1024
+    command_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,7 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
         known_hosts=str(base / raw["known_hosts"]) if "known_hosts" in raw else None,
         host_key=str(base / raw["host_key"]) if "host_key" in raw else None,
         max_output_bytes=raw.get("max_output_bytes", 16 * 1024 * 1024),
+        command_timeout=parse_duration(raw.get("command_timeout", "5m")),
     )
 
 

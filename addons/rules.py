@@ -236,7 +236,7 @@ def _ssh_checks(ssh: dict[str, Any] | None) -> list[tuple[str, Check]]:
             regexes = tuple(glob_regex(g) for g in _many(ssh[key]))
             checks.append((f"ssh.{key}", lambda p, op, r=regexes, k=key: op.protocol == "ssh" and any(
                 x.match(path) for x in r for path in op.details.get(k, ()))))
-    for key in ("sudo", "network", "package"):
+    for key in ("sudo", "network", "package", "recursive"):
         if key in ssh:
             checks.append((f"ssh.{key}", lambda p, op, w=ssh[key], k=key: op.protocol == "ssh"
                            and bool(op.details.get(k)) == w))

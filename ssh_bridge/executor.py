@@ -52,6 +52,14 @@ class SshExecutor:
         if "custody_config" in updated:
             self.registry = Registry(self.settings.require().connections)
 
+    def directory(self, session_id: str, principal, connection: str, phase: str) -> str | None:
+        """Where the session's next command runs on the host: its shell's directory for a
+        shell line, the login directory for an exec; None when unknown."""
+        s = self.sessions.get(session_id)
+        if s is None or principal is None or s.owner != (principal.issuer, principal.subject) or s.connection != connection:
+            return None
+        return (s.host.cwd or s.host.home) if phase == "shell" else s.host.home
+
     def done(self) -> None:
         if self.loop is not None:
             for s in self.sessions.values():
@@ -101,9 +109,11 @@ class SshExecutor:
         stdin = base64.b64decode(body.get("stdin", "") or "")
         try:
             if phase == "exec":
-                result = await self.loop.run(session.host.exec(body["command"], stdin, conn.max_output_bytes))
+                result = await self.loop.run(session.host.exec(body["command"], stdin, conn.max_output_bytes,
+                                                               conn.command_timeout))
             else:
-                result = await self.loop.run(session.host.line(body["command"], conn.max_output_bytes))
+                result = await self.loop.run(session.host.line(body["command"], conn.max_output_bytes,
+                                                               conn.command_timeout))
         except Exception as e:  # the host connection broke: the session is over
             self.sessions.pop(session_id, None)
             raise HostError(f"the connection to the host failed: {type(e).__name__}: {e}") from None

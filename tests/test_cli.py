@@ -83,7 +83,7 @@ def test_token_needs_the_dev_issuer(setup):
 
 def test_rules_check(setup, tmp_path):
     ok = setup("rules", "check")
-    assert ok.returncode == 0 and ok.stdout.startswith("ok: 25 rules in 4 files")
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: 26 rules in 4 files")
     bad_dir = tmp_path / "bad-rules"
     bad_dir.mkdir()
     (bad_dir / "x.yaml").write_text(yaml.safe_dump({"rules": [

@@ -126,9 +126,7 @@ def test_sample_configuration_is_valid(monkeypatch, tmp_path):
     assert [(c.name, c.kind, c.bearer_is_gateway) for c in cfg.connections[:4]] == [
         ("sample-api", "http", False), ("prod-k8s", "kubernetes", True), ("prod-db", "postgres", False),
         ("prod-web", "ssh", False)]
-    import getpass
-
-    assert (cfg.connections[3].upstream.port, cfg.connections[3].upstream.database) == (2200, getpass.getuser())
+    assert (cfg.connections[3].upstream.port, cfg.connections[3].upstream.database) == (2200, "custody-sample")
     db = cfg.connections[2]
     assert (db.upstream.port, db.upstream.database, db.credential.header, db.listen) == (
         5433, "shop", "app", ("127.0.0.1", 15432))

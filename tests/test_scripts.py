@@ -81,8 +81,7 @@ def test_scripts_run_serves_the_walkthrough(tmp_path):
             capture_output=True, text=True, check=True,
             env={**env, "CUSTODY_CONFIG": str(ROOT / "examples" / "custody.yaml")},
         ).stdout.strip()
-        notes = ROOT / ".custody" / "sample-host" / "notes.txt"
-        shown, refused = asyncio.run(ssh_walkthrough(ops, f"cat {notes}", "sudo id"))
+        shown, refused = asyncio.run(ssh_walkthrough(ops, "cat notes.txt", "sudo id"))
         assert shown.exit_status == 0 and "deploy key: [AWS_ACCESS_KEY_ID]" in shown.stdout, shown.stderr
         assert refused.exit_status == 126 and "custody: sudo, su and doas are not allowed" in refused.stderr
     finally:

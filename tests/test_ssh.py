@@ -45,13 +45,15 @@ def gw(tmp_path_factory, servers, sshd):
     gateway = Gateway(
         directory,
         connections=[{"name": "prod-web", "hosts": ["web.prod.internal"], "known_hosts": str(sshd.known_hosts),
-                      "max_output_bytes": 200_000, **base},
+                      "max_output_bytes": 200_000, "command_timeout": "4s", **base},
                      {"name": "moved-web", "hosts": ["moved.internal"], "known_hosts": str(wrong), **base}],
         rules={"ssh.yaml": (ROOT / "rules" / "ssh.yaml").read_text(),
                "test.yaml": {"rules": [
                    {"id": "moved-read", "match": {"connection": "moved-web", "action": "read"}, "effect": "allow"},
                    {"id": "raw-read", "match": {"connection": "prod-web", "principal": {"groups": ["raw"]},
-                                                "action": "read"}, "effect": "allow"}]}},
+                                                "action": "read"}, "effect": "allow"},
+                   {"id": "lab-exec", "match": {"connection": "prod-web", "principal": {"groups": ["lab"]},
+                                                "action": ["read", "exec"]}, "effect": "allow", "masks": ["secrets"]}]}},
         identity=standard_identity(servers.jwks),
     )
     gateway.config["approvals"] = {"listen": f"127.0.0.1:{approvals}", "sweep": "200ms"}
@@ -77,7 +79,7 @@ def tokens(keys, jwks):
     def mint(sub: str, groups: list[str]) -> str:
         return keys["rsa"].token(jwks.issuer, sub=sub, groups=groups, ttl=3600)
 
-    return {"ops": mint("crew-ops", ["ops"]), "reader": mint("crew-reader", ["ops-readers"]), "raw": mint("raw", ["raw"]),
+    return {"ops": mint("crew-ops", ["ops"]), "reader": mint("crew-reader", ["ops-readers"]), "raw": mint("raw", ["raw"]), "lab": mint("lab", ["lab"]),
             "stranger": mint("nobody", []), "sre": mint("sre-1", ["sre"])}
 
 
@@ -169,8 +171,25 @@ def test_a_shell_line_is_governed_on_its_own(bridge, gw, askpass, tokens, tmp_pa
     assert b"custody: no rule matches this request" in done.stderr and not target.exists()
 
 
+def test_a_relative_write_is_judged_where_the_shell_is(bridge, gw, askpass, tokens):
+    """`cd /etc` on one line, a relative write on the next: the rule on /etc/** still holds."""
+    done = ssh(gw, askpass, tokens["ops"], "-T", "", stdin=b"cd /etc\necho x > custody-relative\npwd\n")
+    assert b"custody: Writing under /etc is not allowed for agents." in done.stderr
+    assert b"/etc\n" in done.stdout and not Path("/etc/custody-relative").exists()
+
+
+def test_a_script_on_standard_input_is_not_run_unseen(bridge, gw, askpass, tokens):
+    done = ssh(gw, askpass, tokens["lab"], "bash", stdin=b"sudo id\n")
+    assert done.returncode == 126 and b"custody: no rule matches this request" in done.stderr
+
+
+def test_a_command_that_runs_too_long_is_stopped(bridge, gw, askpass, tokens):
+    done = ssh(gw, askpass, tokens["reader"], "sleep 30")
+    assert done.returncode == 124 and b"custody: the command ran longer than 4 s and was stopped" in done.stderr
+
+
 def test_interactive_programs_are_refused_not_passed_through(bridge, gw, askpass, tokens):
-    done = ssh(gw, askpass, tokens["ops"], "-T", "", stdin=b"vi /tmp/x\necho still here\n")
+    done = ssh(gw, askpass, tokens["lab"], "-T", "", stdin=b"vi /tmp/x\necho still here\n")
     assert b"vi is interactive" in done.stderr and b"still here" in done.stdout
 
 
@@ -210,7 +229,7 @@ def test_refused_commands_never_reach_the_host(bridge, gw, askpass, tokens, sshd
     done = ssh(gw, askpass, tokens[token], command)
     assert done.returncode == 126 and message in done.stderr.decode(), done.stderr
     assert done.stdout == b"" and not Path("/etc/custody-test").exists()
-    assert sshd.log().count("Starting session: command") == before
+    assert sshd.log().count("Starting session: command") == before + 1  # the login's own `pwd`, nothing else
 
 
 def test_a_recursive_rm_waits_for_an_sre(bridge, gw, askpass, tokens):

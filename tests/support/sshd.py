@@ -25,14 +25,15 @@ def keygen(path: Path, kind: str = "ed25519") -> Path:
 class SshServer:
     """One sshd on 127.0.0.1 that accepts `user` with the key in `client_key`."""
 
-    def __init__(self, directory: Path | None = None, port: int | None = None, keep: bool = False) -> None:
+    def __init__(self, directory: Path | None = None, port: int | None = None, keep: bool = False,
+                 user: str | None = None, authorized_keys: str | None = None) -> None:
         if not os.path.exists(SSHD):
             raise RuntimeError("no sshd: install openssh-server (scripts/test does)")
         self.dir = Path(directory or tempfile.mkdtemp(prefix="custody-sshd-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.keep = keep
         self.port = port or free_port()
-        self.user = getpass.getuser()
+        self.user = user or getpass.getuser()
         self.host_key = keygen(self.dir / "host_key")
         self.client_key = keygen(self.dir / "gateway_key")
         (self.dir / "authorized_keys").write_text((self.dir / "gateway_key.pub").read_text())
@@ -41,7 +42,7 @@ class SshServer:
         config = self.dir / "sshd_config"
         config.write_text("\n".join([
             f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {self.host_key}", f"PidFile {self.dir / 'pid'}",
-            f"AuthorizedKeysFile {self.dir / 'authorized_keys'}", "PubkeyAuthentication yes",
+            f"AuthorizedKeysFile {authorized_keys or self.dir / 'authorized_keys'}", "PubkeyAuthentication yes",
             "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
             "PermitRootLogin prohibit-password", "AllowTcpForwarding yes", "Subsystem sftp internal-sftp",
             "LogLevel VERBOSE", "",

@@ -260,9 +260,7 @@ def command(argv: list[str], redirects: list[tuple[str, str]], depth: int = 0, c
                 end = next((n for n, a in enumerate(rest) if a in (";", "+")), len(rest))
                 inner.append(command(rest[:end], [], depth + 1, cwd))
         written += _option_paths(args[1:], written=True)
-    elif program in BUILTINS or program in READS:
-        pass
-    else:
+    elif program not in BUILTINS and program not in READS:
         action = _riskier(action, EXEC)  # a program nobody listed could do anything
     for d in inner:
         action = _riskier(action, d["action"])

@@ -93,7 +93,7 @@ class PgExecutor:
                 if session is None:
                     raise BackendError(failure("08003", "no such session on the gateway (it was closed, or it is "
                                                         "not yours); reconnect"))
-                out = await self._step(conn, session, phase, body, op, c)
+                out = await self._step(conn, session, c)
         except BackendError as e:
             out = Output(results=[{"error": e.fields}])
         f.response = http.Response.make(200, json.dumps(out.as_dict(), ensure_ascii=False),
@@ -109,7 +109,9 @@ class PgExecutor:
         self.sessions.add(Session(session_id, self.sessions.owner(c.principal), conn.name, backend))
         return Output(status=backend.status, parameters=backend.parameters)
 
-    async def _step(self, conn: Connection, session: Session, phase: str, body: dict, op, c) -> Output:
+    async def _step(self, conn: Connection, session: Session, c: context.Context) -> Output:
+        op, body = c.operation, c.operation.payload
+        phase = op.details["phase"]
         if phase == "close":
             self.sessions.close(session.id)
             return Output()

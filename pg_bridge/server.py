@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import secrets
 import ssl
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from addons.bridgelink import Link, Refusal, Unreachable, step
 from addons.config import Connection
 from addons.masks import SQL_RESULTS
 from addons.sqlops import SESSION_HEADER
@@ -48,68 +48,18 @@ class Failed(Exception):
         self.fields = fields
 
 
-def refusal_fields(status: int, body: Any) -> dict[str, str]:
-    """A gateway refusal (JSON with a decision) as PostgreSQL error fields: identity
-    failures are 28000, policy and approval denials 42501, the gateway's own failures
-    58000; the detail names the rules, the approval and the audit event."""
-    if not isinstance(body, dict):
-        return {"S": "ERROR", "V": "ERROR", "C": "08006", "M": f"custody: the gateway answered {status} without a reason"}
-    reason = str(body.get("reason", "refused"))
-    code = "28000" if status in (401, 407) else REFUSAL_CODES.get(str(body.get("error")), "42501")
-    detail = []
-    if body.get("rules"):
-        detail.append(f"rules: {', '.join(body['rules'])}")
-    if body.get("approval_id"):
-        detail.append(f"approval: {body['approval_id']}" + (f" ({body['state']})" if body.get("state") else ""))
-    if body.get("event_id"):
-        detail.append(f"audit event: {body['event_id']}")
-    fields = {"S": "ERROR", "V": "ERROR", "C": code, "M": f"custody: {reason}"}
-    if detail:
-        fields["D"] = "; ".join(detail)
+def refusal_fields(refusal: Refusal) -> dict[str, str]:
+    """A gateway refusal as PostgreSQL error fields: identity failures are 28000, policy and
+    approval denials 42501, the gateway's own failures 58000 (08006 without a reason); the
+    detail names the rules, the approval and the audit event."""
+    if refusal.body is None:
+        code = "08006"
+    else:
+        code = "28000" if refusal.identity else REFUSAL_CODES.get(str(refusal.body.get("error")), "42501")
+    fields = {"S": "ERROR", "V": "ERROR", "C": code, "M": refusal.reason}
+    if refusal.detail:
+        fields["D"] = refusal.detail
     return fields
-
-
-class Link:
-    """One keep-alive HTTP/1.1 connection to the gateway's proxy port. A session's steps
-    are sequential, so each session has its own link and needs no pool; a plain-HTTP
-    request to a proxy is the request line in absolute form plus Proxy-Authorization."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def post(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
-        if self.writer is None or self.writer.is_closing():
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        try:
-            head = f"POST {url} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-            self.writer.write(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
-            status_line = await self.reader.readuntil(b"\r\n")
-            status = int(status_line.split(b" ", 2)[1])
-            fields: dict[str, str] = {}
-            while (line := await self.reader.readuntil(b"\r\n")) != b"\r\n":
-                name, _, value = line.decode("latin-1").partition(":")
-                fields[name.strip().lower()] = value.strip()
-            if fields.get("transfer-encoding", "").lower() == "chunked":
-                content = bytearray()
-                while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
-                    content += await self.reader.readexactly(size + 2)
-                    del content[-2:]
-                await self.reader.readuntil(b"\r\n")
-            else:
-                content = await self.reader.readexactly(int(fields.get("content-length", "0")))
-            if fields.get("connection", "").lower() == "close":
-                self.close()
-            return status, fields, bytes(content)
-        except BaseException:
-            self.close()  # a half-read answer leaves the connection unusable
-            raise
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
 
 class Gateway:
@@ -126,21 +76,11 @@ class Gateway:
     async def call(self, link: Link, phase: str, token: str, session: str, body: dict) -> dict[str, Any]:
         """The gateway's SQL results for one step; Failed with error fields otherwise."""
         try:
-            status, fields, content = await link.post(
-                f"http://{self.host}/{phase}",
-                {"host": self.host, "proxy-authorization": f"Bearer {token}", "content-type": "application/json",
-                 SESSION_HEADER: session},
-                json.dumps(body, ensure_ascii=False).encode())
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as e:
-            raise Failed({"S": "ERROR", "V": "ERROR", "C": "08006",
-                          "M": f"custody: the gateway is unreachable or broke the connection: {e or type(e).__name__}"}) from None
-        try:
-            doc = json.loads(content)
-        except ValueError:
-            doc = None
-        if status == 200 and fields.get("content-type", "").startswith(SQL_RESULTS) and isinstance(doc, dict):
-            return doc
-        raise Failed(refusal_fields(status, doc))
+            return await step(link, self.host, phase, token, SESSION_HEADER, session, body, SQL_RESULTS)
+        except Unreachable as e:
+            raise Failed({"S": "ERROR", "V": "ERROR", "C": "08006", "M": str(e)}) from None
+        except Refusal as e:
+            raise Failed(refusal_fields(e)) from None
 
 
 @dataclass
@@ -218,7 +158,7 @@ class Client:
             if await self._login():
                 await self._serve()
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            pass  # the client went away; its session is closed below
         except ProtocolError as e:
             await self._fatal("08P01", f"protocol violation: {e}")
         finally:
@@ -315,7 +255,7 @@ class Client:
                 if not self.discarding:
                     batch.append((kind, pgp.decode(kind, body)))
             elif kind == "H" and self.discarding:
-                pass
+                continue  # after an error, everything up to Sync is ignored, Flush too
             elif kind == "S" and self.discarding:
                 self.discarding = False
                 self.out += pgp.ready(self.session.status)

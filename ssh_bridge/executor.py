@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from dataclasses import dataclass
+import asyncio
+import time
+from dataclasses import dataclass, field
 
 from mitmproxy import http
 
@@ -22,6 +24,7 @@ from addons.connections import Registry
 from addons.failclosed import guarded
 from addons.masks import SSH_RESULTS
 from addons.settings import Settings
+from pg_bridge.sessions import IDLE, SWEEP
 from ssh_bridge.backend import Host, HostError, Loop, Result
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,7 @@ class Session:
     owner: tuple[str, str]
     connection: str
     host: Host
+    used: float = field(default_factory=time.monotonic)
 
 
 def answer(result: Result | None = None, error: str = "") -> bytes:
@@ -47,6 +51,7 @@ class SshExecutor:
         self.registry = Registry(())
         self.sessions: dict[str, Session] = {}
         self.loop: Loop | None = None
+        self._sweeper: asyncio.Task | None = None
 
     def configure(self, updated: set[str]) -> None:
         if "custody_config" in updated:
@@ -60,7 +65,27 @@ class SshExecutor:
             return None
         return (s.host.cwd or s.host.home) if phase == "shell" else s.host.home
 
+    def running(self) -> None:
+        self._sweeper = asyncio.ensure_future(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Close host connections of sessions idle longer than IDLE (a bridge that vanished
+        without `close`), as pg_bridge's sessions do."""
+        while True:
+            await asyncio.sleep(SWEEP)
+            now = time.monotonic()
+            for session_id, s in list(self.sessions.items()):
+                if now - s.used > IDLE and not s.host.lock.locked():
+                    self._close(session_id)
+
+    def _close(self, session_id: str) -> None:
+        s = self.sessions.pop(session_id, None)
+        if s is not None and self.loop is not None:
+            self.loop.loop.call_soon_threadsafe(s.host.close)
+
     def done(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
         if self.loop is not None:
             for s in self.sessions.values():
                 self.loop.loop.call_soon_threadsafe(s.host.close)
@@ -91,6 +116,7 @@ class SshExecutor:
                 session = self.sessions.get(session_id)
                 if session is None or session.owner != owner or session.connection != conn.name:
                     raise HostError("no such session on the gateway (closed, or not yours); reconnect")
+                session.used = time.monotonic()
                 content = await self._step(conn, session_id, session, phase, body, op)
         except HostError as e:
             content = answer(error=f"custody: {e}")
@@ -98,8 +124,7 @@ class SshExecutor:
 
     async def _step(self, conn, session_id: str, session: Session, phase: str, body: dict, op) -> bytes:
         if phase == "close":
-            self.sessions.pop(session_id, None)
-            self.loop.loop.call_soon_threadsafe(session.host.close)
+            self._close(session_id)
             return answer(Result())
         interactive = sorted({p.details["program"] for p in op.parts if p.details.get("interactive")})
         if interactive:

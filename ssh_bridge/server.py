@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import os
 import secrets
@@ -32,10 +31,10 @@ from typing import Any
 
 import asyncssh
 
+from addons.bridgelink import Link, Refusal, Unreachable, step
 from addons.config import Connection
 from addons.masks import SSH_RESULTS
 from addons.shellops import SESSION_HEADER
-from pg_bridge.server import Link, refusal_fields
 
 logger = logging.getLogger(__name__)
 STDIN_LIMIT = 1 << 20
@@ -56,23 +55,14 @@ class Gateway:
 
     async def call(self, link: Link, host: str, phase: str, token: str, session: str, body: dict) -> dict[str, Any]:
         try:
-            status, fields, content = await link.post(
-                f"http://{host}/{phase}",
-                {"host": host, "proxy-authorization": f"Bearer {token}", "content-type": "application/json",
-                 SESSION_HEADER: session},
-                json.dumps(body).encode())
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as e:
-            raise Refused(f"custody: the gateway is unreachable: {e or type(e).__name__}") from None
-        try:
-            doc = json.loads(content)
-        except ValueError:
-            doc = None
-        if status == 200 and fields.get("content-type", "").startswith(SSH_RESULTS) and isinstance(doc, dict):
-            if doc.get("error"):
-                raise Refused(doc["error"])
-            return doc
-        problem = refusal_fields(status, doc)
-        raise Refused(problem["M"] + (f" ({problem['D']})" if problem.get("D") else ""))
+            doc = await step(link, host, phase, token, SESSION_HEADER, session, body, SSH_RESULTS)
+        except Unreachable as e:
+            raise Refused(str(e)) from None
+        except Refusal as e:
+            raise Refused(e.reason + (f" ({e.detail})" if e.detail else "")) from None
+        if doc.get("error"):
+            raise Refused(doc["error"])
+        return doc
 
 
 def output(doc: dict[str, Any], stream: str) -> bytes:
@@ -202,7 +192,7 @@ class Bridge:
                 stdin += chunk
                 wait = STDIN_WAIT  # input has started: read it to EOF
         except TimeoutError:
-            pass
+            pass  # no (more) input: the command runs with what arrived
         try:
             doc = await server.step("exec", {"command": process.command,
                                              "stdin": base64.b64encode(bytes(stdin[:STDIN_LIMIT])).decode()})

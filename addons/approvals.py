@@ -315,7 +315,8 @@ class ApprovalBook:
             flow=flow,
             session=session,
         )
-        await self._save(approval, "requested", risk=operation.risk, approvers=approval.approvers())
+        await self._save(approval, "requested", risk=operation.risk, approvers=approval.approvers(),
+                         rules=approval.rules, policy=approval.reason)
         self.live[approval.id] = approval  # only once its request is on record
         self.notifier.send("pending", approval)
         return approval
@@ -352,7 +353,7 @@ class ApprovalBook:
             approval.held = False  # an approved hold stays the held flow's until it runs
         if state not in LIVE:
             self.live.pop(approval.id, None)
-        await self._save(approval, step, actor, **detail)
+        await self._save(approval, step, actor, outcome=why, **detail)
         future = self.waiters.pop(approval.id, None)
         if future is not None and not future.done():
             future.set_result(state)

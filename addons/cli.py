@@ -5,9 +5,7 @@ rules, and read and verify the audit log.
     custody token --sub crew-analyst --groups analysts --ttl 15m
     custody rules check
     custody rules explain --token "$TOKEN" POST https://sample-api.internal/orders --body '{"quantity": 500}'
-    custody audit tail [-n 20] [--follow]
-    custody audit show EVENT_OR_SESSION
-    custody audit verify
+    custody audit tail|show|replay|export|report|verify|prune|key   (see addons/auditcmd.py)
     custody approvals list | show ID | approve ID [--reason …] | deny ID --reason …
     custody kubeconfig --connection prod-k8s --token-file agent.jwt [--direct] [-o FILE]
 """
@@ -16,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
 import sys
@@ -30,10 +27,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from addons import config, devissuer, httpops, kubeconfig
+from addons import auditcmd, config, devissuer, httpops, kubeconfig
 from addons.connections import Registry
 from addons.rules import RuleError, RuleSet, decide
-from addons.store import Store
 from addons.tokens import TokenError, Verifier
 
 
@@ -159,93 +155,6 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
     return 0 if result["decision"]["effect"] == "allow" else 2
 
 
-# audit
-
-
-def _store(args: argparse.Namespace) -> Store:
-    path = args.db or _config(args).store.path
-    if not os.path.exists(path):
-        raise CliError(f"no audit store at {path}")
-    return Store(path)
-
-
-def _when(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="milliseconds")
-
-
-def format_row(row: dict[str, Any]) -> str:
-    outcome = row["effect"] or (str(row["status"]) if row["status"] is not None else "")
-    if row["kind"] == "decision" and row["status"]:
-        outcome = f"{row['effect']} {row['status']}"
-    what = " ".join(x for x in (row["action"], row["resource"]) if x)
-    return (
-        f"{row['seq']:>6}  {_when(row['ts'])}  {row['kind']:<8}  {row['subject'] or '-':<16}  "
-        f"{row['connection'] or '-':<14}  {what or '-':<28}  {outcome:<10}  {row['reason'] or ''}"
-    ).rstrip()
-
-
-def _printable(row: dict[str, Any]) -> dict[str, Any]:
-    out = dict(row)
-    for key in ("principal", "operation", "detail", "rules"):
-        if out.get(key):
-            out[key] = json.loads(out[key])
-    body = out.pop("body")
-    if body is not None:
-        try:
-            out["body"] = body.decode()
-        except UnicodeDecodeError:
-            out["body"] = f"<{len(body)} bytes of binary data>"
-    out["time"] = _when(out["ts"])
-    return out
-
-
-def cmd_audit_tail(args: argparse.Namespace) -> int:
-    store = _store(args)
-    rows = store.tail(args.n)
-    for row in rows:
-        print(format_row(row))
-    last = rows[-1]["seq"] if rows else 0
-    while args.follow:
-        time.sleep(0.5)
-        for row in store.tail(1000, after=last):
-            print(format_row(row), flush=True)
-            last = row["seq"]
-    return 0
-
-
-def cmd_audit_show(args: argparse.Namespace) -> int:
-    store = _store(args)
-    event = store.event(args.id)
-    if event is not None:
-        related = store.where("flow = ?", [event["flow"]]) if event["flow"] else [event]
-        if args.json:
-            print(json.dumps({"event": _printable(event), "flow": [_printable(r) for r in related]}, indent=2))
-            return 0
-        print(json.dumps(_printable(event), indent=2))
-        print("\nthe flow it belongs to:")
-        for row in related:
-            print(format_row(row))
-        return 0
-    rows = store.where("session = ? OR flow = ? OR approval = ?", [args.id, args.id, args.id])
-    if not rows:
-        raise CliError(f"no event, flow, session or approval {args.id!r} in {store.path}")
-    if args.json:
-        print(json.dumps([_printable(r) for r in rows], indent=2))
-    else:
-        for row in rows:
-            print(format_row(row))
-    return 0
-
-
-def cmd_audit_verify(args: argparse.Namespace) -> int:
-    result = _store(args).verify()
-    if result.ok:
-        print(f"ok: {result.count} events, chain head {result.head}")
-        return 0
-    print(f"BROKEN at event {result.broken_at}: {result.problem}")
-    return 1
-
-
 # approvals
 
 
@@ -312,7 +221,7 @@ def cmd_approvals_show(args: argparse.Namespace) -> int:
     print("timeline:")
     for e in a["timeline"]:
         step = e["detail"].get("step", "")
-        print(f"  {_when(e['ts'])}  {e['kind']:<9} {step:<13} {e['subject'] or '-':<16} {e['effect'] or ''} {e['reason'] or ''}".rstrip())
+        print(f"  {auditcmd.local_time(e['ts'])}  {e['kind']:<9} {step:<13} {e['subject'] or '-':<16} {e['effect'] or ''} {e['reason'] or ''}".rstrip())
     return 0
 
 
@@ -381,22 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_rules_explain)
 
-    a = sub.add_parser("audit", help="read and verify the audit log").add_subparsers(dest="audit_command", required=True)
-
-    def audit(name: str, help: str) -> argparse.ArgumentParser:
-        sp = with_config(a.add_parser(name, help=help))
-        sp.add_argument("--db", help="audit store path (default: from the configuration)")
-        return sp
-
-    at = audit("tail", "print the latest events")
-    at.add_argument("-n", type=int, default=20)
-    at.add_argument("-f", "--follow", action="store_true")
-    at.set_defaults(func=cmd_audit_tail)
-    ash = audit("show", "print one event with its flow, or a whole flow, session or approval")
-    ash.add_argument("id")
-    ash.add_argument("--json", action="store_true")
-    ash.set_defaults(func=cmd_audit_show)
-    audit("verify", "walk the hash chain and report the first broken link").set_defaults(func=cmd_audit_verify)
+    auditcmd.add_parsers(sub, with_config)
 
     ap = sub.add_parser("approvals", help="list, show, approve and deny held requests")
     aps = ap.add_subparsers(dest="approvals_command", required=True)
@@ -453,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(e, file=sys.stderr)
         return e.status
+    except auditcmd.AuditError as e:
+        print(e, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -150,6 +150,8 @@ class Store:
     bodies: str = "full"
     max_body: int = 65536
     synchronous: str = "normal"
+    signing_key: str = ""
+    verify_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -430,6 +432,8 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
             bodies=store.get("bodies", "full"),
             max_body=store.get("max_body", 65536),
             synchronous=store.get("synchronous", "normal"),
+            signing_key=str((base / store["signing_key"]).resolve()) if "signing_key" in store else "",
+            verify_key=str((base / store["verify_key"]).resolve()) if "verify_key" in store else "",
         ),
         approvals=_approvals(raw.get("approvals", {}), raw.get("notify", {}), gateway_host),
         masking=_masking(raw.get("masking", {}), base, (base / store["path"]).resolve().parent, path)

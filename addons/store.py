@@ -25,7 +25,7 @@ from typing import Any
 
 import sqlite_utils
 
-from addons.context import Decision, Operation, Principal, canonical_json
+from addons.context import Decision, Operation, Principal, canonical_json, new_id
 
 GENESIS = "0" * 64
 SCHEMA_VERSION = 1  # PRAGMA user_version: bumped when columns or hashing change
@@ -81,6 +81,10 @@ APPROVAL_COLUMNS: dict[str, type] = {
     "expires": float,
     "document": str,
 }
+
+
+# Checkpoints: the signed hash and extent of each pruned prefix of the chain.
+CHECKPOINT_COLUMNS: dict[str, type] = {"seq": int, "document": str, "signature": str}
 
 
 def _json(value: Any) -> str | None:
@@ -160,6 +164,7 @@ class Verification:
     head: str
     broken_at: int | None = None
     problem: str = ""
+    checkpoint: dict[str, Any] | None = None
 
 
 class Store:
@@ -189,6 +194,8 @@ class Store:
             self.db["events"].create_index(["id"], unique=True, if_not_exists=True)
         if "chain_head" not in self.db.table_names():
             self.db["chain_head"].create({"id": int, "seq": int, "hash": str}, pk="id")
+        if "checkpoints" not in self.db.table_names():
+            self.db["checkpoints"].create(CHECKPOINT_COLUMNS, pk="seq", not_null=set(CHECKPOINT_COLUMNS))
         if "approvals" not in self.db.table_names():
             self.db["approvals"].create(APPROVAL_COLUMNS, pk="id", not_null={"state", "created", "document"})
             self.db["approvals"].create_index(["state"], if_not_exists=True)
@@ -208,36 +215,125 @@ class Store:
         try:
             if apply is not None:
                 apply(conn)
-            head = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
-            seq, prev = head if head else (0, GENESIS)
-            seqs, rows = [], []
-            for event in events:
-                seq += 1
-                row = event.row()
-                row["seq"], row["prev_hash"] = seq, prev
-                row["hash"] = prev = chain_hash(prev, row)
-                rows.append([row[c] for c in self._cols])
-                seqs.append(seq)
-            conn.executemany(self._insert, rows)
-            conn.execute(
-                "INSERT INTO chain_head (id, seq, hash) VALUES (1, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-                (seq, prev),
-            )
+            seqs = self._chain(conn, events)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         return seqs
 
+    def _chain(self, conn: sqlite3.Connection, events: list[Event]) -> list[int]:
+        """Inside a transaction: append `events` after the head and move the head."""
+        head = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
+        seq, prev = head if head else (0, GENESIS)
+        seqs, rows = [], []
+        for event in events:
+            seq += 1
+            row = event.row()
+            row["seq"], row["prev_hash"] = seq, prev
+            row["hash"] = prev = chain_hash(prev, row)
+            rows.append([row[c] for c in self._cols])
+            seqs.append(seq)
+        conn.executemany(self._insert, rows)
+        conn.execute(
+            "INSERT INTO chain_head (id, seq, hash) VALUES (1, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+            (seq, prev),
+        )
+        return seqs
+
+    def head(self) -> tuple[int, str]:
+        return self._head(self.db.conn)
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """Every checkpoint, oldest first, as {"document": …, "signature": …}."""
+        return [{"document": json.loads(d), "signature": json.loads(s)}
+                for d, s in self.db.execute("SELECT document, signature FROM checkpoints ORDER BY seq")]
+
+    def prune(self, before: float, sign: Callable[[dict[str, Any]], dict[str, str]],
+              archive: Callable[[Iterator[dict[str, Any]], int, str], dict[str, Any]] | None) -> dict[str, Any] | None:
+        """Remove the events recorded before `before` (a prefix of the chain: it stops at the
+        first event at or after it), leaving a signed checkpoint of the prefix's last hash so
+        the rest still verifies. The prefix is verified and handed to `archive` (which returns
+        what it wrote) before anything is removed, outside the write lock so the gateway keeps
+        recording meanwhile; if either fails, nothing is removed. Finished approvals last
+        changed before `before` go too. The prune itself is recorded as an event. Returns the
+        checkpoint document, or None when nothing is that old."""
+        conn = self.db.conn
+        previous = self._checkpoint(conn)
+        start = previous["seq"] if previous else 0
+        first_kept = conn.execute("SELECT MIN(seq) FROM events WHERE ts >= ?", [before]).fetchone()[0]
+        upto = (first_kept - 1) if first_kept is not None else self._head(conn)[0]
+        if upto <= start:
+            return None
+        check = self._walk(conn, upto)
+        if not check.ok:
+            raise StoreError(f"the chain is broken at event {check.broken_at} ({check.problem}); "
+                             "nothing was pruned: keep the store as evidence")
+        span = conn.execute("SELECT MIN(seq), MIN(ts), MAX(ts), COUNT(*) FROM events WHERE seq <= ?", [upto]).fetchone()
+        document = {
+            "seq": upto, "hash": check.head, "first_seq": span[0], "first_ts": span[1], "last_ts": span[2],
+            "pruned": span[3], "before": before, "created": time.time(),
+            "previous": {"seq": previous["seq"], "hash": previous["hash"]} if previous else None,
+        }
+        if archive is not None:
+            rows = self._query(conn, "SELECT * FROM events WHERE seq > ? AND seq <= ? ORDER BY seq", [start, upto])
+            document["archive"] = archive(rows, upto, check.head)
+        signature = sign(document)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            same = conn.execute("SELECT hash FROM events WHERE seq = ?", [upto]).fetchone()
+            if self._checkpoint(conn) != previous or same is None or same[0] != check.head:
+                raise StoreError("the store changed while pruning (another prune?); nothing was pruned")
+            conn.execute("INSERT INTO checkpoints (seq, document, signature) VALUES (?, ?, ?)",
+                         [upto, canonical_json(document), canonical_json(signature)])
+            conn.execute("DELETE FROM events WHERE seq <= ?", [upto])
+            conn.execute("DELETE FROM approvals WHERE updated < ? AND state NOT IN ('pending', 'approved')", [before])
+            self._chain(conn, [Event(id=new_id(), kind="prune",
+                                     detail={"checkpoint": document, "key_id": signature["key_id"]})])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return document
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """The latest checkpoint's document (the pruned prefix the chain now starts after)."""
+        return self._checkpoint(self.db.conn)
+
+    @staticmethod
+    def _checkpoint(conn: sqlite3.Connection) -> dict[str, Any] | None:
+        row = conn.execute("SELECT document FROM checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
+        return json.loads(row[0]) if row else None
+
+    @staticmethod
+    def _head(conn: sqlite3.Connection) -> tuple[int, str]:
+        row = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
+        return tuple(row) if row else (0, GENESIS)
+
+    @staticmethod
+    def _query(conn: sqlite3.Connection, sql: str, args: list[Any]) -> Iterator[dict[str, Any]]:
+        cursor = conn.execute(sql, args)
+        names = [d[0] for d in cursor.description]
+        for values in cursor:
+            yield dict(zip(names, values))
+
     def verify(self) -> Verification:
-        """Walk the chain from the start; report the first broken link."""
-        prev, count, expected_seq = GENESIS, 0, 1
-        for row in self.db.query("SELECT * FROM events ORDER BY seq"):
+        """Walk the chain from the last checkpoint (or the start); report the first broken
+        link. Checkpoint signatures are checked by the caller (it knows which key to trust)."""
+        return self._walk(self.db.conn, None)
+
+    def _walk(self, conn: sqlite3.Connection, upto: int | None) -> Verification:
+        checkpoint = self._checkpoint(conn)
+        prev, expected_seq = (checkpoint["hash"], checkpoint["seq"] + 1) if checkpoint else (GENESIS, 1)
+        count = 0
+        limit = "" if upto is None else f" WHERE seq <= {int(upto)}"
+        for row in self._query(conn, f"SELECT * FROM events{limit} ORDER BY seq", []):
             count += 1
             seq = row["seq"]
             if seq != expected_seq:
-                return Verification(False, count, prev, seq, f"event {expected_seq} is missing (found {seq})")
+                where = " (the first after the checkpoint)" if checkpoint and expected_seq == checkpoint["seq"] + 1 else ""
+                return Verification(False, count, prev, seq, f"event {expected_seq}{where} is missing (found {seq})")
             if row["prev_hash"] != prev:
                 return Verification(False, count, prev, seq, "previous-hash link does not match: an event before it was changed, removed or reordered")
             if row["body"] is not None and digest(row["body"]) != row["body_digest"]:
@@ -245,11 +341,13 @@ class Store:
             if chain_hash(prev, row) != row["hash"]:
                 return Verification(False, count, prev, seq, "event contents do not match its hash")
             prev, expected_seq = row["hash"], seq + 1
-        head = self.db.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
-        head_seq, head_hash = head if head else (0, GENESIS)
+        if upto is not None:
+            return Verification(expected_seq - 1 == upto, count, prev, None if expected_seq - 1 == upto else upto,
+                                "" if expected_seq - 1 == upto else f"event {upto} is missing")
+        head_seq, head_hash = self._head(conn)
         if (head_seq, head_hash) != (expected_seq - 1, prev):
             return Verification(False, count, prev, expected_seq, f"chain head says {head_seq} events but the log ends at {expected_seq - 1}: events were removed from the end")
-        return Verification(True, count, prev)
+        return Verification(True, count, prev, checkpoint=checkpoint)
 
     # Reading
 

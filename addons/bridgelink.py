@@ -14,6 +14,8 @@ import asyncio
 import json
 from typing import Any
 
+from addons.devissuer import AGENT_ATTRIBUTES
+
 
 class Unreachable(Exception):
     """The gateway could not be reached, or broke the connection mid-answer."""
@@ -50,6 +52,26 @@ class Refusal(Exception):
         return "; ".join(parts)
 
 
+def attribute_headers(attributes: dict[str, str]) -> dict[str, str]:
+    """X-Custody-* headers for the agent attributes; values are made single-line ASCII-safe."""
+    return {f"x-custody-{name}": header_value(value) for name, value in attributes.items()
+            if name in AGENT_ATTRIBUTES and value}
+
+
+def header_value(value: str) -> str:
+    return " ".join(str(value).split()).encode("ascii", "backslashreplace").decode()[:256]
+
+
+def attributes_from(pairs: dict[str, str], prefix: str) -> dict[str, str]:
+    """Agent attributes from names like CUSTODY_TASK (ssh env) or custody.task (pg options)."""
+    out = {}
+    for key, value in pairs.items():
+        name = key[len(prefix):].lower() if key.lower().startswith(prefix.lower()) else ""
+        if name in AGENT_ATTRIBUTES:
+            out[name] = value
+    return out
+
+
 class Link:
     """One keep-alive HTTP/1.1 connection to the gateway's proxy port. A session's steps
     are sequential, so each session has its own link and needs no pool; a plain-HTTP
@@ -57,6 +79,9 @@ class Link:
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
+        self.attributes: dict[str, str] = {}
+        """What the agent says about itself (agent, model, run, task, prompt), sent as the
+        X-Custody-* headers of every step: recorded by the gateway as asserted."""
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -64,6 +89,7 @@ class Link:
         if self.writer is None or self.writer.is_closing():
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         try:
+            headers = {**headers, **attribute_headers(self.attributes)}
             head = f"POST {url} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
             self.writer.write(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
             status_line = await self.reader.readuntil(b"\r\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import weakref
 
 from mitmproxy import connection, http
@@ -27,22 +28,40 @@ from addons.tokens import AGENT_ATTRIBUTES, TokenError, Verifier
 
 ASSERTED_HEADERS = {f"x-custody-{name}": name for name in AGENT_ATTRIBUTES}
 MAX_ASSERTED = 256
+ATTRIBUTES_USER = "x-custody."
 
 
-def proxy_token(headers: http.Headers) -> str | None:
-    """The token in Proxy-Authorization: Bearer, or Basic with the token as password."""
+def proxy_credentials(headers: http.Headers) -> tuple[str | None, dict[str, str]]:
+    """The token in Proxy-Authorization (Bearer, or Basic with the token as password), and
+    the agent attributes a Basic user name may carry (`x-custody.` + base64url of a JSON
+    object): the one way clients that cannot add headers (kubectl, anything tunnelling
+    through CONNECT) can say which agent, model and task they act for."""
     value = headers.get("proxy-authorization", "")
     scheme, _, credentials = value.strip().partition(" ")
     scheme = scheme.lower()
     if scheme == "bearer":
-        return credentials.strip()
+        return credentials.strip(), {}
     if scheme == "basic":
         try:
             decoded = base64.b64decode(credentials.strip(), validate=True).decode()
         except (ValueError, UnicodeDecodeError):
-            return ""
-        return decoded.partition(":")[2]
-    return "" if value else None
+            return "", {}
+        user, _, token = decoded.partition(":")
+        return token, user_attributes(user)
+    return ("" if value else None), {}
+
+
+def user_attributes(user: str) -> dict[str, str]:
+    if not user.startswith(ATTRIBUTES_USER):
+        return {}
+    encoded = user[len(ATTRIBUTES_USER):]
+    try:
+        document = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+    except ValueError:
+        return {}
+    if not isinstance(document, dict):
+        return {}
+    return {k: str(v)[:MAX_ASSERTED] for k, v in document.items() if k in AGENT_ATTRIBUTES and v}
 
 
 def bearer_token(headers: http.Headers) -> str | None:
@@ -70,6 +89,7 @@ class Identity:
         self.verifier: Verifier | None = None
         self.registry = Registry(())
         self.tunnels: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
+        self.tunnel_claims: weakref.WeakKeyDictionary[connection.Client, dict[str, str]] = weakref.WeakKeyDictionary()
 
     def configure(self, updated: set[str]) -> None:
         if "custody_config" in updated:
@@ -102,8 +122,12 @@ class Identity:
     async def http_connect(self, f: http.HTTPFlow) -> None:
         if failclosed.answered(f):
             return
-        token = proxy_token(f.request.headers)
+        token, claims = proxy_credentials(f.request.headers)
         f.request.headers.pop("proxy-authorization", None)
+        if claims:
+            self.tunnel_claims[f.client_conn] = claims
+        if token == "" and claims:
+            token = None  # attributes only: each request in the tunnel brings its own token
         if token is None:
             conn = self.registry.find(f.request.host, f.request.port)
             if conn is not None and conn.bearer_is_gateway:
@@ -122,7 +146,7 @@ class Identity:
         headers = f.request.headers
         conn = self.registry.find(f.request.host, f.request.port)
         gateway_bearer = conn is not None and conn.bearer_is_gateway
-        token = proxy_token(headers)
+        token, user_claims = proxy_credentials(headers)
         headers.pop("proxy-authorization", None)
         bearer = False
         if token is None:
@@ -131,7 +155,7 @@ class Identity:
             token, bearer = bearer_token(headers), True
         if gateway_bearer:
             headers.pop("authorization", None)
-        claims = asserted(headers)
+        claims = {**self.tunnel_claims.get(f.client_conn, {}), **user_claims, **asserted(headers)}
         if token is None:
             if bearer:
                 self._refuse(f, "no token: send Authorization: Bearer", bearer=True)

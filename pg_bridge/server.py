@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from addons.bridgelink import Link, Refusal, Unreachable, step
+from addons.bridgelink import Link, Refusal, Unreachable, attributes_from, step
 from addons.config import Connection
 from addons.masks import SQL_RESULTS
 from addons.sqlops import SESSION_HEADER
@@ -60,6 +60,43 @@ def refusal_fields(refusal: Refusal) -> dict[str, str]:
     if refusal.detail:
         fields["D"] = refusal.detail
     return fields
+
+
+def split_options(options: str) -> tuple[str, dict[str, str]]:
+    """The startup `options` without its `-c custody.NAME=VALUE` settings, and those as
+    agent attributes (psycopg: options='-c custody.task=restock'); the rest goes to the
+    server. Words split on whitespace, a backslash escapes the next character (as the
+    server reads them)."""
+    words, word, escaped = [], None, False
+    for ch in options:
+        if escaped:
+            word, escaped = (word or "") + ch, False
+        elif ch == "\\":
+            word, escaped = word or "", True
+        elif ch.isspace():
+            if word is not None:
+                words.append(word)
+            word = None
+        else:
+            word = (word or "") + ch
+    if word is not None:
+        words.append(word)
+    kept, settings, i = [], {}, 0
+    while i < len(words):
+        word = words[i]
+        if word == "-c" and i + 1 < len(words):
+            setting, step = words[i + 1], 2
+        elif word.startswith("--") or (word.startswith("-c") and len(word) > 2):
+            setting, step = word[2:], 1
+        else:
+            setting, step = "", 1
+        name, eq, value = setting.partition("=")
+        if eq and name.lower().startswith("custody."):
+            settings[name] = value
+        else:
+            kept += words[i:i + step]
+        i += step
+    return " ".join(w.replace("\\", "\\\\").replace(" ", "\\ ") for w in kept), attributes_from(settings, "custody.")
 
 
 class Gateway:
@@ -199,6 +236,9 @@ class Client:
         token = pgp.decode("p", body).strip()
         session = Session(id=secrets.token_hex(16), token=token, pid=secrets.randbits(31), secret=secrets.randbits(32),
                           link=self.bridge.gateway.link())
+        options, attributes = split_options(params.get("options", ""))
+        session.link.attributes = attributes
+        params = {**params, "options": options} if options else {k: v for k, v in params.items() if k != "options"}
         try:
             answer = await self.bridge.gateway.call(session.link, "connect", token, session.id, {
                 "database": database, "user": params.get("user", ""), "parameters": {

@@ -31,7 +31,7 @@ from typing import Any
 
 import asyncssh
 
-from addons.bridgelink import Link, Refusal, Unreachable, step
+from addons.bridgelink import Link, Refusal, Unreachable, attributes_from, step
 from addons.config import Connection
 from addons.masks import SSH_RESULTS
 from addons.shellops import SESSION_HEADER
@@ -170,6 +170,7 @@ class Bridge:
 
     async def _process(self, process: asyncssh.SSHServerProcess) -> None:
         server: Server = process.get_extra_info("connection").get_owner()
+        server.link.attributes = attributes_from(dict(process.env or {}), "CUSTODY_")  # ssh -o SetEnv=CUSTODY_TASK=…
         try:
             if process.subsystem:
                 process.stderr.write(f"custody: subsystem {process.subsystem!r} is not allowed\n".encode())

@@ -4,15 +4,22 @@ walkthrough requests are allowed, denied and recorded."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import asyncssh
+import pytest
 import requests
 
+from addons.store import Store
+from addons.timeline import Record, Selection
+from addons.timeline import approvals as approvals_of
 from tests.support.gateway import ROOT
 from tests.support.kubectl import clean_env
 from tests.support.pgbridge import psql
@@ -41,7 +48,11 @@ async def ssh_walkthrough(token: str, *commands: str) -> list:
         return [await conn.run(c, check=False) for c in commands]
 
 
-def test_scripts_run_serves_the_walkthrough(tmp_path):
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """scripts/run, as a user starts it: the gateway on the embedded defaults with every sample.
+    Its ports are fixed, so there is one per module (scripts/test distributes by file)."""
+    tmp_path = tmp_path_factory.mktemp("stack")
     port = free_port()
     env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
     log = open(tmp_path / "run.log", "wb")
@@ -53,37 +64,118 @@ def test_scripts_run_serves_the_walkthrough(tmp_path):
             assert proc.poll() is None, (tmp_path / "run.log").read_text()
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        output = (tmp_path / "run.log").read_text()
-        assert re.search(r"TOKEN=\$\(custody token --sub crew-analyst --groups analysts", output)
-        token = subprocess.run(
-            [str(ROOT / ".venv" / "bin" / "custody"), "token", "--sub", "crew-analyst", "--groups", "analysts"],
-            capture_output=True, text=True, check=True,
-            env={**env, "CUSTODY_CONFIG": str(ROOT / "examples" / "custody.yaml")},
-        ).stdout.strip()
-        proxies = {"http": f"http://agent:{token}@127.0.0.1:{port}"}
-        ok = requests.get("http://sample-api.internal/items", proxies=proxies, timeout=10)
-        assert ok.status_code == 200 and ok.json()[0]["name"] == "bolt M6"
-        denied = requests.delete("http://sample-api.internal/items/1", proxies=proxies, timeout=10)
-        assert denied.status_code == 403 and denied.json()["rules"] == ["no-deletes"]
-        kubectl = walkthrough_kubectl(tmp_path, env, port)
-        pods = kubectl("get", "pods", "-n", "shop")
-        assert pods.returncode == 0 and "web-1" in pods.stdout, pods.stderr
-        secret = kubectl("get", "secret", "db-credentials", "-n", "shop", "-o", "jsonpath={.data.password}")
-        assert (secret.returncode, secret.stdout) == (0, "[REDACTED]"), secret.stderr
-        gone = kubectl("delete", "namespace", "shop")
-        assert gone.returncode == 1 and "custody: Agents never delete namespaces." in gone.stderr
-        rows = psql(15432, token, "-A", "-t", "-c", "SELECT name, email FROM customers WHERE id = 1")
-        assert (rows.returncode, rows.stdout.strip()) == (0, "Customer 1|[EMAIL_ADDRESS]"), rows.stderr
-        dropped = psql(15432, token, "-c", "DROP TABLE orders")
-        assert dropped.returncode == 1 and "custody: Schema changes (DDL) are not allowed for agents." in dropped.stderr
-        ops = subprocess.run(
-            [str(ROOT / ".venv" / "bin" / "custody"), "token", "--sub", "crew-ops", "--groups", "ops"],
-            capture_output=True, text=True, check=True,
-            env={**env, "CUSTODY_CONFIG": str(ROOT / "examples" / "custody.yaml")},
-        ).stdout.strip()
-        shown, refused = asyncio.run(ssh_walkthrough(ops, "cat notes.txt", "sudo id"))
-        assert shown.exit_status == 0 and "deploy key: [AWS_ACCESS_KEY_ID]" in shown.stdout, shown.stderr
-        assert refused.exit_status == 126 and "custody: sudo, su and doas are not allowed" in refused.stderr
+        yield Stack(port, env, tmp_path)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
+
+
+@dataclass
+class Stack:
+    port: int
+    env: dict
+    dir: Path
+
+    def custody(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ROOT / ".venv" / "bin" / "custody"), *args], capture_output=True, text=True,
+                              env={**self.env, "CUSTODY_CONFIG": str(ROOT / "examples" / "custody.yaml")}, timeout=60)
+
+
+def test_scripts_run_serves_the_walkthrough(stack, tmp_path):
+    port, env = stack.port, stack.env
+    output = (stack.dir / "run.log").read_text()
+    assert re.search(r"TOKEN=\$\(custody token --sub crew-analyst --groups analysts", output)
+    token = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "custody"), "token", "--sub", "crew-analyst", "--groups", "analysts"],
+        capture_output=True, text=True, check=True,
+        env={**env, "CUSTODY_CONFIG": str(ROOT / "examples" / "custody.yaml")},
+    ).stdout.strip()
+    proxies = {"http": f"http://agent:{token}@127.0.0.1:{port}"}
+    ok = requests.get("http://sample-api.internal/items", proxies=proxies, timeout=10)
+    assert ok.status_code == 200 and ok.json()[0]["name"] == "bolt M6"
+    denied = requests.delete("http://sample-api.internal/items/1", proxies=proxies, timeout=10)
+    assert denied.status_code == 403 and denied.json()["rules"] == ["no-deletes"]
+    kubectl = walkthrough_kubectl(tmp_path, env, port)
+    pods = kubectl("get", "pods", "-n", "shop")
+    assert pods.returncode == 0 and "web-1" in pods.stdout, pods.stderr
+    secret = kubectl("get", "secret", "db-credentials", "-n", "shop", "-o", "jsonpath={.data.password}")
+    assert (secret.returncode, secret.stdout) == (0, "[REDACTED]"), secret.stderr
+    gone = kubectl("delete", "namespace", "shop")
+    assert gone.returncode == 1 and "custody: Agents never delete namespaces." in gone.stderr
+    rows = psql(15432, token, "-A", "-t", "-c", "SELECT name, email FROM customers WHERE id = 1")
+    assert (rows.returncode, rows.stdout.strip()) == (0, "Customer 1|[EMAIL_ADDRESS]"), rows.stderr
+    dropped = psql(15432, token, "-c", "DROP TABLE orders")
+    assert dropped.returncode == 1 and "custody: Schema changes (DDL) are not allowed for agents." in dropped.stderr
+    ops = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "custody"), "token", "--sub", "crew-ops", "--groups", "ops"],
+        capture_output=True, text=True, check=True,
+        env={**env, "CUSTODY_CONFIG": str(ROOT / "examples" / "custody.yaml")},
+    ).stdout.strip()
+    shown, refused = asyncio.run(ssh_walkthrough(ops, "cat notes.txt", "sudo id"))
+    assert shown.exit_status == 0 and "deploy key: [AWS_ACCESS_KEY_ID]" in shown.stdout, shown.stderr
+    assert refused.exit_status == 126 and "custody: sudo, su and doas are not allowed" in refused.stderr
+
+
+def test_the_crewai_example_crew_is_governed_and_on_record(stack, tmp_path):
+    """examples/crewai with the deterministic stand-in LLM: every request names its agent,
+    model, run and task; the large order waits for a manager; the DDL is denied; the chain verifies."""
+    token = stack.custody("token", "--sub", "crew-inventory", "--groups", "analysts,buyers,k8s-readers", "--ttl", "1h")
+    (tmp_path / "crew.jwt").write_text(token.stdout)
+    made = stack.custody("kubeconfig", "--connection", "prod-k8s", "--token-file", str(tmp_path / "crew.jwt"),
+                         "--proxy-url", f"http://127.0.0.1:{stack.port}", "--confdir", str(ROOT / ".custody" / "mitmproxy"),
+                         "-o", str(tmp_path / "crew.kubeconfig"))
+    assert made.returncode == 0, made.stderr
+    env = {**clean_env(), "PATH": stack.env["PATH"], "HOME": str(tmp_path), "CREWAI_STORAGE_DIR": str(tmp_path / "crewai"),
+           "CUSTODY_CONFIG": str(ROOT / "examples" / "custody.yaml"), "CUSTODY_SUBJECT": "crew-inventory",
+           "CUSTODY_GROUPS": "analysts,buyers,k8s-readers", "CUSTODY_PROXY_URL": f"http://127.0.0.1:{stack.port}",
+           "CUSTODY_CA": str(ROOT / ".custody" / "mitmproxy" / "mitmproxy-ca-cert.pem"),
+           "CUSTODY_KUBECONFIG": str(tmp_path / "crew.kubeconfig")}
+    crew = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "examples" / "crewai" / "crew.py")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        manager = stack.custody("token", "--sub", "manager-1", "--groups", "managers").stdout.strip()
+        approvals = ["--url", "http://127.0.0.1:9090", "--token", manager]
+        deadline, held = time.monotonic() + 120, None
+        while held is None:
+            assert crew.poll() is None and time.monotonic() < deadline, crew.stdout.read() if crew.poll() is not None else ""
+            listed = json.loads(stack.custody("approvals", "list", "--json", *approvals).stdout)
+            held = next((a for a in listed if a["requester"]["subject"] == "crew-inventory"), None)
+            time.sleep(0.3)
+        assert held["rules"] == ["large-orders-reviewed"] and held["requester"]["asserted"]["task"] == "restock"
+        voted = stack.custody("approvals", "approve", held["id"], "--reason", "stock is low", *approvals)
+        assert voted.returncode == 0, voted.stderr
+        output, _ = crew.communicate(timeout=180)
+    finally:
+        crew.kill()
+    assert crew.returncode == 0, output
+    run = re.search(r"^run: (\S+)$", output, re.M).group(1)
+    assert 'task restock: HTTP 201: {"order_id"' in output
+    assert "task tidy schema: NAME" in output and "web-1" in output  # kubectl ran after the refused DROP
+
+    store = Store(str(ROOT / ".custody" / "audit.db"))
+    try:
+        events = [Record.of(r) for r in Selection(run=run).rows(store)]
+    finally:
+        store.close()
+    agent_events = [e for e in events if e["kind"] in ("request", "decision")]
+    assert {e["protocol"] for e in agent_events} == {"http", "postgres", "kubernetes"}
+    tasks = {"check stock": "Inventory analyst", "restock": "Operations engineer", "tidy schema": "Operations engineer"}
+    for e in agent_events:
+        assert e.attribute("model") == "custody-standin/scripted-1" and e.attribute("run") == run
+        assert tasks[e.attribute("task")] == e.attribute("agent"), (e.attribute("task"), e.attribute("agent"))
+        assert e.attribute("prompt").startswith("tool:")
+    stories = approvals_of(events)
+    story = stories[held["id"]]
+    assert (story.outcome, story.approvers, story.task, story.agent) == ("approved", ["manager-1"], "restock",
+                                                                         "Operations engineer")
+    assert story.requested < story.decided <= story.executed
+    ddl = [e for e in agent_events if e["kind"] == "decision" and e["effect"] == "deny"]
+    assert [(e.rules, e.operation["summary"], e.attribute("task")) for e in ddl] == [
+        (["pg-ddl-denied"], "DROP TABLE on prod-db", "tidy schema")]
+    kube = [e for e in agent_events if e["protocol"] == "kubernetes" and e["kind"] == "request"]
+    assert kube and all(e.attribute("prompt") == "tool:kubectl" for e in kube)  # carried by the proxy user name
+    verified = stack.custody("audit", "verify")
+    assert verified.returncode == 0 and verified.stdout.startswith("ok: "), verified.stdout
+    replay = stack.custody("audit", "replay", "--run", run)
+    assert f"APPROVAL  {held['id']}: approved by manager-1 — stock is low" in replay.stdout
+    assert "DECISION  deny · rules pg-ddl-denied" in replay.stdout

@@ -1,0 +1,98 @@
+"""The agent host's helper and the attribute channels it uses: proxy user names, pg startup
+options, and the client-credentials grant against a real (local) token endpoint."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
+
+import pytest
+
+from addons.client import ATTRIBUTES_USER, ClientCredentials, ClientError, Custody, StaticToken
+from addons.identity import user_attributes
+from pg_bridge.server import split_options
+
+
+def encoded(document) -> str:
+    return ATTRIBUTES_USER + base64.urlsafe_b64encode(json.dumps(document).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("user, attributes", [
+    (encoded({"agent": "Ops", "task": "restock", "colour": "red"}), {"agent": "Ops", "task": "restock"}),
+    (encoded({"model": "m" * 300}), {"model": "m" * 256}),
+    ("agent", {}),
+    (ATTRIBUTES_USER + "!!!", {}),
+    (encoded(["agent"]), {}),
+])
+def test_proxy_user_names_carry_only_known_attributes(user, attributes):
+    assert user_attributes(user) == attributes
+
+
+@pytest.mark.parametrize("options, kept, attributes", [
+    (r"-c custody.agent=Inventory\ analyst -c custody.task=check\ stock", "",
+     {"agent": "Inventory analyst", "task": "check stock"}),
+    ("--custody.model=m -c search_path=app -cwork_mem=4MB", "-c search_path=app -cwork_mem=4MB", {"model": "m"}),
+    ("-c custody.password=x -c custody.run=r1", "", {"run": "r1"}),
+    ("", "", {}),
+])
+def test_pg_startup_options_split_into_attributes_and_the_rest(options, kept, attributes):
+    assert split_options(options) == (kept, attributes)
+
+
+def test_the_helper_says_who_is_acting_in_each_channel():
+    custody = Custody("http://127.0.0.1:8080", "/ca.pem", StaticToken("tok.en"), agent="Default")
+    with custody.acting(task="restock", model="gpt-4o", colour="red"):
+        assert custody.headers() == {"x-custody-agent": "Default", "x-custody-task": "restock", "x-custody-model": "gpt-4o"}
+        assert custody.ssh_env()["CUSTODY_TASK"] == "restock"
+        url = custody.proxy_url()
+        user = url.split("//")[1].split(":")[0]
+        assert user_attributes(user) == {"agent": "Default", "task": "restock", "model": "gpt-4o"}
+        assert url.endswith(":tok.en@127.0.0.1:8080")
+    assert custody.attributes() == {"agent": "Default"}
+
+
+class TokenEndpoint(BaseHTTPRequestHandler):
+    issued: list[dict] = []
+
+    def do_POST(self) -> None:
+        form = parse_qs(self.rfile.read(int(self.headers["content-length"])).decode())
+        client = base64.b64decode(self.headers["authorization"].split()[1]).decode()
+        if client != "crew:s3cret" or form.get("grant_type") != ["client_credentials"]:
+            body, status = {"error": "invalid_client"}, 401
+        else:
+            body, status = {"access_token": f"token-{len(self.issued)}", "expires_in": 61, "token_type": "Bearer"}, 200
+            self.issued.append(form)
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def endpoint():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), TokenEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    TokenEndpoint.issued = []
+    yield f"http://127.0.0.1:{server.server_address[1]}/token"
+    server.shutdown()
+
+
+def test_client_credentials_are_cached_and_refreshed_before_expiry(endpoint):
+    tokens = ClientCredentials("crew", "s3cret", token_url=endpoint, audience="custody", leeway=0)
+    assert tokens.token() == "token-0" and tokens.token() == "token-0"
+    assert TokenEndpoint.issued == [{"grant_type": ["client_credentials"], "audience": ["custody"]}]
+    tokens.leeway = 61  # now within a minute of expiry: fetch a new one
+    assert tokens.token() == "token-1"
+
+
+def test_client_credentials_refused_say_why(endpoint):
+    with pytest.raises(ClientError, match=r"401 .*invalid_client"):
+        ClientCredentials("crew", "wrong", token_url=endpoint).token()

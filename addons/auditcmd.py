@@ -143,7 +143,7 @@ def _follow(fetch: Callable[[int], list[dict[str, Any]]], show: Callable[[dict[s
                 show(row)
                 last = row["seq"]
     except KeyboardInterrupt:
-        pass
+        pass  # Ctrl-C is how a follow ends
 
 
 def cmd_tail(args: argparse.Namespace) -> int:

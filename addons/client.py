@@ -70,7 +70,7 @@ class ClientCredentials:
 
     def _endpoint(self) -> str:
         if not self.token_url:
-            document = _get_json(self.issuer.rstrip("/") + "/.well-known/openid-configuration")
+            document = _open_json(self.issuer.rstrip("/") + "/.well-known/openid-configuration")
             self.token_url = document.get("token_endpoint") or ""
             if not self.token_url:
                 raise ClientError(f"{self.issuer} publishes no token_endpoint")
@@ -132,10 +132,6 @@ def _open_json(request: urllib.request.Request | str) -> dict[str, Any]:
         raise ClientError(f"{e.url}: {e.code} {e.read()[:300].decode(errors='replace')}") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise ClientError(f"{getattr(request, 'full_url', request)}: {e}") from None
-
-
-def _get_json(url: str) -> dict[str, Any]:
-    return _open_json(url)
 
 
 class Custody:

@@ -32,7 +32,7 @@ def parse_time(text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        pass
+        pass  # not epoch seconds: ISO 8601
     try:
         when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from mitmproxy import exceptions
 
+from addons.engine.store import Event, Store, StoreError, Writer
 from addons.settings import Settings
-from addons.store import Event, Store, StoreError, Writer
 
 
 class AuditLog:

@@ -1,47 +1,49 @@
 """Custody's addon chain: `mitmdump -s addons/chain.py` (or mitmweb, or `custody run`).
 
-mitmproxy runs every hook in list order, response hooks included, so the order below is
-the order of DESIGN.md: identity, classify, policy, approval, masking, recorder, credentials,
-terminals. The bridges' planners sit between classify and policy (a statement's row
-estimate and what `EXECUTE name` runs, a command line's working directory, are part of
-what it does), and their executors are the terminals that answer Postgres and SSH flows
-on the real server or host; each planner reads its executor's open sessions.
-Before them: settings (the others read it while configuring), the audit log, the approvals
-book and the masking workers (shared services with no flow hooks), and the gateway's
-public endpoints (they need no token). Masking has only response hooks, so on responses it
-runs before the recorder, which therefore only ever sees masked bodies. The approvals API answers the gateway's own host after the recorder has put the
-call on record, and before anything could send it upstream. The gate goes after everything,
-mitmproxy's own addons included (see addons/gate.py).
+mitmproxy runs every hook in list order, response hooks included, so `build()` is the
+order of a request's story (docs/design.md):
+
+    hardening, settings                  options the chain needs; the configuration, once
+    auditlog, approvalbook, maskpool,    shared services, no flow hooks: the audit store,
+    sessions                             the approvals, the masking workers, pg sessions
+    wellknown                            the gateway's public endpoints (no token needed)
+    identity → classify                  who is asking; which connection, what it does
+    pgplanner, sshplanner                what a statement or command line does in its session
+    policy → hold                        the decision; a review holds the flow for approvers
+    masking → recorder                   responses masked, then everything put on record
+    approverapi                          approvers' calls, answered once they are on record
+    credentials                          the gateway's credential on the way upstream
+    pgexecutor, sshexecutor              terminals: Postgres and SSH flows answered locally
+
+Masking has only response hooks, so on responses it runs before the recorder, which
+therefore only ever sees masked bodies. The gate goes after everything, mitmproxy's own
+addons included (addons/gate.py).
 """
 
 from __future__ import annotations
 
-import logging
-
 from mitmproxy import ctx
 
-from addons.approval import Approval
-from addons.approvalapi import ApprovalAPI
-from addons.approvals import ApprovalBook
+from addons.approvalbook import ApprovalBook
+from addons.approverapi import ApproverAPI
 from addons.auditlog import AuditLog
 from addons.classify import Classify
 from addons.credentials import Credentials
 from addons.gate import Gate
+from addons.hardening import Hardening
+from addons.hold import Hold
 from addons.identity import Identity
-from addons.maskpool import MaskPool
 from addons.masking import Masking
+from addons.maskpool import MaskPool
 from addons.policy import Policy
 from addons.recorder import Recorder
 from addons.settings import Settings
 from addons.wellknown import WellKnown
-from pg_bridge.executor import PgExecutor
-from pg_bridge.planner import Planner
-from pg_bridge.sessions import Sessions
-from ssh_bridge.executor import SshExecutor
-from ssh_bridge.planner import SshPlanner
-
-
-logger = logging.getLogger(__name__)
+from pg_bridge.terminal.executor import PgExecutor
+from pg_bridge.terminal.planner import PgPlanner
+from pg_bridge.terminal.sessions import Sessions
+from ssh_bridge.terminal.executor import SshExecutor
+from ssh_bridge.terminal.planner import SshPlanner
 
 
 def build() -> list:
@@ -62,13 +64,13 @@ def build() -> list:
         WellKnown(settings),
         Identity(settings),
         Classify(settings),
-        Planner(sessions),
+        PgPlanner(sessions),
         SshPlanner(ssh),
         Policy(settings),
-        Approval(settings, book, pool),
+        Hold(settings, book, pool),
         Masking(settings, pool),
         Recorder(settings, log, pool),
-        ApprovalAPI(settings, book),
+        ApproverAPI(settings, book),
         Credentials(settings),
         PgExecutor(settings, sessions),
         ssh,
@@ -85,30 +87,6 @@ class Chain:
 
     def __init__(self) -> None:
         self.addons = build()
-
-
-# mitmproxy options that would let bytes past the chain, and the values the chain needs:
-# no upstream connection before a decision; no request or response streamed before the
-# chain has seen it; nothing relayed as raw TCP/UDP or passed through uninspected.
-REQUIRED = {
-    "connection_strategy": "lazy",
-    "stream_large_bodies": None,
-    "rawtcp": False,
-    "tcp_hosts": [],
-    "udp_hosts": [],
-    "ignore_hosts": [],
-    "allow_hosts": [],
-}
-
-
-class Hardening:
-    """Keeps the options in REQUIRED at the values the chain depends on, whatever is set."""
-
-    def configure(self, updated: set[str]) -> None:
-        wrong = {k: v for k, v in REQUIRED.items() if k in ctx.options and getattr(ctx.options, k) != v}
-        if wrong:
-            logger.warning("custody: overriding mitmproxy options the gateway cannot allow: %s", ", ".join(wrong))
-            ctx.options.update(**wrong)
 
 
 def _install_gate() -> None:

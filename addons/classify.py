@@ -20,9 +20,10 @@ import time
 from mitmproxy import http
 from mitmproxy.net.http import url
 
-from addons import context, failclosed, httpops, kubeops, shellops, sqlops
-from addons.connections import Registry
-from addons.context import Decision
+from addons import classifiers, context, failclosed
+from addons.classifiers.http import ambiguity
+from addons.engine.errors import Error
+from addons.engine.model import Decision, Request
 from addons.failclosed import guarded
 from addons.settings import Settings
 
@@ -59,20 +60,10 @@ WEBSOCKET_SUBRESOURCES = ("exec", "attach", "portforward")
 
 
 def operation_of(conn, request: http.Request):
-    """The protocol's classifier for this connection's kind."""
-    content = request.get_content(strict=False)
-    if conn.kind == "kubernetes":
-        headers: dict[str, list[str]] = {}
-        for k, v in request.headers.items(multi=True):
-            headers.setdefault(k.lower(), []).append(v)
-        return kubeops.classify(conn.name, request.method, request.path, headers, content)
-    if conn.kind in ("postgres", "ssh"):
-        body = httpops.parse_json_body(content, "application/json")
-        ops = sqlops if conn.kind == "postgres" else shellops
-        return ops.classify_request(conn.name, request.method, request.path,
-                                    request.headers.get(ops.SESSION_HEADER, ""), body)
-    return httpops.classify(conn.name, request.method, request.path,
-                            {k.lower(): v for k, v in request.headers.items()}, content)
+    """The Operation, from the classifier registered for the connection's kind."""
+    view = Request(request.method, request.path, tuple(request.headers.items(multi=True)),
+                   request.get_content(strict=False))
+    return classifiers.classify(conn.kind, conn.name, view)
 
 
 SPDY_MESSAGE = ("SPDY streams cannot be inspected by the gateway; use kubectl 1.30 or newer, which speaks "
@@ -98,21 +89,16 @@ def upgrade_refusal(conn, request: http.Request, operation) -> str | None:
 class Classify:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.registry = Registry(())
         self.refused_websockets: dict[tuple, tuple[float, Decision, dict]] = {}
 
-    def configure(self, updated: set[str]) -> None:
-        if "custody_config" in updated:
-            self.registry = Registry(self.settings.require().connections)
-
     def _connection(self, f: http.HTTPFlow):
-        conn = self.registry.find(f.request.host, f.request.port)
+        conn = self.settings.registry.find(f.request.host, f.request.port)
         if conn is None:
             failclosed.refuse(
                 f,
                 403,
                 f"{f.request.host}:{f.request.port} is not a registered connection",
-                error="unknown_connection",
+                error=Error.UNKNOWN_CONNECTION,
             )
         return conn
 
@@ -140,10 +126,10 @@ class Classify:
         ctx = context.of(f)
         ctx.connection, ctx.protocol = conn.name, conn.kind
         if problem := authority_mismatch(f):
-            failclosed.refuse(f, 400, problem, error="misdirected_request")
+            failclosed.refuse(f, 400, problem, error=Error.MISDIRECTED_REQUEST)
             return
-        if problem := httpops.ambiguity(f.request.path.split("?", 1)[0]):
-            failclosed.refuse(f, 400, f"{problem}; send the resolved path", error="ambiguous_path")
+        if problem := ambiguity(f.request.path.split("?", 1)[0]):
+            failclosed.refuse(f, 400, f"{problem}; send the resolved path", error=Error.AMBIGUOUS_PATH)
             return
         if not (f.request.is_http2 or f.request.is_http3):
             f.request.authority = ""  # upstream gets origin-form, so Host is the only authority
@@ -156,7 +142,7 @@ class Classify:
                 failclosed.refuse(f, decision.status, decision.reason, error=decision.error, rules=decision.rules,
                                   approval=decision.approval, extra=extra)
             else:
-                failclosed.refuse(f, 403, problem, error="unsupported_protocol")
+                failclosed.refuse(f, 403, problem, error=Error.UNSUPPORTED_PROTOCOL)
 
     def _key(self, f: http.HTTPFlow) -> tuple | None:
         ctx = context.of(f)

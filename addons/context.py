@@ -1,9 +1,9 @@
-"""The flow's context: what each addon learned about one request, in DESIGN.md's words.
+"""The flow's context: what each addon learned about one request.
 
 One `Context` lives at `flow.metadata["custody"]` and travels from addon to addon:
 identity writes the Principal, classify the connection name and Operation, policy the
 Decision, the recorder the ids of the events it wrote. Each addon reads what earlier ones
-wrote and adds its own part; none reaches around the chain.
+wrote and adds its own part; none reaches around the chain (docs/design.md).
 
 Everything here is plain data (no sockets, no secrets), so a flow can be copied or
 inspected without side effects.
@@ -11,151 +11,16 @@ inspected without side effects.
 
 from __future__ import annotations
 
-import functools
-import itertools
-import json
-import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from mitmproxy import flow as mflow
 
+from addons.engine.masks import parse as parse_mask
+from addons.engine.model import Decision, Operation, Principal, new_id
+
 KEY = "custody"
-
-ACTIONS = ("read", "write", "delete", "ddl", "exec", "admin", "unknown")
-EFFECTS = ("allow", "review", "deny")
-
-
-def canonical_json(value: Any) -> str:
-    """The one JSON encoding of audit data: sorted keys, no spaces, UTF-8 kept."""
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is asking. `agent` comes from verified claims; `asserted` from X-Custody-* headers."""
-
-    subject: str
-    issuer: str
-    groups: tuple[str, ...] = ()
-    agent: dict[str, str] = field(default_factory=dict)
-    asserted: dict[str, str] = field(default_factory=dict)
-    token_id: str = ""
-    token_fingerprint: str = ""
-    expires: float = 0.0
-
-    def attribute(self, name: str) -> str:
-        """An agent attribute: the verified claim when there is one, else the asserted header."""
-        return self.agent.get(name) or self.asserted.get(name, "")
-
-    @functools.cached_property
-    def json(self) -> str:
-        """As recorded; computed once per Principal (the verifier reuses it per token)."""
-        return canonical_json(self.as_dict())
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "subject": self.subject,
-            "issuer": self.issuer,
-            "groups": list(self.groups),
-            "agent": dict(self.agent),
-            "asserted": dict(self.asserted),
-            "token_id": self.token_id,
-            "token_fingerprint": self.token_fingerprint,
-        }
-
-
-@dataclass(frozen=True)
-class Operation:
-    """What the request does, protocol-aware."""
-
-    protocol: str
-    connection: str
-    action: str
-    resource: str
-    risk: int
-    summary: str
-    details: dict[str, Any] = field(default_factory=dict)
-    payload: Any = field(default=None, repr=False, compare=False)
-    """The parsed request document rules may look into (JSON body); never recorded here."""
-    parts: tuple[Operation, ...] = field(default=(), compare=False)
-    """The statements of a multi-statement SQL string: policy decides each one."""
-
-    @functools.cached_property
-    def json(self) -> str:
-        return canonical_json(self.as_dict())
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "protocol": self.protocol,
-            "connection": self.connection,
-            "action": self.action,
-            "resource": self.resource,
-            "risk": self.risk,
-            "summary": self.summary,
-            "details": self.details,
-            **({"parts": [p.as_dict() for p in self.parts]} if len(self.parts) > 1 else {}),
-        }
-
-
-@dataclass(frozen=True)
-class Review:
-    """Who must approve a `review` decision, how many, and for how long a hold lasts."""
-
-    approvers: tuple[str, ...]
-    approvals: int = 1
-    denials: int = 1
-    timeout: float = 300.0
-    ttl: float = 3600.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "approvers": list(self.approvers),
-            "approvals": self.approvals,
-            "denials": self.denials,
-            "timeout": self.timeout,
-            "ttl": self.ttl,
-        }
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The outcome of policy (or of an addon that refused the flow before policy ran)."""
-
-    effect: str
-    rules: tuple[str, ...] = ()
-    reason: str = ""
-    masks: tuple[Any, ...] = ()
-    reviews: tuple[Review, ...] = ()
-    status: int = 0
-    error: str = ""
-    approval: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "effect": self.effect,
-            "rules": list(self.rules),
-            "reason": self.reason,
-        }
-        if self.approval:
-            out["approval"] = self.approval
-        if self.masks:
-            out["masks"] = list(self.masks)
-        if self.reviews:
-            out["reviews"] = [r.as_dict() for r in self.reviews]
-        if self.error:
-            out["error"] = self.error
-        return out
-
-
-_PROCESS = os.urandom(6).hex()
-_COUNTER = itertools.count()
-
-
-def new_id() -> str:
-    """A sortable unique id: milliseconds since the epoch, a random per-process part, a counter."""
-    return f"{int(time.time() * 1000):012x}{_PROCESS}{next(_COUNTER) & 0xFFFFFFFF:08x}"
+TEXT_SUBRESOURCES = ("log", "exec", "attach")
 
 
 @dataclass
@@ -216,3 +81,16 @@ def of(f: mflow.Flow) -> Context:
         ctx = Context(session=f.client_conn.id)
         f.metadata[KEY] = ctx
     return ctx
+
+
+def response_masks(ctx: Context) -> tuple:
+    """The decision's masks that apply to the flow's response (none unless it was allowed).
+    A container's log and terminal, and the API server's own non-resource endpoints
+    (health, metrics), are text, not API objects: only detection applies to them."""
+    if ctx.decision is None or ctx.decision.effect != "allow":
+        return ()
+    op = ctx.operation
+    if op is not None and op.protocol == "kubernetes" and (
+            op.details.get("subresource") in TEXT_SUBRESOURCES or not op.details.get("resource_request")):
+        return tuple(m for m in ctx.decision.masks if parse_mask(m).kind == "detect")
+    return tuple(ctx.decision.masks)

@@ -7,7 +7,7 @@ client certificate. The agent never sees or sends backend credentials. Connectio
 `listen` address also get a direct listener, for clients that cannot use a proxy.
 
 Only HTTP-speaking upstreams (kinds in PROXIED) are reached this way; a Postgres flow is
-answered by its terminal (pg_bridge/executor.py, ssh_bridge/executor.py), which holds the
+answered by its terminal (pg_bridge/terminal/executor.py, ssh_bridge/terminal/executor.py), which holds the
 database login or the SSH key itself.
 """
 
@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import logging
 
+import certifi
 from mitmproxy import ctx as mctx
 from mitmproxy import http, tls
 from mitmproxy.net import tls as net_tls
-import certifi
 from OpenSSL import SSL
 
 from addons import context, failclosed
-from addons.config import Connection
-from addons.connections import Registry
+from addons.engine.config import Connection
 from addons.failclosed import guarded
 from addons.settings import Settings
 
@@ -66,13 +65,11 @@ def apply(request: http.Request, conn: Connection) -> None:
 class Credentials:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.registry = Registry(())
         self.by_upstream: dict[tuple[str, int], Connection] = {}
 
     def configure(self, updated: set[str]) -> None:
         if "custody_config" in updated:
             connections = self.settings.require().connections
-            self.registry = Registry(connections)
             self.by_upstream = {
                 (c.upstream.host, c.upstream.port): c for c in connections if c.upstream and c.kind in PROXIED
             }
@@ -97,14 +94,14 @@ class Credentials:
         ctx = context.of(f)
         if not ctx.cleared:
             return  # the gate refuses it
-        conn = self.registry.by_name[ctx.connection]
+        conn = self.settings.registry.by_name[ctx.connection]
         if conn.kind not in PROXIED:
             return  # answered by its terminal
         apply(f.request, conn)
         ctx.destination = (f.request.host, f.request.port)
 
     def _connection_for(self, address: tuple[str, int]) -> Connection | None:
-        return self.by_upstream.get(address) or self.registry.find(*address)
+        return self.by_upstream.get(address) or self.settings.registry.find(*address)
 
     def tls_start_server(self, data: tls.TlsData) -> None:
         """Pin the upstream's trust to the connection's CA (mitmproxy's tlsconfig ran first).

@@ -15,11 +15,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from mitmproxy import http
 from mitmproxy import flow as mflow
+from mitmproxy import http
 
 from addons import context
-from addons.context import Decision
+from addons.engine.errors import Error
+from addons.engine.model import Decision
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def _fail(addon: object, hook: str, f: Any, exc: BaseException) -> None:
             f,
             502,
             f"internal error in the {name} addon ({hook}): {type(exc).__name__}",
-            error="gateway_error",
+            error=Error.GATEWAY_ERROR,
         )
     except Exception:
         logger.exception("refusing the flow failed too; killing it")

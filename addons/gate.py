@@ -16,6 +16,7 @@ from mitmproxy import http
 from mitmproxy.proxy import commands, events, layer, layers
 
 from addons import context, failclosed
+from addons.engine.errors import Error
 from addons.failclosed import guarded
 
 logger = logging.getLogger(__name__)
@@ -38,9 +39,9 @@ class Gate:
             return
         ctx = context.of(f)
         if not ctx.cleared:
-            failclosed.refuse(f, 502, "the request was not cleared by the custody chain", error="not_cleared")
+            failclosed.refuse(f, 502, "the request was not cleared by the custody chain", error=Error.NOT_CLEARED)
         elif ctx.destination is not None and (f.request.host, f.request.port) != ctx.destination:
-            failclosed.refuse(f, 502, "the request was redirected after its decision", error="not_cleared")
+            failclosed.refuse(f, 502, "the request was redirected after its decision", error=Error.NOT_CLEARED)
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         """mitmproxy relays raw TCP without asking any flow hook whether it may (tcp_start

@@ -21,10 +21,11 @@ import weakref
 from mitmproxy import connection, http
 
 from addons import context, failclosed
-from addons.connections import Registry
+from addons.engine.errors import Error
+from addons.engine.model import AGENT_ATTRIBUTES
+from addons.engine.tokens import TokenError, Verifier
 from addons.failclosed import guarded
 from addons.settings import Settings
-from addons.tokens import AGENT_ATTRIBUTES, TokenError, Verifier
 
 ASSERTED_HEADERS = {f"x-custody-{name}": name for name in AGENT_ATTRIBUTES}
 MAX_ASSERTED = 256
@@ -87,7 +88,6 @@ class Identity:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.verifier: Verifier | None = None
-        self.registry = Registry(())
         self.tunnels: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
         self.tunnel_claims: weakref.WeakKeyDictionary[connection.Client, dict[str, str]] = weakref.WeakKeyDictionary()
 
@@ -95,7 +95,6 @@ class Identity:
         if "custody_config" in updated:
             cfg = self.settings.require()
             self.verifier = Verifier(cfg.identity)
-            self.registry = Registry(cfg.connections)
 
     async def running(self) -> None:
         if self.verifier:
@@ -106,7 +105,7 @@ class Identity:
             status, challenge = 401, {"www-authenticate": 'Bearer realm="custody"'}
         else:
             status, challenge = 407, {"proxy-authenticate": 'Bearer realm="custody"'}
-        failclosed.refuse(f, status, reason, error="unauthenticated", headers=challenge)
+        failclosed.refuse(f, status, reason, error=Error.UNAUTHENTICATED, headers=challenge)
 
     async def _principal(self, f: http.HTTPFlow, token: str, bearer: bool) -> context.Principal | None:
         if not token:
@@ -129,7 +128,7 @@ class Identity:
         if token == "" and claims:
             token = None  # attributes only: each request in the tunnel brings its own token
         if token is None:
-            conn = self.registry.find(f.request.host, f.request.port)
+            conn = self.settings.registry.find(f.request.host, f.request.port)
             if conn is not None and conn.bearer_is_gateway:
                 return  # each request in this tunnel must carry its own bearer token
             self._refuse(f, "no token: send Proxy-Authorization", bearer=False)
@@ -144,7 +143,7 @@ class Identity:
         if failclosed.answered(f):
             return
         headers = f.request.headers
-        conn = self.registry.find(f.request.host, f.request.port)
+        conn = self.settings.registry.find(f.request.host, f.request.port)
         gateway_bearer = conn is not None and conn.bearer_is_gateway
         token, user_claims = proxy_credentials(headers)
         headers.pop("proxy-authorization", None)

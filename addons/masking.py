@@ -2,7 +2,7 @@
 
 - Ordinary bodies are buffered and masked in the worker processes (addons/maskpool.py).
 - Streams (server-sent events, JSON lines, Kubernetes `watch` and `follow`) are masked
-  record by record as they pass, through mitmproxy's stream hook (addons/masks.py
+  record by record as they pass, through mitmproxy's stream hook (addons/engine/masks.py
   RecordStream), in this process: records are small, and a stream cannot wait for a pool.
 - A body too large to mask, or of a type that cannot be masked (binary), is refused as
   soon as its headers arrive: the upstream's bytes are drained and dropped, and the agent
@@ -22,9 +22,10 @@ import logging
 from mitmproxy import http
 
 from addons import context, failclosed
-from addons.maskpool import MaskPool, MaskUnavailable
-from addons.masks import Masker, MaskError, RecordStream, Report, parse, parse_all
+from addons.engine.errors import Error
+from addons.engine.masks import Masker, MaskError, RecordStream, Report, parse_all
 from addons.failclosed import guarded
+from addons.maskpool import MaskPool, MaskUnavailable
 from addons.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -51,23 +52,6 @@ def is_watch(f: http.HTTPFlow) -> bool:
     return op is not None and op.protocol == "kubernetes" and op.details.get("verb") == "watch"
 
 
-TEXT_SUBRESOURCES = ("log", "exec", "attach")
-
-
-def masks_for(f: http.HTTPFlow) -> tuple:
-    """The decision's masks that apply to this flow's response (none unless it was allowed).
-    A container's log and terminal, and the API server's own non-resource endpoints
-    (health, metrics), are text, not API objects: only detection applies to them."""
-    c = context.of(f)
-    if c.decision is None or c.decision.effect != "allow":
-        return ()
-    op = c.operation
-    if op is not None and op.protocol == "kubernetes" and (
-            op.details.get("subresource") in TEXT_SUBRESOURCES or not op.details.get("resource_request")):
-        return tuple(m for m in c.decision.masks if parse(m).kind == "detect")
-    return tuple(c.decision.masks)
-
-
 class Drain:
     """A stream hook for a response refused at its headers: drop the upstream's bytes, then
     send the refusal's own body."""
@@ -88,7 +72,7 @@ def error_record(f: http.HTTPFlow, reason: str) -> bytes:
         status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError",
                   "code": 502, "message": f"custody: {reason}"}
         return json.dumps({"type": "ERROR", "object": status}).encode() + b"\n"
-    document = json.dumps({"error": "masking_refused", "reason": reason}).encode()
+    document = json.dumps({"error": Error.MASKING_REFUSED, "reason": reason}).encode()
     if content_type.startswith("text/event-stream"):
         return b"event: custody-error\ndata: " + document + b"\n\n"
     if "json" in content_type:
@@ -135,12 +119,12 @@ class Masking:
         """When a mask applies, ask for JSON: a Kubernetes API server would otherwise answer
         typed clients in protobuf, which cannot be masked and would be refused. A
         port-forward is a tunnel of raw bytes: with masks to apply, it is refused."""
-        if not (masks := masks_for(f)):
+        if not (masks := context.response_masks(context.of(f))):
             return
         op = context.of(f).operation
         if op is not None and op.protocol == "kubernetes" and op.details.get("subresource") == "portforward":
             failclosed.refuse(f, 403, "a port-forward carries raw bytes that cannot be masked, and the rules that "
-                                      f"allow it mask ({', '.join(map(str, masks))})", error="masking_refused")
+                                      f"allow it mask ({', '.join(map(str, masks))})", error=Error.MASKING_REFUSED)
             return
         accept = f.request.headers.get("accept", "")
         if "protobuf" in accept:
@@ -153,7 +137,7 @@ class Masking:
         with the detection masks, line by line. A frame that cannot be masked (text frames
         of the base64 protocols, or no detector) ends the session."""
         message = f.websocket.messages[-1]
-        masks = parse_all(masks_for(f))
+        masks = parse_all(context.response_masks(context.of(f)))
         if not masks or message.from_client:
             return
         if not message.is_text and message.content[:1] in (b"\x01", b"\x02") and self.detector is not None:
@@ -172,7 +156,7 @@ class Masking:
     @guarded
     def responseheaders(self, f: http.HTTPFlow) -> None:
         c = context.of(f)
-        masks = masks_for(f)
+        masks = context.response_masks(context.of(f))
         if c.decision is None or c.decision.effect != "allow" or f.response.status_code == 101:
             return  # our own refusals carry nothing to mask; upgraded sessions are masked per frame
         cfg = self.settings.require()
@@ -207,7 +191,7 @@ class Masking:
             return
         if c.response_body is not None or c.decision is None or c.decision.effect != "allow":
             return
-        masks = masks_for(f)
+        masks = context.response_masks(context.of(f))
         if not masks or f.response.status_code == 101:
             # considered: no mask applies to this response (upgraded sessions: per frame)
             c.masked = bool(c.decision.masks)
@@ -216,16 +200,16 @@ class Masking:
         cfg = self.settings.require().masking
         if len(content) > cfg.max_body:
             failclosed.refuse(f, 502, f"the response ({len(content)} bytes) is larger than masking allows "
-                                      f"({cfg.max_body}); it was not sent", error="masking_refused")
+                                      f"({cfg.max_body}); it was not sent", error=Error.MASKING_REFUSED)
             return
         try:
             masked, report = await self.pool.mask(content, f.response.headers.get("content-type", ""), masks)
         except MaskError as e:
-            failclosed.refuse(f, 502, f"{e}; it was not sent", error="masking_refused")
+            failclosed.refuse(f, 502, f"{e}; it was not sent", error=Error.MASKING_REFUSED)
             return
         except MaskUnavailable as e:
             logger.error("custody: masking unavailable for flow %s: %s", f.id, e)
-            failclosed.refuse(f, 502, f"{e}; the response was not sent", error="masking_unavailable")
+            failclosed.refuse(f, 502, f"{e}; the response was not sent", error=Error.MASKING_UNAVAILABLE)
             return
         f.response.content = masked
         c.masked, c.masking = True, report

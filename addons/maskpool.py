@@ -22,8 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from addons.config import Masking as MaskingSettings
-from addons.masks import Masker, MaskError, parse_all
+from addons.engine.config import MaskingConfig
+from addons.engine.masks import Masker, MaskError, parse_all
 from addons.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class MaskUnavailable(Exception):
 
 
 def _detector(ner_model: str | None):
-    from addons.detectors import Detector  # Presidio: imported off the event loop
+    from addons.engine.detectors import Detector  # Presidio: imported off the event loop
 
     return Detector(ner_model)
 
@@ -73,7 +73,7 @@ class MaskPool:
 
     def __init__(self, settings: Settings) -> None:
         self.config = settings
-        self.settings = MaskingSettings()
+        self.settings = MaskingConfig()
         self.executor: ProcessPoolExecutor | None = None
         self.ready: asyncio.Future | None = None
         self.detector = None

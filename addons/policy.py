@@ -15,10 +15,11 @@ import os
 from mitmproxy import exceptions, http
 
 from addons import context, failclosed
-from addons.config import GATEWAY_CONNECTION
-from addons.context import Decision
+from addons.engine.config import GATEWAY_CONNECTION
+from addons.engine.errors import Error
+from addons.engine.model import Decision
+from addons.engine.rules import RuleError, RuleSet, rule_files
 from addons.failclosed import guarded
-from addons.rules import RuleError, RuleSet, rule_files
 from addons.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class Policy:
             return
         ctx = context.of(f)
         if ctx.principal is None or ctx.operation is None:
-            failclosed.refuse(f, 403, "request was not identified and classified", error="gateway_error")
+            failclosed.refuse(f, 403, "request was not identified and classified", error=Error.GATEWAY_ERROR)
             return
         if ctx.operation.connection == GATEWAY_CONNECTION:
             # The gateway's own API: who may approve what is decided per approval by the API.

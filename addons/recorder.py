@@ -13,42 +13,23 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mitmproxy import http
 from mitmproxy import flow as mflow
+from mitmproxy import http
 
 from addons import context, failclosed
-from addons.config import Store as StoreSettings
-from addons.context import Context, new_id
-from addons.failclosed import guarded
-from addons.settings import Settings
 from addons.auditlog import AuditLog
+from addons.context import Context
+from addons.engine.config import StoreConfig
+from addons.engine.errors import Error
+from addons.engine.model import new_id
+from addons.engine.store import Event, body_fields, headers_for_record
+from addons.failclosed import guarded
 from addons.maskpool import MaskPool
-from addons.masking import masks_for
-from addons.store import Event, digest
+from addons.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-SECRET_HEADERS = frozenset(
-    {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "x-auth-token"}
-)
 MARKERS = {"allow": ":white_check_mark:", "review": ":hourglass:", "deny": ":no_entry:"}
-
-
-def headers_for_record(headers: http.Headers) -> list[list[str]]:
-    """Headers as recorded: credential-bearing values are replaced by [redacted]."""
-    return [[k, "[redacted]" if k.lower() in SECRET_HEADERS else v] for k, v in headers.items()]
-
-
-def body_fields(content: bytes | None, settings: StoreSettings) -> dict[str, Any]:
-    """The body, its digest or only its size, as the store configuration says."""
-    if content is None:
-        return {}
-    fields: dict[str, Any] = {"body_size": len(content)}
-    if settings.bodies != "none":
-        fields["body_digest"] = digest(content)
-    if settings.bodies == "full" and len(content) <= settings.max_body:
-        fields["body"] = content
-    return fields
 
 
 def _base(ctx: Context, f: mflow.Flow, kind: str, event_id: str | None = None) -> dict[str, Any]:
@@ -69,7 +50,7 @@ class Recorder:
         self.settings = settings
         self.log = log
         self.pool = pool
-        self.body_settings = StoreSettings(path="")
+        self.body_settings = StoreConfig(path="")
 
     def configure(self, updated: set[str]) -> None:
         if "custody_config" in updated:
@@ -139,7 +120,7 @@ class Recorder:
         logger.error("custody: audit store write failed; refusing the flow", exc_info=exc)
         failclosed.refuse(
             f, 503, f"audit store unavailable ({type(exc).__name__}); nothing was forwarded",
-            error="audit_unavailable",
+            error=Error.AUDIT_UNAVAILABLE,
         )
         context.of(f).recorded = False
 
@@ -150,7 +131,7 @@ class Recorder:
         if d is not None and d.effect != "deny" and d.masks and not ctx.masked:
             failclosed.refuse(
                 f, 502, f"rules {', '.join(d.rules)} require masking but no masker ran; response withheld",
-                error="masking_unavailable", rules=d.rules,
+                error=Error.MASKING_UNAVAILABLE, rules=d.rules,
             )
         resp = f.response
         late = [] if ctx.decision is None or ctx.decision_event in ctx.events else [
@@ -179,7 +160,7 @@ class Recorder:
             logger.error("custody: audit store write failed; withholding the response", exc_info=e)
             failclosed.refuse(
                 f, 502, f"audit store unavailable ({type(e).__name__}); response withheld",
-                error="audit_unavailable",
+                error=Error.AUDIT_UNAVAILABLE,
             )
 
     @guarded
@@ -201,7 +182,7 @@ class Recorder:
         channel = message.content[0] if message.content and not message.is_text else None
         content, withheld = message.content, ""
         if message.from_client and channel is not None:
-            stored, withheld = await self.pool.for_record(content[1:], "text/plain", masks_for(f))
+            stored, withheld = await self.pool.for_record(content[1:], "text/plain", context.response_masks(ctx))
             content = None if stored is None else content[:1] + stored
         event = Event(**_base(ctx, f, "message"),
                       detail={"from_client": message.from_client, "channel": channel, "text": message.is_text,

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from mitmproxy import http
 
-from addons import context, devissuer, failclosed
-from addons.context import Decision
+from addons import context, failclosed
+from addons.engine import devissuer
+from addons.engine.model import Decision
 from addons.failclosed import guarded
 from addons.settings import Settings
-
 
 PAGE = Path(__file__).parent / "web" / "approvals.html"
 

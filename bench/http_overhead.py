@@ -33,8 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 
-from addons import config, devissuer  # noqa: E402
-from addons.store import Store  # noqa: E402
+from addons.engine import (
+    config,  # noqa: E402
+    devissuer,  # noqa: E402
+)
+from addons.engine.store import Store  # noqa: E402
 
 
 def free_port() -> int:

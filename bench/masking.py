@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from addons.detectors import Detector, pii_recognizers, secret_recognizers  # noqa: E402
-from addons.masks import PII_ENTITIES, SECRET_ENTITIES, Masker, parse_all  # noqa: E402
+from addons.engine.detectors import Detector, pii_recognizers, secret_recognizers  # noqa: E402
+from addons.engine.masks import PII_ENTITIES, SECRET_ENTITIES, Masker, parse_all  # noqa: E402
 
 CORPUS = ROOT / "tests" / "data" / "masking_corpus.jsonl"
 ENTITIES = SECRET_ENTITIES + PII_ENTITIES
@@ -59,8 +59,14 @@ def score(found: list[tuple[str, str]], labels: list[dict], tally: dict) -> None
 
 def stock_pii():
     """Presidio's own recognizers for the personal-data entities, its PhoneRecognizer included."""
-    from presidio_analyzer.predefined_recognizers import (CreditCardRecognizer, EmailRecognizer, IbanRecognizer,
-                                                          IpRecognizer, PhoneRecognizer, UsSsnRecognizer)
+    from presidio_analyzer.predefined_recognizers import (
+        CreditCardRecognizer,
+        EmailRecognizer,
+        IbanRecognizer,
+        IpRecognizer,
+        PhoneRecognizer,
+        UsSsnRecognizer,
+    )
     return [EmailRecognizer(), CreditCardRecognizer(), IbanRecognizer(), PhoneRecognizer(), UsSsnRecognizer(), IpRecognizer()]
 
 

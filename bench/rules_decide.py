@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from addons import httpops  # noqa: E402
-from addons.context import Principal  # noqa: E402
-from addons.rules import RuleSet, decide, parse_file  # noqa: E402
+from addons.classifiers import http as httpops  # noqa: E402
+from addons.engine.model import Principal  # noqa: E402
+from addons.engine.rules import RuleSet, decide, parse_file  # noqa: E402
 
 ACTIONS = ["read", "write", "delete"]
 METHODS = {"read": "GET", "write": "POST", "delete": "DELETE"}

@@ -8,11 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from addons.approvals import APPROVED, DENIED, EXECUTED, ApprovalBook, ApprovalError, fingerprint
-from addons.config import Approvals
-from addons.context import Decision, Operation, Principal, Review
-from addons.notify import Notifier, slack
-from addons.store import Store, Writer
+from addons.approvalbook import ApprovalBook
+from addons.engine.approval import APPROVED, DENIED, EXECUTED, ApprovalError, fingerprint
+from addons.engine.config import ApprovalsConfig
+from addons.engine.model import Decision, Operation, Principal, Review
+from addons.engine.notify import Notifier, slack
+from addons.engine.store import Store, Writer
 
 REQUESTER = Principal("crew-buyer", "idp", ("buyers",), asserted={"model": "gpt-4o)\n*URGENT* <https://evil.example/login|Approve>"})
 MANAGER = Principal("manager-1", "idp", ("managers",))
@@ -33,9 +34,9 @@ class Log:
 
 @pytest.fixture
 def book(tmp_path):
-    settings = SimpleNamespace(require=lambda: SimpleNamespace(approvals=Approvals(None, "http://gw")))
+    settings = SimpleNamespace(require=lambda: SimpleNamespace(approvals=ApprovalsConfig(None, "http://gw")))
     b = ApprovalBook(settings, Log(str(tmp_path / "audit.db")))
-    b.notifier = Notifier(Approvals(None, "http://gw"), b._notified)
+    b.notifier = Notifier(ApprovalsConfig(None, "http://gw"), b._notified)
     return b
 
 

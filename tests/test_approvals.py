@@ -17,6 +17,7 @@ from tests.support.approvals import Approver, make_gateway, pending_for, send, s
 from tests.support.gateway import BIN, Gateway
 from tests.support.servers import Receiver
 
+
 @pytest.fixture(scope="module")
 def hooks():
     json_hook, slack_hook, broken = Receiver(), Receiver(), Receiver(failing=True)

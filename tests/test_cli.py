@@ -12,7 +12,7 @@ import jwt
 import pytest
 import yaml
 
-from addons import config, devissuer
+from addons.engine import config, devissuer
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,8 +143,8 @@ def test_audit_commands_on_a_missing_store(setup):
 
 
 def test_audit_show_and_tail(setup):
-    from addons.context import Decision, Operation
-    from addons.store import Event, Store
+    from addons.engine.model import Decision, Operation
+    from addons.engine.store import Event, Store
 
     store = Store(str(setup.dir / "audit.db"))
     store.append([

@@ -13,7 +13,7 @@ import pytest
 
 from addons.client import ATTRIBUTES_USER, ClientCredentials, ClientError, Custody, StaticToken
 from addons.identity import user_attributes
-from pg_bridge.server import split_options
+from pg_bridge.server.bridge import split_options
 
 
 def encoded(document) -> str:

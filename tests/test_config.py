@@ -8,8 +8,8 @@ import re
 import pytest
 import yaml
 
-from addons import config
-from addons.connections import Registry
+from addons.engine import config
+from addons.engine.connections import Registry
 
 BASE = {
     "connections": [

@@ -16,8 +16,8 @@ import pytest
 import requests
 from playwright.sync_api import sync_playwright
 
-from addons.exports import CSV_COLUMNS
-from addons.store import Store
+from addons.engine.store import Store
+from addons.evidence.exports import CSV_COLUMNS
 from tests.support.approvals import REVIEW_RULES, Approver, make_gateway, pending_for, send, start, wait_for
 from tests.support.gateway import BIN
 from tests.support.servers import free_port, stop_process

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from addons import httpops
-from addons.httpops import UNPARSEABLE
+from addons.classifiers import http as httpops
+from addons.engine.model import UNPARSEABLE
 
 
 @pytest.mark.parametrize(

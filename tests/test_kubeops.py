@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from addons import kubeops
+from addons.classifiers import kubernetes as kubeops
 
 
 @pytest.mark.parametrize(

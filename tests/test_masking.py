@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import requests
 
 from tests.conftest import API_TOKEN, STANDARD_RULES, standard_gateway
 from tests.support.gateway import Gateway

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from addons.masks import LAST_APPLIED, Masker, Report, parse, parse_all
+from addons.engine.masks import LAST_APPLIED, Masker, Report, parse, parse_all
 
 SECRET = {"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "db"}, "data": {"password": "aHVudGVyMg=="},
           "stringData": {"token": "plain"}, "type": "Opaque"}
@@ -100,8 +100,7 @@ def column(name, type_oid=25, fmt=0):
 
 
 def sql_mask(columns, rows, *masks, error=None):
-    from addons.detectors import Detector
-    from addons.masks import SQL_RESULTS
+    from addons.engine.bridge import SQL_RESULTS
 
     results = [{"columns": columns, "rows": rows, "command": f"SELECT {len(rows)}"}]
     if error:
@@ -116,7 +115,7 @@ _DETECTOR = []
 
 def _detector():
     if not _DETECTOR:
-        from addons.detectors import Detector
+        from addons.engine.detectors import Detector
 
         _DETECTOR.append(Detector(None))
     return _DETECTOR[0]

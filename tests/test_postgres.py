@@ -130,7 +130,7 @@ class Agent(threading.Thread):
 
 def reached(pg: PostgresServer, fragment: str) -> bool:
     """Did the server run a statement containing `fragment`? The planner's EXPLAIN of a
-    write (pg_bridge/planner.py) plans it without running it, so it does not count."""
+    write (pg_bridge/terminal/planner.py) plans it without running it, so it does not count."""
     for line in pg.log().splitlines():
         _, _, logged = line.partition("LOG:  ")
         text = logged.split(": ", 1)[1] if logged.startswith(("statement: ", "execute ")) else ""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from addons import httpops, kubeops
-from addons.context import Principal
-from addons.rules import RuleError, RuleSet, glob_regex, parse_file
+from addons.classifiers import http as httpops
+from addons.classifiers import kubernetes as kubeops
+from addons.engine.model import Principal
+from addons.engine.rules import RuleError, RuleSet, glob_regex, parse_file
 
 ANALYST = Principal("crew-analyst", "https://idp", ("analysts",), agent={"model": "gpt-4o"}, asserted={"task": "report"})
 
@@ -335,7 +336,7 @@ def test_shipped_rules_are_valid():
 
 def sql(text: str, rows: int | None | str = "none"):
     """A classified SQL string; `rows` is the planner's estimate for its writes."""
-    from addons import sqlops
+    from addons.classifiers import postgres as sqlops
 
     op = sqlops.classify("db", "execute", text)
     if rows == "none":

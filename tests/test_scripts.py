@@ -17,9 +17,9 @@ import asyncssh
 import pytest
 import requests
 
-from addons.store import Store
-from addons.timeline import Record, Selection
-from addons.timeline import approvals as approvals_of
+from addons.engine.store import Store
+from addons.evidence.timeline import Record, Selection
+from addons.evidence.timeline import approvals as approvals_of
 from tests.support.gateway import ROOT
 from tests.support.kubectl import clean_env
 from tests.support.pgbridge import psql

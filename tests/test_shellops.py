@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from addons import shellops
-from addons.context import Principal
-from addons.rules import RuleSet, parse_file
+from addons.classifiers import ssh as shellops
+from addons.engine.model import Principal
+from addons.engine.rules import RuleSet, parse_file
 
 
 def line(text: str, cwd: str | None = "/home/agent"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from addons import sqlops
+from addons.classifiers import postgres as sqlops
 
 
 def one(sql: str, phase: str = "execute") -> dict:
@@ -175,7 +175,7 @@ def test_the_row_estimate_raises_risk(sql, rows, risk):
     ],
 )
 def test_the_executor_refuses_what_it_cannot_carry(sql, refused):
-    from pg_bridge.executor import unsupported
+    from pg_bridge.terminal.executor import unsupported
 
     problem = unsupported([p.details for p in sqlops.classify("db", "execute", sql).parts])
     assert (problem["M"] if problem else None) == (refused and problem["M"])
@@ -186,7 +186,7 @@ def test_the_executor_refuses_what_it_cannot_carry(sql, refused):
 def test_execute_runs_only_what_was_decided():
     from types import SimpleNamespace
 
-    from pg_bridge.executor import prepared_guard
+    from pg_bridge.terminal.executor import prepared_guard
 
     prepare = sqlops.classify("db", "execute", "PREPARE p AS DELETE FROM t WHERE id = 1").details
     session = SimpleNamespace(prepared={"p": prepare})

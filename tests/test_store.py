@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from addons.context import Decision, Operation, Principal
-from addons.store import GENESIS, Event, Store, chain_hash
+from addons.engine.model import Decision, Operation, Principal
+from addons.engine.store import GENESIS, Event, Store, chain_hash
 
 BIN = Path(sys.executable).parent
 
@@ -109,7 +109,7 @@ def test_cli_verify_reports_the_first_broken_link(tmp_path):
 
 WRITER = """
 import sys
-from addons.store import Event, Store
+from addons.engine.store import Event, Store
 store = Store(sys.argv[1])
 for i in range(200):
     store.append([Event(id=f"{sys.argv[2]}-{i}", kind="request", detail={"i": i})])
@@ -135,7 +135,7 @@ def test_event_row_flattens_principal_operation_and_decision():
 
 
 def test_a_store_from_another_schema_version_is_refused(tmp_path):
-    from addons.store import SCHEMA_VERSION, StoreError
+    from addons.engine.store import SCHEMA_VERSION, StoreError
 
     db = tmp_path / "a.db"
     populate(db, 1)

@@ -3,7 +3,7 @@
 Two agents: an Inventory analyst reads the inventory API and the orders table (PostgreSQL
 through pg_bridge); an Operations engineer restocks (a large order the gateway holds for a
 manager), tries to drop a table (DDL: denied) and checks the pods with kubectl. Every
-request carries the agent's role, model, crew run, task and tool (addons/crew.py).
+request carries the agent's role, model, crew run, task and tool (addons/client/crew.py).
 
     scripts/run                                   # in another terminal
     CUSTODY_CONFIG=examples/custody.yaml CUSTODY_SUBJECT=crew-inventory \\
@@ -35,7 +35,7 @@ from crewai.tools import BaseTool  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
 from addons.client import Custody  # noqa: E402
-from addons.crew import instrument  # noqa: E402
+from addons.client.crew import instrument  # noqa: E402
 
 API = os.environ.get("CREW_API", "http://sample-api.internal")
 PG = (os.environ.get("CREW_PG_HOST", "127.0.0.1"), int(os.environ.get("CREW_PG_PORT", "15432")),

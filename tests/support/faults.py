@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import inspect
 
-from addons import credentials, httpops, identity, recorder, rules, store, tokens
+from addons import credentials, identity, recorder
+from addons.classifiers import http as httpops
+from addons.engine import rules, store, tokens
 
 current = ""
 

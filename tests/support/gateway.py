@@ -16,7 +16,7 @@ from typing import Any
 import requests
 import yaml
 
-from addons.store import Store
+from addons.engine.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

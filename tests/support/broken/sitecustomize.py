@@ -10,7 +10,7 @@ import os
 import time
 
 if os.environ.get("CUSTODY_TEST_BREAK_DETECTOR"):
-    from addons import detectors
+    from addons.engine import detectors
 
     _find = detectors.Detector.find
 

@@ -1,0 +1,214 @@
+"""The approval record: the review of one exact operation, from request to execution.
+
+An Approval is bound to a fingerprint of the principal, the connection and the exact
+request (method, normalised URL, body digest). Its life:
+
+    pending ──quorum──▶ approved ──executed once──▶ executed
+       │  └─denials──▶ denied          └──ttl──▶ expired (never used)
+       ├──ttl──▶ expired
+       └──client gone while held──▶ abandoned
+
+Votes come from principals named by the rules' approvers (`group:…`, `subject:…`); the
+requester, or anyone presenting the requester's token, can never vote; one approver counts
+once; every review rule that matched must reach its own quorum, and any one reaching its
+denial count denies. The approval book (addons/approvalbook.py) keeps the live ones and writes
+every change; this module is the record itself and the rules of voting, as pure code.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from addons.engine.errors import Error
+from addons.engine.model import Operation, Principal, Review, canonical_json
+
+PENDING, APPROVED, DENIED, EXPIRED, ABANDONED, EXECUTED = (
+    "pending", "approved", "denied", "expired", "abandoned", "executed",
+)
+LIVE = (PENDING, APPROVED)
+CONSOLE = "console-operator"
+
+
+class ApprovalError(Exception):
+    """A vote or lookup that cannot be done: `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.error = status, error
+
+
+def fingerprint(principal: Principal, connection: str, method: str, url: str, headers: list[list[str]],
+                body: bytes) -> str:
+    """What an approval is bound to: who, where, and the exact request: method, URL as
+    sent, every header that reaches the upstream, and the body."""
+    return hashlib.sha256(
+        canonical_json({
+            "subject": principal.subject,
+            "issuer": principal.issuer,
+            "connection": connection,
+            "method": method.upper(),
+            "url": url,
+            "headers": sorted([k.lower(), v] for k, v in headers),
+            "body": hashlib.sha256(body).hexdigest(),
+        }).encode()
+    ).hexdigest()
+
+
+def eligible(review: Review, subject: str, groups: tuple[str, ...]) -> bool:
+    for approver in review.approvers:
+        kind, _, name = approver.partition(":")
+        if kind == "group" and name in groups:
+            return True
+        if kind == "subject" and fnmatch.fnmatchcase(subject, name):
+            return True
+    return False
+
+
+@dataclass
+class Vote:
+    approver: str
+    issuer: str
+    groups: list[str]
+    vote: str  # approve | deny
+    reason: str
+    at: float
+    via: str = "api"  # api | console
+
+
+def tally(reviews: list[Review], votes: list[Vote]) -> str:
+    """approved when every review has its quorum, denied when any has its denials."""
+    if any(v.via == "console" for v in votes):
+        return APPROVED if votes[-1].vote == "approve" else DENIED
+    outcome = APPROVED
+    for review in reviews:
+        counted = [v for v in votes if eligible(review, v.approver, tuple(v.groups))]
+        if sum(v.vote == "deny" for v in counted) >= review.denials:
+            return DENIED
+        if sum(v.vote == "approve" for v in counted) < review.approvals:
+            outcome = PENDING
+    return outcome
+
+
+def describe(approval: Approval, outcome: str) -> str:
+    """"approved by alice, bob" / "denied by carol: too many units"."""
+    wanted = "approve" if outcome == APPROVED else "deny"
+    votes = [v for v in approval.votes if v.vote == wanted]
+    reasons = "; ".join(v.reason for v in votes if v.reason)
+    verb = "approved" if outcome == APPROVED else "denied"
+    return f"{verb} by {', '.join(v.approver for v in votes)}" + (f": {reasons}" if reasons else "")
+
+
+@dataclass
+class Approval:
+    id: str
+    state: str
+    created: float
+    requester: Principal
+    operation: Operation
+    request: dict[str, Any]
+    fingerprint: str
+    rules: list[str]
+    reason: str
+    reviews: list[Review]
+    hold_until: float
+    expires: float
+    held: bool = True
+    votes: list[Vote] = field(default_factory=list)
+    decided: float | None = None
+    executed: float | None = None
+    outcome: str = ""
+    flow: str = ""
+    session: str = ""
+
+    @property
+    def connection(self) -> str:
+        return self.operation.connection
+
+    def approvers(self) -> list[str]:
+        return sorted({a for r in self.reviews for a in r.approvers})
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "created": self.created,
+            "requester": self.requester.as_dict(),
+            "connection": self.connection,
+            "operation": self.operation.as_dict(),
+            "request": self.request,
+            "fingerprint": self.fingerprint,
+            "rules": self.rules,
+            "reason": self.reason,
+            "reviews": [r.as_dict() for r in self.reviews],
+            "approvers": self.approvers(),
+            "hold_until": self.hold_until,
+            "expires": self.expires,
+            "held": self.held,
+            "votes": [asdict(v) for v in self.votes],
+            "decided": self.decided,
+            "executed": self.executed,
+            "outcome": self.outcome,
+            "flow": self.flow,
+            "session": self.session,
+        }
+
+    @classmethod
+    def from_document(cls, d: dict[str, Any]) -> Approval:
+        p = d["requester"]
+        return cls(
+            id=d["id"],
+            state=d["state"],
+            created=d["created"],
+            requester=Principal(p["subject"], p["issuer"], tuple(p["groups"]), p["agent"], p["asserted"],
+                                p["token_id"], p["token_fingerprint"]),
+            operation=Operation(**d["operation"]),
+            request=d["request"],
+            fingerprint=d["fingerprint"],
+            rules=d["rules"],
+            reason=d["reason"],
+            reviews=[Review(tuple(r["approvers"]), r["approvals"], r["denials"], r["timeout"], r["ttl"])
+                     for r in d["reviews"]],
+            hold_until=d["hold_until"],
+            expires=d["expires"],
+            held=d["held"],
+            votes=[Vote(**v) for v in d["votes"]],
+            decided=d["decided"],
+            executed=d["executed"],
+            outcome=d["outcome"],
+            flow=d["flow"],
+            session=d["session"],
+        )
+
+    def row(self) -> tuple:
+        return (self.id, self.state, self.created, time.time(), self.requester.subject, self.connection,
+                self.fingerprint, int(self.held), self.expires, canonical_json(self.document()))
+
+
+def visible(approval: Approval, who: Principal) -> bool:
+    """Approvals show request bodies: only their approvers and their requester see them."""
+    requester = approval.requester
+    return (who.subject, who.issuer) == (requester.subject, requester.issuer) or any(
+        eligible(r, who.subject, who.groups) for r in approval.reviews
+    )
+
+
+def check_vote(approval: Approval, voter: Principal) -> None:
+    """Raise ApprovalError unless `voter` may vote on `approval` now."""
+    if approval.state != PENDING:
+        raise ApprovalError(409, Error.NOT_PENDING, f"approval {approval.id} is {approval.state}, not pending")
+    requester = approval.requester
+    if (voter.subject, voter.issuer) == (requester.subject, requester.issuer) or (
+        voter.token_fingerprint and voter.token_fingerprint == requester.token_fingerprint
+    ):
+        raise ApprovalError(403, Error.SELF_APPROVAL, "the requester cannot approve or deny their own request")
+    if any((v.approver, v.issuer) == (voter.subject, voter.issuer) for v in approval.votes):
+        raise ApprovalError(409, Error.ALREADY_VOTED, f"{voter.subject} has already voted on approval {approval.id}")
+    if not any(eligible(r, voter.subject, voter.groups) for r in approval.reviews):
+        raise ApprovalError(
+            403, Error.NOT_AN_APPROVER,
+            f"{voter.subject} is not an approver for this request (approvers: {', '.join(approval.approvers())})",
+        )

@@ -1,0 +1,463 @@
+"""The gateway configuration file, parsed once into small typed objects.
+
+One YAML file names the connections, the token issuers, the audit store and where the
+rules live (`addons/engine/schemas/config.json` is its schema). Relative paths are relative to
+the file. Secrets are references (`env:NAME`, `file:PATH`), resolved here so that a
+missing secret stops the gateway at start instead of failing a request later.
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from addons.engine import schema
+
+GATEWAY_CONNECTION = "custody"
+"""The built-in connection for the gateway's own host (its endpoints and the approvals API)."""
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the file and the field."""
+
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: float | int | str) -> float:
+    """`30` or `"30s"` -> 30.0; `"15m"` -> 900.0; `"250ms"` -> 0.25."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"negative duration: {value}")
+        return float(value)
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)", str(value).strip())
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 15m, 1h)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def resolve_secret(ref: str, base: Path) -> str:
+    """Read `env:NAME` or `file:PATH` (relative to the config file); never a literal."""
+    kind, _, name = ref.partition(":")
+    if kind == "env":
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return os.environ[name]
+    if kind == "file":
+        return (base / name).read_text().strip()
+    raise ValueError(f"not a secret reference: {ref!r} (use env:NAME or file:PATH)")
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What the gateway adds to upstream requests: one header, never seen by the agent.
+    For a `password` credential (a database login), `header` holds the user name."""
+
+    type: str
+    header: str
+    value: str = field(repr=False)
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], secret: str) -> Credential:
+        if raw["type"] == "bearer":
+            return cls("bearer", "authorization", f"Bearer {secret}")
+        if raw["type"] == "password":  # a database login: pg_bridge's executor presents it
+            return cls("password", raw["username"], secret)
+        if raw["type"] == "private_key":  # an SSH key (PEM/OpenSSH text): ssh_bridge's executor uses it
+            return cls("private_key", "", secret)
+        if raw["type"] == "basic":
+            pair = f"{raw['username']}:{secret}".encode()
+            return cls("basic", "authorization", "Basic " + base64.b64encode(pair).decode())
+        return cls("header", raw["header"].lower(), secret)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    scheme: str
+    host: str
+    port: int
+    database: str = ""
+    """postgres: the database; ssh: the user to log in as (default: the gateway's own user)."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A registered target: traffic to anything else is refused."""
+
+    name: str
+    kind: str
+    hosts: tuple[str, ...]
+    upstream: Upstream | None = None
+    ca_file: str | None = None
+    credential: Credential | None = None
+    bearer_is_gateway: bool = False
+    client_cert: str | None = None
+    listen: tuple[str, int] | None = None
+    server_cert: str | None = None
+    max_result_bytes: int = 16 * 1024 * 1024
+    known_hosts: str | None = None
+    host_key: str | None = None
+    max_output_bytes: int = 16 * 1024 * 1024
+    command_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """A trusted token issuer. `key_file` is set only for the development issuer."""
+
+    issuer: str
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...] = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
+    leeway: float = 30.0
+    groups_claim: str = "groups"
+    agent_claims: dict[str, str] = field(default_factory=dict)
+    jwks_url: str | None = None
+    discovery: bool = False
+    ca_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
+class DevIssuer:
+    key_file: str
+    issuer: str
+    audience: str
+    max_ttl: float
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    issuers: tuple[Issuer, ...]
+    dev_issuer: DevIssuer | None
+    max_token_bytes: int = 8192
+    jwks_refresh: float = 600.0
+    jwks_min_interval: float = 30.0
+    jwks_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str
+    bodies: str = "full"
+    max_body: int = 65536
+    synchronous: str = "normal"
+    signing_key: str = ""
+    verify_key: str = ""
+
+
+@dataclass(frozen=True)
+class Webhook:
+    url: str
+    format: str = "json"
+    events: tuple[str, ...] = ("pending", "decided", "expired")
+
+
+@dataclass(frozen=True)
+class ApprovalsConfig:
+    """Where approvers act: the gateway host through the proxy, and optionally a listener."""
+
+    listen: tuple[str, int] | None
+    public_url: str
+    sweep: float = 1.0
+    webhooks: tuple[Webhook, ...] = ()
+    retries: int = 3
+    backoff: float = 1.0
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    workers: int = 1
+    timeout: float = 10.0
+    max_body: int = 16 * 1024 * 1024
+    max_record: int = 1024 * 1024
+    hash_key: bytes = field(default=b"", repr=False)
+    ner_model: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    gateway_host: str
+    identity: IdentityConfig
+    connections: tuple[Connection, ...]
+    rules: tuple[str, ...]
+    rules_poll: float
+    store: StoreConfig
+    approvals: ApprovalsConfig
+    masking: MaskingConfig
+
+
+DEFAULT_UPSTREAM_PORTS = {"https": 443, "http": 80, "postgresql": 5432, "postgres": 5432, "ssh": 22}
+UPSTREAM_SCHEMES = {"http": ("http", "https"), "kubernetes": ("http", "https"), "postgres": ("postgresql", "postgres"),
+                    "ssh": ("ssh",)}
+
+
+def _upstream(url: str, kind: str, where: str) -> Upstream:
+    parts = urlsplit(url)
+    if parts.scheme not in UPSTREAM_SCHEMES[kind]:
+        raise ConfigError(f"{where}.upstream: a {kind} connection needs a {' or '.join(UPSTREAM_SCHEMES[kind])} URL")
+    port = parts.port or DEFAULT_UPSTREAM_PORTS[parts.scheme]
+    database = {"postgres": parts.path.strip("/"), "ssh": parts.username or getpass.getuser()}.get(kind, "")
+    return Upstream(parts.scheme, parts.hostname or "", port, database)
+
+
+# kubectl sends its kubeconfig token as Authorization: Bearer; that token is the agent's JWT.
+DEFAULT_TOKEN_HEADER = {"kubernetes": "authorization"}
+
+
+def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = True) -> Connection:
+    credential = None
+    if "credential" in raw:
+        try:
+            secret = resolve_secret(raw["credential"]["secret"], base) if secrets else ""
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{where}.credential.secret: {e}") from None
+        credential = Credential.parse(raw["credential"], secret)
+    tls = raw.get("tls", {})
+    ca_file = str(base / tls["ca_file"]) if "ca_file" in tls else None
+    if ca_file and not os.path.isfile(ca_file):
+        raise ConfigError(f"{where}.tls.ca_file: no such file: {ca_file}")
+    client_cert = str(base / tls["client_cert"]) if "client_cert" in tls else None
+    if client_cert and not os.path.isfile(client_cert):
+        raise ConfigError(f"{where}.tls.client_cert: no such file: {client_cert}")
+    server_cert = str(base / tls["server_cert"]) if "server_cert" in tls else None
+    if server_cert and not os.path.isfile(server_cert):
+        raise ConfigError(f"{where}.tls.server_cert: no such file: {server_cert}")
+    if raw["kind"] == "postgres":
+        if "upstream" not in raw:
+            raise ConfigError(f"{where}.upstream: a postgres connection needs postgresql://host:port/database")
+        if credential is None or credential.type != "password":
+            raise ConfigError(f"{where}.credential: a postgres connection needs a password credential "
+                              "(type: password, username, secret)")
+    elif raw["kind"] == "ssh":
+        if "upstream" not in raw or credential is None or credential.type != "private_key" or "known_hosts" not in raw:
+            raise ConfigError(f"{where}: an ssh connection needs upstream (ssh://user@host:port), a private_key "
+                              "credential and known_hosts (the host key is pinned, never learned)")
+        if not os.path.isfile(base / raw["known_hosts"]):
+            raise ConfigError(f"{where}.known_hosts: no such file: {base / raw['known_hosts']}")
+    elif credential is not None and credential.type in ("password", "private_key"):
+        raise ConfigError(f"{where}.credential: type {credential.type} is for postgres and ssh connections")
+    return Connection(
+        name=raw["name"],
+        kind=raw["kind"],
+        hosts=tuple(h.lower() for h in raw["hosts"]),
+        upstream=_upstream(raw["upstream"], raw["kind"], where) if "upstream" in raw else None,
+        ca_file=ca_file,
+        credential=credential,
+        bearer_is_gateway=raw.get("token_header", DEFAULT_TOKEN_HEADER.get(raw["kind"])) == "authorization",
+        client_cert=client_cert,
+        listen=listen_address(raw["listen"]) if "listen" in raw else None,
+        server_cert=server_cert,
+        max_result_bytes=raw.get("max_result_bytes", 16 * 1024 * 1024),
+        known_hosts=str(base / raw["known_hosts"]) if "known_hosts" in raw else None,
+        host_key=str(base / raw["host_key"]) if "host_key" in raw else None,
+        max_output_bytes=raw.get("max_output_bytes", 16 * 1024 * 1024),
+        command_timeout=parse_duration(raw.get("command_timeout", "5m")),
+    )
+
+
+def _issuer(raw: dict[str, Any], base: Path) -> Issuer:
+    aud = raw["audience"]
+    kwargs: dict[str, Any] = {}
+    if "algorithms" in raw:
+        kwargs["algorithms"] = tuple(raw["algorithms"])
+    return Issuer(
+        issuer=raw["issuer"],
+        audiences=(aud,) if isinstance(aud, str) else tuple(aud),
+        leeway=parse_duration(raw.get("leeway", 30)),
+        groups_claim=raw.get("groups_claim", "groups"),
+        agent_claims=dict(raw.get("agent_claims", {})),
+        jwks_url=raw.get("jwks_url"),
+        discovery=raw.get("discovery", False),
+        ca_file=str(base / raw["ca_file"]) if "ca_file" in raw else None,
+        **kwargs,
+    )
+
+
+def _identity(raw: dict[str, Any], base: Path) -> IdentityConfig:
+    issuers = [_issuer(i, base) for i in raw.get("issuers", [])]
+    for n, i in enumerate(issuers):
+        if not (i.jwks_url or i.discovery):
+            raise ConfigError(f"identity.issuers[{n}]: set jwks_url, or discovery: true")
+    dev = None
+    dev_raw = raw.get("dev_issuer", {})
+    if dev_raw.get("enabled"):
+        if "key_file" not in dev_raw:
+            raise ConfigError("identity.dev_issuer.key_file: required when enabled")
+        dev = DevIssuer(
+            key_file=str((base / dev_raw["key_file"]).resolve()),
+            issuer=dev_raw.get("issuer", "http://custody.gateway"),
+            audience=dev_raw.get("audience", "custody"),
+            max_ttl=parse_duration(dev_raw.get("max_ttl", "24h")),
+        )
+        issuers.append(
+            Issuer(
+                issuer=dev.issuer,
+                audiences=(dev.audience,),
+                algorithms=("ES256",),
+                leeway=parse_duration(dev_raw.get("leeway", 30)),
+                agent_claims={k: k for k in ("agent", "model", "run", "task", "prompt")},
+                key_file=dev.key_file,
+            )
+        )
+    names = [i.issuer for i in issuers]
+    if len(set(names)) != len(names):
+        raise ConfigError("identity.issuers: the same issuer is listed twice")
+    return IdentityConfig(
+        issuers=tuple(issuers),
+        dev_issuer=dev,
+        max_token_bytes=raw.get("max_token_bytes", 8192),
+        jwks_refresh=parse_duration(raw.get("jwks_refresh", "10m")),
+        jwks_min_interval=parse_duration(raw.get("jwks_min_interval", "30s")),
+        jwks_timeout=parse_duration(raw.get("jwks_timeout", "5s")),
+    )
+
+
+def listen_address(spec: str) -> tuple[str, int]:
+    """"127.0.0.1:9090" or "9090" (loopback) -> (host, port)."""
+    host, _, port = spec.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _approvals(raw: dict[str, Any], notify: dict[str, Any], gateway_host: str) -> ApprovalsConfig:
+    listen = listen_address(raw["listen"]) if "listen" in raw else None
+    public = raw.get("public_url") or (f"http://{listen[0]}:{listen[1]}" if listen else f"http://{gateway_host}")
+    return ApprovalsConfig(
+        listen=listen,
+        public_url=public.rstrip("/"),
+        sweep=parse_duration(raw.get("sweep", "1s")),
+        webhooks=tuple(
+            Webhook(w["url"], w.get("format", "json"), tuple(w.get("events", ("pending", "decided", "expired"))))
+            for w in notify.get("webhooks", [])
+        ),
+        retries=notify.get("retries", 3),
+        backoff=parse_duration(notify.get("backoff", "1s")),
+        timeout=parse_duration(notify.get("timeout", "5s")),
+    )
+
+
+def _masking(raw: dict[str, Any], base: Path, store_dir: Path, path: str) -> MaskingConfig:
+    """Masking settings; without a configured hash key, a key file beside the audit store."""
+    if "hash_key" in raw:
+        try:
+            key = resolve_secret(raw["hash_key"], base).encode()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: masking.hash_key: {e}") from None
+    else:
+        key_file = store_dir / "masking.key"
+        if not key_file.exists():
+            store_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(base64.b64encode(os.urandom(32)).decode())
+        key = key_file.read_text().strip().encode()
+    return MaskingConfig(
+        workers=raw.get("workers", 1),
+        timeout=parse_duration(raw.get("timeout", "10s")),
+        max_body=raw.get("max_body", 16 * 1024 * 1024),
+        max_record=raw.get("max_record", 1024 * 1024),
+        hash_key=key,
+        ner_model=raw.get("ner_model"),
+    )
+
+
+def parse(raw: Any, path: str, secrets: bool = True) -> Config:
+    """Validate and build a Config from the parsed YAML of the file at `path`. Without
+    `secrets`, connection credentials are left empty: for processes such as pg_bridge
+    that must never hold them."""
+    problems = schema.errors("config", raw)
+    if problems:
+        raise ConfigError(
+            "\n".join(f"{path}: {where}: {message}" for where, message in problems)
+        )
+    base = Path(path).resolve().parent
+    try:
+        connections = tuple(
+            _connection(c, base, f"connections[{n}]", secrets) for n, c in enumerate(raw["connections"])
+        )
+        identity = _identity(raw.get("identity", {}), base)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    gateway_host = raw.get("gateway", {}).get("host", "custody.gateway").lower()
+    if any(c.name == GATEWAY_CONNECTION for c in connections):
+        raise ConfigError(f"{path}: connections: the name {GATEWAY_CONNECTION!r} is reserved for the gateway itself")
+    connections += (Connection(GATEWAY_CONNECTION, "gateway", (gateway_host,), bearer_is_gateway=True),)
+    seen: dict[str, str] = {}
+    for c in connections:
+        for h in c.hosts:
+            if h in seen:
+                raise ConfigError(f"{path}: connections: host {h} is claimed by both {seen[h]} and {c.name}")
+            seen[h] = c.name
+    names = [c.name for c in connections]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: connections: duplicate connection name")
+    trust: dict[tuple[str, int], Connection] = {}
+    for c in connections:
+        if c.upstream is None:
+            continue
+        other = trust.setdefault((c.upstream.host, c.upstream.port), c)
+        for setting in ("ca_file", "client_cert"):
+            if getattr(other, setting) != getattr(c, setting):  # upstream TLS is chosen by address
+                raise ConfigError(
+                    f"{path}: connections: {other.name} and {c.name} send to the same upstream "
+                    f"{c.upstream.host}:{c.upstream.port} with different tls.{setting}"
+                )
+    rules = raw["rules"]
+    store = raw["store"]
+    if "path" not in store:
+        raise ConfigError(f"{path}: store.path: required")
+    return Config(
+        path=str(Path(path).resolve()),
+        gateway_host=gateway_host,
+        identity=identity,
+        connections=connections,
+        rules=tuple(str((base / r).resolve()) for r in ([rules] if isinstance(rules, str) else rules)),
+        rules_poll=parse_duration(raw.get("rules_poll", "1s")),
+        store=StoreConfig(
+            path=str((base / store["path"]).resolve()),
+            bodies=store.get("bodies", "full"),
+            max_body=store.get("max_body", 65536),
+            synchronous=store.get("synchronous", "normal"),
+            signing_key=str((base / store["signing_key"]).resolve()) if "signing_key" in store else "",
+            verify_key=str((base / store["verify_key"]).resolve()) if "verify_key" in store else "",
+        ),
+        approvals=_approvals(raw.get("approvals", {}), raw.get("notify", {}), gateway_host),
+        masking=_masking(raw.get("masking", {}), base, (base / store["path"]).resolve().parent, path)
+        if secrets else MaskingConfig(),
+    )
+
+
+def load(path: str, secrets: bool = True) -> Config:
+    """Read, validate and parse the configuration file at `path`."""
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse(raw, path, secrets)
+
+
+def find(explicit: str | None = None) -> str:
+    """The configuration path: an explicit one, else $CUSTODY_CONFIG, else ./custody.yaml."""
+    path = os.path.abspath(explicit or os.environ.get("CUSTODY_CONFIG") or "custody.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"no configuration file at {path}: pass --config or set CUSTODY_CONFIG "
+            "(scripts/run uses examples/custody.yaml)"
+        )
+    return path

@@ -1,0 +1,53 @@
+"""The error codes of Custody's refusals: the `error` field of every JSON refusal body.
+
+Clients and the bridges depend on these strings (pg_bridge maps them to SQLSTATEs, the
+approvals page and CLI show them), so they are one table, and a refusal names a member of
+it rather than spelling a literal. docs/design.md lists what each means to an agent.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Error(StrEnum):
+    # identity
+    UNAUTHENTICATED = "unauthenticated"  # no token, or one that did not verify (401/407)
+    # classify
+    UNKNOWN_CONNECTION = "unknown_connection"  # not a registered connection: never an open proxy
+    MISDIRECTED_REQUEST = "misdirected_request"  # Host, SNI or request target disagree
+    AMBIGUOUS_PATH = "ambiguous_path"  # a path servers may resolve differently
+    UNSUPPORTED_PROTOCOL = "unsupported_protocol"  # an upgrade or protocol the gateway cannot govern
+    # policy
+    DENIED_BY_POLICY = "denied_by_policy"  # a deny rule matched
+    NO_MATCHING_RULE = "no_matching_rule"  # nothing allows it: default deny
+    # hold
+    APPROVAL_PENDING = "approval_pending"  # the hold timed out; re-send once approved
+    APPROVAL_DENIED = "approval_denied"
+    APPROVAL_EXPIRED = "approval_expired"
+    APPROVAL_ABANDONED = "approval_abandoned"  # the client went away, or the gateway restarted
+    APPROVAL_USED = "approval_used"  # an approval runs one request, once
+    APPROVAL_MISMATCH = "approval_mismatch"  # the request changed while it was held
+    # masking
+    MASKING_REFUSED = "masking_refused"  # the response cannot be masked (type, size, shape)
+    MASKING_UNAVAILABLE = "masking_unavailable"  # masking could not run: nothing unmasked is sent
+    # recorder
+    AUDIT_UNAVAILABLE = "audit_unavailable"  # the audit store could not record it
+    # the gateway itself
+    GATEWAY_ERROR = "gateway_error"  # an addon failed; the flow was refused
+    NOT_CLEARED = "not_cleared"  # the gate: no allow decision on record
+    # the approvers' API
+    NOT_FOUND = "not_found"
+    BAD_REQUEST = "bad_request"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    REASON_REQUIRED = "reason_required"
+    NOT_PENDING = "not_pending"
+    NOT_APPROVED = "not_approved"
+    SELF_APPROVAL = "self_approval"
+    ALREADY_VOTED = "already_voted"
+    NOT_AN_APPROVER = "not_an_approver"
+
+
+GATEWAY_FAILURES = frozenset({Error.MASKING_REFUSED, Error.MASKING_UNAVAILABLE, Error.GATEWAY_ERROR,
+                              Error.NOT_CLEARED, Error.AUDIT_UNAVAILABLE})
+"""Refusals that are the gateway's own failure, not a decision about the request."""

@@ -1,0 +1,536 @@
+"""Masks: what a rule says to hide, and hiding it in documents, text and streams.
+
+A mask is one of
+
+    fields:  [JSONPath, ...]      values at these paths          ($.users[*].email, $..password)
+    keys:    [glob, ...] | builtin values under matching key names (*token*, *secret*, password, ...)
+    objects: {kind, fields}       fields of every object of a kind, wherever it is (a Secret's
+                                  data in an object, a list, a Table row or a watch event)
+    detect:  [entity or group]    entities found in string values (secrets, pii, EMAIL_ADDRESS, ...)
+
+with an operator (`redact` → `[EMAIL_ADDRESS]`, `partial` → `****1111`, `hash` → a keyed
+HMAC-SHA256, so equal values stay matchable across records without being readable) and,
+for `detect`, a score threshold. The strings `secrets`, `pii` and `secret-keys` are
+shorthands for the common cases, and `kubernetes-secrets` / `kubernetes-env` for Secret
+data and container environment values.
+
+Protocols hand the masker "structured values with names": a JSON document (an HTTP body,
+SQL rows as objects keyed by column, a Kubernetes object). Field and key masks replace
+whole values; detection runs on string leaves only, so JSON stays valid and numbers,
+booleans and keys are left alone. Field and key masks need a structure: a body that is not
+JSON is refused when one applies, rather than passed through in some other representation.
+
+Pure code: the detector is passed in (addons/engine/detectors.py builds the real one).
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import functools
+import hashlib
+import hmac
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from jsonpath_ng.ext import parse as jsonpath_parse
+
+from addons.engine.bridge import SQL_RESULTS, SSH_RESULTS
+
+OPERATORS = ("redact", "partial", "hash")
+BUILTIN_KEYS = ("*token*", "*secret*", "*password*", "*passwd*", "api_key", "apikey", "authorization", "*private_key*")
+SECRET_ENTITIES = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN", "GITLAB_TOKEN", "SLACK_TOKEN",
+    "JWT", "PRIVATE_KEY", "AUTH_CREDENTIAL", "URL_CREDENTIAL", "GENERIC_SECRET",
+)
+PII_ENTITIES = ("EMAIL_ADDRESS", "CREDIT_CARD", "IBAN_CODE", "PHONE_NUMBER", "US_SSN", "IP_ADDRESS")
+NER_ENTITIES = ("PERSON", "LOCATION")
+GROUPS = {"secrets": SECRET_ENTITIES, "pii": PII_ENTITIES}
+ENTITIES = SECRET_ENTITIES + PII_ENTITIES + NER_ENTITIES
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+TEXT_OID = 25
+TEXT_OIDS = frozenset({25, 1043, 1042, 19, 18, 114, 142, 705})
+JSON_OIDS = frozenset({114, 3802})
+TEXT_ARRAY_OIDS = frozenset({1009, 1015, 1014, 1003})
+"""text[], varchar[], bpchar[], name[]: a masked element is still a valid array literal."""
+"""text, varchar, bpchar, name, char, json, xml, unknown: their binary form is their text."""
+ERROR_TEXT_FIELDS = ("M", "D", "H", "W")
+QUOTING_ERRORS = {
+    "22": (("M", r'"[^"]*"', '"[REDACTED]"'), ("D", r'"[^"]*"', '"[REDACTED]"')),  # invalid input: "<value>"
+    "23": (("D", r"=\(.*\)", "=([REDACTED])"), ("D", r"row contains \(.*\)", "row contains ([REDACTED])")),
+}
+"""Data (22) and integrity (23) errors quote row values; which column they came from is unknown."""
+
+PRESETS = {
+    "secrets": {"detect": ["secrets"]},
+    "pii": {"detect": ["pii"]},
+    "secret-keys": {"keys": "builtin"},
+    "kubernetes-secrets": {"objects": {"kind": "Secret", "fields": ["data", "stringData"]}},
+    "kubernetes-env": {"fields": ["$..env[*].value"]},
+}
+
+
+class MaskError(Exception):
+    """A body a mask applies to cannot be masked; it must be refused, never passed on."""
+
+
+class Finder(Protocol):
+    def find(self, text: str, entities: frozenset[str], threshold: float, name: str = "") -> list: ...
+
+
+@dataclass(frozen=True)
+class Mask:
+    kind: str  # fields | keys | objects | detect
+    label: str
+    operator: str = "redact"
+    paths: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
+    object_kind: str = ""
+    entities: frozenset[str] = frozenset()
+    threshold: float = 0.5
+    keep: int = 4
+
+    @functools.cached_property
+    def compiled(self) -> tuple:
+        return tuple(jsonpath_parse(p) for p in self.paths)
+
+
+def parse(raw: Any) -> Mask:
+    """One mask from a rule's `masks:` entry; ValueError names what is wrong."""
+    if isinstance(raw, str):
+        if raw not in PRESETS:
+            raise ValueError(f"unknown mask {raw!r} (presets: {', '.join(PRESETS)})")
+        spec, label = PRESETS[raw], raw
+    else:
+        spec, label = raw, ""
+    kinds = [k for k in ("fields", "keys", "objects", "detect") if k in spec]
+    if len(kinds) != 1:
+        raise ValueError("a mask has exactly one of fields, keys, objects or detect")
+    kind = kinds[0]
+    operator = spec.get("operator", "redact")
+    if operator not in OPERATORS:
+        raise ValueError(f"operator {operator!r} is not one of {', '.join(OPERATORS)}")
+    common = {"kind": kind, "operator": operator, "keep": int(spec.get("keep", 4))}
+    values = spec[kind]
+    if kind == "fields":
+        paths = tuple([values] if isinstance(values, str) else values)
+        for p in paths:
+            try:
+                jsonpath_parse(p)
+            except Exception as e:  # jsonpath-ng raises several unrelated types
+                raise ValueError(f"not a JSONPath: {p!r}: {e}") from None
+        return Mask(label=label or f"fields:{','.join(paths)}", paths=paths, **common)
+    if kind == "keys":
+        keys = BUILTIN_KEYS if values == "builtin" else tuple([values] if isinstance(values, str) else values)
+        return Mask(label=label or f"keys:{','.join(keys)}", keys=tuple(k.lower() for k in keys), **common)
+    if kind == "objects":
+        if not isinstance(values, dict) or not values.get("kind") or not values.get("fields"):
+            raise ValueError("objects needs a kind and fields: {kind: Secret, fields: [data, stringData]}")
+        return Mask(label=label or f"objects:{values['kind']}", object_kind=values["kind"],
+                    keys=tuple(values["fields"]), **common)
+    names = [values] if isinstance(values, str) else values
+    entities: set[str] = set()
+    for name in names:
+        if name in GROUPS:
+            entities.update(GROUPS[name])
+        elif name in ENTITIES:
+            entities.add(name)
+        else:
+            raise ValueError(f"unknown entity {name!r} (groups: secrets, pii; entities: {', '.join(ENTITIES)})")
+    threshold = float(spec.get("threshold", 0.5))
+    if not 0 <= threshold <= 1:
+        raise ValueError("threshold must be between 0 and 1")
+    return Mask(label=label or f"detect:{','.join(names)}", entities=frozenset(entities), threshold=threshold, **common)
+
+
+def parse_all(raw: list | tuple) -> tuple[Mask, ...]:
+    return tuple(parse(m) for m in raw)
+
+
+@dataclass
+class Report:
+    """What was masked: counts per mask and per entity, never the values."""
+
+    fields: Counter = field(default_factory=Counter)
+    entities: Counter = field(default_factory=Counter)
+
+    @property
+    def masked(self) -> int:
+        return sum(self.fields.values()) + sum(self.entities.values())
+
+    def add(self, other: Report) -> None:
+        self.fields.update(other.fields)
+        self.entities.update(other.entities)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"masked": self.masked, "fields": dict(self.fields), "entities": dict(self.entities)}
+
+
+class Masker:
+    """Applies a set of masks, with one detector and one hashing key."""
+
+    def __init__(self, masks: tuple[Mask, ...], finder: Finder | None, hash_key: bytes) -> None:
+        self.masks = masks
+        self.finder = finder
+        self.hash_key = hash_key
+        self.structural = tuple(m for m in masks if m.kind != "detect")
+        detect = [m for m in masks if m.kind == "detect"]
+        self.by_entity: dict[str, Mask] = {}
+        for m in detect:
+            for e in m.entities:
+                self.by_entity.setdefault(e, m)
+        self.entities = frozenset(self.by_entity)
+        self.threshold = min((m.threshold for m in detect), default=1.0)
+        if self.entities and finder is None:
+            raise MaskError("content detection is not available")
+
+    # operators
+
+    def replace(self, value: str, mask: Mask, label: str) -> str:
+        if mask.operator == "partial":
+            return "****" + value[-mask.keep:] if len(value) > mask.keep * 2 else "****"
+        if mask.operator == "hash":
+            digest = hmac.new(self.hash_key, value.encode(), hashlib.sha256).hexdigest()[:16]
+            return f"[{label}:{digest}]"
+        return f"[{label}]"
+
+    def _whole(self, value: Any, mask: Mask) -> str:
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+        return self.replace(text, mask, "REDACTED")
+
+    # text
+
+    def text(self, text: str, report: Report, name: str = "") -> str:
+        """Mask detected entities in one string."""
+        if not self.entities:
+            return text
+        findings = [f for f in self.finder.find(text, self.entities, self.threshold, name)
+                    if f.score >= self.by_entity[f.entity].threshold]
+        for f in sorted(findings, key=lambda f: f.start, reverse=True):
+            text = text[:f.start] + self.replace(text[f.start:f.end], self.by_entity[f.entity], f.entity) + text[f.end:]
+            report.entities[f.entity] += 1
+        return text
+
+    def lines(self, text: str, report: Report) -> str:
+        """Mask a text body line by line (a line is to text what a leaf is to JSON), after
+        masking what spans lines: PEM private keys."""
+        if "PRIVATE_KEY" in self.entities and "PRIVATE KEY-----" in text:
+            pem = self.by_entity["PRIVATE_KEY"]
+            for f in sorted(self.finder.find(text, frozenset({"PRIVATE_KEY"}), pem.threshold), key=lambda f: -f.start):
+                text = text[:f.start] + self.replace(text[f.start:f.end], pem, "PRIVATE_KEY") + text[f.end:]
+                report.entities["PRIVATE_KEY"] += 1
+        return "\n".join(self.text(line, report) for line in text.split("\n"))
+
+    # documents
+
+    def document(self, doc: Any, report: Report) -> Any:
+        """Mask a JSON document: field and key masks first, then detection on string leaves."""
+        for mask in self.structural:
+            if mask.kind == "fields":
+                for expr in mask.compiled:
+                    for match in expr.find(doc):
+                        if not _masked_already(match.value):
+                            doc = match.full_path.update(doc, self._whole(match.value, mask))
+                            report.fields[mask.label] += 1
+            elif mask.kind == "objects":
+                doc = self._objects(doc, mask, report)
+            else:
+                doc = self._keys(doc, mask, report)
+        if self.entities:
+            doc = self._leaves(doc, report, "")
+        return doc
+
+    def _keys(self, node: Any, mask: Mask, report: Report) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                if any(fnmatch.fnmatchcase(str(k).lower(), g) for g in mask.keys) and not _masked_already(v):
+                    out[k] = self._whole(v, mask)
+                    report.fields[mask.label] += 1
+                else:
+                    out[k] = self._keys(v, mask, report)
+            return out
+        if isinstance(node, list):
+            return [self._keys(v, mask, report) for v in node]
+        return node
+
+    def _objects(self, node: Any, mask: Mask, report: Report, typed: bool = False) -> Any:
+        """Every value under the named fields of objects of the kind (each key of a
+        Secret's data masked on its own, so the keys stay readable), wherever they are: an
+        object, the items of its list (`SecretList` items carry no kind of their own), a
+        Table row, a watch event. The copy of an object kubectl keeps in its
+        last-applied-configuration annotation is masked the same way."""
+        if isinstance(node, list):
+            return [self._objects(v, mask, report, typed) for v in node]
+        if not isinstance(node, dict):
+            return node
+        is_list = node.get("kind") == f"{mask.object_kind}List"
+        out = {k: self._objects(v, mask, report, is_list and k == "items") for k, v in node.items()}
+        if typed or node.get("kind") == mask.object_kind:
+            for name in mask.keys:
+                value = out.get(name)
+                if isinstance(value, dict):
+                    out[name] = {k: v if _masked_already(v) else self._whole(v, mask) for k, v in value.items()}
+                    report.fields[mask.label] += sum(1 for v in value.values() if not _masked_already(v))
+                elif value is not None and not _masked_already(value):
+                    out[name] = self._whole(value, mask)
+                    report.fields[mask.label] += 1
+        annotations = (out.get("metadata") or {}).get("annotations") if isinstance(out.get("metadata"), dict) else None
+        if isinstance(annotations, dict) and isinstance(annotations.get(LAST_APPLIED), str):
+            out["metadata"] = {**out["metadata"], "annotations": {
+                **annotations, LAST_APPLIED: self._embedded(annotations[LAST_APPLIED], mask, report)}}
+        return out
+
+    def _embedded(self, text: str, mask: Mask, report: Report) -> str:
+        """An object serialised into an annotation: masked as an object, or whole when it
+        cannot be read (it might be the kind's)."""
+        try:
+            inner = json.loads(text)
+        except ValueError:
+            report.fields[mask.label] += 1
+            return self._whole(text, mask)
+        before = sum(report.fields.values())
+        masked = self._objects(inner, mask, report)
+        return text if sum(report.fields.values()) == before else json.dumps(masked, separators=(",", ":"))
+
+    def sql_results(self, doc: dict[str, Any], report: Report) -> dict[str, Any]:
+        """pg_bridge results. A column is to SQL what a key is to JSON: `keys` masks mask
+        whole columns by name, `fields` masks see each row as {column: value}, detection
+        runs on text cells and on the text of errors and notices (an error's DETAIL can
+        quote a row). A column whose values were replaced becomes type text, so clients
+        decode `[REDACTED]` as a string instead of failing on it as an integer."""
+        for result in doc.get("results", []):
+            if "columns" in result:
+                self._table(result["columns"], result.get("rows", []), report)
+            if "error" in result:
+                result["error"] = self._error_text(result["error"], report)
+        doc["notices"] = [self._error_text(n, report) for n in doc.get("notices", [])]
+        return doc
+
+    def _error_text(self, fields: dict[str, str], report: Report) -> dict[str, str]:
+        """Errors and notices: detection on their text; and when column masks apply, the
+        values a data or constraint error quotes (`invalid input syntax for type integer:
+        "<a password hash>"`, `Key (email)=(…)`) are hidden, since their column is unknown."""
+        if self.structural and fields.get("C", "")[:2] in QUOTING_ERRORS:
+            fields = dict(fields)
+            for key, pattern, replacement in QUOTING_ERRORS[fields["C"][:2]]:
+                if key in fields and (hidden := re.sub(pattern, replacement, fields[key])) != fields[key]:
+                    fields[key] = hidden
+                    report.fields["error values"] += 1
+        if not self.entities:
+            return fields
+        return {k: self.text(v, report) if k in ERROR_TEXT_FIELDS else v for k, v in fields.items()}
+
+    def _table(self, columns: list[dict[str, Any]], rows: list[list[Any]], report: Report) -> None:
+        names = [c["name"] for c in columns]
+        text_like = [c["type_oid"] in TEXT_OIDS for c in columns]
+        binary = [c.get("format") == 1 for c in columns]
+        whole: set[int] = set()
+        retyped: set[int] = set()
+        origins = [c.get("origin") or c["name"] for c in columns]  # the table column, whatever its alias
+        for mask in self.structural:
+            if mask.kind == "keys":
+                for i, n in enumerate(names):
+                    if any(fnmatch.fnmatchcase(n.lower(), g) or fnmatch.fnmatchcase(origins[i].lower(), g)
+                           for g in mask.keys):
+                        whole.add(i)
+                        report.fields[mask.label] += sum(1 for row in rows if row[i] is not None)
+        fields = [m for m in self.structural if m.kind == "fields"]
+        for row in rows:
+            hit: set[int] = set()
+            as_object = {}
+            for i, n in enumerate(names):
+                as_object.setdefault(n, _cell_text(row[i], binary[i], text_like[i]))
+            for mask in fields:
+                for expr in mask.compiled:
+                    for match in expr.find(as_object):
+                        top = match.full_path
+                        while hasattr(top, "left"):
+                            top = top.left
+                        if getattr(top, "fields", None):
+                            cells = {i for i, n in enumerate(names) if n == top.fields[0] and i not in whole}
+                            report.fields[mask.label] += len(cells - hit)
+                            hit |= cells
+            for i in hit:
+                if binary[i] and not text_like[i]:
+                    whole.add(i)  # binary cells of other types cannot hold text: the whole column goes
+                elif row[i] is not None:
+                    row[i] = _cell(self._whole(_cell_text(row[i], binary[i], True), fields[0]), binary[i])
+                    retyped.add(i)
+            for i, cell in enumerate(row):
+                if cell is None or i in whole or i in hit or (binary[i] and not text_like[i]):
+                    continue
+                before = report.masked
+                if columns[i]["type_oid"] in JSON_OIDS and not binary[i]:
+                    masked = self._json_cell(cell, report)  # row_to_json(t), json_agg(…): keys inside
+                elif self.entities:
+                    masked = self.text(_cell_text(cell, binary[i], True), report, names[i])
+                else:
+                    continue
+                if report.masked != before:
+                    row[i] = _cell(masked, binary[i])
+                    if columns[i]["type_oid"] not in JSON_OIDS | TEXT_ARRAY_OIDS:
+                        retyped.add(i)  # JSON stays JSON, a text array an array
+        for i in whole:
+            mask = next((m for m in self.structural if m.kind == "keys"), None) or fields[0]
+            for row in rows:
+                if row[i] is not None:
+                    row[i] = _cell(self._whole(_cell_text(row[i], binary[i], text_like[i]), mask), binary[i])
+            retyped.add(i)
+        for i in retyped:
+            if not text_like[i]:
+                columns[i].update(type_oid=TEXT_OID, type_size=-1, type_modifier=-1)
+
+    def _json_cell(self, text: str, report: Report) -> str:
+        """A json/jsonb cell masked as a document (keys, fields and detection inside it)."""
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return self.text(text, report) if self.entities else text
+        before = report.masked
+        masked = self.document(doc, report)
+        return text if report.masked == before else json.dumps(masked, ensure_ascii=False)
+
+    def _leaves(self, node: Any, report: Report, name: str) -> Any:
+        if isinstance(node, str):
+            return self.text(node, report, name)
+        if isinstance(node, dict):
+            return {k: self._leaves(v, report, str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self._leaves(v, report, name) for v in node]
+        return node
+
+    # bodies
+
+    def body(self, content: bytes, content_type: str) -> tuple[bytes, Report]:
+        """Mask a whole response body. JSON is masked as a document, other text as text."""
+        report = Report()
+        if not self.masks or not content:
+            return content, report
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MaskError(f"the response body ({content_type or 'no content type'}) is not text and cannot be masked") from None
+        if content_type.startswith(SSH_RESULTS):
+            doc = json.loads(text)
+            if self.structural:
+                raise MaskError("field and key masks need JSON, and command output is text; use detect masks")
+            if doc.get("encoding") != "utf-8":
+                raise MaskError("the command's output is not text and cannot be masked")
+            for stream in ("stdout", "stderr"):
+                doc[stream] = self.lines(doc[stream], report)
+            if not report.masked:
+                return content, report
+            return json.dumps(doc, ensure_ascii=False).encode(), report
+        if content_type.startswith(SQL_RESULTS):
+            masked_doc = self.sql_results(json.loads(text), report)
+            if not report.masked and not self.structural:  # column masks retype columns even with no rows
+                return content, report
+            return json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":")).encode(), report
+        doc = parse_json(text, content_type)
+        if doc is _NOT_JSON:
+            if self.structural:
+                raise MaskError(f"field masks need a JSON body, and this {content_type or 'response'} is not JSON")
+            masked = self.lines(text, report)
+            return (masked.encode() if report.masked else content), report
+        masked_doc = self.document(doc, report)
+        if not report.masked:
+            return content, report
+        return json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":")).encode(), report
+
+    def record(self, line: bytes, report: Report) -> bytes:
+        """Mask one record of a stream: a JSON line, a server-sent-events field, or text."""
+        prefix = b""
+        payload = line
+        if line.startswith(b"data:"):
+            prefix, payload = b"data:", line[5:]
+        elif line[:1] == b":" or line.startswith((b"event:", b"id:", b"retry:")) or not line.strip():
+            return line
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MaskError("a streamed record is not text and cannot be masked") from None
+        doc = parse_json(text.strip(), "") if text.strip()[:1] in ("{", "[") else _NOT_JSON
+        before = report.masked
+        if doc is _NOT_JSON:
+            if self.structural:
+                raise MaskError("field masks need JSON records, and this stream carries text")
+            masked = self.text(text, report)
+        else:
+            masked_doc = self.document(doc, report)
+            if report.masked == before:
+                return line
+            masked = (" " if text.startswith(" ") else "") + json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":"))
+        return line if report.masked == before else prefix + masked.encode()
+
+
+_NOT_JSON = object()
+
+
+def parse_json(text: str, content_type: str) -> Any:
+    """The JSON document in `text`, or _NOT_JSON. A body that says it is JSON must parse."""
+    says_json = "json" in content_type.lower()
+    if not says_json and text.lstrip()[:1] not in ("{", "["):
+        return _NOT_JSON
+    try:
+        return json.loads(text)
+    except ValueError:
+        if says_json:
+            raise MaskError(f"the response says it is {content_type} but does not parse as JSON") from None
+        return _NOT_JSON
+
+
+def _cell_text(cell: str | None, binary: bool, text_like: bool) -> str | None:
+    """A result cell as text: binary cells travel base64; those of text types are UTF-8."""
+    if cell is None or not binary:
+        return cell
+    raw = base64.b64decode(cell)
+    return raw.decode("utf-8", "replace") if text_like else raw.hex()
+
+
+def _cell(text: str, binary: bool) -> str:
+    return base64.b64encode(text.encode()).decode() if binary else text
+
+
+def _masked_already(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("[") and value.endswith("]") and value[1:2].isupper()
+
+
+class RecordStream:
+    """mitmproxy's stream hook: masks a chunked response record by record (lines).
+
+    Chunks are cut at newlines; a partial record waits for the rest. A record longer than
+    `max_record`, or one that cannot be masked, raises MaskError: the caller ends the
+    stream, it never lets the record through. What was sent is kept (up to `keep` bytes)
+    for the audit log, together with the report.
+    """
+
+    def __init__(self, masker: Masker, max_record: int, keep: int) -> None:
+        self.masker, self.max_record, self.keep = masker, max_record, keep
+        self.pending = b""
+        self.report = Report()
+        self.sent = bytearray()
+        self.size = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if not self.masker.masks:
+            return self._sent(chunk)
+        if chunk == b"":  # end of the stream: whatever is left is the last record
+            lines, self.pending = ([self.pending] if self.pending else []), b""
+            out = b"\n".join(self.masker.record(line, self.report) for line in lines)
+        else:
+            data = self.pending + chunk
+            *lines, self.pending = data.split(b"\n")
+            if max(map(len, lines), default=0) > self.max_record or len(self.pending) > self.max_record:
+                raise MaskError(f"a streamed record is longer than {self.max_record} bytes")
+            out = b"".join(self.masker.record(line, self.report) + b"\n" for line in lines)
+        return self._sent(out)
+
+    def _sent(self, out: bytes) -> bytes:
+        self.size += len(out)
+        if len(self.sent) < self.keep:
+            self.sent += out[: self.keep - len(self.sent)]
+        return out

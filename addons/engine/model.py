@@ -1,0 +1,194 @@
+"""The vocabulary of docs/design.md as plain data: Principal, Operation, Decision, Review.
+
+These are what every part of Custody passes around: identity writes a Principal, a
+classifier an Operation, policy a Decision; the store records them, the evidence tools
+read them back. Nothing here knows about mitmproxy, so the engines, the bridges and the
+client helper share the same types.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIONS = ("read", "write", "delete", "ddl", "exec", "admin", "unknown")
+EFFECTS = ("allow", "review", "deny")
+
+AGENT_ATTRIBUTES = ("agent", "model", "run", "task", "prompt")
+"""What an agent may say about itself (verified when the token carries it, else asserted)."""
+
+
+class Unparseable:
+    """The request body claimed or looked like JSON and could not be parsed."""
+
+    def __repr__(self) -> str:
+        return "UNPARSEABLE"
+
+
+UNPARSEABLE = Unparseable()
+"""The payload of a request whose JSON body cannot be read: rules count it against the agent."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request as a classifier sees it: method, target (path and query), headers in
+    order (names as sent, repeated names kept) and body."""
+
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...] = ()
+    content: bytes | None = None
+
+    def header(self, name: str, default: str = "") -> str:
+        """The header's values joined with ", " (as HTTP folds repeated fields)."""
+        name = name.lower()
+        values = [v for k, v in self.headers if k.lower() == name]
+        return ", ".join(values) if values else default
+
+    def header_map(self) -> dict[str, str]:
+        """Lower-cased names to their values joined with ", "."""
+        out: dict[str, list[str]] = self.header_lists()
+        return {k: ", ".join(v) for k, v in out.items()}
+
+    def header_lists(self) -> dict[str, list[str]]:
+        """Lower-cased names to every value sent under them, in order."""
+        out: dict[str, list[str]] = {}
+        for k, v in self.headers:
+            out.setdefault(k.lower(), []).append(v)
+        return out
+
+
+def canonical_json(value: Any) -> str:
+    """The one JSON encoding of audit data: sorted keys, no spaces, UTF-8 kept."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking. `agent` comes from verified claims; `asserted` from X-Custody-* headers."""
+
+    subject: str
+    issuer: str
+    groups: tuple[str, ...] = ()
+    agent: dict[str, str] = field(default_factory=dict)
+    asserted: dict[str, str] = field(default_factory=dict)
+    token_id: str = ""
+    token_fingerprint: str = ""
+    expires: float = 0.0
+
+    def attribute(self, name: str) -> str:
+        """An agent attribute: the verified claim when there is one, else the asserted header."""
+        return self.agent.get(name) or self.asserted.get(name, "")
+
+    @functools.cached_property
+    def json(self) -> str:
+        """As recorded; computed once per Principal (the verifier reuses it per token)."""
+        return canonical_json(self.as_dict())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "subject": self.subject,
+            "issuer": self.issuer,
+            "groups": list(self.groups),
+            "agent": dict(self.agent),
+            "asserted": dict(self.asserted),
+            "token_id": self.token_id,
+            "token_fingerprint": self.token_fingerprint,
+        }
+
+
+@dataclass(frozen=True)
+class Operation:
+    """What the request does, protocol-aware."""
+
+    protocol: str
+    connection: str
+    action: str
+    resource: str
+    risk: int
+    summary: str
+    details: dict[str, Any] = field(default_factory=dict)
+    payload: Any = field(default=None, repr=False, compare=False)
+    """The parsed request document rules may look into (JSON body); never recorded here."""
+    parts: tuple[Operation, ...] = field(default=(), compare=False)
+    """The statements of a multi-statement SQL string: policy decides each one."""
+
+    @functools.cached_property
+    def json(self) -> str:
+        return canonical_json(self.as_dict())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol,
+            "connection": self.connection,
+            "action": self.action,
+            "resource": self.resource,
+            "risk": self.risk,
+            "summary": self.summary,
+            "details": self.details,
+            **({"parts": [p.as_dict() for p in self.parts]} if len(self.parts) > 1 else {}),
+        }
+
+
+@dataclass(frozen=True)
+class Review:
+    """Who must approve a `review` decision, how many, and for how long a hold lasts."""
+
+    approvers: tuple[str, ...]
+    approvals: int = 1
+    denials: int = 1
+    timeout: float = 300.0
+    ttl: float = 3600.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "approvers": list(self.approvers),
+            "approvals": self.approvals,
+            "denials": self.denials,
+            "timeout": self.timeout,
+            "ttl": self.ttl,
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of policy (or of an addon that refused the flow before policy ran)."""
+
+    effect: str
+    rules: tuple[str, ...] = ()
+    reason: str = ""
+    masks: tuple[Any, ...] = ()
+    reviews: tuple[Review, ...] = ()
+    status: int = 0
+    error: str = ""
+    approval: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "effect": self.effect,
+            "rules": list(self.rules),
+            "reason": self.reason,
+        }
+        if self.approval:
+            out["approval"] = self.approval
+        if self.masks:
+            out["masks"] = list(self.masks)
+        if self.reviews:
+            out["reviews"] = [r.as_dict() for r in self.reviews]
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+_PROCESS = os.urandom(6).hex()
+_COUNTER = itertools.count()
+
+
+def new_id() -> str:
+    """A sortable unique id: milliseconds since the epoch, a random per-process part, a counter."""
+    return f"{int(time.time() * 1000):012x}{_PROCESS}{next(_COUNTER) & 0xFFFFFFFF:08x}"

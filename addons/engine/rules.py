@@ -1,0 +1,506 @@
+"""Rules: loading, validation, compilation to predicates, and evaluation into a Decision.
+
+Semantics: every matching rule counts; deny beats review beats allow; masks are the union
+of all matching rules; no matching rule means deny. A body condition that cannot be
+evaluated counts against the agent: it holds for deny and review rules and fails for allow
+rules, so a malformed body can never dodge a deny nor earn an allow. That covers a body
+that is not parseable JSON, and a value of a type the condition cannot judge (a list or a
+word where a number was expected); numeric strings are compared as the numbers servers
+read them as.
+
+Evaluation is an index lookup by (connection, action) followed by short tuples of compiled
+checks, so a rule set of a thousand rules decides in microseconds.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonpath_ng.ext import parse as jsonpath_parse
+
+from addons.engine import schema
+from addons.engine.config import parse_duration
+from addons.engine.errors import Error
+from addons.engine.masks import parse as parse_mask
+from addons.engine.model import UNPARSEABLE, Decision, Operation, Principal, Review
+
+Check = Callable[[Principal, Operation], bool]
+UNKNOWN_BODY = ("unparseable", "other")
+
+
+class RuleError(ValueError):
+    """Invalid rules; each line names the file, the rule id and the field."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    effect: str
+    file: str
+    order: int
+    reason: str = ""
+    description: str = ""
+    masks: tuple[Any, ...] = ()
+    review: Review | None = None
+    connections: tuple[str, ...] = ()
+    actions: tuple[str, ...] = ()
+    checks: tuple[tuple[str, Check], ...] = field(default=(), repr=False)
+
+    def first_failure(self, principal: Principal, op: Operation) -> str | None:
+        """The first match field that does not hold, or None when the rule matches."""
+        for name, check in self.checks:
+            if not check(principal, op):
+                return name
+        return None
+
+    def matches(self, principal: Principal, op: Operation) -> bool:
+        for _, check in self.checks:
+            if not check(principal, op):
+                return False
+        return True
+
+
+def _many(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, list) else (value,)
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """Path glob: `*` stays within a segment, `**` spans segments; `/a/**` also matches `/a`."""
+    pattern = pattern.rstrip("/") or "/"
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("/**", i) and i + 3 == len(pattern):
+            out += "(?:/.*)?"
+            i += 3
+        elif pattern.startswith("**", i):
+            out += ".*"
+            i += 2
+        elif pattern[i] == "*":
+            out += "[^/]*"
+            i += 1
+        elif pattern[i] == "?":
+            out += "[^/]"
+            i += 1
+        else:
+            out += re.escape(pattern[i])
+            i += 1
+    return re.compile(out + r"\Z")
+
+
+def _globs(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    if not any(ch in p for p in patterns for ch in "*?["):
+        exact = frozenset(patterns)
+        return exact.__contains__
+    return lambda value: any(fnmatch.fnmatchcase(value, p) for p in patterns)
+
+
+UNKNOWN = None  # a value of a type the condition cannot judge
+
+
+def _number(v: Any) -> float | None:
+    """A number, or a string a server would read as one ("500", " 5e2 ")."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        try:
+            return float(v.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _compare(op: str, expected: Any) -> Callable[[Any], bool | None]:
+    """A test on one value: True, False, or UNKNOWN when the value's type does not fit
+    (a list where a number was expected): UNKNOWN counts against the agent."""
+    if op in ("equals", "in"):
+        options = [expected] if op == "equals" else expected
+
+        def test(v: Any) -> bool | None:
+            if any(v == e and type(v) is type(e) for e in options):
+                return True
+            return False if any(type(v) is type(e) for e in options) else UNKNOWN
+
+        return test
+    if op == "matches":
+        rx = re.compile(expected)
+        return lambda v: (rx.search(v) is not None) if isinstance(v, str) else UNKNOWN
+    compare = {"gt": lambda a: a > expected, "gte": lambda a: a >= expected,
+               "lt": lambda a: a < expected, "lte": lambda a: a <= expected}[op]
+
+    def numeric(v: Any) -> bool | None:
+        n = _number(v)
+        return UNKNOWN if n is None else compare(n)
+
+    return numeric
+
+
+def _body_check(conditions: list[dict[str, Any]], effect: str) -> Check:
+    compiled = []
+    for c in conditions:
+        expr = jsonpath_parse(c["path"])
+        if c["op"] in ("exists", "absent"):
+            compiled.append((expr, c["op"], None))
+        else:
+            compiled.append((expr, "value", _compare(c["op"], c["value"])))
+    unknown_holds = effect != "allow"
+
+    def check(_: Principal, op: Operation) -> bool:
+        if op.details.get("body") in UNKNOWN_BODY or op.payload is UNPARSEABLE:
+            return unknown_holds
+        for expr, kind, test in compiled:
+            values = [m.value for m in expr.find(op.payload)] if op.payload is not None else []
+            if kind == "exists":
+                ok = bool(values)
+            elif kind == "absent":
+                ok = not values
+            else:
+                results = [test(v) for v in values]
+                ok = any(results) or (UNKNOWN in results and unknown_holds)
+            if not ok:
+                return False
+        return True
+
+    return check
+
+
+def _attribute_check(source: str, attribute: str, patterns: Any) -> Check:
+    """Agent attributes: `agent` reads verified claims only, `asserted` the X-Custody-* headers."""
+    test = _globs(_many(patterns))
+    if source == "agent":
+        return lambda p, op: test(p.agent.get(attribute, ""))
+    return lambda p, op: test(p.asserted.get(attribute, ""))
+
+
+def _compile_checks(match: dict[str, Any], effect: str) -> tuple[tuple[str, Check], ...]:
+    checks: list[tuple[str, Check]] = []
+    if "protocol" in match:
+        protocols = frozenset(_many(match["protocol"]))
+        checks.append(("protocol", lambda p, op: op.protocol in protocols))
+    if "connection" in match:
+        conn = _globs(_many(match["connection"]))
+        checks.append(("connection", lambda p, op: conn(op.connection)))
+    if "action" in match:
+        actions = frozenset(_many(match["action"]))
+        checks.append(("action", lambda p, op: op.action in actions))
+    if "method" in match:
+        methods = frozenset(m.upper() for m in _many(match["method"]))
+        checks.append(("method", lambda p, op: op.details.get("method") in methods))
+    if "path" in match:
+        regexes = tuple(glob_regex(g) for g in _many(match["path"]))
+        checks.append(("path", lambda p, op: any(r.match(op.resource) for r in regexes)))
+    if "risk" in match:
+        low, high = match["risk"].get("min", 0), match["risk"].get("max", 100)
+        checks.append(("risk", lambda p, op: low <= op.risk <= high))
+    who = match.get("principal", {})
+    if "subjects" in who:
+        subjects = _globs(_many(who["subjects"]))
+        checks.append(("principal.subjects", lambda p, op: subjects(p.subject)))
+    if "issuers" in who:
+        issuers = frozenset(_many(who["issuers"]))
+        checks.append(("principal.issuers", lambda p, op: p.issuer in issuers))
+    if "groups" in who:
+        groups = frozenset(_many(who["groups"]))
+        checks.append(("principal.groups", lambda p, op: not groups.isdisjoint(p.groups)))
+    for source in ("agent", "asserted"):
+        for attribute, patterns in match.get(source, {}).items():
+            checks.append((f"{source}.{attribute}", _attribute_check(source, attribute, patterns)))
+    if "body" in match:
+        checks.append(("body", _body_check(match["body"], effect)))
+    checks += _kubernetes_checks(match.get("kubernetes"), effect)
+    checks += _sql_checks(match.get("sql"), effect)
+    checks += _ssh_checks(match.get("ssh"))
+    return tuple(checks)
+
+
+def _ssh_checks(ssh: dict[str, Any] | None) -> list[tuple[str, Check]]:
+    """Checks on one simple shell command (policy decides each command of a line on its own)."""
+    checks: list[tuple[str, Check]] = []
+    ssh = ssh or {}
+    if "programs" in ssh:
+        programs = _globs(_many(ssh["programs"]))
+        checks.append(("ssh.programs", lambda p, op: op.protocol == "ssh"
+                       and any(programs(x) for x in op.details.get("programs", ()))))
+    if "commands" in ssh:
+        patterns = _many(ssh["commands"])
+        checks.append(("ssh.commands", lambda p, op: op.protocol == "ssh" and any(
+            fnmatch.fnmatchcase(op.details.get("command", ""), g) for g in patterns)))
+    for key in ("paths", "writes"):
+        if key in ssh:
+            regexes = tuple(glob_regex(g) for g in _many(ssh[key]))
+            checks.append((f"ssh.{key}", lambda p, op, r=regexes, k=key: op.protocol == "ssh" and any(
+                x.match(path) for x in r for path in op.details.get(k, ()))))
+    for key in ("sudo", "network", "package", "recursive"):
+        if key in ssh:
+            checks.append((f"ssh.{key}", lambda p, op, w=ssh[key], k=key: op.protocol == "ssh"
+                           and bool(op.details.get(k)) == w))
+    return checks
+
+
+def _sql_checks(sql: dict[str, Any] | None, effect: str) -> list[tuple[str, Check]]:
+    """Checks on one SQL statement (policy decides each statement of a string on its own).
+    A write whose row estimate could not be made counts against the agent."""
+    checks: list[tuple[str, Check]] = []
+    sql = sql or {}
+    for key in ("classes", "tables", "functions"):
+        if key in sql:
+            test = _globs(tuple(v if key == "classes" else v.lower() for v in _many(sql[key])))
+            checks.append((f"sql.{key}", lambda p, op, t=test, k=key: op.protocol == "postgres"
+                           and any(t(v) for v in op.details.get(k, ()))))
+    if "commands" in sql:
+        commands = _globs(tuple(v.upper() for v in _many(sql["commands"])))
+        checks.append(("sql.commands", lambda p, op: op.protocol == "postgres" and commands(op.details.get("command", ""))))
+    if "where" in sql:
+        want = sql["where"]
+        checks.append(("sql.where", lambda p, op: op.protocol == "postgres" and "where" in op.details
+                       and op.details["where"] == want))
+    if "rows" in sql:
+        low, high = sql["rows"].get("min", 0), sql["rows"].get("max", float("inf"))
+        unknown_holds = effect != "allow"
+
+        def rows(p: Principal, op: Operation) -> bool:
+            if op.protocol != "postgres" or "rows" not in op.details:
+                return False  # not a write
+            n = op.details["rows"]
+            return unknown_holds if n is None else low <= n <= high
+
+        checks.append(("sql.rows", rows))
+    return checks
+
+
+def _kubernetes_checks(k8s: dict[str, Any] | None, effect: str) -> list[tuple[str, Check]]:
+    """Checks on Kubernetes request info. An impersonating request matches an allow rule
+    only when the rule names impersonation itself: no rule allows it by accident."""
+    checks: list[tuple[str, Check]] = []
+    k8s = k8s or {}
+    fields = {"verbs": "verb", "groups": "api_group", "namespaces": "namespace", "names": "name"}
+    for key, detail in fields.items():
+        if key in k8s:
+            test = _globs(_many(k8s[key]))
+            checks.append((f"kubernetes.{key}", lambda p, op, t=test, d=detail: op.protocol == "kubernetes" and t(op.details.get(d, ""))))
+    if "resources" in k8s:
+        test = _globs(_many(k8s["resources"]))
+        checks.append(("kubernetes.resources", lambda p, op: op.protocol == "kubernetes" and op.details.get("resource_request", False) and test(op.resource)))
+    if "commands" in k8s:
+        test = _globs(_many(k8s["commands"]))
+        checks.append(("kubernetes.commands", lambda p, op: test(" ".join(op.details.get("command", [])))))
+    for key in ("non_resource", "dry_run"):
+        if key in k8s:
+            want, detail = k8s[key], {"non_resource": "resource_request", "dry_run": "dry_run"}[key]
+            flip = key == "non_resource"
+            checks.append((f"kubernetes.{key}", lambda p, op, w=want, d=detail, x=flip: op.protocol == "kubernetes" and (bool(op.details.get(d)) != x) == w))
+    if "impersonate" in k8s:
+        users = _globs(_many(k8s["impersonate"].get("users", "*")))
+        groups = _globs(_many(k8s["impersonate"].get("groups", "*")))
+
+        def impersonates(p: Principal, op: Operation) -> bool:
+            imp = op.details.get("impersonate")
+            return bool(imp) and users(imp["user"] or imp["uid"]) and all(groups(g) for g in imp["groups"])
+
+        checks.append(("kubernetes.impersonate", impersonates))
+    elif effect == "allow":
+        checks.append(("kubernetes.impersonate", lambda p, op: "impersonate" not in op.details))
+    return checks
+
+
+def _review(raw: dict[str, Any]) -> Review:
+    return Review(
+        approvers=tuple(raw["approvers"]),
+        approvals=raw.get("approvals", 1),
+        denials=raw.get("denials", 1),
+        timeout=parse_duration(raw.get("timeout", "5m")),
+        ttl=parse_duration(raw.get("ttl", "1h")),
+    )
+
+
+def _label(rules: list, index: int) -> str:
+    raw = rules[index] if index < len(rules) else None
+    if isinstance(raw, dict) and isinstance(raw.get("id"), str):
+        return f"rule {raw['id']!r}"
+    return f"rule #{index + 1}"
+
+
+def parse_file(document: Any, file: str, start: int = 0) -> list[Rule]:
+    """Validate one rule file's YAML document and compile its rules."""
+    problems = schema.errors("rules", document)
+    if problems:
+        rules = document.get("rules", []) if isinstance(document, dict) else []
+        lines = []
+        for where, message in problems:
+            m = re.match(r"rules\[(\d+)\]\.?(.*)", where)
+            if m and isinstance(rules, list):
+                lines.append(f"{file}: {_label(rules, int(m.group(1)))}: {m.group(2) or '(rule)'}: {message}")
+            else:
+                lines.append(f"{file}: {where}: {message}")
+        raise RuleError("\n".join(lines))
+    out = []
+    for n, raw in enumerate(document["rules"]):
+        where = f"{file}: rule {raw['id']!r}"
+        for c, cond in enumerate(raw["match"].get("body", [])):
+            try:
+                jsonpath_parse(cond["path"])
+            except Exception as e:  # jsonpath-ng raises several unrelated types
+                raise RuleError(f"{where}: match.body[{c}].path: not a JSONPath: {e}") from None
+            if cond["op"] == "matches":
+                try:
+                    re.compile(cond["value"])
+                except re.error as e:
+                    raise RuleError(f"{where}: match.body[{c}].value: not a regular expression: {e}") from None
+        for m, mask in enumerate(raw.get("masks", ())):
+            try:
+                parse_mask(mask)
+            except ValueError as e:
+                raise RuleError(f"{where}: masks[{m}]: {e}") from None
+        match = raw["match"]
+        conns = _many(match["connection"]) if "connection" in match else ()
+        out.append(
+            Rule(
+                id=raw["id"],
+                effect=raw["effect"],
+                file=file,
+                order=start + n,
+                reason=raw.get("reason", ""),
+                description=raw.get("description", ""),
+                masks=tuple(raw.get("masks", ())),
+                review=_review(raw["review"]) if "review" in raw else None,
+                connections=() if any(ch in c for c in conns for ch in "*?[") else conns,
+                actions=_many(match["action"]) if "action" in match else (),
+                checks=_compile_checks(match, raw["effect"]),
+            )
+        )
+    return out
+
+
+def rule_files(paths: Iterable[str]) -> list[str]:
+    """The rule files named by `paths`: files as given, directories' *.yaml/*.yml sorted."""
+    files: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(
+                str(f) for f in Path(p).iterdir() if f.suffix in (".yaml", ".yml") and f.is_file()
+            )
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise RuleError(f"{p}: no such rule file or directory")
+    return files
+
+
+class RuleSet:
+    """A validated set of rules, indexed by connection and action for fast decisions."""
+
+    def __init__(self, rules: list[Rule], files: tuple[str, ...] = ()) -> None:
+        self.rules = rules
+        self.files = files
+        self._candidates: dict[tuple[str, str], tuple[Rule, ...]] = {}
+
+    @classmethod
+    def load(cls, paths: Iterable[str]) -> RuleSet:
+        rules: list[Rule] = []
+        files = rule_files(paths)
+        errors: list[str] = []
+        seen: dict[str, str] = {}
+        for file in files:
+            try:
+                with open(file) as fh:
+                    document = yaml.safe_load(fh)
+                parsed = parse_file(document, file, start=len(rules))
+            except OSError as e:
+                errors.append(f"{file}: cannot read: {e.strerror}")
+                continue
+            except yaml.YAMLError as e:
+                errors.append(f"{file}: not valid YAML: {e}")
+                continue
+            except RuleError as e:
+                errors.append(str(e))
+                continue
+            for rule in parsed:
+                if rule.id in seen:
+                    errors.append(f"{file}: rule {rule.id!r}: id: already used in {seen[rule.id]}")
+                seen[rule.id] = file
+            rules += parsed
+        if errors:
+            raise RuleError("\n".join(errors))
+        return cls(rules, tuple(files))
+
+    def candidates(self, connection: str, action: str) -> tuple[Rule, ...]:
+        key = (connection, action)
+        hit = self._candidates.get(key)
+        if hit is None:
+            hit = tuple(
+                r
+                for r in self.rules
+                if (not r.connections or connection in r.connections)
+                and (not r.actions or action in r.actions)
+            )
+            self._candidates[key] = hit
+        return hit
+
+    def matching(self, principal: Principal, op: Operation) -> list[Rule]:
+        return [r for r in self.candidates(op.connection, op.action) if r.matches(principal, op)]
+
+    def decide(self, principal: Principal, op: Operation) -> Decision:
+        """The decision for an operation; for one with parts (SQL statements), every part
+        is decided on its own and the strictest decision wins."""
+        if not op.parts:
+            return decide(self.matching(principal, op))
+        decisions = [decide(self.matching(principal, part)) for part in op.parts]
+        return strictest(decisions, op.parts)
+
+
+def decide(matched: list[Rule]) -> Decision:
+    """Combine matching rules: deny beats review beats allow; masks are the union."""
+    if not matched:
+        return Decision(effect="deny", reason="no rule matches this request", status=403, error=Error.NO_MATCHING_RULE)
+    masks: list[Any] = []
+    for r in matched:
+        for m in r.masks:
+            if m not in masks:
+                masks.append(m)
+    for effect in ("deny", "review", "allow"):
+        chosen = [r for r in matched if r.effect == effect]
+        if chosen:
+            break
+    ids = tuple(r.id for r in chosen)
+    verb = {"deny": "denied", "review": "held for review", "allow": "allowed"}[effect]
+    reason = next((r.reason for r in chosen if r.reason), f"{verb} by rule {ids[0]}")
+    if effect == "deny":
+        return Decision(effect="deny", rules=ids, reason=reason, status=403, error=Error.DENIED_BY_POLICY)
+    return Decision(
+        effect=effect,
+        rules=ids,
+        reason=reason,
+        masks=tuple(masks),
+        reviews=tuple(r.review for r in chosen if r.review) if effect == "review" else (),
+    )
+
+
+def strictest(decisions: list[Decision], parts: tuple[Operation, ...]) -> Decision:
+    """Combine the decisions on the statements of one string: a denied statement denies
+    the string (its reason names the statement), a reviewed one holds it, and only a
+    string whose every statement is allowed is allowed; masks and rules are the union."""
+    def which(n: int) -> str:
+        return f"statement {n + 1} ({parts[n].details.get('command', '?')}): " if len(parts) > 1 else ""
+
+    for n, d in enumerate(decisions):
+        if d.effect == "deny":
+            return Decision(effect="deny", rules=d.rules, reason=which(n) + d.reason, status=d.status, error=d.error)
+    rules = tuple(dict.fromkeys(r for d in decisions for r in d.rules))
+    masks: list[Any] = []
+    for m in (m for d in decisions for m in d.masks):
+        if m not in masks:
+            masks.append(m)
+    reviewed = [(n, d) for n, d in enumerate(decisions) if d.effect == "review"]
+    if reviewed:
+        reviews = tuple(dict.fromkeys(r for _, d in reviewed for r in d.reviews))
+        return Decision(effect="review", rules=rules, reason="; ".join(which(n) + d.reason for n, d in reviewed),
+                        masks=tuple(masks), reviews=reviews)
+    return Decision(effect="allow", rules=rules, reason=decisions[0].reason if len(decisions) == 1 else
+                    f"all {len(decisions)} statements allowed", masks=tuple(masks))
+

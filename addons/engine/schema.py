@@ -1,0 +1,48 @@
+"""JSON Schema validation with errors that name the file and the field.
+
+The configuration and the rule files are both described by JSON Schema documents under
+`addons/engine/schemas/`, so the format is documented in one place and editors can check it too.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+SCHEMAS = Path(__file__).parent / "schemas"
+
+
+@functools.cache
+def validator(name: str) -> jsonschema.protocols.Validator:
+    schema = json.loads((SCHEMAS / f"{name}.json").read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def field_path(parts) -> str:
+    """`['connections', 0, 'credential']` -> `connections[0].credential`."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        return error.message.replace("Additional properties are not allowed", "unknown field")
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        # Prefer what is wrong inside the branch of the right type over "is not of type".
+        specific = [e for e in error.context if e.validator != "type"] or error.context
+        return _message(jsonschema.exceptions.best_match(specific))
+    return error.message
+
+
+def errors(name: str, document: Any) -> list[tuple[str, str]]:
+    """All schema violations of `document` as (field path, message), in document order."""
+    found = sorted(validator(name).iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))
+    return [(field_path(e.absolute_path), _message(e)) for e in found]

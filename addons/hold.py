@@ -1,0 +1,170 @@
+"""hold: holds a flow that a rule sent for review until named people decide.
+
+The flow is held with `flow.intercept()` (so mitmweb shows it as intercepted, with a comment
+naming the rule and the approval) while this hook waits; other flows carry on. The wait
+ends when:
+
+- approvers reach quorum: the request is checked against the approved fingerprint (nothing
+  about it may have changed), the approval is used up, and the flow goes on upstream;
+- approvers deny: 403 with their reason;
+- the hold times out: 403 with the approval id and state `pending`; once approved, the same
+  principal re-sending the identical request within the approval's TTL goes through once;
+- the client goes away: the approval is abandoned and can never execute anything;
+- a mitmweb operator resumes the flow (approved as the console operator) or kills it
+  (denied by the console operator; the agent still gets a 403 rather than a hung socket).
+
+mitmproxy's `flow.kill()` does not release an intercepted flow and mitmproxy has no
+intercept timeout, so this addon owns both: every way out sets the answer and resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from enum import StrEnum
+
+from mitmproxy import ctx as mctx
+from mitmproxy import flow as mflow
+from mitmproxy import hooks, http
+
+from addons import context, failclosed
+from addons.approvalbook import ApprovalBook
+from addons.engine.approval import APPROVED, DENIED, EXPIRED, fingerprint
+from addons.engine.errors import Error
+from addons.engine.model import Decision
+from addons.engine.store import headers_for_record
+from addons.failclosed import guarded
+from addons.maskpool import MaskPool
+from addons.settings import Settings
+
+POLL = 0.25  # how often a hold looks for a resumed/killed flow or a departed client
+
+
+class End(StrEnum):
+    """Why a hold stopped waiting, besides the approval's own decision (its state)."""
+
+    KILLED = "killed"  # a mitmweb operator killed the flow: the console operator's denial
+    RESUMED = "resumed"  # a mitmweb operator resumed it: the console operator's approval
+    GONE = "gone"  # the client went away: the approval is abandoned
+    TIMEOUT = "timeout"  # the hold's time ran out: the agent may re-send once it is approved
+
+
+REFUSALS = {DENIED: Error.APPROVAL_DENIED, EXPIRED: Error.APPROVAL_EXPIRED}
+"""Decisions the agent learns from the approval's own outcome text."""
+
+
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer",
+                        "transfer-encoding", "upgrade", "content-length", "host"})
+
+
+def request_fingerprint(f: http.HTTPFlow, c: context.Context) -> str:
+    """The fingerprint of the request as it will go upstream (after identity stripped the
+    agent's token and attributes, before the gateway adds its credential)."""
+    req = f.request
+    url = f"{req.scheme}://{req.host}:{req.port}{req.path}"
+    headers = [[k, v] for k, v in req.headers.items(multi=True) if k.lower() not in HOP_BY_HOP]
+    return fingerprint(c.principal, c.operation.connection, req.method, url, headers, req.get_content(strict=False) or b"")
+
+
+class Hold:
+    def __init__(self, settings: Settings, book: ApprovalBook, pool: MaskPool) -> None:
+        self.settings = settings
+        self.book = book
+        self.pool = pool
+
+    def _show(self, f: http.HTTPFlow, text: str, marker: str) -> None:
+        f.comment, f.marked = text, marker
+        mctx.master.addons.trigger(hooks.UpdateHook([f]))
+
+    @guarded
+    async def request(self, f: http.HTTPFlow) -> None:
+        if failclosed.answered(f):
+            return
+        c = context.of(f)
+        decision = c.decision
+        if decision is None or decision.effect != "review":
+            return
+        fp = request_fingerprint(f, c)
+        grant = self.book.grant_for(fp, c.principal)
+        if grant is not None:
+            await self.book.execute(grant, f.id, late=True)
+            self._allow(c, grant.id, decision, grant.outcome)
+            return
+        max_body = self.settings.require().store.max_body
+        raw = f.request.get_content(strict=False) or b""
+        body, withheld = await self.pool.for_record(raw, f.request.headers.get("content-type", ""), decision.masks)
+        approval = await self.book.open(
+            c.principal, c.operation,
+            {"method": f.request.method, "url": f.request.pretty_url,
+             "headers": headers_for_record(f.request.headers),
+             "body": withheld or (body or b"")[:max_body].decode(errors="replace"), "body_size": len(raw)},
+            fp, decision, f.id, c.session,
+        )
+        c.approval = approval.id
+        f.intercept()
+        self._show(f, f"custody: held for review · rules {', '.join(decision.rules)} · approval {approval.id}",
+                   ":hourglass:")
+        try:
+            outcome = await self._hold(f, approval)
+            await self._conclude(f, c, approval, decision, outcome, fp)
+        finally:
+            f.resume()
+
+    async def _hold(self, f: http.HTTPFlow, approval) -> str:
+        waiter = self.book.waiter(approval.id)
+        while True:
+            if waiter.done():
+                return waiter.result()
+            if f.error is not None and f.error.msg == mflow.Error.KILLED_MESSAGE:
+                return End.KILLED
+            if not f.intercepted:
+                return End.RESUMED
+            if f.client_conn.timestamp_end is not None:
+                return End.GONE
+            remaining = approval.hold_until - time.time()
+            if remaining <= 0:
+                return End.TIMEOUT
+            await asyncio.wait([waiter], timeout=min(remaining, POLL))
+
+    async def _conclude(self, f, c, approval, decision: Decision, outcome: str, fp: str) -> None:
+        if outcome == End.KILLED:
+            f.error, f.live = None, True  # answer the agent instead of leaving it hanging
+            await self.book.console(approval, "deny")
+            outcome = approval.state
+        elif outcome == End.RESUMED:
+            await self.book.console(approval, "approve")
+            outcome = approval.state
+        refuse = dict(rules=decision.rules, approval=approval.id)
+        if outcome == APPROVED and approval.state != APPROVED:
+            failclosed.refuse(f, 403, f"approval {approval.id} is {approval.state}; it can be used only once",
+                              error=Error.APPROVAL_USED, extra={"state": approval.state}, **refuse)
+            return
+        if outcome == APPROVED:
+            if request_fingerprint(f, c) != fp:
+                failclosed.refuse(f, 403, "the request changed while it was held; it was not sent",
+                                  error=Error.APPROVAL_MISMATCH, extra={"state": approval.state}, **refuse)
+                return
+            await self.book.execute(approval, f.id, late=False)
+            self._allow(c, approval.id, decision, approval.outcome)
+            self._show(f, f"custody: approved · approval {approval.id} · {approval.outcome}", ":white_check_mark:")
+        elif outcome in REFUSALS:
+            failclosed.refuse(f, 403, approval.outcome, error=REFUSALS[outcome], extra={"state": outcome}, **refuse)
+        elif outcome == End.TIMEOUT:
+            await self.book.release(approval)
+            failclosed.refuse(
+                f, 403,
+                f"waiting for approval by {', '.join(approval.approvers())}; re-send the identical request once it is approved",
+                error=Error.APPROVAL_PENDING, extra={"state": approval.state}, **refuse,
+            )
+        else:
+            await self.book.abandon(approval, "the client went away while the request was held")
+            failclosed.refuse(f, 403, "abandoned: the client went away", error=Error.APPROVAL_ABANDONED,
+                              extra={"state": approval.state}, **refuse)
+
+    @staticmethod
+    def _allow(c: context.Context, approval_id: str, decision: Decision, why: str) -> None:
+        c.approval = approval_id
+        c.decision = Decision(
+            effect="allow", rules=decision.rules, reason=f"{why} (approval {approval_id})",
+            masks=decision.masks, approval=approval_id,
+        )

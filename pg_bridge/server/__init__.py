@@ -1,0 +1,1 @@
+"""The client-facing side of pg_bridge: the wire protocol and the listener."""

@@ -1,0 +1,149 @@
+"""executor: the terminal for postgres connections. It answers cleared pg_bridge requests
+itself, on the real server, with the database login only the gateway holds.
+
+It sets `flow.response` in the request hook, so nothing goes upstream as HTTP and the
+response hooks (masking, then the recorder) still run on the result. The response is
+SQL_RESULTS JSON: every statement's columns (name, type OID, …), rows as the server
+encoded them, command tag or the server's own error fields; notices; the transaction
+state and the parameters that changed. A server error is a result, not a gateway error;
+the gateway's own failures (no such session, database unreachable) are results too, with
+their SQLSTATE, so the client sees a PostgreSQL error either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from mitmproxy import http
+
+from addons import context, failclosed
+from addons.classifiers import postgres
+from addons.engine.bridge import SQL_RESULTS
+from addons.engine.config import Connection
+from addons.failclosed import guarded
+from addons.settings import Settings
+from pg_bridge.terminal.backend import Backend, BackendError, Output, conninfo, failure
+from pg_bridge.terminal.catalog import Catalogs
+from pg_bridge.terminal.sessions import Session, Sessions
+
+logger = logging.getLogger(__name__)
+
+def unsupported(parts: list[dict]) -> dict | None:
+    """ErrorResponse fields for statements the gateway cannot carry faithfully, whatever
+    the rules say: COPY to or from the client, and settings that would make the server
+    read SQL text differently from the classifier (addons/classifiers/postgres.py PROTECTED_SETTINGS)."""
+    for p in parts:
+        if p.get("copy") and not p.get("server_side"):
+            return failure("0A000", "COPY FROM STDIN / TO STDOUT is not supported through the gateway",
+                           H="Use INSERT … VALUES to load rows and SELECT to read them.")
+        if p.get("setting") in ("all", *postgres.PROTECTED_SETTINGS) and p.get("command") != "RESET":
+            return failure("0A000", f"{p['setting']} cannot be changed through the gateway")
+    return None
+
+
+def prepared_guard(session: Session, parts: list[dict]):
+    """For EXECUTE: refuse when a prepared statement was replaced after the decision (the
+    decision was on what it was then)."""
+    expected = {p["name"]: p.get("prepared_sql") for p in parts if p.get("command") == "EXECUTE"}
+
+    def guard() -> dict | None:
+        for name, sql in expected.items():
+            now = session.prepared.get(name)
+            if sql is not None and (now is None or now["sql"] != sql):
+                return failure("42501", f"custody: prepared statement {name!r} changed after it was decided; "
+                                        "send the EXECUTE again")
+        return None
+
+    return guard
+
+
+class PgExecutor:
+    def __init__(self, settings: Settings, sessions: Sessions) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.catalogs = Catalogs()
+
+    def done(self) -> None:
+        self.catalogs.close()
+
+    @guarded
+    async def request(self, f: http.HTTPFlow) -> None:
+        if failclosed.answered(f):
+            return
+        c = context.of(f)
+        if c.protocol != "postgres" or not c.cleared:
+            return  # not ours, or the gate refuses it
+        conn = self.settings.registry.by_name[c.connection]
+        op = c.operation
+        body = op.payload
+        phase = op.details["phase"]
+        session_id = op.details["session"]
+        try:
+            if phase == "connect":
+                out = await self._connect(conn, session_id, c, body)
+            else:
+                session = self.sessions.get(session_id, c.principal, conn.name)
+                if session is None:
+                    raise BackendError(failure("08003", "no such session on the gateway (it was closed, or it is "
+                                                        "not yours); reconnect"))
+                out = await self._step(conn, session, c)
+        except BackendError as e:
+            out = Output(results=[{"error": e.fields}])
+        f.response = http.Response.make(200, json.dumps(out.as_dict(), ensure_ascii=False),
+                                        {"content-type": SQL_RESULTS})
+
+    async def _connect(self, conn: Connection, session_id: str, c: context.Context, body: dict) -> Output:
+        if self.sessions.taken(session_id, c.principal):
+            raise BackendError(failure("08P01", "that session id belongs to another principal"))
+        settings = {k: str(v) for k, v in (body.get("parameters") or {}).items()}
+        info = conninfo(conn.upstream.host, conn.upstream.port, conn.upstream.database, conn.credential.header,
+                        conn.credential.value, conn.ca_file, settings)
+        backend = await Backend.connect(info)
+        self.sessions.add(Session(session_id, self.sessions.owner(c.principal), conn.name, backend))
+        return Output(status=backend.status, parameters=backend.parameters)
+
+    async def _step(self, conn: Connection, session: Session, c: context.Context) -> Output:
+        op, body = c.operation, c.operation.payload
+        phase = op.details["phase"]
+        if phase == "close":
+            self.sessions.close(session.id)
+            return Output()
+        if phase == "cancel":
+            cancelled = await asyncio.to_thread(session.backend.cancel)
+            return Output(results=[{"command": "CANCEL" if cancelled else "IDLE"}], status=session.backend.status)
+        masked = bool(c.decision.masks)
+        if phase == "describe":
+            if "portal" in body:
+                out = await session.backend.describe_portal(body["portal"])
+            else:
+                out = await session.backend.describe(body["sql"], body.get("param_types"))
+            return await self._named(conn, out, masked, 0 if masked else int(body.get("result_format", 0)))
+        parts = [p.details for p in op.parts]
+        if problem := unsupported(parts):
+            return Output(results=[{"error": problem}], status=session.backend.status)
+        # masked results travel as text: binary arrays, JSON or bytea would carry text past detection
+        result_format = 0 if masked else int(body.get("result_format", 0))
+        out = await session.backend.execute(
+            body["sql"], extended=bool(body.get("extended")), params=body.get("params"),
+            types=body.get("param_types"), formats=body.get("param_formats"),
+            result_format=result_format, max_bytes=conn.max_result_bytes, guard=prepared_guard(session, parts))
+        session.remember(parts, out.results)
+        return await self._named(conn, out, masked)
+
+    async def _named(self, conn: Connection, out: Output, masked: bool, described: int | None = None) -> Output:
+        """Columns carry the format they will travel in (`described`: for a description,
+        what an execution will send) and, when masks apply, the name of the table column
+        they come from: a mask on `password` must not miss `password AS p`."""
+        columns = [col for r in out.results for col in r.get("columns", ())]
+        for col in columns:
+            if described is not None:
+                col["format"] = described
+        if masked:
+            origins = await self.catalogs.origins(conn, [(col["table_oid"], col["column"]) for col in columns
+                                                         if col["table_oid"]])
+            for col in columns:
+                if col["table_oid"]:
+                    col["origin"] = origins[(col["table_oid"], col["column"])]
+        return out

@@ -72,8 +72,8 @@ class MaskPool:
     approval addon all mask through it. Started when the gateway runs."""
 
     def __init__(self, settings: Settings) -> None:
-        self.config = settings
-        self.settings = MaskingConfig()
+        self.settings = settings
+        self.masking = MaskingConfig()
         self.executor: ProcessPoolExecutor | None = None
         self.ready: asyncio.Future | None = None
         self.detector = None
@@ -82,7 +82,7 @@ class MaskPool:
 
     def configure(self, updated: set[str]) -> None:
         if "custody_config" in updated:
-            self.settings = self.config.require().masking
+            self.masking = self.settings.require().masking
             MaskPool._local.cache_clear()
             if self.executor is not None:
                 self.restart("the configuration changed")
@@ -92,28 +92,28 @@ class MaskPool:
         self._loading = asyncio.ensure_future(self._load_detector())
 
     async def _load_detector(self) -> None:
-        self.detector = await asyncio.to_thread(_detector, self.settings.ner_model)
+        self.detector = await asyncio.to_thread(_detector, self.masking.ner_model)
 
     @functools.lru_cache(maxsize=256)
     def _local(self, masks: str) -> Masker:
-        return Masker(parse_all(json.loads(masks)), self.detector, self.settings.hash_key)
+        return Masker(parse_all(json.loads(masks)), self.detector, self.masking.hash_key)
 
     def done(self) -> None:
         self.close()
 
     def start(self) -> None:
         self.executor = ProcessPoolExecutor(
-            self.settings.workers,
+            self.masking.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init,
-            initargs=(self.settings.hash_key, self.settings.ner_model),
+            initargs=(self.masking.hash_key, self.masking.ner_model),
         )
         self.ready = asyncio.ensure_future(self._warm(self.executor))
 
     async def _warm(self, executor: ProcessPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(executor, _ping) for _ in range(self.settings.workers)))
-        logger.info("custody: %d masking worker(s) ready", self.settings.workers)
+        await asyncio.gather(*(loop.run_in_executor(executor, _ping) for _ in range(self.masking.workers)))
+        logger.info("custody: %d masking worker(s) ready", self.masking.workers)
 
     def close(self) -> None:
         if self.executor is not None:
@@ -131,7 +131,7 @@ class MaskPool:
 
     async def mask(self, content: bytes, content_type: str, masks: tuple) -> tuple[bytes, dict]:
         """The masked body and its report; MaskError for bodies that cannot be masked."""
-        timeout = self.settings.timeout
+        timeout = self.masking.timeout
         if len(content) <= INLINE and self.detector is not None and self.inline:
             masker = self._local(masks_json(masks))
             try:

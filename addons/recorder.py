@@ -50,11 +50,11 @@ class Recorder:
         self.settings = settings
         self.log = log
         self.pool = pool
-        self.body_settings = StoreConfig(path="")
+        self.store = StoreConfig(path="")
 
     def configure(self, updated: set[str]) -> None:
         if "custody_config" in updated:
-            self.body_settings = self.settings.require().store
+            self.store = self.settings.require().store
 
     async def _write(self, ctx: Context, events: list[Event]) -> None:
         await self.log.write(events)
@@ -105,7 +105,7 @@ class Recorder:
                 "client": list(f.client_conn.peername or ()),
                 **({"body": withheld} if withheld else {}),
             },
-            **body_fields(body, self.body_settings),
+            **body_fields(body, self.store),
             ts=req.timestamp_start,
         )
         try:
@@ -151,7 +151,7 @@ class Recorder:
             **_base(ctx, f, "response"),
             status=resp.status_code,
             detail=detail,
-            **body_fields(body, self.body_settings),
+            **body_fields(body, self.store),
             ts=resp.timestamp_end or resp.timestamp_start,
         )
         try:
@@ -187,7 +187,7 @@ class Recorder:
         event = Event(**_base(ctx, f, "message"),
                       detail={"from_client": message.from_client, "channel": channel, "text": message.is_text,
                               "dropped": message.dropped, **({"body": withheld} if withheld else {})},
-                      **body_fields(content, self.body_settings))
+                      **body_fields(content, self.store))
         try:
             await self._write(ctx, [event])
         except Exception as e:

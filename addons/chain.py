@@ -15,8 +15,8 @@ order of a request's story (docs/design.md):
     credentials                          the gateway's credential on the way upstream
     pgexecutor, sshexecutor              terminals: Postgres and SSH flows answered locally
 
-Masking has only response hooks, so on responses it runs before the recorder, which
-therefore only ever sees masked bodies. The gate goes after everything, mitmproxy's own
+Masking acts on responses (on requests it only asks for a maskable format), and on
+responses it runs before the recorder, which therefore only ever sees masked bodies. The gate goes after everything, mitmproxy's own
 addons included (addons/gate.py).
 """
 

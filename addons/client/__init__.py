@@ -17,7 +17,7 @@ attributes travel the way each client can carry them: X-Custody-* headers (reque
 httpx), the proxy user name (kubectl and anything that only sets a proxy URL), startup
 options (psycopg: `-c custody.task=…`), environment variables (ssh: CUSTODY_TASK). The
 gateway records them as *asserted*; verified claims in the token take precedence.
-`addons.crewai` fills them in from CrewAI's own hooks and events.
+`addons.client.crew` fills them in from CrewAI's own hooks and events.
 """
 
 from __future__ import annotations

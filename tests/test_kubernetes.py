@@ -369,7 +369,9 @@ def test_impersonation_only_as_a_rule_allows_exactly(agents, kube, agent, flags,
         ("operator", "DELETE", "/api/v1/namespaces/default/pods/%252e%252e/x", 400, "ambiguous_path"),
         ("reader", "GET", "/api/v1/namespaces/default/pods/web-1/%65xec?command=env&stdout=true", 403, "no_matching_rule"),
         ("reader", "POST", "/api/v1/namespaces/default/pods/web-1/exec/?command=env", 403, "no_matching_rule"),
-        ("reader", "POST", "/api/v1/namespaces/default/pods?dryRun=All&dryRun=", 200, None),
+        # the API server refuses a dryRun list holding anything but "All" (422): no dry run, so no read
+        ("reader", "POST", "/api/v1/namespaces/default/pods?dryRun=All&dryRun=", 403, "no_matching_rule"),
+        ("reader", "POST", "/api/v1/namespaces/default/pods?dryRun=All&dryRun=All", 200, None),
     ],
 )
 def test_path_spellings_do_not_dodge_rules(gw, agents, kube, who, method, path, status, error):

@@ -26,8 +26,9 @@ rules.py says what rules make of them).
 
 The path is decoded and its duplicate and trailing slashes removed first (paths with dot
 segments never get here: classify refuses them). The API server itself keeps an empty
-segment, and reads `/namespaces//pods` as pods in every namespace; when the two readings
-differ, the Operation carries both as parts, and policy decides each.
+segment, and reads `/namespaces//pods` as pods in every namespace (go-restful matches an
+empty path parameter); when the two readings differ, the Operation carries both as parts,
+and policy decides each.
 
 The action follows what the request can do: reads (get/list/watch, logs, dry runs), writes,
 deletes, `exec` (exec, attach, port-forward, proxy, ephemeral containers: running code in
@@ -356,6 +357,8 @@ def classify(connection: str, method: str, target: str, headers: dict[str, list[
     if served is None:
         return op
     other = _reading(connection, method, served, raw_query, query, headers, content)
+    if other.details["resource_request"] and not other.details["resource"]:
+        return op  # an empty segment where the server's routes have fixed words: no route, 404
     if all(op.details[k] == other.details[k] for k in READING):
         return op
     riskier = max(op, other, key=lambda o: o.risk)

@@ -354,7 +354,7 @@ def classify(connection: str, method: str, target: str, headers: dict[str, list[
     query = go_query(raw_query)
     op = _reading(connection, method, normalise_path(raw_path or "/"), raw_query, query, headers, content)
     served = served_path(raw_path or "/")
-    if served is None:
+    if served is None or _segments(served) == _segments(op.details["path"]):
         return op
     other = _reading(connection, method, served, raw_query, query, headers, content)
     if other.details["resource_request"] and not other.details["resource"]:

@@ -437,6 +437,7 @@ class RuleSet:
         self.rules = rules
         self.files = files
         self._candidates: dict[tuple[str, str], tuple[Rule, ...]] = {}
+        self._scoped: dict[tuple[str, str], tuple[Rule, ...]] = {}
 
     @classmethod
     def load(cls, paths: Iterable[str]) -> RuleSet:
@@ -485,8 +486,11 @@ class RuleSet:
 
     def reaching(self, principal: Principal, op: Operation) -> list[Rule]:
         """Allow rules the request reaches in part without matching them (their masks apply)."""
-        return [r for r in self.candidates(op.connection, op.action) if r.reaches(principal, op)
-                and not r.matches(principal, op)]
+        key = (op.connection, op.action)
+        scoped = self._scoped.get(key)
+        if scoped is None:
+            scoped = self._scoped[key] = tuple(r for r in self.candidates(*key) if r.reach is not None)
+        return [r for r in scoped if r.reaches(principal, op) and not r.matches(principal, op)]
 
     def decide(self, principal: Principal, op: Operation) -> Decision:
         """The decision for an operation; for one with parts (SQL statements, two readings

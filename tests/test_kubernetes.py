@@ -4,8 +4,10 @@ rules (rules/kubernetes.yaml), and a Kubernetes API test server (tests/support/k
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import queue
+import ssl
 import stat
 import subprocess
 import threading
@@ -25,6 +27,9 @@ SA_TOKEN = "cluster-sa-token-5d1e9"
 DB_PASSWORD = "s3cr3t-db-passw0rd"
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
 CI_VIEWER = "system:serviceaccount:team-a:viewer"
+VAULT_KEY = "vault-master-key-6f1c"
+LAUNCH_CODE = "team-b-launch-0451"
+VAULT_REASON = "The vault namespace is off limits to agents."
 
 TEST_RULES = {"rules": [
     {"id": "ci-views-as-team-viewer", "match": {
@@ -34,6 +39,16 @@ TEST_RULES = {"rules": [
     {"id": "cert-cluster-read", "match": {"connection": "cert-k8s", "principal": {"groups": ["k8s-readers"]},
                                           "action": "read"},
      "effect": "allow", "masks": ["kubernetes-secrets"]},
+    # namespace-scoped rules, which requests across every namespace reach too
+    {"id": "vault-off-limits", "match": {"connection": "prod-k8s", "kubernetes": {"namespaces": "vault"}},
+     "effect": "deny", "reason": VAULT_REASON},
+    {"id": "dev-reads-dev", "match": {"connection": "cert-k8s", "principal": {"groups": ["dev-readers"]},
+                                      "action": "read", "kubernetes": {"namespaces": "dev"}},
+     "effect": "allow", "masks": ["kubernetes-secrets"]},
+    {"id": "cert-team-b-configmaps-masked", "match": {
+        "connection": "cert-k8s", "principal": {"groups": ["k8s-readers"]}, "action": "read",
+        "kubernetes": {"namespaces": "team-b"}},
+     "effect": "allow", "masks": [{"objects": {"kind": "ConfigMap", "fields": ["data"]}}]},
 ]}
 
 
@@ -50,6 +65,15 @@ def kube(ca):
         "kubectl.kubernetes.io/last-applied-configuration": json.dumps(applied)}}})
     server.put("configmaps", {"metadata": {"name": "keep", "namespace": "default"}, "data": {"mode": "fast"}})
     server.log("default", "web-1", "started", f"using key {AWS_KEY}")
+    for namespace in ("vault", "team-b", "dev"):
+        server.put("namespaces", {"metadata": {"name": namespace}})
+    server.put("secrets", {"metadata": {"name": "master", "namespace": "vault"}, "stringData": {"key": VAULT_KEY}})
+    server.put("configmaps", {"metadata": {"name": "unseal", "namespace": "vault"}, "data": {"key": VAULT_KEY}})
+    server.put("pods", {"metadata": {"name": "vault-0", "namespace": "vault"}})
+    server.put("deployments", {"metadata": {"name": "vault", "namespace": "vault"}})
+    server.put("configmaps", {"metadata": {"name": "launch", "namespace": "team-b", "labels": {"tier": "secret"}},
+                              "data": {"code": LAUNCH_CODE}})
+    server.put("configmaps", {"metadata": {"name": "dev-settings", "namespace": "dev"}, "data": {"mode": "dev"}})
     yield server
     server.stop()
 
@@ -102,6 +126,7 @@ def agents(gw, keys, jwks, tmp_path_factory):
         "sre": Approver(gw.approvals_url, token("sre-1", ["sre"])),
         "reader_token": token("crew-reader", ["k8s-readers"]),
         "operator_token": token("crew-operator", ["k8s-operators"]),
+        "dev_token": token("crew-dev", ["dev-readers"]),
     }
 
 
@@ -369,7 +394,9 @@ def test_impersonation_only_as_a_rule_allows_exactly(agents, kube, agent, flags,
         ("operator", "DELETE", "/api/v1/namespaces/default/pods/%252e%252e/x", 400, "ambiguous_path"),
         ("reader", "GET", "/api/v1/namespaces/default/pods/web-1/%65xec?command=env&stdout=true", 403, "no_matching_rule"),
         ("reader", "POST", "/api/v1/namespaces/default/pods/web-1/exec/?command=env", 403, "no_matching_rule"),
-        ("reader", "POST", "/api/v1/namespaces/default/pods?dryRun=All&dryRun=", 200, None),
+        # the API server refuses a dryRun list holding anything but "All" (422): no dry run, so no read
+        ("reader", "POST", "/api/v1/namespaces/default/pods?dryRun=All&dryRun=", 403, "no_matching_rule"),
+        ("reader", "POST", "/api/v1/namespaces/default/pods?dryRun=All&dryRun=All", 200, None),
     ],
 )
 def test_path_spellings_do_not_dodge_rules(gw, agents, kube, who, method, path, status, error):
@@ -579,3 +606,359 @@ def test_client_certificate_connections_authenticate_with_the_certificate(agents
     assert done.returncode == 0 and "keep" in done.stdout, done.stderr
     got = kube.received[before:]
     assert got and all(r.user == "custody-gateway" and "authorization" not in r.headers for r in got)
+
+
+# what the API server reads: DeleteOptions from the body, dry runs it will really rehearse
+
+
+class Answer:
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        self.status_code, self.text = response.status, response.read().decode()
+
+    def json(self) -> dict:
+        return json.loads(self.text)
+
+
+def send(conn: http.client.HTTPSConnection, token: str, method: str, path: str, content: bytes | None = None,
+         content_type: str = "") -> Answer:
+    """One request, its path and query sent byte for byte as written (requests would
+    re-quote a URL with a stray `%`, and turn `%41` into `A`)."""
+    headers = {"Authorization": f"Bearer {token}", **({"Content-Type": content_type} if content_type else {})}
+    try:
+        conn.request(method, path, body=content, headers=headers)
+        return Answer(conn.getresponse())
+    finally:
+        conn.close()
+
+
+def raw(gw: Gateway, token: str, method: str, path: str, content: bytes | None = None, content_type: str = "",
+        host: str = "kube.test") -> Answer:
+    """Through the gateway, as an agent would send it."""
+    tunnel = http.client.HTTPSConnection("127.0.0.1", gw.port, timeout=20,
+                                         context=ssl.create_default_context(cafile=str(gw.ca)))
+    tunnel.set_tunnel(host, 443)
+    return send(tunnel, token, method, path, content, content_type)
+
+
+def refused(r, error: str, message: str = "") -> None:
+    """A refusal as kubectl reads it: a Kubernetes Status, with Custody's error code."""
+    answer = r.json()
+    assert (r.status_code, answer["kind"], answer["status"], answer["code"]) == (403, "Status", "Failure", 403), r.text
+    assert answer["error"] == error and answer["message"].startswith("custody: ")
+    assert message in answer["message"]
+
+
+OPTIONS = json.dumps({"kind": "DeleteOptions", "apiVersion": "v1"}).encode()
+CONFIGMAP = "/api/v1/namespaces/default/configmaps/keep"
+CONFIGMAPS = "/api/v1/namespaces/default/configmaps"
+
+DELETES_THAT_ARE_NO_DRY_RUN = [
+    (CONFIGMAP + "?dryRun=All", OPTIONS, "application/json"),
+    (CONFIGMAP + "?dryRun=All", b"{}", "application/json"),
+    (CONFIGMAP + "?dryRun=All", b'{"dryRun":[]}', "application/json"),
+    (CONFIGMAP + "?dryRun=All", b'{"dryRun":null}', ""),
+    (CONFIGMAP + "?dryRun=All", b'{"propagationPolicy":"Background"}', "application/json"),
+    (CONFIGMAP + "?dryRun=All", b'{"kind":"DeleteOptions","apiVersion":"meta.k8s.io/v1","gracePeriodSeconds":0}',
+     "application/json"),
+    (CONFIGMAP + "?dryRun=All&dryRun=All", OPTIONS, "application/json; charset=utf-8"),
+    (CONFIGMAP + "?dryRun=All", b"kind: DeleteOptions\napiVersion: v1\n", "application/yaml"),
+    (CONFIGMAP + "?dryRun=All", b'{"dryrun":["All"]}', "application/json"),
+    (CONFIGMAP + "?dryRun=All", b'{"dryRun":["All"],"dryRun":[]}', "application/json"),
+    (CONFIGMAP + "?dryRun=All", b"dryRun: [All]\n", "application/yaml"),
+    (CONFIGMAP + "?dryRun=All", b"k8s\x00\n\x02v1\x12\rDeleteOptions", "application/vnd.kubernetes.protobuf"),
+    (CONFIGMAP + "?dryRun=All;", None, ""),  # Go drops a pair holding a ';': no dry run at all
+    (CONFIGMAP + "?dryRun=All%zz", None, ""),
+    (CONFIGMAP + "?dryRun=all", None, ""),
+    (CONFIGMAP + "?dryRun=All&dryRun=", None, ""),
+    (CONFIGMAP + "?dryrun=All", None, ""),
+    (CONFIGMAPS + "?dryRun=All", OPTIONS, "application/json"),  # the whole collection
+    (CONFIGMAPS + "?dryRun=All&labelSelector=app%3Dnone", b"{}", "application/json"),
+    (CONFIGMAPS + "?dryRun=All&fieldSelector=metadata.name%3Dkeep", OPTIONS, ""),
+]
+
+
+@pytest.mark.parametrize("path, content, content_type", DELETES_THAT_ARE_NO_DRY_RUN)
+def test_a_read_only_agent_cannot_delete_behind_a_dry_run_query(gw, agents, kube, path, content, content_type):
+    before = len(kube.received)
+    r = raw(gw, agents["reader_token"], "DELETE", path, content, content_type)
+    refused(r, "no_matching_rule")
+    assert kube.received[before:] == []
+    assert kube.get("configmaps", "default", "keep")["data"] == {"mode": "fast"}
+
+
+@pytest.mark.parametrize(
+    "path, content, content_type",
+    [
+        (CONFIGMAP, b'{"kind":"DeleteOptions","apiVersion":"v1","dryRun":["All"]}', "application/json"),
+        (CONFIGMAP + "?dryRun=", b'{"dryRun":["All"]}', ""),  # the body's options replace the query's
+        (CONFIGMAP + "?dryRun=All", b'{"dryRun":["All"],"propagationPolicy":"Foreground"}', "application/json"),
+        (CONFIGMAP + "?dryRun=All", None, ""),
+        (CONFIGMAP + "?dryRun=%41ll", None, ""),
+        (CONFIGMAPS + "?dryRun=All", None, ""),
+        (CONFIGMAPS, b'{"dryRun":["All"]}', "application/json"),
+    ],
+)
+def test_a_real_dry_run_delete_is_a_read_and_changes_nothing(gw, agents, kube, path, content, content_type):
+    before = len(kube.received)
+    r = raw(gw, agents["reader_token"], "DELETE", path, content, content_type)
+    assert r.status_code == 200, r.text
+    assert [x.method for x in kube.received[before:]] == ["DELETE"]
+    assert kube.get("configmaps", "default", "keep")["data"] == {"mode": "fast"}
+
+
+def test_kubectl_delete_dry_run_sends_its_options_in_the_body(agents, kube):
+    before = len(kube.received)
+    done = agents["reader"].run("delete", "configmap", "keep", "--dry-run=server")
+    assert (done.returncode, done.stdout.strip()) == (0, 'configmap "keep" deleted (server dry run)'), done.stderr
+    sent = [r for r in kube.received[before:] if r.method == "DELETE"]
+    assert sent and all(json.loads(r.body)["dryRun"] == ["All"] and "dryRun" not in r.path for r in sent)
+    assert kube.get("configmaps", "default", "keep") is not None
+
+
+# requests across every namespace reach every namespace
+
+
+EVERY_NAMESPACE = [
+    "/api/v1/secrets",
+    "/api/v1/secrets/",
+    "/api/v1/%73ecrets",
+    "/api/v1/secrets?watch=true",
+    "/api/v1/secrets?watch=1&resourceVersion=0",
+    "/api/v1/secrets?watch=",
+    "/api/v1/watch/secrets",
+    "/api/v1/secrets?fieldSelector=metadata.namespace%3Dvault",
+    "/api/v1/secrets?fieldSelector=metadata.namespace%3D%3Dvault",
+    "/api/v1/secrets?fieldSelector=metadata.namespace!%3Ddefault",
+    "/api/v1/watch/secrets?fieldSelector=metadata.namespace%3Dvault",
+    "/api/v1/secrets?fieldSelector=metadata.name%3Dmaster",
+    "/api/v1/secrets?labelSelector=app%3Dvault&limit=1",
+    "/api/v1/configmaps",
+    "/api/v1/pods?watch=1",
+    "/apis/apps/v1/deployments",
+    "/apis/apps/v1/deployments?watch=1",
+    "/apis/apps/v1/watch/deployments",
+    "/api/v1/namespaces",
+]
+EMPTY_NAMESPACE = [  # the API server reads an empty namespace segment as every namespace
+    "/api/v1/namespaces//secrets",
+    "/api/v1/namespaces//secrets?watch=1",
+    "/api/v1/watch/namespaces//secrets",
+    "/apis/apps/v1/namespaces//deployments",
+]
+
+
+@pytest.mark.parametrize("path", EVERY_NAMESPACE + EMPTY_NAMESPACE)
+def test_a_deny_rule_on_a_namespace_refuses_requests_across_every_namespace(gw, agents, kube, path):
+    before = len(kube.received)
+    r = raw(gw, agents["reader_token"], "GET", path)
+    refused(r, "denied_by_policy", VAULT_REASON)
+    assert kube.received[before:] == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["get", "secrets", "-A"],
+        ["get", "secrets", "--all-namespaces", "-o", "yaml"],
+        ["get", "pods", "-A", "--field-selector", "metadata.namespace=vault"],
+        ["get", "configmaps", "-A", "-l", "tier=secret"],
+        ["get", "deployments", "-A", "-w", "--request-timeout=5s"],
+        ["get", "namespaces"],
+    ],
+)
+def test_kubectl_across_every_namespace_is_refused_by_a_namespace_rule(agents, kube, args):
+    before = len(kube.received)
+    done = agents["reader"].run(*args)
+    assert done.returncode == 1 and f"Error from server (Forbidden): custody: {VAULT_REASON}" in done.stderr
+    assert [r for r in kube.received[before:] if r.path.startswith(("/api/v1/", "/apis/apps/v1/"))] == []
+
+
+def test_the_namespace_rule_leaves_other_namespaces_alone(agents, kube):
+    done = agents["reader"].run("get", "configmaps", "-n", "dev", "-o", "name")
+    assert (done.returncode, done.stdout.strip()) == (0, "configmap/dev-settings"), done.stderr
+    refused_in_vault = agents["reader"].run("get", "configmaps", "-n", "vault")
+    assert refused_in_vault.returncode == 1 and VAULT_REASON in refused_in_vault.stderr
+
+
+@pytest.mark.parametrize("path", EVERY_NAMESPACE + EMPTY_NAMESPACE)
+def test_an_allow_rule_on_one_namespace_does_not_allow_requests_across_every_namespace(gw, agents, kube, path):
+    before = len(kube.received)
+    r = raw(gw, agents["dev_token"], "GET", path, host="cert.kube.test")
+    refused(r, "no_matching_rule")
+    assert kube.received[before:] == []
+
+
+def test_the_one_namespace_is_allowed(gw, agents):
+    r = raw(gw, agents["dev_token"], "GET", "/api/v1/namespaces/dev/configmaps", host="cert.kube.test")
+    assert r.status_code == 200 and [i["metadata"]["name"] for i in r.json()["items"]] == ["dev-settings"]
+
+
+def first_team_b_object(r) -> dict:
+    """The team-b ConfigMap in a list, a Table or a watch stream."""
+    if r.headers["content-type"].startswith("application/json") and "watch" not in r.url:
+        document = r.json()
+        items = document.get("items") or [row["object"] for row in document.get("rows", [])]
+        return next(i for i in items if i["metadata"]["namespace"] == "team-b")
+    for line in r.iter_lines():
+        event = json.loads(line)
+        if event["object"]["metadata"]["namespace"] == "team-b":
+            return event["object"]
+    raise AssertionError("no team-b object in the stream")
+
+
+@pytest.mark.parametrize(
+    "path, accept",
+    [
+        ("/api/v1/configmaps", ""),
+        ("/api/v1/configmaps/", ""),
+        ("/api/v1/%63onfigmaps", ""),
+        ("/api/v1/configmaps?limit=500", ""),
+        ("/api/v1/configmaps?labelSelector=tier%3Dsecret", ""),
+        ("/api/v1/configmaps?fieldSelector=metadata.namespace%3Dteam-b", ""),
+        ("/api/v1/configmaps?fieldSelector=metadata.name%3Dlaunch", ""),
+        ("/api/v1/configmaps?watch=true", ""),
+        ("/api/v1/configmaps?watch=", ""),
+        ("/api/v1/watch/configmaps", ""),
+        ("/api/v1/watch/configmaps?fieldSelector=metadata.namespace%3Dteam-b", ""),
+        ("/api/v1/configmaps?includeObject=Object", "application/json;as=Table;v=v1;g=meta.k8s.io"),
+        ("/api/v1/namespaces//configmaps", ""),
+    ],
+)
+def test_masks_of_a_namespace_apply_to_requests_across_every_namespace(gw, agents, path, accept):
+    headers = {"Authorization": f"Bearer {agents['reader_token']}", **({"Accept": accept} if accept else {})}
+    with gw.session(None).get(f"https://cert.kube.test{path}", headers=headers, stream=True, timeout=20) as r:
+        assert r.status_code == 200
+        launch = first_team_b_object(r)
+    assert launch["metadata"]["name"] == "launch" and launch["data"] == {"code": "[REDACTED]"}
+
+
+def test_masks_of_a_namespace_stay_in_it(gw, agents):
+    default = raw(gw, agents["reader_token"], "GET", CONFIGMAP, host="cert.kube.test")
+    team_b = raw(gw, agents["reader_token"], "GET", "/api/v1/namespaces/team-b/configmaps/launch", host="cert.kube.test")
+    assert default.json()["data"] == {"mode": "fast"} and team_b.json()["data"] == {"code": "[REDACTED]"}
+
+
+# legacy proxy paths are the proxy subresource they stood for
+
+PROXY_REASON = "Port-forwarding and API proxying are not available to agents."
+
+
+@pytest.mark.parametrize(
+    "who, method, path",
+    [
+        ("operator", "GET", "/api/v1/proxy/namespaces/default/pods/web-1"),
+        ("operator", "GET", "/api/v1/proxy/namespaces/default/pods/web-1/"),
+        ("operator", "GET", "/api/v1/proxy/namespaces/default/pods/web-1/metrics"),
+        ("operator", "GET", "/api/v1/proxy/namespaces/default/pods/web-1:8080/debug/pprof/"),
+        ("operator", "GET", "/api/v1/proxy/namespaces/default/pods/https:web-1:8443/"),
+        ("operator", "POST", "/api/v1/proxy/namespaces/default/pods/web-1/admin/shutdown"),
+        ("operator", "DELETE", "/api/v1/proxy/namespaces/default/pods/web-1/cache"),
+        ("operator", "GET", "/api/v1/proxy/nodes/node-1:10250/pods"),
+        ("operator", "GET", "/api/v1/%70roxy/namespaces/default/pods/web-1"),
+        ("operator", "GET", "/api/v1/proxy%2Fnamespaces%2Fdefault%2Fpods%2Fweb-1"),
+        ("operator", "GET", "/api/v1//proxy/namespaces/default/pods/web-1"),
+        ("operator", "GET", "/api/v1/namespaces/default/pods/web-1/proxy/metrics"),
+        ("reader", "GET", "/api/v1/proxy/namespaces/default/pods/web-1"),
+        ("reader", "PUT", "/api/v1/proxy/namespaces/kube-system/pods/dns:53/"),
+    ],
+)
+def test_legacy_proxy_paths_are_refused_as_proxying(gw, agents, kube, who, method, path):
+    before = len(kube.received)
+    r = raw(gw, agents[f"{who}_token"], method, path, b"{}" if method in ("POST", "PUT") else None)
+    refused(r, "denied_by_policy", PROXY_REASON)
+    assert kube.received[before:] == []
+
+
+# the sample API server answers these requests as the real one does
+
+
+@pytest.fixture
+def cluster(ca):
+    """A sample API server of its own, for requests that change it."""
+    server = KubeAPI(ca.issue("localhost"), SA_TOKEN)
+    server.put("namespaces", {"metadata": {"name": "other"}})
+    server.put("configmaps", {"metadata": {"name": "a", "namespace": "default"}, "data": {"k": "v"}})
+    server.put("configmaps", {"metadata": {"name": "b", "namespace": "other"}, "data": {"k": "v"}})
+    yield server
+    server.stop()
+
+
+def direct(server: KubeAPI, ca, method: str, path: str, content: bytes | None = None, content_type: str = "") -> Answer:
+    conn = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=20,
+                                       context=ssl.create_default_context(cafile=str(ca.cert_file)))
+    return send(conn, SA_TOKEN, method, path, content, content_type)
+
+
+def configmaps(server: KubeAPI) -> set[str]:
+    return {f"{ns}/{name}" for ns, name in server.call(lambda: list(server.objects["configmaps"]))}
+
+
+A = "/api/v1/namespaces/default/configmaps/a"
+NEW = json.dumps({"metadata": {"name": "c"}}).encode()
+BOTH, ONLY_B = {"default/a", "other/b"}, {"other/b"}
+
+
+@pytest.mark.parametrize(
+    "method, path, content, content_type, status, left",
+    [
+        # handlers/delete.go: a non-empty body is the DeleteOptions, the query is ignored
+        ("DELETE", A + "?dryRun=All", OPTIONS, "application/json", 200, ONLY_B),
+        ("DELETE", A + "?dryRun=All", b"{}", "", 200, ONLY_B),
+        ("DELETE", A + "?dryRun=All", b"kind: DeleteOptions\napiVersion: v1\n", "application/yaml", 200, ONLY_B),
+        ("DELETE", A, b'{"dryRun":["All"]}', "application/json", 200, BOTH),
+        ("DELETE", A + "?dryRun=", b"dryRun: [All]\n", "application/yaml", 200, BOTH),
+        ("DELETE", A + "?dryRun=All", None, "", 200, BOTH),
+        ("DELETE", A + "?dryRun=%41ll", None, "", 200, BOTH),
+        ("DELETE", A + "?dryRun=All;", None, "", 200, ONLY_B),  # Go drops the pair: a real delete
+        ("DELETE", A + "?dryRun=All%zz", None, "", 200, ONLY_B),
+        ("DELETE", A + "?dryRun=all", None, "", 422, BOTH),  # ValidateDryRun: only "All"
+        ("DELETE", A, b'{"dryRun":["All",""]}', "application/json", 422, BOTH),
+        ("DELETE", A, b'{"dryRun":"All"}', "application/json", 400, BOTH),
+        ("DELETE", A, OPTIONS, "text/plain", 415, BOTH),
+        ("DELETE", A, b'{"kind":"Pod","apiVersion":"v1"}', "application/json", 400, BOTH),
+        ("DELETE", "/api/v1/namespaces/default/configmaps?dryRun=All", OPTIONS, "application/json", 200, ONLY_B),
+        ("DELETE", "/api/v1/namespaces/default/configmaps?dryRun=All", None, "", 200, BOTH),
+        ("DELETE", "/api/v1/namespaces//configmaps", None, "", 200, set()),  # an empty namespace: all of them
+        ("DELETE", "/api/v1/configmaps", None, "", 405, BOTH),  # across namespaces only list and watch
+        # create.go: dryRun from the query, checked
+        ("POST", "/api/v1/namespaces/default/configmaps?dryRun=All&dryRun=", NEW, "application/json", 422, BOTH),
+        ("POST", "/api/v1/namespaces/default/configmaps?dryRun=All", NEW, "application/json", 201, BOTH),
+        ("POST", "/api/v1/namespaces/default/configmaps?dryRun=All;", NEW, "application/json", 201,
+         BOTH | {"default/c"}),
+        ("POST", "/api/v1/configmaps", NEW, "application/json", 405, BOTH),
+        ("POST", "/api/v1/namespaces//configmaps", NEW, "application/json", 400, BOTH),
+        ("GET", "/api/v1/namespaces//configmaps/a", None, "", 400, BOTH),  # Namespace parameter required
+        ("GET", "/api/v1/proxy/namespaces/default/pods/web", None, "", 404, BOTH),  # no legacy proxy routes
+    ],
+)
+def test_the_sample_cluster_reads_requests_as_the_api_server_does(cluster, ca, method, path, content, content_type,
+                                                                  status, left):
+    r = direct(cluster, ca, method, path, content, content_type)
+    assert r.status_code == status, r.text
+    if status >= 400:
+        assert (r.json()["kind"], r.json()["code"]) == ("Status", status)
+    assert configmaps(cluster) == left
+
+
+@pytest.mark.parametrize(
+    "path, names",
+    [
+        ("/api/v1/configmaps", ["a", "b"]),
+        ("/api/v1/namespaces//configmaps", ["a", "b"]),
+        ("/api/v1/configmaps?fieldSelector=metadata.namespace%3Dother", ["b"]),
+        ("/api/v1/namespaces/default/configmaps", ["a"]),
+        ("/api/v1/configmaps?watch=&timeoutSeconds=1", ["a", "b"]),  # an empty watch= is a watch
+        ("/api/v1/configmaps?watch=F&timeoutSeconds=1", ["a", "b"]),
+        ("/api/v1/watch/configmaps?timeoutSeconds=1", ["a", "b"]),
+        ("/api/v1/namespaces/default/configmaps/a?watch=1", ["a"]),  # a named GET is a get
+    ],
+)
+def test_the_sample_cluster_lists_and_watches_every_namespace(cluster, ca, path, names):
+    r = direct(cluster, ca, "GET", path)
+    assert r.status_code == 200, r.text
+    if "watch" in path and "/a?" not in path:
+        got = [json.loads(line)["object"]["metadata"]["name"] for line in r.text.splitlines()]
+    else:
+        document = r.json()
+        got = [i["metadata"]["name"] for i in document.get("items", [document])]
+    assert got == names

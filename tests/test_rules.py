@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -397,3 +399,182 @@ def test_each_statement_is_decided_and_the_strictest_wins(text, effect, reason):
     assert (decision.effect, decision.reason) == (effect, reason)
     if effect != "deny":
         assert decision.masks == ("pii",)  # the reads' masks apply to the whole string's results
+
+
+# Kubernetes scope: a request across every namespace, or every object of a collection, reaches all of them
+
+EVERY_NAMESPACE = [
+    "/api/v1/pods",
+    "/api/v1/pods/",
+    "/api/v1/%70ods",
+    "/api/v1/pods?watch=1",
+    "/api/v1/pods?watch=",
+    "/api/v1/pods?watch=true&resourceVersion=0",
+    "/api/v1/watch/pods",
+    "/api/v1/pods?fieldSelector=metadata.namespace%3Dprod",
+    "/api/v1/pods?fieldSelector=metadata.namespace%3D%3Dprod",
+    "/api/v1/pods?fieldSelector=metadata.namespace%3Ddev",  # the server filters; the gateway does not count on it
+    "/api/v1/pods?fieldSelector=metadata.namespace!%3Ddev",
+    "/api/v1/watch/pods?fieldSelector=metadata.namespace%3Dprod",
+    "/api/v1/pods?labelSelector=app%3Dweb&limit=1",
+    "/api/v1/pods?fieldSelector=metadata.name%3Dweb",  # one name, in every namespace
+    "/api/v1/namespaces//pods",  # an empty namespace: every namespace to the API server
+    "/api/v1/watch/namespaces//pods",
+    "/apis/apps/v1/deployments?watch=1",
+    "/apis/apps/v1/watch/deployments",
+    "/apis/example.com/v1/widgets",
+]
+READ_ANYTHING = {"id": "read-anything", "match": {"connection": "k8s", "action": "read"}, "effect": "allow"}
+PROD_MASK = {"objects": {"kind": "Pod", "fields": ["spec"]}}
+
+
+@pytest.mark.parametrize("target", EVERY_NAMESPACE)
+def test_a_deny_rule_on_a_namespace_denies_requests_across_every_namespace(target):
+    rules = ruleset(READ_ANYTHING, {"id": "prod-off-limits", "match": {"kubernetes": {"namespaces": ["prod", "vault-*"]}},
+                                    "effect": "deny", "reason": "prod is off limits"})
+    decision = rules.decide(ANALYST, kube(target=target))
+    assert (decision.effect, decision.error, decision.status) == ("deny", "denied_by_policy", 403)
+    assert decision.rules == ("prod-off-limits",) and decision.reason.endswith("prod is off limits")
+
+
+@pytest.mark.parametrize("target", EVERY_NAMESPACE)
+def test_a_review_rule_on_a_namespace_holds_requests_across_every_namespace(target):
+    rules = ruleset(READ_ANYTHING, {"id": "prod-reviewed", "match": {"kubernetes": {"namespaces": "prod"}},
+                                    "effect": "review", "review": {"approvers": ["group:sre"]}})
+    assert rules.decide(ANALYST, kube(target=target)).effect == "review"
+
+
+@pytest.mark.parametrize("target", EVERY_NAMESPACE)
+@pytest.mark.parametrize("namespaces", [["dev"], "team-*", ["dev", "prod"], "?*", ["", "dev"]])
+def test_an_allow_rule_on_some_namespaces_does_not_allow_requests_across_every_namespace(target, namespaces):
+    rules = ruleset({"id": "dev-reader", "match": {"action": "read", "kubernetes": {"namespaces": namespaces}},
+                     "effect": "allow"})
+    decision = rules.decide(ANALYST, kube(target=target))
+    assert (decision.effect, decision.error) == ("deny", "no_matching_rule")
+
+
+@pytest.mark.parametrize("target", EVERY_NAMESPACE)
+@pytest.mark.parametrize("namespaces", ["*", ["dev", "*"], "**"])
+def test_an_allow_rule_on_every_namespace_allows_them(target, namespaces):
+    rules = ruleset({"id": "all", "match": {"action": "read", "kubernetes": {"namespaces": namespaces}}, "effect": "allow"})
+    assert rules.decide(ANALYST, kube(target=target)).effect == "allow"
+
+
+@pytest.mark.parametrize("target", EVERY_NAMESPACE)
+def test_masks_of_a_namespace_apply_to_requests_across_every_namespace(target):
+    rules = ruleset(READ_ANYTHING, {"id": "prod-masked", "match": {"action": "read", "kubernetes": {"namespaces": "prod"}},
+                                    "effect": "allow", "masks": [PROD_MASK]})
+    decision = rules.decide(ANALYST, kube(target=target))
+    assert (decision.effect, decision.rules, decision.masks) == ("allow", ("read-anything",), (PROD_MASK,))
+
+
+@pytest.mark.parametrize(
+    "target, masks",
+    [
+        ("/api/v1/namespaces/prod/pods", (PROD_MASK,)),
+        ("/api/v1/namespaces/prod/pods/web", (PROD_MASK,)),
+        ("/api/v1/namespaces/dev/pods", ()),
+        ("/api/v1/nodes", ()),  # cluster-scoped: in no namespace
+        ("/api/v1/namespaces/prod/pods?fieldSelector=metadata.namespace%3Ddev", (PROD_MASK,)),
+    ],
+)
+def test_masks_of_a_namespace_stay_in_it(target, masks):
+    rules = ruleset(READ_ANYTHING, {"id": "prod-masked", "match": {"action": "read", "kubernetes": {"namespaces": "prod"}},
+                                    "effect": "allow", "masks": [PROD_MASK]})
+    assert rules.decide(ANALYST, kube(target=target)).masks == masks
+
+
+@pytest.mark.parametrize(
+    "target, effect",
+    [
+        ("/api/v1/namespaces/dev/pods", "allow"),
+        ("/api/v1/namespaces/dev/pods/web", "allow"),
+        ("/api/v1/namespaces/prod/pods", "deny"),
+        ("/api/v1/nodes", "allow"),
+        ("/apis/rbac.authorization.k8s.io/v1/clusterroles", "allow"),
+        ("/version", "allow"),
+    ],
+)
+def test_requests_in_one_namespace_or_none_are_decided_by_it(target, effect):
+    rules = ruleset(READ_ANYTHING, {"id": "prod-off-limits", "match": {"kubernetes": {"namespaces": "prod"}}, "effect": "deny"})
+    assert rules.decide(ANALYST, kube(target=target)).effect == effect
+
+
+def kube_body(method, target, document, content_type="application/json"):
+    return kubeops.classify("k8s", method, target, {"content-type": [content_type]}, json.dumps(document).encode())
+
+
+SECRETS = "/api/v1/namespaces/default/secrets"
+
+
+@pytest.mark.parametrize(
+    "operation, denied",
+    [
+        (kube(target=SECRETS), True),  # a list returns db
+        (kube(target=SECRETS + "?watch=1"), True),
+        (kube(target="/api/v1/watch/namespaces/default/secrets"), True),
+        (kube(target="/api/v1/secrets"), True),
+        (kube(target=SECRETS + "?fieldSelector=metadata.name%3Ddb"), True),
+        (kube(target=SECRETS + "?fieldSelector=metadata.name%3Ddb,type%3DOpaque"), True),
+        (kube(target=SECRETS + "?labelSelector=app%3Ddb"), True),
+        (kube("DELETE", SECRETS), True),  # a collection delete takes db with it
+        (kube("DELETE", SECRETS + "?fieldSelector=metadata.name%3Dother"), True),  # selectors do not name a delete
+        (kube_body("POST", SECRETS, {"metadata": {"name": "db"}}), True),
+        (kube_body("POST", SECRETS, {"metadata": {"generateName": "d"}}), True),  # its name is not known
+        (kube_body("POST", SECRETS, {"metadata": {"name": "db"}}, "application/yaml"), True),
+        (kube(target=SECRETS + "/db"), True),
+        (kube(target=SECRETS + "/web"), False),
+        (kube(target=SECRETS + "?fieldSelector=metadata.name%3Dweb"), False),
+        (kube_body("POST", SECRETS, {"metadata": {"name": "web"}}), False),
+        (kube("DELETE", SECRETS + "/web"), False),
+    ],
+)
+def test_a_deny_rule_on_a_name_denies_every_request_that_reaches_it(operation, denied):
+    rules = ruleset({"id": "anything", "match": {"connection": "k8s"}, "effect": "allow"},
+                    {"id": "not-db", "match": {"kubernetes": {"resources": "secrets", "names": "db"}}, "effect": "deny"})
+    assert (rules.decide(ANALYST, operation).effect == "deny") is denied
+
+
+@pytest.mark.parametrize(
+    "operation, allowed",
+    [
+        (kube(target=SECRETS + "/web-1"), True),
+        (kube(target=SECRETS + "?fieldSelector=metadata.name%3Dweb-1"), True),
+        (kube_body("POST", SECRETS, {"metadata": {"name": "web-2"}}), True),
+        (kube(target=SECRETS), False),
+        (kube("DELETE", SECRETS), False),
+        (kube_body("POST", SECRETS, {"metadata": {"generateName": "web-"}}), False),
+    ],
+)
+def test_an_allow_rule_on_names_allows_only_what_it_names(operation, allowed):
+    rules = ruleset({"id": "web", "match": {"kubernetes": {"names": "web-*"}}, "effect": "allow"})
+    assert (rules.decide(ANALYST, operation).effect == "allow") is allowed
+
+
+def test_both_readings_of_an_ambiguous_path_are_decided():
+    rules = ruleset(READ_ANYTHING, {"id": "prod-off-limits", "match": {"kubernetes": {"namespaces": "prod"}},
+                                    "effect": "deny", "reason": "prod is off limits"})
+    decision = rules.decide(ANALYST, kube(target="/api/v1/namespaces//pods"))
+    assert (decision.effect, decision.rules) == ("deny", ("prod-off-limits",))
+    assert decision.reason == ("as /api/v1/namespaces//pods may be read (list pods in every namespace on k8s): "
+                               "prod is off limits")
+
+
+@pytest.mark.parametrize(
+    "content_type, patch, effect",
+    [
+        ("application/merge-patch+json", {"spec": {"replicas": 500}}, "deny"),
+        ("application/merge-patch+json", {"spec": {"replicas": 2}}, "allow"),
+        ("application/strategic-merge-patch+json", {"spec": {"replicas": 2}}, "allow"),
+        ("application/json-patch+json", [{"op": "replace", "path": "/spec/replicas", "value": 500}], "deny"),
+        ("application/json-patch+json", [{"op": "replace", "path": "/spec/replicas", "value": 2}], "deny"),  # unjudgeable
+        ("application/json-patch+json", {"spec": {"replicas": 2}}, "deny"),
+        ("application/json", {"spec": {"replicas": 2}}, "deny"),
+    ],
+)
+def test_patch_bodies_are_judged_as_the_server_reads_them(content_type, patch, effect):
+    rules = ruleset(
+        {"id": "small", "match": {"body": [{"path": "$.spec.replicas", "op": "lte", "value": 10}]}, "effect": "allow"},
+        {"id": "huge", "match": {"body": [{"path": "$.spec.replicas", "op": "gt", "value": 100}]}, "effect": "deny"})
+    operation = kube_body("PATCH", "/apis/apps/v1/namespaces/default/deployments/web", patch, content_type)
+    assert rules.decide(ANALYST, operation).effect == effect

@@ -33,7 +33,7 @@ from addons.engine import config, devissuer
 from addons.engine.connections import Registry
 from addons.engine.errors import Error
 from addons.engine.model import AGENT_ATTRIBUTES, Request
-from addons.engine.rules import RuleError, RuleSet, decide
+from addons.engine.rules import RuleError, RuleSet
 from addons.engine.tokens import TokenError, Verifier
 
 
@@ -132,7 +132,7 @@ def _explain(cfg: config.Config, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "principal": principal.as_dict(),
         "operation": op.as_dict(),
-        "decision": decide(matched).as_dict(),
+        "decision": rules.decide(principal, op).as_dict(),
         "matched": [{"id": r.id, "effect": r.effect, "file": r.file} for r in matched],
         "not_matched": missed,
     }

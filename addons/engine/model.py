@@ -116,7 +116,9 @@ class Operation:
     payload: Any = field(default=None, repr=False, compare=False)
     """The parsed request document rules may look into (JSON body); never recorded here."""
     parts: tuple[Operation, ...] = field(default=(), compare=False)
-    """The statements of a multi-statement SQL string: policy decides each one."""
+    """The statements of a multi-statement SQL string, the commands of a shell line, or the
+    two readings of a Kubernetes path the API server may split otherwise: policy decides
+    each one, and the strictest decision wins."""
 
     @functools.cached_property
     def json(self) -> str:

@@ -8,6 +8,14 @@ that is not parseable JSON, and a value of a type the condition cannot judge (a 
 word where a number was expected); numeric strings are compared as the numbers servers
 read them as.
 
+Kubernetes scope: a request that reaches every namespace (a list or watch across all of
+them) or every object of a collection (a list, a watch, a collection delete, a create whose
+name is unknown) is inside a `namespaces` or `names` condition the way it counts against
+the agent: it matches every deny and review rule (whatever namespaces or names they name:
+it reaches them), and an allow rule only when its patterns cover every name (`*`). An
+allow rule it reaches only in part still lends the decision its masks, so what a rule on
+one namespace masks is masked in a list of all of them.
+
 Evaluation is an index lookup by (connection, action) followed by short tuples of compiled
 checks, so a rule set of a thousand rules decides in microseconds.
 """
@@ -32,7 +40,7 @@ from addons.engine.masks import parse as parse_mask
 from addons.engine.model import UNPARSEABLE, Decision, Operation, Principal, Review
 
 Check = Callable[[Principal, Operation], bool]
-UNKNOWN_BODY = ("unparseable", "other")
+UNKNOWN_BODY = ("unparseable", "other", "json-patch")
 
 
 class RuleError(ValueError):
@@ -52,6 +60,9 @@ class Rule:
     connections: tuple[str, ...] = ()
     actions: tuple[str, ...] = ()
     checks: tuple[tuple[str, Check], ...] = field(default=(), repr=False)
+    reach: tuple[tuple[str, Check], ...] | None = field(default=None, repr=False)
+    """An allow rule's checks with its Kubernetes scope read in part (see the module's
+    docstring); None when they would be its `checks`."""
 
     def first_failure(self, principal: Principal, op: Operation) -> str | None:
         """The first match field that does not hold, or None when the rule matches."""
@@ -65,6 +76,11 @@ class Rule:
             if not check(principal, op):
                 return False
         return True
+
+    def reaches(self, principal: Principal, op: Operation) -> bool:
+        """Whether the request reaches part of what an allow rule scoped to namespaces or
+        names is about (its masks then apply), though the rule does not cover all of it."""
+        return self.reach is not None and all(check(principal, op) for _, check in self.reach)
 
 
 def _many(value: Any) -> tuple:
@@ -178,7 +194,7 @@ def _attribute_check(source: str, attribute: str, patterns: Any) -> Check:
     return lambda p, op: test(p.asserted.get(attribute, ""))
 
 
-def _compile_checks(match: dict[str, Any], effect: str) -> tuple[tuple[str, Check], ...]:
+def _compile_checks(match: dict[str, Any], effect: str, whole: bool = True) -> tuple[tuple[str, Check], ...]:
     checks: list[tuple[str, Check]] = []
     if "protocol" in match:
         protocols = frozenset(_many(match["protocol"]))
@@ -213,7 +229,7 @@ def _compile_checks(match: dict[str, Any], effect: str) -> tuple[tuple[str, Chec
             checks.append((f"{source}.{attribute}", _attribute_check(source, attribute, patterns)))
     if "body" in match:
         checks.append(("body", _body_check(match["body"], effect)))
-    checks += _kubernetes_checks(match.get("kubernetes"), effect)
+    checks += _kubernetes_checks(match.get("kubernetes"), effect, whole and effect == "allow")
     checks += _sql_checks(match.get("sql"), effect)
     checks += _ssh_checks(match.get("ssh"))
     return tuple(checks)
@@ -274,16 +290,36 @@ def _sql_checks(sql: dict[str, Any] | None, effect: str) -> list[tuple[str, Chec
     return checks
 
 
-def _kubernetes_checks(k8s: dict[str, Any] | None, effect: str) -> list[tuple[str, Check]]:
+def _scope_check(patterns: tuple[str, ...], detail: str, every: str, whole: bool) -> Check:
+    """`namespaces` or `names`: the request's namespace (name) matches a pattern. One that
+    reaches every namespace (name) is inside the patterns when they cover every name, or,
+    unless the rule must hold for all of it (`whole`: an allow rule), always."""
+    test = _globs(patterns)
+    covers_all = any(set(p) == {"*"} for p in patterns)
+
+    def check(p: Principal, op: Operation) -> bool:
+        if op.protocol != "kubernetes":
+            return False
+        if op.details.get(every):
+            return covers_all or not whole
+        return test(op.details.get(detail, ""))
+
+    return check
+
+
+def _kubernetes_checks(k8s: dict[str, Any] | None, effect: str, whole: bool) -> list[tuple[str, Check]]:
     """Checks on Kubernetes request info. An impersonating request matches an allow rule
-    only when the rule names impersonation itself: no rule allows it by accident."""
+    only when the rule names impersonation itself: no rule allows it by accident. `whole`:
+    a request across every namespace or name must be inside the rule's scope as a whole."""
     checks: list[tuple[str, Check]] = []
     k8s = k8s or {}
-    fields = {"verbs": "verb", "groups": "api_group", "namespaces": "namespace", "names": "name"}
-    for key, detail in fields.items():
+    for key, detail in {"verbs": "verb", "groups": "api_group"}.items():
         if key in k8s:
             test = _globs(_many(k8s[key]))
             checks.append((f"kubernetes.{key}", lambda p, op, t=test, d=detail: op.protocol == "kubernetes" and t(op.details.get(d, ""))))
+    for key, detail, every in (("namespaces", "namespace", "every_namespace"), ("names", "name", "every_name")):
+        if key in k8s:
+            checks.append((f"kubernetes.{key}", _scope_check(_many(k8s[key]), detail, every, whole)))
     if "resources" in k8s:
         test = _globs(_many(k8s["resources"]))
         checks.append(("kubernetes.resources", lambda p, op: op.protocol == "kubernetes" and op.details.get("resource_request", False) and test(op.resource)))
@@ -359,6 +395,7 @@ def parse_file(document: Any, file: str, start: int = 0) -> list[Rule]:
                 raise RuleError(f"{where}: masks[{m}]: {e}") from None
         match = raw["match"]
         conns = _many(match["connection"]) if "connection" in match else ()
+        scoped = any(k in match.get("kubernetes", {}) for k in ("namespaces", "names"))
         out.append(
             Rule(
                 id=raw["id"],
@@ -372,6 +409,7 @@ def parse_file(document: Any, file: str, start: int = 0) -> list[Rule]:
                 connections=() if any(ch in c for c in conns for ch in "*?[") else conns,
                 actions=_many(match["action"]) if "action" in match else (),
                 checks=_compile_checks(match, raw["effect"]),
+                reach=_compile_checks(match, "allow", whole=False) if raw["effect"] == "allow" and scoped else None,
             )
         )
     return out
@@ -399,6 +437,7 @@ class RuleSet:
         self.rules = rules
         self.files = files
         self._candidates: dict[tuple[str, str], tuple[Rule, ...]] = {}
+        self._scoped: dict[tuple[str, str], tuple[Rule, ...]] = {}
 
     @classmethod
     def load(cls, paths: Iterable[str]) -> RuleSet:
@@ -445,21 +484,30 @@ class RuleSet:
     def matching(self, principal: Principal, op: Operation) -> list[Rule]:
         return [r for r in self.candidates(op.connection, op.action) if r.matches(principal, op)]
 
+    def reaching(self, principal: Principal, op: Operation) -> list[Rule]:
+        """Allow rules the request reaches in part without matching them (their masks apply)."""
+        key = (op.connection, op.action)
+        scoped = self._scoped.get(key)
+        if scoped is None:
+            scoped = self._scoped[key] = tuple(r for r in self.candidates(*key) if r.reach is not None)
+        return [r for r in scoped if r.reaches(principal, op) and not r.matches(principal, op)]
+
     def decide(self, principal: Principal, op: Operation) -> Decision:
-        """The decision for an operation; for one with parts (SQL statements), every part
-        is decided on its own and the strictest decision wins."""
+        """The decision for an operation; for one with parts (SQL statements, two readings
+        of a Kubernetes path), every part is decided on its own and the strictest wins."""
         if not op.parts:
-            return decide(self.matching(principal, op))
-        decisions = [decide(self.matching(principal, part)) for part in op.parts]
+            return decide(self.matching(principal, op), self.reaching(principal, op))
+        decisions = [decide(self.matching(principal, part), self.reaching(principal, part)) for part in op.parts]
         return strictest(decisions, op.parts)
 
 
-def decide(matched: list[Rule]) -> Decision:
-    """Combine matching rules: deny beats review beats allow; masks are the union."""
+def decide(matched: list[Rule], reached: Iterable[Rule] = ()) -> Decision:
+    """Combine matching rules: deny beats review beats allow; masks are the union, over the
+    rules the request reaches in part too."""
     if not matched:
         return Decision(effect="deny", reason="no rule matches this request", status=403, error=Error.NO_MATCHING_RULE)
     masks: list[Any] = []
-    for r in matched:
+    for r in [*matched, *reached]:
         for m in r.masks:
             if m not in masks:
                 masks.append(m)
@@ -486,7 +534,11 @@ def strictest(decisions: list[Decision], parts: tuple[Operation, ...]) -> Decisi
     the string (its reason names the statement), a reviewed one holds it, and only a
     string whose every statement is allowed is allowed; masks and rules are the union."""
     def which(n: int) -> str:
-        return f"statement {n + 1} ({parts[n].details.get('command', '?')}): " if len(parts) > 1 else ""
+        if len(parts) < 2:
+            return ""
+        if parts[n].protocol == "kubernetes":
+            return f"as {parts[n].details['path']} may be read ({parts[n].summary}): "
+        return f"statement {n + 1} ({parts[n].details.get('command', '?')}): "
 
     for n, d in enumerate(decisions):
         if d.effect == "deny":

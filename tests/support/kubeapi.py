@@ -10,6 +10,12 @@ remote-command WebSocket protocol) for what `kubectl` and client libraries use:
   selectors, `limit`/`continue`), watch (`?watch=true` and the deprecated `/watch/` paths,
   from a resourceVersion), create, update, patch (JSON merge, strategic merge as a merge,
   JSON patch, server-side apply), delete, deletecollection, `dryRun`;
+- the query as Go parses it, its booleans as apimachinery converts them; dryRun checked
+  (only "All"), and for DELETE taken from a non-empty DeleteOptions body, the query then
+  ignored, as handlers/delete.go does;
+- lists and watches across all namespaces (`/api/v1/pods`, `/api/v1/watch/pods`, and an
+  empty namespace segment, which the real server reads as every namespace too); no
+  legacy `/api/v1/proxy/...` routes (404: installer.go registers no proxy-verb route);
 - Table responses for `Accept: application/json;as=Table;v=v1;g=meta.k8s.io`, with
   `includeObject`, in lists, single gets and watch events;
 - pod logs (`follow` streams lines as the test adds them);
@@ -28,6 +34,7 @@ import base64
 import copy
 import datetime
 import json
+import re
 import ssl
 import threading
 import uuid
@@ -35,8 +42,9 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import unquote, unquote_to_bytes
 
+import yaml
 from aiohttp import WSMsgType, web
 
 
@@ -155,13 +163,39 @@ def json_patch(target: Any, operations: list[dict]) -> Any:
     return doc
 
 
-def parse_bool(value: str) -> bool:
-    """Go's strconv.ParseBool, which the API server's query parameters go through."""
-    if value in ("1", "t", "T", "TRUE", "true", "True"):
-        return True
-    if value in ("", "0", "f", "F", "FALSE", "false", "False"):
-        return False
-    raise ApiError(400, "BadRequest", f'strconv.ParseBool: parsing "{value}": invalid syntax')
+def parse_query(raw: str) -> dict[str, list[str]]:
+    """The query as the API server's url.Values holds it (Go's net/url parseQuery): pairs
+    split on `&`; one holding a `;` or a `%` not followed by two hex digits is dropped."""
+    query: dict[str, list[str]] = {}
+    for pair in raw.split("&"):
+        if not pair or ";" in pair or re.search(r"%(?![0-9A-Fa-f]{2})", pair):
+            continue
+        key, _, value = (unquote_to_bytes(x.replace("+", " ")).decode("utf-8", "replace") for x in pair.partition("="))
+        query.setdefault(key, []).append(value)
+    return query
+
+
+def query_bool(query: dict[str, list[str]], name: str) -> bool:
+    """A boolean query parameter (apimachinery runtime/conversion.go Convert_Slice_string_To_bool,
+    which every options conversion from url.Values uses): only absent, "0" and "false" in
+    any case are false; an empty value or any word is true. The server never refuses one."""
+    values = query.get(name) or []
+    return bool(values) and values[0] != "0" and values[0].lower() != "false"
+
+
+def dry_run(values: list[str] | None, kind: str) -> bool:
+    """meta/v1/validation ValidateDryRun (only "All"), then util/dryrun IsDryRun (non-empty)."""
+    if values is not None and not isinstance(values, list):
+        raise ApiError(400, "BadRequest", f"json: cannot unmarshal {type(values).__name__} into Go struct field "
+                                          f"{kind}.dryRun of type []string")
+    values = values or []
+    if any(v != "All" for v in values):
+        shown = ", ".join(f'"{v}"' for v in values)
+        raise ApiError(422, "Invalid", f'{kind}.meta.k8s.io "" is invalid: dryRun: Unsupported value: '
+                                       f'[]string{{{shown}}}: supported values: "All"',
+                       {"group": "meta.k8s.io", "kind": kind,
+                        "causes": [{"reason": "FieldValueNotSupported", "field": "dryRun"}]})
+    return bool(values)
 
 
 def matches_labels(obj: dict, selector: str) -> bool:
@@ -205,6 +239,11 @@ class Target:
     name: str = ""
     subresource: str = ""
     watch_path: bool = False
+    namespace_path: bool = False  # /namespaces/{namespace}/... (the namespace may be empty)
+
+    @property
+    def every_namespace(self) -> bool:
+        return self.kind.namespaced and not self.namespace
 
 
 @dataclass
@@ -393,7 +432,7 @@ class KubeAPI:
         try:
             record.user = self._authenticate(request)
             path = unquote(raw_path.split("?", 1)[0])  # what Go's URL.Path holds
-            query = parse_qs(raw_path.partition("?")[2], keep_blank_values=True)
+            query = parse_query(raw_path.partition("?")[2])
             response = await self._route(request, path, query, body)
         except ApiError as e:
             response = web.json_response(status(e.code, e.reason, e.message, e.details), status=e.code)
@@ -454,15 +493,18 @@ class KubeAPI:
         watch_path = bool(rest) and rest[0] == "watch"
         if watch_path:
             rest = rest[1:]
-        namespace = ""
-        if len(rest) >= 3 and rest[0] == "namespaces":
-            namespace, rest = rest[1], rest[2:]
+        namespace, namespace_path = "", len(rest) >= 3 and rest[0] == "namespaces"
+        if namespace_path:
+            namespace, rest = rest[1], rest[2:]  # go-restful matches an empty {namespace} segment too
         if not rest or len(rest) > 3:
-            return None
+            return None  # /api/v1/proxy/... among them: installer.go registers no proxy-verb routes
         kind = next((k for k in KINDS if k.group == group and k.resource == rest[0]), None)
-        if kind is None or (namespace and not kind.namespaced):
+        if kind is None or (namespace_path and not kind.namespaced):
             return None
-        target = Target(kind, namespace, rest[1] if len(rest) > 1 else "", rest[2] if len(rest) > 2 else "", watch_path)
+        if kind.namespaced and not namespace_path and len(rest) > 1:
+            return None  # across all namespaces there are only list and watch (installer.go, AllNamespaces)
+        target = Target(kind, namespace, rest[1] if len(rest) > 1 else "", rest[2] if len(rest) > 2 else "",
+                        watch_path, namespace_path)
         if target.subresource and target.subresource not in kind.subresources:
             return None
         return target
@@ -470,14 +512,18 @@ class KubeAPI:
     async def _resource(self, request: web.Request, t: Target, query: dict, body: bytes) -> web.StreamResponse:
         method = request.method
         one = lambda key: (query.get(key) or [""])[0]  # noqa: E731
-        dry_run = one("dryRun") == "All"
         if t.subresource == "log" and method == "GET":
             return await self._logs(request, t, query)
         if t.subresource in ("exec", "attach"):
             return await self._exec(request, t, query)
         if t.subresource:
             raise ApiError(405, "MethodNotAllowed", f"{t.subresource} is not served by this test server")
-        watching = t.watch_path or parse_bool(one("watch"))
+        watching = t.watch_path or (not t.name and query_bool(query, "watch"))  # a named GET is a get
+        if t.every_namespace and not t.namespace_path and method not in ("GET", "HEAD"):
+            raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+        if t.every_namespace and (t.name or method in ("POST", "PUT", "PATCH")):
+            # registry NamespaceKeyFunc: a named object needs its namespace
+            raise ApiError(400, "BadRequest", "Namespace parameter required.")
         if method == "GET" and watching:
             return await self._watch(request, t, query)
         if method == "GET" and not t.name:
@@ -486,32 +532,59 @@ class KubeAPI:
             return self._answer(request, self._existing(t), t)
         if method == "POST" and not t.name:
             obj = self._decode(body, request)
-            return web.json_response(self._store(t.kind, obj, t.namespace, dry_run=dry_run, create=True), status=201)
+            rehearse = dry_run(query.get("dryRun"), "CreateOptions")
+            return web.json_response(self._store(t.kind, obj, t.namespace, dry_run=rehearse, create=True), status=201)
         if method == "PUT" and t.name:
+            rehearse = dry_run(query.get("dryRun"), "UpdateOptions")
             obj = self._decode(body, request)
             if obj.get("metadata", {}).get("name") != t.name:
                 raise ApiError(400, "BadRequest", "the name of the object does not match the name on the URL")
             self._existing(t)
-            return web.json_response(self._store(t.kind, obj, t.namespace, dry_run=dry_run))
+            return web.json_response(self._store(t.kind, obj, t.namespace, dry_run=rehearse))
         if method == "PATCH" and t.name:
-            return web.json_response(self._patch(request, t, body, dry_run, one("fieldManager")))
+            rehearse = dry_run(query.get("dryRun"), "PatchOptions")
+            return web.json_response(self._patch(request, t, body, rehearse, one("fieldManager")))
         if method == "DELETE" and t.name:
             obj = self._existing(t)
-            if not dry_run:
-                del self.objects[t.kind.resource][(t.namespace, t.name)]
-                self.resource_version += 1
-                obj["metadata"]["resourceVersion"] = str(self.resource_version)
-                self._notify(t.kind, "DELETED", obj)
-                self._end_logs((t.namespace, t.name))
+            if not self._delete_options(request, body, query):
+                self._delete(t.kind, obj)
             return web.json_response(obj)
         if method == "DELETE":
-            items = [o for o in self._list(t, query)["items"]]
-            if not dry_run:
+            items = self._list(t, query)["items"]  # ListOptions always come from the query
+            if not self._delete_options(request, body, query):
                 for o in items:
-                    del self.objects[t.kind.resource][(t.namespace, o["metadata"]["name"])]
-                    self._notify(t.kind, "DELETED", {**o, "kind": t.kind.kind, "apiVersion": t.kind.api_version})
+                    self._delete(t.kind, {**o, "kind": t.kind.kind, "apiVersion": t.kind.api_version})
             return web.json_response({**self._list(t, {}), "items": items})
         raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource")
+
+    def _delete(self, kind: Kind, obj: dict) -> None:
+        meta = obj["metadata"]
+        del self.objects[kind.resource][(meta.get("namespace", "") if kind.namespaced else "", meta["name"])]
+        self.resource_version += 1
+        meta["resourceVersion"] = str(self.resource_version)
+        self._notify(kind, "DELETED", obj)
+        if kind.resource == "pods":
+            self._end_logs((meta["namespace"], meta["name"]))
+
+    @staticmethod
+    def _delete_options(request: web.Request, body: bytes, query: dict) -> bool:
+        """Whether a delete is a dry run. handlers/delete.go (DeleteResource and
+        DeleteCollection): a non-empty body is decoded as DeleteOptions, by its
+        Content-Type (none means JSON), and the query is then ignored; an empty body
+        leaves the options to the query."""
+        if not body:
+            return dry_run(query.get("dryRun"), "DeleteOptions")
+        media = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        if media not in ("", "application/json", "application/yaml"):
+            raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - accepted "
+                                                        "media types include: application/json, application/yaml")
+        try:
+            options = json.loads(body) if media != "application/yaml" else yaml.safe_load(body)
+        except (ValueError, yaml.YAMLError) as e:
+            raise ApiError(400, "BadRequest", f"the body of the request was in an unknown format: {e}")
+        if not isinstance(options, dict) or options.get("kind", "DeleteOptions") != "DeleteOptions":
+            raise ApiError(400, "BadRequest", "decoded object cannot be converted to DeleteOptions")
+        return dry_run(options.get("dryRun"), "DeleteOptions")
 
     def _decode(self, body: bytes, request: web.Request) -> dict:
         try:
@@ -628,7 +701,7 @@ class KubeAPI:
         version = self._table_version(request)
         if version is None:
             return web.json_response(document)
-        include = (parse_qs(request.query_string).get("includeObject") or [""])[0]
+        include = (parse_query(request.raw_path.partition("?")[2]).get("includeObject") or [""])[0]
         objects = document["items"] if "items" in document else [document]
         meta = {k: v for k, v in document["metadata"].items() if k in ("resourceVersion", "continue", "remainingItemCount")}
         return web.json_response(self._table(t, objects, version, include, meta))
@@ -708,7 +781,7 @@ class KubeAPI:
         response = web.StreamResponse(headers={"Content-Type": "text/plain"})
         response.enable_chunked_encoding()
         queue: asyncio.Queue = asyncio.Queue()
-        follow = parse_bool(one("follow"))
+        follow = query_bool(query, "follow")
         if follow:
             self.log_waiters.setdefault(key, []).append(queue)
         await response.prepare(request)
@@ -748,9 +821,8 @@ class KubeAPI:
 
     async def _exec(self, request: web.Request, t: Target, query: dict) -> web.StreamResponse:
         self._existing(Target(t.kind, t.namespace, t.name))
-        one = lambda key: (query.get(key) or [""])[0]  # noqa: E731
         command = query.get("command", [])
-        flags = {k: parse_bool(one(k)) for k in ("stdin", "stdout", "stderr", "tty")}
+        flags = {k: query_bool(query, k) for k in ("stdin", "stdout", "stderr", "tty")}
         if t.subresource == "exec" and not command:
             raise ApiError(400, "BadRequest", "you must specify at least 1 command")
         if request.headers.get("Upgrade", "").lower() != "websocket":

@@ -54,7 +54,7 @@ class ApprovalBook:
         self._sweeper: asyncio.Task | None = None
 
     def configure(self, updated: set[str]) -> None:
-        if "custody_config" in updated:
+        if self.settings.changed(updated):
             cfg = self.settings.require()
             self.notifier = Notifier(cfg.approvals, self._notified)
 

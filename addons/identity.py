@@ -92,7 +92,7 @@ class Identity:
         self.tunnel_claims: weakref.WeakKeyDictionary[connection.Client, dict[str, str]] = weakref.WeakKeyDictionary()
 
     def configure(self, updated: set[str]) -> None:
-        if "custody_config" in updated:
+        if self.settings.changed(updated):
             cfg = self.settings.require()
             self.verifier = Verifier(cfg.identity)
 

@@ -53,7 +53,7 @@ class Recorder:
         self.store = StoreConfig(path="")
 
     def configure(self, updated: set[str]) -> None:
-        if "custody_config" in updated:
+        if self.settings.changed(updated):
             self.store = self.settings.require().store
 
     async def _write(self, ctx: Context, events: list[Event]) -> None:

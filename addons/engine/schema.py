@@ -6,6 +6,7 @@ The configuration and the rule files are both described by JSON Schema documents
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 from pathlib import Path
@@ -32,9 +33,22 @@ def field_path(parts) -> str:
     return out or "(top level)"
 
 
+def _unknown_fields(error: jsonschema.ValidationError) -> str:
+    """`unknown field ('rulez' was unexpected), did you mean 'rules'?`: the misspelled keys,
+    each with the closest field the schema knows there."""
+    known = list(error.schema.get("properties", {}))
+    extra = [k for k in error.instance if k not in known] if isinstance(error.instance, dict) else []
+    out = []
+    for key in extra:
+        close = difflib.get_close_matches(str(key), known, n=1)
+        out.append(f"unknown field ({key!r} was unexpected), " + (f"did you mean {close[0]!r}?" if close else
+                                                                    f"known fields: {', '.join(known)}"))
+    return "; ".join(out) or error.message
+
+
 def _message(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
-        return error.message.replace("Additional properties are not allowed", "unknown field")
+        return _unknown_fields(error)
     if error.validator in ("oneOf", "anyOf") and error.context:
         # Prefer what is wrong inside the branch of the right type over "is not of type".
         specific = [e for e in error.context if e.validator != "type"] or error.context

@@ -182,8 +182,9 @@ class ApprovalBook:
         return Approval.from_document(document)
 
     def timeline(self, approval_id: str) -> list[dict[str, Any]]:
-        """Every audit event of the approval and of the flows it belongs to, in order."""
-        rows = self.log.reader.where("approval = ?", [approval_id])
+        """Every audit event of the approval and of the flows it belongs to, in time order
+        (a request is recorded once decided, after the time it arrived)."""
+        rows = sorted(self.log.reader.where("approval = ?", [approval_id]), key=lambda e: (e["ts"], e["seq"]))
         return [
             {"seq": e["seq"], "ts": e["ts"], "kind": e["kind"], "subject": e["subject"], "effect": e["effect"],
              "reason": e["reason"], "status": e["status"], "detail": json.loads(e["detail"]) if e["detail"] else {}}

@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlite_utils
-
 from addons.engine.config import StoreConfig
 from addons.engine.model import Decision, Operation, Principal, canonical_json, new_id
 
@@ -203,39 +201,48 @@ def put_approval(row: tuple) -> Callable[[sqlite3.Connection], None]:
 class Store:
     def __init__(self, path: str, synchronous: str = "normal") -> None:
         self.path = path
-        self.db = sqlite_utils.Database(sqlite3.connect(path, isolation_level=None, check_same_thread=False))
-        self.db.execute("PRAGMA busy_timeout = 5000")
-        self.db.enable_wal()
-        self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA busy_timeout = 5000")
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         self._ensure_schema()
         cols = [c for c in COLUMNS if c != "seq"]
         self._insert = f"INSERT INTO events ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
         self._cols = cols
 
+    def _tables(self) -> set[str]:
+        return {name for (name,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
     def _ensure_schema(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if "events" in self.db.table_names() and version != SCHEMA_VERSION:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = self._tables()
+        if "events" in tables and version != SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path}: audit store schema version {version}, but this gateway writes version "
                 f"{SCHEMA_VERSION}; verify and archive the old store, then use a new store.path"
             )
-        self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        if "events" not in self.db.table_names():
-            self.db["events"].create(COLUMNS, pk="seq", not_null={"id", "ts", "kind", "prev_hash", "hash"})
+        if {"events", "chain_head", "checkpoints", "approvals"} <= tables:
+            return  # an existing store: reading it needs nothing more (and starts fast)
+        import sqlite_utils  # creating the tables: its column types are the schema's contract
+
+        db = sqlite_utils.Database(self.conn)
+        self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if "events" not in tables:
+            db["events"].create(COLUMNS, pk="seq", not_null={"id", "ts", "kind", "prev_hash", "hash"})
             for cols in INDEXES:
-                self.db["events"].create_index(cols, if_not_exists=True)
-            self.db["events"].create_index(["id"], unique=True, if_not_exists=True)
-        if "chain_head" not in self.db.table_names():
-            self.db["chain_head"].create({"id": int, "seq": int, "hash": str}, pk="id")
-        if "checkpoints" not in self.db.table_names():
-            self.db["checkpoints"].create(CHECKPOINT_COLUMNS, pk="seq", not_null=set(CHECKPOINT_COLUMNS))
-        if "approvals" not in self.db.table_names():
-            self.db["approvals"].create(APPROVAL_COLUMNS, pk="id", not_null={"state", "created", "document"})
-            self.db["approvals"].create_index(["state"], if_not_exists=True)
-            self.db["approvals"].create_index(["fingerprint"], if_not_exists=True)
+                db["events"].create_index(cols, if_not_exists=True)
+            db["events"].create_index(["id"], unique=True, if_not_exists=True)
+        if "chain_head" not in tables:
+            db["chain_head"].create({"id": int, "seq": int, "hash": str}, pk="id")
+        if "checkpoints" not in tables:
+            db["checkpoints"].create(CHECKPOINT_COLUMNS, pk="seq", not_null=set(CHECKPOINT_COLUMNS))
+        if "approvals" not in tables:
+            db["approvals"].create(APPROVAL_COLUMNS, pk="id", not_null={"state", "created", "document"})
+            db["approvals"].create_index(["state"], if_not_exists=True)
+            db["approvals"].create_index(["fingerprint"], if_not_exists=True)
 
     def close(self) -> None:
-        self.db.conn.close()
+        self.conn.close()
 
     def append(self, events: list[Event], apply: Callable[[sqlite3.Connection], None] | None = None) -> list[int]:
         """Chain and write `events` in one transaction; returns their sequence numbers.
@@ -243,7 +250,7 @@ class Store:
         `apply`, when given, runs first in the same transaction (state that must change
         together with the events that record the change, such as an approval's state).
         """
-        conn = self.db.conn
+        conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             if apply is not None:
@@ -276,12 +283,12 @@ class Store:
         return seqs
 
     def head(self) -> tuple[int, str]:
-        return self._head(self.db.conn)
+        return self._head(self.conn)
 
     def checkpoints(self) -> list[dict[str, Any]]:
         """Every checkpoint, oldest first, as {"document": …, "signature": …}."""
         return [{"document": json.loads(d), "signature": json.loads(s)}
-                for d, s in self.db.execute("SELECT document, signature FROM checkpoints ORDER BY seq")]
+                for d, s in self.conn.execute("SELECT document, signature FROM checkpoints ORDER BY seq")]
 
     def prune(self, before: float, sign: Callable[[dict[str, Any]], dict[str, str]],
               archive: Callable[[Iterator[dict[str, Any]], int, str], dict[str, Any]] | None) -> dict[str, Any] | None:
@@ -292,7 +299,7 @@ class Store:
         recording meanwhile; if either fails, nothing is removed. Finished approvals last
         changed before `before` go too. The prune itself is recorded as an event. Returns the
         checkpoint document, or None when nothing is that old."""
-        conn = self.db.conn
+        conn = self.conn
         previous = self._checkpoint(conn)
         start = previous["seq"] if previous else 0
         first_kept = conn.execute("SELECT MIN(seq) FROM events WHERE ts >= ?", [before]).fetchone()[0]
@@ -332,7 +339,7 @@ class Store:
 
     def checkpoint(self) -> dict[str, Any] | None:
         """The latest checkpoint's document (the pruned prefix the chain now starts after)."""
-        return self._checkpoint(self.db.conn)
+        return self._checkpoint(self.conn)
 
     @staticmethod
     def _checkpoint(conn: sqlite3.Connection) -> dict[str, Any] | None:
@@ -354,7 +361,7 @@ class Store:
     def verify(self) -> Verification:
         """Walk the chain from the last checkpoint (or the start); report the first broken
         link. Checkpoint signatures are checked by the caller (it knows which key to trust)."""
-        return self._walk(self.db.conn, None)
+        return self._walk(self.conn, None)
 
     def _walk(self, conn: sqlite3.Connection, upto: int | None) -> Verification:
         checkpoint = self._checkpoint(conn)
@@ -385,25 +392,47 @@ class Store:
     # Reading
 
     def event(self, event_id: str) -> dict[str, Any] | None:
-        rows = list(self.db["events"].rows_where("id = ?", [event_id]))
-        return rows[0] if rows else None
+        return next(self._query(self.conn, "SELECT * FROM events WHERE id = ?", [event_id]), None)
 
     def where(self, clause: str, args: list[Any], limit: int | None = None) -> list[dict[str, Any]]:
-        return list(self.db["events"].rows_where(clause, args, order_by="seq", limit=limit))
+        return list(self._query(self.conn, f"SELECT * FROM events WHERE {clause} ORDER BY seq"
+                                + (f" LIMIT {int(limit)}" if limit is not None else ""), args))
 
     def tail(self, count: int, after: int = 0) -> list[dict[str, Any]]:
-        rows = self.db.query(
-            "SELECT * FROM (SELECT * FROM events WHERE seq > ? ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-            [after, count],
-        )
-        return list(rows)
+        return list(self._query(
+            self.conn, "SELECT * FROM (SELECT * FROM events WHERE seq > ? ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            [after, count]))
 
     def rows(self) -> Iterator[dict[str, Any]]:
-        yield from self.db.query("SELECT * FROM events ORDER BY seq")
+        yield from self._query(self.conn, "SELECT * FROM events ORDER BY seq", [])
+
+    def hash_at(self, seq: int) -> str | None:
+        """The hash of event `seq`, or None when the store does not hold it."""
+        row = self.conn.execute("SELECT hash FROM events WHERE seq = ?", [seq]).fetchone()
+        return row[0] if row else None
+
+    def sessions(self, start: float | None = None, principal: str = "", limit: int = 20) -> list[dict[str, Any]]:
+        """Sessions, the latest active first: who, when, which connections, how many requests,
+        denials and holds (an agent's HTTP connection, pg or ssh session, or kubectl's)."""
+        clauses, args = ["session IS NOT NULL"], []
+        if start is not None:
+            clauses.append("ts >= ?")
+            args.append(start)
+        if principal:
+            clauses.append("session IN (SELECT session FROM events WHERE subject = ?)")
+            args.append(principal)
+        cursor = self.conn.execute(
+            "SELECT session, MIN(ts) AS first, MAX(ts) AS last, GROUP_CONCAT(DISTINCT subject) AS subjects, "
+            "GROUP_CONCAT(DISTINCT agent) AS agents, GROUP_CONCAT(DISTINCT connection) AS connections, "
+            "SUM(kind = 'request') AS requests, SUM(kind = 'decision' AND effect = 'deny') AS denied, "
+            "SUM(kind = 'approval' AND json_extract(detail, '$.step') = 'requested') AS held "
+            f"FROM events WHERE {' AND '.join(clauses)} GROUP BY session ORDER BY last DESC LIMIT ?", [*args, limit])
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
 
     def approval(self, approval_id: str) -> dict[str, Any] | None:
         """An approval's current document, or None."""
-        row = self.db.execute("SELECT document FROM approvals WHERE id = ?", [approval_id]).fetchone()
+        row = self.conn.execute("SELECT document FROM approvals WHERE id = ?", [approval_id]).fetchone()
         return json.loads(row[0]) if row else None
 
     def approvals(self, states: tuple[str, ...] = (), connection: str | None = None,
@@ -418,7 +447,7 @@ class Store:
                 clauses.append(f"{column} = ?")
                 args.append(value)
         where = " AND ".join(clauses) or "1"
-        for (document,) in self.db.execute(f"SELECT document FROM approvals WHERE {where} ORDER BY created DESC", args):
+        for (document,) in self.conn.execute(f"SELECT document FROM approvals WHERE {where} ORDER BY created DESC", args):
             yield json.loads(document)
 
 

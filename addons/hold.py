@@ -146,7 +146,7 @@ class Hold:
                 return
             await self.book.execute(approval, f.id, late=False)
             self._allow(c, approval.id, decision, approval.outcome)
-            self._show(f, f"custody: approved · approval {approval.id} · {approval.outcome}", "approved")
+            self._show(f, f"custody: approved · approval {approval.id} · {approval.outcome}", MARKERS["approved"])
         elif outcome in REFUSALS:
             failclosed.refuse(f, 403, approval.outcome, error=REFUSALS[outcome], extra={"state": outcome}, **refuse)
         elif outcome == End.TIMEOUT:

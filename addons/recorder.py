@@ -74,7 +74,7 @@ class Recorder:
             return
         rules = ",".join(d.rules) or "-"
         f.comment = f"custody: {d.effect} · rules {rules} · event {ctx.decision_event} · {d.reason}"
-        f.marked = MARKERS.get(d.effect, d.effect)
+        f.marked = MARKERS[d.effect]
 
     @guarded
     async def http_connect(self, f: http.HTTPFlow) -> None:

@@ -207,7 +207,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     rows = store.where("session = ? OR flow = ? OR approval = ?", [args.id, args.id, args.id])
     if not rows:
-        raise CliError(f"no event (sequence number or id), flow, session or approval {args.id!r} in {store.path}")
+        raise CliError(f"no event, flow, session or approval {args.id!r} in {store.path} (events by sequence number or id)")
     if args.json:
         print(json.dumps([_printable(r) for r in rows], indent=2))
     else:

@@ -8,12 +8,19 @@ end is detected as well as editing, deleting or reordering rows anywhere.
 
 Appends run `BEGIN IMMEDIATE`, read the head inside the transaction and commit, so two
 writers on one file cannot fork the chain.
+
+Bodies are kept once per distinct content, deflated, in `bodies` (keyed by their SHA-256);
+an event refers to its body by `body_digest`, which is what the chain covers, so where a
+body is kept does not change any hash. Readers get rows with `body` filled in as before.
+Stores of schema version 1 (bodies inline) are upgraded in place: old inline bodies stay
+where they are and still verify.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import zlib
 import json
 import queue
 import sqlite3
@@ -27,7 +34,8 @@ from addons.engine.config import StoreConfig
 from addons.engine.model import Decision, Operation, Principal, canonical_json, new_id
 
 GENESIS = "0" * 64
-SCHEMA_VERSION = 1  # PRAGMA user_version: bumped when columns or hashing change
+SCHEMA_VERSION = 2  # PRAGMA user_version: bumped when tables, columns or hashing change
+UPGRADABLE = (1,)  # versions this one upgrades in place (1: bodies inline in events)
 
 
 class StoreError(Exception):
@@ -82,8 +90,28 @@ APPROVAL_COLUMNS: dict[str, type] = {
 }
 
 
-# Checkpoints: the signed hash and extent of each pruned prefix of the chain.
+# Checkpoints: the signed hash and extent of each pruned prefix of the chain. Anchors: the
+# signed hash of an event a full verification reached, where the next one may start.
 CHECKPOINT_COLUMNS: dict[str, type] = {"seq": int, "document": str, "signature": str}
+# Bodies: each distinct body once, by its digest; `encoding` is "deflate" or "identity".
+BODY_COLUMNS: dict[str, type] = {"digest": str, "size": int, "encoding": str, "data": bytes}
+TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies")
+
+
+def pack(body: bytes) -> tuple[str, bytes]:
+    """A body as kept: deflated when that makes it smaller."""
+    deflated = zlib.compress(body, 6)
+    return ("deflate", deflated) if len(deflated) < len(body) else ("identity", body)
+
+
+def unpack(encoding: str, data: bytes) -> bytes:
+    """A kept body as it was; damaged data is returned as it is (its digest then says so)."""
+    if encoding != "deflate":
+        return data
+    try:
+        return zlib.decompress(data)
+    except zlib.error:
+        return data
 
 
 def _json(value: Any) -> str | None:
@@ -186,6 +214,10 @@ class Verification:
     broken_at: int | None = None
     problem: str = ""
     checkpoint: dict[str, Any] | None = None
+    first: int = 1
+    """The first event walked: 1, the one after the checkpoint, or the one after an anchor."""
+    last: int = 0
+    """The last event walked (the chain head when it verified)."""
 
 
 def put_approval(row: tuple) -> Callable[[sqlite3.Connection], None]:
@@ -216,12 +248,12 @@ class Store:
     def _ensure_schema(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         tables = self._tables()
-        if "events" in tables and version != SCHEMA_VERSION:
+        if "events" in tables and version != SCHEMA_VERSION and version not in UPGRADABLE:
             raise StoreError(
                 f"{self.path}: audit store schema version {version}, but this gateway writes version "
                 f"{SCHEMA_VERSION}; verify and archive the old store, then use a new store.path"
             )
-        if {"events", "chain_head", "checkpoints", "approvals"} <= tables:
+        if set(TABLES) <= tables and version == SCHEMA_VERSION:
             return  # an existing store: reading it needs nothing more (and starts fast)
         import sqlite_utils  # creating the tables: its column types are the schema's contract
 
@@ -236,6 +268,10 @@ class Store:
             db["chain_head"].create({"id": int, "seq": int, "hash": str}, pk="id")
         if "checkpoints" not in tables:
             db["checkpoints"].create(CHECKPOINT_COLUMNS, pk="seq", not_null=set(CHECKPOINT_COLUMNS))
+        if "anchors" not in tables:
+            db["anchors"].create(CHECKPOINT_COLUMNS, pk="seq", not_null=set(CHECKPOINT_COLUMNS))
+        if "bodies" not in tables:
+            db["bodies"].create(BODY_COLUMNS, pk="digest", not_null=set(BODY_COLUMNS))
         if "approvals" not in tables:
             db["approvals"].create(APPROVAL_COLUMNS, pk="id", not_null={"state", "created", "document"})
             db["approvals"].create_index(["state"], if_not_exists=True)
@@ -266,15 +302,20 @@ class Store:
         """Inside a transaction: append `events` after the head and move the head."""
         head = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
         seq, prev = head if head else (0, GENESIS)
-        seqs, rows = [], []
+        seqs, rows, bodies = [], [], {}
         for event in events:
             seq += 1
             row = event.row()
             row["seq"], row["prev_hash"] = seq, prev
             row["hash"] = prev = chain_hash(prev, row)
-            rows.append([row[c] for c in self._cols])
+            body = row.pop("body")
+            if body is not None:
+                bodies.setdefault(row["body_digest"], (len(body), *pack(body)))
+            rows.append([row.get(c) for c in self._cols])
             seqs.append(seq)
         conn.executemany(self._insert, rows)
+        conn.executemany("INSERT OR IGNORE INTO bodies (digest, size, encoding, data) VALUES (?, ?, ?, ?)",
+                         [(d, *kept) for d, kept in bodies.items()])
         conn.execute(
             "INSERT INTO chain_head (id, seq, hash) VALUES (1, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
@@ -328,6 +369,9 @@ class Store:
             conn.execute("INSERT INTO checkpoints (seq, document, signature) VALUES (?, ?, ?)",
                          [upto, canonical_json(document), canonical_json(signature)])
             conn.execute("DELETE FROM events WHERE seq <= ?", [upto])
+            conn.execute("DELETE FROM anchors WHERE seq <= ?", [upto])
+            conn.execute("DELETE FROM bodies WHERE digest NOT IN "
+                         "(SELECT body_digest FROM events WHERE body_digest IS NOT NULL)")
             conn.execute("DELETE FROM approvals WHERE updated < ? AND state NOT IN ('pending', 'approved')", [before])
             self._chain(conn, [Event(id=new_id(), kind="prune",
                                      detail={"checkpoint": document, "key_id": signature["key_id"]})])
@@ -353,41 +397,76 @@ class Store:
 
     @staticmethod
     def _query(conn: sqlite3.Connection, sql: str, args: list[Any]) -> Iterator[dict[str, Any]]:
+        """Rows of `sql` as dicts; an event row's `body` is filled from `bodies` when it is
+        not inline (a version 1 body, or one put back by hand, is read as it is)."""
         cursor = conn.execute(sql, args)
         names = [d[0] for d in cursor.description]
+        fill = "body" in names and "body_digest" in names
         for values in cursor:
-            yield dict(zip(names, values))
+            row = dict(zip(names, values))
+            if fill and row["body"] is None and row["body_digest"] is not None:
+                kept = conn.execute("SELECT encoding, data FROM bodies WHERE digest = ?", [row["body_digest"]]).fetchone()
+                row["body"] = unpack(*kept) if kept else None
+            yield row
 
-    def verify(self) -> Verification:
-        """Walk the chain from the last checkpoint (or the start); report the first broken
-        link. Checkpoint signatures are checked by the caller (it knows which key to trust)."""
-        return self._walk(self.conn, None)
+    def verify(self, anchor: dict[str, Any] | None = None) -> Verification:
+        """Walk the chain from the last checkpoint (or the start), or from `anchor` (a signed
+        {seq, hash} an earlier full verification reached: its event must still have that
+        hash); report the first broken link. One read transaction: a snapshot, however busy
+        the writers are. Signatures are checked by the caller (it knows which key to trust)."""
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            return self._walk(conn, None, anchor)
+        finally:
+            conn.execute("COMMIT")
 
-    def _walk(self, conn: sqlite3.Connection, upto: int | None) -> Verification:
+    def anchors(self) -> list[dict[str, Any]]:
+        """Every anchor, newest first, as {"document": …, "signature": …}."""
+        return [{"document": json.loads(d), "signature": json.loads(s)}
+                for d, s in self.conn.execute("SELECT document, signature FROM anchors ORDER BY seq DESC")]
+
+    def add_anchor(self, document: dict[str, Any], signature: dict[str, Any]) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO anchors (seq, document, signature) VALUES (?, ?, ?)",
+                          [document["seq"], canonical_json(document), canonical_json(signature)])
+
+    def _walk(self, conn: sqlite3.Connection, upto: int | None, anchor: dict[str, Any] | None = None) -> Verification:
         checkpoint = self._checkpoint(conn)
         prev, expected_seq = (checkpoint["hash"], checkpoint["seq"] + 1) if checkpoint else (GENESIS, 1)
-        count = 0
-        limit = "" if upto is None else f" WHERE seq <= {int(upto)}"
-        for row in self._query(conn, f"SELECT * FROM events{limit} ORDER BY seq", []):
+        if anchor is not None and anchor["seq"] >= expected_seq:
+            held = conn.execute("SELECT hash FROM events WHERE seq = ?", [anchor["seq"]]).fetchone()
+            if held is None or held[0] != anchor["hash"]:
+                return Verification(False, 0, anchor["hash"], anchor["seq"],
+                                    f"event {anchor['seq']} is not the one the signed anchor names: changed or removed",
+                                    first=anchor["seq"], last=anchor["seq"])
+            prev, expected_seq = anchor["hash"], anchor["seq"] + 1
+        first, count = expected_seq, 0
+        limit = "" if upto is None else f" AND seq <= {int(upto)}"
+        for row in self._query(conn, f"SELECT * FROM events WHERE seq >= ?{limit} ORDER BY seq", [first]):
             count += 1
             seq = row["seq"]
             if seq != expected_seq:
                 where = " (the first after the checkpoint)" if checkpoint and expected_seq == checkpoint["seq"] + 1 else ""
-                return Verification(False, count, prev, seq, f"event {expected_seq}{where} is missing (found {seq})")
+                return Verification(False, count, prev, seq, f"event {expected_seq}{where} is missing (found {seq})",
+                                    first=first, last=seq)
             if row["prev_hash"] != prev:
-                return Verification(False, count, prev, seq, "previous-hash link does not match: an event before it was changed, removed or reordered")
+                return Verification(False, count, prev, seq, "previous-hash link does not match: an event before it "
+                                    "was changed, removed or reordered", first=first, last=seq)
             if row["body"] is not None and digest(row["body"]) != row["body_digest"]:
-                return Verification(False, count, prev, seq, "body does not match its digest")
+                return Verification(False, count, prev, seq, "body does not match its digest", first=first, last=seq)
             if chain_hash(prev, row) != row["hash"]:
-                return Verification(False, count, prev, seq, "event contents do not match its hash")
+                return Verification(False, count, prev, seq, "event contents do not match its hash",
+                                    first=first, last=seq)
             prev, expected_seq = row["hash"], seq + 1
         if upto is not None:
             return Verification(expected_seq - 1 == upto, count, prev, None if expected_seq - 1 == upto else upto,
                                 "" if expected_seq - 1 == upto else f"event {upto} is missing")
         head_seq, head_hash = self._head(conn)
         if (head_seq, head_hash) != (expected_seq - 1, prev):
-            return Verification(False, count, prev, expected_seq, f"chain head says {head_seq} events but the log ends at {expected_seq - 1}: events were removed from the end")
-        return Verification(True, count, prev, checkpoint=checkpoint)
+            return Verification(False, count, prev, expected_seq, f"chain head says {head_seq} events but the log ends "
+                                f"at {expected_seq - 1}: events were removed from the end", first=first,
+                                last=expected_seq - 1)
+        return Verification(True, count, prev, checkpoint=checkpoint, first=first, last=expected_seq - 1)
 
     # Reading
 

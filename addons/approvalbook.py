@@ -54,7 +54,7 @@ class ApprovalBook:
         self._sweeper: asyncio.Task | None = None
 
     def configure(self, updated: set[str]) -> None:
-        if "custody_config" in updated:
+        if self.settings.changed(updated):
             cfg = self.settings.require()
             self.notifier = Notifier(cfg.approvals, self._notified)
 
@@ -182,8 +182,9 @@ class ApprovalBook:
         return Approval.from_document(document)
 
     def timeline(self, approval_id: str) -> list[dict[str, Any]]:
-        """Every audit event of the approval and of the flows it belongs to, in order."""
-        rows = self.log.reader.where("approval = ?", [approval_id])
+        """Every audit event of the approval and of the flows it belongs to, in time order
+        (a request is recorded once decided, after the time it arrived)."""
+        rows = sorted(self.log.reader.where("approval = ?", [approval_id]), key=lambda e: (e["ts"], e["seq"]))
         return [
             {"seq": e["seq"], "ts": e["ts"], "kind": e["kind"], "subject": e["subject"], "effect": e["effect"],
              "reason": e["reason"], "status": e["status"], "detail": json.loads(e["detail"]) if e["detail"] else {}}

@@ -11,7 +11,6 @@ import os
 import sqlite3
 from collections.abc import Callable
 
-from mitmproxy import exceptions
 
 from addons.engine.store import Event, Store, StoreError, Writer
 from addons.settings import Settings
@@ -24,7 +23,7 @@ class AuditLog:
         self.reader: Store | None = None
 
     def configure(self, updated: set[str]) -> None:
-        if "custody_config" not in updated:
+        if not self.settings.changed(updated):
             return
         cfg = self.settings.require().store
         os.makedirs(os.path.dirname(cfg.path) or ".", exist_ok=True)
@@ -33,7 +32,7 @@ class AuditLog:
             self.writer = Writer(cfg.path, cfg.synchronous)
             self.reader = Store(cfg.path, cfg.synchronous)
         except (StoreError, sqlite3.Error, OSError) as e:
-            raise exceptions.OptionsError(f"audit store: {e}") from None
+            self.settings.invalid(f"audit store: {e}")
 
     def done(self) -> None:
         if self.writer is not None:

@@ -88,6 +88,10 @@ class Chain:
     def __init__(self) -> None:
         self.addons = build()
 
+    @property
+    def settings(self) -> Settings:
+        return next(a for a in self.addons if isinstance(a, Settings))
+
 
 def _install_gate() -> None:
     """Put the gate at the very end of the running master's addons, once."""

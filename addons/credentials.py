@@ -68,7 +68,7 @@ class Credentials:
         self.by_upstream: dict[tuple[str, int], Connection] = {}
 
     def configure(self, updated: set[str]) -> None:
-        if "custody_config" in updated:
+        if self.settings.changed(updated):
             connections = self.settings.require().connections
             self.by_upstream = {
                 (c.upstream.host, c.upstream.port): c for c in connections if c.upstream and c.kind in PROXIED

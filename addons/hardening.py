@@ -27,6 +27,11 @@ REQUIRED = {
 class Hardening:
     def configure(self, updated: set[str]) -> None:
         wrong = {k: v for k, v in REQUIRED.items() if k in ctx.options and getattr(ctx.options, k) != v}
-        if wrong:
-            logger.warning("custody: overriding mitmproxy options the gateway cannot allow: %s", ", ".join(wrong))
-            ctx.options.update(**wrong)
+        if not wrong:
+            return
+        # mitmproxy's own defaults (eager connections, raw TCP) are replaced silently; a value
+        # someone chose is replaced with a warning, so they know it did not take effect.
+        chosen = [k for k in wrong if getattr(ctx.options, k) != ctx.options.default(k)]
+        if chosen:
+            logger.warning("custody: overriding mitmproxy options the gateway cannot allow: %s", ", ".join(chosen))
+        ctx.options.update(**wrong)

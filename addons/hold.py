@@ -31,7 +31,7 @@ from addons import context, failclosed
 from addons.approvalbook import ApprovalBook
 from addons.engine.approval import APPROVED, DENIED, EXPIRED, fingerprint
 from addons.engine.errors import Error
-from addons.engine.model import Decision
+from addons.engine.model import MARKERS, Decision
 from addons.engine.store import headers_for_record
 from addons.failclosed import guarded
 from addons.maskpool import MaskPool
@@ -103,7 +103,7 @@ class Hold:
         c.approval = approval.id
         f.intercept()
         self._show(f, f"custody: held for review · rules {', '.join(decision.rules)} · approval {approval.id}",
-                   ":hourglass:")
+                   MARKERS["review"])
         try:
             outcome = await self._hold(f, approval)
             await self._conclude(f, c, approval, decision, outcome, fp)
@@ -146,7 +146,7 @@ class Hold:
                 return
             await self.book.execute(approval, f.id, late=False)
             self._allow(c, approval.id, decision, approval.outcome)
-            self._show(f, f"custody: approved · approval {approval.id} · {approval.outcome}", ":white_check_mark:")
+            self._show(f, f"custody: approved · approval {approval.id} · {approval.outcome}", MARKERS["approved"])
         elif outcome in REFUSALS:
             failclosed.refuse(f, 403, approval.outcome, error=REFUSALS[outcome], extra={"state": outcome}, **refuse)
         elif outcome == End.TIMEOUT:

@@ -92,7 +92,7 @@ class Identity:
         self.tunnel_claims: weakref.WeakKeyDictionary[connection.Client, dict[str, str]] = weakref.WeakKeyDictionary()
 
     def configure(self, updated: set[str]) -> None:
-        if "custody_config" in updated:
+        if self.settings.changed(updated):
             cfg = self.settings.require()
             self.verifier = Verifier(cfg.identity)
 
@@ -144,6 +144,8 @@ class Identity:
             return
         headers = f.request.headers
         conn = self.settings.registry.find(f.request.host, f.request.port)
+        if conn is not None:  # a refusal here answers in the connection's shape (a Kubernetes Status)
+            context.of(f).protocol = conn.kind
         gateway_bearer = conn is not None and conn.bearer_is_gateway
         token, user_claims = proxy_credentials(headers)
         headers.pop("proxy-authorization", None)

@@ -81,7 +81,7 @@ class MaskPool:
         self._loading: asyncio.Future | None = None
 
     def configure(self, updated: set[str]) -> None:
-        if "custody_config" in updated:
+        if self.settings.changed(updated):
             self.masking = self.settings.require().masking
             MaskPool._local.cache_clear()
             if self.executor is not None:

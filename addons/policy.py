@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 
-from mitmproxy import exceptions, http
+from mitmproxy import http
 
 from addons import context, failclosed
 from addons.engine.config import GATEWAY_CONNECTION
@@ -50,14 +50,15 @@ class Policy:
         self._poller: asyncio.Task | None = None
 
     def configure(self, updated: set[str]) -> None:
-        if "custody_config" not in updated:
+        if not self.settings.changed(updated):
             return
         paths = self.settings.require().rules
         seen = fingerprint(paths)
         try:
             self.rules = RuleSet.load(paths)
         except RuleError as e:
-            raise exceptions.OptionsError(f"invalid rules:\n{e}") from None
+            self.settings.invalid(f"invalid rules:\n{e}")
+            return
         self._seen = seen
         logger.info("custody: %d rules loaded from %d files", len(self.rules.rules), len(self.rules.files))
 

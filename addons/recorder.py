@@ -21,7 +21,7 @@ from addons.auditlog import AuditLog
 from addons.context import Context
 from addons.engine.config import StoreConfig
 from addons.engine.errors import Error
-from addons.engine.model import new_id
+from addons.engine.model import MARKERS, new_id
 from addons.engine.store import Event, body_fields, headers_for_record
 from addons.failclosed import guarded
 from addons.maskpool import MaskPool
@@ -29,7 +29,6 @@ from addons.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-MARKERS = {"allow": ":white_check_mark:", "review": ":hourglass:", "deny": ":no_entry:"}
 
 
 def _base(ctx: Context, f: mflow.Flow, kind: str, event_id: str | None = None) -> dict[str, Any]:
@@ -53,7 +52,7 @@ class Recorder:
         self.store = StoreConfig(path="")
 
     def configure(self, updated: set[str]) -> None:
-        if "custody_config" in updated:
+        if self.settings.changed(updated):
             self.store = self.settings.require().store
 
     async def _write(self, ctx: Context, events: list[Event]) -> None:
@@ -75,7 +74,7 @@ class Recorder:
             return
         rules = ",".join(d.rules) or "-"
         f.comment = f"custody: {d.effect} · rules {rules} · event {ctx.decision_event} · {d.reason}"
-        f.marked = MARKERS.get(d.effect, ":warning:")
+        f.marked = MARKERS[d.effect]
 
     @guarded
     async def http_connect(self, f: http.HTTPFlow) -> None:

@@ -29,7 +29,7 @@ class WellKnown:
         self.documents: dict[str, tuple[str, bytes]] = {}
 
     def configure(self, updated: set[str]) -> None:
-        if "custody_config" not in updated:
+        if not self.settings.changed(updated):
             return
         cfg = self.settings.require()
         self.host = cfg.gateway_host

@@ -77,7 +77,7 @@ ensure_packages() {
     local missing=() pair cmd pkg
     for pair in "$@"; do
         cmd=${pair%%=*}; pkg=${pair#*=}
-        if [ -x "$cmd" ] || command -v "$cmd" >/dev/null 2>&1; then continue; fi
+        if [ -e "$cmd" ] || command -v "$cmd" >/dev/null 2>&1; then continue; fi
         missing+=("$pkg")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
@@ -115,4 +115,33 @@ ensure_postgres() {
         return 0
     fi
     ensure_packages /usr/lib/postgresql/any/bin/initdb=postgresql
+}
+
+# port_owner PORT: who listens on PORT ("mitmdump (pid 1234)"), when ss can tell.
+port_owner() {
+    command -v ss >/dev/null 2>&1 || return 0
+    ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'users:(("[^"]*",pid=[0-9]*' | head -n 1 \
+        | sed 's/users:(("\([^"]*\)",pid=\([0-9]*\)/\1 (pid \2)/'
+}
+
+# require_free_ports WHAT PORT...: exit with one line naming the first port in use and its owner.
+require_free_ports() {
+    local what=$1 p owner; shift
+    for p in "$@"; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            owner=$(port_owner "$p")
+            echo "$what: port $p is in use${owner:+ by $owner}; stop it (or pass --port for the gateway's)" >&2
+            exit 1
+        fi
+    done
+}
+
+# single_copy LOCKFILE WHAT: exit with one line when another copy holds the lock (kept until exit).
+single_copy() {
+    exec 9>>"$1"
+    if ! flock -n 9; then
+        echo "$2: another copy is already running from this checkout (pid $(cat "$1.pid" 2>/dev/null || echo '?')); stop it first" >&2
+        exit 1
+    fi
+    echo $$ > "$1.pid"
 }

@@ -54,7 +54,10 @@ def test_an_approver_signs_in_and_approves_in_the_browser(gw, browser, agents, t
     row.click()
     expect(page.locator("#d-summary")).to_have_text("POST /restock on api")
     expect(page.locator("#d-requester")).to_have_text("crew-buyer (buyers)")
-    expect(page.locator("#d-agent")).to_have_text("model: gpt-4o")
+    expect(page.locator("#d-agent")).to_have_text("-")  # nothing verified: the token carries no agent claims
+    expect(page.locator("#d-asserted")).to_have_text("model: gpt-4o")  # what the agent says, labelled unverified
+    expect(row).to_contain_text('"quantity": 250')  # the list shows what tells this request from others
+    expect(page.locator("#d-held")).to_contain_text("(in ")  # the hold's own timeout, not only the lifetime
     expect(page.locator("#d-why")).to_have_text("one-manager: restocking needs a manager")
     expect(page.locator("#d-body")).to_contain_text(hostile)  # shown as text, never as markup
     assert page.locator("#d-body img").count() == 0 and page.title() == "Custody approvals"
@@ -142,7 +145,7 @@ def test_mitmweb_shows_a_held_flow_and_resuming_approves_it_as_the_console_opera
     manager = Approver(gw.approvals_url, token(sub="manager-1", groups=["managers"]))
     approval = pending_for(manager, "mitmweb-resume")
     assert flow["comment"] == f"custody: held for review · rules one-manager · approval {approval['id']}"
-    assert flow["marked"] == "⌛"  # mitmweb renders the :hourglass: marker
+    assert flow["marked"] == "⚠"  # a symbol text fonts have: servers rarely have an emoji font
     mitmweb.post(f"/flows/{flow['id']}/resume")
     assert held.result(timeout=10).status_code == 200
     done = manager.show(approval["id"])
@@ -177,3 +180,18 @@ def test_a_request_edited_while_held_is_not_sent(web, agents, token, upstream):
     r = held.result(timeout=10)
     assert r.status_code == 403 and r.json()["error"] == "approval_mismatch"
     assert not any(b"mitmweb-edit" in g.body for g in upstream.received)
+
+
+@pytest.mark.parametrize("decision", ["allow", "review", "deny", "approved"])
+def test_decision_markers_render_in_a_text_font(decision):
+    """mitmweb turns a marker shortcode into its character; each of Custody's must be one a
+    plain text font (DejaVu Sans, Debian's default) has, not an emoji-only glyph."""
+    import subprocess
+
+    from mitmproxy.utils import emoji
+
+    from addons.engine.model import MARKERS
+
+    char = emoji.emoji[MARKERS[decision]]
+    fonts = subprocess.run(["fc-list", f":charset={ord(char):x}", "family"], capture_output=True, text=True).stdout
+    assert "DejaVu Sans" in fonts, f"{MARKERS[decision]} ({char}) needs an emoji font"

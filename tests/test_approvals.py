@@ -302,7 +302,7 @@ def test_approvals_survive_a_restart_and_held_flows_are_abandoned(tmp_path, serv
 def test_the_cli_lists_shows_approves_and_denies(gw, people, agents, token, upstream):
     def cli(*args: str, who: str = "manager-1") -> subprocess.CompletedProcess:
         env = {**gw.env, "CUSTODY_CONFIG": str(gw.config_file),
-               "CUSTODY_TOKEN": token(sub=who, groups=["managers"])}
+               "CUSTODY_APPROVER_TOKEN": token(sub=who, groups=["managers"])}
         return subprocess.run([str(BIN / "custody"), "approvals", *args], capture_output=True, text=True, env=env, timeout=60)
 
     held = agents.submit(send, gw, people["buyer"], "/orders", {"quantity": 800, "tag": "cli-approve"})
@@ -344,3 +344,13 @@ def test_the_lean_runner_holds_and_serves_approvals_too(tmp_path, servers, token
         assert len(reached(upstream, "lean-held")) == 1
     finally:
         gw.stop()
+
+
+def test_the_cli_never_takes_the_agents_token_for_an_approvers(gw, token):
+    """$CUSTODY_TOKEN is the agent's (the client helper and ssh use it): a bare approvals
+    command in an agent's shell refuses instead of acting as the agent."""
+    env = {**gw.env, "CUSTODY_CONFIG": str(gw.config_file), "CUSTODY_TOKEN": token(sub="crew", groups=["managers"])}
+    env.pop("CUSTODY_APPROVER_TOKEN", None)
+    out = subprocess.run([str(BIN / "custody"), "approvals", "list"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip() == "an approver's token is needed: pass --token or set CUSTODY_APPROVER_TOKEN"

@@ -4,6 +4,7 @@ reading the audit log."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,8 @@ def setup(tmp_path):
     cfg.write_text(yaml.safe_dump(doc))
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        env = {"CUSTODY_CONFIG": str(cfg), "PATH": str(BIN) + ":/usr/bin:/bin"}
+        env = {"CUSTODY_CONFIG": str(cfg), "PATH": str(BIN) + ":/usr/bin:/bin",
+               **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}}
         return subprocess.run([str(BIN / "custody"), *args], capture_output=True, text=True, env=env, timeout=60)
 
     run.dir, run.config = tmp_path, cfg
@@ -163,3 +165,84 @@ def test_audit_show_and_tail(setup):
     assert [e["id"] for e in session] == ["ev-1", "ev-2"]
     missing = setup("audit", "show", "nope")
     assert missing.returncode == 1 and "no event, flow, session or approval 'nope'" in missing.stderr
+
+
+def test_every_id_one_audit_command_prints_the_next_one_takes(setup):
+    """tail prints sequence numbers and sessions, sessions prints session ids: show and
+    replay take them as printed."""
+    from addons.engine.model import Decision, Operation, Principal
+    from addons.engine.store import Event, Store
+
+    who = Principal("crew-analyst", "http://custody.gateway", ("analysts",), {"agent": "researcher"})
+    op = Operation("http", "sample-api", "read", "/items", 10, "GET /items on sample-api")
+    store = Store(str(setup.dir / "audit.db"))
+    store.append([
+        Event(id="a1", kind="request", session="sess-a", flow="f1", principal=who, operation=op),
+        Event(id="a2", kind="decision", session="sess-a", flow="f1", principal=who, operation=op,
+              decision=Decision("allow", ("r",), "ok")),
+        Event(id="b1", kind="request", session="sess-b", flow="f2", principal=who, operation=op),
+        Event(id="b2", kind="decision", session="sess-b", flow="f2", principal=who, operation=op,
+              decision=Decision("deny", ("no",), "no"), status=403),
+    ])
+    store.close()
+    tail = setup("audit", "tail").stdout.splitlines()
+    seq = tail[-1].split()[0]
+    assert tail[-1].endswith("[session sess-b]")
+    shown = json.loads(setup("audit", "show", seq, "--json").stdout)
+    assert shown["event"]["id"] == "b2"
+    sessions = setup("audit", "sessions")
+    assert sessions.returncode == 0, sessions.stderr
+    lines = sessions.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["sess-b", "sess-a"]
+    assert "crew-analyst" in lines[0] and "1 requests" in lines[0] and "1 denied" in lines[0]
+    assert "agent researcher" in lines[0]
+    listed = json.loads(setup("audit", "sessions", "--json").stdout)
+    assert [(s["session"], s["requests"], s["denied"]) for s in listed] == [("sess-b", 1, 1), ("sess-a", 1, 0)]
+    replay = setup("audit", "replay", lines[1].split()[0])
+    assert replay.returncode == 0 and replay.stdout.startswith("session sess-a: 2 events")
+
+
+@pytest.mark.parametrize(
+    "files, code, says",
+    [
+        ({"a.yaml": {"rules": [{"id": "x", "match": {"action": "read"}, "effect": "allow"}]}}, 0, "ok: 1 rules in 1 files"),
+        ({"a.yaml": {"rules": [{"id": "x", "match": {"action": "fetch"}, "effect": "allow"}]}}, 1,
+         "a.yaml: rule 'x': match.action: 'fetch' is not one of"),
+        ({"a.yaml": {"rules": [{"id": "x", "match": {"pathh": "/"}, "effect": "allow"}]}}, 1,
+         "a.yaml: rule 'x': match: unknown field ('pathh' was unexpected), did you mean 'path'?"),
+        ({"a.yaml": {"rules": [{"id": "x", "match": {}, "effect": "allow"}]},
+          "b.yaml": {"rules": [{"id": "x", "match": {}, "effect": "deny"}]}}, 1, "b.yaml: rule 'x': id: already used in"),
+        ({"a.yaml": "rules: [\n  - id: x\n"}, 1, "a.yaml: not valid YAML"),
+        ({"a.yaml": {"rules": [{"id": "x", "match": {"connection": "nowhere"}, "effect": "allow"}]}}, 0,
+         "warning: {dir}/a.yaml: rule 'x': match.connection: no connection named 'nowhere'"),
+    ],
+)
+@pytest.mark.parametrize("as_directory", [True, False])
+def test_rules_check_of_candidate_files(setup, tmp_path, files, code, says, as_directory):
+    """Candidates are checked as given, without touching (or reading) the live rules."""
+    candidates = tmp_path / "candidates"
+    candidates.mkdir()
+    for name, document in files.items():
+        (candidates / name).write_text(document if isinstance(document, str) else yaml.safe_dump(document))
+    live = {p: p.read_bytes() for p in (ROOT / "rules").glob("*.yaml")}
+    paths = [str(candidates)] if as_directory else [str(candidates / n) for n in sorted(files)]
+    out = setup("rules", "check", *paths)
+    assert out.returncode == code, out.stdout + out.stderr
+    assert says.format(dir=candidates) in out.stdout + out.stderr
+    if code == 0:
+        assert f"ok: {len(files)} rules in {len(files)} files" in out.stdout and "live" not in out.stdout
+    assert {p: p.read_bytes() for p in (ROOT / "rules").glob("*.yaml")} == live
+
+
+def test_rules_explain_lists_only_the_connections_rules(setup):
+    token = setup("token", "--sub", "crew", "--groups", "analysts").stdout.strip()
+    out = setup("rules", "explain", "--token", token, "GET", "http://sample-api.internal/items", "--json")
+    result = json.loads(out.stdout)
+    from addons.engine.rules import RuleSet
+
+    rules = {r.id: r for r in RuleSet.load([str(ROOT / "rules")]).rules}
+    listed = [r["id"] for r in result["matched"] + result["not_matched"]]
+    assert listed and all(not rules[i].connections or "sample-api" in rules[i].connections for i in listed)
+    assert len(listed) < len(rules)
+    others = [i for i, r in rules.items() if r.connections and "sample-api" not in r.connections]
+    assert others and not set(others) & set(listed)

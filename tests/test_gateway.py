@@ -387,9 +387,9 @@ def test_mitmweb_sees_decision_as_comment_and_marker(tmp_path, servers, token):
     with open(flows, "rb") as fh:
         saved = list(io.FlowReader(fh).stream())
     by_path = {f.request.path: f for f in saved}
-    assert by_path["/items"].marked == ":white_check_mark:"
+    assert by_path["/items"].marked == ":heavy_check_mark:"
     assert by_path["/items"].comment.startswith("custody: allow · rules analysts-read · event ")
-    assert by_path["/admin/x"].marked == ":no_entry:"
+    assert by_path["/admin/x"].marked == ":heavy_multiplication_x:"
     assert denied.json()["event_id"] in by_path["/admin/x"].comment
     assert allowed.status_code == 200
     # the saved context is plain data, and a copy is never considered cleared

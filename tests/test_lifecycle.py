@@ -50,6 +50,53 @@ def test_invalid_configuration_stops_the_gateway_from_starting(make, runner):
     assert f"{gw.config_file}: connections[0].credential.secret: environment variable NOT_SET_ANYWHERE is not set" in output
 
 
+def misspell(config: dict, where: str) -> None:
+    """Rename the key at dotted path `where` (the last part) to its misspelling."""
+    *parents, key = where.split(".")
+    node = config
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node[part]
+    node[key + "z"] = node.pop(key)
+
+
+RUNNERS = {
+    "mitmdump": {},
+    "mitmweb": {"runner": "mitmweb", "options": ("web_open_browser=false", "web_port=0")},
+    "custody": {"runner": "custody"},
+}
+
+
+@pytest.mark.parametrize("runner", list(RUNNERS))
+@pytest.mark.parametrize(
+    "where, field, says",
+    [
+        ("rules", "(top level)", "unknown field ('rulesz' was unexpected), did you mean 'rules'?"),
+        ("store", "(top level)", "unknown field ('storez' was unexpected), did you mean 'store'?"),
+        ("identity.issuers", "identity", "unknown field ('issuersz' was unexpected), did you mean 'issuers'?"),
+        ("connections.0.upstream", "connections[0]", "unknown field ('upstreamz' was unexpected), did you mean 'upstream'?"),
+        ("connections.0.credential", "connections[0]",
+         "unknown field ('credentialz' was unexpected), did you mean 'credential'?"),
+        ("identity.jwks_min_interval", "identity",
+         "unknown field ('jwks_min_intervalz' was unexpected), did you mean 'jwks_min_interval'?"),
+    ],
+)
+def test_a_misspelled_key_is_one_short_message(make, runner, where, field, says):
+    """The file, the field and what is wrong, in a few lines and no traceback, and a
+    non-zero exit, whichever way the gateway is started."""
+    import yaml
+
+    gw = make(**RUNNERS[runner])
+    misspell(gw.config, where)
+    gw.config_file.write_text(yaml.safe_dump(gw.config))
+    code, output = gw.run_to_exit()
+    assert code != 0
+    assert f"{gw.config_file}: {field}: {says}" in output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) <= 6, output
+    assert "Traceback" not in output and "RecursionError" not in output
+    assert "overriding mitmproxy options" not in output  # mitmproxy's own defaults are replaced silently
+
+
 def wait_for(predicate, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -236,7 +236,7 @@ def test_secrets_never_reach_the_audit_store(gw, upstream, analyst):
     recorded = gw.events("kind = 'request' AND resource = '/credentials'")[-1]
     assert b"[REDACTED]" in recorded["body"]  # ...the record has it masked
     store = gw.store()
-    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     store.close()
     raw = b"".join(p.read_bytes() for p in gw.dir.glob("audit.db*"))
     found = [s for s in PLANTED if s.encode() in raw or json.dumps(s)[1:-1].encode() in raw]

@@ -15,11 +15,11 @@ from addons.engine.store import GENESIS, Event, Store, chain_hash
 BIN = Path(sys.executable).parent
 
 
-def populate(path: Path, n: int = 5) -> None:
+def populate(path: Path, n: int = 5, prefix: str = "e") -> None:
     store = Store(str(path))
     for i in range(n):
         store.append([
-            Event(id=f"e{i}", kind="request", session="s1", flow=f"f{i}",
+            Event(id=f"{prefix}{i}", kind="request", session="s1", flow=f"f{i}",
                   principal=Principal("crew", "idp", ("a",), agent={"model": "m"}),
                   operation=Operation("http", "api", "read", f"/items/{i}", 10, f"GET /items/{i} on api"),
                   decision=Decision("allow", ("r",), "ok"),
@@ -142,3 +142,140 @@ def test_a_store_from_another_schema_version_is_refused(tmp_path):
     sql(db, "PRAGMA user_version = 0")
     with pytest.raises(StoreError, match=f"schema version 0, but this gateway writes version {SCHEMA_VERSION}"):
         Store(str(db))
+
+
+# bodies: once per content, deflated, read back whole
+
+
+def test_a_body_is_kept_once_and_read_back_whole(tmp_path):
+    db = tmp_path / "a.db"
+    store = Store(str(db))
+    big = b'{"items": [' + b",".join(b'{"id": %d, "name": "bolt M6"}' % i for i in range(200)) + b"]}"
+    store.append([Event(id=f"e{i}", kind="response", body=big) for i in range(50)]
+                 + [Event(id="tiny", kind="response", body=b"x")])
+    kept = store.conn.execute("SELECT COUNT(*), SUM(LENGTH(data)) FROM bodies").fetchone()
+    assert kept[0] == 2 and kept[1] < len(big) // 4  # fifty copies of one body: kept once, deflated
+    assert store.conn.execute("SELECT COUNT(*) FROM events WHERE body IS NOT NULL").fetchone()[0] == 0
+    assert {r["body"] for r in store.where("1", [])} == {big, b"x"}
+    assert store.verify().ok
+
+
+def test_a_version_1_store_is_upgraded_and_still_verifies(tmp_path):
+    """Version 1 kept bodies inline; upgraded, they stay there and the chain is unchanged."""
+    db = tmp_path / "a.db"
+    populate(db, 3)
+    sql(db, "DROP TABLE bodies", "DROP TABLE anchors", "PRAGMA user_version = 1")
+    conn = sqlite3.connect(db)
+    for seq, in conn.execute("SELECT seq FROM events").fetchall():
+        conn.execute("UPDATE events SET body = ? WHERE seq = ?", [f"body {seq - 1}".encode(), seq])
+    conn.commit()
+    conn.close()
+    store = Store(str(db))
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert [r["body"] for r in store.where("1", [])] == [b"body 0", b"body 1", b"body 2"]
+    store.append([Event(id="new", kind="response", body=b"after the upgrade")])
+    assert store.verify().ok and store.verify().count == 4
+
+
+@pytest.mark.parametrize(
+    "tamper, problem",
+    [
+        ("UPDATE bodies SET data = X'00'", "body does not match its digest"),
+        ("UPDATE bodies SET encoding = 'identity'", "body does not match its digest"),
+    ],
+)
+def test_a_kept_body_that_was_changed_is_detected(tmp_path, tamper, problem):
+    db = tmp_path / "a.db"
+    store = Store(str(db))
+    store.append([Event(id="e", kind="response", body=b"the original body " * 20)])
+    store.close()
+    sql(db, tamper)
+    result = Store(str(db)).verify()
+    assert not result.ok and result.broken_at == 1 and result.problem == problem
+
+
+# verifying a live store, and from a signed anchor
+
+
+LIVE_WRITER = """
+import sys
+from addons.engine.store import Event, Store
+store = Store(sys.argv[1])
+for i in range(3000):
+    store.append([Event(id=f"w-{i}-{j}", kind="request", body=b"x" * (i % 50)) for j in range(3)])
+"""
+
+
+def test_verifying_a_store_being_written_never_reports_tampering(tmp_path):
+    """Events and the chain head are read in one snapshot, however busy the writer is."""
+    db = tmp_path / "a.db"
+    Store(str(db)).close()
+    writer = subprocess.Popen([sys.executable, "-c", LIVE_WRITER, str(db)])
+    results = []
+    try:
+        while writer.poll() is None or not results:
+            results.append(Store(str(db)).verify())
+    finally:
+        writer.wait(120)
+    assert writer.returncode == 0
+    assert [r.problem for r in results if not r.ok] == []
+    assert len({r.count for r in results}) > 1  # it really ran while events were being added
+
+
+def verify(db: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / "custody", "audit", "verify", "--db", str(db), *args], capture_output=True, text=True)
+
+
+def signing_key(db: Path) -> None:
+    from addons.engine.signing import Signer
+
+    Signer.open(str(db.parent / "audit-signing.key"))
+
+
+def test_a_verification_starts_where_the_last_one_got_to(tmp_path):
+    db = tmp_path / "a.db"
+    populate(db, 5)
+    signing_key(db)
+    first = verify(db)
+    assert first.returncode == 0 and first.stdout.startswith("ok: 5 events, chain head ")
+    populate(db, 2, "more")  # two more requests
+    second = verify(db)
+    assert second.returncode == 0, second.stdout
+    assert second.stdout.startswith("ok: events 6–7 after the signed anchor at event 5 (")
+    third = verify(db)
+    assert third.stdout.startswith("ok: no new events after the signed anchor at event 7 (")
+    assert verify(db, "--full").stdout.startswith("ok: 7 events, chain head ")
+
+
+@pytest.mark.parametrize(
+    "tamper, incremental_says, full_says",
+    [
+        # after the anchor: found by the incremental walk itself
+        (["UPDATE events SET resource = '/admin' WHERE seq = 7"], "BROKEN at event 7: event contents do not match",
+         "BROKEN at event 7: event contents do not match"),
+        (["DELETE FROM events WHERE seq = 6"], "BROKEN at event 7: event 6 is missing (found 7)",
+         "BROKEN at event 7: event 6 is missing (found 7)"),
+        # the anchored event itself: found at once
+        (["UPDATE events SET hash = 'x' WHERE seq = 5"],
+         "BROKEN at event 5: event 5 is not the one the signed anchor names", "BROKEN at event 5: "),
+        (["DELETE FROM events WHERE seq = 5"],
+         "BROKEN at event 5: event 5 is not the one the signed anchor names", "BROKEN at event 6: event 5 is missing"),
+        # a forged or edited anchor: its signature says so (a full walk does not use anchors)
+        (["UPDATE anchors SET document = replace(document, '\"seq\":5', '\"seq\":4')"],
+         "BROKEN: anchor at event 4: ", None),
+        # before the anchor: only a full walk reads it again
+        (["UPDATE events SET resource = '/admin' WHERE seq = 2"], None, "BROKEN at event 2: event contents do not match"),
+    ],
+)
+def test_tampering_is_found_from_the_anchor_or_by_a_full_walk(tmp_path, tamper, incremental_says, full_says):
+    db = tmp_path / "a.db"
+    populate(db, 5)
+    signing_key(db)
+    assert verify(db).returncode == 0
+    populate(db, 2, "more")
+    sql(db, *tamper)
+    for result, says in ((verify(db), incremental_says), (verify(db, "--full"), full_says)):
+        if says is None:
+            assert result.returncode == 0 and result.stdout.startswith("ok: "), result.stdout
+        else:
+            assert result.returncode == 1 and result.stdout.startswith(says), result.stdout

@@ -1,13 +1,17 @@
 """`custody audit …`: read the audit store as evidence.
 
     custody audit tail [-n 20] [--follow]
-    custody audit show EVENT_FLOW_SESSION_OR_APPROVAL
+    custody audit sessions [--from T] [--principal S] [-n 20]   (who, when, how many requests)
+    custody audit show SEQ_OR_EVENT_FLOW_SESSION_OR_APPROVAL
     custody audit replay SESSION | --run RUN [--follow]
     custody audit export --format jsonl|csv|har|flows -o FILE [--from T] [--to T] [--principal S] …
     custody audit report --from T [--to T] [-o BASE]      (BASE.html and BASE.json)
     custody audit verify [--export FILE] [--public-key PEM]
     custody audit prune --before T (--archive FILE | --no-archive)
     custody audit key                                      (the signing key's public half)
+
+Every id a command prints is one the next command takes: `tail` prints sequence numbers
+and session ids, `sessions` prints session ids, and `show` and `replay` take them.
 """
 
 from __future__ import annotations
@@ -20,43 +24,45 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from addons.engine import config
-from addons.engine.signing import Signer, SigningError, check, key_id, load_public
-from addons.engine.store import Store, StoreError
-from addons.evidence import exports, report
-from addons.evidence.timeline import Selection, approvals, iso, parse_time, records, replay_lines
+from addons.cli.base import CliError, with_config
+
+if TYPE_CHECKING:
+    from addons.engine.config import StoreConfig
+    from addons.engine.signing import Signer
+    from addons.engine.store import Store
+    from addons.evidence.timeline import Selection
 
 POLL = 0.5
-
-
-class AuditError(Exception):
-    """A user-facing error of an audit command: printed without a traceback, exit 1."""
 
 
 # where things are
 
 
-def _configured(args: argparse.Namespace) -> config.StoreConfig | None:
+def _configured(args: argparse.Namespace) -> StoreConfig | None:
     """The configuration's store settings; None when --db names the store directly."""
+    from addons.engine import config
+
     if args.db:
         return None
     try:
         return config.load(config.find(args.config), secrets=False).store
     except config.ConfigError as e:
-        raise AuditError(str(e)) from None
+        raise CliError(str(e)) from None
 
 
 def open_store(args: argparse.Namespace) -> Store:
+    from addons.engine.store import Store, StoreError
+
     settings = _configured(args)
     path = args.db or settings.path
     if not os.path.exists(path):
-        raise AuditError(f"no audit store at {path}")
+        raise CliError(f"no audit store at {path}")
     try:
         return Store(path)
     except StoreError as e:
-        raise AuditError(str(e)) from None
+        raise CliError(str(e)) from None
 
 
 def _key_path(args: argparse.Namespace) -> str:
@@ -70,12 +76,14 @@ def _key_path(args: argparse.Namespace) -> str:
 
 
 def _signer(args: argparse.Namespace) -> Signer:
+    from addons.engine.signing import Signer, SigningError
+
     path = _key_path(args)
     fresh = not os.path.exists(path)
     try:
         signer = Signer.open(path)
     except SigningError as e:
-        raise AuditError(str(e)) from None
+        raise CliError(str(e)) from None
     if fresh:
         print(f"created the audit signing key {path} ({signer.key_id}); give auditors its public half: "
               "custody audit key > custody-audit.pub")
@@ -84,6 +92,8 @@ def _signer(args: argparse.Namespace) -> Signer:
 
 def _pinned(args: argparse.Namespace):
     """The key signatures must be by: --public-key, store.verify_key, else the local signing key."""
+    from addons.engine.signing import SigningError, load_public
+
     settings = _configured(args)
     path = args.public_key or (settings.verify_key if settings is not None else "") or None
     if path is None and os.path.exists(_key_path(args)):
@@ -93,19 +103,23 @@ def _pinned(args: argparse.Namespace):
     try:
         return load_public(path)
     except SigningError as e:
-        raise AuditError(str(e)) from None
+        raise CliError(str(e)) from None
 
 
 def _time(text: str | None, option: str) -> float | None:
+    from addons.evidence.timeline import parse_time
+
     if text is None:
         return None
     try:
         return parse_time(text)
     except ValueError as e:
-        raise AuditError(f"{option}: {e}") from None
+        raise CliError(f"{option}: {e}") from None
 
 
 def _selection(args: argparse.Namespace) -> Selection:
+    from addons.evidence.timeline import Selection
+
     return Selection(start=_time(args.start, "--from"), end=_time(args.end, "--to"), principal=args.principal or "",
                      agent=args.agent or "", connection=args.connection or "", session=args.session or "",
                      run=args.run or "", effect=args.decision or "")
@@ -126,10 +140,12 @@ def format_row(row: dict[str, Any]) -> str:
     return (
         f"{row['seq']:>6}  {local_time(row['ts'])}  {row['kind']:<8}  {row['subject'] or '-':<16}  "
         f"{row['connection'] or '-':<14}  {what or '-':<28}  {outcome:<10}  {row['reason'] or ''}"
-    ).rstrip()
+    ).rstrip() + (f"  [session {row['session']}]" if row["session"] else "")
 
 
 def _printable(row: dict[str, Any]) -> dict[str, Any]:
+    from addons.evidence import exports
+
     out = exports.jsonl_record(row)
     out["time"] = local_time(row["ts"])
     return out
@@ -158,9 +174,27 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sessions(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    found = store.sessions(_time(args.start, "--from"), args.principal or "", args.n)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    if not found:
+        print("no sessions" + (" in that period" if args.start else ""))
+    for s in found:
+        who = s["subjects"] or "-"
+        print(f"{s['session']}  {local_time(s['first'])} .. {local_time(s['last'])[11:]}  {who:<16}  "
+              f"{s['connections'] or '-':<14}  {s['requests']:>4} requests  {s['denied']:>3} denied  "
+              f"{s['held']:>3} held" + (f"  agent {s['agents']}" if s["agents"] else ""))
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     store = open_store(args)
     event = store.event(args.id)
+    if event is None and args.id.isdigit():
+        event = next(iter(store.where("seq = ?", [int(args.id)])), None)  # as `tail` prints it
     if event is not None:
         related = store.where("flow = ?", [event["flow"]]) if event["flow"] else [event]
         if args.json:
@@ -173,7 +207,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     rows = store.where("session = ? OR flow = ? OR approval = ?", [args.id, args.id, args.id])
     if not rows:
-        raise AuditError(f"no event, flow, session or approval {args.id!r} in {store.path}")
+        raise CliError(f"no event, flow, session or approval {args.id!r} in {store.path} (events by sequence number or id)")
     if args.json:
         print(json.dumps([_printable(r) for r in rows], indent=2))
     else:
@@ -186,14 +220,23 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from addons.evidence import exports
+    from addons.evidence.timeline import (
+        Selection,
+        approvals,
+        iso,
+        records,
+        replay_lines,
+    )
+
     if bool(args.session) == bool(args.run):
-        raise AuditError("name a session, or a crew run with --run (not both)")
+        raise CliError("name a session, or a crew run with --run (not both)")
     store = open_store(args)
     selection = Selection(session=args.session or "", run=args.run or "")
     rows = sorted(selection.rows(store), key=lambda r: (r["ts"], r["seq"]))  # a request is recorded once decided
     if not rows and not args.follow:
         what = f"session {args.session!r}" if args.session else f"run {args.run!r}"
-        raise AuditError(f"no events of {what} in {store.path} (sessions are listed by `custody audit tail`)")
+        raise CliError(f"no events of {what} in {store.path} (sessions are listed by `custody audit sessions`)")
     # Approval steps (votes, decisions) are recorded in the session of the flow they hold.
     stories = approvals(records(rows))
 
@@ -226,35 +269,43 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from addons.evidence import exports
+
+    if args.format not in exports.FORMATS:
+        raise CliError(f"--format: one of {', '.join(exports.FORMATS)}")
     store = open_store(args)
     signer = _signer(args)
     try:
         bundle = exports.export(store, _selection(args), args.format, args.output, signer)
     except exports.ExportError as e:
-        raise AuditError(str(e)) from None
+        raise CliError(str(e)) from None
     m = bundle.manifest
-    print(f"wrote {args.output}: {m['events']} events as {args.format}; manifest {exports.manifest_path(args.output)} "
+    output = os.path.abspath(args.output)
+    print(f"wrote {output}: {m['events']} events as {args.format}; manifest {exports.manifest_path(output)} "
           f"(chain head {m['chain_head']['seq']} {m['chain_head']['hash'][:16]}…, signed by {signer.key_id})")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from addons.evidence import report
+    from addons.evidence.timeline import Selection
+
     store = open_store(args)
     start = _time(args.start, "--from")
     end = _time(args.end, "--to") if args.end else time.time()
     if end <= start:
-        raise AuditError("--to must be after --from")
+        raise CliError("--to must be after --from")
     verification = store.verify()
     chain = {"ok": verification.ok, "events": verification.count, "head": verification.head,
              **({} if verification.ok else {"broken_at": verification.broken_at, "problem": verification.problem})}
     document = report.build(Selection(start=start, end=end).rows(store), start, end, chain)
-    base = args.output
+    base = os.path.abspath(args.output)
     try:
         Path(base).parent.mkdir(parents=True, exist_ok=True)
         Path(base + ".json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
         Path(base + ".html").write_text(report.render_html(document))
     except OSError as e:
-        raise AuditError(f"cannot write the report: {e}") from None
+        raise CliError(f"cannot write the report: {e}") from None
     t = document["totals"]
     print(f"wrote {base}.html and {base}.json: {t['requests']} requests, {t['denied']} denied, "
           f"{t['approvals']} approvals, {t['masked_values']} values masked")
@@ -265,16 +316,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _verify_checkpoints(store: Store, pinned) -> list[str]:
+    from addons.engine.signing import SigningError, check
+    from addons.evidence.timeline import iso
+
     said, previous = [], None
     for c in store.checkpoints():
         doc = c["document"]
         try:
             kid = check(doc, c["signature"], pinned)
         except SigningError as e:
-            raise AuditError(f"BROKEN: checkpoint at event {doc.get('seq')}: {e}") from None
+            raise CliError(f"BROKEN: checkpoint at event {doc.get('seq')}: {e}") from None
         expected = {"seq": previous["seq"], "hash": previous["hash"]} if previous else None
         if doc.get("previous") != expected:
-            raise AuditError(f"BROKEN: checkpoint at event {doc['seq']} does not follow the checkpoint before it")
+            raise CliError(f"BROKEN: checkpoint at event {doc['seq']} does not follow the checkpoint before it")
         said.append(f"checkpoint: events {doc['first_seq']}–{doc['seq']} pruned ({iso(doc['first_ts'])} to "
                     f"{iso(doc['last_ts'])}), signed by {kid}" + ("" if pinned else " (key not pinned)"))
         previous = doc
@@ -289,11 +343,13 @@ def _ok(headline: str, proven: list[str]) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from addons.evidence import exports
+
     pinned = _pinned(args)
     if args.export:
         try:
             store = open_store(args)
-        except AuditError as e:
+        except CliError as e:
             print(f"{e}: checking the file and its signature only")
             store = None
         try:
@@ -305,29 +361,71 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = open_store(args)
     try:
         said = _verify_checkpoints(store, pinned)
-    except AuditError as e:
+        anchor = None if args.full else _anchor(store, pinned)
+    except CliError as e:
         print(e)
         return 1
-    result = store.verify()
+    result = store.verify(anchor["document"] if anchor else None)
     if not result.ok:
         print(f"BROKEN at event {result.broken_at}: {result.problem}")
         return 1
-    return _ok(f"ok: {result.count} events, chain head {result.head}", said)
+    _sign_anchor(args, store, result)
+    if anchor is None:
+        return _ok(f"ok: {result.count} events, chain head {result.head}", said)
+    doc = anchor["document"]
+    walked = f"events {result.first}–{result.last}" if result.count else "no new events"
+    return _ok(f"ok: {walked} after the signed anchor at event {doc['seq']} ({local_time(doc['created'])}), "
+               f"chain head {result.head}; --full walks the whole chain", said)
+
+
+def _anchor(store: Store, pinned) -> dict[str, Any] | None:
+    """The newest anchor, its signature checked: where this verification may start. None
+    without a key to check it by (then the whole chain is walked)."""
+    from addons.engine.signing import SigningError, check
+
+    anchors = store.anchors()
+    if not anchors or pinned is None:
+        return None
+    try:
+        check(anchors[0]["document"], anchors[0]["signature"], pinned)
+    except SigningError as e:
+        raise CliError(f"BROKEN: anchor at event {anchors[0]['document'].get('seq')}: {e}") from None
+    return anchors[0]
+
+
+def _sign_anchor(args: argparse.Namespace, store: Store, result) -> None:
+    """Where this verification got to, signed, for the next one to start from (only where the
+    audit signing key is: an auditor holding only its public half verifies, and anchors nothing)."""
+    from addons.engine.signing import Signer, SigningError
+
+    path = _key_path(args)
+    if result.last < 1 or not os.path.exists(path):
+        return
+    try:
+        signer = Signer.open(path, create=False)
+    except SigningError:
+        return
+    document = {"seq": result.last, "hash": result.head, "created": time.time(), "verified_from": result.first}
+    store.add_anchor(document, signer.sign(document).as_dict())
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from addons.engine.store import StoreError
+    from addons.evidence import exports
+    from addons.evidence.timeline import iso
+
     before = _time(args.before, "--before")
     if before > time.time():
-        raise AuditError("--before is in the future: that would prune events still being written")
+        raise CliError("--before is in the future: that would prune events still being written")
     store = open_store(args)
     signer = _signer(args)
     if args.archive and os.path.exists(args.archive):
-        raise AuditError(f"{args.archive} exists; choose a new archive file")
+        raise CliError(f"{args.archive} exists; choose a new archive file")
     try:
         document = store.prune(before, lambda doc: signer.sign(doc).as_dict(),
                                exports.archive_writer(args.archive, signer) if args.archive else None)
     except (StoreError, exports.ExportError) as e:
-        raise AuditError(f"prune refused: {e}") from None
+        raise CliError(f"prune refused: {e}") from None
     if document is None:
         print(f"nothing recorded before {iso(before)} (beyond any earlier checkpoint)")
         return 0
@@ -338,17 +436,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_key(args: argparse.Namespace) -> int:
+    from addons.engine.signing import Signer, SigningError, key_id
+
     path = _key_path(args)
     try:
         signer = Signer.open(path, create=False)
     except SigningError as e:
-        raise AuditError(f"{e} (it is created by the first `custody audit export` or `prune`)") from None
+        raise CliError(f"{e} (it is created by the first `custody audit export` or `prune`)") from None
     print(signer.public_pem(), end="")
     print(f"# {key_id(signer.public)}", file=sys.stderr)
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction, with_config: Callable) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser("audit", help="read, replay, export, report, verify and prune the audit log")
     a = a.add_subparsers(dest="audit_command", required=True)
 
@@ -375,7 +475,13 @@ def add_parsers(sub: argparse._SubParsersAction, with_config: Callable) -> None:
     at = audit("tail", "print the latest events", cmd_tail)
     at.add_argument("-n", type=int, default=20)
     at.add_argument("-f", "--follow", action="store_true")
-    ash = audit("show", "print one event with its flow, or a whole flow, session or approval", cmd_show)
+    ass = audit("sessions", "sessions, latest first: who, when, how many requests (ids for `replay`)", cmd_sessions)
+    ass.add_argument("--from", dest="start", help="active since this time")
+    ass.add_argument("--principal", help="only sessions of this subject")
+    ass.add_argument("-n", type=int, default=20)
+    ass.add_argument("--json", action="store_true")
+    ash = audit("show", "print one event (by sequence number or id) with its flow, or a whole flow, session "
+                        "or approval", cmd_show)
     ash.add_argument("id")
     ash.add_argument("--json", action="store_true")
     ar = audit("replay", "a session's (or crew run's) timeline: requests, decisions, approvals, responses", cmd_replay)
@@ -385,7 +491,7 @@ def add_parsers(sub: argparse._SubParsersAction, with_config: Callable) -> None:
     ar.add_argument("--json", action="store_true", help="one JSON object per event (the export's JSONL columns)")
     ar.add_argument("--body-limit", type=int, default=2000, help="characters of each body to print (default 2000)")
     ae = audit("export", "write events as JSONL, CSV, HAR or mitmproxy flows, with a signed manifest", cmd_export)
-    ae.add_argument("--format", choices=exports.FORMATS, required=True)
+    ae.add_argument("--format", required=True, help="jsonl, csv, har or flows")
     ae.add_argument("-o", "--output", required=True, help="the file to write (and FILE.manifest.json)")
     filters(ae)
     keys(ae)
@@ -396,6 +502,8 @@ def add_parsers(sub: argparse._SubParsersAction, with_config: Callable) -> None:
     av = audit("verify", "walk the hash chain (or check an exported bundle) and report the first broken link",
                cmd_verify)
     av.add_argument("--export", help="check this exported file against its manifest and the store")
+    av.add_argument("--full", action="store_true", help="walk the whole chain, not only what came after the last "
+                                                        "signed anchor (the default once one exists)")
     av.add_argument("--public-key", help="the signing key signatures must be by (default: store.verify_key, "
                                          "else the local signing key)")
     keys(av)

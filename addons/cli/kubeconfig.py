@@ -1,4 +1,4 @@
-"""Kubeconfigs for agents: plain kubectl (or any client-go / Python client) through Custody.
+"""`custody kubeconfig`: kubeconfigs for agents: plain kubectl (or any client-go / Python client) through Custody.
 
 Through the proxy, the cluster's `server:` is the connection's name for it and
 `proxy-url` is the gateway: set explicitly, because Go never proxies loopback addresses
@@ -11,13 +11,19 @@ the gateway verifies, strips and replaces with the credential it holds for the c
 
 from __future__ import annotations
 
+import argparse
 import base64
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from addons.engine.config import Connection
+from addons.cli.base import CliError, load_config, with_config
+
+if TYPE_CHECKING:
+    from addons.engine.config import Connection
 
 
 class KubeconfigError(ValueError):
@@ -81,3 +87,46 @@ def build(conn: Connection, agent: Agent, *, ca_file: Path, proxy_url: str | Non
         "current-context": context,
         "preferences": {},
     }
+
+
+def cmd_kubeconfig(args: argparse.Namespace) -> int:
+    import yaml
+
+    cfg = load_config(args)
+    conn = next((c for c in cfg.connections if c.name == args.connection), None)
+    if conn is None:
+        names = ", ".join(c.name for c in cfg.connections if c.kind == "kubernetes") or "none"
+        raise CliError(f"no connection {args.connection!r} in {cfg.path} (kubernetes connections: {names})")
+    ca = Path(args.ca or Path(args.confdir).expanduser() / "mitmproxy-ca-cert.pem")
+    agent = Agent(token=args.token, token_file=args.token_file, namespace=args.namespace)
+    try:
+        document = build(conn, agent, ca_file=ca, proxy_url=args.proxy_url, direct=args.direct, embed_ca=args.embed_ca)
+    except KubeconfigError as e:
+        raise CliError(f"custody kubeconfig: {e}") from None
+    text = yaml.safe_dump(document, sort_keys=False)
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold a token
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        print(f"wrote {os.path.abspath(args.output)}: KUBECONFIG={args.output} kubectl get pods", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    k = with_config(sub.add_parser("kubeconfig", help="write a kubeconfig that reaches a kubernetes connection "
+                                                       "through the gateway"))
+    k.add_argument("--connection", required=True, help="the kubernetes connection's name")
+    k.add_argument("--token", help="the agent's token, written into the kubeconfig")
+    k.add_argument("--token-file", help="a file holding the agent's token (kubectl re-reads it: rotation)")
+    k.add_argument("--namespace", default="default")
+    k.add_argument("--proxy-url", default=os.environ.get("CUSTODY_PROXY_URL", "http://127.0.0.1:8080"),
+                   help="the gateway as agents reach it (default: $CUSTODY_PROXY_URL, else http://127.0.0.1:8080)")
+    k.add_argument("--direct", action="store_true", help="no proxy: the connection's own listener (its `listen`)")
+    k.add_argument("--confdir", default=os.environ.get("CUSTODY_CONFDIR", "~/.mitmproxy"),
+                   help="the gateway's mitmproxy confdir, where its CA is (default: $CUSTODY_CONFDIR, ~/.mitmproxy)")
+    k.add_argument("--ca", help="the gateway CA certificate (default: CONFDIR/mitmproxy-ca-cert.pem)")
+    k.add_argument("--embed-ca", action="store_true", help="embed the CA (certificate-authority-data)")
+    k.add_argument("-o", "--output", help="write here (mode 0600) instead of stdout")
+    k.set_defaults(func=cmd_kubeconfig)

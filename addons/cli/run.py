@@ -54,7 +54,8 @@ class Gateway(master.Master):
 
     def __init__(self, opts: options.Options) -> None:
         super().__init__(opts, with_termlog=True)
-        self.addons.add(Builtins(), chain.Chain(), Gate())
+        self.chain = chain.Chain()
+        self.addons.add(Builtins(), self.chain, Gate())
         self.addons.handle_lifecycle = self._handle_lifecycle
 
     async def _handle_lifecycle(self, event: hooks.Hook) -> None:
@@ -89,11 +90,13 @@ async def _run(args: argparse.Namespace) -> int:
         specs += [f"mode={m}" for m in args.mode]
         specs += [f"confdir={args.confdir}"] if args.confdir else []
         opts.set(*specs, *args.setoptions)
-        # Configure every addon once with every option, as mitmproxy does for a script;
-        # an invalid configuration or rule set raises here, before anything listens.
+        # Configure every addon once with every option, as mitmproxy does for a script; an
+        # unusable configuration or rule set has been said (one line per problem) by now.
         gateway.addons.trigger(hooks.ConfigureHook(set(opts.keys())))
     except (config.ConfigError, exceptions.OptionsError) as e:
         print(f"custody run: {e}", file=sys.stderr)
+        return 1
+    if gateway.chain.settings.failed:
         return 1
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -133,6 +133,7 @@ class Approval:
 
     def document(self) -> dict[str, Any]:
         return {
+            **shown(self.operation, self.request),
             "id": self.id,
             "state": self.state,
             "created": self.created,
@@ -165,7 +166,7 @@ class Approval:
             created=d["created"],
             requester=Principal(p["subject"], p["issuer"], tuple(p["groups"]), p["agent"], p["asserted"],
                                 p["token_id"], p["token_fingerprint"]),
-            operation=Operation(**d["operation"]),
+            operation=Operation.from_dict(d["operation"]),
             request=d["request"],
             fingerprint=d["fingerprint"],
             rules=d["rules"],
@@ -186,6 +187,32 @@ class Approval:
     def row(self) -> tuple:
         return (self.id, self.state, self.created, time.time(), self.requester.subject, self.connection,
                 self.fingerprint, int(self.held), self.expires, canonical_json(self.document()))
+
+
+DETAIL_LENGTH = 240
+
+
+def shown(op: Operation, request: dict[str, Any]) -> dict[str, Any]:
+    """What tells this request from others like it, for approvers: `detail`, one line for a
+    list (the body, the statement and its row estimate, the command line, the object), and
+    `statement`, the SQL or command line itself for protocols whose HTTP request is only the
+    bridge's envelope (None for HTTP and Kubernetes, whose request is shown as it is)."""
+    d = op.details
+    statement = None
+    if op.protocol == "postgres":
+        statement = "; ".join(p.details.get("sql", "") for p in op.parts) if op.parts else d.get("sql")
+        rows = [p.details["rows"] for p in op.parts or (op,) if p.details.get("rows") is not None]
+        detail = (statement or op.summary) + (f" (planner: ~{sum(rows)} rows)" if rows else "")
+    elif op.protocol == "ssh":
+        statement = d.get("line") or None
+        detail = statement or op.summary
+    elif op.protocol == "kubernetes":
+        where = f" in {d['namespace']}" if d.get("namespace") else ""
+        detail = f"{d.get('verb', '')} {d.get('resource', '')}{'/' + d['name'] if d.get('name') else ''}{where}".strip()
+    else:
+        body = request.get("body") or ""
+        detail = " ".join(str(body).split()) or d.get("query") or op.summary
+    return {"detail": detail[:DETAIL_LENGTH], "statement": statement}
 
 
 def visible(approval: Approval, who: Principal) -> bool:

@@ -224,10 +224,10 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
         credential = Credential.parse(raw["credential"], secret)
     tls = raw.get("tls", {})
     ca_file = str(base / tls["ca_file"]) if "ca_file" in tls else None
-    if ca_file and not os.path.isfile(ca_file):
+    if secrets and ca_file and not os.path.isfile(ca_file):
         raise ConfigError(f"{where}.tls.ca_file: no such file: {ca_file}")
     client_cert = str(base / tls["client_cert"]) if "client_cert" in tls else None
-    if client_cert and not os.path.isfile(client_cert):
+    if secrets and client_cert and not os.path.isfile(client_cert):
         raise ConfigError(f"{where}.tls.client_cert: no such file: {client_cert}")
     server_cert = str(base / tls["server_cert"]) if "server_cert" in tls else None
     if server_cert and not os.path.isfile(server_cert):
@@ -242,7 +242,7 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
         if "upstream" not in raw or credential is None or credential.type != "private_key" or "known_hosts" not in raw:
             raise ConfigError(f"{where}: an ssh connection needs upstream (ssh://user@host:port), a private_key "
                               "credential and known_hosts (the host key is pinned, never learned)")
-        if not os.path.isfile(base / raw["known_hosts"]):
+        if secrets and not os.path.isfile(base / raw["known_hosts"]):
             raise ConfigError(f"{where}.known_hosts: no such file: {base / raw['known_hosts']}")
     elif credential is not None and credential.type in ("password", "private_key"):
         raise ConfigError(f"{where}.credential: type {credential.type} is for postgres and ssh connections")
@@ -376,8 +376,9 @@ def _masking(raw: dict[str, Any], base: Path, store_dir: Path, path: str) -> Mas
 
 def parse(raw: Any, path: str, secrets: bool = True) -> Config:
     """Validate and build a Config from the parsed YAML of the file at `path`. Without
-    `secrets`, connection credentials are left empty: for processes such as pg_bridge
-    that must never hold them."""
+    `secrets`, connection credentials are left empty and the files only the gateway reads
+    (upstream CAs and client certificates, known_hosts) are not required: for processes
+    such as pg_bridge and the command line that must never hold them."""
     problems = schema.errors("config", raw)
     if problems:
         raise ConfigError(

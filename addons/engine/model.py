@@ -18,6 +18,11 @@ from typing import Any
 
 ACTIONS = ("read", "write", "delete", "ddl", "exec", "admin", "unknown")
 EFFECTS = ("allow", "review", "deny")
+MARKERS = {"allow": ":heavy_check_mark:", "review": ":warning:", "deny": ":heavy_multiplication_x:",
+           "approved": ":ballot_box_with_check:"}
+"""How a decision is marked on a flow (mitmweb shows only emoji shortcodes): ✔ ⚠ ✖ ☑, symbols
+that ordinary text fonts have, since servers rarely have an emoji font. The decision itself
+is written out in the flow's comment."""
 
 AGENT_ATTRIBUTES = ("agent", "model", "run", "task", "prompt")
 """What an agent may say about itself (verified when the token carries it, else asserted)."""
@@ -123,6 +128,13 @@ class Operation:
     @functools.cached_property
     def json(self) -> str:
         return canonical_json(self.as_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Operation:
+        """The Operation `as_dict` recorded (its parts too; never the payload)."""
+        parts = tuple(cls.from_dict(p) for p in d.get("parts", ()))
+        return cls(d["protocol"], d["connection"], d["action"], d["resource"], d["risk"], d["summary"],
+                   d.get("details", {}), parts=parts)
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -8,12 +8,19 @@ end is detected as well as editing, deleting or reordering rows anywhere.
 
 Appends run `BEGIN IMMEDIATE`, read the head inside the transaction and commit, so two
 writers on one file cannot fork the chain.
+
+Bodies are kept once per distinct content, deflated, in `bodies` (keyed by their SHA-256);
+an event refers to its body by `body_digest`, which is what the chain covers, so where a
+body is kept does not change any hash. Readers get rows with `body` filled in as before.
+Stores of schema version 1 (bodies inline) are upgraded in place: old inline bodies stay
+where they are and still verify.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import zlib
 import json
 import queue
 import sqlite3
@@ -23,13 +30,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlite_utils
-
 from addons.engine.config import StoreConfig
 from addons.engine.model import Decision, Operation, Principal, canonical_json, new_id
 
 GENESIS = "0" * 64
-SCHEMA_VERSION = 1  # PRAGMA user_version: bumped when columns or hashing change
+SCHEMA_VERSION = 2  # PRAGMA user_version: bumped when tables, columns or hashing change
+UPGRADABLE = (1,)  # versions this one upgrades in place (1: bodies inline in events)
 
 
 class StoreError(Exception):
@@ -84,8 +90,28 @@ APPROVAL_COLUMNS: dict[str, type] = {
 }
 
 
-# Checkpoints: the signed hash and extent of each pruned prefix of the chain.
+# Checkpoints: the signed hash and extent of each pruned prefix of the chain. Anchors: the
+# signed hash of an event a full verification reached, where the next one may start.
 CHECKPOINT_COLUMNS: dict[str, type] = {"seq": int, "document": str, "signature": str}
+# Bodies: each distinct body once, by its digest; `encoding` is "deflate" or "identity".
+BODY_COLUMNS: dict[str, type] = {"digest": str, "size": int, "encoding": str, "data": bytes}
+TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies")
+
+
+def pack(body: bytes) -> tuple[str, bytes]:
+    """A body as kept: deflated when that makes it smaller."""
+    deflated = zlib.compress(body, 6)
+    return ("deflate", deflated) if len(deflated) < len(body) else ("identity", body)
+
+
+def unpack(encoding: str, data: bytes) -> bytes:
+    """A kept body as it was; damaged data is returned as it is (its digest then says so)."""
+    if encoding != "deflate":
+        return data
+    try:
+        return zlib.decompress(data)
+    except zlib.error:
+        return data
 
 
 def _json(value: Any) -> str | None:
@@ -188,6 +214,10 @@ class Verification:
     broken_at: int | None = None
     problem: str = ""
     checkpoint: dict[str, Any] | None = None
+    first: int = 1
+    """The first event walked: 1, the one after the checkpoint, or the one after an anchor."""
+    last: int = 0
+    """The last event walked (the chain head when it verified)."""
 
 
 def put_approval(row: tuple) -> Callable[[sqlite3.Connection], None]:
@@ -203,39 +233,52 @@ def put_approval(row: tuple) -> Callable[[sqlite3.Connection], None]:
 class Store:
     def __init__(self, path: str, synchronous: str = "normal") -> None:
         self.path = path
-        self.db = sqlite_utils.Database(sqlite3.connect(path, isolation_level=None, check_same_thread=False))
-        self.db.execute("PRAGMA busy_timeout = 5000")
-        self.db.enable_wal()
-        self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA busy_timeout = 5000")
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         self._ensure_schema()
         cols = [c for c in COLUMNS if c != "seq"]
         self._insert = f"INSERT INTO events ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
         self._cols = cols
 
+    def _tables(self) -> set[str]:
+        return {name for (name,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
     def _ensure_schema(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if "events" in self.db.table_names() and version != SCHEMA_VERSION:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = self._tables()
+        if "events" in tables and version != SCHEMA_VERSION and version not in UPGRADABLE:
             raise StoreError(
                 f"{self.path}: audit store schema version {version}, but this gateway writes version "
                 f"{SCHEMA_VERSION}; verify and archive the old store, then use a new store.path"
             )
-        self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        if "events" not in self.db.table_names():
-            self.db["events"].create(COLUMNS, pk="seq", not_null={"id", "ts", "kind", "prev_hash", "hash"})
+        if set(TABLES) <= tables and version == SCHEMA_VERSION:
+            return  # an existing store: reading it needs nothing more (and starts fast)
+        import sqlite_utils  # creating the tables: its column types are the schema's contract
+
+        db = sqlite_utils.Database(self.conn)
+        self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if "events" not in tables:
+            db["events"].create(COLUMNS, pk="seq", not_null={"id", "ts", "kind", "prev_hash", "hash"})
             for cols in INDEXES:
-                self.db["events"].create_index(cols, if_not_exists=True)
-            self.db["events"].create_index(["id"], unique=True, if_not_exists=True)
-        if "chain_head" not in self.db.table_names():
-            self.db["chain_head"].create({"id": int, "seq": int, "hash": str}, pk="id")
-        if "checkpoints" not in self.db.table_names():
-            self.db["checkpoints"].create(CHECKPOINT_COLUMNS, pk="seq", not_null=set(CHECKPOINT_COLUMNS))
-        if "approvals" not in self.db.table_names():
-            self.db["approvals"].create(APPROVAL_COLUMNS, pk="id", not_null={"state", "created", "document"})
-            self.db["approvals"].create_index(["state"], if_not_exists=True)
-            self.db["approvals"].create_index(["fingerprint"], if_not_exists=True)
+                db["events"].create_index(cols, if_not_exists=True)
+            db["events"].create_index(["id"], unique=True, if_not_exists=True)
+        if "chain_head" not in tables:
+            db["chain_head"].create({"id": int, "seq": int, "hash": str}, pk="id")
+        if "checkpoints" not in tables:
+            db["checkpoints"].create(CHECKPOINT_COLUMNS, pk="seq", not_null=set(CHECKPOINT_COLUMNS))
+        if "anchors" not in tables:
+            db["anchors"].create(CHECKPOINT_COLUMNS, pk="seq", not_null=set(CHECKPOINT_COLUMNS))
+        if "bodies" not in tables:
+            db["bodies"].create(BODY_COLUMNS, pk="digest", not_null=set(BODY_COLUMNS))
+        if "approvals" not in tables:
+            db["approvals"].create(APPROVAL_COLUMNS, pk="id", not_null={"state", "created", "document"})
+            db["approvals"].create_index(["state"], if_not_exists=True)
+            db["approvals"].create_index(["fingerprint"], if_not_exists=True)
 
     def close(self) -> None:
-        self.db.conn.close()
+        self.conn.close()
 
     def append(self, events: list[Event], apply: Callable[[sqlite3.Connection], None] | None = None) -> list[int]:
         """Chain and write `events` in one transaction; returns their sequence numbers.
@@ -243,7 +286,7 @@ class Store:
         `apply`, when given, runs first in the same transaction (state that must change
         together with the events that record the change, such as an approval's state).
         """
-        conn = self.db.conn
+        conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             if apply is not None:
@@ -259,15 +302,20 @@ class Store:
         """Inside a transaction: append `events` after the head and move the head."""
         head = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
         seq, prev = head if head else (0, GENESIS)
-        seqs, rows = [], []
+        seqs, rows, bodies = [], [], {}
         for event in events:
             seq += 1
             row = event.row()
             row["seq"], row["prev_hash"] = seq, prev
             row["hash"] = prev = chain_hash(prev, row)
-            rows.append([row[c] for c in self._cols])
+            body = row.pop("body")
+            if body is not None:
+                bodies.setdefault(row["body_digest"], (len(body), *pack(body)))
+            rows.append([row.get(c) for c in self._cols])
             seqs.append(seq)
         conn.executemany(self._insert, rows)
+        conn.executemany("INSERT OR IGNORE INTO bodies (digest, size, encoding, data) VALUES (?, ?, ?, ?)",
+                         [(d, *kept) for d, kept in bodies.items()])
         conn.execute(
             "INSERT INTO chain_head (id, seq, hash) VALUES (1, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
@@ -276,12 +324,12 @@ class Store:
         return seqs
 
     def head(self) -> tuple[int, str]:
-        return self._head(self.db.conn)
+        return self._head(self.conn)
 
     def checkpoints(self) -> list[dict[str, Any]]:
         """Every checkpoint, oldest first, as {"document": …, "signature": …}."""
         return [{"document": json.loads(d), "signature": json.loads(s)}
-                for d, s in self.db.execute("SELECT document, signature FROM checkpoints ORDER BY seq")]
+                for d, s in self.conn.execute("SELECT document, signature FROM checkpoints ORDER BY seq")]
 
     def prune(self, before: float, sign: Callable[[dict[str, Any]], dict[str, str]],
               archive: Callable[[Iterator[dict[str, Any]], int, str], dict[str, Any]] | None) -> dict[str, Any] | None:
@@ -292,7 +340,7 @@ class Store:
         recording meanwhile; if either fails, nothing is removed. Finished approvals last
         changed before `before` go too. The prune itself is recorded as an event. Returns the
         checkpoint document, or None when nothing is that old."""
-        conn = self.db.conn
+        conn = self.conn
         previous = self._checkpoint(conn)
         start = previous["seq"] if previous else 0
         first_kept = conn.execute("SELECT MIN(seq) FROM events WHERE ts >= ?", [before]).fetchone()[0]
@@ -321,6 +369,9 @@ class Store:
             conn.execute("INSERT INTO checkpoints (seq, document, signature) VALUES (?, ?, ?)",
                          [upto, canonical_json(document), canonical_json(signature)])
             conn.execute("DELETE FROM events WHERE seq <= ?", [upto])
+            conn.execute("DELETE FROM anchors WHERE seq <= ?", [upto])
+            conn.execute("DELETE FROM bodies WHERE digest NOT IN "
+                         "(SELECT body_digest FROM events WHERE body_digest IS NOT NULL)")
             conn.execute("DELETE FROM approvals WHERE updated < ? AND state NOT IN ('pending', 'approved')", [before])
             self._chain(conn, [Event(id=new_id(), kind="prune",
                                      detail={"checkpoint": document, "key_id": signature["key_id"]})])
@@ -332,7 +383,7 @@ class Store:
 
     def checkpoint(self) -> dict[str, Any] | None:
         """The latest checkpoint's document (the pruned prefix the chain now starts after)."""
-        return self._checkpoint(self.db.conn)
+        return self._checkpoint(self.conn)
 
     @staticmethod
     def _checkpoint(conn: sqlite3.Connection) -> dict[str, Any] | None:
@@ -346,64 +397,121 @@ class Store:
 
     @staticmethod
     def _query(conn: sqlite3.Connection, sql: str, args: list[Any]) -> Iterator[dict[str, Any]]:
+        """Rows of `sql` as dicts; an event row's `body` is filled from `bodies` when it is
+        not inline (a version 1 body, or one put back by hand, is read as it is)."""
         cursor = conn.execute(sql, args)
         names = [d[0] for d in cursor.description]
+        fill = "body" in names and "body_digest" in names
         for values in cursor:
-            yield dict(zip(names, values))
+            row = dict(zip(names, values))
+            if fill and row["body"] is None and row["body_digest"] is not None:
+                kept = conn.execute("SELECT encoding, data FROM bodies WHERE digest = ?", [row["body_digest"]]).fetchone()
+                row["body"] = unpack(*kept) if kept else None
+            yield row
 
-    def verify(self) -> Verification:
-        """Walk the chain from the last checkpoint (or the start); report the first broken
-        link. Checkpoint signatures are checked by the caller (it knows which key to trust)."""
-        return self._walk(self.db.conn, None)
+    def verify(self, anchor: dict[str, Any] | None = None) -> Verification:
+        """Walk the chain from the last checkpoint (or the start), or from `anchor` (a signed
+        {seq, hash} an earlier full verification reached: its event must still have that
+        hash); report the first broken link. One read transaction: a snapshot, however busy
+        the writers are. Signatures are checked by the caller (it knows which key to trust)."""
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            return self._walk(conn, None, anchor)
+        finally:
+            conn.execute("COMMIT")
 
-    def _walk(self, conn: sqlite3.Connection, upto: int | None) -> Verification:
+    def anchors(self) -> list[dict[str, Any]]:
+        """Every anchor, newest first, as {"document": …, "signature": …}."""
+        return [{"document": json.loads(d), "signature": json.loads(s)}
+                for d, s in self.conn.execute("SELECT document, signature FROM anchors ORDER BY seq DESC")]
+
+    def add_anchor(self, document: dict[str, Any], signature: dict[str, Any]) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO anchors (seq, document, signature) VALUES (?, ?, ?)",
+                          [document["seq"], canonical_json(document), canonical_json(signature)])
+
+    def _walk(self, conn: sqlite3.Connection, upto: int | None, anchor: dict[str, Any] | None = None) -> Verification:
         checkpoint = self._checkpoint(conn)
         prev, expected_seq = (checkpoint["hash"], checkpoint["seq"] + 1) if checkpoint else (GENESIS, 1)
-        count = 0
-        limit = "" if upto is None else f" WHERE seq <= {int(upto)}"
-        for row in self._query(conn, f"SELECT * FROM events{limit} ORDER BY seq", []):
+        if anchor is not None and anchor["seq"] >= expected_seq:
+            held = conn.execute("SELECT hash FROM events WHERE seq = ?", [anchor["seq"]]).fetchone()
+            if held is None or held[0] != anchor["hash"]:
+                return Verification(False, 0, anchor["hash"], anchor["seq"],
+                                    f"event {anchor['seq']} is not the one the signed anchor names: changed or removed",
+                                    first=anchor["seq"], last=anchor["seq"])
+            prev, expected_seq = anchor["hash"], anchor["seq"] + 1
+        first, count = expected_seq, 0
+        limit = "" if upto is None else f" AND seq <= {int(upto)}"
+        for row in self._query(conn, f"SELECT * FROM events WHERE seq >= ?{limit} ORDER BY seq", [first]):
             count += 1
             seq = row["seq"]
             if seq != expected_seq:
                 where = " (the first after the checkpoint)" if checkpoint and expected_seq == checkpoint["seq"] + 1 else ""
-                return Verification(False, count, prev, seq, f"event {expected_seq}{where} is missing (found {seq})")
+                return Verification(False, count, prev, seq, f"event {expected_seq}{where} is missing (found {seq})",
+                                    first=first, last=seq)
             if row["prev_hash"] != prev:
-                return Verification(False, count, prev, seq, "previous-hash link does not match: an event before it was changed, removed or reordered")
+                return Verification(False, count, prev, seq, "previous-hash link does not match: an event before it "
+                                    "was changed, removed or reordered", first=first, last=seq)
             if row["body"] is not None and digest(row["body"]) != row["body_digest"]:
-                return Verification(False, count, prev, seq, "body does not match its digest")
+                return Verification(False, count, prev, seq, "body does not match its digest", first=first, last=seq)
             if chain_hash(prev, row) != row["hash"]:
-                return Verification(False, count, prev, seq, "event contents do not match its hash")
+                return Verification(False, count, prev, seq, "event contents do not match its hash",
+                                    first=first, last=seq)
             prev, expected_seq = row["hash"], seq + 1
         if upto is not None:
             return Verification(expected_seq - 1 == upto, count, prev, None if expected_seq - 1 == upto else upto,
                                 "" if expected_seq - 1 == upto else f"event {upto} is missing")
         head_seq, head_hash = self._head(conn)
         if (head_seq, head_hash) != (expected_seq - 1, prev):
-            return Verification(False, count, prev, expected_seq, f"chain head says {head_seq} events but the log ends at {expected_seq - 1}: events were removed from the end")
-        return Verification(True, count, prev, checkpoint=checkpoint)
+            return Verification(False, count, prev, expected_seq, f"chain head says {head_seq} events but the log ends "
+                                f"at {expected_seq - 1}: events were removed from the end", first=first,
+                                last=expected_seq - 1)
+        return Verification(True, count, prev, checkpoint=checkpoint, first=first, last=expected_seq - 1)
 
     # Reading
 
     def event(self, event_id: str) -> dict[str, Any] | None:
-        rows = list(self.db["events"].rows_where("id = ?", [event_id]))
-        return rows[0] if rows else None
+        return next(self._query(self.conn, "SELECT * FROM events WHERE id = ?", [event_id]), None)
 
     def where(self, clause: str, args: list[Any], limit: int | None = None) -> list[dict[str, Any]]:
-        return list(self.db["events"].rows_where(clause, args, order_by="seq", limit=limit))
+        return list(self._query(self.conn, f"SELECT * FROM events WHERE {clause} ORDER BY seq"
+                                + (f" LIMIT {int(limit)}" if limit is not None else ""), args))
 
     def tail(self, count: int, after: int = 0) -> list[dict[str, Any]]:
-        rows = self.db.query(
-            "SELECT * FROM (SELECT * FROM events WHERE seq > ? ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-            [after, count],
-        )
-        return list(rows)
+        return list(self._query(
+            self.conn, "SELECT * FROM (SELECT * FROM events WHERE seq > ? ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            [after, count]))
 
     def rows(self) -> Iterator[dict[str, Any]]:
-        yield from self.db.query("SELECT * FROM events ORDER BY seq")
+        yield from self._query(self.conn, "SELECT * FROM events ORDER BY seq", [])
+
+    def hash_at(self, seq: int) -> str | None:
+        """The hash of event `seq`, or None when the store does not hold it."""
+        row = self.conn.execute("SELECT hash FROM events WHERE seq = ?", [seq]).fetchone()
+        return row[0] if row else None
+
+    def sessions(self, start: float | None = None, principal: str = "", limit: int = 20) -> list[dict[str, Any]]:
+        """Sessions, the latest active first: who, when, which connections, how many requests,
+        denials and holds (an agent's HTTP connection, pg or ssh session, or kubectl's)."""
+        clauses, args = ["session IS NOT NULL"], []
+        if start is not None:
+            clauses.append("ts >= ?")
+            args.append(start)
+        if principal:
+            clauses.append("session IN (SELECT session FROM events WHERE subject = ?)")
+            args.append(principal)
+        cursor = self.conn.execute(
+            "SELECT session, MIN(ts) AS first, MAX(ts) AS last, GROUP_CONCAT(DISTINCT subject) AS subjects, "
+            "GROUP_CONCAT(DISTINCT agent) AS agents, GROUP_CONCAT(DISTINCT connection) AS connections, "
+            "SUM(kind = 'request') AS requests, SUM(kind = 'decision' AND effect = 'deny') AS denied, "
+            "SUM(kind = 'approval' AND json_extract(detail, '$.step') = 'requested') AS held "
+            f"FROM events WHERE {' AND '.join(clauses)} GROUP BY session ORDER BY last DESC LIMIT ?", [*args, limit])
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
 
     def approval(self, approval_id: str) -> dict[str, Any] | None:
         """An approval's current document, or None."""
-        row = self.db.execute("SELECT document FROM approvals WHERE id = ?", [approval_id]).fetchone()
+        row = self.conn.execute("SELECT document FROM approvals WHERE id = ?", [approval_id]).fetchone()
         return json.loads(row[0]) if row else None
 
     def approvals(self, states: tuple[str, ...] = (), connection: str | None = None,
@@ -418,7 +526,7 @@ class Store:
                 clauses.append(f"{column} = ?")
                 args.append(value)
         where = " AND ".join(clauses) or "1"
-        for (document,) in self.db.execute(f"SELECT document FROM approvals WHERE {where} ORDER BY created DESC", args):
+        for (document,) in self.conn.execute(f"SELECT document FROM approvals WHERE {where} ORDER BY created DESC", args):
             yield json.loads(document)
 
 

@@ -23,10 +23,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from addons.engine.model import AGENT_ATTRIBUTES, canonical_json
+from addons.engine.model import AGENT_ATTRIBUTES, MARKERS, canonical_json
 from addons.engine.signing import Signer, SigningError, check
 from addons.engine.store import COLUMNS, HASHED, Store, chain_hash, digest
-from addons.evidence.timeline import Record, Selection, approvals, by_flow, comment, iso, records
+from addons.evidence.timeline import (
+    Record,
+    Selection,
+    approvals,
+    by_flow,
+    comment,
+    iso,
+    records,
+)
 
 FORMATS = ("jsonl", "csv", "har", "flows")
 JSON_COLUMNS = ("rules", "principal", "operation", "detail")
@@ -252,8 +260,7 @@ def mitm_flow(f: FlowRecord):
                 opcode, bool(m.detail.get("from_client")), _body(m), m["ts"], dropped=bool(m.detail.get("dropped"))))
     decision = next((e for e in f.events if e["kind"] == "decision" and e["effect"]), None)
     flow.comment = f.comment
-    flow.marked = {"allow": ":white_check_mark:", "review": ":hourglass:", "deny": ":no_entry:"}.get(
-        decision["effect"] if decision else "", "")
+    flow.marked = MARKERS.get(decision["effect"], "") if decision else ""
     flow.metadata["custody"] = {"session": req["session"], "subject": req["subject"],
                                 "events": [{"seq": s, "hash": h} for s, h in f.chain]}
     return flow
@@ -407,15 +414,13 @@ def verify_bundle(path: str, store: Store | None, pinned) -> list[str]:
                 said.append(f"event {seq} is the store's signed checkpoint")
             pruned += 1
             continue
-        row = store.db.execute("SELECT hash FROM events WHERE seq = ?", [seq]).fetchone()
-        if row is None or row[0] != h:
+        if store.hash_at(seq) != h:
             raise ExportError(f"{path}: event {seq} is not in the store as exported")
         matched += 1
     said.append(f"{matched} events match the store" + (f"; {pruned} were pruned since (checkpoint {pruned_upto})" if pruned else ""))
     head = manifest["chain_head"]
     if head["seq"] > pruned_upto:
-        row = store.db.execute("SELECT hash FROM events WHERE seq = ?", [head["seq"]]).fetchone()
-        if row is None or row[0] != head["hash"]:
+        if store.hash_at(head["seq"]) != head["hash"]:
             raise ExportError(f"{path}: the store's event {head['seq']} is not the chain head the export names")
         said.append(f"chain head {head['seq']} is in the store")
     elif checkpoint and head["seq"] == checkpoint["seq"] and head["hash"] != checkpoint["hash"]:

@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from addons.engine.config import GATEWAY_CONNECTION
 from addons.evidence.timeline import ApprovalStory, Record, approvals, iso, records
 
 UNAUTHENTICATED = "(unauthenticated)"
@@ -44,7 +45,9 @@ def build(rows: Iterable[dict[str, Any]], start: float, end: float, chain: dict[
     """The report of the events in [start, end)."""
     recs = list(records(rows))
     decisions = [r for r in recs if r["kind"] in ("decision", "connect") and r["effect"]]
-    requests = [r for r in decisions if r["kind"] == "decision"]
+    # Approvers' calls to the gateway's own API are not agents' requests: counted apart.
+    approver_calls = [r for r in decisions if r["kind"] == "decision" and r["connection"] == GATEWAY_CONNECTION]
+    requests = [r for r in decisions if r["kind"] == "decision" and r["connection"] != GATEWAY_CONNECTION]
 
     def agent(d: Record) -> str:
         return d.attribute("agent") or (UNNAMED if d["subject"] else UNAUTHENTICATED)
@@ -72,7 +75,7 @@ def build(rows: Iterable[dict[str, Any]], start: float, end: float, chain: dict[
             "denied": sum(d["effect"] == "deny" for d in requests),
             "held": sum(_held(d) for d in requests),
             "refused_tunnels": sum(d["effect"] == "deny" for d in decisions if d["kind"] == "connect"),
-            "approvals": len(stories), "masked_responses": masked_responses,
+            "approvals": len(stories), "approver_calls": len(approver_calls), "masked_responses": masked_responses,
             "masked_values": sum(entities.values()) + sum(fields.values()),
         },
         "requests_by_agent": _tally(requests, agent),

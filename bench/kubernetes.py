@@ -1,7 +1,7 @@
 """What Custody costs a Kubernetes client: kubectl directly against the API server versus
 through the gateway, in one run.
 
-The API server is the test server (tests/support/kubeapi.py) seeded with 1,000 pods in
+The API server is the test server (examples/samples/kubeapi.py) seeded with 1,000 pods in
 one namespace and a few in another. Three ways to reach it, each timed the same way:
 
 - direct:            kubectl (or requests) straight to the API server with its token;
@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support.gateway import Gateway  # noqa: E402
-from tests.support.kubeapi import KubeAPI  # noqa: E402
+from examples.samples.kubeapi import KubeAPI  # noqa: E402
 from tests.support.kubectl import clean_env  # noqa: E402
-from tests.support.pki import CA, SigningKey  # noqa: E402
+from examples.samples.pki import CA, SigningKey  # noqa: E402
 from tests.support.servers import JwksServer  # noqa: E402
 
 SA_TOKEN = "bench-sa-token"

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.gateway import Gateway  # noqa: E402
 from tests.support.pgbridge import BridgeProcess  # noqa: E402
-from tests.support.pki import SigningKey  # noqa: E402
-from tests.support.postgres import PostgresServer  # noqa: E402
+from examples.samples.pki import SigningKey  # noqa: E402
+from examples.samples.postgres import PostgresServer  # noqa: E402
 from tests.support.servers import JwksServer, free_port  # noqa: E402
 
 APP_PASSWORD = "bench-app-password"

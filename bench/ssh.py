@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.gateway import Gateway  # noqa: E402
 from tests.support.pgbridge import BridgeProcess  # noqa: E402
-from tests.support.pki import SigningKey  # noqa: E402
+from examples.samples.pki import SigningKey  # noqa: E402
 from tests.support.servers import JwksServer, free_port  # noqa: E402
-from tests.support.sshd import SshServer  # noqa: E402
+from examples.samples.sshd import SshServer  # noqa: E402
 
 
 async def timed(connect, commands: int) -> list[float]:

@@ -1,6 +1,6 @@
 """A sample Kubernetes API for the walkthrough: the upstream behind the `prod-k8s` connection.
 
-It is the suite's Kubernetes API test server (tests/support/kubeapi.py), which answers
+It is the suite's Kubernetes API test server (examples/samples/kubeapi.py), which answers
 kubectl the way a real API server does, seeded with a `shop` namespace, two pods (with a
 database password in their environment and a log), a Secret and a ConfigMap. It trusts
 only the service-account token in DIR/sa.token, which only the gateway holds, and serves
@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.kubeapi import KubeAPI  # noqa: E402
-from tests.support.pki import CA  # noqa: E402
+from examples.samples.kubeapi import KubeAPI  # noqa: E402
+from examples.samples.pki import CA  # noqa: E402
 
 DB_PASSWORD = "pg-Shop-2024-x9Lq"
 

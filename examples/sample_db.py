@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psycopg  # noqa: E402
 
-from tests.support.postgres import PostgresServer  # noqa: E402
+from examples.samples.postgres import PostgresServer  # noqa: E402
 
 SCHEMA = """
 CREATE TABLE customers (id serial PRIMARY KEY, name text NOT NULL, email text, phone text,

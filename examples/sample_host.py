@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.sshd import SshServer, keygen  # noqa: E402
+from examples.samples.sshd import SshServer, keygen  # noqa: E402
 
 
 def main() -> None:

@@ -68,6 +68,8 @@ RULES = [
     ("ssh_bridge/server", ("addons.engine", "ssh_bridge.server"), ("mitmproxy",)),
     ("pg_bridge/terminal", ("addons.engine", "addons.classifiers", "addons.context", "addons.failclosed",
                             "addons.settings", "pg_bridge.terminal"), ()),
+    # the samples scripts/run starts run on a fresh clone with only what it installs: never from tests/
+    ("examples", ("addons", "pg_bridge", "ssh_bridge", "examples"), ()),
     ("ssh_bridge/terminal", ("addons.engine", "addons.classifiers", "addons.context", "addons.failclosed",
                              "addons.settings", "ssh_bridge.terminal"), ()),
 ]

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import standard_gateway
 from tests.support.gateway import Gateway
-from tests.support.pki import SigningKey
+from examples.samples.pki import SigningKey
 from tests.support.servers import JwksServer
 
 

@@ -1,5 +1,5 @@
 """Kubernetes through the gateway: the real kubectl, the real gateway, the shipped sample
-rules (rules/kubernetes.yaml), and a Kubernetes API test server (tests/support/kubeapi.py)."""
+rules (rules/kubernetes.yaml), and a Kubernetes API test server (examples/samples/kubeapi.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import yaml
 from tests.conftest import standard_identity
 from tests.support.approvals import Approver, listening, wait_for
 from tests.support.gateway import ROOT, Gateway
-from tests.support.kubeapi import KubeAPI
+from examples.samples.kubeapi import KubeAPI
 from tests.support.kubectl import Kubectl, clean_env
 from tests.support.servers import free_port
 

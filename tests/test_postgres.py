@@ -19,7 +19,7 @@ from tests.conftest import standard_identity
 from tests.support.approvals import Approver, listening, wait_for
 from tests.support.gateway import ROOT, Gateway
 from tests.support.pgbridge import BridgeProcess, psql
-from tests.support.postgres import PostgresServer
+from examples.samples.postgres import PostgresServer
 from tests.support.servers import free_port
 
 APP_PASSWORD = "app-Passw0rd-9c1e"  # the login the gateway holds; no agent may ever see it

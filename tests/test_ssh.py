@@ -20,7 +20,7 @@ from tests.support.approvals import Approver, listening, wait_for
 from tests.support.gateway import ROOT, Gateway
 from tests.support.pgbridge import BridgeProcess
 from tests.support.servers import free_port
-from tests.support.sshd import SshServer, keygen
+from examples.samples.sshd import SshServer, keygen
 
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
 

@@ -4,13 +4,14 @@ endpoint (with OIDC discovery) whose keys can be rotated and which can be taken 
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from examples.samples.processes import free_port, stop_process, wait_listening  # noqa: F401  (tests use them from here too)
 
 
 @dataclass
@@ -153,39 +154,6 @@ class JwksServer(Background):
         super().__init__(_JwksHandler)
         self.url = f"http://127.0.0.1:{self.port}"
         self.issuer = self.url
-
-
-def wait_listening(port: int, proc, what: str, log, timeout: float = 20) -> None:
-    """Return once 127.0.0.1:`port` accepts connections; RuntimeError (with `log()`) if
-    `proc` exits first or it takes longer than `timeout`."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not start:\n{log()}")
-
-
-def stop_process(proc) -> None:
-    """Terminate a child process, killing it if it does not stop within 10 s."""
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except Exception:  # subprocess.TimeoutExpired
-        proc.kill()
-        proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _ReceiverHandler(BaseHTTPRequestHandler):

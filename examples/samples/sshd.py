@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.support.servers import free_port, stop_process, wait_listening
+from examples.samples.processes import free_port, stop_process, wait_listening
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 

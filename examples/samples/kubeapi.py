@@ -555,7 +555,7 @@ class KubeAPI:
                 for o in items:
                     self._delete(t.kind, {**o, "kind": t.kind.kind, "apiVersion": t.kind.api_version})
             return web.json_response({**self._list(t, {}), "items": items})
-        raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource")
+        raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
 
     def _delete(self, kind: Kind, obj: dict) -> None:
         meta = obj["metadata"]
@@ -624,9 +624,9 @@ class KubeAPI:
         elif content_type in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
             merged = merge_patch(current, patch)
         else:
-            raise ApiError(415, "UnsupportedMediaType", f'the body of the request was in an unknown format - '
-                                                        f'accepted media types include: application/json-patch+json, '
-                                                        f'application/merge-patch+json, application/apply-patch+yaml')
+            raise ApiError(415, "UnsupportedMediaType", 'the body of the request was in an unknown format - '
+                                                        'accepted media types include: application/json-patch+json, '
+                                                        'application/merge-patch+json, application/apply-patch+yaml')
         return self._store(t.kind, merged, t.namespace, dry_run=dry_run)
 
     def _list(self, t: Target, query: dict) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psycopg
 
-from tests.support.servers import free_port
+from examples.samples.processes import free_port
 
 
 def bindir() -> Path:

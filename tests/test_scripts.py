@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -179,3 +180,57 @@ def test_the_crewai_example_crew_is_governed_and_on_record(stack, tmp_path):
     replay = stack.custody("audit", "replay", "--run", run)
     assert f"APPROVAL  {held['id']}: approved by manager-1 — stock is low" in replay.stdout
     assert "DECISION  deny · rules pg-ddl-denied" in replay.stdout
+
+
+def in_namespace(pid: int, *cmd: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """A command in the network namespace of process `pid` (nsenter), so it sees that copy's ports."""
+    return subprocess.run(["nsenter", "-t", str(pid), "-n", *cmd], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_scripts_run_works_from_a_fresh_clone(tmp_path):
+    """A clean clone and nothing else: scripts/run builds its own .venv (the samples need
+    nothing scripts/test installs), then serves the walkthrough from a network namespace of
+    its own, so its fixed ports never meet another copy's."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    env = {"HOME": os.environ["HOME"], "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "LANG": "C.UTF-8",
+           **{k: v for k, v in os.environ.items() if k in ("PYENV_ROOT", "CUSTODY_PYTHON")}}
+    if shutil.which("pyenv"):
+        env["PATH"] = f"{Path(shutil.which('pyenv')).parent}:{env['PATH']}"
+    setup = subprocess.run([str(clone / "scripts" / "run"), "--setup"], capture_output=True, text=True, env=env,
+                           timeout=900)
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert (clone / ".venv" / "bin" / "mitmdump").exists()
+    log = open(tmp_path / "run.log", "wb")
+    proc = subprocess.Popen(["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {clone / 'scripts' / 'run'}"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "proxy listening at *:8080" not in (tmp_path / "run.log").read_text(errors="replace"):
+            assert proc.poll() is None, (tmp_path / "run.log").read_text(errors="replace")
+            assert time.monotonic() < deadline, (tmp_path / "run.log").read_text(errors="replace")
+            time.sleep(0.3)
+        custody = str(clone / ".venv" / "bin" / "custody")
+        cenv = {**env, "CUSTODY_CONFIG": str(clone / "examples" / "custody.yaml")}
+        token = subprocess.run([custody, "token", "--sub", "crew-analyst", "--groups", "analysts"], capture_output=True,
+                               text=True, env=cenv, check=True).stdout.strip()
+        items = in_namespace(proc.pid, "curl", "-sS", "-x", f"http://agent:{token}@127.0.0.1:8080",
+                             "http://sample-api.internal/items")
+        assert items.returncode == 0 and json.loads(items.stdout)[0]["name"] == "bolt M6", items.stderr
+        (tmp_path / "ops.jwt").write_text(subprocess.run(
+            [custody, "token", "--sub", "crew-ops", "--groups", "k8s-operators"], capture_output=True, text=True,
+            env=cenv, check=True).stdout)
+        subprocess.run([custody, "kubeconfig", "--connection", "prod-k8s", "--token-file", str(tmp_path / "ops.jwt"),
+                        "--confdir", str(clone / ".custody" / "mitmproxy"), "-o", str(tmp_path / "kubeconfig")],
+                       capture_output=True, text=True, env=cenv, check=True)
+        pods = in_namespace(proc.pid, "kubectl", "get", "pods", "-n", "shop",
+                            env=clean_env(KUBECONFIG=str(tmp_path / "kubeconfig"), KUBECACHEDIR=str(tmp_path / "kc")))
+        assert pods.returncode == 0 and "web-1" in pods.stdout, pods.stderr
+        rows = in_namespace(proc.pid, "psql", "host=127.0.0.1 port=15432 dbname=shop user=agent", "-A", "-t", "-c",
+                            "SELECT name, email FROM customers WHERE id = 1", env={**env, "PGPASSWORD": token})
+        assert (rows.returncode, rows.stdout.strip()) == (0, "Customer 1|[EMAIL_ADDRESS]"), rows.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

@@ -1,8 +1,10 @@
 """wellknown: the gateway's own public endpoints, on its virtual host (`gateway.host`).
 
 Publishes the development issuer's discovery document and JWKS, so services behind the
-gateway can verify the same tokens, a health check, and the approvals page (which then
-signs in with a token). These need no token; everything else on the gateway host goes
+gateway can verify the same tokens, a health check, the approvals page (which then signs
+in with a token), and the ssh bridges' host keys as a known_hosts file, so an agent that
+trusts the gateway (its CA) trusts the bridges without a first-time prompt
+(`custody ssh-config` fetches it). These need no token; everything else on the gateway host goes
 through the chain to the approvals API.
 """
 
@@ -20,6 +22,22 @@ from addons.failclosed import guarded
 from addons.settings import Settings
 
 PAGE = Path(__file__).parent / "web" / "approvals.html"
+KNOWN_HOSTS = "/.well-known/ssh_known_hosts"
+
+
+def ssh_known_hosts(bridges: list[tuple[tuple[str, int], str]]) -> bytes:
+    """`[host]:port key` for every ssh bridge whose host key exists (read each time: a bridge
+    creates its key when it first starts, which may be after the gateway)."""
+    import asyncssh
+
+    lines = []
+    for (host, port), key_file in bridges:
+        try:
+            public = asyncssh.read_private_key(key_file).export_public_key("openssh").decode().strip()
+        except (OSError, asyncssh.KeyImportError):
+            continue  # not created yet: no line, so clients cannot trust a key nobody made
+        lines.append(f"[{host}]:{port} {public}\n")
+    return "".join(lines).encode()
 
 
 class WellKnown:
@@ -27,6 +45,7 @@ class WellKnown:
         self.settings = settings
         self.host = ""
         self.documents: dict[str, tuple[str, bytes]] = {}
+        self.known_hosts: list[tuple[tuple[str, int], str]] = []
 
     def configure(self, updated: set[str]) -> None:
         if not self.settings.changed(updated):
@@ -37,6 +56,8 @@ class WellKnown:
             "/": ("text/html; charset=utf-8", PAGE.read_bytes()),
             "/healthz": ("application/json", b'{"status": "ok"}'),
         }
+        self.known_hosts = sorted({(c.listen, str(cfg.ssh_host_key(c.listen)))
+                                   for c in cfg.connections if c.kind == "ssh" and c.listen})
         dev = cfg.identity.dev_issuer
         if dev is not None:
             base = dev.issuer.rstrip("/")
@@ -52,7 +73,8 @@ class WellKnown:
     def request(self, f: http.HTTPFlow) -> None:
         if failclosed.answered(f) or f.request.host.lower() != self.host or f.request.method not in ("GET", "HEAD"):
             return
-        document = self.documents.get(f.request.path.split("?")[0])
+        path = f.request.path.split("?")[0]
+        document = ("text/plain", ssh_known_hosts(self.known_hosts)) if path == KNOWN_HOSTS else self.documents.get(path)
         if document is None:
             return  # not public: identity and the rest of the chain take it from here
         content_type, content = document

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from addons.cli import bridge
 from addons.engine import config
@@ -22,9 +21,7 @@ def listeners(cfg: config.Config, proxy: str, args: argparse.Namespace) -> list[
     for c in cfg.connections:
         if c.kind == "ssh" and c.listen:
             by_address.setdefault(c.listen, []).append(c)
-    return [Bridge(address, connections, proxy,
-                   Path(connections[0].host_key or Path(cfg.store.path).parent / "ssh-bridge-host-key"))
-            for address, connections in by_address.items()]
+    return [Bridge(address, connections, proxy, cfg.ssh_host_key(address)) for address, connections in by_address.items()]
 
 
 def main(argv: list[str] | None = None) -> int:

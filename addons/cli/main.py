@@ -7,6 +7,7 @@ rules, act on approvals, and read and verify the audit log.
     custody approvals list | show ID | approve ID | deny ID         (addons/cli/approvals.py)
     custody audit tail|sessions|show|replay|export|report|verify|prune|key   (addons/cli/audit.py)
     custody kubeconfig --connection prod-k8s --token-file agent.jwt (addons/cli/kubeconfig.py)
+    custody ssh-config | ssh CONNECTION [CMD] | psql CONNECTION [ARGS]   (addons/cli/connect.py)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from addons.cli import approvals, audit, kubeconfig, rules, token
+from addons.cli import approvals, audit, connect, kubeconfig, rules, token
 from addons.cli.base import CliError
 
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_parsers(sub)
     approvals.add_parser(sub)
     kubeconfig.add_parser(sub)
+    connect.add_parser(sub)
     return p
 
 

@@ -195,6 +195,12 @@ class Config:
     approvals: ApprovalsConfig
     masking: MaskingConfig
 
+    def ssh_host_key(self, listen: tuple[str, int]) -> Path:
+        """The host key of the ssh_bridge listening at `listen`: the first connection there
+        that names one, else `ssh-bridge-host-key` beside the audit store."""
+        named = [c.host_key for c in self.connections if c.kind == "ssh" and c.listen == listen and c.host_key]
+        return Path(named[0]) if named else Path(self.store.path).parent / "ssh-bridge-host-key"
+
 
 DEFAULT_UPSTREAM_PORTS = {"https": 443, "http": 80, "postgresql": 5432, "postgres": 5432, "ssh": 22}
 UPSTREAM_SCHEMES = {"http": ("http", "https"), "kubernetes": ("http", "https"), "postgres": ("postgresql", "postgres"),

@@ -332,9 +332,9 @@ def identify(word: str, cwd: str | None, path: str | None,
     if "/" not in word:
         if word in BUILTINS:
             return Identity(word)
-        if word in resolved:
+        if resolved.get(word, ("",))[0]:
             return _by_location(word, *resolved[word])
-        if path is None:
+        if path is None:  # not found on the host (then nothing runs), or not asked: by the PATH
             return Identity("", f"the session's PATH is unknown, so {word!r} could be any program")
         outside = [d for d in path.split(":") if posixpath.normpath(d or ".") not in SYSTEM_DIRS]
         if outside:
@@ -343,7 +343,7 @@ def identify(word: str, cwd: str | None, path: str | None,
     if not word.startswith("/") and cwd is None:
         return Identity("", f"{word!r} is relative to a directory the gateway does not know")
     full = word if word.startswith("/") else posixpath.join(cwd, word)
-    if word in resolved:
+    if resolved.get(word, ("",))[0]:
         return _by_location(word, *resolved[word])
     parts = full.split("/")
     if ".." in parts or "." in parts[1:-1] or posixpath.dirname(posixpath.normpath(full)) not in SYSTEM_DIRS:
@@ -355,8 +355,6 @@ def _by_location(word: str, location: str, real: str) -> Identity:
     """Named by where the host found it: a name in a system directory keeps the name it was
     called by (root chose it: /usr/bin/awk -> mawk is awk); a file anywhere else is named by
     what it really is when that is a system file (/tmp/l/cat -> /usr/bin/bash is bash)."""
-    if not location:
-        return Identity("", f"{word!r} is not a program on the host")
     if posixpath.dirname(location) in SYSTEM_DIRS:
         return Identity(posixpath.basename(location))
     if real and posixpath.dirname(real) in SYSTEM_DIRS:

@@ -186,16 +186,17 @@ def command(s: Simple, where: Session, depth: int = 0, source: tuple[str, str] |
     if where.asked is not None and word not in P.BUILTINS:
         where.asked.programs.add((word, where.cwd))
     who = P.identify(word, where.cwd, where.path, where.programs)
-    program = who.name or word
+    # an unidentified program is judged by the name it was given too (a copy named sudo is
+    # still denied as sudo, /tmp/tee still writes its operands), and is at least exec
+    program = who.name or posixpath.basename(word)
     rest = args[1:]
-    out["program"] = program
-    out["programs"] = [program]
+    out["program"] = who.name or word
+    out["programs"] = [who.name or word]
     inner: list[dict[str, Any]] = []
     trees: list[str] = []
     if not who.name:
         out["unidentified"] = who.why
-        action = _riskier(action, EXEC)  # what runs is not what the tables know: it could do anything
-    elif change := P.session_change(program, rest):
+    if change := P.session_change(program, rest):
         if change != "tracked":
             raise Unclassifiable(f"{program} changes {change} for later commands; a line-based gate decides each "
                                  "line on what it says")
@@ -217,10 +218,12 @@ def command(s: Simple, where: Session, depth: int = 0, source: tuple[str, str] |
         action, inner = _program(program, rest, where, depth, source, out, action)
     if args_unseen and (action in (WRITE, DELETE) or program in P.WRITERS or program in P.DELETES):
         raise Unclassifiable(f"{program} would get its operands from standard input, which the gateway does not see")
-    if who.name and program in P.WRITERS:
+    if not who.name:
+        action = _riskier(action, EXEC)  # what runs is not what the tables know: it could do anything
+    if program in P.WRITERS:
         targets, trees = _writes(program, rest, where)
         written += targets
-    elif who.name and program in P.DELETES:
+    elif program in P.DELETES:
         action = _riskier(action, DELETE)
         written += [a for a in rest if not a.startswith("-")]
     for d in inner:

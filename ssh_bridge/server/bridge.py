@@ -21,8 +21,8 @@ any user name means that one.
 - scp (its legacy protocol, `scp -O`) and `rsync -e ssh` are exec requests like any other
   (`scp -t`/`-f`, `rsync --server`, classified as the writes and reads they are); their
   data is binary, so a rule that masks their output refuses them. The sftp subsystem
-  (and so scp's default mode) is refused with a message the client prints; port
-  forwarding, agent forwarding and X11 are refused.
+  (and so scp's default mode) is refused with a message the client prints; other
+  subsystems, port forwarding, agent forwarding and X11 are refused.
 
 A refused command prints `custody: <reason>` (and its audit event) on stderr, or on the
 terminal in a PTY session, as a shell would, and exits with status 126.
@@ -200,7 +200,7 @@ class Bridge:
         self.server = await asyncssh.create_server(
             lambda: Server(self), self.address[0], self.address[1], server_host_keys=[str(host_key(self.host_key))],
             process_factory=self._process, encoding=None, line_editor=False, agent_forwarding=False,
-            x11_forwarding=False, allow_scp=False, sftp_factory=None)
+            x11_forwarding=False, allow_scp=False, sftp_factory=refuse_sftp)
 
     def close_later(self, server: Server) -> None:
         task = asyncio.ensure_future(self._close(server))
@@ -219,10 +219,7 @@ class Bridge:
         server: Server = process.get_extra_info("connection").get_owner()
         server.link.attributes = attributes_from(dict(process.env or {}), "CUSTODY_")  # ssh -o SetEnv=CUSTODY_TASK=…
         try:
-            if process.subsystem:
-                process.stderr.write(f"{SFTP_REFUSED if process.subsystem == 'sftp' else 'custody: subsystem ' + repr(process.subsystem) + ' is not allowed'}\n".encode())
-                process.exit(REFUSED)
-            elif process.command is not None:
+            if process.command is not None:
                 await self._exec(server, process)
             else:
                 await self._shell(server, process)
@@ -291,6 +288,14 @@ class Bridge:
             if keys is not None:
                 keys.stop()
         process.exit(status)
+
+
+def refuse_sftp(channel: asyncssh.SSHServerChannel) -> asyncssh.SFTPServer:
+    """asyncssh's sftp factory, so that the request is accepted and the client shows why it
+    then ends: the reason on stderr, status 126."""
+    channel.write_stderr((SFTP_REFUSED + "\n").encode())
+    channel.exit(REFUSED)
+    return asyncssh.SFTPServer(channel)
 
 
 def _terminal(process: asyncssh.SSHServerProcess) -> dict | None:

@@ -226,48 +226,19 @@ async def step(link: Link, contract: Contract, host: str, phase: str, token: str
     return _refusal(status, fields, content, contract)
 
 
-class Stream:
-    """A stream step: the WebSocket one step upgrades to, on a connection of its own.
+class Frames:
+    """The frames of a stream over one WebSocket, either end: (channel, bytes) each way;
+    `receive()` returns None once the stream has ended."""
 
-    `open()` returns once the gateway cleared the step (after any hold for approval); a
-    refusal raises Refusal and an unreachable gateway Unreachable, as `step()` does.
-    Frames are (channel, bytes); `receive()` returns None once the stream has ended."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ws: Connection) -> None:
-        self.reader, self.writer, self.ws = reader, writer, ws
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, end: ConnectionType) -> None:
+        self.reader, self.writer, self.ws = reader, writer, Connection(end)
         self.pending: list[tuple[int, bytes]] = []
         self.partial = bytearray()
         self.ended = False
 
-    @classmethod
-    async def open(cls, link: Link, contract: Contract, host: str, phase: str, token: str, session: str,
-                   body: dict) -> Stream:
-        key = base64.b64encode(secrets.token_bytes(16)).decode()
-        upgrade = {"connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
-                   "sec-websocket-key": key}
-        own = Link(link.host, link.port)
-        own.attributes = link.attributes
-        try:
-            status, fields, content = await own.post(
-                f"http://{host}/{phase}", {**_request(contract, host, token, session), **upgrade},
-                json.dumps(body, ensure_ascii=False).encode())
-        except UNREACHABLE as e:
-            raise _unreachable(e) from None
-        except BaseException:
-            own.close()  # cancelled while held: the gateway sees the client go (the approval is abandoned)
-            raise
-        if status != 101:
-            own.close()
-            _refusal(status, fields, content, contract)
-            raise Refusal(status, None)
-        if fields.get("sec-websocket-accept") != websocket_accept(key):
-            own.close()
-            raise Unreachable("custody: the gateway's WebSocket answer does not match the request")
-        return cls(own.reader, own.writer, Connection(ConnectionType.CLIENT))
-
     async def send(self, channel: int, data: bytes = b"") -> None:
-        if self.ended or self.writer.is_closing():
-            return
+        if self.writer.is_closing():
+            raise ConnectionError("the stream is closed")
         self.writer.write(self.ws.send(BytesMessage(data=bytes([channel]) + data)))
         await self.writer.drain()
 
@@ -297,3 +268,35 @@ class Stream:
     def close(self) -> None:
         self.ended = True
         self.writer.close()
+
+
+class Stream(Frames):
+    """A stream step, the bridge's end: the WebSocket one step upgrades to, on a connection
+    of its own. `open()` returns once the gateway cleared the step (after any hold for
+    approval); a refusal raises Refusal and an unreachable gateway Unreachable, as `step()`
+    does."""
+
+    @classmethod
+    async def open(cls, link: Link, contract: Contract, host: str, phase: str, token: str, session: str,
+                   body: dict) -> Stream:
+        key = base64.b64encode(secrets.token_bytes(16)).decode()
+        upgrade = {"connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
+                   "sec-websocket-key": key}
+        own = Link(link.host, link.port)
+        own.attributes = link.attributes
+        try:
+            status, fields, content = await own.post(
+                f"http://{host}/{phase}", {**_request(contract, host, token, session), **upgrade},
+                json.dumps(body, ensure_ascii=False).encode())
+        except UNREACHABLE as e:
+            raise _unreachable(e) from None
+        except BaseException:
+            own.close()  # cancelled while held: the gateway sees the client go (the approval is abandoned)
+            raise
+        if status != 101:
+            own.close()
+            raise Refusal(status, _refusal(status, fields, content, contract))  # the terminal answered: an error
+        if fields.get("sec-websocket-accept") != websocket_accept(key):
+            own.close()
+            raise Unreachable("custody: the gateway's WebSocket answer does not match the request")
+        return cls(own.reader, own.writer, ConnectionType.CLIENT)

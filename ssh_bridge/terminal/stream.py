@@ -25,10 +25,10 @@ import time
 from dataclasses import dataclass, field
 
 import asyncssh
-from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping
+from wsproto.connection import ConnectionType
 
-from addons.engine.bridge import RESIZE, SIGNAL, STATUS, STDERR, STDIN, STDOUT, read_fields, websocket_accept
+from addons.engine.bridge import (RESIZE, SIGNAL, STATUS, STDERR, STDIN, STDOUT, Frames, read_fields,
+                                  websocket_accept)
 from addons.engine.masks import MaskError, TextRecords
 from ssh_bridge.terminal.backend import Host, line_script, line_status
 
@@ -62,44 +62,11 @@ class Job:
     created: float = field(default_factory=time.monotonic)
 
 
-class Peer:
+class Peer(Frames):
     """The gateway's side of one stream: frames in and out over mitmproxy's connection."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.ws = Connection(ConnectionType.SERVER)
-        self.pending: list[tuple[int, bytes]] = []
-        self.partial = bytearray()
-        self.ended = False
-
-    async def send(self, channel: int, data: bytes = b"") -> None:
-        if self.writer.is_closing():
-            raise ConnectionError("the stream is closed")
-        self.writer.write(self.ws.send(BytesMessage(data=bytes([channel]) + data)))
-        await self.writer.drain()
-
-    async def receive(self) -> tuple[int, bytes] | None:
-        while not self.pending:
-            if self.ended:
-                return None
-            try:
-                data = await self.reader.read(65536)
-            except OSError:
-                data = b""
-            self.ws.receive_data(data or None)
-            for event in self.ws.events():
-                if isinstance(event, Message):
-                    self.partial += event.data if isinstance(event.data, bytes) else event.data.encode()
-                    if event.message_finished and self.partial:
-                        self.pending.append((self.partial[0], bytes(self.partial[1:])))
-                        self.partial = bytearray()
-                elif isinstance(event, Ping):
-                    self.writer.write(self.ws.send(event.response()))
-                elif isinstance(event, CloseConnection):
-                    self.ended = True
-            if not data:
-                self.ended = True
-        return self.pending.pop(0)
+        super().__init__(reader, writer, ConnectionType.SERVER)
 
     async def status(self, doc: dict) -> None:
         try:

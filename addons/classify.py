@@ -5,7 +5,8 @@ as on the request, so Custody is never an open proxy. The target is the tunnel's
 request line's) host and port; a Host header or TLS SNI that names a different host is
 refused rather than trusted, because the upstream would route on it. Protocols the gateway
 cannot govern (raw TCP, UDP, h2c, SPDY, and WebSocket except Kubernetes exec, attach and
-port-forward, whose frames the chain records and masks) are refused.
+port-forward and the stream steps of a bridge contract, whose frames the chain records and
+masks) are refused.
 
 kubectl falls back from a refused WebSocket exec to SPDY, and would print the SPDY refusal
 instead of the real one (a denial, or the id of the approval it waits for). So a refused
@@ -22,6 +23,7 @@ from mitmproxy.net.http import url
 
 from addons import classifiers, context, failclosed
 from addons.classifiers.http import ambiguity
+from addons.engine.bridge import SSH
 from addons.engine.errors import Error
 from addons.engine.model import Decision, Request
 from addons.failclosed import guarded
@@ -74,7 +76,8 @@ FALLBACK_MEMORY = 10_000
 
 def upgrade_refusal(conn, request: http.Request, operation) -> str | None:
     """Protocol upgrades the gateway can govern: WebSocket for Kubernetes exec, attach and
-    port-forward (each frame is then recorded and masked). Nothing else."""
+    port-forward, and for ssh_bridge's stream steps (each frame is then recorded and
+    masked). Nothing else."""
     upgrade = request.headers.get("upgrade", "")
     if not upgrade:
         return None
@@ -82,6 +85,8 @@ def upgrade_refusal(conn, request: http.Request, operation) -> str | None:
         return SPDY_MESSAGE
     if (conn.kind == "kubernetes" and upgrade.lower() == "websocket"
             and operation.details.get("subresource") in WEBSOCKET_SUBRESOURCES):
+        return None
+    if conn.kind == "ssh" and upgrade.lower() == "websocket" and operation.details.get("phase") in SSH.streams:
         return None
     return f"protocol upgrade to {upgrade!r} is not governed on {conn.kind} connections"
 

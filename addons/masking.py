@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 
 from mitmproxy import http
 
 from addons import context, failclosed
+from addons.engine.bridge import STATUS, STDERR, STDOUT
 from addons.engine.errors import Error
 from addons.engine.masks import Masker, MaskError, RecordStream, Report, parse_all
 from addons.failclosed import guarded
@@ -115,13 +117,24 @@ class Masking:
         context.of(f).response_body = f.response.content
 
     @guarded
-    def request(self, f: http.HTTPFlow) -> None:
+    async def request(self, f: http.HTTPFlow) -> None:
         """When a mask applies, ask for JSON: a Kubernetes API server would otherwise answer
         typed clients in protobuf, which cannot be masked and would be refused. A
-        port-forward is a tunnel of raw bytes: with masks to apply, it is refused."""
+        port-forward is a tunnel of raw bytes: with masks to apply, it is refused. An ssh_bridge
+        stream is text masked by detection frame by frame: it needs the detector here, and
+        refuses field and key masks."""
         if not (masks := context.response_masks(context.of(f))):
             return
         op = context.of(f).operation
+        if op is not None and op.protocol == "ssh" and f.request.headers.get("upgrade", "").lower() == "websocket":
+            parsed = parse_all(masks)
+            if any(m.kind != "detect" for m in parsed):
+                failclosed.refuse(f, 502, "field and key masks need JSON, and command output is text; use detect "
+                                          "masks", error=Error.MASKING_REFUSED)
+            elif not await self.pool.loaded():
+                failclosed.refuse(f, 502, "masking is not ready; the command was not run",
+                                  error=Error.MASKING_UNAVAILABLE)
+            return
         if op is not None and op.protocol == "kubernetes" and op.details.get("subresource") == "portforward":
             failclosed.refuse(f, 403, "a port-forward carries raw bytes that cannot be masked, and the rules that "
                                       f"allow it mask ({', '.join(map(str, masks))})", error=Error.MASKING_REFUSED)
@@ -140,6 +153,10 @@ class Masking:
         masks = parse_all(context.response_masks(context.of(f)))
         if not masks or message.from_client:
             return
+        op = context.of(f).operation
+        if op is not None and op.protocol == "ssh":
+            self._ssh_frame(f, message, masks)
+            return
         if not message.is_text and message.content[:1] in (b"\x01", b"\x02") and self.detector is not None:
             report = Report()
             text = message.content[1:].decode("utf-8", "replace")
@@ -152,6 +169,36 @@ class Masking:
             message.drop()
             logger.error("custody: a WebSocket frame that cannot be masked; ending the session")
             f.kill()
+
+    def _ssh_frame(self, f: http.HTTPFlow, message, masks) -> None:
+        """An ssh_bridge stream frame from the terminal: stdout and stderr are records of
+        text (the terminal cuts them so: addons/engine/masks.py TextRecords), masked line by
+        line. One that cannot be masked becomes the stream's last frame, a STATUS naming the
+        reason; every frame after it is dropped."""
+        c = context.of(f)
+        channel = message.content[:1]
+        if (c.masking or {}).get("error"):
+            message.drop()
+            return
+        if channel not in (bytes([STDOUT]), bytes([STDERR])):
+            return
+        try:
+            report = Report()
+            text = message.content[1:].decode("utf-8")
+            masked = Masker(masks, self.detector, self.settings.require().masking.hash_key).lines(text, report)
+        except (UnicodeDecodeError, MaskError) as e:
+            reason = ("the command's output is not text and cannot be masked" if isinstance(e, UnicodeDecodeError)
+                      else str(e))
+            c.masking = {**(c.masking or {}), "error": reason}
+            message.content = bytes([STATUS]) + json.dumps(
+                {"exit_status": 126, "error": f"custody: {reason}", "event_id": c.decision_event}).encode()
+            return
+        totals = Report(**{k: Counter(v) for k, v in (c.masking or {}).items()
+                           if k in ("fields", "entities")})
+        totals.add(report)
+        c.masking = {**totals.as_dict(), "frames_masked": (c.masking or {}).get("frames_masked", 0) + bool(report.masked)}
+        if report.masked:
+            message.content = message.content[:1] + masked.encode()
 
     @guarded
     def responseheaders(self, f: http.HTTPFlow) -> None:

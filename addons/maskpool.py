@@ -94,6 +94,16 @@ class MaskPool:
     async def _load_detector(self) -> None:
         self.detector = await asyncio.to_thread(_detector, self.masking.ner_model)
 
+    async def loaded(self) -> bool:
+        """Wait (up to the masking timeout) for this process's detector, which frames and
+        streams are masked with; False if it is not there by then."""
+        if self.detector is None and self._loading is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._loading), self.masking.timeout)
+            except (TimeoutError, asyncio.CancelledError, Exception):
+                return False
+        return self.detector is not None
+
     @functools.lru_cache(maxsize=256)
     def _local(self, masks: str) -> Masker:
         return Masker(parse_all(json.loads(masks)), self.detector, self.masking.hash_key)

@@ -150,3 +150,290 @@ def test_ssh_match_fields(match, text, holds):
 def test_malformed_requests_are_unknown(method, path, session, body, problem):
     op = shellops.classify_request("web", method, path, session, body)
     assert op.action == "unknown" and problem in op.details["reason"]
+
+
+# The classes of the attacker's review: each a table of spellings, each asserting the safe
+# outcome under the shipped rules (rules/ssh.yaml) for an operator, who may read, write and
+# delete, and whose exec is reviewed.
+
+SHIPPED = RuleSet(parse_file(__import__("yaml").safe_load(
+    (__import__("pathlib").Path(__file__).parents[1] / "rules" / "ssh.yaml").read_text()), "ssh.yaml"))
+OPERATOR = Principal("crew-ops", "https://idp", ("ops",))
+
+
+def decide(op) -> str:
+    """The operator's decision; "deny" only from a rule that denies or from unknown (no
+    rule allows an unknown command), never from a connection no rule names."""
+    decision = SHIPPED.decide(OPERATOR, op)
+    assert decision.rules or op.action == "unknown" or any(p.action in ("unknown", "admin") for p in op.parts)
+    return decision.effect
+
+
+def where(**kw) -> shellops.Session:
+    return shellops.Session(**{"cwd": "/home/agent", "home": "/home/agent", **kw})
+
+
+@pytest.mark.parametrize(
+    "text, session",
+    [
+        ("/tmp/ls -la", {}),  # a copy of bash named ls
+        ("./cat notes", {}),
+        ("../bin/grep x notes", {}),
+        ("bin/ps", {}),
+        ("/home/agent/bin/id", {}),
+        ("/usr/bin/../../tmp/ls", {}),  # '..' after a directory that may be a symlink
+        ("/usr/bin/./../../tmp/ls", {}),
+        ("//tmp//ls", {}),
+        ("/usr/lib/ls", {}),  # root owns it, but it is no directory of programs
+        ("nice /tmp/ls", {}),  # inside wrappers too
+        ("timeout 5 ./ls", {}),
+        ("env /tmp/cat notes", {}),
+        ("xargs -a list /tmp/cat", {}),
+        ("ls", {"path": "/home/agent/bin:/usr/bin:/bin"}),  # PATH as the session has set it
+        ("cat notes", {"path": ":/usr/bin:/bin"}),  # an empty entry is the working directory
+        ("grep x notes", {"path": ".:/usr/bin"}),
+        ("id", {"path": "/usr/bin:/tmp"}),  # late in PATH is still on it: id may be missing earlier
+        ("ls", {"path": None}),  # a PATH the gateway does not know
+        ("cat x", {"programs": {"cat": ("/home/agent/.local/bin/cat", "/home/agent/.local/bin/cat")}}),  # host's answer
+        ("/tmp/l/cat x", {"programs": {"/tmp/l/cat": ("/tmp/l/cat", "/tmp/tool")}}),
+    ],
+)
+def test_a_program_the_gateway_cannot_identify_is_exec_and_riskiest(text, session):
+    op = shellops.classify("prod-web", "exec", text, session=where(**session))
+    part = next(p for p in op.parts if p.details.get("unidentified"))
+    assert (part.action, part.risk, op.risk) == ("exec", 100, 100)
+    assert "could be any program" in part.details["reason"] or "cannot tell" in part.details["reason"]
+    assert decide(op) != "allow"
+
+
+@pytest.mark.parametrize(
+    "text, programs, action, expected",
+    [
+        ("/usr/bin/ls -la", {}, "read", ["ls"]),  # a system directory: the name is what it is
+        ("/bin/cat x", {}, "read", ["cat"]),
+        ("ls", {"ls": ("/usr/bin/ls", "/usr/bin/ls")}, "read", ["ls"]),
+        ("awk 1 x", {"awk": ("/usr/bin/awk", "/usr/bin/mawk")}, "exec", ["awk"]),  # root's alternatives keep the name
+        # a symlink somewhere else is what it points at: bash, whatever it is called
+        ("/tmp/l/cat -c 'sudo id'", {"/tmp/l/cat": ("/tmp/l/cat", "/usr/bin/bash")}, "admin", ["bash", "sudo", "id"]),
+        ("/tmp/bin/ls /etc", {"/tmp/bin/ls": ("/usr/bin/ls", "/usr/bin/ls")}, "read", ["ls"]),
+    ],
+)
+def test_a_program_is_classified_by_what_it_is(text, programs, action, expected):
+    op = shellops.classify("prod-web", "exec", text, session=where(programs=programs))
+    assert (op.action, [x for p in op.parts for x in p.details["programs"]]) == (action, expected)
+
+
+@pytest.mark.parametrize(
+    "text, written",
+    [
+        ("xxd -r -p dump /etc/x", "/etc/x"),  # reverse mode: the second operand is the output
+        ("xxd -r - /etc/x", "/etc/x"),
+        ("base64 -d -o /etc/x blob", "/etc/x"),
+        ("base64 --decode --output=/etc/x blob", "/etc/x"),
+        ("dd if=blob of=/etc/x", "/etc/x"),
+        ("tar -xf a.tar -C /etc", "/etc/**"),  # what an archive holds is named inside it: the tree
+        ("tar xf a.tar --directory=/etc", "/etc/**"),
+        ("tar -C /etc -xzf a.tgz", "/etc/**"),
+        ("cd / && tar -xf a.tar", "/**"),
+        ("tar -czf /etc/x a", "/etc/x"),  # creating: the archive is the target
+        ("install -m 0644 a /etc/x", "/etc/x"),
+        ("install -D a /etc/x", "/etc/x"),
+        ("ln -sf /tmp/a /etc/x", "/etc/x"),
+        ("ln -s /etc /tmp/l", "/etc"),  # a link into /etc makes it writable: its target counts
+        ("patch /etc/x fix.diff", "/etc/x"),
+        ("patch -o /etc/x a fix.diff", "/etc/x"),
+        ("patch -d /etc -p1", "/etc/**"),  # the files are named in the patch: the tree
+        ("cd /etc && patch -p1", "/etc/**"),
+        ("sed -i s/a/b/ /etc/x", "/etc/x"),  # editors in batch mode
+        ("sed -ni.bak p /etc/x", "/etc/x"),
+        ("sed --in-place -e s/a/b/ /etc/x", "/etc/x"),
+        ("perl -pi -e s/a/b/ /etc/x", "/etc/x"),
+        ("gawk -i inplace '{print}' /etc/x", "/etc/x"),
+        ("vim -es -c '%s/a/b/' -c wq /etc/x", "/etc/x"),
+        ("ex -sc wq /etc/x", "/etc/x"),
+        ("emacs --batch /etc/x --eval '(save-buffer)'", "/etc/x"),
+        ("truncate -s0 /etc/x", "/etc/x"),
+        ("tee -a /etc/x", "/etc/x"),
+        ("mv a /etc/x", "/etc/x"),
+        ("sort -o/etc/x a", "/etc/x"),
+        ("uniq a /etc/x", "/etc/x"),
+        ("split -l1 a /etc/x", "/etc/x"),
+        ("iconv -f latin1 -t utf8 -o /etc/x a", "/etc/x"),
+        ("unzip a.zip -d /etc", "/etc/**"),
+        ("gzip /etc/x", "/etc/x"),
+        ("mkfifo /etc/x", "/etc/x"),
+        ("chmod --reference=/tmp/a /etc/x", "/etc/x"),
+        ("touch -d yesterday /etc/x", "/etc/x"),
+        ("env -C /etc tee x", "/etc/x"),  # the directory a wrapper moves to
+        ("rsync -a a /etc/x", "/etc/x"),
+        ("rsync --server -logDtpre.iLsfxC . /etc/x", "/etc/x"),  # the host's end of rsync -e ssh
+        ("scp -t /etc/x", "/etc/x"),  # the host's end of scp -O
+        ("wget -P /etc http://h/x", "/etc/**"),
+        ("curl -o /etc/x http://h/x", "/etc/x"),
+    ],
+)
+def test_every_writer_names_its_targets(text, written):
+    op = shellops.classify("prod-web", "shell", text, session=where())
+    assert written in op.details["writes"] and op.action != "read"
+    decision = SHIPPED.decide(OPERATOR, op)  # ssh-etc-writes-denied holds, whatever the spelling
+    assert decision.effect == "deny" and "ssh-etc-writes-denied" in decision.rules
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "xxd dump.bin",  # forward mode with one operand reads only
+        "base64 -d blob",
+        "tar -tf a.tar",
+        "rsync --server --sender -logDtpre.iLsfxC . /etc/hosts",  # the host's end of a download
+        "scp -f /etc/hosts",
+        "gzip -c /etc/hosts",
+        "sed -n p /etc/hosts",
+    ],
+)
+def test_readers_of_writers_write_nothing(text):
+    assert shellops.classify("prod-web", "shell", text, session=where()).details["writes"] == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "export PATH=/tmp:$PATH",
+        "declare -x PATH=/tmp",
+        "typeset PATH=/tmp",
+        "readonly X=1",
+        "local X=1",
+        "unset PATH",
+        "printf -v PATH %s /tmp",
+        "printf -vPATH %s /tmp",
+        "read PATH",
+        "read -r X < /tmp/f",
+        "mapfile -t A < /tmp/f",
+        "readarray A",
+        "getopts ab X",
+        "let X=1",
+        "(( X = 1 ))",
+        "hash -p /tmp/x ls",
+        "hash -r",
+        "enable -n echo",
+        "enable -f /tmp/x.so ls",
+        "source /tmp/x",
+        ". /tmp/x",
+        "builtin source /tmp/x",
+        "command . /tmp/x",
+        "umask 000",
+        "umask u=rwx,g=rwx,o=rwx",
+        "trap 'sudo id' DEBUG",
+        "trap - INT",
+        "set -o noglob",
+        "set -- a b",
+        "shopt -s expand_aliases",
+        "alias ls=x",
+        "unalias ls",
+        "ulimit -c unlimited",
+        "bind -x '\"a\":id'",
+        "complete -C /tmp/x ls",
+        "function f { id; }",
+        "f() { id; }",
+        "exec {fd}>/tmp/x",
+        "eval 'export PATH=/tmp'",
+        "bash -c 'read X'",
+        "ls; export X=1",
+    ],
+)
+def test_a_line_that_changes_what_later_lines_run_is_refused(text):
+    op = shellops.classify("prod-web", "shell", text, session=where())
+    assert op.action == "unknown" and decide(op) == "deny"
+
+
+@pytest.mark.parametrize(
+    "text, cwd, outcome",
+    [
+        ("cd /etc && echo x > hosts", "/home/agent", "/etc/hosts"),  # tracked within the line
+        ("pushd /etc && echo x > hosts", "/home/agent", "/etc/hosts"),
+        ("cd /etc/nginx && cd .. && echo x > hosts", "/home/agent", "/etc/hosts"),
+        ("cd /tmp \"&&\" echo x > passwd", "/etc", "/etc/passwd"),  # a quoted && is an argument of cd
+        ("cd /nonexistent; echo x > passwd", "/etc", "unknown"),  # if cd fails the line stays in /etc
+        ("cd /tmp || echo x > passwd", "/etc", "unknown"),
+        ("cd /tmp & echo x > passwd", "/etc", "unknown"),  # a background cd moves nothing
+        ("cd /tmp | echo x > passwd", "/etc", "unknown"),
+        ("(cd /tmp && true); echo x > passwd", "/etc", "unknown"),  # a subshell's cd ends with it
+        ("{ cd /tmp && true; }; echo x > passwd", "/etc", "unknown"),
+        ("popd && echo x > passwd", "/etc", "unknown"),
+        ("cd - && echo x > passwd", "/etc", "unknown"),
+        ("cd +1 && echo x > passwd", "/etc", "unknown"),
+        ("cd && echo x > .profile", "/etc", "/home/agent/.profile"),
+    ],
+)
+def test_the_directory_is_tracked_or_unknown(text, cwd, outcome):
+    op = shellops.classify("prod-web", "shell", text, session=where(cwd=cwd))
+    assert (op.action if outcome == "unknown" else op.details["writes"][-1]) == outcome
+    assert decide(op) == ("allow" if outcome == "/home/agent/.profile" else "deny")
+
+
+@pytest.mark.parametrize(
+    "text, stdin",
+    [
+        ("bash", True),  # the client's input would be the script
+        ("sh -s", True),
+        ("python3", True),
+        ("python3 -", True),
+        ("perl", True),
+        ("awk -f - x", True),
+        ("sed -f /dev/stdin x", True),
+        ("ed notes", True),  # editors read their commands from standard input
+        ("vim -es notes", True),
+        ("sqlite3 db", True),
+        ("echo 'sudo id' | bash", False),  # a pipe is input the gateway does not see as commands
+        ("cat /tmp/script | sh", False),
+        ("echo x | (cat; bash)", False),  # a subshell shares its input
+        ("echo x | { bash; }", False),
+        ("timeout 5 bash", True),  # inside a wrapper too
+        ("bash < /dev/stdin", True),
+    ],
+)
+def test_code_from_standard_input_is_not_run_unseen(text, stdin):
+    op = shellops.classify("prod-web", "exec" if stdin else "shell", text, session=where(stdin=stdin))
+    assert op.action == "unknown" and "standard input" in " ".join(p.details.get("reason", "") for p in op.parts)
+
+
+@pytest.mark.parametrize(
+    "text, programs",
+    [
+        ("bash <<< 'sudo id'", ["bash", "sudo", "id"]),  # a here-string is on the line: classified
+        ("{ bash; } <<< 'sudo id'", ["bash", "sudo", "id"]),  # given to a group, it reaches bash
+        ("for x in a; do bash; done <<< 'sudo id'", ["x", "bash", "sudo", "id"]),
+    ],
+)
+def test_a_here_string_given_to_a_shell_is_classified(text, programs):
+    op = shellops.classify("prod-web", "shell", text, session=where())
+    assert op.action == "admin" and [x for p in op.parts for x in p.details["programs"]] == programs
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["date -s '2020-01-01'", "date 010100002020", "hostname evil", "hostname -F /tmp/n", "dmesg -C",
+     "journalctl --vacuum-time=1s", "ss -K dst 10.0.0.1", "ifconfig eth0 down", "rg --pre /tmp/x pattern"],
+)
+def test_read_only_programs_asked_to_change_the_system_are_not_reads(text):
+    assert shellops.classify("prod-web", "shell", text, session=where()).action in ("admin", "exec")
+
+
+@pytest.mark.parametrize(
+    "effect, glob, text, holds",
+    [
+        ("deny", "/etc/**", "cd / && tar -xf a.tar", True),  # a tree at / can reach /etc
+        ("deny", "/etc/**", "tar -xf a.tar -C /srv/app", False),
+        ("deny", "/home/*/.ssh/**", "tar -xf a.tar -C /home/agent", True),
+        ("allow", "/srv/**", "tar -xf a.tar -C /srv/app", True),  # the whole tree is inside
+        ("allow", "/srv/**", "cd / && tar -xf a.tar", False),
+        ("allow", "/srv/*", "tar -xf a.tar -C /srv/app", False),  # one level is not a tree
+        ("allow", "/tmp/**", "cp /tmp/a /etc/passwd", False),  # every write must be inside
+        ("allow", "/tmp/**", "cp /tmp/a /tmp/b", True),
+        ("deny", "/etc/**", "cp /tmp/a /etc/passwd", True),  # any write inside denies
+    ],
+)
+def test_writes_of_allow_rules_must_all_match_and_trees_are_every_path_under_them(effect, glob, text, holds):
+    rules = RuleSet(parse_file({"rules": [{"id": "r", "match": {"ssh": {"writes": glob}}, "effect": effect}]}, "t.yaml"))
+    op = shellops.classify("web", "shell", text, session=where())
+    assert all(any(r.id == "r" for r in rules.matching(ANALYST, p)) == holds for p in op.parts if p.details["writes"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import stat
 import subprocess
 import threading
@@ -46,6 +47,8 @@ def gw(tmp_path_factory, servers, sshd):
         directory,
         connections=[{"name": "prod-web", "hosts": ["web.prod.internal"], "known_hosts": str(sshd.known_hosts),
                       "max_output_bytes": 200_000, "command_timeout": "4s", **base},
+                     {"name": "patient-web", "hosts": ["patient.prod.internal"], "known_hosts": str(sshd.known_hosts),
+                      "command_timeout": "60s", **base},
                      {"name": "moved-web", "hosts": ["moved.internal"], "known_hosts": str(wrong), **base}],
         rules={"ssh.yaml": (ROOT / "rules" / "ssh.yaml").read_text(),
                "test.yaml": {"rules": [
@@ -53,7 +56,12 @@ def gw(tmp_path_factory, servers, sshd):
                    {"id": "raw-read", "match": {"connection": "prod-web", "principal": {"groups": ["raw"]},
                                                 "action": "read"}, "effect": "allow"},
                    {"id": "lab-exec", "match": {"connection": "prod-web", "principal": {"groups": ["lab"]},
-                                                "action": ["read", "exec"]}, "effect": "allow", "masks": ["secrets"]}]}},
+                                                "action": ["read", "exec"]}, "effect": "allow", "masks": ["secrets"]},
+                   {"id": "sync-files", "match": {"connection": "prod-web", "principal": {"groups": ["sync"]},
+                                                  "action": ["read", "write"]}, "effect": "allow"},
+                   {"id": "patient-ops", "match": {"connection": "patient-web", "principal": {"groups": ["ops"]},
+                                                   "action": ["read", "write"]}, "effect": "allow",
+                    "masks": ["secrets"]}]}},
         identity=standard_identity(servers.jwks),
     )
     gateway.config["approvals"] = {"listen": f"127.0.0.1:{approvals}", "sweep": "200ms"}
@@ -80,7 +88,7 @@ def tokens(keys, jwks):
         return keys["rsa"].token(jwks.issuer, sub=sub, groups=groups, ttl=3600)
 
     return {"ops": mint("crew-ops", ["ops"]), "reader": mint("crew-reader", ["ops-readers"]), "raw": mint("raw", ["raw"]), "lab": mint("lab", ["lab"]),
-            "stranger": mint("nobody", []), "sre": mint("sre-1", ["sre"])}
+            "stranger": mint("nobody", []), "sre": mint("sre-1", ["sre"]), "sync": mint("sync", ["sync"])}
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +99,30 @@ def askpass(tmp_path_factory):
     return script
 
 
+def client_env(askpass, token: str) -> dict[str, str]:
+    return {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "CUSTODY_TOKEN": token,
+            "DISPLAY": ":0"}
+
+
+def ssh_options(gw, log_level: str = "ERROR") -> list[str]:
+    return ["-p", str(gw.bridge_port), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "PreferredAuthentications=password,keyboard-interactive", "-o", "PubkeyAuthentication=no",
+            "-o", f"LogLevel={log_level}", "-o", "NumberOfPasswordPrompts=1", "-F", "/dev/null"]
+
+
 def ssh(gw, askpass, token: str, *args: str, user: str = "agent+prod-web", stdin: bytes | None = None,
-        timeout: float = 60) -> subprocess.CompletedProcess:
+        timeout: float = 60, log_level: str = "ERROR") -> subprocess.CompletedProcess:
     """The real OpenSSH client, its password (the token) from SSH_ASKPASS."""
-    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "CUSTODY_TOKEN": token,
-           "DISPLAY": ":0"}
-    cmd = ["ssh", "-p", str(gw.bridge_port), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-           "-o", "PreferredAuthentications=password,keyboard-interactive", "-o", "PubkeyAuthentication=no",
-           "-o", "LogLevel=ERROR", "-o", "NumberOfPasswordPrompts=1", "-F", "/dev/null", *args[:-1],
-           f"{user}@127.0.0.1", *args[-1:]]
-    return subprocess.run(cmd, input=stdin if stdin is not None else b"", capture_output=True, env=env,
-                          timeout=timeout)
+    cmd = ["ssh", *ssh_options(gw, log_level), *args[:-1], f"{user}@127.0.0.1", *args[-1:]]
+    return subprocess.run(cmd, input=stdin if stdin is not None else b"", capture_output=True,
+                          env=client_env(askpass, token), timeout=timeout)
+
+
+def direct(sshd, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    """The same command run directly on the host (OpenSSH to the sshd, with the gateway's key)."""
+    cmd = ["ssh", "-p", str(sshd.port), "-i", str(sshd.client_key), "-o", f"UserKnownHostsFile={sshd.known_hosts}",
+           "-o", "LogLevel=ERROR", "-F", "/dev/null", *args[:-1], f"{sshd.user}@127.0.0.1", *args[-1:]]
+    return subprocess.run(cmd, input=stdin, capture_output=True, timeout=60)
 
 
 def run(coro):
@@ -321,3 +342,243 @@ def test_the_bridge_holds_no_key_and_keeps_its_own(bridge, gw, sshd):
     assert sshd.client_key.read_bytes() not in bridge.environ()
     key = Path(gw.config["connections"][0]["host_key"])
     assert key.exists() and stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+# stream fidelity: every value read through the gateway is compared with the same command run directly
+
+
+def scratch(name: str) -> Path:
+    path = Path("/tmp") / f"custody-{name}-{os.getpid()}"
+    path.unlink(missing_ok=True)
+    return path
+
+
+def piped(gw, askpass, token: str, producer: str, command: str, user: str = "agent+prod-web"):
+    """`producer | ssh … command` through a real shell, as an agent would type it."""
+    line = " ".join(["ssh", *ssh_options(gw), f"{user}@127.0.0.1", shlex.quote(command)])
+    return subprocess.run(["bash", "-c", f"{producer} | {line}"], capture_output=True, env=client_env(askpass, token),
+                          timeout=90)
+
+
+@pytest.mark.parametrize(
+    "producer, user",
+    [
+        ("(sleep 0.5; echo hello)", "agent+prod-web"),  # input that starts late
+        ("(echo first; sleep 11; echo after-a-long-pause)", "agent+patient-web"),  # a pause longer than any wait
+        ("head -c 3000000 /dev/urandom | base64 -w 100", "agent+patient-web"),  # past 1 MiB
+    ],
+)
+def test_standard_input_reaches_the_command_whole(bridge, gw, askpass, tokens, sshd, producer, user):
+    target = scratch("stdin")
+    try:
+        done = piped(gw, askpass, tokens["ops"], f"{producer} | tee {target}.sent", f"cat > {target}", user=user)
+        assert done.returncode == 0, done.stderr
+        sent = Path(f"{target}.sent").read_bytes()
+        assert target.read_bytes() == sent and sent
+        again = direct(sshd, f"cat {target}")
+        through = ssh(gw, askpass, tokens["ops"], f"cat {target}", user=user)
+        assert through.stdout == again.stdout == sent
+    finally:
+        target.unlink(missing_ok=True)
+        Path(f"{target}.sent").unlink(missing_ok=True)
+
+
+def test_output_flows_while_the_command_runs(bridge, gw, tokens, sshd):
+    command = "echo line 1; sleep 1; echo line 2; sleep 1; echo line 3"
+
+    async def main():
+        async with await asyncssh_connect(gw, tokens["ops"], user="agent+patient-web") as conn:
+            process = await conn.create_process(command, encoding=None)
+            first = await asyncio.wait_for(process.stdout.readline(), 30)
+            running = process.exit_status is None and not process.stdout.at_eof()
+            rest = await process.stdout.read()
+            await process.wait_closed()
+            return first, running, first + rest
+
+    first, running, whole = run(main())
+    assert (first, running) == (b"line 1\n", True)  # the first line came before the command ended
+    assert whole == direct(sshd, command).stdout
+
+
+def test_a_requested_terminal_is_given(bridge, gw, askpass, tokens, sshd):
+    command = "test -t 0 && test -t 1 && echo terminal"
+    through = ssh(gw, askpass, tokens["ops"], "-tt", command, user="agent+patient-web")
+    again = direct(sshd, "-tt", command)
+    assert through.returncode == again.returncode == 0
+    assert through.stdout.splitlines()[0] == again.stdout.splitlines()[0] == b"terminal"
+
+
+def test_a_paramiko_shell_sees_refusals_on_its_terminal(bridge, gw, tokens, sshd):
+    import paramiko
+
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    client.connect("127.0.0.1", gw.bridge_port, username="agent+prod-web", password=tokens["reader"],
+                   allow_agent=False, look_for_keys=False)
+    try:
+        shell = client.invoke_shell()
+        shell.send(b"touch /tmp/custody-paramiko\recho through-$((6*7))\r")
+        seen = b""
+        while b"through-42" not in seen.split(b"echo through-", 1)[-1]:
+            seen += shell.recv(4096)
+        assert b"custody: no rule matches this request" in seen  # on the terminal, as a shell prints it
+        assert not shell.recv_stderr_ready()
+    finally:
+        client.close()
+    assert not Path("/tmp/custody-paramiko").exists()
+
+
+def test_rsync_over_ssh_writes_and_reads_as_governed_commands(bridge, gw, askpass, tokens, sshd, tmp_path):
+    source = tmp_path / "payload.txt"
+    source.write_bytes(b"governed rsync\n" * 100)
+    target = scratch("rsync")
+    rsh = " ".join(["ssh", *ssh_options(gw)])
+    env = client_env(askpass, tokens["sync"])
+    try:
+        up = subprocess.run(["rsync", "-e", rsh, str(source), f"agent+prod-web@127.0.0.1:{target}"],
+                            capture_output=True, env=env, timeout=60)
+        assert up.returncode == 0, up.stderr
+        assert direct(sshd, f"cat {target}").stdout == source.read_bytes()
+        back = tmp_path / "back.txt"
+        down = subprocess.run(["rsync", "-e", rsh, f"agent+prod-web@127.0.0.1:{target}", str(back)],
+                              capture_output=True, env=env, timeout=60)
+        assert down.returncode == 0 and back.read_bytes() == source.read_bytes()
+        masked = subprocess.run(["rsync", "-e", " ".join(["ssh", *ssh_options(gw)]), str(source),
+                                 f"agent+prod-web@127.0.0.1:{target}.masked"], capture_output=True,
+                                env=client_env(askpass, tokens["ops"]), timeout=60)
+        assert masked.returncode != 0 and b"custody: " in masked.stderr  # its rules mask: binary is refused
+    finally:
+        target.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    "client, expected",
+    [
+        (["scp"], b"custody: the sftp subsystem is not governed"),  # scp speaks sftp by default
+        (["sftp"], b"custody: the sftp subsystem is not governed"),
+    ],
+)
+def test_sftp_is_refused_with_a_message_the_client_prints(bridge, gw, askpass, tokens, tmp_path, client, expected):
+    source = tmp_path / "f.txt"
+    source.write_text("x")
+    options = [o.replace("-p", "-P") if o == "-p" else o for o in ssh_options(gw)]
+    target = "agent+prod-web@127.0.0.1:" + ("/tmp/custody-scp" if client == ["scp"] else "")
+    args = [*client, *options, *([str(source)] if client == ["scp"] else []), target]
+    done = subprocess.run(args, input=b"ls\n", capture_output=True, env=client_env(askpass, tokens["ops"]), timeout=60)
+    assert done.returncode != 0 and expected in done.stderr, done.stderr
+    assert not Path("/tmp/custody-scp").exists()
+
+
+def test_scp_in_its_legacy_protocol_is_a_governed_write(bridge, gw, askpass, tokens, sshd, tmp_path):
+    source = tmp_path / "f.txt"
+    source.write_bytes(b"legacy scp\n")
+    target = scratch("scp")
+    options = ["-P" if o == "-p" else o for o in ssh_options(gw)]
+    try:
+        done = subprocess.run(["scp", "-O", *options, str(source), f"agent+prod-web@127.0.0.1:{target}"],
+                              capture_output=True, env=client_env(askpass, tokens["sync"]), timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert direct(sshd, f"cat {target}").stdout == source.read_bytes()
+        refused = subprocess.run(["scp", "-O", *options, str(source), "agent+prod-web@127.0.0.1:/etc/custody-scp"],
+                                 capture_output=True, env=client_env(askpass, tokens["ops"]), timeout=60)
+        assert refused.returncode != 0 and not Path("/etc/custody-scp").exists()
+    finally:
+        target.unlink(missing_ok=True)
+
+
+# refusals say why, before anything is held
+
+
+@pytest.mark.parametrize(
+    "token, user, message",
+    [
+        ("stranger", "agent+prod-web", b"custody: no rule matches this request"),
+        ("not-a-jwt", "agent+prod-web", b"custody: "),
+        ("ops", "agent+nowhere", b"no ssh connection is named by the user"),
+    ],
+)
+def test_a_refused_login_tells_the_agent_why(bridge, gw, askpass, tokens, token, user, message):
+    done = ssh(gw, askpass, tokens.get(token, token), "id", user=user, log_level="INFO")
+    assert done.returncode == 255 and message in done.stderr and b"Permission denied" in done.stderr
+    if token == "stranger":
+        assert b"audit event: " in done.stderr
+
+
+@pytest.mark.parametrize("command", ["vi /tmp/custody-vi", "top", "less /etc/hostname", "nano x", "watch ls"])
+def test_interactive_programs_are_refused_before_any_approval(bridge, gw, askpass, tokens, command):
+    sre = Approver(gw.approvals_url, tokens["sre"])
+    done = ssh(gw, askpass, tokens["ops"], command)
+    assert done.returncode == 126 and b"is interactive" in done.stderr
+    assert not [a for a in sre.list() if command in a["operation"]["summary"]]
+
+
+def test_ctrl_c_on_a_held_shell_line_withdraws_it(bridge, gw, tokens):
+    target = Path("/tmp") / f"custody-held-line-{os.getpid()}"
+    (target / "inner").mkdir(parents=True, exist_ok=True)
+    sre = Approver(gw.approvals_url, tokens["sre"])
+
+    async def main():
+        async with await asyncssh_connect(gw, tokens["ops"]) as conn:
+            process = await conn.create_process(term_type="xterm", encoding=None)
+            process.stdin.write(f"rm -r {target}\r".encode())
+            held = wait_for(lambda: [a for a in sre.list() if str(target) in a["operation"]["summary"]])[0]
+            process.stdin.write(b"\x03")
+            out = b""
+            while b"custody: withdrawn" not in out:
+                out += await asyncio.wait_for(process.stdout.read(1024), 10)
+            process.stdin.write(b"\x04")
+            return held, out
+
+    held, out = run(main())
+    assert b"custody: withdrawn" in out
+    state = wait_for(lambda: [a for a in sre.list(state="abandoned") if a["id"] == held["id"]])
+    assert state and target.exists()
+
+
+# the attacker's classes, end to end: each of these reached the host before, none does now
+
+CANARY = Path("/tmp") / "custody-canary"
+
+
+@pytest.fixture
+def planted():
+    """A copy of sh named ls outside the system directories, a symlink to it, and a symlink to /etc."""
+    bin_dir, link, etc = Path("/tmp/custody-bin"), Path("/tmp/custody-link"), Path("/tmp/custody-etc")
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "ls").write_bytes(Path("/bin/sh").read_bytes())
+    (bin_dir / "ls").chmod(0o755)
+    for path, to in ((link, bin_dir), (etc, Path("/etc"))):
+        path.unlink(missing_ok=True)
+        path.symlink_to(to)
+    CANARY.unlink(missing_ok=True)
+    yield
+    for path in (link, etc, bin_dir / "ls", CANARY, Path("/etc/custody-test")):
+        path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    "token, lines",
+    [
+        ("raw", ["/tmp/custody-bin/ls -c 'touch /tmp/custody-canary'"]),  # a program is what it is
+        ("raw", ["cd /tmp/custody-bin && ./ls -c 'touch /tmp/custody-canary'"]),
+        ("raw", ["/tmp/custody-link/ls -c 'touch /tmp/custody-canary'"]),  # through a symlink
+        ("raw", ["nice /tmp/custody-bin/ls -c 'touch /tmp/custody-canary'"]),
+        ("raw", ["env /tmp/custody-bin/../custody-bin/ls -c 'touch /tmp/custody-canary'"]),
+        ("raw", ["printf -v PATH %s /tmp/custody-bin", "ls -c 'touch /tmp/custody-canary'"]),  # session state
+        ("raw", ["umask 000"]),
+        ("ops", ["echo x > /tmp/custody-etc/custody-test"]),  # a writer's target, symlinks followed
+        ("ops", ["cd /tmp/custody-etc && echo x > custody-test"]),
+        ("ops", ["printf 78 > /tmp/custody-hex", "xxd -r -p /tmp/custody-hex /etc/custody-test"]),  # every writer
+        ("ops", ["base64 -d -o /etc/custody-test /tmp/custody-hex"]),
+        ("ops", ["cp /tmp/custody-hex /tmp/custody-etc/custody-test"]),
+        ("lab", ["bash <<< 'echo x > /etc/custody-test'"]),  # code given to a shell on its input is classified
+        ("lab", ["{ bash; } <<< 'echo x > /etc/custody-test'"]),
+        ("lab", ["echo 'touch /tmp/custody-canary' | (cat >/dev/null; bash)"]),
+    ],
+)
+def test_the_attackers_spellings_do_not_reach_the_host(bridge, gw, askpass, tokens, planted, token, lines):
+    done = ssh(gw, askpass, tokens[token], "-T", "", stdin="".join(f"{x}\n" for x in lines).encode())
+    assert b"custody: " in done.stderr, done.stderr
+    assert not CANARY.exists() and not Path("/etc/custody-test").exists()
+    marks = ",".join("?" * len(lines))
+    assert gw.wait_events(f"kind = 'decision' AND effect = 'deny' AND resource IN ({marks})", list(lines))

@@ -11,14 +11,30 @@ steps are sequential, so it needs no pool, and a plain-HTTP request to a proxy i
 request line in absolute form plus Proxy-Authorization. `step()` returns the terminal's
 answer; anything else — the gateway unreachable, or a refusal with its JSON reason — is
 an exception the bridge turns into its own protocol's error.
+
+A contract's `streams` are phases whose input and output flow while the command runs (an
+SSH exec, a shell line). Such a step is the same POST, asking to upgrade to a WebSocket on
+a connection of its own (`Stream`): the gateway identifies, classifies, decides, holds and
+records the request as for any step, and answers 101 only once it is cleared. From then on
+every frame passes the chain's WebSocket hooks, as Kubernetes exec frames do: output is
+masked record by record and every frame, input included, is recorded. Frames are binary,
+their first byte a channel (as Kubernetes' channel.k8s.io): STDIN (an empty one is end of
+input), STDOUT, STDERR, STATUS (the last frame: JSON with the exit status, or an error and
+its audit event), RESIZE (JSON cols and rows) and SIGNAL (a signal name, e.g. INT).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from typing import Any
+
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping
 
 from addons.engine.model import AGENT_ATTRIBUTES
 
@@ -30,6 +46,14 @@ IDLE = 3600.0
 """A terminal closes a bridge session idle for this long (a client that vanished without `close`)."""
 SWEEP = 60.0
 """How often terminals look for idle sessions."""
+STDIN, STDOUT, STDERR, STATUS, RESIZE, SIGNAL = 0, 1, 2, 3, 4, 5
+"""The channels of a stream's frames (their first byte)."""
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def websocket_accept(key: str) -> str:
+    """The Sec-WebSocket-Accept answer to a Sec-WebSocket-Key (RFC 6455, 4.2.2)."""
+    return base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode()).digest()).decode()
 
 
 @dataclass(frozen=True)
@@ -40,6 +64,7 @@ class Contract:
     session_header: str
     phases: dict[str, str]
     results: str
+    streams: frozenset[str] = field(default=frozenset())
 
     def phase(self, method: str, path: str) -> str | None:
         return self.phases.get(path) if method.upper() == "POST" else None
@@ -49,7 +74,8 @@ POSTGRES = Contract("pg_bridge", "pg-bridge-session",
                     {"/connect": "connect", "/execute": "execute", "/describe": "describe", "/cancel": "cancel",
                      "/close": "close"}, SQL_RESULTS)
 SSH = Contract("ssh_bridge", "ssh-bridge-session",
-               {"/connect": "connect", "/exec": "exec", "/shell": "shell", "/close": "close"}, SSH_RESULTS)
+               {"/connect": "connect", "/exec": "exec", "/shell": "shell", "/close": "close"}, SSH_RESULTS,
+               streams=frozenset({"exec", "shell"}))
 
 
 class Unreachable(Exception):
@@ -127,12 +153,9 @@ class Link:
             headers = {**headers, **attribute_headers(self.attributes)}
             head = f"POST {url} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
             self.writer.write(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
-            status_line = await self.reader.readuntil(b"\r\n")
-            status = int(status_line.split(b" ", 2)[1])
-            fields: dict[str, str] = {}
-            while (line := await self.reader.readuntil(b"\r\n")) != b"\r\n":
-                name, _, value = line.decode("latin-1").partition(":")
-                fields[name.strip().lower()] = value.strip()
+            status, fields = await read_head(self.reader)
+            if status == 101:
+                return status, fields, b""
             if fields.get("transfer-encoding", "").lower() == "chunked":
                 content = bytearray()
                 while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
@@ -154,18 +177,28 @@ class Link:
             self.writer = None
 
 
-async def step(link: Link, contract: Contract, host: str, phase: str, token: str, session: str,
-               body: dict) -> dict[str, Any]:
-    """POST one step to `host` through the gateway; the terminal's JSON answer."""
-    try:
-        status, fields, content = await link.post(
-            f"http://{host}/{phase}",
-            {"host": host, "proxy-authorization": f"Bearer {token}", "content-type": "application/json",
-             contract.session_header: session},
-            json.dumps(body, ensure_ascii=False).encode())
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as e:
-        raise Unreachable(f"custody: the gateway is unreachable or broke the connection: {e or type(e).__name__}") \
-            from None
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    """An HTTP/1.1 status line and header fields (names lower-cased)."""
+    status = int((await reader.readuntil(b"\r\n")).split(b" ", 2)[1])
+    return status, await read_fields(reader)
+
+
+async def read_fields(reader: asyncio.StreamReader) -> dict[str, str]:
+    """HTTP/1.1 header fields up to the empty line (names lower-cased)."""
+    fields: dict[str, str] = {}
+    while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+        name, _, value = line.decode("latin-1").partition(":")
+        fields[name.strip().lower()] = value.strip()
+    return fields
+
+
+def _request(contract: Contract, host: str, token: str, session: str) -> dict[str, str]:
+    return {"host": host, "proxy-authorization": f"Bearer {token}", "content-type": "application/json",
+            contract.session_header: session}
+
+
+def _refusal(status: int, fields: dict[str, str], content: bytes, contract: Contract) -> dict[str, Any]:
+    """The terminal's JSON answer, or the Refusal the gateway's answer is."""
     try:
         doc = json.loads(content)
     except ValueError:
@@ -173,3 +206,97 @@ async def step(link: Link, contract: Contract, host: str, phase: str, token: str
     if status == 200 and fields.get("content-type", "").startswith(contract.results) and isinstance(doc, dict):
         return doc
     raise Refusal(status, doc)
+
+
+UNREACHABLE = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError)
+
+
+def _unreachable(e: BaseException) -> Unreachable:
+    return Unreachable(f"custody: the gateway is unreachable or broke the connection: {e or type(e).__name__}")
+
+
+async def step(link: Link, contract: Contract, host: str, phase: str, token: str, session: str,
+               body: dict) -> dict[str, Any]:
+    """POST one step to `host` through the gateway; the terminal's JSON answer."""
+    try:
+        status, fields, content = await link.post(f"http://{host}/{phase}", _request(contract, host, token, session),
+                                                  json.dumps(body, ensure_ascii=False).encode())
+    except UNREACHABLE as e:
+        raise _unreachable(e) from None
+    return _refusal(status, fields, content, contract)
+
+
+class Frames:
+    """The frames of a stream over one WebSocket, either end: (channel, bytes) each way;
+    `receive()` returns None once the stream has ended."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, end: ConnectionType) -> None:
+        self.reader, self.writer, self.ws = reader, writer, Connection(end)
+        self.pending: list[tuple[int, bytes]] = []
+        self.partial = bytearray()
+        self.ended = False
+
+    async def send(self, channel: int, data: bytes = b"") -> None:
+        if self.writer.is_closing():
+            raise ConnectionError("the stream is closed")
+        self.writer.write(self.ws.send(BytesMessage(data=bytes([channel]) + data)))
+        await self.writer.drain()
+
+    async def receive(self) -> tuple[int, bytes] | None:
+        while not self.pending:
+            if self.ended:
+                return None
+            try:
+                data = await self.reader.read(65536)
+            except OSError:
+                data = b""
+            self.ws.receive_data(data or None)
+            for event in self.ws.events():
+                if isinstance(event, Message):
+                    self.partial += event.data if isinstance(event.data, bytes) else event.data.encode()
+                    if event.message_finished and self.partial:
+                        self.pending.append((self.partial[0], bytes(self.partial[1:])))
+                        self.partial = bytearray()
+                elif isinstance(event, Ping):
+                    self.writer.write(self.ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    self.ended = True
+            if not data:
+                self.ended = True
+        return self.pending.pop(0)
+
+    def close(self) -> None:
+        self.ended = True
+        self.writer.close()
+
+
+class Stream(Frames):
+    """A stream step, the bridge's end: the WebSocket one step upgrades to, on a connection
+    of its own. `open()` returns once the gateway cleared the step (after any hold for
+    approval); a refusal raises Refusal and an unreachable gateway Unreachable, as `step()`
+    does."""
+
+    @classmethod
+    async def open(cls, link: Link, contract: Contract, host: str, phase: str, token: str, session: str,
+                   body: dict) -> Stream:
+        key = base64.b64encode(secrets.token_bytes(16)).decode()
+        upgrade = {"connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
+                   "sec-websocket-key": key}
+        own = Link(link.host, link.port)
+        own.attributes = link.attributes
+        try:
+            status, fields, content = await own.post(
+                f"http://{host}/{phase}", {**_request(contract, host, token, session), **upgrade},
+                json.dumps(body, ensure_ascii=False).encode())
+        except UNREACHABLE as e:
+            raise _unreachable(e) from None
+        except BaseException:
+            own.close()  # cancelled while held: the gateway sees the client go (the approval is abandoned)
+            raise
+        if status != 101:
+            own.close()
+            raise Refusal(status, _refusal(status, fields, content, contract))  # the terminal answered: an error
+        if fields.get("sec-websocket-accept") != websocket_accept(key):
+            own.close()
+            raise Unreachable("custody: the gateway's WebSocket answer does not match the request")
+        return cls(own.reader, own.writer, ConnectionType.CLIENT)

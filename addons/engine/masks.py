@@ -418,10 +418,11 @@ class Masker:
             doc = json.loads(text)
             if self.structural:
                 raise MaskError("field and key masks need JSON, and command output is text; use detect masks")
-            if doc.get("encoding") != "utf-8":
+            if doc.get("encoding", "utf-8") != "utf-8":
                 raise MaskError("the command's output is not text and cannot be masked")
-            for stream in ("stdout", "stderr"):
-                doc[stream] = self.lines(doc[stream], report)
+            for stream in ("stdout", "stderr", "error"):
+                if isinstance(doc.get(stream), str):
+                    doc[stream] = self.lines(doc[stream], report)
             if not report.masked:
                 return content, report
             return json.dumps(doc, ensure_ascii=False).encode(), report
@@ -534,3 +535,52 @@ class RecordStream:
         if len(self.sent) < self.keep:
             self.sent += out[: self.keep - len(self.sent)]
         return out
+
+
+class TextRecords:
+    """Cuts a text stream into the records a masker masks one at a time: lines, with a PEM
+    block (which spans lines) kept whole. A partial line waits for its end, so a secret is
+    never split between two records, however slowly a program prints it. A record longer
+    than `max_record`, or one that is not UTF-8, raises MaskError: it cannot be masked."""
+
+    PEM_START, PEM_END = b"-----BEGIN ", b"-----END "
+
+    def __init__(self, max_record: int) -> None:
+        self.max_record = max_record
+        self.pending = bytearray()
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete records `chunk` finishes (b"" when none is complete yet)."""
+        self.pending += chunk
+        cut = self._cut()
+        if cut == 0:
+            if len(self.pending) > self.max_record:
+                raise MaskError(f"a line of output is longer than {self.max_record} bytes and cannot be masked")
+            return b""
+        return self._take(cut)
+
+    def flush(self) -> bytes:
+        """What is left at the end of the stream: the last record."""
+        return self._take(len(self.pending))
+
+    def _cut(self) -> int:
+        """Where the complete records end: after the last newline, unless that is inside a
+        PEM block whose END line has not come yet."""
+        end = self.pending.rfind(b"\n") + 1
+        start = self.pending.rfind(self.PEM_START, 0, end)
+        if start < 0:
+            return end
+        close = self.pending.find(self.PEM_END, start)
+        if close < 0 or self.pending.find(b"\n", close) < 0:
+            return self.pending.rfind(b"\n", 0, start) + 1
+        return end
+
+    def _take(self, n: int) -> bytes:
+        record, self.pending = bytes(self.pending[:n]), self.pending[n:]
+        if len(record) > self.max_record:
+            raise MaskError(f"a record of output is longer than {self.max_record} bytes and cannot be masked")
+        try:
+            record.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MaskError("the command's output is not text and cannot be masked") from None
+        return record

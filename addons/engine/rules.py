@@ -231,12 +231,16 @@ def _compile_checks(match: dict[str, Any], effect: str, whole: bool = True) -> t
         checks.append(("body", _body_check(match["body"], effect)))
     checks += _kubernetes_checks(match.get("kubernetes"), effect, whole and effect == "allow")
     checks += _sql_checks(match.get("sql"), effect)
-    checks += _ssh_checks(match.get("ssh"))
+    checks += _ssh_checks(match.get("ssh"), effect)
     return tuple(checks)
 
 
-def _ssh_checks(ssh: dict[str, Any] | None) -> list[tuple[str, Check]]:
-    """Checks on one simple shell command (policy decides each command of a line on its own)."""
+def _ssh_checks(ssh: dict[str, Any] | None, effect: str) -> list[tuple[str, Check]]:
+    """Checks on one simple shell command (policy decides each command of a line on its own).
+    `paths` and `writes` of an allow rule hold only when every path is within its globs; of
+    a deny or review rule, when any path is. A written tree (`/srv/app/**`: an archive
+    extracted, a patch applied) is every path under it: an allow rule must contain all of
+    it, a deny rule holds when it could reach any path the globs match."""
     checks: list[tuple[str, Check]] = []
     ssh = ssh or {}
     if "programs" in ssh:
@@ -249,14 +253,35 @@ def _ssh_checks(ssh: dict[str, Any] | None) -> list[tuple[str, Check]]:
             fnmatch.fnmatchcase(op.details.get("command", ""), g) for g in patterns)))
     for key in ("paths", "writes"):
         if key in ssh:
-            regexes = tuple(glob_regex(g) for g in _many(ssh[key]))
-            checks.append((f"ssh.{key}", lambda p, op, r=regexes, k=key: op.protocol == "ssh" and any(
-                x.match(path) for x in r for path in op.details.get(k, ()))))
+            globs = tuple((glob_regex(g), g) for g in _many(ssh[key]))
+            test = all if effect == "allow" else any
+
+            def check(p, op, globs=globs, key=key, test=test) -> bool:
+                found = op.details.get(key, ())
+                return op.protocol == "ssh" and bool(found) and test(
+                    any(_path_matches(path, regex, glob, effect == "allow") for regex, glob in globs) for path in found)
+
+            checks.append((f"ssh.{key}", check))
     for key in ("sudo", "network", "package", "recursive"):
         if key in ssh:
             checks.append((f"ssh.{key}", lambda p, op, w=ssh[key], k=key: op.protocol == "ssh"
                            and bool(op.details.get(k)) == w))
     return checks
+
+
+def _path_matches(path: str, regex: re.Pattern, glob: str, contain: bool) -> bool:
+    """Does a path (or a tree, `dir/**`) match a glob? A tree is contained when the glob
+    matches its directory and anything deep below it; it meets the glob when the glob
+    could match a path under it (the glob's fixed start lies under the directory, or the
+    directory under the fixed start)."""
+    if not path.endswith("/**"):
+        return bool(regex.match(path))
+    root = path[:-3] or "/"
+    if contain:
+        return bool(regex.match(root) and regex.match(root.rstrip("/") + "/.custody-probe/.custody-probe"))
+    fixed = re.split(r"[*?\[]", glob, maxsplit=1)[0]
+    inside = root.rstrip("/") + "/"
+    return bool(regex.match(root)) or fixed.startswith(inside) or inside.startswith(fixed) or root.startswith(fixed)
 
 
 def _sql_checks(sql: dict[str, Any] | None, effect: str) -> list[tuple[str, Check]]:

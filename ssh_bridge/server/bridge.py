@@ -3,26 +3,36 @@ through the gateway.
 
 An agent logs in with its OIDC JWT as the password (or the answer to a keyboard-interactive
 prompt); the bridge asks the gateway to open a session (`POST /connect` to the connection's
-host, the token as Proxy-Authorization) and accepts the login only if the gateway does.
-The user name selects the connection: `anything+prod-web` is connection `prod-web`; with
-one ssh connection on a listen address, any user name means that one.
+host, the token as Proxy-Authorization) and accepts the login only if the gateway does. A
+refused login says why in an authentication banner (clients print it before "Permission
+denied"): the reason and the audit event. The user name selects the connection:
+`anything+prod-web` is connection `prod-web`; with one ssh connection on a listen address,
+any user name means that one.
 
-- An `exec` request is one `POST /exec`: the command, and its standard input up to EOF
-  (at most STDIN_LIMIT bytes). Input must start within STDIN_FIRST (a pipe, or `ssh -n`
-  for none): a client that neither sends input nor closes it is not waited on.
-  Its stdout, stderr and exit status come back byte for byte.
-- A shell (with or without a PTY) is read line by line; each line is one `POST /shell`,
-  run in the session's one persistent shell on the host, so `cd` and variables persist.
-  With a PTY the bridge echoes and edits the line itself (backspace, Ctrl-C, Ctrl-D).
-- Port forwarding, agent forwarding, X11 and subsystems (sftp) are refused.
+- An `exec` request is one stream step (addons/engine/bridge.py): once the gateway clears
+  it, standard input flows to the command until the client's EOF, however late or long,
+  and its output flows back as it is produced, then its exit status. `ssh -t` gets a
+  terminal on the host (the window size follows the client's).
+- A shell (with or without a PTY) is read line by line; each line is one stream step, run
+  in the session's one persistent shell on the host, so `cd` persists. With a PTY the
+  bridge echoes and edits the line itself (backspace, Ctrl-C, Ctrl-D); Ctrl-C on a running
+  line interrupts it, and on a line held for approval withdraws it (the gateway sees the
+  request go and abandons the approval).
+- scp (its legacy protocol, `scp -O`) and `rsync -e ssh` are exec requests like any other
+  (`scp -t`/`-f`, `rsync --server`, classified as the writes and reads they are); their
+  data is binary, so a rule that masks their output refuses them. The sftp subsystem
+  (and so scp's default mode) is refused with a message the client prints; other
+  subsystems, port forwarding, agent forwarding and X11 are refused.
 
-A refused command prints `custody: <reason>` on stderr and exits with status 126.
+A refused command prints `custody: <reason>` (and its audit event) on stderr, or on the
+terminal in a PTY session, as a shell would, and exits with status 126.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import collections
+import json
 import logging
 import os
 import secrets
@@ -31,18 +41,27 @@ from typing import Any
 
 import asyncssh
 
-from addons.engine.bridge import SSH, Link, Refusal, Unreachable, attributes_from, step
+from addons.engine.bridge import (RESIZE, SIGNAL, SSH, STATUS, STDERR, STDIN, STDOUT, Link, Refusal, Stream,
+                                  Unreachable, attributes_from, step)
 from addons.engine.config import Connection
 
 logger = logging.getLogger(__name__)
-STDIN_LIMIT = 1 << 20
-STDIN_FIRST = 0.05
-STDIN_WAIT = 10.0
 REFUSED = 126
+SFTP_REFUSED = ("custody: the sftp subsystem is not governed by this gateway; use `scp -O` (the legacy scp "
+                "protocol) or `rsync -e ssh`, which run as governed commands")
 
 
 class Refused(Exception):
     """The gateway (or the host) said no; the message is for the agent."""
+
+
+def refused(e: Refusal | Unreachable) -> Refused:
+    if isinstance(e, Unreachable):
+        return Refused(str(e))
+    body = e.body or {}
+    if e.status == 200 and body.get("error"):  # the terminal's own answer: the host failed
+        return Refused(body["error"] + (f" (audit event: {body['event_id']})" if body.get("event_id") else ""))
+    return Refused(e.reason + (f" ({e.detail})" if e.detail else ""))
 
 
 class Gateway:
@@ -54,18 +73,17 @@ class Gateway:
     async def call(self, link: Link, host: str, phase: str, token: str, session: str, body: dict) -> dict[str, Any]:
         try:
             doc = await step(link, SSH, host, phase, token, session, body)
-        except Unreachable as e:
-            raise Refused(str(e)) from None
-        except Refusal as e:
-            raise Refused(e.reason + (f" ({e.detail})" if e.detail else "")) from None
+        except (Unreachable, Refusal) as e:
+            raise refused(e) from None
         if doc.get("error"):
-            raise Refused(doc["error"])
+            raise refused(Refusal(200, doc))
         return doc
 
-
-def output(doc: dict[str, Any], stream: str) -> bytes:
-    value = doc.get(stream, "")
-    return base64.b64decode(value) if doc.get("encoding") == "base64" else value.encode()
+    async def stream(self, link: Link, host: str, phase: str, token: str, session: str, body: dict) -> Stream:
+        try:
+            return await Stream.open(link, SSH, host, phase, token, session, body)
+        except (Unreachable, Refusal) as e:
+            raise refused(e) from None
 
 
 class Server(asyncssh.SSHServer):
@@ -76,9 +94,17 @@ class Server(asyncssh.SSHServer):
         self.session = secrets.token_hex(16)
         self.token = ""
         self.connection: Connection | None = None
+        self.conn: asyncssh.SSHServerConnection | None = None
         self.link = Link(*bridge.gateway.proxy)
+        self.waiting: set[asyncio.Task] = set()
+        """Stream steps waiting for the gateway (held for approval): withdrawn if the client goes."""
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
 
     def connection_lost(self, exc: Exception | None) -> None:
+        for task in list(self.waiting):
+            task.cancel()
         if self.token and self.connection is not None:
             self.bridge.close_later(self)
 
@@ -99,16 +125,28 @@ class Server(asyncssh.SSHServer):
 
     async def validate_password(self, username: str, password: str) -> bool:
         connection = self.bridge.select(username)
-        if connection is None or not password:
+        if connection is None:
+            self._banner(f"custody: no ssh connection is named by the user {username!r} on this address "
+                         f"(connections: {', '.join(self.bridge.names)}; log in as agent+<connection>)")
+            return False
+        if not password:
             return False
         try:
             await self.bridge.gateway.call(self.link, connection.hosts[0].split(":")[0], "connect", password.strip(),
                                            self.session, {"user": username})
         except Refused as e:
             logger.info("ssh_bridge: login refused for %s: %s", username, e)
+            self._banner(str(e))
             return False
         self.token, self.connection = password.strip(), connection
         return True
+
+    def _banner(self, message: str) -> None:
+        """Why a login failed, before the client says "Permission denied"."""
+        try:
+            self.conn.send_auth_banner(message + "\r\n")
+        except (OSError, AttributeError):
+            pass  # authentication already over, or the client already gone
 
     def connection_requested(self, dest_host, dest_port, orig_host, orig_port) -> bool:
         return False  # local port forwarding
@@ -125,6 +163,16 @@ class Server(asyncssh.SSHServer):
     async def step(self, phase: str, body: dict) -> dict[str, Any]:
         return await self.bridge.gateway.call(self.link, self.connection.hosts[0].split(":")[0], phase, self.token,
                                               self.session, body)
+
+    async def stream(self, phase: str, body: dict) -> Stream:
+        """A stream step, withdrawn if the client goes away while it waits."""
+        task = asyncio.ensure_future(self.bridge.gateway.stream(
+            self.link, self.connection.hosts[0].split(":")[0], phase, self.token, self.session, body))
+        self.waiting.add(task)
+        try:
+            return await task
+        finally:
+            self.waiting.discard(task)
 
 
 class Bridge:
@@ -152,7 +200,7 @@ class Bridge:
         self.server = await asyncssh.create_server(
             lambda: Server(self), self.address[0], self.address[1], server_host_keys=[str(host_key(self.host_key))],
             process_factory=self._process, encoding=None, line_editor=False, agent_forwarding=False,
-            x11_forwarding=False, allow_scp=False, sftp_factory=None)
+            x11_forwarding=False, allow_scp=False, sftp_factory=refuse_sftp)
 
     def close_later(self, server: Server) -> None:
         task = asyncio.ensure_future(self._close(server))
@@ -171,89 +219,268 @@ class Bridge:
         server: Server = process.get_extra_info("connection").get_owner()
         server.link.attributes = attributes_from(dict(process.env or {}), "CUSTODY_")  # ssh -o SetEnv=CUSTODY_TASK=…
         try:
-            if process.subsystem:
-                process.stderr.write(f"custody: subsystem {process.subsystem!r} is not allowed\n".encode())
-                process.exit(REFUSED)
-            elif process.command is not None:
+            if process.command is not None:
                 await self._exec(server, process)
             else:
                 await self._shell(server, process)
-        except (asyncssh.BreakReceived, asyncssh.TerminalSizeChanged, ConnectionError):
+        except (ConnectionError, asyncssh.Error, asyncio.CancelledError):
             process.exit(255)
 
     async def _exec(self, server: Server, process: asyncssh.SSHServerProcess) -> None:
-        stdin = bytearray()
-        wait = STDIN_FIRST  # a client that sends nothing (and no EOF) is not waited on long
+        """One exec: its input read from the client at once (kept while the step waits for
+        the gateway, which may hold it), sent once the stream opens, until EOF."""
+        terminal = _terminal(process)
+        out = Out(process, terminal is not None)
+        keys = Keys(process)
+        keys.start()
         try:
-            while len(stdin) <= STDIN_LIMIT:
-                chunk = await asyncio.wait_for(process.stdin.read(65536), wait)
-                if not chunk:
-                    break
-                stdin += chunk
-                wait = STDIN_WAIT  # input has started: read it to EOF
-        except TimeoutError:
-            pass  # no (more) input: the command runs with what arrived
-        try:
-            doc = await server.step("exec", {"command": process.command,
-                                             "stdin": base64.b64encode(bytes(stdin[:STDIN_LIMIT])).decode()})
+            stream = await server.stream("exec", {"command": process.command,
+                                                  **({"terminal": terminal} if terminal else {})})
         except Refused as e:
-            process.stderr.write(f"{e}\n".encode())
+            keys.stop()
+            out.refusal(str(e))
             process.exit(REFUSED)
             return
-        process.stdout.write(output(doc, "stdout"))
-        process.stderr.write(output(doc, "stderr"))
-        process.exit(int(doc.get("exit_status", 255)))
+        sending = asyncio.ensure_future(keys.to(stream))
+        try:
+            process.exit(await out.relay(stream))
+        finally:
+            sending.cancel()
+            keys.stop()
+            stream.close()
 
     async def _shell(self, server: Server, process: asyncssh.SSHServerProcess) -> None:
         terminal = process.get_terminal_type() is not None
-        newline = b"\r\n" if terminal else b"\n"
+        out = Out(process, terminal)
+        keys = Keys(process) if terminal else None
+        if keys is not None:
+            keys.start()
         status = 0
-        while True:
-            process.stdout.write(b"$ ")
-            line = await read_line(process, echo=terminal)
-            if line is None:
-                break
-            if not line.strip():
-                continue
-            try:
-                doc = await server.step("shell", {"command": line})
-            except Refused as e:
-                process.stderr.write(f"{e}".encode() + newline)
-                status = REFUSED
-                continue
-            for stream, target in (("stdout", process.stdout), ("stderr", process.stderr)):
-                data = output(doc, stream)
-                target.write(data.replace(b"\n", newline) if terminal else data)
-            status = int(doc.get("exit_status", 0))
-            if doc.get("ended"):
-                break
+        try:
+            while True:
+                out.raw(b"$ ")
+                line = await (keys.line(out) if keys is not None else read_line(process))
+                if line is None:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    opening = asyncio.ensure_future(server.stream("shell", {"command": line}))
+                    stream = await (keys.unless_interrupted(opening) if keys is not None else opening)
+                except Refused as e:
+                    out.refusal(str(e))
+                    status = REFUSED
+                    continue
+                if stream is None:  # Ctrl-C while it waited: withdrawn
+                    out.refusal("custody: withdrawn (Ctrl-C); the request was not sent")
+                    status = 130
+                    continue
+                interrupts = asyncio.ensure_future(keys.interrupts(stream)) if keys is not None else None
+                try:
+                    status = await out.relay(stream)
+                finally:
+                    if interrupts is not None:
+                        interrupts.cancel()
+                    stream.close()
+                if out.ended:
+                    break
+        finally:
+            if keys is not None:
+                keys.stop()
         process.exit(status)
 
 
-async def read_line(process: asyncssh.SSHServerProcess, *, echo: bool) -> str | None:
-    """One line from the client; with a terminal, echoed and edited here. None at EOF."""
-    line = bytearray()
-    while True:
-        data = await (process.stdin.read(1) if echo else process.stdin.readline())
-        if not data:
-            return line.decode(errors="replace") if line else None
-        if not echo:
-            return data.decode(errors="replace").rstrip("\r\n")
-        if data in (b"\r", b"\n"):
-            process.stdout.write(b"\r\n")
-            return line.decode(errors="replace")
-        if data in (b"\x7f", b"\x08"):
-            if line:
-                line.pop()
-                process.stdout.write(b"\b \b")
-        elif data == b"\x03":
-            line.clear()
-            process.stdout.write(b"^C\r\n$ ")
-        elif data == b"\x04" and not line:
-            return None
-        elif data >= b" ":
-            line += data
-            process.stdout.write(data)
+def refuse_sftp(channel: asyncssh.SSHServerChannel) -> asyncssh.SFTPServer:
+    """asyncssh's sftp factory, so that the request is accepted and the client shows why it
+    then ends: the reason on stderr, status 126."""
+    channel.write_stderr((SFTP_REFUSED + "\n").encode())
+    channel.exit(REFUSED)
+    return asyncssh.SFTPServer(channel)
+
+
+def _terminal(process: asyncssh.SSHServerProcess) -> dict | None:
+    """The terminal the client asked for (ssh -t), as the stream step's body says it."""
+    term = process.get_terminal_type()
+    if term is None:
+        return None
+    cols, rows, _, _ = process.get_terminal_size()
+    return {"term": term, "cols": cols or 80, "rows": rows or 24}
+
+
+class Out:
+    """What the client sees: output as it comes, refusals where its client shows them (a
+    PTY session has one stream, the terminal, as a shell would; otherwise stderr)."""
+
+    def __init__(self, process: asyncssh.SSHServerProcess, terminal: bool) -> None:
+        self.process, self.terminal = process, terminal
+        self.ended = False
+
+    def raw(self, data: bytes) -> None:
+        self.process.stdout.write(data)
+
+    def refusal(self, message: str) -> None:
+        if self.terminal:
+            self.process.stdout.write(message.encode() + b"\r\n")
+        else:
+            self.process.stderr.write(message.encode() + b"\n")
+
+    async def relay(self, stream: Stream) -> int:
+        """Frames to the client until the stream's STATUS; the exit status."""
+        while (frame := await stream.receive()) is not None:
+            channel, data = frame
+            if channel == STDOUT or (channel == STDERR and self.terminal):
+                self.process.stdout.write(self._lines(data))
+            elif channel == STDERR:
+                self.process.stderr.write(data)
+            elif channel == STATUS:
+                doc = json.loads(data or b"{}")
+                self.ended = bool(doc.get("ended"))
+                if doc.get("error"):
+                    self.refusal(doc["error"] + (f" (audit event: {doc['event_id']})" if doc.get("event_id") else ""))
+                return int(doc.get("exit_status", 255))
+        self.refusal("custody: the gateway ended the stream without an exit status")
+        return 255
+
+    def _lines(self, data: bytes) -> bytes:
+        """A shell line's output on a terminal the bridge drives itself needs CR LF (an exec
+        with a terminal gets the host's own)."""
+        return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") if self.terminal and self.process.command is None \
+            else data
+
+
+class Inbox:
+    """A queue of the client's input that a reader can put back what it did not use."""
+
+    def __init__(self) -> None:
+        self.items: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.changed = asyncio.Event()
+
+    def put(self, item: tuple[int, bytes]) -> None:
+        self.items.append(item)
+        self.changed.set()
+
+    def put_back(self, items: list[tuple[int, bytes]]) -> None:
+        self.items.extendleft(reversed(items))
+        if items:
+            self.changed.set()
+
+    async def get(self) -> tuple[int, bytes]:
+        while not self.items:
+            self.changed.clear()
+            await self.changed.wait()
+        return self.items.popleft()
+
+
+class Keys:
+    """The client's input, read from the moment a command starts: kept while a step waits
+    for the gateway, then sent to the stream; in a PTY session also the line editor's keys."""
+
+    def __init__(self, process: asyncssh.SSHServerProcess) -> None:
+        self.process = process
+        self.inbox = Inbox()
+        self.reader: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.reader = asyncio.ensure_future(self._read())
+
+    def stop(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                data = await self.process.stdin.read(65536)
+            except asyncssh.TerminalSizeChanged as e:
+                self.inbox.put((RESIZE, json.dumps({"cols": e.width, "rows": e.height}).encode()))
+                continue
+            except asyncssh.SignalReceived as e:
+                self.inbox.put((SIGNAL, str(e.signal).encode()))
+                continue
+            except asyncssh.BreakReceived:
+                self.inbox.put((SIGNAL, b"INT"))
+                continue
+            self.inbox.put((STDIN, data))
+            if not data:
+                return
+
+    async def to(self, stream: Stream) -> None:
+        """Everything read, and everything to come, to the stream (EOF as an empty STDIN)."""
+        while True:
+            item = await self.inbox.get()
+            await stream.send(*item)
+            if item == (STDIN, b""):
+                return
+
+    async def line(self, out: Out) -> str | None:
+        """One line, echoed and edited here. None at EOF (or Ctrl-D on an empty line)."""
+        line = bytearray()
+        while True:
+            channel, data = await self.inbox.get()
+            if channel != STDIN:
+                continue
+            if not data:
+                return line.decode(errors="replace") if line else None
+            for n, byte in enumerate(data):
+                ch = bytes([byte])
+                if ch in (b"\r", b"\n"):
+                    out.raw(b"\r\n")
+                    if data[n + 1:]:
+                        self.inbox.put_back([(STDIN, data[n + 1:])])  # type-ahead stays for the next line
+                    return line.decode(errors="replace")
+                if ch in (b"\x7f", b"\x08"):
+                    if line:
+                        line.pop()
+                        out.raw(b"\b \b")
+                elif ch == b"\x03":
+                    line.clear()
+                    out.raw(b"^C\r\n$ ")
+                elif ch == b"\x04" and not line:
+                    return None
+                elif ch >= b" ":
+                    line += ch
+                    out.raw(ch)
+
+    async def unless_interrupted(self, opening: asyncio.Future) -> Stream | None:
+        """The stream, or None if Ctrl-C comes first: the step is then withdrawn (its
+        connection closed, so the gateway abandons the approval it waits for)."""
+        kept: list[tuple[int, bytes]] = []
+        try:
+            while True:
+                getting = asyncio.ensure_future(self.inbox.get())
+                await asyncio.wait([opening, getting], return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
+                    return opening.result()
+                item = getting.result()
+                if item[0] == STDIN and b"\x03" in item[1]:
+                    opening.cancel()
+                    await asyncio.gather(opening, return_exceptions=True)
+                    return None
+                kept.append(item)
+                if opening.done():
+                    return opening.result()
+        finally:
+            self.inbox.put_back(kept)
+
+    async def interrupts(self, stream: Stream) -> None:
+        """Ctrl-C while a shell line runs interrupts it; other keys wait for the next line."""
+        kept: list[tuple[int, bytes]] = []
+        try:
+            while True:
+                channel, data = await self.inbox.get()
+                if channel == STDIN and b"\x03" in data:
+                    await stream.send(SIGNAL, b"INT")
+                else:
+                    kept.append((channel, data))
+        finally:
+            self.inbox.put_back(kept)
+
+
+async def read_line(process: asyncssh.SSHServerProcess) -> str | None:
+    """One line from a client without a terminal. None at EOF."""
+    data = await process.stdin.readline()
+    return data.decode(errors="replace").rstrip("\r\n") if data else None
 
 
 def host_key(path: Path) -> Path:

@@ -5,16 +5,20 @@ mitmproxy installs; so every asyncssh call runs on an event loop of its own, in 
 (`Loop`), and the gateway's loop awaits the results. The host key is pinned by the
 connection's known_hosts: an unknown or changed key fails the connection, never learned.
 
-A session holds one connection to the host; its shell is one persistent `bash` whose
-every line is run as `eval '<line>' </dev/null`, followed by markers that carry the exit
-status, so `cd` and variables persist while each line is governed on its own and no
-command can read what comes after it.
+A session holds one connection to the host, and on it:
+
+- its shell: one persistent `bash` whose every line is run as `eval '<line>' </dev/null`,
+  followed by markers that carry the exit status, the physical working directory and
+  PATH, so `cd` persists while each line is governed on its own and no command can read
+  what comes after it. The shell traps SIGINT, so an interrupt stops the line, not it.
+- its probe: a second `bash` the planner asks, before a line is decided, where the
+  programs it names are and what the paths it names really are (symlinks followed), in
+  the directory the line runs in. Nothing the agent sends runs in it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +27,12 @@ from typing import Any
 import asyncssh
 
 from addons.engine.config import Connection
+
+SHELL = "exec bash --noprofile --norc"
+SHELL_SETUP = b"trap : INT\n"
+PAGERS = "export PAGER=cat SYSTEMD_PAGER=cat GIT_PAGER=cat MANPAGER=cat LESSSECURE=1; "
+"""Put before a command given a terminal: programs that would page their output (systemctl,
+git, man) print it instead, and a pager that still runs cannot run commands."""
 
 
 class HostError(Exception):
@@ -44,30 +54,8 @@ class Loop:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-@dataclass
-class Result:
-    stdout: bytes = b""
-    stderr: bytes = b""
-    exit_status: int = 0
-    capped: bool = False
-    ended: bool = False
-    cwd: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        try:
-            out = {"stdout": self.stdout.decode(), "stderr": self.stderr.decode(), "encoding": "utf-8"}
-        except UnicodeDecodeError:
-            out = {"stdout": base64.b64encode(self.stdout).decode(), "stderr": base64.b64encode(self.stderr).decode(),
-                   "encoding": "base64"}
-        return {**out, "exit_status": self.exit_status, "capped": self.capped, "ended": self.ended}
-
-
-def timeout_message(seconds: float) -> bytes:
-    return f"\ncustody: the command ran longer than {seconds:g} s and was stopped\n".encode()
-
-
-def cap_message(limit: int) -> bytes:
-    return f"\ncustody: the output passed {limit} bytes; the command was stopped and the rest not sent\n".encode()
+def quote(word: str) -> str:
+    return "'" + word.replace("'", "'\"'\"'") + "'"
 
 
 @dataclass
@@ -76,9 +64,16 @@ class Host:
 
     conn: asyncssh.SSHClientConnection
     home: str | None = None
+    path: str | None = None
+    """The PATH commands run with (exec commands and the shell alike: sshd's, then the
+    user's shell startup)."""
     shell: asyncssh.SSHClientProcess | None = None
     cwd: str | None = None
+    shell_path: str | None = None
+    """The PATH the shell last reported (its lines cannot change it, but it is read, not assumed)."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    probe: asyncssh.SSHClientProcess | None = None
+    probe_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     async def connect(cls, c: Connection) -> Host:
@@ -93,113 +88,96 @@ class Host:
                             f"({e.reason}); refusing to connect") from None
         except (OSError, asyncssh.Error, TimeoutError, ValueError) as e:
             raise HostError(f"cannot reach {c.upstream.host}:{c.upstream.port}: {getattr(e, 'reason', '') or e}") from None
-        home = (await conn.run("pwd", check=False)).stdout  # where exec commands start
-        return cls(conn, home=home.strip() or None if isinstance(home, str) else None)
+        host = cls(conn)
+        home, path = (await host.ask("printf '%s\\0%s\\0' \"$(pwd -P)\" \"$PATH\"") + ["", ""])[:2]
+        host.home, host.path = home or None, path or None  # where exec commands start, and their PATH
+        return host
 
-    async def exec(self, command: str, stdin: bytes, limit: int, seconds: float) -> Result:
-        async with self.lock:
-            try:
-                return await asyncio.wait_for(self._exec(command, stdin, limit), seconds)
-            except TimeoutError:
-                return Result(stderr=timeout_message(seconds), exit_status=124)
+    async def process(self, command: str, terminal: dict | None) -> asyncssh.SSHClientProcess:
+        """A command of its own (an exec), with a terminal when the client asked for one."""
+        if terminal is None:
+            return await self.conn.create_process(command, encoding=None)
+        return await self.conn.create_process(
+            PAGERS + command, encoding=None, term_type=str(terminal.get("term") or "xterm"),
+            term_size=(int(terminal.get("cols") or 80), int(terminal.get("rows") or 24)))
 
-    async def _exec(self, command: str, stdin: bytes, limit: int) -> Result:
-        process = await self.conn.create_process(command, encoding=None)
-        if stdin:
-            process.stdin.write(stdin)
-        process.stdin.write_eof()
-        result = Result()
-        out, err = bytearray(), bytearray()
-
-        async def pump(stream, buffer: bytearray) -> None:
-            while chunk := await stream.read(65536):
-                buffer += chunk
-                if len(out) + len(err) > limit:
-                    result.capped = True
-                    process.close()
-                    return
-
-        try:
-            await asyncio.gather(pump(process.stdout, out), pump(process.stderr, err))
-        finally:
-            process.close()  # also when stopped for taking too long
-        await process.wait_closed()
-        result.stdout, result.stderr = bytes(out[:limit]), bytes(err[:limit])
-        if result.capped:
-            result.stderr += cap_message(limit)
-            result.exit_status = 255
-        else:
-            result.exit_status = process.exit_status if process.exit_status is not None else 255
-        return result
-
-    async def line(self, line: str, limit: int, seconds: float) -> Result:
-        """Run one line in the session's persistent shell; one that runs longer than
-        `seconds` is stopped with the shell (its directory and variables are lost)."""
-        async with self.lock:
-            try:
-                return await asyncio.wait_for(self._line(line, limit), seconds)
-            except TimeoutError:
-                if self.shell is not None:
-                    self.shell.close()
-                    self.shell, self.cwd = None, None
-                return Result(stderr=timeout_message(seconds), exit_status=124, ended=False)
-
-    async def _line(self, line: str, limit: int) -> Result:
+    async def line_shell(self) -> asyncssh.SSHClientProcess:
+        """The session's persistent shell, started (in the login directory) when needed."""
         if self.shell is None:
-            self.shell = await self.conn.create_process("exec bash --noprofile --norc", encoding=None)
-            self.cwd = self.home
-        mark = f"__custody_{secrets.token_hex(8)}__".encode()
-        script = (f"eval {_quote(line)} </dev/null\n"
-                  f"printf '\\n%s %d %s\\n' {mark.decode()} $? \"$PWD\"\nprintf '%s\\n' {mark.decode()} >&2\n")
-        self.shell.stdin.write(script.encode())
-        result = Result()
-        reads = [asyncio.ensure_future(_until(self.shell.stdout, b"\n" + mark + b" ", limit, True)),
-                 asyncio.ensure_future(_until(self.shell.stderr, mark + b"\n", limit, False))]
-        first, _ = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
-        if any(t.result()[1] is None for t in first):
-            self.shell.close()  # ended, or too much output: the other stream ends too
-        (out, status), (err, err_done) = [await t for t in reads]
-        if isinstance(status, tuple):
-            status, self.cwd = status
-        if status is None or err_done is None:  # the shell ended (exit) or was stopped
-            if len(out) + len(err) >= limit:
-                result.capped = True
-                err = err[:limit] + cap_message(limit)
-            result.ended = True
+            self.shell = await self.conn.create_process(SHELL, encoding=None)
+            self.shell.stdin.write(SHELL_SETUP)
+            self.cwd, self.shell_path = self.home, self.path
+        return self.shell
+
+    def shell_lost(self) -> None:
+        """The shell ended or was stopped: its directory is gone with it."""
+        if self.shell is not None:
             self.shell.close()
-            await self.shell.wait_closed()
-            code = self.shell.exit_status
-            result.exit_status = 255 if result.capped or code is None else code
-            self.shell, self.cwd = None, None
-        else:
-            result.exit_status = status
-        result.stdout, result.stderr, result.cwd = out, err, self.cwd
-        return result
+        self.shell, self.cwd, self.shell_path = None, None, None
+
+    async def resolve(self, cwd: str | None, paths: list[str], programs: list[tuple[str, str | None]]
+                      ) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+        """What the paths really are (`realpath -m`: symlinks followed, missing parts kept) and
+        where the shell finds each program word (its directory resolved) and what file it
+        really is; answers the host could not give are left out."""
+        if not paths and not programs:
+            return {}, {}
+        lines = [f"cd -- {quote(cwd)} 2>/dev/null || cd /"] if cwd else []
+        for p in paths:
+            lines.append(f"printf 'P\\0%s\\0' {quote(p)}; realpath -mz -- {quote(p)} || printf '\\0'")
+        for word, where in programs:
+            found = f"$(type -P -- {quote(word)})" if "/" not in word else quote(word)
+            cd = f"cd -- {quote(where)} 2>/dev/null; " if where and "/" in word else ""
+            lines.append(f"( {cd}f={found}; printf 'X\\0%s\\0' {quote(word)}; "
+                         "if [ -n \"$f\" ] && [ -e \"$f\" ]; then d=$(cd -P -- \"$(dirname -- \"$f\")\" && pwd -P); "
+                         "printf '%s\\0' \"${d%/}/$(basename -- \"$f\")\"; realpath -z -- \"$f\"; "
+                         "else printf '\\0\\0'; fi )")
+        fields = await self.ask("\n".join(lines))
+        real: dict[str, str] = {}
+        found: dict[str, tuple[str, str]] = {}
+        i = 0
+        while i + 1 < len(fields) and fields[i] in ("P", "X"):
+            if fields[i] == "P" and i + 2 < len(fields):
+                if fields[i + 2]:
+                    real[fields[i + 1]] = fields[i + 2]
+                i += 3
+            elif fields[i] == "X" and i + 3 < len(fields):
+                found[fields[i + 1]] = (fields[i + 2], fields[i + 3])
+                i += 4
+            else:
+                break
+        return real, found
+
+    async def ask(self, script: str) -> list[str]:
+        """Run `script` in a subshell of the probe shell (started with the connection: the
+        one session a login costs on the host); its output, split at NULs."""
+        mark = secrets.token_hex(8)
+        async with self.probe_lock:
+            if self.probe is None:
+                self.probe = await self.conn.create_process(SHELL, encoding=None)
+            self.probe.stdin.write(f"( {script}\n) 2>/dev/null </dev/null; printf '{mark}\\0'\n".encode())
+            data = bytearray()
+            while not data.endswith(f"{mark}\0".encode()):
+                chunk = await self.probe.stdout.read(65536)
+                if not chunk:
+                    self.probe = None
+                    raise HostError("the host's probe shell ended")
+                data += chunk
+        return bytes(data[:-len(mark) - 1]).decode(errors="surrogateescape").split("\0")
 
     def close(self) -> None:
         self.conn.close()
 
 
-def _quote(line: str) -> str:
-    return "'" + line.replace("'", "'\"'\"'") + "'"
+def line_script(line: str, mark: str) -> bytes:
+    """What the session's shell is sent for one line: the line, then the markers (on
+    stdout: exit status, physical directory and PATH; on stderr: the mark alone)."""
+    return (f"eval {quote(line)} </dev/null\n"
+            f"printf '\\n%s %d %s\\0%s\\n' {mark} $? \"$(pwd -P)\" \"$PATH\"\nprintf '%s\\n' {mark} >&2\n").encode()
 
 
-async def _until(stream, mark: bytes, limit: int, with_status: bool) -> tuple[bytes, int | None]:
-    """Read up to `mark` (on stdout the exit status follows it on its line); None as the
-    status when the stream ended first or passed `limit`."""
-    buffer = bytearray()
-    while True:
-        at = buffer.find(mark)
-        if at >= 0:
-            if not with_status:
-                return bytes(buffer[:at]), 0
-            end = buffer.find(b"\n", at + len(mark))
-            if end >= 0:  # "<status> <working directory>"
-                status, _, cwd = bytes(buffer[at + len(mark):end]).decode(errors="replace").partition(" ")
-                return bytes(buffer[:at]), (int(status or 0), cwd or None)
-        elif len(buffer) > limit + len(mark):
-            return bytes(buffer[:limit]), None
-        chunk = await stream.read(65536)
-        if not chunk:
-            return bytes(buffer), None
-        buffer += chunk
+def line_status(tail: bytes) -> tuple[int, str | None, str | None]:
+    """(exit status, directory, PATH) from what follows the mark on stdout."""
+    status, _, rest = tail.decode(errors="replace").partition(" ")
+    cwd, _, path = rest.partition("\0")
+    return int(status or 0), cwd or None, path or None

@@ -1,17 +1,19 @@
-"""executor: the terminal for ssh connections. It answers cleared ssh_bridge requests
-itself, on the real host, with the key only the gateway holds.
+"""executor: the terminal for ssh connections. It answers cleared ssh_bridge requests on
+the real host, with the key only the gateway holds.
 
-Like pg_bridge's executor it sets `flow.response` in the request hook, so masking and the
-recorder still run on the output. The response is SSH_RESULTS JSON: stdout and stderr
-(text, or base64 when they are not UTF-8), the exit status, whether the output was capped
-and whether the shell ended. A session (one per SSH client connection) keeps one
-connection to the host, and belongs to the principal who opened it.
+- `connect` and `close` are answered here, in the request hook, with SSH_RESULTS JSON
+  (like pg_bridge's executor): a session (one per SSH client connection) keeps one
+  connection to the host and belongs to the principal who opened it.
+- `exec` and a shell line are stream steps (the bridge contract): a cleared one is sent on
+  to the terminal's stream endpoint (ssh_bridge/terminal/stream.py) with a ticket for the
+  job, and its frames then pass the chain's WebSocket hooks, masked and recorded.
+
+Interactive programs never get here: the planner refuses them before any decision.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
@@ -20,10 +22,12 @@ from dataclasses import dataclass, field
 from mitmproxy import http
 
 from addons import context, failclosed
-from addons.engine.bridge import IDLE, SSH_RESULTS, SWEEP
+from addons.engine.bridge import IDLE, SSH, SSH_RESULTS, SWEEP
+from addons.engine.masks import parse_all
 from addons.failclosed import guarded
 from addons.settings import Settings
-from ssh_bridge.terminal.backend import Host, HostError, Loop, Result
+from ssh_bridge.terminal.backend import Host, HostError, Loop
+from ssh_bridge.terminal.stream import TICKET, Endpoint, Job
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +40,8 @@ class Session:
     used: float = field(default_factory=time.monotonic)
 
 
-def answer(result: Result | None = None, error: str = "") -> bytes:
-    doc = (result or Result(exit_status=255)).as_dict()
-    if error:
-        doc["error"] = error
+def answer(error: str = "", event_id: str = "") -> bytes:
+    doc = {"exit_status": 255 if error else 0, **({"error": error, "event_id": event_id} if error else {})}
     return json.dumps(doc, ensure_ascii=False).encode()
 
 
@@ -48,15 +50,25 @@ class SshExecutor:
         self.settings = settings
         self.sessions: dict[str, Session] = {}
         self.loop: Loop | None = None
+        self.endpoint: Endpoint | None = None
         self._sweeper: asyncio.Task | None = None
 
-    def directory(self, session_id: str, principal, connection: str, phase: str) -> str | None:
-        """Where the session's next command runs on the host: its shell's directory for a
-        shell line, the login directory for an exec; None when unknown."""
+    def session(self, session_id: str, principal, connection: str) -> Session | None:
+        """The principal's own session on `connection`, if it has one."""
         s = self.sessions.get(session_id)
         if s is None or principal is None or s.owner != (principal.issuer, principal.subject) or s.connection != connection:
             return None
-        return (s.host.cwd or s.host.home) if phase == "shell" else s.host.home
+        return s
+
+    async def resolve(self, session: Session, cwd: str | None, paths: list[str],
+                      programs: list[tuple[str, str | None]]) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+        """The host's answers for the planner (backend.Host.resolve)."""
+        return await self._host_loop().run(session.host.resolve(cwd, paths, programs))
+
+    def _host_loop(self) -> Loop:
+        if self.loop is None:
+            self.loop = Loop()
+        return self.loop
 
     def running(self) -> None:
         self._sweeper = asyncio.ensure_future(self._sweep())
@@ -91,48 +103,48 @@ class SshExecutor:
         c = context.of(f)
         if c.protocol != "ssh" or not c.cleared:
             return  # not ours, or the gate refuses it
-        if self.loop is None:
-            self.loop = Loop()
         conn = self.settings.registry.by_name[c.connection]
         op = c.operation
-        phase, session_id, body = op.details["phase"], op.details["session"], op.payload
+        phase, session_id = op.details["phase"], op.details["session"]
         owner = (c.principal.issuer, c.principal.subject)
         try:
             if phase == "connect":
                 existing = self.sessions.get(session_id)
                 if existing is not None and existing.owner != owner:
                     raise HostError("that session id belongs to another principal")
-                host = await self.loop.run(Host.connect(conn))
+                host = await self._host_loop().run(Host.connect(conn))
                 self.sessions[session_id] = Session(owner, conn.name, host)
-                content = answer(Result())
+                content = answer()
             else:
-                session = self.sessions.get(session_id)
-                if session is None or session.owner != owner or session.connection != conn.name:
+                session = self.session(session_id, c.principal, conn.name)
+                if session is None:
                     raise HostError("no such session on the gateway (closed, or not yours); reconnect")
                 session.used = time.monotonic()
-                content = await self._step(conn, session_id, session, phase, body, op)
+                if phase == "close":
+                    self._close(session_id)
+                    content = answer()
+                elif phase in SSH.streams and f.request.headers.get("upgrade", "").lower() == "websocket":
+                    await self._stream(f, c, conn, session, op)
+                    return
+                else:
+                    raise HostError(f"{phase} is a stream: ask for a WebSocket upgrade (addons/engine/bridge.py)")
         except HostError as e:
-            content = answer(error=f"custody: {e}")
+            content = answer(f"custody: {e}", c.decision_event)
         f.response = http.Response.make(200, content, {"content-type": SSH_RESULTS})
 
-    async def _step(self, conn, session_id: str, session: Session, phase: str, body: dict, op) -> bytes:
-        if phase == "close":
-            self._close(session_id)
-            return answer(Result())
-        interactive = sorted({p.details["program"] for p in op.parts if p.details.get("interactive")})
-        if interactive:
-            return answer(Result(stderr=f"custody: {', '.join(interactive)} is interactive: a line-based gate cannot "
-                                        "govern what is typed into it; run a non-interactive command\n".encode(),
-                                 exit_status=126))
-        stdin = base64.b64decode(body.get("stdin", "") or "")
-        try:
-            if phase == "exec":
-                result = await self.loop.run(session.host.exec(body["command"], stdin, conn.max_output_bytes,
-                                                               conn.command_timeout))
-            else:
-                result = await self.loop.run(session.host.line(body["command"], conn.max_output_bytes,
-                                                               conn.command_timeout))
-        except Exception as e:  # the host connection broke: the session is over
-            self.sessions.pop(session_id, None)
-            raise HostError(f"the connection to the host failed: {type(e).__name__}: {e}") from None
-        return answer(result)
+    async def _stream(self, f: http.HTTPFlow, c, conn, session: Session, op) -> None:
+        """Send the cleared stream step on to the endpoint, with a ticket for its job."""
+        loop = self._host_loop()
+        if self.endpoint is None:
+            endpoint = Endpoint()
+            await loop.run(endpoint.start())
+            self.endpoint = endpoint
+        masked = bool(parse_all(context.response_masks(c)))
+        body = op.payload
+        job = Job(session.host, op.details["phase"], body["command"],
+                  body.get("terminal") if isinstance(body.get("terminal"), dict) else None,
+                  conn.max_output_bytes, conn.command_timeout,
+                  self.settings.require().masking.max_record if masked else None, c.decision_event)
+        f.request.scheme, f.request.host, f.request.port = "http", "127.0.0.1", self.endpoint.port
+        f.request.headers[TICKET] = self.endpoint.admit(job)
+        c.destination = (f.request.host, f.request.port)

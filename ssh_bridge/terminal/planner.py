@@ -1,10 +1,16 @@
 """planner: a command line as it will run in its session, before policy decides on it.
 
-Runs after classify and before policy. A relative path means nothing without the
-directory it is resolved from, and a shell session keeps its directory from line to line
-(`cd /etc` on one line, `echo x > hosts` on the next): classify cannot know it, the
-session can. So ssh lines are classified again here with the session's directory, and a
-write the gateway cannot place (no session, or a directory it lost) stays `unknown`.
+Runs after classify and before policy. What a line does depends on where it runs: a
+relative path means nothing without the directory (`cd /etc` on one line, `echo x > hosts`
+on the next), a program name nothing without the PATH, and a path nothing without the
+symlinks on the way (`/tmp/l/passwd` may be /etc/passwd). Classify cannot know them; the
+session can. So each ssh line is classified here again in its session (directory, PATH,
+home), and then once more with the host's answers about the paths and programs it names
+(backend.Host.resolve). A line the gateway cannot place (no session, a directory it lost)
+stays `unknown` where that matters.
+
+An interactive program (an editor, a pager, top) cannot be governed line by line; it is
+refused here, before any rule could hold it for an approval it could never use.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from mitmproxy import http
 
 from addons import context, failclosed
 from addons.classifiers import ssh
+from addons.engine.errors import Error
 from addons.failclosed import guarded
+from ssh_bridge.terminal.backend import HostError
 from ssh_bridge.terminal.executor import SshExecutor
 
 
@@ -24,16 +32,33 @@ class SshPlanner:
         self.executor = executor
 
     @guarded
-    def request(self, f: http.HTTPFlow) -> None:
+    async def request(self, f: http.HTTPFlow) -> None:
         if failclosed.answered(f):
             return
         c = context.of(f)
         op = c.operation
         if op is None or op.protocol != "ssh" or op.details.get("phase") not in ("exec", "shell"):
             return
-        cwd = self.executor.directory(op.details.get("session", ""), c.principal, c.connection, op.details["phase"])
-        body = op.payload if isinstance(op.payload, dict) else {}
+        phase = op.details["phase"]
+        session = self.executor.session(op.details.get("session", ""), c.principal, c.connection)
         extra = {k: op.details[k] for k in ("session",) if k in op.details}
-        c.operation = dataclasses.replace(
-            ssh.classify(op.connection, op.details["phase"], op.details["line"], extra, cwd=cwd,
-                              stdin=bool(body.get("stdin"))), payload=op.payload)
+        where = ssh.Session(cwd=None, path=None, stdin=phase == "exec")
+        if session is not None:
+            host = session.host
+            shell = phase == "shell"
+            where = ssh.Session(cwd=(host.cwd or host.home) if shell else host.home,
+                                path=(host.shell_path or host.path) if shell else host.path, home=host.home,
+                                stdin=not shell, asked=ssh.Asked())
+            ssh.classify(op.connection, phase, op.details["line"], extra, session=where)
+            try:
+                paths, programs = await self.executor.resolve(session, where.cwd, sorted(where.asked.paths),
+                                                              sorted(where.asked.programs, key=str))
+            except HostError:
+                paths, programs = {}, {}
+            where = dataclasses.replace(where, paths=paths, programs=programs, asked=None)
+        c.operation = dataclasses.replace(ssh.classify(op.connection, phase, op.details["line"], extra,
+                                                       session=where), payload=op.payload)
+        if interactive := c.operation.details.get("interactive"):
+            failclosed.refuse(f, 403, f"{', '.join(interactive)} is interactive: a line-based gate cannot govern "
+                                      "what is typed into it; run a non-interactive command",
+                              error=Error.INTERACTIVE_PROGRAM)

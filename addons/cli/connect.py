@@ -23,7 +23,7 @@ from addons.cli.base import CliError, load_config, with_config
 
 TOKEN_FOR_ASKPASS = "CUSTODY_SSH_TOKEN"
 """Where `custody ssh` puts the token for `custody-askpass`: ssh's environment only."""
-PROMPTS = ("password", "agent token")
+PROMPTS = ("password", "token")
 """What ssh_bridge's prompts say (password and keyboard-interactive); askpass answers only these."""
 
 
@@ -87,7 +87,7 @@ def write_ssh_config(args: argparse.Namespace) -> Path:
             f"  User agent+{c.name}",
             f"  UserKnownHostsFile {directory / 'known_hosts'}",
             "  StrictHostKeyChecking yes",
-            "  PreferredAuthentications keyboard-interactive,password",
+            "  PreferredAuthentications password",
             "  PubkeyAuthentication no",
             "  NumberOfPasswordPrompts 1",
         ]) for c in conns]

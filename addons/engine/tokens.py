@@ -88,6 +88,7 @@ class KeySet:
     last_error: str = ""
     _inflight: asyncio.Future | None = None
     _background: asyncio.Future | None = None
+    _fetching: asyncio.Future | None = None
 
     @property
     def remote(self) -> bool:
@@ -97,30 +98,42 @@ class KeySet:
         self.keys = parse_jwks({"keys": [devissuer.public_jwk(devissuer.ensure_key(self.issuer.key_file))]})
         self.fetched = time.monotonic()
 
-    def _get_json(self, url: str) -> Any:
+    def _get_json(self, url: str, deadline: float) -> Any:
+        """GET `url` within `deadline` (monotonic): a server that answers a byte at a time
+        runs out of time, not just each read (a socket timeout alone bounds only one read)."""
         context = ssl.create_default_context(cafile=self.issuer.ca_file)
         request = urllib.request.Request(url, headers={"accept": "application/json"})
-        with urllib.request.urlopen(
-            request, timeout=self.settings.jwks_timeout, context=context
-        ) as response:
-            return json.loads(response.read(1 << 20))
+        with urllib.request.urlopen(request, timeout=max(0.1, deadline - time.monotonic()), context=context) as response:
+            body = bytearray()
+            while chunk := response.read1(65536):
+                body += chunk
+                if len(body) > 1 << 20:
+                    raise ValueError("the document is larger than 1 MiB")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no whole answer within {self.settings.jwks_timeout:g}s")
+            return json.loads(body)
 
-    def _fetch(self) -> dict[str, SigningKey]:
+    def _fetch(self, deadline: float) -> dict[str, SigningKey]:
         url = self.issuer.jwks_url
         if not url:
             discovery = self.issuer.issuer.rstrip("/") + "/.well-known/openid-configuration"
-            url = self._get_json(discovery)["jwks_uri"]
-        return parse_jwks(self._get_json(url))
+            url = self._get_json(discovery, deadline)["jwks_uri"]
+        return parse_jwks(self._get_json(url, deadline))
 
     async def refresh(self) -> None:
-        """Fetch the JWKS once; concurrent callers share the same fetch."""
+        """Fetch the JWKS once; concurrent callers share the same fetch, which ends by
+        `jwks_timeout` whatever the identity provider does (the fetching thread may finish
+        later; no second one starts meanwhile)."""
         if self._inflight is not None:
             await asyncio.shield(self._inflight)
             return
         self._inflight = asyncio.get_running_loop().create_future()
         self.attempted = time.monotonic()
         try:
-            keys = await asyncio.to_thread(self._fetch)
+            if self._fetching is not None and not self._fetching.done():
+                raise TimeoutError("the identity provider is still sending its last answer")
+            self._fetching = asyncio.ensure_future(asyncio.to_thread(self._fetch, self.attempted + self.settings.jwks_timeout))
+            keys = await asyncio.wait_for(asyncio.shield(self._fetching), self.settings.jwks_timeout)
         except Exception as e:
             self.last_error = f"{type(e).__name__}: {e}"
             logger.warning("JWKS for %s unavailable: %s", self.issuer.issuer, self.last_error)
@@ -139,9 +152,10 @@ class KeySet:
 
     async def key(self, kid: str | None) -> SigningKey | None:
         """The key for `kid`: fetched now when unknown, refreshed in the background when stale.
-        A fetch already under way (the one at start, say) is waited for, not raced."""
+        A key already known never waits for a fetch; an unknown one waits for the fetch under
+        way (the one at start, say) rather than racing it, at most `jwks_timeout`."""
         if self.remote:
-            if self._inflight is not None:
+            if self._inflight is not None and self._lookup(kid) is None:
                 await asyncio.shield(self._inflight)
             now = time.monotonic()
             may_fetch = now - self.attempted >= self.settings.jwks_min_interval

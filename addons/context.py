@@ -45,6 +45,8 @@ class Context:
     masked: bool = False
     destination: tuple[str, int] | None = None
     approval: str = ""
+    upgrade: str = ""
+    """The Upgrade header as the client sent it (mitmproxy's disable_h2c strips h2c's)."""
     masking: dict[str, Any] | None = None
     response_body: bytes | None = None
     stream: Any = field(default=None, repr=False)
@@ -80,6 +82,14 @@ def of(f: mflow.Flow) -> Context:
     if not isinstance(ctx, Context):
         ctx = Context(session=f.client_conn.id)
         f.metadata[KEY] = ctx
+    return ctx
+
+
+def restart(f: mflow.Flow, session: str) -> Context:
+    """A fresh context for a new request carried by an old flow object (mitmproxy replays
+    a flow in place), in its own session: nothing of the original's clearance survives."""
+    ctx = Context(session=session)
+    f.metadata[KEY] = ctx
     return ctx
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from mitmproxy import flow as mflow
 from mitmproxy import http
+from mitmproxy.net.http import status_codes
 
 from addons import context
 from addons.engine.errors import Error
@@ -70,6 +71,18 @@ def refuse(
         json.dumps(body),
         {"content-type": "application/json", **(headers or {})},
     )
+    f.response.reason = reason_phrase(status, error, reason)
+
+
+def reason_phrase(status: int, error: str, reason: str) -> str:
+    """The status line's reason phrase, carrying the refusal's reason: proxy clients show
+    only the status line of a refused CONNECT (httpx: `ProxyError: 403 Forbidden (…)`,
+    requests: `Tunnel connection failed: 403 …`). Printable ASCII only (RFC 9112 4), short."""
+    text = f"{status_codes.RESPONSES.get(status, 'Refused')} (custody {error}: {reason})"
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text)[:REASON_PHRASE_MAX]
+
+
+REASON_PHRASE_MAX = 240
 
 
 STATUS_REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict",

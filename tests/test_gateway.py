@@ -6,11 +6,13 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import socket
+import subprocess
 
 import pytest
 
-from tests.conftest import API_TOKEN, SECURE_KEY, standard_gateway
+from tests.conftest import API_TOKEN, SECURE_KEY, STANDARD_RULES, standard_connections, standard_gateway
 
 
 @pytest.fixture
@@ -105,6 +107,71 @@ def test_connect_to_unregistered_host_refused(gateway, token, mark, target):
     assert body["error"] == "unknown_connection"
     events = gateway.events("id = ?", [body["event_id"]])
     assert events[0]["kind"] == "connect" and events[0]["effect"] == "deny"
+    assert mark() == []
+
+
+REFUSED_CONNECT = "403 Forbidden (custody unknown_connection: unknown.test:443 is not a registered connection)"
+
+
+def connect_error(client: str, proxy: str, ca: str) -> str:
+    """What each real client tells its user when the gateway refuses its CONNECT."""
+    url = "https://unknown.test/"
+    if client == "httpx":
+        import httpx
+
+        with pytest.raises(httpx.ProxyError) as e, httpx.Client(proxy=proxy, verify=False) as c:
+            c.get(url)
+        return str(e.value)
+    if client == "requests":
+        import requests
+
+        with pytest.raises(requests.exceptions.ProxyError) as e:
+            requests.get(url, proxies={"https": proxy}, verify=ca, timeout=10)
+        return str(e.value)
+    if client == "aiohttp":
+        import asyncio
+
+        import aiohttp
+
+        async def get() -> str:
+            async with aiohttp.ClientSession() as session:
+                try:
+                    await session.get(url, proxy=proxy, ssl=False)
+                except aiohttp.ClientHttpProxyError as e:
+                    return f"{e.status} {e.message}"
+            return "no error"
+
+        return asyncio.run(get())
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    out = subprocess.run(["curl", "-sS", "-v", "--max-time", "10", "-x", proxy, url], capture_output=True, env=env, timeout=30)
+    assert out.returncode == 56  # CONNECT tunnel failed
+    return out.stderr.decode()
+
+
+@pytest.mark.parametrize("client", ["httpx", "requests", "aiohttp", "curl"])
+def test_a_refused_connect_says_why_where_the_client_shows_it(gateway, token, mark, client):
+    """Proxy clients show a refused CONNECT's status line, not its body: the reason is there."""
+    assert REFUSED_CONNECT in connect_error(client, gateway.proxy_url(token()), str(gateway.ca))
+    assert mark() == []
+
+
+H2C_UPGRADES = ["h2c", "H2C", "h2c, websocket", "websocket, h2c", "websocket,h2c"]
+
+
+@pytest.mark.parametrize("upgrade", H2C_UPGRADES)
+def test_an_h2c_upgrade_is_refused_not_ignored(gateway, token, mark, upgrade):
+    r = gateway.session(token(groups=["analysts"])).get(
+        "http://api.test/items", headers={"Upgrade": upgrade, "Connection": "Upgrade, HTTP2-Settings",
+                                          "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA"})
+    assert r.status_code == 403 and r.json()["error"] == "unsupported_protocol"
+    assert r.raw.version == 11  # answered in the client's HTTP/1.1
+    assert mark() == []
+
+
+def test_curl_asking_for_h2c_is_told_why(gateway, token, mark):
+    r = gateway.curl(token(groups=["analysts"]), "http://api.test/items", "--http2")
+    assert r.status == 403 and r.json()["error"] == "unsupported_protocol"
+    assert r.json()["reason"].startswith("an HTTP/2 cleartext upgrade (h2c) is not governed")
     assert mark() == []
 
 
@@ -240,6 +307,161 @@ def test_method_override_is_classified(gateway, token, mark, override, status):
     )
     assert r.status_code == status
     assert len(mark()) == (1 if status == 200 else 0)
+
+
+MORE_RULES = {**STANDARD_RULES, "more.yaml": {"rules": [
+    {"id": "posters-write", "match": {"connection": "api", "principal": {"groups": ["posters"]}, "action": "write"},
+     "effect": "allow"},
+    {"id": "ci-read", "match": {"connection": "ci", "principal": {"groups": ["analysts"]}, "action": "read"},
+     "effect": "allow"},
+    {"id": "ci-secret-denied", "match": {"connection": "ci", "path": "/Secret/**"}, "effect": "deny"},
+]}}
+
+
+@pytest.fixture(scope="module")
+def more(tmp_path_factory, servers):
+    """The standard gateway plus a writer that may not delete (`posters`) and a connection
+    whose backend routes case-insensitively (`ci`)."""
+    directory = tmp_path_factory.mktemp("more")
+    connections = standard_connections(servers.upstream, servers.tls_upstream, servers.ca, directory,
+                                       servers.other_tls_upstream)
+    connections.append({"name": "ci", "kind": "http", "hosts": ["ci.test"], "paths": "case-insensitive",
+                        "upstream": f"http://127.0.0.1:{servers.upstream.port}"})
+    gw = standard_gateway(directory, servers, connections=connections, rules=MORE_RULES).start()
+    yield gw
+    gw.stop()
+
+
+def _multipart(disposition: str, boundary: str = "b0undary") -> tuple[str, bytes]:
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nhello\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n\r\nDELETE\r\n--{boundary}--\r\n")
+    return f"multipart/form-data; boundary={boundary}", body.encode()
+
+
+FORM = "application/x-www-form-urlencoded"
+BODY_OVERRIDES = [
+    (FORM, b"_method=DELETE"),
+    (FORM, b"_method=delete"),
+    (FORM, b"title=x&_method=DELETE"),
+    (FORM, b"_method=DELETE&_method=POST"),
+    (FORM, b"_method=POST&_method=DELETE"),
+    (FORM, b"%5Fmethod=DELETE"),
+    (FORM, b"_method=%44ELETE"),
+    (FORM, b"_method=+DELETE+"),
+    (FORM, b"_METHOD=DELETE"),
+    (FORM, b"_method[]=DELETE"),
+    (FORM, b"_method=PURGE"),
+    (FORM + "; charset=UTF-8", b"_method=DELETE"),
+    ("APPLICATION/X-WWW-FORM-URLENCODED", b"_method=DELETE"),
+    (None, b"_method=DELETE"),
+    _multipart('name="_method"'),
+    _multipart("name=_method"),
+    _multipart('name="_method"; filename="m.txt"'),
+    _multipart('name="_method[]"'),
+    ("application/json", b'{"_method": "DELETE"}'),
+    ("application/json", b'{"_method": "DELETE", "_method": "POST"}'),
+]
+
+
+@pytest.mark.parametrize("content_type, body", BODY_OVERRIDES)
+def test_a_method_override_in_the_body_is_classified(more, token, mark, content_type, body):
+    """A writer who may not delete cannot delete with `_method` in a form or JSON body:
+    Rails, Laravel and Symfony would act on the override."""
+    headers = {"content-type": content_type} if content_type else {}
+    r = more.session(token(groups=["posters"])).post("http://api.test/items/1", data=body, headers=headers)
+    assert r.status_code == 403 and r.json()["error"] == "no_matching_rule"
+    assert mark() == []
+
+
+@pytest.mark.parametrize("content_type, body", [(FORM, b"title=x"), (FORM, b"_method=PATCH"),
+                                                ("application/json", b'{"_method": "PUT"}')])
+def test_a_write_that_stays_a_write_is_allowed(more, token, mark, content_type, body):
+    r = more.session(token(groups=["posters"])).post("http://api.test/items/1", data=body,
+                                                     headers={"content-type": content_type})
+    assert r.status_code == 200 and r.json()["body"] == body.decode()
+    assert len(mark()) == 1
+
+
+CASE_SPELLINGS = [
+    ("/ADMIN/users", 403, "denied_by_policy"),
+    ("/Admin/users", 403, "denied_by_policy"),
+    ("/aDmIn/users", 403, "denied_by_policy"),
+    ("/ADMIN", 403, "denied_by_policy"),
+    ("/%41DMIN/users", 403, "denied_by_policy"),
+    ("/%2541dmin/users", 403, "denied_by_policy"),
+    ("//ADMIN//users/", 403, "denied_by_policy"),
+    ("/ADMIN;v=1/users", 403, "denied_by_policy"),
+    ("/ADMIN/users?x=1", 403, "denied_by_policy"),
+    ("/secret/keys", 403, "denied_by_policy"),  # the rule says /Secret/**
+    ("/SECRET/keys", 403, "denied_by_policy"),
+    ("/adm\u0131n/users", 400, "ambiguous_path"),  # dotless i: ToUpperInvariant makes it ADMIN
+    ("/ADM\u0130N/users", 400, "ambiguous_path"),
+    ("/adm%C4%B1n/users", 400, "ambiguous_path"),
+    ("/\u017fecret/keys", 400, "ambiguous_path"),  # long s upper-cases to S
+]
+
+
+@pytest.mark.parametrize("path, status, error", CASE_SPELLINGS)
+def test_on_a_case_insensitive_connection_case_does_not_dodge_a_deny(more, token, mark, path, status, error):
+    r = more.session(token(groups=["analysts"])).get("http://ci.test" + path)
+    assert r.status_code == status and r.json()["error"] == error
+    assert mark() == []
+
+
+def test_on_a_case_insensitive_connection_other_paths_pass_folded_rules(more, token, mark):
+    r = more.session(token(groups=["analysts"])).get("http://ci.test/Items/Café")
+    assert r.status_code == 200 and r.json()["path"] == "/Items/Caf%C3%A9"  # the backend gets the path as sent
+    assert more.events("kind = 'request' AND connection = 'ci'")[-1]["resource"] == "/items/café"
+
+
+def test_on_a_case_sensitive_connection_case_is_another_resource(more, token, mark):
+    """api's backend is case-sensitive: /ADMIN is not /admin there, and rules say so too."""
+    r = more.session(token(groups=["analysts"])).get("http://api.test/ADMIN/users")
+    assert r.status_code == 200 and [g.path for g in mark()] == ["/ADMIN/users"]
+
+
+def send_raw(gateway, head: bytes) -> tuple[int, dict, bytes]:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(head)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, dict(response.getheaders()), response.read()
+
+
+OURS, MITMPROXY = "ours", "mitmproxy"
+HEADER_FORMS = [
+    # (extra header lines, who refuses): ours answer JSON; mitmproxy's parser answers its own 400
+    (b"X-Note: a\r\n b", OURS),
+    (b"X-Note: a\r\n\tb", OURS),
+    (b"X-Note: a\r\n b\r\n c", OURS),
+    (b"Content-Type: text/plain;\r\n charset=utf-8", OURS),
+    (b"X-HTTP-Method-Override: GET\r\n DELETE", OURS),
+    (b"X-Note: a\x00b", OURS),
+    (b"X-Note: a\rb", OURS),
+    (b"X-Note: a\x01b", OURS),
+    (b"X-Note: a\x1bb", OURS),
+    (b"X-Note: a\x7fb", OURS),
+    (b"Host: api.test", OURS),
+    (b"Host: secure.test", OURS),
+    (b"X-Note : a", MITMPROXY),
+    (b"X\x01Note: a", MITMPROXY),
+    (b"Content-Length: 0\r\nContent-Length: 0", MITMPROXY),
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 0", MITMPROXY),
+    (b"Transfer-Encoding: chunked, identity", MITMPROXY),
+]
+
+
+@pytest.mark.parametrize("extra, refuser", HEADER_FORMS)
+def test_header_forms_a_proxy_must_reject_are_refused(gateway, token, mark, extra, refuser):
+    head = (f"GET http://api.test/items HTTP/1.1\r\nHost: api.test\r\n"
+            f"Proxy-Authorization: Bearer {token(groups=['analysts'])}\r\n").encode() + extra + b"\r\n\r\n"
+    status, headers, body = send_raw(gateway, head)
+    assert status == 400
+    if refuser == OURS:
+        assert json.loads(body)["error"] == "malformed_headers"
+    else:
+        assert b"400 Bad Request" in body
+    assert mark() == []
 
 
 def test_host_header_that_disagrees_with_the_tunnel_is_refused(gateway, token, mark):

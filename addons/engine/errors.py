@@ -18,6 +18,7 @@ class Error(StrEnum):
     MISDIRECTED_REQUEST = "misdirected_request"  # Host, SNI or request target disagree
     AMBIGUOUS_PATH = "ambiguous_path"  # a path servers may resolve differently
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"  # an upgrade or protocol the gateway cannot govern
+    MALFORMED_HEADERS = "malformed_headers"  # a header form a proxy must reject (obs-fold, controls, two Hosts)
     # policy
     DENIED_BY_POLICY = "denied_by_policy"  # a deny rule matched
     NO_MATCHING_RULE = "no_matching_rule"  # nothing allows it: default deny

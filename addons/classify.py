@@ -120,6 +120,9 @@ class Classify:
     def requestheaders(self, f: http.HTTPFlow) -> None:
         f.request.stream = False  # decisions need the whole request, body included
         context.of(f).upgrade = f.request.headers.get("upgrade", "")
+        if f.is_replay == "request" and (requested := f.metadata.get(context.REQUESTED)):
+            # a replayed flow was rerouted to its upstream: it is classified as asked for, again
+            f.request.scheme, f.request.host, f.request.port = requested
 
     @guarded
     def request(self, f: http.HTTPFlow) -> None:

@@ -20,6 +20,8 @@ from addons.engine.masks import parse as parse_mask
 from addons.engine.model import Decision, Operation, Principal, new_id
 
 KEY = "custody"
+REQUESTED = "custody.requested"
+"""flow.metadata: (scheme, host, port) as the agent asked, before credentials rerouted it."""
 TEXT_SUBRESOURCES = ("log", "exec", "attach")
 
 
@@ -44,6 +46,8 @@ class Context:
     recorded: bool = False
     masked: bool = False
     destination: tuple[str, int] | None = None
+    sent: str = ""
+    """The digest of the request as the chain let it go (addons/credentials.py)."""
     approval: str = ""
     upgrade: str = ""
     """The Upgrade header as the client sent it (mitmproxy's disable_h2c strips h2c's)."""

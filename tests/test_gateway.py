@@ -616,3 +616,116 @@ def test_mitmweb_sees_decision_as_comment_and_marker(tmp_path, servers, token):
     assert allowed.status_code == 200
     # the saved context is plain data, and a copy is never considered cleared
     assert by_path["/items"].metadata["custody"]["decision"]["effect"] == "allow"
+
+
+# mitmweb and the operator's tools
+
+
+OPERATOR_RULES = {**STANDARD_RULES, "console.yaml": {"rules": [
+    {"id": "console-reads-secure", "match": {"connection": "secure", "action": "read",
+                                             "principal": {"subjects": ["console-operator"], "issuers": ["mitmproxy"]}},
+     "effect": "allow"},
+]}}
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory, servers):
+    from tests.support.mitmweb import Mitmweb
+    from tests.support.servers import free_port
+
+    port = free_port()
+    directory = tmp_path_factory.mktemp("web")
+    gw = standard_gateway(directory, servers, runner="mitmweb", rules=OPERATOR_RULES,
+                          options=(f"web_port={port}", "web_open_browser=false", "web_password=s3cret",
+                                   f"save_stream_file={directory / 'saved.mitm'}")).start()
+    # mitmweb exits if anything logs an error before it is running (its page's missing favicon does)
+    assert gw.session(None).get("http://custody.gateway/healthz").status_code == 200
+    yield gw, Mitmweb(port, "s3cret")
+    gw.stop()
+
+
+def flow_for(mitmweb, path: str, **match) -> dict:
+    from tests.support.approvals import wait_for
+
+    return wait_for(lambda: next((f for f in reversed(mitmweb.flows()) if f["request"]["path"] == path
+                                  and all(f.get(k) == v for k, v in match.items())), None))
+
+
+CREDENTIAL_FLOWS = [("http://api.test/items/web-1", API_TOKEN), ("https://api.test/items/web-2", API_TOKEN),
+                    ("https://secure.test/reports/web-3", SECURE_KEY), ("http://kube.test/items/web-4", base64.b64encode(f"svc:{API_TOKEN}".encode()).decode())]
+
+
+@pytest.mark.parametrize("url, secret", CREDENTIAL_FLOWS)
+def test_gateway_credentials_never_show_in_mitmweb_its_dump_or_a_flow_file(web, token, mark, upstream, tls_upstream,
+                                                                           url, secret):
+    from tests.support.servers import Route
+
+    gw, mitmweb = web
+    path = url.split(".test", 1)[1]
+    for server in (upstream, tls_upstream):  # an answer that does not echo the request's headers
+        server.routes[path] = Route("application/json", b'{"ok": true}')
+    r = gw.session(token(groups=["analysts"])).get(url)
+    assert r.status_code == 200 and secret in json.dumps(mark()[0].headers)  # the upstream got it
+    shown = flow_for(mitmweb, path, intercepted=False)
+    assert "response" in shown and secret not in json.dumps(shown)
+    assert "[custody: gateway credential]" in json.dumps(shown["request"]["headers"])
+    assert secret.encode() not in mitmweb.dump()
+    saved = (gw.dir / "saved.mitm").read_bytes()
+    assert path.encode() in saved and secret.encode() not in saved
+
+
+def test_a_replay_from_mitmweb_is_the_console_operators_request(web, token, mark):
+    """Replaying an agent's allowed flow: the operator has no rule for api, so it is denied,
+    recorded as the operator's, and nothing reaches the upstream again."""
+    gw, mitmweb = web
+    assert gw.session(token(sub="agent-7", groups=["writers"])).delete("http://api.test/items/replayed").status_code == 200
+    original = flow_for(mitmweb, "/items/replayed")
+    mitmweb.post(f"/flows/{original['id']}/replay")
+    replay = flow_for(mitmweb, "/items/replayed", is_replay="request")
+    from tests.support.approvals import wait_for
+
+    replay = wait_for(lambda: next((f for f in mitmweb.flows() if f["id"] == original["id"] and f.get("response")
+                                    and f["response"]["status_code"] == 403), None))
+    assert replay["is_replay"] == "request"
+    assert [g.path for g in mark()] == ["/items/replayed"]  # only the agent's own request reached it
+    decision = gw.wait_events("kind = 'decision' AND flow = ? AND effect = 'deny'", [original["id"]])[-1]
+    assert json.loads(decision["principal"])["subject"] == "console-operator"
+    assert decision["session"].startswith("console-") and decision["reason"] == "no rule matches this request"
+    assert decision["connection"] == "api" and decision["action"] == "delete"
+
+
+def test_a_replay_the_rules_allow_goes_with_the_gateway_credential(web, token, mark):
+    gw, mitmweb = web
+    assert gw.session(token(groups=["analysts"])).get("https://secure.test/reports/again").status_code == 200
+    original = flow_for(mitmweb, "/reports/again")
+    mitmweb.post(f"/flows/{original['id']}/replay")
+    from tests.support.approvals import wait_for
+
+    wait_for(lambda: len(mark()) == 2)
+    assert [g.headers["x-api-key"] for g in mark()] == [SECURE_KEY, SECURE_KEY]
+    events = gw.wait_events("kind = 'decision' AND flow = ? AND effect = 'allow'", [original["id"]])
+    assert [json.loads(e["principal"])["subject"] for e in events][-1] == "console-operator"
+
+
+def test_a_flow_edited_in_mitmweb_and_resumed_goes_as_the_operators_not_the_agents(web, token, mark):
+    gw, mitmweb = web
+    mitmweb.session.put(mitmweb.base + "/options", json={"intercept": "~q ~u /items/intercepted"}, timeout=10).raise_for_status()
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(gw.session(token(sub="agent-8", groups=["writers"])).post,
+                                  "http://api.test/items/intercepted", json={"n": 1}, timeout=30)
+            held = mitmweb.held("/items/intercepted")
+            mitmweb.put(f"/flows/{held['id']}", {"request": {"method": "DELETE", "content": ""}})
+            mitmweb.post(f"/flows/{held['id']}/resume")
+            r = pending.result()
+    finally:
+        mitmweb.session.put(mitmweb.base + "/options", json={"intercept": ""}, timeout=10)
+    assert r.status_code == 409 and r.json()["error"] == "edited_in_console"
+    from tests.support.approvals import wait_for
+
+    denied = wait_for(lambda: [e for e in gw.events("kind = 'decision' AND resource = '/items/intercepted'")
+                               if json.loads(e["principal"] or "{}").get("subject") == "console-operator"])
+    assert denied[-1]["effect"] == "deny"
+    assert mark() == []  # neither the agent's request nor the operator's edit reached the upstream

@@ -37,6 +37,7 @@ class Error(StrEnum):
     # the gateway itself
     GATEWAY_ERROR = "gateway_error"  # an addon failed; the flow was refused
     NOT_CLEARED = "not_cleared"  # the gate: no allow decision on record
+    EDITED_IN_CONSOLE = "edited_in_console"  # an operator edited the request; it went as theirs
     # the approvers' API
     NOT_FOUND = "not_found"
     BAD_REQUEST = "bad_request"

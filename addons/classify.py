@@ -4,7 +4,8 @@ Traffic to anything that is not a registered connection is refused, on the CONNE
 as on the request, so Custody is never an open proxy. The target is the tunnel's (or the
 request line's) host and port; a Host header or TLS SNI that names a different host is
 refused rather than trusted, because the upstream would route on it. Header forms a proxy
-must reject (obs-fold, controls in values, two Hosts) are refused with 400. Protocols the
+must reject (obs-fold, controls in values, two Hosts) are refused with 400, and a response
+that has them with 502. Protocols the
 gateway cannot govern (raw TCP, UDP, h2c, SPDY, and WebSocket except Kubernetes exec,
 attach and port-forward, whose frames the chain records and masks) are refused; the h2c
 upgrade is seen as the client sent it, before mitmproxy's own disable_h2c strips it and
@@ -169,6 +170,16 @@ class Classify:
         if hit is None or time.monotonic() - hit[0] > FALLBACK_WINDOW:
             return None
         return hit[1], hit[2]
+
+    @guarded
+    def responseheaders(self, f: http.HTTPFlow) -> None:
+        """A response with a header form a proxy must reject goes no further (RFC 9112 5.2:
+        a proxy discards an obs-folded response and answers 502)."""
+        if f.response.status_code == 101:
+            return  # an upgraded session: its frames are governed, not its headers
+        if problem := header_problem(f.response.headers.fields):
+            failclosed.refuse_at_headers(f, 502, f"the upstream's response: {problem}; it was not forwarded",
+                                         error=Error.MALFORMED_HEADERS)
 
     @guarded
     def response(self, f: http.HTTPFlow) -> None:

@@ -59,23 +59,6 @@ def is_watch(f: http.HTTPFlow) -> bool:
     return op is not None and op.protocol == "kubernetes" and op.details.get("verb") == "watch"
 
 
-def chunks(out: bytes) -> list[bytes]:
-    """What a stream hook hands mitmproxy: a list, empty when there is nothing to send. An
-    empty bytes chunk would go to an HTTP/1.1 client as the chunk that ends the body."""
-    return [out] if out else []
-
-
-class Drain:
-    """A stream hook for a response refused at its headers: drop the upstream's bytes, then
-    send the refusal's own body."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    def __call__(self, chunk: bytes) -> list[bytes]:
-        return chunks(self.body if chunk == b"" else b"")
-
-
 def error_record(f: http.HTTPFlow, reason: str) -> bytes:
     """The last record of a stream that was cut off, in the stream's own format: a
     Kubernetes watch gets an ERROR event with a Status (kubectl prints it), SSE an event,
@@ -104,7 +87,7 @@ class CutOff:
         if self.failed:
             return []
         try:
-            return chunks(self.stream(chunk))
+            return failclosed.chunks(self.stream(chunk))
         except Exception as e:
             self.failed = str(e) if isinstance(e, MaskError) else f"masking failed: {type(e).__name__}: {e}"
             logger.error("custody: masking a stream failed; cutting it off: %s", self.failed)
@@ -131,10 +114,9 @@ class Masking:
         """The detector in this process (for streams and frames), once loaded."""
         return self.pool.detector
 
-    def _refuse_now(self, f: http.HTTPFlow, status: int, reason: str, error: str) -> None:
-        failclosed.refuse(f, status, reason, error=error)
-        f.response.stream = Drain(f.response.content)
-        context.of(f).response_body = f.response.content
+    @staticmethod
+    def _refuse_now(f: http.HTTPFlow, status: int, reason: str, error: str) -> None:
+        failclosed.refuse_at_headers(f, status, reason, error=error)
 
     @guarded
     def request(self, f: http.HTTPFlow) -> None:

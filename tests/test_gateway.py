@@ -616,6 +616,10 @@ def test_mitmweb_sees_decision_as_comment_and_marker(tmp_path, servers, token):
     assert allowed.status_code == 200
     # the saved context is plain data, and a copy is never considered cleared
     assert by_path["/items"].metadata["custody"]["decision"]["effect"] == "allow"
+    # the gateway's credential reached the upstream, but not the flow file
+    assert allowed.json()["headers"]["authorization"] == f"Bearer {API_TOKEN}"
+    assert by_path["/items"].request.headers["authorization"] == "[custody: gateway credential]"
+    assert API_TOKEN.encode() not in flows.read_bytes().replace(allowed.content, b"")
 
 
 # mitmweb and the operator's tools
@@ -672,6 +676,12 @@ def test_gateway_credentials_never_show_in_mitmweb_its_dump_or_a_flow_file(web, 
     assert secret.encode() not in mitmweb.dump()
     saved = (gw.dir / "saved.mitm").read_bytes()
     assert path.encode() in saved and secret.encode() not in saved
+    spec = f"~u {path}$"
+    for fmt in mitmweb.command("export.formats"):  # curl, httpie, raw, raw_request, raw_response
+        assert secret not in mitmweb.command("export", fmt, spec)
+    har = gw.dir / f"{path.strip('/').replace('/', '-')}.har"
+    mitmweb.command("save.har", spec, str(har))
+    assert path in har.read_text() and secret not in har.read_text()
 
 
 def test_a_replay_from_mitmweb_is_the_console_operators_request(web, token, mark):
@@ -729,3 +739,18 @@ def test_a_flow_edited_in_mitmweb_and_resumed_goes_as_the_operators_not_the_agen
                                if json.loads(e["principal"] or "{}").get("subject") == "console-operator"])
     assert denied[-1]["effect"] == "deny"
     assert mark() == []  # neither the agent's request nor the operator's edit reached the upstream
+
+
+RESPONSE_HEADER_FORMS = [b"a\r\n b", b"a\r\n\tb", b"a\x00b", b"a\rb", b"a\x1bb", b"a\x7fb", b"a\x01b"]
+
+
+@pytest.mark.parametrize("value", RESPONSE_HEADER_FORMS)
+def test_a_response_with_a_header_form_a_proxy_must_reject_is_not_forwarded(gateway, token, upstream, value):
+    from tests.support.servers import Route
+
+    path = f"/items/folded-{RESPONSE_HEADER_FORMS.index(value)}"
+    upstream.routes[path] = Route("application/json", b'{"planted": "upstream-body-7c1"}',
+                                  headers=(("X-Folded", value.decode("latin-1")),))
+    r = gateway.session(token(groups=["analysts"])).get(f"http://api.test{path}")
+    assert r.status_code == 502 and r.json()["error"] == "malformed_headers"
+    assert "X-Folded" not in r.headers and b"upstream-body-7c1" not in r.content

@@ -241,14 +241,14 @@ def fold_case(op: Operation) -> Operation:
                                summary=op.summary.replace(op.resource, folded, 1))
 
 
-HOST_COUNT_EXEMPT = ("HTTP/2.0", "HTTP/3")
 CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def header_problem(fields: tuple[tuple[bytes, bytes], ...], http_version: str) -> str | None:
-    """Why these request headers must be refused rather than forwarded (RFC 9112 5.2,
-    RFC 9110 5.5 and 7.2), or None. mitmproxy's parser keeps an obs-fold as CRLF + space
-    inside the value, and lets controls through; both are refused here."""
+def header_problem(fields: tuple[tuple[bytes, bytes], ...], http_version: str = "") -> str | None:
+    """Why these headers must be refused rather than forwarded (RFC 9112 5.2, RFC 9110 5.5
+    and 7.2), or None. mitmproxy's parser keeps an obs-fold as CRLF + space inside the
+    value, and lets controls through; both are refused here. Two Hosts count only in an
+    HTTP/1 request (`http_version`; a response passes none)."""
     hosts = 0
     for name, value in fields:
         if b"\r\n" in value or b"\n" in value:
@@ -258,6 +258,6 @@ def header_problem(fields: tuple[tuple[bytes, bytes], ...], http_version: str) -
         if CONTROLS.search(name) or not name:
             return "a header name contains a control character"
         hosts += name.lower() == b"host"
-    if hosts > 1 and http_version not in HOST_COUNT_EXEMPT:
+    if hosts > 1 and http_version.startswith("HTTP/1"):
         return "the request has more than one Host header"
     return None

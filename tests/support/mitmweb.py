@@ -26,6 +26,12 @@ class Mitmweb:
     def dump(self) -> bytes:
         return self.session.get(self.base + "/flows/dump", timeout=10).content
 
+    def command(self, name: str, *arguments: str):
+        """A mitmproxy command, through the endpoint mitmweb's command bar uses."""
+        answer = self.post(f"/commands/{name}", {"arguments": list(arguments)}).json()
+        assert "error" not in answer, answer
+        return answer["value"]
+
     def post(self, path: str, document: dict | None = None) -> requests.Response:
         r = self.session.post(self.base + path, json=document, timeout=10)
         r.raise_for_status()

@@ -5,11 +5,11 @@ as on the request, so Custody is never an open proxy. The target is the tunnel's
 request line's) host and port; a Host header or TLS SNI that names a different host is
 refused rather than trusted, because the upstream would route on it. Header forms a proxy
 must reject (obs-fold, controls in values, two Hosts) are refused with 400, and a response
-that has them with 502. Protocols the
-gateway cannot govern (raw TCP, UDP, h2c, SPDY, and WebSocket except Kubernetes exec,
-attach and port-forward, whose frames the chain records and masks) are refused; the h2c
-upgrade is seen as the client sent it, before mitmproxy's own disable_h2c strips it and
-would let the request through as if it had never asked.
+that has them with 502. Protocols the gateway cannot govern (raw TCP, UDP, h2c, SPDY, and
+WebSocket except Kubernetes exec, attach and port-forward, whose frames the chain records
+and masks) are refused; the h2c upgrade is seen as the client sent it, before mitmproxy's
+own disable_h2c strips it and would let the request through as if it had never asked.
+A connection whose backend routes case-insensitively has its paths folded for the rules.
 
 kubectl falls back from a refused WebSocket exec to SPDY, and would print the SPDY refusal
 instead of the real one (a denial, or the id of the approval it waits for). So a refused

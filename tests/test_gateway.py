@@ -754,3 +754,26 @@ def test_a_response_with_a_header_form_a_proxy_must_reject_is_not_forwarded(gate
     r = gateway.session(token(groups=["analysts"])).get(f"http://api.test{path}")
     assert r.status_code == 502 and r.json()["error"] == "malformed_headers"
     assert "X-Folded" not in r.headers and b"upstream-body-7c1" not in r.content
+
+
+@pytest.mark.parametrize("client_version", ["HTTP/1.1", "HTTP/2.0"])
+def test_a_sealed_credential_is_what_mitmproxys_own_assembly_sends(client_version):
+    """No HTTP/2 upstream runs here, so mitmproxy's own HTTP/1 and HTTP/2 request assembly
+    (mitmproxy/proxy/layers/http/_http1.py Http1Client.send, _http2.py format_h2_request_headers)
+    is called on a sealed request: both put the credential on the wire, the flow's state does not."""
+    import hpack
+    from mitmproxy import http as mhttp
+    from mitmproxy.net.http import http1
+    from mitmproxy.proxy.layers.http._http2 import normalize_h1_headers
+
+    from addons.credentials import SHOWN, seal
+
+    request = mhttp.Request.make("GET", "https://api.test/items", headers={"accept": "*/*"})
+    request.http_version = client_version
+    seal(request, "authorization", f"Bearer {API_TOKEN}")
+    wire_h1 = http1.assemble_request_head(request.copy() if request.is_http2 else request)
+    wire_h2 = hpack.Encoder().encode(normalize_h1_headers(list(request.headers.fields), True))
+    assert f"authorization: Bearer {API_TOKEN}".encode() in wire_h1
+    assert ("authorization", f"Bearer {API_TOKEN}") in hpack.Decoder().decode(wire_h2)
+    assert API_TOKEN not in json.dumps(request.get_state(), default=repr)
+    assert request.headers["authorization"] == SHOWN and API_TOKEN not in repr(request.headers)

@@ -98,6 +98,7 @@ def seal(request: http.Request, name: str, value: str) -> None:
         if "host" not in request.headers and request.authority:
             request.headers.insert(0, "Host", request.authority)
         request.authority = ""
+        request.headers["connection"] = "close"  # as mitmproxy does: one request per HTTP/1 upstream connection
         if len(cookies := request.headers.get_all("cookie")) > 1:
             request.headers["cookie"] = "; ".join(cookies)
     key = name.lower().encode()

@@ -11,7 +11,6 @@ import os
 import sqlite3
 from collections.abc import Callable
 
-
 from addons.engine.store import Event, Store, StoreError, Writer
 from addons.settings import Settings
 

@@ -3,10 +3,14 @@
 Traffic to anything that is not a registered connection is refused, on the CONNECT as well
 as on the request, so Custody is never an open proxy. The target is the tunnel's (or the
 request line's) host and port; a Host header or TLS SNI that names a different host is
-refused rather than trusted, because the upstream would route on it. Protocols the gateway
-cannot govern (raw TCP, UDP, h2c, SPDY, and WebSocket except Kubernetes exec, attach and
-port-forward and the stream steps of a bridge contract, whose frames the chain records and
-masks) are refused.
+refused rather than trusted, because the upstream would route on it. Header forms a proxy
+must reject (obs-fold, controls in values, two Hosts) are refused with 400, and a response
+that has them with 502. Protocols the gateway cannot govern (raw TCP, UDP, h2c, SPDY, and
+WebSocket except Kubernetes exec, attach and port-forward and the stream steps of a bridge
+contract, whose frames the chain records and masks) are refused; the h2c upgrade is seen
+as the client sent it, before mitmproxy's own disable_h2c strips it and would let the
+request through as if it had never asked. A connection whose backend routes
+case-insensitively has its paths folded for the rules.
 
 kubectl falls back from a refused WebSocket exec to SPDY, and would print the SPDY refusal
 instead of the real one (a denial, or the id of the approval it waits for). So a refused
@@ -22,7 +26,7 @@ from mitmproxy import http
 from mitmproxy.net.http import url
 
 from addons import classifiers, context, failclosed
-from addons.classifiers.http import ambiguity
+from addons.classifiers.http import ambiguity, case_ambiguity, fold_case, header_problem
 from addons.engine.bridge import SSH
 from addons.engine.errors import Error
 from addons.engine.model import Decision, Request
@@ -74,11 +78,10 @@ FALLBACK_WINDOW = 60.0
 FALLBACK_MEMORY = 10_000
 
 
-def upgrade_refusal(conn, request: http.Request, operation) -> str | None:
+def upgrade_refusal(conn, upgrade: str, operation) -> str | None:
     """Protocol upgrades the gateway can govern: WebSocket for Kubernetes exec, attach and
     port-forward, and for ssh_bridge's stream steps (each frame is then recorded and
     masked). Nothing else."""
-    upgrade = request.headers.get("upgrade", "")
     if not upgrade:
         return None
     if upgrade.lower().startswith("spdy"):
@@ -88,6 +91,8 @@ def upgrade_refusal(conn, request: http.Request, operation) -> str | None:
         return None
     if conn.kind == "ssh" and upgrade.lower() == "websocket" and operation.details.get("phase") in SSH.streams:
         return None
+    if "h2c" in (token.strip().lower() for token in upgrade.split(",")):
+        return "an HTTP/2 cleartext upgrade (h2c) is not governed; send HTTP/1.1 without Upgrade, or HTTP/2 over TLS"
     return f"protocol upgrade to {upgrade!r} is not governed on {conn.kind} connections"
 
 
@@ -120,6 +125,10 @@ class Classify:
     @guarded
     def requestheaders(self, f: http.HTTPFlow) -> None:
         f.request.stream = False  # decisions need the whole request, body included
+        context.of(f).upgrade = f.request.headers.get("upgrade", "")
+        if f.is_replay == "request" and (requested := f.metadata.get(context.REQUESTED)):
+            # a replayed flow was rerouted to its upstream: it is classified as asked for, again
+            f.request.scheme, f.request.host, f.request.port = requested
 
     @guarded
     def request(self, f: http.HTTPFlow) -> None:
@@ -130,18 +139,24 @@ class Classify:
             return
         ctx = context.of(f)
         ctx.connection, ctx.protocol = conn.name, conn.kind
+        if problem := header_problem(f.request.headers.fields, f.request.http_version):
+            failclosed.refuse(f, 400, f"{problem}; it was not forwarded", error=Error.MALFORMED_HEADERS)
+            return
         if problem := authority_mismatch(f):
             failclosed.refuse(f, 400, problem, error=Error.MISDIRECTED_REQUEST)
             return
-        if problem := ambiguity(f.request.path.split("?", 1)[0]):
+        path = f.request.path.split("?", 1)[0]
+        if problem := ambiguity(path) or (conn.case_insensitive_paths and case_ambiguity(path)):
             failclosed.refuse(f, 400, f"{problem}; send the resolved path", error=Error.AMBIGUOUS_PATH)
             return
         if not (f.request.is_http2 or f.request.is_http3):
             f.request.authority = ""  # upstream gets origin-form, so Host is the only authority
         ctx.operation = operation_of(conn, f.request)
+        if conn.case_insensitive_paths:
+            ctx.operation = fold_case(ctx.operation)
         if conn.kind in ("postgres", "ssh") and ctx.operation.details.get("session"):
             ctx.session = ctx.operation.details["session"]  # the client's session, not the bridge's HTTP connection
-        if problem := upgrade_refusal(conn, f.request, ctx.operation):
+        if problem := upgrade_refusal(conn, ctx.upgrade, ctx.operation):
             if problem == SPDY_MESSAGE and (earlier := self._refused_websocket(f)):
                 decision, extra = earlier
                 failclosed.refuse(f, decision.status, decision.reason, error=decision.error, rules=decision.rules,
@@ -160,6 +175,16 @@ class Classify:
         if hit is None or time.monotonic() - hit[0] > FALLBACK_WINDOW:
             return None
         return hit[1], hit[2]
+
+    @guarded
+    def responseheaders(self, f: http.HTTPFlow) -> None:
+        """A response with a header form a proxy must reject goes no further (RFC 9112 5.2:
+        a proxy discards an obs-folded response and answers 502)."""
+        if f.response.status_code == 101:
+            return  # an upgraded session: its frames are governed, not its headers
+        if problem := header_problem(f.response.headers.fields):
+            failclosed.refuse_at_headers(f, 502, f"the upstream's response: {problem}; it was not forwarded",
+                                         error=Error.MALFORMED_HEADERS)
 
     @guarded
     def response(self, f: http.HTTPFlow) -> None:

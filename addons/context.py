@@ -20,6 +20,8 @@ from addons.engine.masks import parse as parse_mask
 from addons.engine.model import Decision, Operation, Principal, new_id
 
 KEY = "custody"
+REQUESTED = "custody.requested"
+"""flow.metadata: (scheme, host, port) as the agent asked, before credentials rerouted it."""
 TEXT_SUBRESOURCES = ("log", "exec", "attach")
 
 
@@ -44,7 +46,11 @@ class Context:
     recorded: bool = False
     masked: bool = False
     destination: tuple[str, int] | None = None
+    sent: str = ""
+    """The digest of the request as the chain let it go (addons/credentials.py)."""
     approval: str = ""
+    upgrade: str = ""
+    """The Upgrade header as the client sent it (mitmproxy's disable_h2c strips h2c's)."""
     masking: dict[str, Any] | None = None
     response_body: bytes | None = None
     stream: Any = field(default=None, repr=False)
@@ -80,6 +86,14 @@ def of(f: mflow.Flow) -> Context:
     if not isinstance(ctx, Context):
         ctx = Context(session=f.client_conn.id)
         f.metadata[KEY] = ctx
+    return ctx
+
+
+def restart(f: mflow.Flow, session: str) -> Context:
+    """A fresh context for a new request carried by an old flow object (mitmproxy replays
+    a flow in place), in its own session: nothing of the original's clearance survives."""
+    ctx = Context(session=session)
+    f.metadata[KEY] = ctx
     return ctx
 
 

@@ -9,10 +9,18 @@ client certificate. The agent never sees or sends backend credentials. Connectio
 Only HTTP-speaking upstreams (kinds in PROXIED) are reached this way; a Postgres flow is
 answered by its terminal (pg_bridge/terminal/executor.py, ssh_bridge/terminal/executor.py), which holds the
 database login or the SSH key itself.
+
+The credential is sealed into the request (`seal`): the header's bytes are the credential,
+which is what mitmproxy's HTTP/1 and HTTP/2 assembly put on the wire, but everything that
+shows or saves a flow reads it as SHOWN: mitmweb's flow list and its /flows/dump, flow
+files (`mitmdump -w`, save_stream_file), copies, duplicates, exports (curl, HAR) and
+mitmproxy's own log. After the credential goes on, the request's digest is kept, so the
+gate can tell a request someone edited before it left (addons/gate.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import certifi
@@ -50,6 +58,60 @@ def untrusting_context() -> SSL.Context:
     return ssl_ctx
 
 
+SHOWN = "[custody: gateway credential]"
+
+
+class Sealed(bytes):
+    """A header value whose bytes are the credential (the wire reads the buffer), and which
+    reads as SHOWN however Python is asked to show it: decoded (mitmproxy's headers decode
+    values to show them), printed, or prefixed (mitmproxy escapes values as b'"' + value)."""
+
+    def decode(self, *args, **kwargs) -> str:
+        return SHOWN
+
+    def __repr__(self) -> str:
+        return repr(SHOWN.encode())
+
+    __str__ = __repr__
+
+    def __radd__(self, other: bytes) -> bytes:
+        return bytes(other) + SHOWN.encode()
+
+    def __add__(self, other: bytes) -> bytes:
+        return SHOWN.encode() + bytes(other)
+
+
+class SealedHeaders(http.Headers):
+    """Headers whose saved state (flow files, copies, backups, duplicates) shows SHOWN in
+    place of a sealed value; assembly reads `fields`, which keep the credential."""
+
+    def get_state(self):
+        return tuple((k, SHOWN.encode() if isinstance(v, Sealed) else v) for k, v in self.fields)
+
+
+def seal(request: http.Request, name: str, value: str) -> None:
+    """Set header `name` to the credential `value`, sealed. An HTTP/2 or HTTP/3 request is
+    put in HTTP/1.1 form first, as mitmproxy's HTTP/1 client would do to a copy of it (and
+    a copy shows the credential as SHOWN); mitmproxy's HTTP/2 client sends either form."""
+    if request.is_http2 or request.is_http3:
+        request.http_version = "HTTP/1.1"
+        if "host" not in request.headers and request.authority:
+            request.headers.insert(0, "Host", request.authority)
+        request.authority = ""
+        request.headers["connection"] = "close"  # as mitmproxy does: one request per HTTP/1 upstream connection
+        if len(cookies := request.headers.get_all("cookie")) > 1:
+            request.headers["cookie"] = "; ".join(cookies)
+    key = name.lower().encode()
+    fields = [f for f in request.headers.fields if f[0].lower() != key]
+    request.headers = SealedHeaders([*fields, (name.encode(), Sealed(value.encode()))])
+
+
+def request_digest(request: http.Request) -> str:
+    """What identifies the request as it is about to leave (sealed values as shown)."""
+    state = request.get_state()
+    return hashlib.sha256(repr(sorted(state.items())).encode()).hexdigest()
+
+
 def apply(request: http.Request, conn: Connection) -> None:
     """Route `request` to the connection's upstream and put the gateway's credential on it.
     Whatever credential the agent sent is removed: backend credentials are the gateway's."""
@@ -59,7 +121,7 @@ def apply(request: http.Request, conn: Connection) -> None:
         request.host = conn.upstream.host
         request.port = conn.upstream.port
     if conn.credential is not None:
-        request.headers[conn.credential.header] = conn.credential.value
+        seal(request, conn.credential.header, conn.credential.value)
 
 
 class Credentials:
@@ -97,8 +159,10 @@ class Credentials:
         conn = self.settings.registry.by_name[ctx.connection]
         if conn.kind not in PROXIED:
             return  # answered by its terminal
+        f.metadata[context.REQUESTED] = (f.request.scheme, f.request.host, f.request.port)
         apply(f.request, conn)
         ctx.destination = (f.request.host, f.request.port)
+        ctx.sent = request_digest(f.request)
 
     def _connection_for(self, address: tuple[str, int]) -> Connection | None:
         return self.by_upstream.get(address) or self.settings.registry.find(*address)

@@ -17,6 +17,7 @@ from typing import Any
 
 from mitmproxy import flow as mflow
 from mitmproxy import http
+from mitmproxy.net.http import status_codes
 
 from addons import context
 from addons.engine.errors import Error
@@ -70,6 +71,43 @@ def refuse(
         json.dumps(body),
         {"content-type": "application/json", **(headers or {})},
     )
+    f.response.reason = reason_phrase(status, error, reason)
+
+
+def reason_phrase(status: int, error: str, reason: str) -> str:
+    """The status line's reason phrase, carrying the refusal's reason: proxy clients show
+    only the status line of a refused CONNECT (httpx: `ProxyError: 403 Forbidden (…)`,
+    requests: `Tunnel connection failed: 403 …`). Printable ASCII only (RFC 9112 4), short."""
+    text = f"{status_codes.RESPONSES.get(status, 'Refused')} (custody {error}: {reason})"
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text)[:REASON_PHRASE_MAX]
+
+
+REASON_PHRASE_MAX = 240
+
+
+def refuse_at_headers(f: http.HTTPFlow, status: int, reason: str, *, error: str) -> None:
+    """Refuse a response as soon as its headers arrive: the upstream's bytes are drained
+    and dropped, and the agent gets the refusal (which the recorder stores as the body)."""
+    refuse(f, status, reason, error=error)
+    f.response.stream = Drain(f.response.content)
+    context.of(f).response_body = f.response.content
+
+
+def chunks(out: bytes) -> list[bytes]:
+    """What a stream hook hands mitmproxy: a list, empty when there is nothing to send. An
+    empty bytes chunk would go to an HTTP/1.1 client as the chunk that ends the body."""
+    return [out] if out else []
+
+
+class Drain:
+    """A stream hook for a response refused at its headers: drop the upstream's bytes, then
+    send the refusal's own body."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        return chunks(self.body if chunk == b"" else b"")
 
 
 STATUS_REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict",

@@ -6,20 +6,30 @@ The gate runs after every other addon, mitmproxy's own included, and lives outsi
 chain script: if `addons/chain.py` fails to load or reload, or any addon in it is skipped,
 nothing is cleared and the gate refuses everything rather than turning mitmdump into an
 open proxy. It also refuses a request that something redirected after its decision.
+
+mitmproxy's intercept addon runs after the chain and before the gate, so a flow an
+operator intercepts in mitmweb is held here until it is resumed. If it was edited in the
+meantime, the agent's request is not what goes out: the agent is told so (409), and the
+edited copy is replayed, which makes it the console operator's own request (identified,
+decided and recorded as such: addons/identity.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+from mitmproxy import ctx as mctx
 from mitmproxy import http
 from mitmproxy.proxy import commands, events, layer, layers
 
 from addons import context, failclosed
+from addons.credentials import request_digest
 from addons.engine.errors import Error
 from addons.failclosed import guarded
 
 logger = logging.getLogger(__name__)
+POLL = 0.25
 UNGOVERNED = (layers.TCPLayer, layers.UDPLayer, layers.DNSLayer, layers.RawQuicLayer)
 
 
@@ -54,5 +64,26 @@ class Gate:
         self._check(f)
 
     @guarded
-    def request(self, f: http.HTTPFlow) -> None:
+    async def request(self, f: http.HTTPFlow) -> None:
+        while f.intercepted:  # polled: mitmproxy's kill() ends an intercept without resuming it
+            try:
+                await asyncio.wait_for(f.wait_for_resume(), POLL)
+            except TimeoutError:
+                pass
+        c = context.of(f)
+        if not failclosed.answered(f) and c.sent and request_digest(f.request) != c.sent:
+            self._send_as_operator(f)
+            return
         self._check(f)
+
+    @staticmethod
+    def _send_as_operator(f: http.HTTPFlow) -> None:
+        edited = f.copy()
+        failclosed.refuse(f, 409, "the request was edited in the mitmproxy console after its decision; the edit "
+                                  "was sent as the console operator's own request, not as yours",
+                          error=Error.EDITED_IN_CONSOLE)
+        manager = mctx.master.commands
+        if "view.flows.add" in manager.commands:  # mitmweb: the operator sees the request as theirs
+            manager.call("view.flows.add", [edited])
+        manager.call("replay.client", [edited])
+        logger.info("custody: flow %s was edited in the console; replayed as %s by the console operator", f.id, edited.id)

@@ -9,6 +9,12 @@ The token is stripped before anything goes upstream; so are the agent's asserted
 
 Failure answers 407 (proxy credentials) or 401 (bearer header) with a JSON reason; the
 recorder writes it down and nothing reaches the upstream.
+
+A flow replayed from mitmweb or the console (mitmproxy replays the flow object itself, with
+its client connection and context) is a new request by the console operator: it starts a
+fresh context in a session of its own, and its principal is OPERATOR, whatever tokens or
+tunnel the copied flow carried. Rules decide for that principal like any other (no rule
+for it: denied).
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import weakref
 from mitmproxy import connection, http
 
 from addons import context, failclosed
+from addons.engine.approval import CONSOLE
 from addons.engine.errors import Error
-from addons.engine.model import AGENT_ATTRIBUTES
+from addons.engine.model import AGENT_ATTRIBUTES, Principal, new_id
 from addons.engine.tokens import TokenError, Verifier
 from addons.failclosed import guarded
 from addons.settings import Settings
@@ -30,6 +37,8 @@ from addons.settings import Settings
 ASSERTED_HEADERS = {f"x-custody-{name}": name for name in AGENT_ATTRIBUTES}
 MAX_ASSERTED = 256
 ATTRIBUTES_USER = "x-custody."
+OPERATOR = Principal(subject=CONSOLE, issuer="mitmproxy")
+"""Who a replayed flow's request is from: the operator of the mitmproxy console or mitmweb."""
 
 
 def proxy_credentials(headers: http.Headers) -> tuple[str | None, dict[str, str]]:
@@ -139,6 +148,11 @@ class Identity:
             context.of(f).principal = principal
 
     @guarded
+    def requestheaders(self, f: http.HTTPFlow) -> None:
+        if f.is_replay == "request":
+            context.restart(f, session=f"console-{new_id()}")
+
+    @guarded
     async def request(self, f: http.HTTPFlow) -> None:
         if failclosed.answered(f):
             return
@@ -147,6 +161,13 @@ class Identity:
         if conn is not None:  # a refusal here answers in the connection's shape (a Kubernetes Status)
             context.of(f).protocol = conn.kind
         gateway_bearer = conn is not None and conn.bearer_is_gateway
+        if f.is_replay == "request":
+            headers.pop("proxy-authorization", None)
+            if gateway_bearer:
+                headers.pop("authorization", None)
+            asserted(headers)
+            context.of(f).principal = OPERATOR
+            return
         token, user_claims = proxy_credentials(headers)
         headers.pop("proxy-authorization", None)
         bearer = False

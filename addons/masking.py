@@ -2,8 +2,14 @@
 
 - Ordinary bodies are buffered and masked in the worker processes (addons/maskpool.py).
 - Streams (server-sent events, JSON lines, Kubernetes `watch` and `follow`) are masked
-  record by record as they pass, through mitmproxy's stream hook (addons/engine/masks.py
+  record by record as they pass, through mitmproxy's stream hook (addons/engine/streams.py
   RecordStream), in this process: records are small, and a stream cannot wait for a pool.
+  A masked stream changes length, so its Content-Length goes and an HTTP/1.1 client gets
+  it chunked (an HTTP/1.0 client, until the connection closes): the next response on a
+  kept-alive connection starts where this one really ends.
+- Response headers are masked in this process as their headers arrive (detection on the
+  values, credential headers and `keys` names whole), so what the agent and the recorder
+  see is masked.
 - A body too large to mask, or of a type that cannot be masked (binary), is refused as
   soon as its headers arrive: the upstream's bytes are drained and dropped, and the agent
   gets a 502 with a JSON reason.
@@ -25,7 +31,8 @@ from mitmproxy import http
 from addons import context, failclosed
 from addons.engine.bridge import STATUS, STDERR, STDOUT
 from addons.engine.errors import Error
-from addons.engine.masks import Masker, MaskError, RecordStream, Report, parse_all
+from addons.engine.masks import Masker, MaskError, Report, charset_of, parse_all
+from addons.engine.streams import RecordStream
 from addons.failclosed import guarded
 from addons.maskpool import MaskPool, MaskUnavailable
 from addons.settings import Settings
@@ -54,17 +61,6 @@ def is_watch(f: http.HTTPFlow) -> bool:
     return op is not None and op.protocol == "kubernetes" and op.details.get("verb") == "watch"
 
 
-class Drain:
-    """A stream hook for a response refused at its headers: drop the upstream's bytes, then
-    send the refusal's own body."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    def __call__(self, chunk: bytes) -> bytes:
-        return self.body if chunk == b"" else b""
-
-
 def error_record(f: http.HTTPFlow, reason: str) -> bytes:
     """The last record of a stream that was cut off, in the stream's own format: a
     Kubernetes watch gets an ERROR event with a Status (kubectl prints it), SSE an event,
@@ -89,16 +85,25 @@ class CutOff:
     def __init__(self, stream: RecordStream, f: http.HTTPFlow) -> None:
         self.stream, self.flow, self.failed = stream, f, ""
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> list[bytes]:
         if self.failed:
-            return b""
+            return []
         try:
-            return self.stream(chunk)
+            return failclosed.chunks(self.stream(chunk))
         except Exception as e:
             self.failed = str(e) if isinstance(e, MaskError) else f"masking failed: {type(e).__name__}: {e}"
             logger.error("custody: masking a stream failed; cutting it off: %s", self.failed)
             context.of(self.flow).masking = {"error": self.failed, **self.stream.report.as_dict()}
-            return error_record(self.flow, self.failed)
+            return [error_record(self.flow, self.failed)]
+
+
+def reframe(f: http.HTTPFlow) -> None:
+    """A masked stream is not the length the upstream announced: drop Content-Length, and
+    chunk it for an HTTP/1.1 client (mitmproxy chunks what says so); an HTTP/1.0 client
+    reads it until the connection closes, which mitmproxy then does."""
+    f.response.headers.pop("content-length", None)
+    if f.request.http_version == "HTTP/1.1" and "chunked" not in f.response.headers.get("transfer-encoding", "").lower():
+        f.response.headers["transfer-encoding"] = "chunked"
 
 
 class Masking:
@@ -111,10 +116,9 @@ class Masking:
         """The detector in this process (for streams and frames), once loaded."""
         return self.pool.detector
 
-    def _refuse_now(self, f: http.HTTPFlow, status: int, reason: str, error: str) -> None:
-        failclosed.refuse(f, status, reason, error=error)
-        f.response.stream = Drain(f.response.content)
-        context.of(f).response_body = f.response.content
+    @staticmethod
+    def _refuse_now(f: http.HTTPFlow, status: int, reason: str, error: str) -> None:
+        failclosed.refuse_at_headers(f, status, reason, error=error)
 
     @guarded
     async def request(self, f: http.HTTPFlow) -> None:
@@ -207,14 +211,24 @@ class Masking:
         if c.decision is None or c.decision.effect != "allow" or f.response.status_code == 101:
             return  # our own refusals carry nothing to mask; upgraded sessions are masked per frame
         cfg = self.settings.require()
+        parsed = parse_all(masks)
+        if any(m.kind == "detect" for m in parsed) and self.detector is None:
+            self._refuse_now(f, 502, "masking is not ready; the response was not sent", Error.MASKING_UNAVAILABLE)
+            return
+        masker = Masker(parsed, self.detector, cfg.masking.hash_key)
+        if masks:
+            self._mask_headers(f, masker)
         if is_stream(f):
-            parsed = parse_all(masks)
-            if any(m.kind == "detect" for m in parsed) and self.detector is None:
-                self._refuse_now(f, 502, "masking is not ready; the stream was not sent", "masking_unavailable")
+            charset = charset_of(f.response.headers.get("content-type", "")).lower()
+            if masks and charset not in ("", "utf-8", "utf8", "us-ascii", "ascii"):
+                self._refuse_now(f, 502, f"a {charset} stream cannot be masked (streams are masked as UTF-8); it "
+                                         "was not sent", Error.MASKING_REFUSED)
                 return
-            stream = RecordStream(Masker(parsed, self.detector, cfg.masking.hash_key), cfg.masking.max_record,
-                                  keep=cfg.store.max_body)
+            events = f.response.headers.get("content-type", "").lower().startswith("text/event-stream")
+            stream = RecordStream(masker, cfg.masking.max_record, keep=cfg.store.max_body, events=events)
             f.response.stream = CutOff(stream, f)
+            if masks:
+                reframe(f)
             c.stream = stream
             c.masked = True
             return
@@ -225,15 +239,23 @@ class Masking:
         length = f.response.headers.get("content-length", "")
         if length.isdigit() and int(length) > cfg.masking.max_body:
             self._refuse_now(f, 502, f"the response ({length} bytes) is larger than masking allows "
-                                     f"({cfg.masking.max_body}); it was not sent", "masking_refused")
+                                     f"({cfg.masking.max_body}); it was not sent", Error.MASKING_REFUSED)
         elif content_type.startswith(BINARY_TYPES) and "json" not in content_type:  # vnd.…+json is JSON
-            self._refuse_now(f, 502, f"a {content_type} response cannot be masked; it was not sent", "masking_refused")
+            self._refuse_now(f, 502, f"a {content_type} response cannot be masked; it was not sent", Error.MASKING_REFUSED)
+
+    def _mask_headers(self, f: http.HTTPFlow, masker: Masker) -> None:
+        report = Report()
+        fields = masker.headers(list(f.response.headers.items(multi=True)), report)
+        if report.masked:
+            f.response.headers = http.Headers([(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+                                               for k, v in fields])
+            context.of(f).masking = {"headers": report.as_dict()}
 
     @guarded
     async def response(self, f: http.HTTPFlow) -> None:
         c = context.of(f)
         if c.stream is not None:
-            c.masking = c.masking or c.stream.report.as_dict()
+            c.masking = {**c.stream.report.as_dict(), **(c.masking or {})}
             c.response_body = bytes(c.stream.sent)
             return
         if c.response_body is not None or c.decision is None or c.decision.effect != "allow":
@@ -259,4 +281,4 @@ class Masking:
             failclosed.refuse(f, 502, f"{e}; the response was not sent", error=Error.MASKING_UNAVAILABLE)
             return
         f.response.content = masked
-        c.masked, c.masking = True, report
+        c.masked, c.masking = True, {**report, **(c.masking or {})}

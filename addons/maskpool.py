@@ -23,13 +23,15 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from addons.engine.config import MaskingConfig
-from addons.engine.masks import Masker, MaskError, parse_all
+from addons.engine.masks import FRAMING_HEADERS, Masker, MaskError, Report, parse_all
 from addons.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 _state: dict[str, Any] = {}  # per worker process
 INLINE = 1024
+RECORD_MASKS = ("secrets",)
+"""Applied to every recorded header, on top of the flow's own masks."""
 
 
 class MaskUnavailable(Exception):
@@ -37,7 +39,9 @@ class MaskUnavailable(Exception):
 
 
 def _detector(ner_model: str | None):
-    from addons.engine.detectors import Detector  # Presidio: imported off the event loop
+    from addons.engine.detectors import (
+        Detector,  # Presidio: imported off the event loop
+    )
 
     return Detector(ner_model)
 
@@ -177,6 +181,15 @@ class MaskPool:
             raise MaskUnavailable("a masking worker died") from None
         except Exception as e:
             raise MaskUnavailable(f"masking failed: {type(e).__name__}: {e}") from None
+
+    def headers_for_record(self, headers: Any, masks: tuple) -> list[tuple[str, str]]:
+        """Headers as they may be stored: the flow's masks and secret detection applied,
+        whatever the rules said (a secret never reaches disk through a header); values
+        withheld while the detector is not loaded."""
+        fields = list(headers.items(multi=True))
+        if self.detector is None:
+            return [(k, v if k.lower() in FRAMING_HEADERS else "[withheld: masking is not ready]") for k, v in fields]
+        return self._local(masks_json(tuple(masks) + RECORD_MASKS)).headers(fields, Report())
 
     async def for_record(self, content: bytes | None, content_type: str, masks: tuple) -> tuple[bytes | None, str]:
         """A body as it may be stored: masked, or withheld (None) with the reason why."""

@@ -100,7 +100,7 @@ class Recorder:
                 "method": req.method,
                 "url": req.pretty_url,
                 "http_version": req.http_version,
-                "headers": headers_for_record(req.headers),
+                "headers": headers_for_record(self.pool.headers_for_record(req.headers, masks)),
                 "client": list(f.client_conn.peername or ()),
                 **({"body": withheld} if withheld else {}),
             },
@@ -137,7 +137,7 @@ class Recorder:
             self._decision_event(ctx, f, "decision")
         ]
         detail = {
-            "headers": headers_for_record(resp.headers),
+            "headers": headers_for_record(self.pool.headers_for_record(resp.headers, context.response_masks(ctx))),
             "elapsed_ms": round(((resp.timestamp_end or resp.timestamp_start) - f.request.timestamp_start) * 1000, 3),
             "upstream": f.server_conn.timestamp_start is not None,
         }

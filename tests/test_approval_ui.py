@@ -7,10 +7,10 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 from playwright.sync_api import expect, sync_playwright
 
 from tests.support.approvals import Approver, make_gateway, pending_for, send, start, wait_for
+from tests.support.mitmweb import Mitmweb
 from tests.support.servers import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -103,29 +103,6 @@ def test_a_refused_token_signs_the_page_out(gw, browser):
 
 
 # mitmweb
-
-
-class Mitmweb:
-    """mitmweb's own REST API, as its UI uses it (token, then the XSRF cookie)."""
-
-    def __init__(self, port: int, password: str) -> None:
-        self.base = f"http://127.0.0.1:{port}"
-        self.session = requests.Session()
-        self.session.get(self.base + "/", timeout=10)  # the login page sets the XSRF cookie
-        self.session.headers["Authorization"] = f"Bearer {password}"
-        self.session.headers["X-XSRFToken"] = self.session.cookies["_mitmproxy_xsrf"]
-
-    def flows(self) -> list[dict]:
-        return self.session.get(self.base + "/flows", timeout=10).json()
-
-    def held(self, path: str) -> dict:
-        return wait_for(lambda: next((f for f in self.flows() if f["request"]["path"] == path and f["intercepted"]), None))
-
-    def post(self, path: str) -> None:
-        self.session.post(self.base + path, timeout=10).raise_for_status()
-
-    def put(self, path: str, document: dict) -> None:
-        self.session.put(self.base + path, json=document, timeout=10).raise_for_status()
 
 
 @pytest.fixture(scope="module")

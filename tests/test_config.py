@@ -66,6 +66,7 @@ def test_base_parses(tmp_path):
         ("connections.0.credential.secret", "file:missing.txt", "connections[0].credential.secret: [Errno 2] No such file or directory"),
         ("connections.0.tls", {"ca_file": "missing.pem"}, "connections[0].tls.ca_file: no such file"),
         ("connections.0.upstream", "ftp://x", "connections[0].upstream: 'ftp://x' does not match"),
+        ("connections.0.paths", "insensitive", "connections[0].paths: 'insensitive' is not one of"),
         ("store", {}, "store.path: required"),
         ("rules", KeyError, "(top level): 'rules' is a required property"),
         ("identity.issuers.0.algorithms", ["HS256"], "identity.issuers[0].algorithms[0]: 'HS256' is not one of"),
@@ -226,3 +227,11 @@ def test_ssh_connection(tmp_path):
     assert (c.upstream.host, c.upstream.port, c.upstream.database, c.credential.type) == (
         "10.0.0.5", 2200, "deploy", "private_key")
     assert c.known_hosts == str(tmp_path / "known_hosts") and c.listen == ("127.0.0.1", 2222)
+
+
+def test_only_http_connections_route_case_insensitively(tmp_path):
+    doc = with_("connections.0.paths", "case-insensitive")
+    assert config.parse(doc, str(tmp_path / "c.yaml")).connections[0].case_insensitive_paths
+    doc["connections"][0]["kind"] = "kubernetes"
+    with pytest.raises(config.ConfigError, match=r"connections\[0\].paths: only http connections"):
+        config.parse(doc, str(tmp_path / "c.yaml"))

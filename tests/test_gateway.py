@@ -6,11 +6,13 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import socket
+import subprocess
 
 import pytest
 
-from tests.conftest import API_TOKEN, SECURE_KEY, standard_gateway
+from tests.conftest import API_TOKEN, SECURE_KEY, STANDARD_RULES, standard_connections, standard_gateway
 
 
 @pytest.fixture
@@ -105,6 +107,71 @@ def test_connect_to_unregistered_host_refused(gateway, token, mark, target):
     assert body["error"] == "unknown_connection"
     events = gateway.events("id = ?", [body["event_id"]])
     assert events[0]["kind"] == "connect" and events[0]["effect"] == "deny"
+    assert mark() == []
+
+
+REFUSED_CONNECT = "403 Forbidden (custody unknown_connection: unknown.test:443 is not a registered connection)"
+
+
+def connect_error(client: str, proxy: str, ca: str) -> str:
+    """What each real client tells its user when the gateway refuses its CONNECT."""
+    url = "https://unknown.test/"
+    if client == "httpx":
+        import httpx
+
+        with pytest.raises(httpx.ProxyError) as e, httpx.Client(proxy=proxy, verify=False) as c:
+            c.get(url)
+        return str(e.value)
+    if client == "requests":
+        import requests
+
+        with pytest.raises(requests.exceptions.ProxyError) as e:
+            requests.get(url, proxies={"https": proxy}, verify=ca, timeout=10)
+        return str(e.value)
+    if client == "aiohttp":
+        import asyncio
+
+        import aiohttp
+
+        async def get() -> str:
+            async with aiohttp.ClientSession() as session:
+                try:
+                    await session.get(url, proxy=proxy, ssl=False)
+                except aiohttp.ClientHttpProxyError as e:
+                    return f"{e.status} {e.message}"
+            return "no error"
+
+        return asyncio.run(get())
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    out = subprocess.run(["curl", "-sS", "-v", "--max-time", "10", "-x", proxy, url], capture_output=True, env=env, timeout=30)
+    assert out.returncode == 56  # CONNECT tunnel failed
+    return out.stderr.decode()
+
+
+@pytest.mark.parametrize("client", ["httpx", "requests", "aiohttp", "curl"])
+def test_a_refused_connect_says_why_where_the_client_shows_it(gateway, token, mark, client):
+    """Proxy clients show a refused CONNECT's status line, not its body: the reason is there."""
+    assert REFUSED_CONNECT in connect_error(client, gateway.proxy_url(token()), str(gateway.ca))
+    assert mark() == []
+
+
+H2C_UPGRADES = ["h2c", "H2C", "h2c, websocket", "websocket, h2c", "websocket,h2c"]
+
+
+@pytest.mark.parametrize("upgrade", H2C_UPGRADES)
+def test_an_h2c_upgrade_is_refused_not_ignored(gateway, token, mark, upgrade):
+    r = gateway.session(token(groups=["analysts"])).get(
+        "http://api.test/items", headers={"Upgrade": upgrade, "Connection": "Upgrade, HTTP2-Settings",
+                                          "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA"})
+    assert r.status_code == 403 and r.json()["error"] == "unsupported_protocol"
+    assert r.raw.version == 11  # answered in the client's HTTP/1.1
+    assert mark() == []
+
+
+def test_curl_asking_for_h2c_is_told_why(gateway, token, mark):
+    r = gateway.curl(token(groups=["analysts"]), "http://api.test/items", "--http2")
+    assert r.status == 403 and r.json()["error"] == "unsupported_protocol"
+    assert r.json()["reason"].startswith("an HTTP/2 cleartext upgrade (h2c) is not governed")
     assert mark() == []
 
 
@@ -240,6 +307,161 @@ def test_method_override_is_classified(gateway, token, mark, override, status):
     )
     assert r.status_code == status
     assert len(mark()) == (1 if status == 200 else 0)
+
+
+MORE_RULES = {**STANDARD_RULES, "more.yaml": {"rules": [
+    {"id": "posters-write", "match": {"connection": "api", "principal": {"groups": ["posters"]}, "action": "write"},
+     "effect": "allow"},
+    {"id": "ci-read", "match": {"connection": "ci", "principal": {"groups": ["analysts"]}, "action": "read"},
+     "effect": "allow"},
+    {"id": "ci-secret-denied", "match": {"connection": "ci", "path": "/Secret/**"}, "effect": "deny"},
+]}}
+
+
+@pytest.fixture(scope="module")
+def more(tmp_path_factory, servers):
+    """The standard gateway plus a writer that may not delete (`posters`) and a connection
+    whose backend routes case-insensitively (`ci`)."""
+    directory = tmp_path_factory.mktemp("more")
+    connections = standard_connections(servers.upstream, servers.tls_upstream, servers.ca, directory,
+                                       servers.other_tls_upstream)
+    connections.append({"name": "ci", "kind": "http", "hosts": ["ci.test"], "paths": "case-insensitive",
+                        "upstream": f"http://127.0.0.1:{servers.upstream.port}"})
+    gw = standard_gateway(directory, servers, connections=connections, rules=MORE_RULES).start()
+    yield gw
+    gw.stop()
+
+
+def _multipart(disposition: str, boundary: str = "b0undary") -> tuple[str, bytes]:
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nhello\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n\r\nDELETE\r\n--{boundary}--\r\n")
+    return f"multipart/form-data; boundary={boundary}", body.encode()
+
+
+FORM = "application/x-www-form-urlencoded"
+BODY_OVERRIDES = [
+    (FORM, b"_method=DELETE"),
+    (FORM, b"_method=delete"),
+    (FORM, b"title=x&_method=DELETE"),
+    (FORM, b"_method=DELETE&_method=POST"),
+    (FORM, b"_method=POST&_method=DELETE"),
+    (FORM, b"%5Fmethod=DELETE"),
+    (FORM, b"_method=%44ELETE"),
+    (FORM, b"_method=+DELETE+"),
+    (FORM, b"_METHOD=DELETE"),
+    (FORM, b"_method[]=DELETE"),
+    (FORM, b"_method=PURGE"),
+    (FORM + "; charset=UTF-8", b"_method=DELETE"),
+    ("APPLICATION/X-WWW-FORM-URLENCODED", b"_method=DELETE"),
+    (None, b"_method=DELETE"),
+    _multipart('name="_method"'),
+    _multipart("name=_method"),
+    _multipart('name="_method"; filename="m.txt"'),
+    _multipart('name="_method[]"'),
+    ("application/json", b'{"_method": "DELETE"}'),
+    ("application/json", b'{"_method": "DELETE", "_method": "POST"}'),
+]
+
+
+@pytest.mark.parametrize("content_type, body", BODY_OVERRIDES)
+def test_a_method_override_in_the_body_is_classified(more, token, mark, content_type, body):
+    """A writer who may not delete cannot delete with `_method` in a form or JSON body:
+    Rails, Laravel and Symfony would act on the override."""
+    headers = {"content-type": content_type} if content_type else {}
+    r = more.session(token(groups=["posters"])).post("http://api.test/items/1", data=body, headers=headers)
+    assert r.status_code == 403 and r.json()["error"] == "no_matching_rule"
+    assert mark() == []
+
+
+@pytest.mark.parametrize("content_type, body", [(FORM, b"title=x"), (FORM, b"_method=PATCH"),
+                                                ("application/json", b'{"_method": "PUT"}')])
+def test_a_write_that_stays_a_write_is_allowed(more, token, mark, content_type, body):
+    r = more.session(token(groups=["posters"])).post("http://api.test/items/1", data=body,
+                                                     headers={"content-type": content_type})
+    assert r.status_code == 200 and r.json()["body"] == body.decode()
+    assert len(mark()) == 1
+
+
+CASE_SPELLINGS = [
+    ("/ADMIN/users", 403, "denied_by_policy"),
+    ("/Admin/users", 403, "denied_by_policy"),
+    ("/aDmIn/users", 403, "denied_by_policy"),
+    ("/ADMIN", 403, "denied_by_policy"),
+    ("/%41DMIN/users", 403, "denied_by_policy"),
+    ("/%2541dmin/users", 403, "denied_by_policy"),
+    ("//ADMIN//users/", 403, "denied_by_policy"),
+    ("/ADMIN;v=1/users", 403, "denied_by_policy"),
+    ("/ADMIN/users?x=1", 403, "denied_by_policy"),
+    ("/secret/keys", 403, "denied_by_policy"),  # the rule says /Secret/**
+    ("/SECRET/keys", 403, "denied_by_policy"),
+    ("/adm\u0131n/users", 400, "ambiguous_path"),  # dotless i: ToUpperInvariant makes it ADMIN
+    ("/ADM\u0130N/users", 400, "ambiguous_path"),
+    ("/adm%C4%B1n/users", 400, "ambiguous_path"),
+    ("/\u017fecret/keys", 400, "ambiguous_path"),  # long s upper-cases to S
+]
+
+
+@pytest.mark.parametrize("path, status, error", CASE_SPELLINGS)
+def test_on_a_case_insensitive_connection_case_does_not_dodge_a_deny(more, token, mark, path, status, error):
+    r = more.session(token(groups=["analysts"])).get("http://ci.test" + path)
+    assert r.status_code == status and r.json()["error"] == error
+    assert mark() == []
+
+
+def test_on_a_case_insensitive_connection_other_paths_pass_folded_rules(more, token, mark):
+    r = more.session(token(groups=["analysts"])).get("http://ci.test/Items/Café")
+    assert r.status_code == 200 and r.json()["path"] == "/Items/Caf%C3%A9"  # the backend gets the path as sent
+    assert more.events("kind = 'request' AND connection = 'ci'")[-1]["resource"] == "/items/café"
+
+
+def test_on_a_case_sensitive_connection_case_is_another_resource(more, token, mark):
+    """api's backend is case-sensitive: /ADMIN is not /admin there, and rules say so too."""
+    r = more.session(token(groups=["analysts"])).get("http://api.test/ADMIN/users")
+    assert r.status_code == 200 and [g.path for g in mark()] == ["/ADMIN/users"]
+
+
+def send_raw(gateway, head: bytes) -> tuple[int, dict, bytes]:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(head)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, dict(response.getheaders()), response.read()
+
+
+OURS, MITMPROXY = "ours", "mitmproxy"
+HEADER_FORMS = [
+    # (extra header lines, who refuses): ours answer JSON; mitmproxy's parser answers its own 400
+    (b"X-Note: a\r\n b", OURS),
+    (b"X-Note: a\r\n\tb", OURS),
+    (b"X-Note: a\r\n b\r\n c", OURS),
+    (b"Content-Type: text/plain;\r\n charset=utf-8", OURS),
+    (b"X-HTTP-Method-Override: GET\r\n DELETE", OURS),
+    (b"X-Note: a\x00b", OURS),
+    (b"X-Note: a\rb", OURS),
+    (b"X-Note: a\x01b", OURS),
+    (b"X-Note: a\x1bb", OURS),
+    (b"X-Note: a\x7fb", OURS),
+    (b"Host: api.test", OURS),
+    (b"Host: secure.test", OURS),
+    (b"X-Note : a", MITMPROXY),
+    (b"X\x01Note: a", MITMPROXY),
+    (b"Content-Length: 0\r\nContent-Length: 0", MITMPROXY),
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 0", MITMPROXY),
+    (b"Transfer-Encoding: chunked, identity", MITMPROXY),
+]
+
+
+@pytest.mark.parametrize("extra, refuser", HEADER_FORMS)
+def test_header_forms_a_proxy_must_reject_are_refused(gateway, token, mark, extra, refuser):
+    head = (f"GET http://api.test/items HTTP/1.1\r\nHost: api.test\r\n"
+            f"Proxy-Authorization: Bearer {token(groups=['analysts'])}\r\n").encode() + extra + b"\r\n\r\n"
+    status, headers, body = send_raw(gateway, head)
+    assert status == 400
+    if refuser == OURS:
+        assert json.loads(body)["error"] == "malformed_headers"
+    else:
+        assert b"400 Bad Request" in body
+    assert mark() == []
 
 
 def test_host_header_that_disagrees_with_the_tunnel_is_refused(gateway, token, mark):
@@ -394,3 +616,164 @@ def test_mitmweb_sees_decision_as_comment_and_marker(tmp_path, servers, token):
     assert allowed.status_code == 200
     # the saved context is plain data, and a copy is never considered cleared
     assert by_path["/items"].metadata["custody"]["decision"]["effect"] == "allow"
+    # the gateway's credential reached the upstream, but not the flow file
+    assert allowed.json()["headers"]["authorization"] == f"Bearer {API_TOKEN}"
+    assert by_path["/items"].request.headers["authorization"] == "[custody: gateway credential]"
+    assert API_TOKEN.encode() not in flows.read_bytes().replace(allowed.content, b"")
+
+
+# mitmweb and the operator's tools
+
+
+OPERATOR_RULES = {**STANDARD_RULES, "console.yaml": {"rules": [
+    {"id": "console-reads-secure", "match": {"connection": "secure", "action": "read",
+                                             "principal": {"subjects": ["console-operator"], "issuers": ["mitmproxy"]}},
+     "effect": "allow"},
+]}}
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory, servers):
+    from tests.support.mitmweb import Mitmweb
+    from tests.support.servers import free_port
+
+    port = free_port()
+    directory = tmp_path_factory.mktemp("web")
+    gw = standard_gateway(directory, servers, runner="mitmweb", rules=OPERATOR_RULES,
+                          options=(f"web_port={port}", "web_open_browser=false", "web_password=s3cret",
+                                   f"save_stream_file={directory / 'saved.mitm'}")).start()
+    # mitmweb exits if anything logs an error before it is running (its page's missing favicon does)
+    assert gw.session(None).get("http://custody.gateway/healthz").status_code == 200
+    yield gw, Mitmweb(port, "s3cret")
+    gw.stop()
+
+
+def flow_for(mitmweb, path: str, **match) -> dict:
+    from tests.support.approvals import wait_for
+
+    return wait_for(lambda: next((f for f in reversed(mitmweb.flows()) if f["request"]["path"] == path
+                                  and all(f.get(k) == v for k, v in match.items())), None))
+
+
+CREDENTIAL_FLOWS = [("http://api.test/items/web-1", API_TOKEN), ("https://api.test/items/web-2", API_TOKEN),
+                    ("https://secure.test/reports/web-3", SECURE_KEY), ("http://kube.test/items/web-4", base64.b64encode(f"svc:{API_TOKEN}".encode()).decode())]
+
+
+@pytest.mark.parametrize("url, secret", CREDENTIAL_FLOWS)
+def test_gateway_credentials_never_show_in_mitmweb_its_dump_or_a_flow_file(web, token, mark, upstream, tls_upstream,
+                                                                           url, secret):
+    from tests.support.servers import Route
+
+    gw, mitmweb = web
+    path = url.split(".test", 1)[1]
+    for server in (upstream, tls_upstream):  # an answer that does not echo the request's headers
+        server.routes[path] = Route("application/json", b'{"ok": true}')
+    r = gw.session(token(groups=["analysts"])).get(url)
+    assert r.status_code == 200 and secret in json.dumps(mark()[0].headers)  # the upstream got it
+    shown = flow_for(mitmweb, path, intercepted=False)
+    assert "response" in shown and secret not in json.dumps(shown)
+    assert "[custody: gateway credential]" in json.dumps(shown["request"]["headers"])
+    assert secret.encode() not in mitmweb.dump()
+    saved = (gw.dir / "saved.mitm").read_bytes()
+    assert path.encode() in saved and secret.encode() not in saved
+    spec = f"~u {path}$"
+    for fmt in mitmweb.command("export.formats"):  # curl, httpie, raw, raw_request, raw_response
+        assert secret not in mitmweb.command("export", fmt, spec)
+    har = gw.dir / f"{path.strip('/').replace('/', '-')}.har"
+    mitmweb.command("save.har", spec, str(har))
+    assert path in har.read_text() and secret not in har.read_text()
+
+
+def test_a_replay_from_mitmweb_is_the_console_operators_request(web, token, mark):
+    """Replaying an agent's allowed flow: the operator has no rule for api, so it is denied,
+    recorded as the operator's, and nothing reaches the upstream again."""
+    gw, mitmweb = web
+    assert gw.session(token(sub="agent-7", groups=["writers"])).delete("http://api.test/items/replayed").status_code == 200
+    original = flow_for(mitmweb, "/items/replayed")
+    mitmweb.post(f"/flows/{original['id']}/replay")
+    replay = flow_for(mitmweb, "/items/replayed", is_replay="request")
+    from tests.support.approvals import wait_for
+
+    replay = wait_for(lambda: next((f for f in mitmweb.flows() if f["id"] == original["id"] and f.get("response")
+                                    and f["response"]["status_code"] == 403), None))
+    assert replay["is_replay"] == "request"
+    assert [g.path for g in mark()] == ["/items/replayed"]  # only the agent's own request reached it
+    decision = gw.wait_events("kind = 'decision' AND flow = ? AND effect = 'deny'", [original["id"]])[-1]
+    assert json.loads(decision["principal"])["subject"] == "console-operator"
+    assert decision["session"].startswith("console-") and decision["reason"] == "no rule matches this request"
+    assert decision["connection"] == "api" and decision["action"] == "delete"
+
+
+def test_a_replay_the_rules_allow_goes_with_the_gateway_credential(web, token, mark):
+    gw, mitmweb = web
+    assert gw.session(token(groups=["analysts"])).get("https://secure.test/reports/again").status_code == 200
+    original = flow_for(mitmweb, "/reports/again")
+    mitmweb.post(f"/flows/{original['id']}/replay")
+    from tests.support.approvals import wait_for
+
+    wait_for(lambda: len(mark()) == 2)
+    assert [g.headers["x-api-key"] for g in mark()] == [SECURE_KEY, SECURE_KEY]
+    events = gw.wait_events("kind = 'decision' AND flow = ? AND effect = 'allow'", [original["id"]])
+    assert [json.loads(e["principal"])["subject"] for e in events][-1] == "console-operator"
+
+
+def test_a_flow_edited_in_mitmweb_and_resumed_goes_as_the_operators_not_the_agents(web, token, mark):
+    gw, mitmweb = web
+    mitmweb.session.put(mitmweb.base + "/options", json={"intercept": "~q ~u /items/intercepted"}, timeout=10).raise_for_status()
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(gw.session(token(sub="agent-8", groups=["writers"])).post,
+                                  "http://api.test/items/intercepted", json={"n": 1}, timeout=30)
+            held = mitmweb.held("/items/intercepted")
+            mitmweb.put(f"/flows/{held['id']}", {"request": {"method": "DELETE", "content": ""}})
+            mitmweb.post(f"/flows/{held['id']}/resume")
+            r = pending.result()
+    finally:
+        mitmweb.session.put(mitmweb.base + "/options", json={"intercept": ""}, timeout=10)
+    assert r.status_code == 409 and r.json()["error"] == "edited_in_console"
+    from tests.support.approvals import wait_for
+
+    denied = wait_for(lambda: [e for e in gw.events("kind = 'decision' AND resource = '/items/intercepted'")
+                               if json.loads(e["principal"] or "{}").get("subject") == "console-operator"])
+    assert denied[-1]["effect"] == "deny"
+    assert mark() == []  # neither the agent's request nor the operator's edit reached the upstream
+
+
+RESPONSE_HEADER_FORMS = [b"a\r\n b", b"a\r\n\tb", b"a\x00b", b"a\rb", b"a\x1bb", b"a\x7fb", b"a\x01b"]
+
+
+@pytest.mark.parametrize("value", RESPONSE_HEADER_FORMS)
+def test_a_response_with_a_header_form_a_proxy_must_reject_is_not_forwarded(gateway, token, upstream, value):
+    from tests.support.servers import Route
+
+    path = f"/items/folded-{RESPONSE_HEADER_FORMS.index(value)}"
+    upstream.routes[path] = Route("application/json", b'{"planted": "upstream-body-7c1"}',
+                                  headers=(("X-Folded", value.decode("latin-1")),))
+    r = gateway.session(token(groups=["analysts"])).get(f"http://api.test{path}")
+    assert r.status_code == 502 and r.json()["error"] == "malformed_headers"
+    assert "X-Folded" not in r.headers and b"upstream-body-7c1" not in r.content
+
+
+@pytest.mark.parametrize("client_version", ["HTTP/1.1", "HTTP/2.0"])
+def test_a_sealed_credential_is_what_mitmproxys_own_assembly_sends(client_version):
+    """No HTTP/2 upstream runs here, so mitmproxy's own HTTP/1 and HTTP/2 request assembly
+    (mitmproxy/proxy/layers/http/_http1.py Http1Client.send, _http2.py format_h2_request_headers)
+    is called on a sealed request: both put the credential on the wire, the flow's state does not."""
+    import hpack
+    from mitmproxy import http as mhttp
+    from mitmproxy.net.http import http1
+    from mitmproxy.proxy.layers.http._http2 import normalize_h1_headers
+
+    from addons.credentials import SHOWN, seal
+
+    request = mhttp.Request.make("GET", "https://api.test/items", headers={"accept": "*/*"})
+    request.http_version = client_version
+    seal(request, "authorization", f"Bearer {API_TOKEN}")
+    wire_h1 = http1.assemble_request_head(request.copy() if request.is_http2 else request)
+    wire_h2 = hpack.Encoder().encode(normalize_h1_headers(list(request.headers.fields), True))
+    assert f"authorization: Bearer {API_TOKEN}".encode() in wire_h1
+    assert ("authorization", f"Bearer {API_TOKEN}") in hpack.Decoder().decode(wire_h2)
+    assert API_TOKEN not in json.dumps(request.get_state(), default=repr)
+    assert request.headers["authorization"] == SHOWN and API_TOKEN not in repr(request.headers)

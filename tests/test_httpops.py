@@ -86,3 +86,93 @@ def test_bodies(content_type, content, payload, kind):
     op = httpops.classify("api", "POST", "/x", {"content-type": content_type}, content)
     assert op.payload == payload if payload is not UNPARSEABLE else op.payload is UNPARSEABLE
     assert op.details["body"] == kind
+
+
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+
+
+def multipart(name: str, value: str = "DELETE", boundary: str = "XyZ", extra: str = "") -> tuple[dict, bytes]:
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nhello\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; {name}{extra}\r\n\r\n{value}\r\n--{boundary}--\r\n")
+    return {"content-type": f"multipart/form-data; boundary={boundary}"}, body.encode()
+
+
+BODY_OVERRIDES = [
+    # (headers, body, action): the riskiest method any framework could read wins
+    (FORM, b"_method=DELETE", "delete"),
+    (FORM, b"_method=delete", "delete"),
+    (FORM, b"title=x&_method=DELETE", "delete"),
+    (FORM, b"_method=DELETE&_method=GET", "delete"),
+    (FORM, b"_method=GET&_method=DELETE", "delete"),
+    (FORM, b"%5Fmethod=DELETE", "delete"),
+    (FORM, b"_method=%44ELETE", "delete"),
+    (FORM, b"_method=+DELETE+", "delete"),
+    (FORM, b"_METHOD=DELETE", "delete"),
+    (FORM, b"_method[]=DELETE", "unknown"),
+    (FORM, b"_method%00=DELETE", "unknown"),
+    (FORM, b"_method=PURGE", "unknown"),
+    ({"content-type": "application/x-www-form-urlencoded; charset=UTF-8"}, b"_method=DELETE", "delete"),
+    ({"content-type": "APPLICATION/X-WWW-FORM-URLENCODED"}, b"_method=DELETE", "delete"),
+    ({}, b"_method=DELETE", "delete"),  # Rack reads a POST without a content type as a form
+    multipart('name="_method"') + ("delete",),
+    multipart("name=_method") + ("delete",),
+    multipart('name="_method"', "delete") + ("delete",),
+    multipart('name="_method"', extra='; filename="m.txt"') + ("delete",),
+    multipart('name="_method"', boundary='"quoted-b"')[:1] + (multipart('name="_method"', boundary="quoted-b")[1],) + ("delete",),
+    multipart('name="_method[]"') + ("unknown",),
+    ({"content-type": "application/json"}, b'{"_method": "DELETE"}', "delete"),
+    ({"content-type": "application/json"}, b'{"_method": "DELETE", "_method": "POST"}', "unknown"),
+    ({"content-type": "application/json"}, b'{"_method": ["DELETE"]}', "unknown"),
+    ({"content-type": "application/vnd.api+json"}, b'{"a": 1, "_method": "delete"}', "delete"),
+    # what is not an override
+    (FORM, b"_method=", "write"),
+    (FORM, b"_method=POST", "write"),
+    (FORM, b"title=method", "write"),
+    ({"content-type": "application/json"}, b'{"data": {"_method": "DELETE"}}', "write"),
+    ({"content-type": "text/plain"}, b"_method=DELETE", "write"),
+]
+
+
+@pytest.mark.parametrize("headers, body, action", BODY_OVERRIDES)
+def test_method_overrides_in_the_body(headers, body, action):
+    op = httpops.classify("api", "POST", "/items", headers, body)
+    assert op.action == action
+    assert op.risk == httpops.RISK[action]
+
+
+@pytest.mark.parametrize("path", ["/adm\u0131n", "/\u017fecret", "/\u212aey", "/ADM\u0130N", "/adm%C4%B1n"])
+def test_paths_that_fold_into_ascii_are_ambiguous_when_case_is_folded(path):
+    assert httpops.case_ambiguity(path) is not None
+
+
+@pytest.mark.parametrize("path", ["/admin", "/ADMIN", "/caf\u00e9", "/%C3%A9t%C3%A9"])
+def test_paths_that_fold_within_their_script_are_not(path):
+    assert httpops.case_ambiguity(path) is None
+
+
+def test_fold_case_folds_the_resource_and_says_so():
+    op = httpops.fold_case(httpops.classify("ci", "GET", "/Admin/Users?x=1", {}, None))
+    assert op.resource == "/admin/users" and op.details["path_case"] == "insensitive"
+    assert op.summary == "GET /admin/users on ci"
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        (((b"X-A", b"a\r\n b"),), "obsolete line folding"),
+        (((b"X-A", b"a\r\n\tb"),), "obsolete line folding"),
+        (((b"X-A", b"a\nb"),), "obsolete line folding"),
+        (((b"X-A", b"a\x00b"),), "control character"),
+        (((b"X-A", b"a\rb"),), "control character"),
+        (((b"X-A", b"a\x1bb"),), "control character"),
+        (((b"X-A", b"a\x7fb"),), "control character"),
+        (((b"Host", b"a"), (b"host", b"a")), "more than one Host"),
+        (((b"Host", b"a"), (b"Host", b"b")), "more than one Host"),
+        (((b"X\x01A", b"v"),), "header name"),
+        (((b"X-A", b"a\tb"), (b"Host", b"a")), None),
+        (((b"X-A", "caf\u00e9".encode()),), None),
+    ],
+)
+def test_header_problems(fields, problem):
+    found = httpops.header_problem(fields, "HTTP/1.1")
+    assert (found is None) if problem is None else (problem in found)

@@ -268,7 +268,9 @@ def test_a_large_masked_body_does_not_hold_up_small_requests(gw, upstream, analy
 
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory, servers, upstream):
-    env = {"PYTHONPATH": str(Path(__file__).parent / "support" / "broken"), "CUSTODY_TEST_BREAK_DETECTOR": "1",
+    broken_dir = str(Path(__file__).parent / "support" / "broken")  # its sitecustomize first, then this tree
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [broken_dir, os.environ.get("PYTHONPATH", "")])),
+           "CUSTODY_TEST_BREAK_DETECTOR": "1",
            "TEST_API_TOKEN": API_TOKEN}
     gateway = make(tmp_path_factory.mktemp("broken"), servers, env=env)
     gateway.config["masking"]["timeout"] = "2s"
@@ -323,3 +325,265 @@ def test_a_broken_detector_cuts_a_stream(broken, upstream, analyst):
     assert json.loads(lines[1]) == {"error": "masking_refused",
                                     "reason": "masking failed: RuntimeError: the detector was broken on purpose"}
     assert AWS_KEY.encode() not in r.content and b'"n": 3' not in r.content
+
+
+# headers
+
+
+CARD_DIGITS = CARD.replace(" ", "")
+HEADER_SECRETS = [
+    # (header, value, what the agent sees in its place)
+    ("X-Debug-Token", GITHUB, "[GITHUB_TOKEN]"),
+    ("X-Deploy", f"key {AWS_KEY} in use", "key [AWS_ACCESS_KEY_ID] in use"),
+    ("X-Session", JWT, "[JWT]"),
+    ("Set-Cookie", "session=s3ss10n-v4lue-93ab; HttpOnly", "[REDACTED]"),
+    ("Authorization", "Bearer upstream-echoed-credential", "[REDACTED]"),
+    ("X-Api-Key", "k-1234567890abcdef", "[REDACTED]"),
+    ("X-Auth-Token", "t-1234567890abcdef", "[REDACTED]"),
+    ("Location", f"https://admin:{DSN_PASSWORD}@db.internal/", "[URL_CREDENTIAL]"),
+    ("X-Owner", EMAIL, "[EMAIL_ADDRESS:"),
+    ("Link", f"<mailto:{EMAIL}>; rel=author", "[EMAIL_ADDRESS:"),
+    ("Content-Disposition", f'attachment; filename="{EMAIL} report.csv"', "[EMAIL_ADDRESS:"),
+    ("Warning", f'199 - "card {CARD} declined"', "****6467"),
+    ("X-Card", CARD_DIGITS, "****6467"),
+    ("Refresh", f"0; url=https://x.test/?token={GITHUB}", "[GITHUB_TOKEN]"),
+]
+
+
+@pytest.mark.parametrize("name, value, shown", HEADER_SECRETS)
+def test_response_headers_are_masked_for_the_agent_and_the_record(gw, upstream, analyst, name, value, shown):
+    path = f"/config/headers/{name.lower()}"
+    upstream.routes[path] = Route("application/json", b'{"ok": true}', headers=((name, value),))
+    r = gw.session(analyst).get(f"http://api.test{path}")
+    assert r.status_code == 200 and r.json() == {"ok": True}
+    assert shown in r.headers[name] and value not in r.headers[name]
+    event = gw.wait_events("kind = 'response' AND resource = ?", [path])[-1]
+    assert value not in event["detail"] and json.dumps(value)[1:-1] not in event["detail"]
+
+
+def test_a_secret_in_a_header_never_reaches_the_record_even_unmasked(gw, upstream, analyst):
+    """No rule masks /items: the agent gets the header as sent, the audit store does not."""
+    upstream.routes["/items/debug"] = Route("application/json", b"{}", headers=(("X-Debug-Token", GITHUB),))
+    r = gw.session(analyst).get("http://api.test/items/debug", headers={"X-Trace": f"sent with {AWS_KEY}"})
+    assert r.headers["X-Debug-Token"] == GITHUB
+    request, response = [gw.wait_events("kind = ? AND resource = '/items/debug'", [k])[-1] for k in ("request", "response")]
+    assert GITHUB not in response["detail"] and "[GITHUB_TOKEN]" in response["detail"]
+    assert AWS_KEY not in request["detail"] and "[AWS_ACCESS_KEY_ID]" in request["detail"]
+
+
+# JSON that can be read two ways
+
+
+def no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    assert len(keys) == len(set(keys)), f"duplicate keys reached the agent: {keys}"
+    return dict(pairs)
+
+
+DUPLICATES = [
+    b'{"note": "fine", "note": "' + AWS_KEY.encode() + b'"}',
+    b'{"note": "' + AWS_KEY.encode() + b'", "note": "fine"}',
+    b'{"note": "fine", "note": "fine"}',
+    b'{"a": {"k": 1, "k": "' + GITHUB.encode() + b'"}}',
+    b'[{"id": 1}, {"id": 2, "id": "' + EMAIL.encode() + b'"}]',
+    b'{"k": 1, "k": 2, "k": "' + JWT.encode() + b'"}',
+    b'{"note": "fine", "\\u006eote": "' + AWS_KEY.encode() + b'"}',
+    b'{"n\\u006fte": "' + AWS_KEY.encode() + b'", "note": "fine"}',
+    b'{"deep": [[{"x": {"y": 1, "y": "' + GITHUB.encode() + b'"}}]]}',
+    b'{"v": "' + AWS_KEY.encode() + b'", "v": null}',
+    b'{"v": ["' + AWS_KEY.encode() + b'"], "v": 3}',
+    b'{"role": "reader", "role": "admin"}',
+]
+
+
+@pytest.mark.parametrize("body", DUPLICATES)
+def test_json_with_duplicate_keys_is_reserialised_never_forwarded_as_it_came(gw, upstream, analyst, body):
+    serve(upstream, "/config/duplicates", body)
+    r = gw.session(analyst).get("http://api.test/config/duplicates")
+    assert r.status_code == 200 and r.content != body
+    json.loads(r.content, object_pairs_hook=no_duplicates)
+    assert not any(s.encode() in r.content for s in (AWS_KEY, GITHUB, EMAIL, JWT))
+
+
+@pytest.mark.parametrize("body", DUPLICATES[:4])
+def test_json_lines_with_duplicate_keys_are_reserialised(gw, upstream, analyst, body):
+    upstream.routes["/stream/duplicates"] = Route("application/x-ndjson", chunks=[body + b"\n"])
+    r = gw.session(analyst).get("http://api.test/stream/duplicates", timeout=20)
+    json.loads(r.content, object_pairs_hook=no_duplicates)
+    assert AWS_KEY.encode() not in r.content and GITHUB.encode() not in r.content
+
+
+# keys and numbers
+
+
+KEYS_AND_NUMBERS = [
+    ({EMAIL: {"role": "admin"}}, EMAIL),
+    ({"owners": {EMAIL: True}}, EMAIL),
+    ({AWS_KEY: "in use"}, AWS_KEY),
+    ({f"token {GITHUB}": 1}, GITHUB),
+    ([{EMAIL: 1}, {EMAIL: 2}], EMAIL),
+    ({"card": int(CARD_DIGITS)}, CARD_DIGITS),
+    ({"payment": {"number": int(CARD_DIGITS)}}, CARD_DIGITS),
+    ({"cards": [int(CARD_DIGITS), 5500000000000004]}, CARD_DIGITS),
+    ({"amex": 378282246310005}, "378282246310005"),
+    ({"visa": 4111111111111111}, "4111111111111111"),
+    ({"mc": 5555555555554444}, "5555555555554444"),
+    ({"float": float(CARD_DIGITS)}, CARD_DIGITS),
+    ({"both": {EMAIL: int(CARD_DIGITS)}}, CARD_DIGITS),
+]
+
+
+@pytest.mark.parametrize("document, secret", KEYS_AND_NUMBERS)
+def test_detection_covers_keys_and_numbers(gw, upstream, analyst, document, secret):
+    serve(upstream, "/config/shapes", document)
+    r = gw.session(analyst).get("http://api.test/config/shapes")
+    assert r.status_code == 200
+    assert secret not in r.text and secret not in r.text.replace(" ", "")
+    r.json()  # still JSON
+
+
+def test_ordinary_numbers_and_keys_are_left_alone(gw, upstream, analyst):
+    document = {"id": 12345, "total": 99999999999, "ratio": 0.25, "items": {"sku-1": 3}, "ok": True}
+    serve(upstream, "/config/plain-numbers", document)
+    assert gw.session(analyst).get("http://api.test/config/plain-numbers").json() == document
+
+
+# charsets
+
+
+def text_in(codec: str, bom: bytes = b"") -> bytes:
+    return bom + f"caf\u00e9 owner {EMAIL} key {AWS_KEY}\n".encode(codec)
+
+
+def json_in(codec: str, bom: bytes = b"") -> bytes:
+    return bom + json.dumps({"owner": EMAIL, "key": AWS_KEY, "city": "Z\u00fcrich"}, ensure_ascii=False).encode(codec)
+
+
+CHARSETS = [
+    # (content type, body, codec the agent reads it in; None = refused)
+    ("text/plain; charset=utf-16", text_in("utf-16"), "utf-16"),
+    ("text/plain; charset=UTF-16", b"\xfe\xff" + text_in("utf-16-be"), "utf-16"),
+    ("text/plain; charset=utf-16le", text_in("utf-16-le"), "utf-16-le"),
+    ("text/plain; charset=utf-16be", text_in("utf-16-be"), "utf-16-be"),
+    ("text/plain; charset=utf-32", text_in("utf-32"), "utf-32"),
+    ("application/json; charset=utf-16", json_in("utf-16"), "utf-16"),
+    ("application/json", json_in("utf-16"), "utf-16"),  # undeclared, but its byte-order mark says so
+    ("application/json", b"\xef\xbb\xbf" + json_in("utf-8"), "utf-8-sig"),
+    ("text/plain; charset=iso-8859-1", text_in("latin-1"), "latin-1"),
+    ('text/plain; charset="windows-1252"', text_in("cp1252"), "cp1252"),
+    ("application/json; charset=latin1", json_in("latin-1"), "latin-1"),
+    ("text/plain; charset=iso-8859-15", f"caf\u00e9 \u20ac owner {EMAIL} key {AWS_KEY}".encode("iso-8859-15"), "iso-8859-15"),
+    ("text/plain; charset=utf-16", text_in("utf-16-le"), None),  # no byte-order mark: which order?
+    ("text/plain; charset=x-klingon", text_in("utf-8"), None),
+    ("text/plain", text_in("utf-16-le"), None),  # UTF-16 without saying so: NULs in "UTF-8"
+    ("application/json", json_in("utf-16-be"), None),
+]
+
+
+@pytest.mark.parametrize("content_type, body, codec", CHARSETS)
+def test_text_is_masked_in_the_charset_it_declares_or_refused(gw, upstream, analyst, content_type, body, codec):
+    serve(upstream, "/config/charset", body, content_type)
+    r = gw.session(analyst).get("http://api.test/config/charset")
+    if codec is None:
+        assert r.status_code == 502 and r.json()["error"] == "masking_refused"
+        assert body not in r.content
+        return
+    assert r.status_code == 200
+    text = r.content.decode(codec)
+    assert EMAIL not in text and AWS_KEY not in text and "[AWS_ACCESS_KEY_ID]" in text
+    assert ("caf\u00e9" in text) or ("Z\u00fcrich" in text)
+
+
+# streams: every field, secrets over several lines, framing
+
+
+PEM_LINES = PEM.split("\n")
+SSE_EVENTS = [
+    # (what the upstream streams, what must not reach the agent, what must: the stream arrived whole)
+    (f"event: {GITHUB}\ndata: x\n\n", GITHUB, b"event: [GITHUB_TOKEN]\ndata: x\n\n"),
+    (f"id: {AWS_KEY}\ndata: x\n\n", AWS_KEY, b"id: [AWS_ACCESS_KEY_ID]\ndata: x\n\n"),
+    (f": debug {GITHUB}\ndata: x\n\n", GITHUB, b":\ndata: x\n\n"),
+    (f":{JWT}\n\n", JWT, b":\n\n"),
+    (f"retry: {AWS_KEY}\ndata: x\n\n", AWS_KEY, b"data: x\n\n"),
+    (f"x-note: {GITHUB}\ndata: x\n\n", GITHUB, b"data: x\n\n"),
+    (f"{GITHUB}\ndata: x\n\n", GITHUB, b"data: x\n\n"),
+    ("".join(f"data: {line}\n" for line in PEM_LINES) + "\n", PEM_LINES[1], b"data: [PRIVATE_KEY]\n\n"),
+    ("".join(f"data:{line}\n" for line in PEM_LINES) + "\n", PEM_LINES[1], b"data: [PRIVATE_KEY]\n\n"),
+    ("".join(f"data: {line}\r\n" for line in PEM_LINES) + "\r\n", PEM_LINES[1], b"data: [PRIVATE_KEY]\n\r\n"),
+    (f'data: {{"key":\ndata: "{AWS_KEY}"}}\n\n', AWS_KEY, b'data: {"key":"[AWS_ACCESS_KEY_ID]"}\n\n'),
+    (f"data: {EMAIL}\r\n\r\n", EMAIL, b"data: [EMAIL_ADDRESS:"),
+    (f"event: a\ndata: first\n\ndata: then {GITHUB}", GITHUB, b"data: then [GITHUB_TOKEN]"),  # no blank line at the end
+    (f"data: ok\n\nid: 7\nevent: {EMAIL}\ndata: {AWS_KEY}\n\n", AWS_KEY, b"id: 7\nevent: [EMAIL_ADDRESS:"),
+]
+
+
+@pytest.mark.parametrize("stream, secret, shown", SSE_EVENTS)
+def test_every_field_of_an_event_stream_is_masked_or_dropped(gw, upstream, analyst, stream, secret, shown):
+    raw = stream.encode()
+    upstream.routes["/stream/sse"] = Route("text/event-stream", chunks=[raw[:len(raw) // 2], raw[len(raw) // 2:]])
+    r = gw.session(analyst).get("http://api.test/stream/sse", timeout=20)
+    assert r.status_code == 200
+    assert secret.encode() not in r.content and secret.encode() not in r.content.replace(b"\n", b"")
+    assert shown in r.content
+
+
+def test_event_stream_data_stays_data(gw, upstream, analyst):
+    upstream.routes["/stream/sse-plain"] = Route("text/event-stream", chunks=[
+        b"retry: 3000\n: keep-alive\nevent: job\nid: 41\ndata: line one\ndata: line two\n\n"])
+    r = gw.session(analyst).get("http://api.test/stream/sse-plain", timeout=20)
+    assert r.content == b"retry: 3000\n:\nevent: job\nid: 41\ndata: line one\ndata: line two\n\n"
+
+
+TEXT_STREAMS = [
+    PEM + "\n",
+    "log start\n" + PEM + "\nlog end\n",
+    PEM.replace("\n", "\r\n") + "\r\n",
+    "2024-01-01 key follows\n" + PEM,  # the stream ends with the key's last line
+]
+
+
+@pytest.mark.parametrize("text", TEXT_STREAMS)
+def test_a_private_key_over_several_lines_of_a_text_stream_is_masked(gw, upstream, analyst, text):
+    raw = text.encode()
+    upstream.routes["/stream/log"] = Route("text/plain", chunks=[raw[i:i + 17] for i in range(0, len(raw), 17)])
+    r = gw.session(analyst).get("http://api.test/stream/log?follow=true", timeout=20)
+    assert r.status_code == 200
+    assert PEM_LINES[1].encode() not in r.content and b"[PRIVATE_KEY]" in r.content
+
+
+def test_a_text_stream_that_ends_inside_a_private_key_is_cut_off(gw, upstream, analyst):
+    upstream.routes["/stream/cut-key"] = Route("text/plain", chunks=[("\n".join(PEM_LINES[:2]) + "\n").encode()])
+    r = gw.session(analyst).get("http://api.test/stream/cut-key?follow=true", timeout=20)
+    assert PEM_LINES[1].encode() not in r.content
+    assert b"[custody: the stream was cut off: the stream ended inside a private key" in r.content
+
+
+def keep_alive_pair(gw, analyst: str, first: str, second: str) -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+    """Two requests on one kept-alive HTTP/1.1 connection to the gateway (a real client:
+    http.client), the responses read one after the other."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=20)
+    out = []
+    for url in (first, second):
+        conn.request("GET", url, headers={"Proxy-Authorization": f"Bearer {analyst}"})
+        response = conn.getresponse()
+        out.append((response.status, response.read()))
+    conn.close()
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("route", [
+    Route("text/event-stream", f"data: {GITHUB}\n\ndata: tail\n\n".encode()),  # with a content-length
+    Route("text/event-stream", chunks=[b"data: start\n\n", f"data: {GITHUB[:9]}".encode(), f"{GITHUB[9:]}\n\n".encode()]),
+    Route("application/x-ndjson", f'{{"k": "{AWS_KEY}"}}\n{{"k": 2}}\n'.encode()),
+    Route("application/x-ndjson", chunks=[b'{"k": ', f'"{AWS_KEY}"}}\n'.encode(), b'{"k": 2}\n']),
+])
+def test_a_masked_stream_keeps_http1_framing_on_a_kept_alive_connection(gw, upstream, analyst, route):
+    upstream.routes["/stream/framed"] = route
+    upstream.routes["/config/next"] = Route("application/json", b'{"next": "response"}')
+    (status, body), (next_status, next_body) = keep_alive_pair(
+        gw, analyst, "http://api.test/stream/framed", "http://api.test/config/next")
+    assert status == 200 and GITHUB.encode() not in body and AWS_KEY.encode() not in body
+    assert body.rstrip().endswith((b"data: tail", b'{"k": 2}', b'{"k":2}', b"[GITHUB_TOKEN]"))
+    assert (next_status, json.loads(next_body)) == (200, {"next": "response"})

@@ -167,3 +167,87 @@ def test_a_described_column_is_retyped_like_an_executed_one():
     """Describe (no rows) and Execute must announce the same types for a masked column."""
     doc, _ = sql_mask([column("password", 23)], [], "secret-keys")
     assert doc["results"][0]["columns"][0]["type_oid"] == 25
+
+
+# charsets, duplicates, headers and streams: the pure parts, with the real detector
+
+
+@pytest.fixture(scope="module")
+def detector():
+    from addons.engine.detectors import Detector
+
+    return Detector()
+
+
+@pytest.mark.parametrize(
+    "content, content_type, codec, bom",
+    [
+        (b"x", "text/plain", "utf-8", b""),
+        (b"\xef\xbb\xbfx", "text/plain; charset=latin-1", "utf-8", b"\xef\xbb\xbf"),  # the mark wins
+        (b"\xff\xfex\x00", "application/json", "utf-16-le", b"\xff\xfe"),
+        (b"\xfe\xff\x00x", "text/plain; charset=utf-16", "utf-16-be", b"\xfe\xff"),
+        (b"\xff\xfe\x00\x00x\x00\x00\x00", "", "utf-32-le", b"\xff\xfe\x00\x00"),
+        (b"x\x00", "text/plain; charset=UTF-16LE", "utf-16-le", b""),
+        (b"x", 'text/plain; charset="ISO-8859-1"', "iso8859-1", b""),
+        (b"x", "text/plain; format=flowed; charset=cp1252", "cp1252", b""),
+    ],
+)
+def test_text_codec(content, content_type, codec, bom):
+    from addons.engine.masks import text_codec
+
+    assert text_codec(content, content_type) == (codec, bom)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain; charset=utf-16", "text/plain; charset=utf-32",
+                                          "text/plain; charset=x-unknown", "text/plain; charset=ucs-2"])
+def test_text_codec_refuses_what_it_cannot_read(content_type):
+    from addons.engine.masks import MaskError, text_codec
+
+    with pytest.raises(MaskError):
+        text_codec("x".encode("utf-16-le"), content_type)
+
+
+def test_duplicate_keys_are_reported_and_the_body_reserialised(detector):
+    masker = Masker(parse_all(["secrets"]), detector, b"k")
+    out, report = masker.body(b'{"a": 1, "a": 2}', "application/json")
+    assert out == b'{"a":2}' and report.masked == 0
+    assert masker.body(b'{"a": 1, "b": 2}', "application/json")[0] == b'{"a": 1, "b": 2}'  # as it came
+
+
+@pytest.mark.parametrize(
+    "fields, masked",
+    [
+        ([("Set-Cookie", "sid=abc")], [("Set-Cookie", "[REDACTED]")]),
+        ([("X-Token", "ghp_R8vQ2mZ7xK1pL9sT4wY6nB3cF5hJ0dA2eG7u")], [("X-Token", "[GITHUB_TOKEN]")]),
+        ([("Content-Length", "4539148803436467")], [("Content-Length", "4539148803436467")]),  # framing stays
+        ([("Content-Type", "text/plain; name=a@b.example")], [("Content-Type", "text/plain; name=a@b.example")]),
+        ([("X-Owner", "dana.okafor@northwind-mail.com")], [("X-Owner", "[EMAIL_ADDRESS]")]),
+        ([("Date", "Tue, 01 Dec 2026 23:18:09 GMT")], [("Date", "Tue, 01 Dec 2026 23:18:09 GMT")]),
+    ],
+)
+def test_headers_are_masked_as_names_and_values(detector, fields, masked):
+    assert Masker(parse_all(["secrets", "pii"]), detector, b"k").headers(fields, Report()) == masked
+
+
+def test_a_keys_mask_masks_headers_by_name(detector):
+    out = Masker(parse_all(["secret-keys"]), detector, b"k").headers([("X-Session-Token", "v"), ("X-Id", "v")], Report())
+    assert out == [("X-Session-Token", "[REDACTED]"), ("X-Id", "v")]
+
+
+@pytest.mark.parametrize(
+    "chunks, out",
+    [
+        ([b"data: a\n", b"\n"], b"data: a\n\n"),
+        ([b": ping\n\n"], b":\n\n"),
+        ([b"retry: 10\nretry: x\n\n"], b"retry: 10\n\n"),
+        ([b"foo: bar\nbaz\ndata: a\n\n"], b"data: a\n\n"),
+        ([b"event: e\r\nid: 1\r\ndata:a\r\n\r\n"], b"event: e\nid: 1\ndata: a\n\r\n"),
+        ([b"data: {\"a\":\ndata: 1}\n\n"], b"data: {\"a\":\ndata: 1}\n\n"),
+        ([b"data: x\n\ndata: last"], b"data: x\n\ndata: last"),
+    ],
+)
+def test_event_streams_keep_what_clients_read(detector, chunks, out):
+    from addons.engine.streams import RecordStream
+
+    stream = RecordStream(Masker(parse_all(["secrets"]), detector, b"k"), 4096, 4096, events=True)
+    assert b"".join(stream(c) for c in [*chunks, b""]) == out

@@ -25,7 +25,10 @@ def describe_task(task: Any) -> str:
 def instrument(custody: Custody) -> Callable[[], None]:
     """Tag every tool call of every crew in this process; returns a function that undoes it."""
     from crewai.events import CrewKickoffStartedEvent, crewai_event_bus
-    from crewai.hooks import register_before_tool_call_hook, unregister_before_tool_call_hook
+    from crewai.hooks import (
+        register_before_tool_call_hook,
+        unregister_before_tool_call_hook,
+    )
 
     runs: dict[str, str] = {}
 

@@ -107,6 +107,8 @@ class Connection:
     host_key: str | None = None
     max_output_bytes: int = 16 * 1024 * 1024
     command_timeout: float = 300.0
+    case_insensitive_paths: bool = False
+    """http: the backend routes /ADMIN as /admin, so rules match paths folded to lower case."""
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,8 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
             raise ConfigError(f"{where}.known_hosts: no such file: {base / raw['known_hosts']}")
     elif credential is not None and credential.type in ("password", "private_key"):
         raise ConfigError(f"{where}.credential: type {credential.type} is for postgres and ssh connections")
+    if raw.get("paths") == "case-insensitive" and raw["kind"] != "http":
+        raise ConfigError(f"{where}.paths: only http connections can route case-insensitively")
     return Connection(
         name=raw["name"],
         kind=raw["kind"],
@@ -268,6 +272,7 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
         host_key=str(base / raw["host_key"]) if "host_key" in raw else None,
         max_output_bytes=raw.get("max_output_bytes", 16 * 1024 * 1024),
         command_timeout=parse_duration(raw.get("command_timeout", "5m")),
+        case_insensitive_paths=raw.get("paths") == "case-insensitive",
     )
 
 

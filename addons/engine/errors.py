@@ -19,6 +19,7 @@ class Error(StrEnum):
     AMBIGUOUS_PATH = "ambiguous_path"  # a path servers may resolve differently
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"  # an upgrade or protocol the gateway cannot govern
     INTERACTIVE_PROGRAM = "interactive_program"  # an editor, pager or top: a line-based gate cannot govern its keys
+    MALFORMED_HEADERS = "malformed_headers"  # a header form a proxy must reject (obs-fold, controls, two Hosts)
     # policy
     DENIED_BY_POLICY = "denied_by_policy"  # a deny rule matched
     NO_MATCHING_RULE = "no_matching_rule"  # nothing allows it: default deny
@@ -37,6 +38,7 @@ class Error(StrEnum):
     # the gateway itself
     GATEWAY_ERROR = "gateway_error"  # an addon failed; the flow was refused
     NOT_CLEARED = "not_cleared"  # the gate: no allow decision on record
+    EDITED_IN_CONSOLE = "edited_in_console"  # an operator edited the request; it went as theirs
     # the approvers' API
     NOT_FOUND = "not_found"
     BAD_REQUEST = "bad_request"

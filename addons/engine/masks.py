@@ -16,9 +16,16 @@ data and container environment values.
 
 Protocols hand the masker "structured values with names": a JSON document (an HTTP body,
 SQL rows as objects keyed by column, a Kubernetes object). Field and key masks replace
-whole values; detection runs on string leaves only, so JSON stays valid and numbers,
-booleans and keys are left alone. Field and key masks need a structure: a body that is not
-JSON is refused when one applies, rather than passed through in some other representation.
+whole values; detection runs on string leaves, on keys, and on numbers long enough to be a
+card number (a number found to be one becomes the masked string), so JSON stays valid.
+JSON with duplicate keys is re-serialised (one value per key, masked) rather than
+forwarded byte for byte: a client could read the other value. Text is decoded in the
+charset the response declares (or its byte-order mark) and re-encoded in it; text whose
+charset is unknown, or that carries NUL characters (UTF-16 sent as something else), is
+refused. Field and key masks need a structure: a body that is not JSON is refused when one
+applies, rather than passed through in some other representation. Headers are masked as
+name/value pairs: credential headers and names a `keys` mask matches whole, detection on
+the rest (`Masker.headers`).
 
 Pure code: the detector is passed in (addons/engine/detectors.py builds the real one).
 """
@@ -26,6 +33,7 @@ Pure code: the detector is passed in (addons/engine/detectors.py builds the real
 from __future__ import annotations
 
 import base64
+import codecs
 import fnmatch
 import functools
 import hashlib
@@ -64,6 +72,20 @@ QUOTING_ERRORS = {
 }
 """Data (22) and integrity (23) errors quote row values; which column they came from is unknown."""
 
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key",
+                                "x-auth-token", "proxy-authenticate-info", "authentication-info"})
+"""Headers that carry credentials whatever their value looks like: masked whole by secret masks."""
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "content-encoding", "content-type",
+                             "connection", "keep-alive", "upgrade", "trailer", "te"})
+"""Headers that frame the message: never rewritten (masking them would break the response)."""
+CLEAN_KEYS = 50_000
+"""How many keys without findings a masker remembers."""
+NUMBER_MIN = 10 ** 11
+"""The smallest number detection looks at: the shortest card number has 12 digits."""
+UNICODE_WIDE = ("utf-16", "utf-32", "utf_16", "utf_32", "utf16", "utf32", "ucs-2", "ucs2", "ucs-4")
+BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"),
+        (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+
 PRESETS = {
     "secrets": {"detect": ["secrets"]},
     "pii": {"detect": ["pii"]},
@@ -96,6 +118,9 @@ class Mask:
     @functools.cached_property
     def compiled(self) -> tuple:
         return tuple(jsonpath_parse(p) for p in self.paths)
+
+
+CREDENTIAL_MASK = Mask(kind="keys", label="credential headers", keys=tuple(sorted(CREDENTIAL_HEADERS)))
 
 
 def parse(raw: Any) -> Mask:
@@ -184,6 +209,7 @@ class Masker:
                 self.by_entity.setdefault(e, m)
         self.entities = frozenset(self.by_entity)
         self.threshold = min((m.threshold for m in detect), default=1.0)
+        self.clean_keys: set[str] = set()
         if self.entities and finder is None:
             raise MaskError("content detection is not available")
 
@@ -398,10 +424,50 @@ class Masker:
         if isinstance(node, str):
             return self.text(node, report, name)
         if isinstance(node, dict):
-            return {k: self._leaves(v, report, str(k)) for k, v in node.items()}
+            out: dict[str, Any] = {}
+            for k, v in node.items():
+                key = k if k in self.clean_keys else self._key(k, report)
+                while key in out:  # two keys masked to the same text stay two keys
+                    key += "'"
+                out[key] = self._leaves(v, report, k)
+            return out
         if isinstance(node, list):
             return [self._leaves(v, report, name) for v in node]
+        if isinstance(node, (int, float)) and not isinstance(node, bool) and abs(node) >= NUMBER_MIN:
+            before = report.masked
+            text = self.text(str(node), report, name)
+            return node if report.masked == before else text
         return node
+
+    def _key(self, key: str, report: Report) -> str:
+        """A key masked as text; keys found clean are remembered (documents repeat them)."""
+        before = report.masked
+        masked = self.text(key, report)
+        if report.masked == before and len(self.clean_keys) < CLEAN_KEYS:
+            self.clean_keys.add(key)
+        return masked
+
+    # headers
+
+    def headers(self, fields: list[tuple[str, str]], report: Report) -> list[tuple[str, str]]:
+        """Mask header values: credential headers (for secret masks) and names a `keys`
+        mask matches are replaced whole, detection runs on the others with the header's
+        name as context; framing headers are left alone. `fields` masks do not apply."""
+        secrets = not self.entities.isdisjoint(SECRET_ENTITIES)
+        keys = [m for m in self.structural if m.kind == "keys"]
+        out = []
+        for name, value in fields:
+            lower = name.lower()
+            mask = next((m for m in keys if any(fnmatch.fnmatchcase(lower, g) for g in m.keys)), None)
+            if lower in FRAMING_HEADERS or not value:
+                out.append((name, value))
+            elif mask is not None or (secrets and lower in CREDENTIAL_HEADERS):
+                mask = mask or CREDENTIAL_MASK
+                out.append((name, self.replace(value, mask, "REDACTED")))
+                report.fields[mask.label] += 1
+            else:
+                out.append((name, self.text(value, report, lower)))
+        return out
 
     # bodies
 
@@ -410,10 +476,24 @@ class Masker:
         report = Report()
         if not self.masks or not content:
             return content, report
+        codec, bom = text_codec(content, content_type)
         try:
-            text = content.decode("utf-8")
+            text = content[len(bom):].decode(codec)
         except UnicodeDecodeError:
             raise MaskError(f"the response body ({content_type or 'no content type'}) is not text and cannot be masked") from None
+        if "\x00" in text:
+            raise MaskError(f"the response body ({content_type or 'no content type'}) has NUL characters: its "
+                            "charset is not the one it declares, so it cannot be masked") from None
+        masked, report = self._text_body(text, content_type, report)
+        if masked is None:
+            return content, report
+        try:
+            return bom + masked.encode(codec), report
+        except UnicodeEncodeError:
+            raise MaskError(f"the masked body cannot be encoded back to {codec}") from None
+
+    def _text_body(self, text: str, content_type: str, report: Report) -> tuple[str | None, Report]:
+        """The masked text (None when it is unchanged and may go as it came)."""
         if content_type.startswith(SSH_RESULTS):
             doc = json.loads(text)
             if self.structural:
@@ -424,23 +504,23 @@ class Masker:
                 if isinstance(doc.get(stream), str):
                     doc[stream] = self.lines(doc[stream], report)
             if not report.masked:
-                return content, report
-            return json.dumps(doc, ensure_ascii=False).encode(), report
+                return None, report
+            return json.dumps(doc, ensure_ascii=False), report
         if content_type.startswith(SQL_RESULTS):
             masked_doc = self.sql_results(json.loads(text), report)
             if not report.masked and not self.structural:  # column masks retype columns even with no rows
-                return content, report
-            return json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":")).encode(), report
+                return None, report
+            return json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":")), report
         doc = parse_json(text, content_type)
         if doc is _NOT_JSON:
             if self.structural:
                 raise MaskError(f"field masks need a JSON body, and this {content_type or 'response'} is not JSON")
             masked = self.lines(text, report)
-            return (masked.encode() if report.masked else content), report
-        masked_doc = self.document(doc, report)
-        if not report.masked:
-            return content, report
-        return json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":")).encode(), report
+            return (masked if report.masked else None), report
+        masked_doc = self.document(doc.value, report)
+        if not report.masked and not doc.duplicates:
+            return None, report
+        return json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":")), report
 
     def record(self, line: bytes, report: Report) -> bytes:
         """Mask one record of a stream: a JSON line, a server-sent-events field, or text."""
@@ -454,34 +534,84 @@ class Masker:
             text = payload.decode("utf-8")
         except UnicodeDecodeError:
             raise MaskError("a streamed record is not text and cannot be masked") from None
+        masked = self.record_text(text, report)
+        return line if masked is None else prefix + masked.encode()
+
+    def record_text(self, text: str, report: Report) -> str | None:
+        """Mask one record's text: a JSON document or a line; None when unchanged."""
+        if "\x00" in text:
+            raise MaskError("a streamed record has NUL characters and cannot be masked")
         doc = parse_json(text.strip(), "") if text.strip()[:1] in ("{", "[") else _NOT_JSON
         before = report.masked
         if doc is _NOT_JSON:
             if self.structural:
                 raise MaskError("field masks need JSON records, and this stream carries text")
-            masked = self.text(text, report)
-        else:
-            masked_doc = self.document(doc, report)
-            if report.masked == before:
-                return line
-            masked = (" " if text.startswith(" ") else "") + json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":"))
-        return line if report.masked == before else prefix + masked.encode()
+            masked = self.lines(text, report)
+            return None if report.masked == before else masked
+        masked_doc = self.document(doc.value, report)
+        if report.masked == before and not doc.duplicates:
+            return None
+        return (" " if text.startswith(" ") else "") + json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":"))
 
 
 _NOT_JSON = object()
 
 
-def parse_json(text: str, content_type: str) -> Any:
+@dataclass(frozen=True)
+class Parsed:
+    """A JSON document, and whether it had duplicate keys (readers may disagree on it)."""
+
+    value: Any
+    duplicates: bool
+
+
+def parse_json(text: str, content_type: str) -> Parsed | object:
     """The JSON document in `text`, or _NOT_JSON. A body that says it is JSON must parse."""
     says_json = "json" in content_type.lower()
     if not says_json and text.lstrip()[:1] not in ("{", "["):
         return _NOT_JSON
+    duplicates = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(items)
+        if len(out) != len(items):
+            duplicates.append(True)
+        return out
+
     try:
-        return json.loads(text)
+        return Parsed(json.loads(text, object_pairs_hook=pairs), bool(duplicates))
     except ValueError:
         if says_json:
             raise MaskError(f"the response says it is {content_type} but does not parse as JSON") from None
         return _NOT_JSON
+
+
+def text_codec(content: bytes, content_type: str) -> tuple[str, bytes]:
+    """The codec a body's text is in, and its byte-order mark: the mark wins, then the
+    declared charset, then UTF-8. UTF-16/32 must say their byte order (a mark, or -le/-be);
+    an unknown charset cannot be masked."""
+    for bom, codec in BOMS:
+        if content.startswith(bom):
+            return codec, bom
+    charset = charset_of(content_type)
+    if not charset:
+        return "utf-8", b""
+    try:
+        codec = codecs.lookup(charset).name
+    except LookupError:
+        raise MaskError(f"the response's charset {charset!r} is unknown, so it cannot be masked") from None
+    if codec in ("utf-16", "utf-32"):
+        raise MaskError(f"the response is {charset} without a byte-order mark: its byte order is ambiguous, so it "
+                        "cannot be masked")
+    return codec, b""
+
+
+def charset_of(content_type: str) -> str:
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            return value.strip().strip('"').strip()
+    return ""
 
 
 def _cell_text(cell: str | None, binary: bool, text_like: bool) -> str | None:
@@ -498,43 +628,6 @@ def _cell(text: str, binary: bool) -> str:
 
 def _masked_already(value: Any) -> bool:
     return isinstance(value, str) and value.startswith("[") and value.endswith("]") and value[1:2].isupper()
-
-
-class RecordStream:
-    """mitmproxy's stream hook: masks a chunked response record by record (lines).
-
-    Chunks are cut at newlines; a partial record waits for the rest. A record longer than
-    `max_record`, or one that cannot be masked, raises MaskError: the caller ends the
-    stream, it never lets the record through. What was sent is kept (up to `keep` bytes)
-    for the audit log, together with the report.
-    """
-
-    def __init__(self, masker: Masker, max_record: int, keep: int) -> None:
-        self.masker, self.max_record, self.keep = masker, max_record, keep
-        self.pending = b""
-        self.report = Report()
-        self.sent = bytearray()
-        self.size = 0
-
-    def __call__(self, chunk: bytes) -> bytes:
-        if not self.masker.masks:
-            return self._sent(chunk)
-        if chunk == b"":  # end of the stream: whatever is left is the last record
-            lines, self.pending = ([self.pending] if self.pending else []), b""
-            out = b"\n".join(self.masker.record(line, self.report) for line in lines)
-        else:
-            data = self.pending + chunk
-            *lines, self.pending = data.split(b"\n")
-            if max(map(len, lines), default=0) > self.max_record or len(self.pending) > self.max_record:
-                raise MaskError(f"a streamed record is longer than {self.max_record} bytes")
-            out = b"".join(self.masker.record(line, self.report) + b"\n" for line in lines)
-        return self._sent(out)
-
-    def _sent(self, out: bytes) -> bytes:
-        self.size += len(out)
-        if len(self.sent) < self.keep:
-            self.sent += out[: self.keep - len(self.sent)]
-        return out
 
 
 class TextRecords:

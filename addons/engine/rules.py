@@ -157,6 +157,20 @@ def _compare(op: str, expected: Any) -> Callable[[Any], bool | None]:
     return numeric
 
 
+def _path_check(globs: tuple[str, ...]) -> Check:
+    """Path globs. On a connection whose backend routes case-insensitively the classifier
+    folds the path to lower case (`path_case`), and the globs are folded the same way, so
+    a rule written `/Admin/**` still matches what the backend routes to /admin."""
+    exact = tuple(glob_regex(g) for g in globs)
+    folded = tuple(glob_regex(g.lower()) for g in globs)
+
+    def check(_: Principal, op: Operation) -> bool:
+        regexes = folded if op.details.get("path_case") == "insensitive" else exact
+        return any(r.match(op.resource) for r in regexes)
+
+    return check
+
+
 def _body_check(conditions: list[dict[str, Any]], effect: str) -> Check:
     compiled = []
     for c in conditions:
@@ -209,8 +223,7 @@ def _compile_checks(match: dict[str, Any], effect: str, whole: bool = True) -> t
         methods = frozenset(m.upper() for m in _many(match["method"]))
         checks.append(("method", lambda p, op: op.details.get("method") in methods))
     if "path" in match:
-        regexes = tuple(glob_regex(g) for g in _many(match["path"]))
-        checks.append(("path", lambda p, op: any(r.match(op.resource) for r in regexes)))
+        checks.append(("path", _path_check(_many(match["path"]))))
     if "risk" in match:
         low, high = match["risk"].get("min", 0), match["risk"].get("max", 100)
         checks.append(("risk", lambda p, op: low <= op.risk <= high))

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import zlib
 import json
 import queue
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,8 +128,10 @@ SECRET_HEADERS = frozenset(
 
 
 def headers_for_record(headers: Any) -> list[list[str]]:
-    """Headers (anything with `.items()`) as recorded: credential-bearing values are replaced by [redacted]."""
-    return [[k, "[redacted]" if k.lower() in SECRET_HEADERS else v] for k, v in headers.items()]
+    """Headers (name/value pairs, or anything with `.items()`) as recorded: credential-bearing
+    values are replaced by [redacted]."""
+    pairs = headers.items() if hasattr(headers, "items") else headers
+    return [[k, "[redacted]" if k.lower() in SECRET_HEADERS else v] for k, v in pairs]
 
 
 def body_fields(content: bytes | None, settings: StoreConfig) -> dict[str, Any]:

@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from addons.engine.bridge import POSTGRES, Link, Refusal, Unreachable, attributes_from, step
+from addons.engine.bridge import (
+    POSTGRES,
+    Link,
+    Refusal,
+    Unreachable,
+    attributes_from,
+    step,
+)
 from addons.engine.config import Connection
 from addons.engine.errors import GATEWAY_FAILURES
 from pg_bridge.server import protocol as pgp

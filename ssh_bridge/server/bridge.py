@@ -41,8 +41,21 @@ from typing import Any
 
 import asyncssh
 
-from addons.engine.bridge import (RESIZE, SIGNAL, SSH, STATUS, STDERR, STDIN, STDOUT, Link, Refusal, Stream,
-                                  Unreachable, attributes_from, step)
+from addons.engine.bridge import (
+    RESIZE,
+    SIGNAL,
+    SSH,
+    STATUS,
+    STDERR,
+    STDIN,
+    STDOUT,
+    Link,
+    Refusal,
+    Stream,
+    Unreachable,
+    attributes_from,
+    step,
+)
 from addons.engine.config import Connection
 
 logger = logging.getLogger(__name__)

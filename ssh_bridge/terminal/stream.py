@@ -27,8 +27,17 @@ from dataclasses import dataclass, field
 import asyncssh
 from wsproto.connection import ConnectionType
 
-from addons.engine.bridge import (RESIZE, SIGNAL, STATUS, STDERR, STDIN, STDOUT, Frames, read_fields,
-                                  websocket_accept)
+from addons.engine.bridge import (
+    RESIZE,
+    SIGNAL,
+    STATUS,
+    STDERR,
+    STDIN,
+    STDOUT,
+    Frames,
+    read_fields,
+    websocket_accept,
+)
 from addons.engine.masks import MaskError, TextRecords
 from ssh_bridge.terminal.backend import Host, line_script, line_status
 

@@ -56,6 +56,7 @@ class Route:
     chunks: list[bytes] | None = None
     gates: dict[int, threading.Event] | None = None
     length: int | None = None  # announce this content-length instead of the real one
+    headers: tuple[tuple[str, str], ...] = ()  # more response headers, sent as given
 
 
 class _UpstreamHandler(BaseHTTPRequestHandler):
@@ -64,6 +65,8 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
     def _canned(self, route: Route) -> None:
         self.send_response(200)
         self.send_header("content-type", route.content_type)
+        for name, value in route.headers:
+            self.send_header(name, value)
         if route.chunks is None:
             self.send_header("content-length", str(route.length if route.length is not None else len(route.body)))
             self.end_headers()

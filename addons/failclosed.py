@@ -8,6 +8,7 @@ flow's decision says which addon failed so the recorder (later in the chain) wri
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
@@ -156,6 +157,13 @@ def guarded(hook: Callable) -> Callable:
                 return await hook(self, f, *args)
             except Exception as exc:
                 _fail(self, hook.__name__, f, exc)
+            except asyncio.CancelledError as exc:
+                # Not an Exception: without this the flow would leave the hook unanswered and
+                # unrecorded. It is refused either way; a cancellation of the hook's own task
+                # (shutdown) still propagates once the flow has its answer.
+                _fail(self, hook.__name__, f, exc)
+                if (task := asyncio.current_task()) is not None and task.cancelling():
+                    raise
 
         return async_wrapper
 

@@ -18,6 +18,9 @@ import functools
 import json
 import logging
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -46,9 +49,18 @@ def _detector(ner_model: str | None):
     return Detector(ner_model)
 
 
-def _init(hash_key: bytes, ner_model: str | None) -> None:
+def _init(hash_key: bytes, ner_model: str | None, parent: int) -> None:
+    threading.Thread(target=_outlive_no_parent, args=(parent,), name="custody-parent-watch", daemon=True).start()
     _state["detector"] = _detector(ner_model)
     _state["key"] = hash_key
+
+
+def _outlive_no_parent(parent: int) -> None:
+    """A worker ends when the gateway that started it is gone (killed with -9, say):
+    nothing else would tell it, and it would run on, orphaned."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -57,8 +69,6 @@ def _masker(masks_json: str) -> Masker:
 
 
 def _ping() -> int:
-    import os
-
     return os.getpid()
 
 
@@ -89,7 +99,7 @@ class MaskPool:
             self.masking = self.settings.require().masking
             MaskPool._local.cache_clear()
             if self.executor is not None:
-                self.restart("the configuration changed")
+                self.restart("the configuration changed", self.executor)
 
     def running(self) -> None:
         self.start()
@@ -120,7 +130,7 @@ class MaskPool:
             self.masking.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init,
-            initargs=(self.masking.hash_key, self.masking.ner_model),
+            initargs=(self.masking.hash_key, self.masking.ner_model, os.getpid()),
         )
         self.ready = asyncio.ensure_future(self._warm(self.executor))
 
@@ -138,7 +148,11 @@ class MaskPool:
         if self.ready is not None:
             self.ready.cancel()
 
-    def restart(self, why: str) -> None:
+    def restart(self, why: str, executor: ProcessPoolExecutor | None) -> None:
+        """Replace the pool `executor`, unless that already happened: jobs that fail together
+        (they time out or lose their worker at once) restart it once, not once each."""
+        if executor is not self.executor:
+            return
         logger.error("custody: restarting the masking workers: %s", why)
         self.close()
         self.start()
@@ -159,28 +173,49 @@ class MaskPool:
             except Exception as e:
                 raise MaskUnavailable(f"masking failed: {type(e).__name__}: {e}") from None
             return out, report.as_dict()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.ready), timeout)
-        except (TimeoutError, asyncio.CancelledError):
-            raise MaskUnavailable("masking is not ready") from None
-        except Exception as e:
-            self.restart(f"workers failed to start: {e}")
-            raise MaskUnavailable(f"masking workers failed to start: {type(e).__name__}") from None
+        deadline = time.monotonic() + timeout
+        for attempt in (1, 2):  # a pool found broken is replaced, and the job tried on the new one
+            executor = await self._ready(deadline)
+            try:
+                job = asyncio.get_running_loop().run_in_executor(
+                    executor, _mask, content, content_type, masks_json(masks))
+                return await asyncio.wait_for(job, max(0.0, deadline - time.monotonic()))
+            except MaskError:
+                raise
+            except TimeoutError:
+                self.restart("a job timed out", executor)
+                raise MaskUnavailable(f"masking did not finish within {timeout:g}s") from None
+            except BrokenProcessPool:
+                self.restart("a worker died", executor)
+                if attempt == 2:
+                    raise MaskUnavailable("a masking worker died") from None
+            except asyncio.CancelledError:
+                if (task := asyncio.current_task()) is not None and task.cancelling():
+                    raise  # this flow's own task is being cancelled: not masking's to answer
+                # the pool was replaced under this job (another job restarted it): try the new one
+                if attempt == 2:
+                    raise MaskUnavailable("the masking workers were restarted during the job") from None
+            except Exception as e:
+                raise MaskUnavailable(f"masking failed: {type(e).__name__}: {e}") from None
+        raise MaskUnavailable("masking could not run")
+
+    async def _ready(self, deadline: float) -> ProcessPoolExecutor:
+        """The pool once its workers answer; restarted when it failed to start."""
         executor = self.executor
-        job = asyncio.get_running_loop().run_in_executor(executor, _mask, content, content_type, masks_json(masks))
         try:
-            return await asyncio.wait_for(job, timeout)
-        except MaskError:
-            raise
+            await asyncio.wait_for(asyncio.shield(self.ready), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
-            self.restart("a job timed out")
-            raise MaskUnavailable(f"masking did not finish within {timeout:g}s") from None
-        except BrokenProcessPool:
-            if executor is self.executor:
-                self.restart("a worker died")
-            raise MaskUnavailable("a masking worker died") from None
+            raise MaskUnavailable("masking is not ready") from None
+        except asyncio.CancelledError:
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                raise
+            raise MaskUnavailable("masking is not ready (the workers are being restarted)") from None
         except Exception as e:
-            raise MaskUnavailable(f"masking failed: {type(e).__name__}: {e}") from None
+            self.restart(f"workers failed to start: {e}", executor)
+            raise MaskUnavailable(f"masking workers failed to start: {type(e).__name__}") from None
+        if executor is not self.executor or self.executor is None:
+            raise MaskUnavailable("masking is not ready (the workers are being restarted)")
+        return executor
 
     def headers_for_record(self, headers: Any, masks: tuple) -> list[tuple[str, str]]:
         """Headers as they may be stored: the flow's masks and secret detection applied,

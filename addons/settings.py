@@ -19,6 +19,7 @@ from mitmproxy import ctx, exceptions
 
 from addons.engine import config
 from addons.engine.connections import Registry
+from addons.hardening import STARTUP
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class Settings:
         if not self.failed:
             self.failed = True
             for line in message.splitlines():
-                logger.error("custody: %s", line)
+                logger.error("custody: %s", line, extra={STARTUP: True})
 
     def require(self) -> config.Config:
         if self.config is None:

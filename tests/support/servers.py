@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -141,6 +142,12 @@ class _JwksHandler(BaseHTTPRequestHandler):
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(payload)))
         self.end_headers()
+        if owner.drip:  # an identity provider that answers a byte at a time
+            for i in range(len(payload)):
+                self.wfile.write(payload[i:i + 1])
+                self.wfile.flush()
+                time.sleep(owner.drip)
+            return
         self.wfile.write(payload)
 
     def log_message(self, *args) -> None:
@@ -148,11 +155,13 @@ class _JwksHandler(BaseHTTPRequestHandler):
 
 
 class JwksServer(Background):
-    """An OIDC issuer's key endpoint. Set `.keys` to rotate, `.down = True` to fail."""
+    """An OIDC issuer's key endpoint. Set `.keys` to rotate, `.down = True` to fail,
+    `.drip = seconds` to send each answer a byte at a time."""
 
     def __init__(self, keys: list) -> None:
         self.keys = list(keys)
         self.down = False
+        self.drip = 0.0
         self.hits = 0
         super().__init__(_JwksHandler)
         self.url = f"http://127.0.0.1:{self.port}"

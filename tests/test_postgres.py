@@ -615,3 +615,29 @@ def test_a_session_cannot_be_borrowed_by_another_principal(bridge, gw, tokens):
     assert borrowed["results"][0]["error"]["C"] == "08003"
     assert post(tokens["analyst"], "execute", {"sql": "SELECT 2"})["results"][0]["rows"] == [["2"]]
     post(tokens["analyst"], "close", {})
+
+
+# losing the database
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        lambda c: c.execute("SELECT 1"),  # simple protocol
+        lambda c: c.execute("SELECT %s::int", (1,)),  # extended, unnamed statement
+        lambda c: c.execute("SELECT %s::int", (1,), prepare=True),  # a prepared statement is described first
+        lambda c: c.execute("UPDATE users SET score = score WHERE id = %s", (1,)),  # planned before it runs
+    ],
+    ids=["simple", "extended", "prepared", "planned-write"],
+)
+def test_a_database_connection_that_goes_away_ends_the_session_with_08006(bridge, gw, tokens, pg, step):
+    with connect(gw, tokens["writer"], autocommit=True) as c:
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        with pg.connect("shop") as direct:
+            assert direct.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,)).fetchone() == (True,)
+        with pytest.raises(psycopg.OperationalError) as e:
+            step(c)
+        assert e.value.sqlstate == "08006" and "database connection failed" in str(e.value)
+        assert c.closed  # the bridge ended the connection, as a server that went away does
+    with connect(gw, tokens["writer"], autocommit=True) as c:  # the next session gets a new connection
+        assert c.execute("SELECT 1").fetchone() == (1,)

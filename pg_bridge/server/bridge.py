@@ -43,6 +43,16 @@ class Failed(Exception):
         self.fields = fields
 
 
+class Ended(Exception):
+    """The session's database connection is gone: the client gets the FATAL error and the
+    connection ends, as it would with a server that went away (drivers and pools then
+    reconnect instead of reusing a dead session). Not a Failed: nothing may go on."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__(fields.get("M", ""))
+        self.fields = fields
+
+
 def refusal_fields(refusal: Refusal) -> dict[str, str]:
     """A gateway refusal as PostgreSQL error fields: identity failures are 28000, policy and
     approval denials 42501, the gateway's own failures 58000 (08006 without a reason); the
@@ -193,6 +203,9 @@ class Client:
             pass  # the client went away; its session is closed below
         except ProtocolError as e:
             await self._fatal("08P01", f"protocol violation: {e}")
+        except Ended as e:
+            self.out.clear()  # nothing after the FATAL error: no ReadyForQuery
+            await self._fatal(e.fields.get("C", "08006"), e.fields.get("M", ""), e.fields.get("D", ""))
         finally:
             if self.session is not None:
                 self.bridge.sessions.pop((self.session.pid, self.session.secret), None)
@@ -270,6 +283,9 @@ class Client:
             raise Failed({"S": "ERROR", "V": "ERROR", "C": "57014", "M": "canceling statement due to user request"})
         finally:
             s.inflight = None
+        if answer.get("closed"):
+            errors = [r["error"] for r in answer.get("results", []) if "error" in r]
+            raise Ended(errors[-1] if errors else {"C": "08006", "M": "the gateway's database connection was lost"})
         s.status = answer.get("status", s.status)
         for notice in answer.get("notices", []):
             self.out += pgp.error(notice, b"N")

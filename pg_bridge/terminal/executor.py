@@ -59,6 +59,16 @@ def prepared_guard(session: Session, parts: list[dict]):
     return guard
 
 
+def answer(f: http.HTTPFlow, sessions: Sessions, session: Session | None, out: Output) -> None:
+    """The flow's response: `out` as SQL_RESULTS. A session whose server went away is
+    closed here, and the answer says so (the bridge then ends the client's connection)."""
+    if session is not None and session.backend.lost:
+        sessions.close(session.id)
+        out.closed = True
+    f.response = http.Response.make(200, json.dumps(out.as_dict(), ensure_ascii=False),
+                                    {"content-type": SQL_RESULTS})
+
+
 class PgExecutor:
     def __init__(self, settings: Settings, sessions: Sessions) -> None:
         self.settings = settings
@@ -80,6 +90,7 @@ class PgExecutor:
         body = op.payload
         phase = op.details["phase"]
         session_id = op.details["session"]
+        session = None
         try:
             if phase == "connect":
                 out = await self._connect(conn, session_id, c, body)
@@ -91,8 +102,7 @@ class PgExecutor:
                 out = await self._step(conn, session, c)
         except BackendError as e:
             out = Output(results=[{"error": e.fields}])
-        f.response = http.Response.make(200, json.dumps(out.as_dict(), ensure_ascii=False),
-                                        {"content-type": SQL_RESULTS})
+        answer(f, self.sessions, session, out)
 
     async def _connect(self, conn: Connection, session_id: str, c: context.Context, body: dict) -> Output:
         if self.sessions.taken(session_id, c.principal):

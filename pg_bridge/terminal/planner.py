@@ -16,7 +16,8 @@ from mitmproxy import http
 from addons import context, failclosed
 from addons.classifiers import postgres
 from addons.failclosed import guarded
-from pg_bridge.terminal.backend import BackendError
+from pg_bridge.terminal.backend import BackendError, Output
+from pg_bridge.terminal.executor import answer
 from pg_bridge.terminal.sessions import Sessions
 
 ESTIMABLE = ("INSERT", "UPDATE", "DELETE", "MERGE", "SELECT", "EXECUTE")
@@ -52,7 +53,10 @@ class PgPlanner:
                             p.details["sql"], body.get("params") if extended else None,
                             body.get("param_types") if extended else None,
                             body.get("param_formats") if extended else None)
-                    except BackendError:
+                    except BackendError as e:
+                        if session.backend.lost:  # nothing can run on it: say so now, not after a review
+                            answer(f, self.sessions, session, Output(results=[{"error": e.fields}]))
+                            return
                         rows = None
                 p = postgres.estimated(p, rows)
             parts.append(p)

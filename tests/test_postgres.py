@@ -21,6 +21,7 @@ from tests.support.gateway import ROOT, Gateway
 from tests.support.pgbridge import BridgeProcess, psql
 from tests.support.postgres import PostgresServer
 from tests.support.servers import free_port
+from tests.test_sqlops import READ_WRITE_MODE, SERVER_ACTIVITY
 
 APP_PASSWORD = "app-Passw0rd-9c1e"  # the login the gateway holds; no agent may ever see it
 EMAIL = "bob.builder@example.com"
@@ -641,3 +642,57 @@ def test_a_database_connection_that_goes_away_ends_the_session_with_08006(bridge
         assert c.closed  # the bridge ended the connection, as a server that went away does
     with connect(gw, tokens["writer"], autocommit=True) as c:  # the next session gets a new connection
         assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+# read-only mode, other sessions' activity: what an agent must not get round
+
+
+ADMINISTRATION = "custody: Role, privilege and server administration statements are not allowed for agents."
+
+
+@pytest.mark.parametrize("sql", READ_WRITE_MODE)
+def test_read_only_mode_cannot_be_turned_off(bridge, gw, tokens, pg, sql):
+    with connect(gw, tokens["writer"], autocommit=True) as c:
+        c.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")  # narrowing it is allowed
+        c.execute("BEGIN READ ONLY")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            c.execute(sql)
+        assert e.value.diag.message_primary.endswith(ADMINISTRATION.removeprefix("custody: "))
+        assert c.execute("SHOW transaction_read_only").fetchone() == ("on",)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):  # the real server still refuses writes
+            c.execute("INSERT INTO users (name) VALUES ('read-only-mode-broken')")
+        c.execute("ROLLBACK")
+        assert c.execute("SHOW default_transaction_read_only").fetchone() == ("on",)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            c.execute("INSERT INTO users (name) VALUES ('read-only-mode-broken')")
+    assert not reached(pg, sql)
+
+
+@pytest.mark.parametrize("sql", SERVER_ACTIVITY)
+def test_one_agent_cannot_read_another_agents_statements(bridge, gw, tokens, pg, sql):
+    secret = "other-agents-literal-5b1f"
+    with connect(gw, tokens["writer"], autocommit=True) as other:  # another agent, mid-statement
+        other.execute(f"SELECT '{secret}'")
+        with connect(gw, tokens["analyst"], autocommit=True) as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                c.execute(sql)
+            assert e.value.diag.message_primary == ADMINISTRATION
+            assert secret not in str(e.value)
+    assert not reached(pg, sql)
+
+
+@pytest.mark.parametrize("sql", ["NOTIFY orders", "NOTIFY orders, 'shipped'", "SELECT pg_notify('orders', 'x')"])
+def test_notify_is_refused_as_what_it_is(bridge, gw, tokens, pg, sql):
+    with connect(gw, tokens["writer"], autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            c.execute(sql)
+        assert e.value.diag.message_primary == ADMINISTRATION
+    assert not reached(pg, sql)
+
+
+def test_listen_is_refused_clearly(bridge, gw, tokens, pg):
+    with connect(gw, tokens["analyst"], autocommit=True) as c:
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="LISTEN is not supported through the gateway"):
+            c.execute("LISTEN orders")
+        c.execute("UNLISTEN *")
+    assert not reached(pg, "LISTEN orders")

@@ -33,7 +33,7 @@ REPORTED = ("application_name", "client_encoding", "DateStyle", "default_transac
 STARTUP = ("DateStyle", "TimeZone", "IntervalStyle", "extra_float_digits", "bytea_output",
            "lc_monetary", "lc_numeric", "lc_time", "statement_timeout", "lock_timeout")
 """Startup settings a client may pass through to its session (none that changes how SQL
-text is read or which function a name calls: see addons/classifiers/postgres.py PROTECTED_SETTINGS)."""
+text is read or which function a name calls: see addons/classifiers/postgres/settings.py)."""
 PINNED = {"standard_conforming_strings": "on", "client_encoding": "UTF8"}
 """What the classifier assumed when it parsed the SQL; checked before every execution."""
 CHUNK_ROWS = 1000

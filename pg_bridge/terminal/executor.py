@@ -32,14 +32,19 @@ logger = logging.getLogger(__name__)
 
 def unsupported(parts: list[dict]) -> dict | None:
     """ErrorResponse fields for statements the gateway cannot carry faithfully, whatever
-    the rules say: COPY to or from the client, and settings that would make the server
-    read SQL text differently from the classifier (addons/classifiers/postgres.py PROTECTED_SETTINGS)."""
+    the rules say: COPY to or from the client; changes of the settings that decide how the
+    server reads SQL text or whether writes may run (addons/classifiers/postgres/settings.py),
+    in any spelling; LISTEN, whose notifications arrive while a session is idle, when the
+    bridge has no request to answer with them."""
     for p in parts:
         if p.get("copy") and not p.get("server_side"):
             return failure("0A000", "COPY FROM STDIN / TO STDOUT is not supported through the gateway",
                            H="Use INSERT … VALUES to load rows and SELECT to read them.")
-        if p.get("setting") in ("all", *postgres.PROTECTED_SETTINGS) and p.get("command") != "RESET":
-            return failure("0A000", f"{p['setting']} cannot be changed through the gateway")
+        if p.get("protected"):
+            return failure("0A000", f"{p['protected'][0]} cannot be changed through the gateway")
+        if p.get("command") == "LISTEN":
+            return failure("0A000", "LISTEN is not supported through the gateway: notifications cannot be "
+                                    "delivered to a session while it waits", H="Poll a table instead.")
     return None
 
 

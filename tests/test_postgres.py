@@ -696,3 +696,79 @@ def test_listen_is_refused_clearly(bridge, gw, tokens, pg):
             c.execute("LISTEN orders")
         c.execute("UNLISTEN *")
     assert not reached(pg, "LISTEN orders")
+
+
+# a statement policy denies leaves nothing on the server
+
+
+def held_locks(pg: PostgresServer, pid: int) -> list[tuple]:
+    """What the backend `pid` holds on the test's tables, and its transaction id, read from
+    another connection (pg_locks, pg_stat_activity)."""
+    with pg.connect("shop") as direct:
+        locks = direct.execute("SELECT c.relname, l.mode FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                               "WHERE l.pid = %s AND c.relname IN ('users', 'notes') ORDER BY 1, 2",
+                               (pid,)).fetchall()
+        xid = direct.execute("SELECT backend_xid FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]
+    return locks + ([("xid", str(xid))] if xid is not None else [])
+
+
+def mentioned(pg: PostgresServer, fragment: str) -> bool:
+    """Did the server see `fragment` at all, even only to plan or parse it?"""
+    return any(fragment in line for line in pg.log().splitlines())
+
+
+DENIED_IN_A_TRANSACTION = [
+    ("analyst", "DELETE FROM users WHERE id = 11", False),
+    ("analyst", "UPDATE users SET score = 0 WHERE id = 12", False),
+    ("analyst", "INSERT INTO users (name) VALUES ('locked-13')", False),
+    ("analyst", "SELECT * FROM users WHERE id = 14 FOR UPDATE", False),
+    ("analyst", "SELECT * FROM users WHERE id = 15 FOR SHARE", False),
+    ("analyst", "SELECT id FROM users WHERE id = 16 FOR NO KEY UPDATE SKIP LOCKED", False),
+    ("analyst", "MERGE INTO users u USING notes n ON u.id = n.id + 17 WHEN MATCHED THEN UPDATE SET score = 0", False),
+    ("analyst", "WITH gone AS (DELETE FROM users WHERE id = 18 RETURNING *) SELECT * FROM gone", False),
+    ("analyst", "INSERT INTO users (id, name) VALUES (19, 'x') ON CONFLICT (id) DO UPDATE SET name = 'locked-19'",
+     False),
+    ("analyst", "LOCK TABLE users IN ACCESS EXCLUSIVE MODE NOWAIT", False),
+    ("analyst", "TRUNCATE notes", False),
+    ("analyst", "DELETE FROM users WHERE id = 20 AND name = 'prepared-20'", True),  # described, then denied
+    ("analyst", "UPDATE notes SET body = 'prepared-21' WHERE id = 21", True),
+    ("writer", "UPDATE users SET score = 22 WHERE id = 22; DROP TABLE notes", False),  # a deny rule: no EXPLAIN
+    ("writer", "DELETE FROM users WHERE id = (SELECT wipe()) + 23", False),  # exec: no rule allows it
+    ("writer", "UPDATE users SET name = set_config('role', 'x', false) WHERE id = 24", False),
+]
+
+
+@pytest.mark.parametrize("who, sql, prepared", DENIED_IN_A_TRANSACTION)
+def test_a_denied_statement_takes_no_lock_and_starts_no_work(bridge, gw, tokens, pg, who, sql, prepared):
+    with connect(gw, tokens[who]) as c:  # psycopg opens a transaction for the first statement
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute(sql, prepare=prepared)
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS  # refused, not failed
+        assert held_locks(pg, pid) == []
+        c.rollback()
+    if not prepared and who == "analyst":  # no rule could let it run: not even planned
+        assert not mentioned(pg, sql)
+    assert not reached(pg, sql)
+
+
+def test_a_write_held_for_review_holds_no_lock_while_it_waits(bridge, gw, tokens, pg):
+    dba = Approver(gw.approvals_url, tokens["dba"])
+    with connect(gw, tokens["writer"], autocommit=True) as c:
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        c.execute("BEGIN")
+        c.execute("UPDATE users SET score = score WHERE id = 1")  # the transaction holds this row...
+        before = held_locks(pg, pid)
+        agent = threading.Thread(target=lambda: pytest.raises(psycopg.errors.InsufficientPrivilege, c.execute,
+                                                               "DELETE FROM notes WHERE id > 0"), daemon=True)
+        agent.start()
+        approval = wait_for(lambda: [a for a in dba.list() if "DELETE FROM notes WHERE id > 0"
+                                     in a["operation"]["details"].get("sql", "")])[0]
+        assert approval["operation"]["details"]["rows"] is not None  # it was planned, to be judged
+        assert held_locks(pg, pid) == before  # ...and nothing more while the DELETE waits
+        dba.vote(approval["id"], "deny", "no")
+        agent.join(30)
+        assert held_locks(pg, pid) == before
+        c.execute("ROLLBACK")
+    assert not reached(pg, "DELETE FROM notes WHERE id > 0")

@@ -167,3 +167,55 @@ def test_a_described_column_is_retyped_like_an_executed_one():
     """Describe (no rows) and Execute must announce the same types for a masked column."""
     doc, _ = sql_mask([column("password", 23)], [], "secret-keys")
     assert doc["results"][0]["columns"][0]["type_oid"] == 25
+
+
+# SQL text, as it goes on record
+
+
+@pytest.mark.parametrize(
+    "sql, masks, recorded",
+    [
+        ("UPDATE users SET password = 'hunter2' WHERE id = 1", ("secret-keys",),
+         "UPDATE users SET password = '[REDACTED]' WHERE id = 1"),
+        ("INSERT INTO users (name, password) VALUES ('bob', 'hunter2'), ('al', E'x\\ty')", ("secret-keys",),
+         "INSERT INTO users (name, password) VALUES ('bob', '[REDACTED]'), ('al', '[REDACTED]')"),
+        ("SELECT 1 FROM users WHERE password::text = 'hunter2'::text", ("secret-keys",),
+         "SELECT 1 FROM users WHERE password::text = '[REDACTED]'::text"),
+        ("SELECT 1 FROM users u WHERE 'hunter2' = u.password", ("secret-keys",),
+         "SELECT 1 FROM users u WHERE '[REDACTED]' = u.password"),
+        ("SELECT 1 FROM users WHERE password IN ('a1', 'b2')", ("secret-keys",),
+         "SELECT 1 FROM users WHERE password IN ('[REDACTED]', '[REDACTED]')"),
+        ("SET app.api_token = 'tok-1234567'", ("secret-keys",), "SET app.api_token = '[REDACTED]'"),
+        ("SELECT 'x' AS password", ("secret-keys",), "SELECT '[REDACTED]' AS password"),
+        ("UPDATE users SET email = 'bob@example.com'", ({"fields": ["$.email"]},),
+         "UPDATE users SET email = '[REDACTED]'"),
+        ("SELECT E'key\\tAKIAIOSFODNN7EXAMPLE'", ("secrets",), "SELECT 'key\t[AWS_ACCESS_KEY_ID]'"),
+        ("SELECT $$AKIAIOSFODNN7EXAMPLE$$", ("secrets",), "SELECT '[AWS_ACCESS_KEY_ID]'"),
+        ("SELECT 1 -- AKIAIOSFODNN7EXAMPLE", ("secrets",), "SELECT 1 -- [AWS_ACCESS_KEY_ID]"),
+        ("SELECT 'it''s bob@example.com'", ("pii",), "SELECT 'it''s [EMAIL_ADDRESS]'"),
+        ("SELECT name FROM users WHERE id = 1", ("secret-keys", "pii", "secrets"), "SELECT name FROM users WHERE id = 1"),
+        ("SELEC 'AKIAIOSFODNN7EXAMPLE", ("secrets",), "SELEC '[AWS_ACCESS_KEY_ID]"),  # does not scan: text
+    ],
+)
+def test_statements_are_masked_as_sql_text(sql, masks, recorded):
+    assert Masker(parse_all(masks), _detector(), b"k").statement(sql, Report()) == recorded
+
+
+def test_a_request_masks_the_parameters_bound_to_masked_columns():
+    from addons.engine.bridge import SQL_REQUEST
+
+    body = {"sql": "UPDATE users SET password = $2, name = $1 WHERE id = $3", "params": ["bob", "hunter2", "7"],
+            "extended": True}
+    out, report = Masker(parse_all(("secret-keys",)), _detector(), b"k").body(json.dumps(body).encode(), SQL_REQUEST)
+    assert json.loads(out)["params"] == ["bob", "[REDACTED]", "7"] and report.fields["secret-keys"] == 1
+
+
+def test_recorded_operation_details_mask_every_statement_in_them():
+    from addons.engine.masks import OPERATION
+
+    doc = {"details": {"sql": "PREPARE p AS SELECT 'AKIAIOSFODNN7EXAMPLE'", "command": "PREPARE",
+                       "prepares": {"sql": "PREPARE p AS SELECT 'AKIAIOSFODNN7EXAMPLE'"},
+                       "prepared_sql": "UPDATE t SET password = 'x'"}, "parts": []}
+    out, _ = Masker(parse_all(("secrets", "secret-keys")), _detector(), b"k").body(json.dumps(doc).encode(), OPERATION)
+    details = json.loads(out)["details"]
+    assert "AKIA" not in json.dumps(details) and details["prepared_sql"] == "UPDATE t SET password = '[REDACTED]'"

@@ -772,3 +772,70 @@ def test_a_write_held_for_review_holds_no_lock_while_it_waits(bridge, gw, tokens
         assert held_locks(pg, pid) == before
         c.execute("ROLLBACK")
     assert not reached(pg, "DELETE FROM notes WHERE id > 0")
+
+
+# the SQL text on record
+
+
+def on_disk(gw: Gateway) -> bytes:
+    """Everything the audit store wrote: the database and its write-ahead log."""
+    return b"".join(p.read_bytes() for p in gw.db.parent.glob(gw.db.name + "*"))
+
+
+def aws_key(n: int) -> str:
+    return f"AKIA{n:04d}EXAMPLEQ7ZPX"
+
+
+def github_token(n: int) -> str:
+    return f"ghp_{n:04d}R8vQ2mZ7xK1pL9sT4wY6nB3cF5hJ0dA2"
+
+
+SECRET_STATEMENTS = [  # (who, statement, its parameters, the literal secret in them)
+    ("analyst", f"SELECT '{aws_key(1)}' AS k", (), aws_key(1)),
+    ("analyst", f"SELECT count(*) FROM users WHERE name = '{github_token(2)}'", (), github_token(2)),
+    ("analyst", f"SELECT $${aws_key(3)}$$", (), aws_key(3)),
+    ("analyst", f"SELECT $tag${github_token(4)}$tag$", (), github_token(4)),
+    ("analyst", f"SELECT E'key\\t{aws_key(5)}'", (), aws_key(5)),
+    ("analyst", f"SELECT 1 -- {github_token(6)}", (), github_token(6)),
+    ("analyst", f"/* {aws_key(7)} */ SELECT 2", (), aws_key(7)),
+    ("analyst", "SELECT 'postgres://app:Sup3r-s3cret-8@db.internal/shop'", (), "Sup3r-s3cret-8"),
+    ("analyst", f"SELECT 1; SELECT '{github_token(9)}'", (), github_token(9)),
+    ("analyst", f"SELECT upper('{aws_key(10)}') = %s", ("x",), aws_key(10)),
+    ("analyst", "SELECT %s::text AS eleven", (github_token(11),), github_token(11)),  # a parameter
+    ("analyst", f"PREPARE leak12 AS SELECT '{aws_key(12)}' AS twelve", (), aws_key(12)),
+    ("writer", f"UPDATE users SET name = '{github_token(13)}' WHERE id = 13", (), github_token(13)),
+    ("writer", f"INSERT INTO notes (id, body) VALUES (1300 + 14, 'token: {aws_key(14)}')", (), aws_key(14)),
+    # values of masked columns (secret-keys: password, *token*, …), found by what they are assigned to
+    ("writer", "UPDATE users SET password = 'plain-pw-16' WHERE id = 16", (), "plain-pw-16"),
+    ("writer", "INSERT INTO users (name, password) VALUES ('u17', 'plain-pw-17')", (), "plain-pw-17"),
+    ("writer", "UPDATE users SET password = %s WHERE id = 18", ("plain-pw-18",), "plain-pw-18"),
+    ("writer", "INSERT INTO users (name, password) VALUES (%s, %s)", ("u19", "plain-pw-19"), "plain-pw-19"),
+    ("analyst", "SELECT count(*) FROM users WHERE password = 'plain-pw-20'", (), "plain-pw-20"),
+    ("analyst", "SELECT count(*) FROM users u WHERE 'plain-pw-21' = u.password", (), "plain-pw-21"),
+    ("analyst", "SELECT count(*) FROM users u WHERE password IN ('plain-pw-22', 'x')", (), "plain-pw-22"),
+    ("analyst", "SELECT 'plain-pw-23'::text AS api_token", (), "plain-pw-23"),
+]
+
+
+@pytest.mark.parametrize("who, sql, params, secret", SECRET_STATEMENTS)
+def test_a_literal_secret_in_a_statement_never_reaches_the_audit_store(bridge, gw, tokens, who, sql, params, secret):
+    with connect(gw, tokens[who], autocommit=True) as c:
+        c.execute(sql, params or None)
+    subject = {"analyst": "crew-analyst", "writer": "crew-writer"}[who]
+    decision = gw.wait_events("kind = 'decision' AND subject = ? AND operation LIKE '%\"phase\":\"execute\"%'",
+                              [subject])[-1]  # recorded before it ran
+    assert decision["effect"] == "allow" and "[" in decision["operation"]  # on record, masked
+    assert secret.encode() not in on_disk(gw)
+
+
+def test_an_approval_shows_the_statement_masked(bridge, gw, tokens, pg):
+    secret = github_token(15)
+    dba = Approver(gw.approvals_url, tokens["dba"])
+    agent = Agent(gw, tokens["writer"], f"UPDATE users SET name = '{secret}' WHERE id > 100")
+    approval = wait_for(lambda: [a for a in dba.list() if "GITHUB_TOKEN" in a["operation"]["details"].get("sql", "")])[0]
+    assert approval["operation"]["details"]["sql"] == "UPDATE users SET name = '[GITHUB_TOKEN]' WHERE id > 100"
+    assert secret not in str(approval)
+    dba.vote(approval["id"], "deny", "no")
+    agent.join(30)
+    assert secret.encode() not in on_disk(gw)
+    assert not reached(pg, secret)

@@ -358,3 +358,10 @@ def test_reading_other_sessions_activity_is_administration(sql):
                                  "SELECT * FROM pg_prepared_statements", "SELECT * FROM pg_cursors"])
 def test_the_sessions_own_state_stays_a_read(sql):
     assert one(sql)["action"] == "read"
+
+
+def test_statements_of_a_string_keep_their_text_after_non_ascii():
+    """pglast gives character offsets: a statement after an ü must not be cut a byte early."""
+    op = sqlops.classify("db", "execute", "SELECT 'üü', 'x'; UPDATE t SET a = 'ä' WHERE id = 1; SELECT '✓'")
+    assert [p.details["sql"] for p in op.parts] == ["SELECT 'üü', 'x'", "UPDATE t SET a = 'ä' WHERE id = 1",
+                                                    "SELECT '✓'"]

@@ -22,6 +22,8 @@ from typing import Any
 
 from addons.engine.model import AGENT_ATTRIBUTES
 
+SQL_REQUEST = "application/vnd.custody.sql-request+json"
+"""pg_bridge requests ({"sql": …, "params": […]}): masked for the record as SQL text (Masker.sql_request)."""
 SQL_RESULTS = "application/vnd.custody.sql-results+json"
 """pg_bridge results (pg_bridge/terminal/executor.py): masked by column, see Masker.sql_results."""
 SSH_RESULTS = "application/vnd.custody.ssh-results+json"
@@ -34,12 +36,14 @@ SWEEP = 60.0
 
 @dataclass(frozen=True)
 class Contract:
-    """One bridge's requests: the session header, the phases by path, the answer's media type."""
+    """One bridge's requests: the session header, the phases by path, the answer's media type,
+    the requests' media type (JSON either way; its name tells the masker what it holds)."""
 
     bridge: str
     session_header: str
     phases: dict[str, str]
     results: str
+    requests: str = "application/json"
 
     def phase(self, method: str, path: str) -> str | None:
         return self.phases.get(path) if method.upper() == "POST" else None
@@ -47,7 +51,7 @@ class Contract:
 
 POSTGRES = Contract("pg_bridge", "pg-bridge-session",
                     {"/connect": "connect", "/execute": "execute", "/describe": "describe", "/cancel": "cancel",
-                     "/close": "close"}, SQL_RESULTS)
+                     "/close": "close"}, SQL_RESULTS, SQL_REQUEST)
 SSH = Contract("ssh_bridge", "ssh-bridge-session",
                {"/connect": "connect", "/exec": "exec", "/shell": "shell", "/close": "close"}, SSH_RESULTS)
 
@@ -160,7 +164,7 @@ async def step(link: Link, contract: Contract, host: str, phase: str, token: str
     try:
         status, fields, content = await link.post(
             f"http://{host}/{phase}",
-            {"host": host, "proxy-authorization": f"Bearer {token}", "content-type": "application/json",
+            {"host": host, "proxy-authorization": f"Bearer {token}", "content-type": contract.requests,
              contract.session_header: session},
             json.dumps(body, ensure_ascii=False).encode())
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as e:

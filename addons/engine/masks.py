@@ -38,8 +38,12 @@ from typing import Any, Protocol
 
 from jsonpath_ng.ext import parse as jsonpath_parse
 
-from addons.engine.bridge import SQL_RESULTS, SSH_RESULTS
+from addons.engine import sqltext
+from addons.engine.bridge import SQL_REQUEST, SQL_RESULTS, SSH_RESULTS
 
+OPERATION = "application/vnd.custody.operation+json"
+"""An Operation's details as the recorder stores them (MaskPool.operation_for_record): the
+SQL text in them is masked as statements, the rest as a document."""
 OPERATORS = ("redact", "partial", "hash")
 BUILTIN_KEYS = ("*token*", "*secret*", "*password*", "*passwd*", "api_key", "apikey", "authorization", "*private_key*")
 SECRET_ENTITIES = (
@@ -296,6 +300,66 @@ class Masker:
         masked = self._objects(inner, mask, report)
         return text if sum(report.fields.values()) == before else json.dumps(masked, separators=(",", ":"))
 
+    # SQL text
+
+    def masks_name(self, name: str) -> Mask | None:
+        """The structural mask that hides a column (or key) of this name: a `keys` glob, or a
+        `fields` path whose first step names it ($.password, $..password)."""
+        lower = name.lower()
+        for mask in self.structural:
+            if mask.kind == "keys" and any(fnmatch.fnmatchcase(lower, g) for g in mask.keys):
+                return mask
+            if mask.kind == "fields" and any(_top_field(m.full_path) == name
+                                             for expr in mask.compiled for m in expr.find({name: ""})):
+                return mask
+        return None
+
+    def statement(self, sql: str, report: Report) -> str:
+        """SQL text masked as a document of values: a literal compared with or assigned to a
+        masked column is hidden whole (`password = '…'`, `VALUES ('…')` under it), detection
+        runs on each literal's value as the server reads it (an E'\\t' is a tab), then on
+        the text around them (comments, identifiers)."""
+        out = sql
+        for lit in reversed(sqltext.literals(sql)):
+            if lit.column and (mask := self.masks_name(lit.column)):
+                replacement = sqltext.quoted(self._whole(lit.value or out[lit.start:lit.end], mask))
+                report.fields[mask.label] += 1
+            elif lit.value is not None and self.entities and (found := self.text(lit.value, report, lit.column)) != lit.value:
+                replacement = sqltext.quoted(found)
+            else:
+                continue
+            out = out[:lit.start] + replacement + out[lit.end:]
+        return self.text(out, report) if self.entities else out
+
+    def sql_request(self, doc: dict[str, Any], report: Report) -> dict[str, Any]:
+        """A pg_bridge request: its statement masked as SQL text, each parameter bound to a
+        masked column hidden whole, detection on the other parameters."""
+        sql = doc.get("sql")
+        if isinstance(sql, str):
+            params = doc.get("params")
+            if isinstance(params, list):
+                for n, column in sqltext.parameters(sql).items():
+                    if 0 < n <= len(params) and params[n - 1] is not None and (mask := self.masks_name(column)):
+                        params[n - 1] = self._whole(params[n - 1], mask)
+                        report.fields[mask.label] += 1
+            doc["sql"] = self.statement(sql, report)
+        return self.document(doc, report)
+
+    def operation(self, node: Any, report: Report) -> Any:
+        """Recorded operation details: every `sql` and `*_sql` string masked as SQL text,
+        wherever it is nested (the statements of a string, what a PREPARE prepares)."""
+        if isinstance(node, list):
+            return [self.operation(v, report) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for k, v in node.items():
+            if (k == "sql" or str(k).endswith("_sql")) and isinstance(v, str):
+                out[k] = self.statement(v, report)
+            else:
+                out[k] = self.operation(v, report)
+        return out
+
     def sql_results(self, doc: dict[str, Any], report: Report) -> dict[str, Any]:
         """pg_bridge results. A column is to SQL what a key is to JSON: `keys` masks mask
         whole columns by name, `fields` masks see each row as {column: value}, detection
@@ -425,6 +489,14 @@ class Masker:
             if not report.masked:
                 return content, report
             return json.dumps(doc, ensure_ascii=False).encode(), report
+        if content_type.startswith((SQL_REQUEST, OPERATION)):
+            doc = json.loads(text)
+            before = report.masked
+            masked_doc = self.sql_request(doc, report) if content_type.startswith(SQL_REQUEST) else \
+                self.document(self.operation(doc, report), report)
+            if report.masked == before:
+                return content, report
+            return json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":")).encode(), report
         if content_type.startswith(SQL_RESULTS):
             masked_doc = self.sql_results(json.loads(text), report)
             if not report.masked and not self.structural:  # column masks retype columns even with no rows
@@ -481,6 +553,13 @@ def parse_json(text: str, content_type: str) -> Any:
         if says_json:
             raise MaskError(f"the response says it is {content_type} but does not parse as JSON") from None
         return _NOT_JSON
+
+
+def _top_field(path) -> str:
+    """The first field a JSONPath match went through (the column, for a row)."""
+    while hasattr(path, "left"):
+        path = path.left
+    return path.fields[0] if getattr(path, "fields", None) else ""
 
 
 def _cell_text(cell: str | None, binary: bool, text_like: bool) -> str | None:

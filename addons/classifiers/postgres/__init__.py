@@ -361,12 +361,10 @@ def _statements(sql: str) -> tuple[dict[str, Any], ...]:
     except pglast.parser.ParseError as e:
         return ({"sql": sql, "command": "Unparseable", "classes": ["UNKNOWN"], "action": UNKNOWN, "tables": [],
                  "functions": [], "reason": f"the statement does not parse: {e}"},)
-    encoded = sql.encode()  # locations are byte offsets
     out = []
-    for raw in parsed:
-        end = raw.stmt_location + raw.stmt_len if raw.stmt_len else len(encoded)
-        text = encoded[raw.stmt_location:end].decode(errors="replace").strip()
-        out.append(statement(raw.stmt, text))
+    for raw in parsed:  # pglast gives character offsets
+        end = raw.stmt_location + raw.stmt_len if raw.stmt_len else len(sql)
+        out.append(statement(raw.stmt, sql[raw.stmt_location:end].strip()))
     return tuple(out)
 
 

@@ -25,7 +25,6 @@ Pure code: the detector is passed in (addons/engine/detectors.py builds the real
 
 from __future__ import annotations
 
-import base64
 import fnmatch
 import functools
 import hashlib
@@ -55,12 +54,6 @@ NER_ENTITIES = ("PERSON", "LOCATION")
 GROUPS = {"secrets": SECRET_ENTITIES, "pii": PII_ENTITIES}
 ENTITIES = SECRET_ENTITIES + PII_ENTITIES + NER_ENTITIES
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
-TEXT_OID = 25
-TEXT_OIDS = frozenset({25, 1043, 1042, 19, 18, 114, 142, 705})
-JSON_OIDS = frozenset({114, 3802})
-TEXT_ARRAY_OIDS = frozenset({1009, 1015, 1014, 1003})
-"""text[], varchar[], bpchar[], name[]: a masked element is still a valid array literal."""
-"""text, varchar, bpchar, name, char, json, xml, unknown: their binary form is their text."""
 ERROR_TEXT_FIELDS = ("M", "D", "H", "W")
 QUOTING_ERRORS = {
     "22": (("M", r'"[^"]*"', '"[REDACTED]"'), ("D", r'"[^"]*"', '"[REDACTED]"')),  # invalid input: "<value>"
@@ -309,7 +302,7 @@ class Masker:
         for mask in self.structural:
             if mask.kind == "keys" and any(fnmatch.fnmatchcase(lower, g) for g in mask.keys):
                 return mask
-            if mask.kind == "fields" and any(_top_field(m.full_path) == name
+            if mask.kind == "fields" and any(top_field(m.full_path) == name
                                              for expr in mask.compiled for m in expr.find({name: ""})):
                 return mask
         return None
@@ -361,14 +354,14 @@ class Masker:
         return out
 
     def sql_results(self, doc: dict[str, Any], report: Report) -> dict[str, Any]:
-        """pg_bridge results. A column is to SQL what a key is to JSON: `keys` masks mask
-        whole columns by name, `fields` masks see each row as {column: value}, detection
-        runs on text cells and on the text of errors and notices (an error's DETAIL can
-        quote a row). A column whose values were replaced becomes type text, so clients
-        decode `[REDACTED]` as a string instead of failing on it as an integer."""
+        """pg_bridge results: each column as addons/engine/sqlresults.py plans it from its
+        description; detection on the text of errors and notices too (an error's DETAIL
+        can quote a row)."""
+        from addons.engine import sqlresults  # it builds on this module
+
         for result in doc.get("results", []):
             if "columns" in result:
-                self._table(result["columns"], result.get("rows", []), report)
+                sqlresults.mask_table(self, result["columns"], result.get("rows", []), report)
             if "error" in result:
                 result["error"] = self._error_text(result["error"], report)
         doc["notices"] = [self._error_text(n, report) for n in doc.get("notices", [])]
@@ -388,75 +381,31 @@ class Masker:
             return fields
         return {k: self.text(v, report) if k in ERROR_TEXT_FIELDS else v for k, v in fields.items()}
 
-    def _table(self, columns: list[dict[str, Any]], rows: list[list[Any]], report: Report) -> None:
-        names = [c["name"] for c in columns]
-        text_like = [c["type_oid"] in TEXT_OIDS for c in columns]
-        binary = [c.get("format") == 1 for c in columns]
-        whole: set[int] = set()
-        retyped: set[int] = set()
-        origins = [c.get("origin") or c["name"] for c in columns]  # the table column, whatever its alias
-        for mask in self.structural:
-            if mask.kind == "keys":
-                for i, n in enumerate(names):
-                    if any(fnmatch.fnmatchcase(n.lower(), g) or fnmatch.fnmatchcase(origins[i].lower(), g)
-                           for g in mask.keys):
-                        whole.add(i)
-                        report.fields[mask.label] += sum(1 for row in rows if row[i] is not None)
-        fields = [m for m in self.structural if m.kind == "fields"]
-        for row in rows:
-            hit: set[int] = set()
-            as_object = {}
-            for i, n in enumerate(names):
-                as_object.setdefault(n, _cell_text(row[i], binary[i], text_like[i]))
-            for mask in fields:
-                for expr in mask.compiled:
-                    for match in expr.find(as_object):
-                        top = match.full_path
-                        while hasattr(top, "left"):
-                            top = top.left
-                        if getattr(top, "fields", None):
-                            cells = {i for i, n in enumerate(names) if n == top.fields[0] and i not in whole}
-                            report.fields[mask.label] += len(cells - hit)
-                            hit |= cells
-            for i in hit:
-                if binary[i] and not text_like[i]:
-                    whole.add(i)  # binary cells of other types cannot hold text: the whole column goes
-                elif row[i] is not None:
-                    row[i] = _cell(self._whole(_cell_text(row[i], binary[i], True), fields[0]), binary[i])
-                    retyped.add(i)
-            for i, cell in enumerate(row):
-                if cell is None or i in whole or i in hit or (binary[i] and not text_like[i]):
-                    continue
-                before = report.masked
-                if columns[i]["type_oid"] in JSON_OIDS and not binary[i]:
-                    masked = self._json_cell(cell, report)  # row_to_json(t), json_agg(…): keys inside
-                elif self.entities:
-                    masked = self.text(_cell_text(cell, binary[i], True), report, names[i])
-                else:
-                    continue
-                if report.masked != before:
-                    row[i] = _cell(masked, binary[i])
-                    if columns[i]["type_oid"] not in JSON_OIDS | TEXT_ARRAY_OIDS:
-                        retyped.add(i)  # JSON stays JSON, a text array an array
-        for i in whole:
-            mask = next((m for m in self.structural if m.kind == "keys"), None) or fields[0]
-            for row in rows:
-                if row[i] is not None:
-                    row[i] = _cell(self._whole(_cell_text(row[i], binary[i], text_like[i]), mask), binary[i])
-            retyped.add(i)
-        for i in retyped:
-            if not text_like[i]:
-                columns[i].update(type_oid=TEXT_OID, type_size=-1, type_modifier=-1)
-
-    def _json_cell(self, text: str, report: Report) -> str:
-        """A json/jsonb cell masked as a document (keys, fields and detection inside it)."""
+    def json_cell(self, text: str, report: Report, keyed: bool = False) -> str:
+        """A json/jsonb cell masked as a document (keys, fields and detection inside it).
+        `keyed`: it holds table rows as objects keyed by column name (row_to_json(u)), so the
+        values under the names of masked columns are hidden wherever they are in it."""
         try:
             doc = json.loads(text)
         except ValueError:
             return self.text(text, report) if self.entities else text
         before = report.masked
-        masked = self.document(doc, report)
+        masked = self.document(self._columns_in(doc, report) if keyed else doc, report)
         return text if report.masked == before else json.dumps(masked, ensure_ascii=False)
+
+    def _columns_in(self, node: Any, report: Report) -> Any:
+        if isinstance(node, list):
+            return [self._columns_in(v, report) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for k, v in node.items():
+            if (mask := self.masks_name(str(k))) is not None and v is not None and not _masked_already(v):
+                out[k] = self._whole(v, mask)
+                report.fields[mask.label] += 1
+            else:
+                out[k] = self._columns_in(v, report)
+        return out
 
     def _leaves(self, node: Any, report: Report, name: str) -> Any:
         if isinstance(node, str):
@@ -555,23 +504,11 @@ def parse_json(text: str, content_type: str) -> Any:
         return _NOT_JSON
 
 
-def _top_field(path) -> str:
+def top_field(path) -> str:
     """The first field a JSONPath match went through (the column, for a row)."""
     while hasattr(path, "left"):
         path = path.left
     return path.fields[0] if getattr(path, "fields", None) else ""
-
-
-def _cell_text(cell: str | None, binary: bool, text_like: bool) -> str | None:
-    """A result cell as text: binary cells travel base64; those of text types are UTF-8."""
-    if cell is None or not binary:
-        return cell
-    raw = base64.b64decode(cell)
-    return raw.decode("utf-8", "replace") if text_like else raw.hex()
-
-
-def _cell(text: str, binary: bool) -> str:
-    return base64.b64encode(text.encode()).decode() if binary else text
 
 
 def _masked_already(value: Any) -> bool:

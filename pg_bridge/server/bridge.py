@@ -131,7 +131,7 @@ class Portal:
     types: list[int]
     params: list[Any]
     param_formats: list[int]
-    result_format: int
+    result_formats: list[int]
     columns: list[dict] | None = None
     rows: list[list] | None = None
     command: str = ""
@@ -343,8 +343,13 @@ class Client:
             self.out += pgp.EMPTY_QUERY
             return False
         if "columns" in result:
+            asked = pgp.formats_for(portal.result_formats if portal else [], len(result["columns"]))
+            if [c["format"] for c in result["columns"]] != asked:  # never bytes the client reads as something else
+                self._error({"S": "ERROR", "V": "ERROR", "C": "XX000",
+                             "M": "custody: the gateway answered in other result formats than the client asked for"})
+                return True
             if describe:
-                self.out += pgp.row_description(result["columns"], [c["format"] for c in result["columns"]])
+                self.out += pgp.row_description(result["columns"], asked)
             rows = result["rows"]
             if portal is not None and max_rows > 0 and len(rows) > max_rows:
                 self._rows(result["columns"], rows[:max_rows])
@@ -431,11 +436,7 @@ class Client:
         formats = pgp.formats_for(msg.formats, len(msg.params))
         params = [None if v is None else base64.b64encode(v).decode() if formats[i] == 1 else v.decode("utf-8")
                   for i, v in enumerate(msg.params)]
-        results = set(msg.result_formats)
-        if len(results) > 1:
-            raise Failed({"S": "ERROR", "V": "ERROR", "C": "0A000",
-                          "M": "mixed text and binary result columns are not supported through the gateway"})
-        self.session.portals[msg.portal] = Portal(stmt[0], stmt[1], params, formats, results.pop() if results else 0)
+        self.session.portals[msg.portal] = Portal(stmt[0], stmt[1], params, formats, list(msg.result_formats))
 
     async def _describe(self, msg: Describe) -> None:
         if msg.kind == "S":
@@ -443,7 +444,7 @@ class Client:
             if stmt is None:
                 raise Failed({"S": "ERROR", "V": "ERROR", "C": "26000",
                               "M": f'prepared statement "{msg.name}" does not exist'})
-            sql, types, fmt = stmt[0], stmt[1], 0
+            sql, types, fmt = stmt[0], stmt[1], []
         elif msg.name and msg.name not in self.session.portals:
             # a cursor the client declared with SQL (DECLARE): it lives on the backend
             answer = await self._call("describe", {"portal": msg.name})
@@ -455,8 +456,8 @@ class Client:
             return
         else:
             portal = self._portal(msg.name)
-            sql, types, fmt = portal.sql, portal.types, portal.result_format
-        answer = await self._call("describe", {"sql": sql, "param_types": types, "result_format": fmt})
+            sql, types, fmt = portal.sql, portal.types, portal.result_formats
+        answer = await self._call("describe", {"sql": sql, "param_types": types, "result_formats": fmt})
         result = (answer.get("results") or [{}])[0]
         if "error" in result:
             raise Failed(result["error"])
@@ -476,7 +477,7 @@ class Client:
                                 max_rows, describe=False)
         answer = await self._call("execute", {
             "sql": portal.sql, "extended": True, "params": portal.params, "param_types": portal.types,
-            "param_formats": portal.param_formats, "result_format": portal.result_format})
+            "param_formats": portal.param_formats, "result_formats": portal.result_formats})
         result = (answer.get("results") or [{"empty": True}])[0]
         portal.done, portal.columns, portal.command = True, result.get("columns", []), result.get("command", "")
         if describe and "columns" not in result and "error" not in result:

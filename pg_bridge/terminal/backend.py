@@ -37,6 +37,8 @@ text is read or which function a name calls: see addons/classifiers/postgres/set
 PINNED = {"standard_conforming_strings": "on", "client_encoding": "UTF8"}
 """What the classifier assumed when it parsed the SQL; checked before every execution."""
 CHUNK_ROWS = 1000
+CONVERT_BATCH = 10000
+"""Values per conversion query (the protocol allows 65535 parameters)."""
 SAVEPOINT = "custody_undo"
 """The savepoint under which the gateway's own planning runs inside a client's transaction."""
 ROWS = (pq.ExecStatus.TUPLES_CHUNK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.SINGLE_TUPLE)
@@ -328,6 +330,27 @@ class Backend:
                 self.notices = []
             plan = next((r.get_value(0, 0) for r in results if r.status in ROWS and r.ntuples), None)
             return None if plan is None else written_rows(json.loads(plan)[0]["Plan"])
+
+    async def binary(self, oids: list[int], texts: list[str]) -> list[bytes]:
+        """Each text value as its type's binary form, by this session's server (its
+        DateStyle, TimeZone and IntervalStyle read the text as they wrote it): `SELECT $1,
+        …` with each value a parameter of its type, results in binary. Under a savepoint in
+        a transaction, so a value it cannot read leaves the client's transaction as it was."""
+        out: list[bytes] = []
+        async with self.lock:
+            for start in range(0, len(texts), CONVERT_BATCH):
+                oids_, texts_ = oids[start:start + CONVERT_BATCH], texts[start:start + CONVERT_BATCH]
+                query = "SELECT " + ", ".join(f"${n + 1}" for n in range(len(texts_)))
+                with self._io():
+                    (results,) = await self._undone([lambda q=query, o=oids_, t=texts_: self.pg.send_query_params(
+                        q.encode(), [v.encode() for v in t], o, None, 1)])
+                row = next((r for r in results if r.status in ROWS and r.ntuples), None)
+                if row is None:
+                    failed = next((error_fields(r) for r in results if r.status == pq.ExecStatus.FATAL_ERROR), {})
+                    raise BackendError(failure("XX000", "custody: a masked result could not be encoded in the "
+                                                        f"format the client asked for: {failed.get('M', '')}"))
+                out += [row.get_value(0, i) for i in range(row.nfields)]
+        return out
 
     async def _undone(self, steps: list) -> list[list[pq.PGresult]]:
         """Send `steps` (libpq send calls) in one round trip and leave the session as it was:

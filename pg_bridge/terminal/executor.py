@@ -19,13 +19,14 @@ import logging
 from mitmproxy import http
 
 from addons import context, failclosed
-from addons.classifiers import postgres
 from addons.engine.bridge import SQL_RESULTS
 from addons.engine.config import Connection
+from addons.engine.masks import parse_all as parse_masks
 from addons.failclosed import guarded
 from addons.settings import Settings
+from pg_bridge.terminal import formats
 from pg_bridge.terminal.backend import Backend, BackendError, Output, conninfo, failure
-from pg_bridge.terminal.catalog import Catalogs
+from pg_bridge.terminal.columns import UNREAD, Columns
 from pg_bridge.terminal.sessions import Session, Sessions
 
 logger = logging.getLogger(__name__)
@@ -78,10 +79,10 @@ class PgExecutor:
     def __init__(self, settings: Settings, sessions: Sessions) -> None:
         self.settings = settings
         self.sessions = sessions
-        self.catalogs = Catalogs()
+        self.columns = Columns()
 
     def done(self) -> None:
-        self.catalogs.close()
+        self.columns.close()
 
     @guarded
     async def request(self, f: http.HTTPFlow) -> None:
@@ -128,37 +129,68 @@ class PgExecutor:
         if phase == "cancel":
             cancelled = await asyncio.to_thread(session.backend.cancel)
             return Output(results=[{"command": "CANCEL" if cancelled else "IDLE"}], status=session.backend.status)
-        masked = bool(c.decision.masks)
+        masks = parse_masks(c.decision.masks)
+        structural = any(m.kind != "detect" for m in masks)
+        wanted = [int(f) for f in body.get("result_formats") or ()]
         if phase == "describe":
             if "portal" in body:
                 out = await session.backend.describe_portal(body["portal"])
+                statements = [session.cursors.get(body["portal"], UNREAD)]
             else:
                 out = await session.backend.describe(body["sql"], body.get("param_types"))
-            return await self._named(conn, out, masked, 0 if masked else int(body.get("result_format", 0)))
+                statements = [op.parts[0].details["sql"] if op.parts else UNREAD]
+            if masks:
+                await self.columns.describe(conn, out, statements, structural)
+            return self._formats(out, wanted, described=True)
         parts = [p.details for p in op.parts]
         if problem := unsupported(parts):
             return Output(results=[{"error": problem}], status=session.backend.status)
-        # masked results travel as text: binary arrays, JSON or bytea would carry text past detection
-        result_format = 0 if masked else int(body.get("result_format", 0))
         out = await session.backend.execute(
             body["sql"], extended=bool(body.get("extended")), params=body.get("params"),
             types=body.get("param_types"), formats=body.get("param_formats"),
-            result_format=result_format, max_bytes=conn.max_result_bytes, guard=prepared_guard(session, parts))
+            result_format=formats.fetched(wanted or [0], bool(masks)), max_bytes=conn.max_result_bytes,
+            guard=prepared_guard(session, parts))
+        statements = [session.statement(p) or UNREAD for p in parts]  # before a CLOSE forgets a cursor
         session.remember(parts, out.results)
-        return await self._named(conn, out, masked)
+        if masks:
+            await self.columns.describe(conn, out, statements, structural)
+        return self._formats(out, wanted)
 
-    async def _named(self, conn: Connection, out: Output, masked: bool, described: int | None = None) -> Output:
-        """Columns carry the format they will travel in (`described`: for a description,
-        what an execution will send) and, when masks apply, the name of the table column
-        they come from: a mask on `password` must not miss `password AS p`."""
-        columns = [col for r in out.results for col in r.get("columns", ())]
-        for col in columns:
-            if described is not None:
-                col["format"] = described
-        if masked:
-            origins = await self.catalogs.origins(conn, [(col["table_oid"], col["column"]) for col in columns
-                                                         if col["table_oid"]])
-            for col in columns:
-                if col["table_oid"]:
-                    col["origin"] = origins[(col["table_oid"], col["column"])]
+    @staticmethod
+    def _formats(out: Output, wanted: list[int], described: bool = False) -> Output:
+        """Each column says the format the client asked for it in (`send`), where that is
+        not the one it was fetched in; a description says what an execution will send."""
+        for result in out.results:
+            columns = result.get("columns", ())
+            try:
+                per_column = formats.per_column(wanted, len(columns))
+            except formats.FormatError as e:
+                result.clear()
+                result["error"] = e.fields
+                continue
+            for column, fmt in zip(columns, per_column):
+                if described:
+                    column["format"] = fmt
+                elif fmt != column["format"]:
+                    column["send"] = fmt
         return out
+
+    @guarded
+    async def response(self, f: http.HTTPFlow) -> None:
+        """After masking and the record: columns the client wants in binary, fetched as
+        text, are encoded (pg_bridge/terminal/formats.py)."""
+        c = context.of(f)
+        if c.protocol != "postgres" or f.response is None or f.response.status_code != 200 \
+                or not f.response.headers.get("content-type", "").startswith(SQL_RESULTS):
+            return
+        doc = json.loads(f.response.content)
+        if not formats.pending(doc):
+            return
+        session = self.sessions.get(c.operation.details.get("session", ""), c.principal, c.connection)
+        try:
+            if session is None:
+                raise BackendError(failure("08003", "no such session on the gateway; reconnect"))
+            await formats.encode(doc, session.backend.binary)
+        except BackendError as e:
+            doc["results"] = [{"error": e.fields}]
+        f.response.content = json.dumps(doc, ensure_ascii=False).encode()

@@ -245,7 +245,7 @@ def statement(node: ast.Node, text: str) -> dict[str, Any]:
                 "explains": inner["command"]}
     if isinstance(node, ast.DeclareCursorStmt):
         inner = statement(node.query, text)
-        return {**inner, "sql": text, "command": command, "declares": inner["command"]}
+        return {**inner, "sql": text, "command": command, "declares": inner["command"], "name": node.portalname}
     if isinstance(node, ast.PrepareStmt):
         # classified as what it prepares (so it needs the same rights), but it runs nothing:
         # no WHERE to judge and no rows to estimate until EXECUTE, which is decided again
@@ -308,6 +308,8 @@ def statement(node: ast.Node, text: str) -> dict[str, Any]:
         if isinstance(node, ast.DeallocateStmt):
             out["name"] = node.name or ""
             out["all"] = bool(node.isall) or not node.name
+        elif isinstance(node, (ast.FetchStmt, ast.ClosePortalStmt)):
+            out["name"] = node.portalname or ""  # CLOSE ALL has none
     else:
         classes.add("DDL")
         action = DDL

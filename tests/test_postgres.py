@@ -839,3 +839,80 @@ def test_an_approval_shows_the_statement_masked(bridge, gw, tokens, pg):
     agent.join(30)
     assert secret.encode() not in on_disk(gw)
     assert not reached(pg, secret)
+
+
+# a masked column's value, however it reaches the result
+
+
+MASKED_ANOTHER_WAY = [
+    "SELECT u FROM users u WHERE id = 1",  # a whole row
+    "SELECT users FROM users WHERE id = 1",
+    "SELECT u::text FROM users u WHERE id = 1",
+    "SELECT format('%s', u) FROM users u WHERE id = 1",
+    "SELECT (SELECT u FROM users u WHERE id = 1)",
+    "SELECT json_agg(u) FROM users u WHERE id < 3",  # rows as JSON objects: the key is masked
+    "SELECT to_jsonb(u) - 'email' FROM users u WHERE id = 1",
+    "SELECT jsonb_build_object('p', password) FROM users WHERE id = 1",
+    "SELECT array_agg(password) FROM users WHERE id < 3",  # aggregates and array constructors
+    "SELECT ARRAY[password, name] FROM users WHERE id = 1",
+    "SELECT ARRAY(SELECT password FROM users WHERE id < 3)",
+    "SELECT string_agg(password, ',') FROM users WHERE id < 3",
+    "SELECT max(password) FROM users",
+    "SELECT lower(password) FROM users WHERE id = 1",  # any expression
+    "SELECT password || '' AS x FROM users WHERE id = 1",
+    "SELECT coalesce(password, 'x') FROM users WHERE id = 1",
+    "SELECT CASE WHEN id = 1 THEN password END FROM users WHERE id = 1",
+    "SELECT translate(password, 'xyz', 'XYZ') FROM users WHERE id = 1",
+    "SELECT ROW(password, 1) FROM users WHERE id = 1",
+    "SELECT (SELECT password FROM users WHERE id = 1)",  # subqueries, CTEs, functions in FROM
+    "SELECT p FROM (SELECT password || '!' AS p FROM users WHERE id = 1) s",
+    "SELECT s.x FROM (SELECT ARRAY[password] FROM users WHERE id = 1) s(x)",
+    "WITH c AS (SELECT concat(password) AS p FROM users WHERE id = 1) SELECT lower(p) FROM c",
+    "SELECT x FROM users, unnest(ARRAY[password]) AS x WHERE id = 1",
+    "SELECT value FROM users u, json_each_text(row_to_json(u)) WHERE id = 1 AND key = 'password'",
+    "SELECT lower(d) FROM users AS u(a, b, c, d) WHERE a = 1",  # columns renamed by position
+    "SELECT name FROM users WHERE id = 2 UNION ALL SELECT password FROM users WHERE id = 1",
+    "VALUES ((SELECT password FROM users WHERE id = 1))",
+    "UPDATE users SET score = score WHERE id = 1 RETURNING lower(password)",
+]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+@pytest.mark.parametrize("sql", MASKED_ANOTHER_WAY)
+def test_a_masked_column_stays_masked_however_it_reaches_the_result(bridge, gw, tokens, pg, sql, binary):
+    who = "writer" if sql.startswith("UPDATE") else "analyst"
+    with pg.connect("shop") as direct:
+        clear = direct.execute(sql).fetchall()
+    assert "pw-" in str(clear)  # the query does read a password
+    with connect(gw, tokens[who], autocommit=True) as c:
+        rows = c.execute(sql, binary=binary).fetchall()
+    assert "pw-" not in str(rows) and "REDACTED]" in str(rows)
+    assert len(rows) == len(clear)
+
+
+@pytest.mark.parametrize(
+    "sql, masked",
+    [
+        ("SELECT row_to_json(u) FROM users u WHERE id = 299",
+         [({"id": 299, "name": "user299", "email": "[EMAIL_ADDRESS]", "password": "[REDACTED]", "score": 299},)]),
+        ("SELECT (u).password, (u).name FROM users u WHERE id = 299", [("[REDACTED]", "user299")]),
+        ("SELECT * FROM (SELECT name, password AS p FROM users WHERE id = 299) s", [("user299", "[REDACTED]")]),
+        ("SELECT count(*), max(name), lower(max(name)) FROM users WHERE id = 299", [(1, "user299", "user299")]),
+    ],
+)
+def test_what_is_not_computed_from_a_masked_column_stays_readable(bridge, gw, tokens, sql, masked):
+    with connect(gw, tokens["analyst"], autocommit=True) as c:
+        assert c.execute(sql).fetchall() == masked
+
+
+def test_rows_of_a_cursor_and_a_prepared_statement_are_masked_as_what_they_run(bridge, gw, tokens):
+    with connect(gw, tokens["analyst"]) as c:
+        c.execute("DECLARE leak CURSOR FOR SELECT password AS p, lower(password) AS l, name FROM users ORDER BY id")
+        assert c.execute("FETCH 2 FROM leak").fetchall() == [("[REDACTED]", "[REDACTED]", "user1"),
+                                                              ("[REDACTED]", "[REDACTED]", "user2")]
+        c.execute("CLOSE leak")
+        c.execute("PREPARE peek AS SELECT lower(password), name FROM users WHERE id = $1")
+        assert c.execute("EXECUTE peek(3)").fetchall() == [("[REDACTED]", "user3")]
+        with c.cursor("walk") as cur:  # psycopg's server-side cursor: DECLARE, then FETCH FORWARD
+            cur.execute("SELECT id, password || '' FROM users WHERE id < 4 ORDER BY id")
+            assert cur.fetchall() == [(1, "[REDACTED]"), (2, "[REDACTED]"), (3, "[REDACTED]")]

@@ -68,9 +68,7 @@ class Plan:
 def plan(masker: Masker, column: dict[str, Any]) -> Plan:
     oid = column["type_oid"]
     text_like = oid in TEXT_OIDS
-    names = [column["name"], column.get("origin") or ""]
-    if not column.get("table_oid"):
-        names += column.get("sources") or ()
+    names = [column["name"], column.get("origin") or "", *(column.get("sources") or ())]
     whole = next((m for m in map(masker.masks_name, filter(None, names)) if m is not None), None)
     if whole is None and column.get("opaque") and masker.structural:
         whole = masker.structural[0]

@@ -22,6 +22,12 @@ UNREAD = object()
 """A result whose statement is not known (lineage cannot be read)."""
 
 
+def plain(column: dict) -> bool:
+    """Does the server say which table column this is? (A whole row of a table has the
+    table's OID and column number 0: it is computed, not a column.)"""
+    return bool(column["table_oid"] and column["column"])
+
+
 class Columns:
     def __init__(self) -> None:
         self.catalogs = Catalogs()
@@ -33,11 +39,10 @@ class Columns:
         """Annotate every result column of `out` in place: `origin` for plain columns, and
         when column masks apply, `sources`/`keyed`/`opaque` for computed ones. `statements`
         are the SQL texts the results come from, in order (UNREAD when not known)."""
-        results = [r for r in out.results if "columns" in r]
-        columns = [c for r in results for c in r["columns"]]
-        origins = await self.catalogs.origins(conn, [(c["table_oid"], c["column"]) for c in columns if c["table_oid"]])
+        columns = [c for r in out.results for c in r.get("columns", ())]
+        origins = await self.catalogs.origins(conn, [(c["table_oid"], c["column"]) for c in columns if plain(c)])
         for c in columns:
-            if c["table_oid"]:
+            if plain(c):
                 c["origin"] = origins[(c["table_oid"], c["column"])]
         if not structural:
             return
@@ -45,7 +50,7 @@ class Columns:
         for result, sql in zip(out.results, statements):
             if "columns" not in result:
                 continue
-            computed = [c for c in result["columns"] if not c["table_oid"]]
+            computed = [c for c in result["columns"] if not plain(c)]
             if not computed:
                 continue
             read = lineage.lineage(sql) if isinstance(sql, str) else None
@@ -54,7 +59,7 @@ class Columns:
                     c["opaque"] = True
                 continue
             carried = read.columns([c["name"] for c in result["columns"]])
-            pending += [(c, k) for c, k in zip(result["columns"], carried) if not c["table_oid"]]
+            pending += [(c, k) for c, k in zip(result["columns"], carried) if not plain(c)]
         tables = sorted({t for _, k in pending for t in k.tables | k.keyed})
         known = await self.catalogs.tables(conn, tables) if tables else {}
         for c, k in pending:

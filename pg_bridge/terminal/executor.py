@@ -65,6 +65,29 @@ def prepared_guard(session: Session, parts: list[dict]):
     return guard
 
 
+def portal_step(session: Session, body: dict, parts: list[dict]) -> tuple[str, list | None, list | None] | Output:
+    """What runs a step: the statement itself; or, for a named portal the bridge keeps on
+    the backend (so SQL can MOVE and FETCH in it, and it lives until its transaction ends),
+    DECLARE when it is bound and FETCH when it is executed. A statement that cannot be a
+    cursor (it writes) is left to the bridge to run when executed (`deferred`)."""
+    if body.get("declare"):
+        if len(parts) != 1 or parts[0].get("command") != "SELECT" or {"WRITE", "DDL"} & set(parts[0]["classes"]):
+            return Output(results=[{"deferred": True}], status=session.backend.status)
+        return (f"DECLARE {ident(body['declare'])} NO SCROLL CURSOR FOR {body['sql']}", body.get("params"),
+                body.get("param_types"))
+    if body.get("fetch"):
+        if session.cursors.get(body["fetch"]) != body["sql"]:  # what was decided must be what it reads
+            return Output(results=[{"error": failure("34000", f'portal "{body["fetch"]}" does not exist')}],
+                          status=session.backend.status)
+        rows = int(body.get("max_rows") or 0)
+        return f"FETCH {f'FORWARD {rows}' if rows > 0 else 'ALL'} FROM {ident(body['fetch'])}", None, None
+    return body["sql"], body.get("params"), body.get("param_types")
+
+
+def ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 def answer(f: http.HTTPFlow, sessions: Sessions, session: Session | None, out: Output) -> None:
     """The flow's response: `out` as SQL_RESULTS. A session whose server went away is
     closed here, and the answer says so (the bridge then ends the client's connection)."""
@@ -145,13 +168,22 @@ class PgExecutor:
         parts = [p.details for p in op.parts]
         if problem := unsupported(parts):
             return Output(results=[{"error": problem}], status=session.backend.status)
+        run = portal_step(session, body, parts)
+        if isinstance(run, Output):
+            return run
+        sql, params, types = run
         out = await session.backend.execute(
-            body["sql"], extended=bool(body.get("extended")), params=body.get("params"),
-            types=body.get("param_types"), formats=body.get("param_formats"),
+            sql, extended=bool(body.get("extended")), params=params, types=types,
+            formats=body.get("param_formats") if params else None,
             result_format=formats.fetched(wanted or [0], bool(masks)), max_bytes=conn.max_result_bytes,
             guard=prepared_guard(session, parts))
-        statements = [session.statement(p) or UNREAD for p in parts]  # before a CLOSE forgets a cursor
+        if body.get("declare") or body.get("fetch"):
+            statements = [body["sql"]]  # a portal's rows are its statement's
+        else:
+            statements = [session.statement(p) or UNREAD for p in parts]  # a cursor's, before CLOSE forgets it
         session.remember(parts, out.results)
+        if body.get("declare") and not any("error" in r for r in out.results):
+            session.cursors[body["declare"]] = body["sql"]
         if masks:
             await self.columns.describe(conn, out, statements, structural)
         return self._formats(out, wanted)

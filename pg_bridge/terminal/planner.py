@@ -56,7 +56,7 @@ class PgPlanner:
         if op is None or op.protocol != "postgres" or op.details.get("phase") != "execute" or not op.parts:
             return
         session = self.sessions.get(op.details.get("session", ""), c.principal, c.connection)
-        extra = {k: op.details[k] for k in ("session",) if k in op.details}
+        extra = {k: op.details[k] for k in ("session", "portal") if k in op.details}
         parts = tuple(postgres.resolved(p, session.prepared.get(p.details.get("name", "")))
                       if p.details.get("command") == "EXECUTE" and session is not None else p for p in op.parts)
         planned = []

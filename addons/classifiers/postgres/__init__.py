@@ -448,6 +448,8 @@ def classify_request(connection: str, method: str, path: str, session: str, body
         extra |= {"database": str(body.get("database", "")), "user": str(body.get("user", ""))}
     elif phase == "describe" and "portal" in body:
         extra["portal"] = body["portal"]  # a cursor the session declared: what it returns
+    elif phase == "execute" and isinstance(body.get("declare") or body.get("fetch"), str):
+        extra["portal"] = body.get("declare") or body["fetch"]  # a portal kept as a cursor: declared or read
     op = classify(connection, phase, body.get("sql") if phase in ("execute", "describe") else None, extra)
     return dataclasses.replace(op, payload=body)
 

@@ -28,6 +28,9 @@ EMAIL = "bob.builder@example.com"
 
 TEST_RULES = {"rules": [
     {"id": "small-cap-reads", "match": {"connection": "capped-db", "action": "read"}, "effect": "allow"},
+    {"id": "plain-reads", "description": "Reads without masks, to compare clients with the server itself.",
+     "match": {"connection": "prod-db", "principal": {"groups": ["plain-readers"]}, "action": "read"},
+     "effect": "allow"},
 ]}
 
 
@@ -100,6 +103,7 @@ def tokens(keys, jwks):
         "writer": mint("crew-writer", ["app-writers"]),
         "stranger": mint("nobody", []),
         "dba": mint("dba-1", ["dba"]),
+        "reader": mint("plain-reader", ["plain-readers"]),
         "expired": keys["rsa"].token(jwks.issuer, sub="crew-analyst", groups=["analysts"], ttl=-120),
     }
 

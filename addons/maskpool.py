@@ -187,14 +187,15 @@ class MaskPool:
         details withheld when they cannot be masked."""
         if not masks:
             return op
-        doc = {"details": op.details, "parts": [p.details for p in op.parts]}
+        recorded = op.parts if len(op.parts) > 1 else ()  # one statement is its operation (Operation.as_dict)
+        doc = {"details": op.details, "parts": [p.details for p in recorded]}
         masked, withheld = await self.for_record(canonical_json(doc).encode(), OPERATION, masks)
         if masked is None:
-            doc = {"details": {"withheld": withheld}, "parts": [{"withheld": withheld} for _ in op.parts]}
+            doc = {"details": {"withheld": withheld}, "parts": [{"withheld": withheld} for _ in recorded]}
         else:
             doc = json.loads(masked)
-        parts = tuple(dataclasses.replace(p, details=d) for p, d in zip(op.parts, doc["parts"]))
-        return dataclasses.replace(op, details=doc["details"], parts=parts)
+        parts = tuple(dataclasses.replace(p, details=d) for p, d in zip(recorded, doc["parts"]))
+        return dataclasses.replace(op, details=doc["details"], parts=parts or op.parts[:0])
 
     async def for_record(self, content: bytes | None, content_type: str, masks: tuple) -> tuple[bytes | None, str]:
         """A body as it may be stored: masked, or withheld (None) with the reason why."""

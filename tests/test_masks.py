@@ -190,7 +190,7 @@ def test_a_described_column_is_retyped_like_an_executed_one():
         ("UPDATE users SET email = 'bob@example.com'", ({"fields": ["$.email"]},),
          "UPDATE users SET email = '[REDACTED]'"),
         ("SELECT E'key\\tAKIAIOSFODNN7EXAMPLE'", ("secrets",), "SELECT 'key\t[AWS_ACCESS_KEY_ID]'"),
-        ("SELECT $$AKIAIOSFODNN7EXAMPLE$$", ("secrets",), "SELECT '[AWS_ACCESS_KEY_ID]'"),
+        ("SELECT $$AKIAIOSFODNN7EXAMPLE$$", ("secrets",), "SELECT $$[AWS_ACCESS_KEY_ID]$$"),
         ("SELECT 1 -- AKIAIOSFODNN7EXAMPLE", ("secrets",), "SELECT 1 -- [AWS_ACCESS_KEY_ID]"),
         ("SELECT 'it''s bob@example.com'", ("pii",), "SELECT 'it''s [EMAIL_ADDRESS]'"),
         ("SELECT name FROM users WHERE id = 1", ("secret-keys", "pii", "secrets"), "SELECT name FROM users WHERE id = 1"),

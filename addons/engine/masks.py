@@ -43,6 +43,8 @@ from addons.engine.bridge import SQL_REQUEST, SQL_RESULTS, SSH_RESULTS
 OPERATION = "application/vnd.custody.operation+json"
 """An Operation's details as the recorder stores them (MaskPool.operation_for_record): the
 SQL text in them is masked as statements, the rest as a document."""
+REMEMBERED = 2048
+"""Strings up to this length have what detection made of them kept (per Masker)."""
 OPERATORS = ("redact", "partial", "hash")
 BUILTIN_KEYS = ("*token*", "*secret*", "*password*", "*passwd*", "api_key", "apikey", "authorization", "*private_key*")
 SECRET_ENTITIES = (
@@ -93,6 +95,14 @@ class Mask:
     @functools.cached_property
     def compiled(self) -> tuple:
         return tuple(jsonpath_parse(p) for p in self.paths)
+
+    def names(self, name: str) -> bool:
+        """Does a `keys` mask's glob match this (lower-cased) name?"""
+        return self._globs.fullmatch(name) is not None
+
+    @functools.cached_property
+    def _globs(self) -> re.Pattern:
+        return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in self.keys) or "(?!)", re.DOTALL)
 
 
 def parse(raw: Any) -> Mask:
@@ -183,6 +193,7 @@ class Masker:
         self.threshold = min((m.threshold for m in detect), default=1.0)
         if self.entities and finder is None:
             raise MaskError("content detection is not available")
+        self._detected = functools.lru_cache(maxsize=4096)(self._detect)
 
     # operators
 
@@ -201,15 +212,21 @@ class Masker:
     # text
 
     def text(self, text: str, report: Report, name: str = "") -> str:
-        """Mask detected entities in one string."""
+        """Mask detected entities in one string. The same short strings come back again and
+        again (a statement's command, a table name, the SQL of a request and of its record),
+        so what detection made of them is kept."""
         if not self.entities:
             return text
+        masked, found = self._detected(text, name) if len(text) <= REMEMBERED else self._detect(text, name)
+        report.entities.update(found)
+        return masked
+
+    def _detect(self, text: str, name: str) -> tuple[str, tuple[str, ...]]:
         findings = [f for f in self.finder.find(text, self.entities, self.threshold, name)
                     if f.score >= self.by_entity[f.entity].threshold]
         for f in sorted(findings, key=lambda f: f.start, reverse=True):
             text = text[:f.start] + self.replace(text[f.start:f.end], self.by_entity[f.entity], f.entity) + text[f.end:]
-            report.entities[f.entity] += 1
-        return text
+        return text, tuple(f.entity for f in findings)
 
     def lines(self, text: str, report: Report) -> str:
         """Mask a text body line by line (a line is to text what a leaf is to JSON), after
@@ -244,7 +261,7 @@ class Masker:
         if isinstance(node, dict):
             out = {}
             for k, v in node.items():
-                if any(fnmatch.fnmatchcase(str(k).lower(), g) for g in mask.keys) and not _masked_already(v):
+                if mask.names(str(k).lower()) and not _masked_already(v):
                     out[k] = self._whole(v, mask)
                     report.fields[mask.label] += 1
                 else:
@@ -300,7 +317,7 @@ class Masker:
         `fields` path whose first step names it ($.password, $..password)."""
         lower = name.lower()
         for mask in self.structural:
-            if mask.kind == "keys" and any(fnmatch.fnmatchcase(lower, g) for g in mask.keys):
+            if mask.kind == "keys" and mask.names(lower):
                 return mask
             if mask.kind == "fields" and any(top_field(m.full_path) == name
                                              for expr in mask.compiled for m in expr.find({name: ""})):
@@ -309,16 +326,17 @@ class Masker:
 
     def statement(self, sql: str, report: Report) -> str:
         """SQL text masked as a document of values: a literal compared with or assigned to a
-        masked column is hidden whole (`password = '…'`, `VALUES ('…')` under it), detection
-        runs on each literal's value as the server reads it (an E'\\t' is a tab), then on
-        the text around them (comments, identifiers)."""
+        masked column is hidden whole (`password = '…'`, `VALUES ('…')` under it); detection
+        runs on the value of each literal written with escapes as the server reads it (an
+        E'\\t' is a tab), then on the whole text (literals, comments, identifiers)."""
         out = sql
         for lit in reversed(sqltext.literals(sql)):
             if lit.column and (mask := self.masks_name(lit.column)):
                 replacement = sqltext.quoted(self._whole(lit.value or out[lit.start:lit.end], mask))
                 report.fields[mask.label] += 1
-            elif lit.value is not None and self.entities and (found := self.text(lit.value, report, lit.column)) != lit.value:
-                replacement = sqltext.quoted(found)
+            elif lit.escaped and lit.value is not None and self.entities and \
+                    (found := self.text(lit.value, report, lit.column)) != lit.value:
+                replacement = sqltext.quoted(found)  # the text hid it: detection below sees what it reads as
             else:
                 continue
             out = out[:lit.start] + replacement + out[lit.end:]

@@ -32,6 +32,8 @@ class Literal:
     value: str | None
     """The string as the server reads it; None for numbers and bit strings."""
     column: str = ""
+    escaped: bool = False
+    """Written with escapes (E'…', U&'…'): its text is not its value."""
     """The column (or setting) it is compared with or assigned to, if any."""
 
 
@@ -112,13 +114,14 @@ def _bindings(sql: str) -> _Bindings:
     return found
 
 
-def literals(sql: str) -> list[Literal]:
+@functools.lru_cache(maxsize=1024)
+def literals(sql: str) -> tuple[Literal, ...]:
     """Every constant in `sql`, in order. Text that does not scan (an unterminated string)
     has none: the masker then reads it as plain text."""
     try:
         tokens = scan(sql)  # character offsets
     except pglast.parser.ParseError:
-        return []
+        return ()
     found = _bindings(sql)
     out = []
     for t in tokens:
@@ -126,8 +129,9 @@ def literals(sql: str) -> list[Literal]:
             continue
         at = len(sql[:t.start].encode())  # the parse tree's locations are byte offsets
         value = found.values.get(at, sql[t.start:t.end + 1]) if t.name in STRING_TOKENS else None
-        out.append(Literal(t.start, t.end + 1, value, found.at.get(at, "")))
-    return out
+        escaped = t.name == "USCONST" or sql[t.start:t.start + 1] in "eE"
+        out.append(Literal(t.start, t.end + 1, value, found.at.get(at, ""), escaped))
+    return tuple(out)
 
 
 def parameters(sql: str) -> dict[int, str]:

@@ -30,6 +30,8 @@ from pg_bridge.terminal.columns import UNREAD, Columns
 from pg_bridge.terminal.sessions import Session, Sessions
 
 logger = logging.getLogger(__name__)
+ENCODE = "custody.pg.encode"
+"""flow.metadata: columns of this answer still need the format the client asked for."""
 
 def unsupported(parts: list[dict]) -> dict | None:
     """ErrorResponse fields for statements the gateway cannot carry faithfully, whatever
@@ -131,6 +133,8 @@ class PgExecutor:
                 out = await self._step(conn, session, c)
         except BackendError as e:
             out = Output(results=[{"error": e.fields}])
+        if any("send" in col for r in out.results for col in r.get("columns", ())):
+            f.metadata[ENCODE] = True
         answer(f, self.sessions, session, out)
 
     async def _connect(self, conn: Connection, session_id: str, c: context.Context, body: dict) -> Output:
@@ -212,12 +216,10 @@ class PgExecutor:
         """After masking and the record: columns the client wants in binary, fetched as
         text, are encoded (pg_bridge/terminal/formats.py)."""
         c = context.of(f)
-        if c.protocol != "postgres" or f.response is None or f.response.status_code != 200 \
+        if not f.metadata.get(ENCODE) or f.response is None or f.response.status_code != 200 \
                 or not f.response.headers.get("content-type", "").startswith(SQL_RESULTS):
-            return
+            return  # nothing to encode, or refused after the terminal answered
         doc = json.loads(f.response.content)
-        if not formats.pending(doc):
-            return
         session = self.sessions.get(c.operation.details.get("session", ""), c.principal, c.connection)
         try:
             if session is None:

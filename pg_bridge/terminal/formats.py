@@ -71,12 +71,6 @@ LOCAL: dict[int, Callable[[str], bytes | None]] = {
 }
 
 
-def pending(doc: dict) -> bool:
-    """Does any column still travel in another format than the client asked for?"""
-    return any(c.get("send", c.get("format", 0)) != c.get("format", 0)
-               for r in doc.get("results", []) for c in r.get("columns", ()))
-
-
 async def encode(doc: dict, server: Callable) -> None:
     """Encode, in place, the text cells of every column the client wants in binary.
     `server(oids, texts)` returns the server's binary forms (for what LOCAL cannot do)."""

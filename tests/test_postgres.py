@@ -240,6 +240,69 @@ def test_row_limits_suspend_the_portal(bridge, gw, tokens):
     raw.close()
 
 
+def fields_of(row_description: bytes) -> list[tuple[str, int, int]]:
+    """(name, type OID, format) of each column of a RowDescription body."""
+    n, pos, out = struct.unpack("!h", row_description[:2])[0], 2, []
+    for _ in range(n):
+        end = row_description.index(b"\0", pos)
+        _, _, oid, _, _, fmt = struct.unpack("!ihihih", row_description[end + 1:end + 19])
+        out.append((row_description[pos:end].decode(), oid, fmt))
+        pos = end + 19
+    return out
+
+
+def cells_of(data_row: bytes) -> list[bytes | None]:
+    n, pos, out = struct.unpack("!h", data_row[:2])[0], 2, []
+    for _ in range(n):
+        (length,) = struct.unpack("!i", data_row[pos:pos + 4])
+        out.append(None if length < 0 else data_row[pos + 4:pos + 4 + length])
+        pos += 4 + max(length, 0)
+    return out
+
+
+@pytest.mark.parametrize(
+    "who, sql, formats, described, cells",
+    [
+        ("reader", "SELECT 1000::int4 AS n, 'x'::text AS t, 2.5::float8 AS f", [1, 0, 1],
+         [("n", 23, 1), ("t", 25, 0), ("f", 701, 1)], [struct.pack("!i", 1000), b"x", struct.pack("!d", 2.5)]),
+        ("analyst", "SELECT 1000::int4 AS n, 'x'::text AS t, 2.5::float8 AS f", [1, 0, 1],
+         [("n", 23, 1), ("t", 25, 0), ("f", 701, 1)], [struct.pack("!i", 1000), b"x", struct.pack("!d", 2.5)]),
+        ("analyst", "SELECT 1000::int4 AS n", [1], [("n", 23, 1)], [struct.pack("!i", 1000)]),  # not 825241648
+        ("analyst", "SELECT id, score AS password FROM users WHERE id = 299", [1, 1],
+         [("id", 23, 1), ("password", 25, 1)], [struct.pack("!i", 299), b"[REDACTED]"]),  # masked: text, said so
+        ("analyst", "SELECT id, email FROM users WHERE id = 299", [0, 1],
+         [("id", 23, 0), ("email", 25, 1)], [b"299", b"[EMAIL_ADDRESS]"]),
+        ("analyst", "SELECT now()::date - now()::date AS days, ARRAY[1, 2] AS a", [1],
+         [("days", 23, 1), ("a", 1007, 1)],
+         [struct.pack("!i", 0), struct.pack("!iiiiiii", 1, 0, 23, 2, 1, 4, 1) + struct.pack("!ii", 4, 2)]),
+    ],
+)
+def test_every_column_comes_in_the_format_bind_asked_for(bridge, gw, tokens, who, sql, formats, described, cells):
+    raw = RawClient(gw.bridge_port, tokens[who])
+    raw.send(b"P", b"\0" + sql.encode() + b"\0\0\0")
+    raw.send(b"B", b"\0\0" + struct.pack("!hh", 0, 0) + struct.pack(f"!h{len(formats)}h", len(formats), *formats))
+    raw.send(b"D", b"P\0")
+    raw.send(b"E", b"\0" + struct.pack("!i", 0))
+    raw.send(b"S", b"")
+    answer = raw.until(b"Z")
+    assert [k for k, _ in answer] == [b"1", b"2", b"T", b"D", b"C", b"Z"], answer
+    assert fields_of(answer[2][1]) == described
+    assert cells_of(answer[3][1]) == cells
+    raw.close()
+
+
+def test_result_formats_that_do_not_fit_the_columns_are_a_protocol_error(bridge, gw, tokens):
+    raw = RawClient(gw.bridge_port, tokens["reader"])
+    raw.send(b"P", b"\0SELECT 1, 2, 3\0\0\0")
+    raw.send(b"B", b"\0\0" + struct.pack("!hhhhh", 0, 0, 2, 1, 0))
+    raw.send(b"E", b"\0" + struct.pack("!i", 0))
+    raw.send(b"S", b"")
+    answer = raw.until(b"Z")
+    assert [k for k, _ in answer] == [b"1", b"2", b"E", b"Z"]
+    assert b"C08P01\0" in answer[2][1] and b"2 result formats but query has 3 columns" in answer[2][1]
+    raw.close()
+
+
 # transactions and errors
 
 

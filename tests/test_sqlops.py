@@ -365,3 +365,52 @@ def test_statements_of_a_string_keep_their_text_after_non_ascii():
     op = sqlops.classify("db", "execute", "SELECT 'üü', 'x'; UPDATE t SET a = 'ä' WHERE id = 1; SELECT '✓'")
     assert [p.details["sql"] for p in op.parts] == ["SELECT 'üü', 'x'", "UPDATE t SET a = 'ä' WHERE id = 1",
                                                     "SELECT '✓'"]
+
+
+# what a result column may carry (the masker hides what carries a masked column)
+
+
+@pytest.mark.parametrize(
+    "sql, columns, carried",
+    [
+        # (names, whole-row tables, keyed tables) per result column
+        ("SELECT lower(password), count(*) FROM users", ["lower", "count"],
+         [({"password"}, set(), set()), (set(), set(), set())]),
+        ("SELECT u FROM users u", ["u"], [({"u"}, {'"users"'}, set())]),
+        ("SELECT u::text FROM public.users u", ["u"], [({"u"}, {'"public"."users"'}, set())]),
+        ("SELECT row_to_json(u), json_agg(u) FROM users u", ["row_to_json", "json_agg"],
+         [(set(), set(), {'"users"'}), (set(), set(), {'"users"'})]),
+        ("SELECT to_jsonb(u) - 'x' FROM users u", ["?column?"], [({"u"}, {'"users"'}, set())]),  # not a row any more
+        ("SELECT row_to_json(s) FROM (SELECT password AS p FROM users) s", ["row_to_json"],
+         [({"s", "password"}, set(), set())]),  # a derived row: what it is made of, not keyed by table columns
+        ("SELECT p FROM (SELECT password || '' AS p FROM users) s", ["p"], [({"p", "password"}, set(), set())]),
+        ("SELECT s.array FROM (SELECT ARRAY[password] FROM users) s", ["array"],
+         [({"array", "password"}, set(), set())]),  # a column the server names
+        ("SELECT x FROM (SELECT password FROM users) AS s(x)", ["x"], [({"x", "password"}, set(), set())]),
+        ("WITH c(x) AS (SELECT md5(password) FROM users) SELECT x FROM c", ["x"], [({"x", "password"}, set(), set())]),
+        ("SELECT v FROM users, unnest(ARRAY[password]) AS f(v)", ["v"], [({"v", "password"}, set(), set())]),
+        ("SELECT lower(d) FROM users AS u(a, b, c, d)", ["lower"], [({"d", "u"}, {'"users"'}, set())]),
+        ("SELECT (SELECT max(id) FROM users WHERE password = 'x')", ["max"], [({"id", "password"}, set(), set())]),
+        ("SELECT name FROM users UNION SELECT password FROM users", ["name"], [({"name", "password"}, set(), set())]),
+        ("VALUES (1, (SELECT password FROM users))", ["column1", "column2"],
+         [(set(), set(), set()), ({"password"}, set(), set())]),
+        ("UPDATE users SET score = 1 RETURNING id, upper(email)", ["id", "upper"],
+         [({"id"}, set(), set()), ({"email"}, set(), set())]),
+        ("SELECT *, lower(name) FROM (SELECT name, password || '' AS p FROM users) s", ["name", "p", "lower"],
+         [({"name"}, set(), set()), ({"p", "password"}, set(), set()), ({"name"}, set(), set())]),
+        ("SHOW server_version", ["server_version"], [(set(), set(), set())]),
+        ("EXPLAIN SELECT password FROM users", ["QUERY PLAN"], [(set(), set(), set())]),
+    ],
+)
+def test_result_columns_carry_what_they_are_computed_from(sql, columns, carried):
+    from addons.classifiers.postgres.lineage import lineage
+
+    got = lineage(sql).columns(columns)
+    assert [(set(c.names), set(c.tables), set(c.keyed)) for c in got] == carried
+
+
+@pytest.mark.parametrize("sql", ["EXECUTE p(1)", "FETCH 5 FROM c", "CALL proc()", "SELECT 1; SELECT 2", "SELEC 1"])
+def test_results_of_another_statement_have_no_lineage_of_their_own(sql):
+    from addons.classifiers.postgres.lineage import lineage
+
+    assert lineage(sql) is None  # the terminal reads what they run, or masks them whole

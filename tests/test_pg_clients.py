@@ -225,3 +225,29 @@ def test_psycopg_reads_every_type_as_the_server_sends_it(gw, bridge, pg, tokens,
     for mine, theirs in zip(through, server):
         for name, got, want in zip(PSYCOPG_COLUMNS, mine, theirs):
             assert (got == "[IP_ADDRESS]") if name in MASKED[who] else same(got, want), name
+
+
+# SQLAlchemy on asyncpg
+
+
+@pytest.mark.parametrize("who", WHO)
+def test_sqlalchemy_on_asyncpg_reflects_and_reads(loop, gw, bridge, tokens, kinds, who):
+    """SQLAlchemy's asyncpg dialect introspects the server on connect (version,
+    current_schema, standard_conforming_strings, its JSON codecs) before the first query."""
+    import sqlalchemy
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def use():
+        engine = create_async_engine(f"postgresql+asyncpg://agent:{tokens[who]}@127.0.0.1:{gw.bridge_port}/shop",
+                                     connect_args={"ssl": False})
+        try:
+            async with engine.connect() as conn:
+                tables = await conn.run_sync(lambda c: sorted(sqlalchemy.inspect(c).get_table_names()))
+                rows = (await conn.execute(sqlalchemy.text("SELECT id, jb, ia FROM kinds ORDER BY id"))).all()
+            return tables, rows
+        finally:
+            await engine.dispose()
+
+    tables, rows = loop(use())
+    assert {"kinds", "notes", "users"} <= set(tables)
+    assert [tuple(r) for r in rows] == [(1, {"b": {"c": None}}, [1, None, 3]), (2, [], [])]

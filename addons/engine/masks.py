@@ -359,17 +359,12 @@ class Masker:
     def operation(self, node: Any, report: Report) -> Any:
         """Recorded operation details: every `sql` and `*_sql` string masked as SQL text,
         wherever it is nested (the statements of a string, what a PREPARE prepares)."""
-        if isinstance(node, list):
-            return [self.operation(v, report) for v in node]
-        if not isinstance(node, dict):
-            return node
-        out = {}
-        for k, v in node.items():
-            if (k == "sql" or str(k).endswith("_sql")) and isinstance(v, str):
-                out[k] = self.statement(v, report)
-            else:
-                out[k] = self.operation(v, report)
-        return out
+        def sql(key: str, value: Any) -> Any:
+            if (key == "sql" or key.endswith("_sql")) and isinstance(value, str):
+                return self.statement(value, report)
+            return None
+
+        return _by_key(node, sql)
 
     def sql_results(self, doc: dict[str, Any], report: Report) -> dict[str, Any]:
         """pg_bridge results: each column as addons/engine/sqlresults.py plans it from its
@@ -412,18 +407,13 @@ class Masker:
         return text if report.masked == before else json.dumps(masked, ensure_ascii=False)
 
     def _columns_in(self, node: Any, report: Report) -> Any:
-        if isinstance(node, list):
-            return [self._columns_in(v, report) for v in node]
-        if not isinstance(node, dict):
-            return node
-        out = {}
-        for k, v in node.items():
-            if (mask := self.masks_name(str(k))) is not None and v is not None and not _masked_already(v):
-                out[k] = self._whole(v, mask)
-                report.fields[mask.label] += 1
-            else:
-                out[k] = self._columns_in(v, report)
-        return out
+        def column(key: str, value: Any) -> Any:
+            if (mask := self.masks_name(key)) is None or value is None or _masked_already(value):
+                return None
+            report.fields[mask.label] += 1
+            return self._whole(value, mask)
+
+        return _by_key(node, column)
 
     def _leaves(self, node: Any, report: Report, name: str) -> Any:
         if isinstance(node, str):
@@ -520,6 +510,20 @@ def parse_json(text: str, content_type: str) -> Any:
         if says_json:
             raise MaskError(f"the response says it is {content_type} but does not parse as JSON") from None
         return _NOT_JSON
+
+
+def _by_key(node: Any, replace) -> Any:
+    """A JSON document rebuilt with `replace(key, value)` for the value under each key, at
+    any depth; where it answers None, the value is looked into instead."""
+    if isinstance(node, list):
+        return [_by_key(v, replace) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for k, v in node.items():
+        replaced = replace(str(k), v)
+        out[k] = _by_key(v, replace) if replaced is None else replaced
+    return out
 
 
 def top_field(path) -> str:

@@ -3,11 +3,16 @@ itself, on the real server, with the database login only the gateway holds.
 
 It sets `flow.response` in the request hook, so nothing goes upstream as HTTP and the
 response hooks (masking, then the recorder) still run on the result. The response is
-SQL_RESULTS JSON: every statement's columns (name, type OID, …), rows as the server
-encoded them, command tag or the server's own error fields; notices; the transaction
-state and the parameters that changed. A server error is a result, not a gateway error;
-the gateway's own failures (no such session, database unreachable) are results too, with
+SQL_RESULTS JSON: every statement's columns (name, type OID, where they come from and what
+they are computed from when column masks apply: columns.py), rows as the server encoded
+them, command tag or the server's own error fields; notices; the transaction state and
+the parameters that changed. A server error is a result, not a gateway error; the
+gateway's own failures (no such session, database unreachable) are results too, with
 their SQLSTATE, so the client sees a PostgreSQL error either way.
+
+Rows are fetched as text when masks apply or the client's formats differ by column; after
+masking and the record, this addon's response hook encodes the columns the client asked
+for in binary (formats.py), so the record holds readable text and the client its formats.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pg_bridge.terminal.sessions import Session, Sessions
 logger = logging.getLogger(__name__)
 ENCODE = "custody.pg.encode"
 """flow.metadata: columns of this answer still need the format the client asked for."""
+
 
 def unsupported(parts: list[dict]) -> dict | None:
     """ErrorResponse fields for statements the gateway cannot carry faithfully, whatever
@@ -197,7 +203,9 @@ class PgExecutor:
         """Each column says the format the client asked for it in (`send`), where that is
         not the one it was fetched in; a description says what an execution will send."""
         for result in out.results:
-            columns = result.get("columns", ())
+            columns = result.get("columns")
+            if columns is None:
+                continue  # no rows: Bind's formats do not apply (PortalSetResultFormat)
             try:
                 per_column = formats.per_column(wanted, len(columns))
             except formats.FormatError as e:

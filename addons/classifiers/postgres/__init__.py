@@ -24,6 +24,10 @@ has a WHERE, and an action:
 
 A string of several statements is one Operation whose `parts` are the statements: policy
 decides each part and the strictest decision wins.
+
+Beside this module: settings.py (which run-time settings a statement changes, whatever
+its spelling) and lineage.py (which table columns each result column is computed from,
+for the masks).
 """
 
 from __future__ import annotations

@@ -36,16 +36,17 @@ class Columns:
         self.catalogs.close()
 
     async def describe(self, conn: Connection, out: Output, statements: list, structural: bool) -> None:
-        """Annotate every result column of `out` in place: `origin` for plain columns, and
-        when column masks apply, `sources`/`keyed`/`opaque` for computed ones. `statements`
-        are the SQL texts the results come from, in order (UNREAD when not known)."""
+        """When column masks apply, annotate every result column of `out` in place: `origin`
+        for plain columns, `sources`/`keyed`/`opaque` for computed ones. `statements` are the
+        SQL texts the results come from, in order (UNREAD when not known). Detection alone
+        needs none of it."""
+        if not structural:
+            return
         columns = [c for r in out.results for c in r.get("columns", ())]
         origins = await self.catalogs.origins(conn, [(c["table_oid"], c["column"]) for c in columns if plain(c)])
         for c in columns:
             if plain(c):
                 c["origin"] = origins[(c["table_oid"], c["column"])]
-        if not structural:
-            return
         pending = []
         for result, sql in zip(out.results, statements):
             if "columns" not in result:

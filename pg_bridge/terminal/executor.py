@@ -172,8 +172,7 @@ class PgExecutor:
             else:
                 out = await session.backend.describe(body["sql"], body.get("param_types"))
                 statements = [op.parts[0].details["sql"] if op.parts else UNREAD]
-            if masks:
-                await self.columns.describe(conn, out, statements, structural)
+            await self.columns.describe(conn, out, statements, structural)
             return self._formats(out, wanted, described=True)
         parts = [p.details for p in op.parts]
         if problem := unsupported(parts):
@@ -194,8 +193,7 @@ class PgExecutor:
         session.remember(parts, out.results)
         if body.get("declare") and not any("error" in r for r in out.results):
             session.cursors[body["declare"]] = body["sql"]
-        if masks:
-            await self.columns.describe(conn, out, statements, structural)
+        await self.columns.describe(conn, out, statements, structural)
         return self._formats(out, wanted)
 
     @staticmethod

@@ -54,6 +54,7 @@ def build() -> list:
     pool = MaskPool(settings)
     sessions = Sessions()
     ssh = SshExecutor(settings)
+    policy = Policy(settings)
     return [
         Hardening(),
         settings,
@@ -64,9 +65,9 @@ def build() -> list:
         WellKnown(settings),
         Identity(settings),
         Classify(settings),
-        PgPlanner(sessions),
+        PgPlanner(sessions, policy),
         SshPlanner(ssh),
-        Policy(settings),
+        policy,
         Hold(settings, book, pool),
         Masking(settings, pool),
         Recorder(settings, log, pool),

@@ -41,6 +41,12 @@ class Context:
     protocol: str = ""
     """The connection's kind, known before the operation is (refusals answer in its shape)."""
     operation: Operation | None = None
+    record_masks: tuple | None = None
+    """The masks the flow's record uses (request body and operation), fixed by the first
+    addon that records it (hold, for an approval; else the recorder): a review that ends in
+    a refusal drops the decision's masks, and must not drop them from the record."""
+    recorded_operation: Operation | None = None
+    """The operation as it goes on record, masked with `record_masks`."""
     decision: Decision | None = None
     decision_event: str = field(default_factory=new_id)
     recorded: bool = False

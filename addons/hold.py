@@ -93,8 +93,9 @@ class Hold:
         max_body = self.settings.require().store.max_body
         raw = f.request.get_content(strict=False) or b""
         body, withheld = await self.pool.for_record(raw, f.request.headers.get("content-type", ""), decision.masks)
+        await self.pool.fix_record(c)  # the approval shows the operation as it goes on record
         approval = await self.book.open(
-            c.principal, c.operation,
+            c.principal, c.recorded_operation,
             {"method": f.request.method, "url": f.request.pretty_url,
              "headers": headers_for_record(f.request.headers),
              "body": withheld or (body or b"")[:max_body].decode(errors="replace"), "body_size": len(raw)},

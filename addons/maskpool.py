@@ -14,6 +14,7 @@ pool that timed out or broke is replaced, so one bad body cannot wedge the gatew
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -25,8 +26,17 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from addons.context import Context
 from addons.engine.config import MaskingConfig
-from addons.engine.masks import FRAMING_HEADERS, Masker, MaskError, Report, parse_all
+from addons.engine.masks import (
+    FRAMING_HEADERS,
+    OPERATION,
+    Masker,
+    MaskError,
+    Report,
+    parse_all,
+)
+from addons.engine.model import Operation, canonical_json
 from addons.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -225,6 +235,32 @@ class MaskPool:
         if self.detector is None:
             return [(k, v if k.lower() in FRAMING_HEADERS else "[withheld: masking is not ready]") for k, v in fields]
         return self._local(masks_json(tuple(masks) + RECORD_MASKS)).headers(fields, Report())
+
+    async def fix_record(self, ctx: Context) -> tuple:
+        """Fix the masks of the flow's record and what its operation looks like on record,
+        once: every event of the flow then shows the same masked text, even after a late
+        refusal dropped the decision's masks. The masks."""
+        if ctx.record_masks is None:
+            ctx.record_masks = tuple(ctx.decision.masks) if ctx.decision else ()
+        if ctx.recorded_operation is None and ctx.operation is not None:
+            ctx.recorded_operation = await self.operation_for_record(ctx.operation, ctx.record_masks)
+        return ctx.record_masks
+
+    async def operation_for_record(self, op: Operation, masks: tuple) -> Operation:
+        """The operation as it may be stored: its details (a statement's SQL text, a command
+        line) masked with the masks of the request body, since they hold the same text; its
+        details withheld when they cannot be masked."""
+        if not masks:
+            return op
+        recorded = op.parts if len(op.parts) > 1 else ()  # one statement is its operation (Operation.as_dict)
+        doc = {"details": op.details, "parts": [p.details for p in recorded]}
+        masked, withheld = await self.for_record(canonical_json(doc).encode(), OPERATION, masks)
+        if masked is None:
+            doc = {"details": {"withheld": withheld}, "parts": [{"withheld": withheld} for _ in recorded]}
+        else:
+            doc = json.loads(masked)
+        parts = tuple(dataclasses.replace(p, details=d) for p, d in zip(recorded, doc["parts"]))
+        return dataclasses.replace(op, details=doc["details"], parts=parts or op.parts[:0])
 
     async def for_record(self, content: bytes | None, content_type: str, masks: tuple) -> tuple[bytes | None, str]:
         """A body as it may be stored: masked, or withheld (None) with the reason why."""

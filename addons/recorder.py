@@ -1,7 +1,9 @@
 """recorder: writes every request, decision and response to the hash-chained audit store.
 
 On requests it writes the request and its decision before anything executes; if that write
-fails, the request does not proceed. On responses (after masking) it writes the response;
+fails, the request does not proceed. The request body and the operation (whose details hold
+the same text: a statement's SQL, a command line) are stored masked alike, with the masks
+fixed once for the flow (MaskPool.fix_record). On responses (after masking) it writes the response;
 if that write fails, the agent gets an error instead of data that is not on record. It
 refuses to record, and so to forward, a response that a rule said to mask when no masker
 ran. It also writes tunnels opened or refused, and upstream errors.
@@ -38,7 +40,7 @@ def _base(ctx: Context, f: mflow.Flow, kind: str, event_id: str | None = None) -
         "session": ctx.session,
         "flow": f.id,
         "principal": ctx.principal,
-        "operation": ctx.operation,
+        "operation": ctx.recorded_operation,  # fixed by MaskPool.fix_record first
         "connection": ctx.connection,
         "approval": ctx.approval,
     }
@@ -79,6 +81,7 @@ class Recorder:
     @guarded
     async def http_connect(self, f: http.HTTPFlow) -> None:
         ctx = context.of(f)
+        await self.pool.fix_record(ctx)
         event = self._decision_event(ctx, f, "connect", target=f"{f.request.host}:{f.request.port}")
         try:
             await self._write(ctx, [event])
@@ -91,8 +94,8 @@ class Recorder:
     @guarded
     async def request(self, f: http.HTTPFlow) -> None:
         ctx = context.of(f)
+        masks = await self.pool.fix_record(ctx)
         req = f.request
-        masks = ctx.decision.masks if ctx.decision else ()
         body, withheld = await self.pool.for_record(req.get_content(strict=False), req.headers.get("content-type", ""), masks)
         request_event = Event(
             **_base(ctx, f, "request"),
@@ -126,6 +129,7 @@ class Recorder:
     @guarded
     async def response(self, f: http.HTTPFlow) -> None:
         ctx = context.of(f)
+        await self.pool.fix_record(ctx)
         d = ctx.decision
         if d is not None and d.effect != "deny" and d.masks and not ctx.masked:
             failclosed.refuse(
@@ -165,6 +169,7 @@ class Recorder:
     @guarded
     async def error(self, f: http.HTTPFlow) -> None:
         ctx = context.of(f)
+        await self.pool.fix_record(ctx)
         event = Event(**_base(ctx, f, "error"), detail={"error": f.error.msg if f.error else ""})
         try:
             await self._write(ctx, [event])
@@ -177,6 +182,7 @@ class Recorder:
         event of that flow. Frames from the server arrive masked (the masking addon ran);
         what the agent typed goes to the pod as typed and is masked for the record."""
         ctx = context.of(f)
+        await self.pool.fix_record(ctx)
         message = f.websocket.messages[-1]
         channel = message.content[0] if message.content and not message.is_text else None
         content, withheld = message.content, ""
@@ -197,6 +203,7 @@ class Recorder:
     @guarded
     async def websocket_end(self, f: http.HTTPFlow) -> None:
         ctx = context.of(f)
+        await self.pool.fix_record(ctx)
         ws = f.websocket
         await self._write(ctx, [Event(**_base(ctx, f, "session_end"),
                                       detail={"close_code": ws.close_code, "close_reason": ws.close_reason,

@@ -145,3 +145,16 @@ single_copy() {
     fi
     echo $$ > "$1.pid"
 }
+
+# ensure_pg_clients: the client libraries of other languages pg_bridge's tests run against
+# it: the PostgreSQL JDBC driver (Debian's, with a JRE) and node-postgres (npm's `pg`, into
+# .cache/node; nothing is vendored).
+ensure_pg_clients() {
+    ensure_packages java=default-jre-headless node=nodejs npm=npm || return 1
+    if [ ! -e /usr/share/java/postgresql.jar ]; then
+        ensure_packages /usr/share/java/postgresql.jar=libpostgresql-jdbc-java || return 1
+    fi
+    if [ ! -d "$ROOT/.cache/node/node_modules/pg" ]; then
+        npm install --prefix "$ROOT/.cache/node" --no-save --no-audit --no-fund pg@8 >&2
+    fi
+}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.gateway import Gateway
 from examples.samples.pki import CA, SigningKey
+from tests.support.gateway import Gateway
 from tests.support.servers import JwksServer, Upstream
 
 API_TOKEN = "upstream-secret-4f1c"  # the credential the gateway holds for the `api` connection

@@ -9,7 +9,13 @@ from types import SimpleNamespace
 import pytest
 
 from addons.approvalbook import ApprovalBook
-from addons.engine.approval import APPROVED, DENIED, EXECUTED, ApprovalError, fingerprint
+from addons.engine.approval import (
+    APPROVED,
+    DENIED,
+    EXECUTED,
+    ApprovalError,
+    fingerprint,
+)
 from addons.engine.config import ApprovalsConfig
 from addons.engine.model import Decision, Operation, Principal, Review
 from addons.engine.notify import Notifier, slack

@@ -9,7 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.support.approvals import Approver, make_gateway, pending_for, send, start, wait_for
+from tests.support.approvals import (
+    Approver,
+    make_gateway,
+    pending_for,
+    send,
+    start,
+)
 from tests.support.mitmweb import Mitmweb
 from tests.support.servers import free_port
 

@@ -13,7 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.support.approvals import Approver, make_gateway, pending_for, send, start, wait_for
+from tests.support.approvals import (
+    Approver,
+    make_gateway,
+    pending_for,
+    send,
+    start,
+    wait_for,
+)
 from tests.support.gateway import BIN, Gateway
 from tests.support.servers import Receiver
 

@@ -11,7 +11,13 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from addons.client import ATTRIBUTES_USER, ClientCredentials, ClientError, Custody, StaticToken
+from addons.client import (
+    ATTRIBUTES_USER,
+    ClientCredentials,
+    ClientError,
+    Custody,
+    StaticToken,
+)
 from addons.identity import user_attributes
 from pg_bridge.server.bridge import split_options
 

@@ -18,7 +18,15 @@ from playwright.sync_api import sync_playwright
 
 from addons.engine.store import Store
 from addons.evidence.exports import CSV_COLUMNS
-from tests.support.approvals import REVIEW_RULES, Approver, make_gateway, pending_for, send, start, wait_for
+from tests.support.approvals import (
+    REVIEW_RULES,
+    Approver,
+    make_gateway,
+    pending_for,
+    send,
+    start,
+    wait_for,
+)
 from tests.support.gateway import BIN
 from tests.support.servers import free_port, stop_process
 

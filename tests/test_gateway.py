@@ -12,7 +12,13 @@ import subprocess
 
 import pytest
 
-from tests.conftest import API_TOKEN, SECURE_KEY, STANDARD_RULES, standard_connections, standard_gateway
+from tests.conftest import (
+    API_TOKEN,
+    SECURE_KEY,
+    STANDARD_RULES,
+    standard_connections,
+    standard_gateway,
+)
 
 
 @pytest.fixture

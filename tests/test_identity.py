@@ -14,9 +14,9 @@ import time
 
 import pytest
 
+from examples.samples.pki import SigningKey
 from tests.conftest import standard_gateway
 from tests.support.gateway import Gateway
-from examples.samples.pki import SigningKey
 from tests.support.servers import JwksServer
 
 

@@ -16,10 +16,10 @@ import time
 import pytest
 import yaml
 
+from examples.samples.kubeapi import KubeAPI
 from tests.conftest import standard_identity
 from tests.support.approvals import Approver, listening, wait_for
 from tests.support.gateway import ROOT, Gateway
-from examples.samples.kubeapi import KubeAPI
 from tests.support.kubectl import Kubectl, clean_env
 from tests.support.servers import free_port
 

@@ -161,7 +161,7 @@ def test_the_chain_never_connects_upstream_before_deciding(make, token):
 
 def test_options_that_would_let_bytes_past_the_chain_are_overridden(make, upstream, token):
     """An operator's stream_large_bodies, rawtcp or ignore_hosts cannot open a way around."""
-    gw = make(options=("stream_large_bodies=1k", "rawtcp=true", f"ignore_hosts=127.0.0.1", "tcp_hosts=.*")).start()
+    gw = make(options=("stream_large_bodies=1k", "rawtcp=true", "ignore_hosts=127.0.0.1", "tcp_hosts=.*")).start()
     assert "overriding mitmproxy options the gateway cannot allow" in gw.log()
     seen = len(upstream.received)
     body = b"x" * 4096

@@ -251,3 +251,102 @@ def test_event_streams_keep_what_clients_read(detector, chunks, out):
 
     stream = RecordStream(Masker(parse_all(["secrets"]), detector, b"k"), 4096, 4096, events=True)
     assert b"".join(stream(c) for c in [*chunks, b""]) == out
+
+
+# SQL text, as it goes on record
+
+
+@pytest.mark.parametrize(
+    "sql, masks, recorded",
+    [
+        ("UPDATE users SET password = 'hunter2' WHERE id = 1", ("secret-keys",),
+         "UPDATE users SET password = '[REDACTED]' WHERE id = 1"),
+        ("INSERT INTO users (name, password) VALUES ('bob', 'hunter2'), ('al', E'x\\ty')", ("secret-keys",),
+         "INSERT INTO users (name, password) VALUES ('bob', '[REDACTED]'), ('al', '[REDACTED]')"),
+        ("SELECT 1 FROM users WHERE password::text = 'hunter2'::text", ("secret-keys",),
+         "SELECT 1 FROM users WHERE password::text = '[REDACTED]'::text"),
+        ("SELECT 1 FROM users u WHERE 'hunter2' = u.password", ("secret-keys",),
+         "SELECT 1 FROM users u WHERE '[REDACTED]' = u.password"),
+        ("SELECT 1 FROM users WHERE password IN ('a1', 'b2')", ("secret-keys",),
+         "SELECT 1 FROM users WHERE password IN ('[REDACTED]', '[REDACTED]')"),
+        ("SET app.api_token = 'tok-1234567'", ("secret-keys",), "SET app.api_token = '[REDACTED]'"),
+        ("SELECT 'x' AS password", ("secret-keys",), "SELECT '[REDACTED]' AS password"),
+        ("UPDATE users SET email = 'bob@example.com'", ({"fields": ["$.email"]},),
+         "UPDATE users SET email = '[REDACTED]'"),
+        ("SELECT E'key\\tAKIAIOSFODNN7EXAMPLE'", ("secrets",), "SELECT 'key\t[AWS_ACCESS_KEY_ID]'"),
+        ("SELECT $$AKIAIOSFODNN7EXAMPLE$$", ("secrets",), "SELECT $$[AWS_ACCESS_KEY_ID]$$"),
+        ("SELECT 1 -- AKIAIOSFODNN7EXAMPLE", ("secrets",), "SELECT 1 -- [AWS_ACCESS_KEY_ID]"),
+        ("SELECT 'it''s bob@example.com'", ("pii",), "SELECT 'it''s [EMAIL_ADDRESS]'"),
+        ("SELECT name FROM users WHERE id = 1", ("secret-keys", "pii", "secrets"), "SELECT name FROM users WHERE id = 1"),
+        ("SELEC 'AKIAIOSFODNN7EXAMPLE", ("secrets",), "SELEC '[AWS_ACCESS_KEY_ID]"),  # does not scan: text
+    ],
+)
+def test_statements_are_masked_as_sql_text(sql, masks, recorded):
+    assert Masker(parse_all(masks), _detector(), b"k").statement(sql, Report()) == recorded
+
+
+def test_a_request_masks_the_parameters_bound_to_masked_columns():
+    from addons.engine.bridge import SQL_REQUEST
+
+    body = {"sql": "UPDATE users SET password = $2, name = $1 WHERE id = $3", "params": ["bob", "hunter2", "7"],
+            "extended": True}
+    out, report = Masker(parse_all(("secret-keys",)), _detector(), b"k").body(json.dumps(body).encode(), SQL_REQUEST)
+    assert json.loads(out)["params"] == ["bob", "[REDACTED]", "7"] and report.fields["secret-keys"] == 1
+
+
+def test_recorded_operation_details_mask_every_statement_in_them():
+    from addons.engine.masks import OPERATION
+
+    doc = {"details": {"sql": "PREPARE p AS SELECT 'AKIAIOSFODNN7EXAMPLE'", "command": "PREPARE",
+                       "prepares": {"sql": "PREPARE p AS SELECT 'AKIAIOSFODNN7EXAMPLE'"},
+                       "prepared_sql": "UPDATE t SET password = 'x'"}, "parts": []}
+    out, _ = Masker(parse_all(("secrets", "secret-keys")), _detector(), b"k").body(json.dumps(doc).encode(), OPERATION)
+    details = json.loads(out)["details"]
+    assert "AKIA" not in json.dumps(details) and details["prepared_sql"] == "UPDATE t SET password = '[REDACTED]'"
+
+
+# SQL result columns: what happens to each is planned from its description alone
+
+
+@pytest.mark.parametrize(
+    "col, masks, plan",
+    [
+        # (column description, masks, (masked whole, retyped to text, detection, strict))
+        (dict(name="password", type_oid=25), ("secret-keys",), (True, False, False, False)),
+        (dict(name="p", type_oid=23, table_oid=7, column=4, origin="api_token"), ("secret-keys",),
+         (True, True, False, False)),  # an int4 cannot hold [REDACTED]: text, in the description too
+        (dict(name="lower", type_oid=25, sources=["password", "name"]), ("secret-keys",), (True, False, False, False)),
+        (dict(name="u", type_oid=16390, sources=["id", "password"]), ("secret-keys",), (True, True, False, False)),
+        (dict(name="x", type_oid=25, opaque=True), ("secret-keys",), (True, False, False, False)),
+        (dict(name="x", type_oid=25, opaque=True), ("pii",), (False, False, True, False)),  # no column masks
+        (dict(name="email", type_oid=25), ({"fields": ["$.email"]},), (True, False, False, False)),
+        (dict(name="note", type_oid=25), ("pii",), (False, False, True, False)),
+        (dict(name="tags", type_oid=1009), ("pii",), (False, False, True, False)),  # still an array
+        (dict(name="addr", type_oid=869), ("pii",), (False, True, True, False)),  # inet: its text, as text
+        (dict(name="r", type_oid=2249), ("secret-keys",), (False, True, False, False)),  # an anonymous record
+        (dict(name="n", type_oid=20), ("pii",), (False, False, True, True)),  # a number: masked means refused
+        (dict(name="t", type_oid=1184), ("pii",), (False, False, False, False)),  # no entity fits a timestamp
+        (dict(name="u", type_oid=2950), ("pii", "secret-keys"), (False, False, False, False)),
+    ],
+)
+def test_each_sql_column_is_planned_from_its_description(col, masks, plan):
+    from addons.engine import sqlresults
+
+    column = {"table_oid": 0, "column": 0, "format": 0, **col}
+    p = sqlresults.plan(Masker(parse_all(masks), _detector(), b"k"), column)
+    assert (p.whole is not None, p.retype, p.detect, p.strict) == plan
+
+
+def test_a_number_detection_would_mask_refuses_the_result():
+    from addons.engine.masks import MaskError
+
+    with pytest.raises(MaskError, match="cannot be sent as that type"):
+        sql_mask([column("card", 20)], [["4111111111111111"]], "pii")
+
+
+def test_rows_as_json_objects_have_masked_keys_hidden_wherever_they_are():
+    keyed = {**column("json_agg", 114), "keyed": True}
+    doc, report = sql_mask([keyed], [[json.dumps([{"id": 1, "password": "pw", "nested": {"api_token": "t"}}])]],
+                           "secret-keys")
+    assert json.loads(doc["results"][0]["rows"][0][0]) == [{"id": 1, "password": "[REDACTED]",
+                                                           "nested": {"api_token": "[REDACTED]"}}]

@@ -15,18 +15,22 @@ import pytest
 import sqlalchemy
 import yaml
 
+from examples.samples.postgres import PostgresServer
 from tests.conftest import standard_identity
 from tests.support.approvals import Approver, listening, wait_for
 from tests.support.gateway import ROOT, Gateway
 from tests.support.pgbridge import BridgeProcess, psql
-from examples.samples.postgres import PostgresServer
 from tests.support.servers import free_port
+from tests.test_sqlops import READ_WRITE_MODE, SERVER_ACTIVITY
 
 APP_PASSWORD = "app-Passw0rd-9c1e"  # the login the gateway holds; no agent may ever see it
 EMAIL = "bob.builder@example.com"
 
 TEST_RULES = {"rules": [
     {"id": "small-cap-reads", "match": {"connection": "capped-db", "action": "read"}, "effect": "allow"},
+    {"id": "plain-reads", "description": "Reads without masks, to compare clients with the server itself.",
+     "match": {"connection": "prod-db", "principal": {"groups": ["plain-readers"]}, "action": "read"},
+     "effect": "allow"},
 ]}
 
 
@@ -99,6 +103,7 @@ def tokens(keys, jwks):
         "writer": mint("crew-writer", ["app-writers"]),
         "stranger": mint("nobody", []),
         "dba": mint("dba-1", ["dba"]),
+        "reader": mint("plain-reader", ["plain-readers"]),
         "expired": keys["rsa"].token(jwks.issuer, sub="crew-analyst", groups=["analysts"], ttl=-120),
     }
 
@@ -232,6 +237,69 @@ def test_row_limits_suspend_the_portal(bridge, gw, tokens):
     kinds = raw.until(b"Z")
     assert [k for k, _ in kinds] == [b"1", b"2", b"D", b"D", b"s", b"D", b"D", b"s", b"D", b"C", b"Z"]
     assert kinds[-2][1] == b"SELECT 5\0"
+    raw.close()
+
+
+def fields_of(row_description: bytes) -> list[tuple[str, int, int]]:
+    """(name, type OID, format) of each column of a RowDescription body."""
+    n, pos, out = struct.unpack("!h", row_description[:2])[0], 2, []
+    for _ in range(n):
+        end = row_description.index(b"\0", pos)
+        _, _, oid, _, _, fmt = struct.unpack("!ihihih", row_description[end + 1:end + 19])
+        out.append((row_description[pos:end].decode(), oid, fmt))
+        pos = end + 19
+    return out
+
+
+def cells_of(data_row: bytes) -> list[bytes | None]:
+    n, pos, out = struct.unpack("!h", data_row[:2])[0], 2, []
+    for _ in range(n):
+        (length,) = struct.unpack("!i", data_row[pos:pos + 4])
+        out.append(None if length < 0 else data_row[pos + 4:pos + 4 + length])
+        pos += 4 + max(length, 0)
+    return out
+
+
+@pytest.mark.parametrize(
+    "who, sql, formats, described, cells",
+    [
+        ("reader", "SELECT 1000::int4 AS n, 'x'::text AS t, 2.5::float8 AS f", [1, 0, 1],
+         [("n", 23, 1), ("t", 25, 0), ("f", 701, 1)], [struct.pack("!i", 1000), b"x", struct.pack("!d", 2.5)]),
+        ("analyst", "SELECT 1000::int4 AS n, 'x'::text AS t, 2.5::float8 AS f", [1, 0, 1],
+         [("n", 23, 1), ("t", 25, 0), ("f", 701, 1)], [struct.pack("!i", 1000), b"x", struct.pack("!d", 2.5)]),
+        ("analyst", "SELECT 1000::int4 AS n", [1], [("n", 23, 1)], [struct.pack("!i", 1000)]),  # not 825241648
+        ("analyst", "SELECT id, score AS password FROM users WHERE id = 299", [1, 1],
+         [("id", 23, 1), ("password", 25, 1)], [struct.pack("!i", 299), b"[REDACTED]"]),  # masked: text, said so
+        ("analyst", "SELECT id, email FROM users WHERE id = 299", [0, 1],
+         [("id", 23, 0), ("email", 25, 1)], [b"299", b"[EMAIL_ADDRESS]"]),
+        ("analyst", "SELECT now()::date - now()::date AS days, ARRAY[1, 2] AS a", [1],
+         [("days", 23, 1), ("a", 1007, 1)],
+         [struct.pack("!i", 0), struct.pack("!iiiiiii", 1, 0, 23, 2, 1, 4, 1) + struct.pack("!ii", 4, 2)]),
+    ],
+)
+def test_every_column_comes_in_the_format_bind_asked_for(bridge, gw, tokens, who, sql, formats, described, cells):
+    raw = RawClient(gw.bridge_port, tokens[who])
+    raw.send(b"P", b"\0" + sql.encode() + b"\0\0\0")
+    raw.send(b"B", b"\0\0" + struct.pack("!hh", 0, 0) + struct.pack(f"!h{len(formats)}h", len(formats), *formats))
+    raw.send(b"D", b"P\0")
+    raw.send(b"E", b"\0" + struct.pack("!i", 0))
+    raw.send(b"S", b"")
+    answer = raw.until(b"Z")
+    assert [k for k, _ in answer] == [b"1", b"2", b"T", b"D", b"C", b"Z"], answer
+    assert fields_of(answer[2][1]) == described
+    assert cells_of(answer[3][1]) == cells
+    raw.close()
+
+
+def test_result_formats_that_do_not_fit_the_columns_are_a_protocol_error(bridge, gw, tokens):
+    raw = RawClient(gw.bridge_port, tokens["reader"])
+    raw.send(b"P", b"\0SELECT 1, 2, 3\0\0\0")
+    raw.send(b"B", b"\0\0" + struct.pack("!hhhhh", 0, 0, 2, 1, 0))
+    raw.send(b"E", b"\0" + struct.pack("!i", 0))
+    raw.send(b"S", b"")
+    answer = raw.until(b"Z")
+    assert [k for k, _ in answer] == [b"1", b"2", b"E", b"Z"]
+    assert b"C08P01\0" in answer[2][1] and b"2 result formats but query has 3 columns" in answer[2][1]
     raw.close()
 
 
@@ -615,3 +683,303 @@ def test_a_session_cannot_be_borrowed_by_another_principal(bridge, gw, tokens):
     assert borrowed["results"][0]["error"]["C"] == "08003"
     assert post(tokens["analyst"], "execute", {"sql": "SELECT 2"})["results"][0]["rows"] == [["2"]]
     post(tokens["analyst"], "close", {})
+
+
+# losing the database
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        lambda c: c.execute("SELECT 1"),  # simple protocol
+        lambda c: c.execute("SELECT %s::int", (1,)),  # extended, unnamed statement
+        lambda c: c.execute("SELECT %s::int", (1,), prepare=True),  # a prepared statement is described first
+        lambda c: c.execute("UPDATE users SET score = score WHERE id = %s", (1,)),  # planned before it runs
+    ],
+    ids=["simple", "extended", "prepared", "planned-write"],
+)
+def test_a_database_connection_that_goes_away_ends_the_session_with_08006(bridge, gw, tokens, pg, step):
+    with connect(gw, tokens["writer"], autocommit=True) as c:
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        with pg.connect("shop") as direct:
+            assert direct.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,)).fetchone() == (True,)
+        with pytest.raises(psycopg.OperationalError) as e:
+            step(c)
+        assert e.value.sqlstate == "08006" and "database connection failed" in str(e.value)
+        assert c.closed  # the bridge ended the connection, as a server that went away does
+    with connect(gw, tokens["writer"], autocommit=True) as c:  # the next session gets a new connection
+        assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+# read-only mode, other sessions' activity: what an agent must not get round
+
+
+ADMINISTRATION = "custody: Role, privilege and server administration statements are not allowed for agents."
+
+
+@pytest.mark.parametrize("sql", READ_WRITE_MODE)
+def test_read_only_mode_cannot_be_turned_off(bridge, gw, tokens, pg, sql):
+    with connect(gw, tokens["writer"], autocommit=True) as c:
+        c.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")  # narrowing it is allowed
+        c.execute("BEGIN READ ONLY")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            c.execute(sql)
+        assert e.value.diag.message_primary.endswith(ADMINISTRATION.removeprefix("custody: "))
+        assert c.execute("SHOW transaction_read_only").fetchone() == ("on",)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):  # the real server still refuses writes
+            c.execute("INSERT INTO users (name) VALUES ('read-only-mode-broken')")
+        c.execute("ROLLBACK")
+        assert c.execute("SHOW default_transaction_read_only").fetchone() == ("on",)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            c.execute("INSERT INTO users (name) VALUES ('read-only-mode-broken')")
+    assert not reached(pg, sql)
+
+
+@pytest.mark.parametrize("sql", SERVER_ACTIVITY)
+def test_one_agent_cannot_read_another_agents_statements(bridge, gw, tokens, pg, sql):
+    secret = "other-agents-literal-5b1f"
+    with connect(gw, tokens["writer"], autocommit=True) as other:  # another agent, mid-statement
+        other.execute(f"SELECT '{secret}'")
+        with connect(gw, tokens["analyst"], autocommit=True) as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                c.execute(sql)
+            assert e.value.diag.message_primary == ADMINISTRATION
+            assert secret not in str(e.value)
+    assert not reached(pg, sql)
+
+
+@pytest.mark.parametrize("sql", ["NOTIFY orders", "NOTIFY orders, 'shipped'", "SELECT pg_notify('orders', 'x')"])
+def test_notify_is_refused_as_what_it_is(bridge, gw, tokens, pg, sql):
+    with connect(gw, tokens["writer"], autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            c.execute(sql)
+        assert e.value.diag.message_primary == ADMINISTRATION
+    assert not reached(pg, sql)
+
+
+def test_listen_is_refused_clearly(bridge, gw, tokens, pg):
+    with connect(gw, tokens["analyst"], autocommit=True) as c:
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="LISTEN is not supported through the gateway"):
+            c.execute("LISTEN orders")
+        c.execute("UNLISTEN *")
+    assert not reached(pg, "LISTEN orders")
+
+
+# a statement policy denies leaves nothing on the server
+
+
+def held_locks(pg: PostgresServer, pid: int) -> list[tuple]:
+    """What the backend `pid` holds on the test's tables, and its transaction id, read from
+    another connection (pg_locks, pg_stat_activity)."""
+    with pg.connect("shop") as direct:
+        locks = direct.execute("SELECT c.relname, l.mode FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                               "WHERE l.pid = %s AND c.relname IN ('users', 'notes') ORDER BY 1, 2",
+                               (pid,)).fetchall()
+        xid = direct.execute("SELECT backend_xid FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]
+    return locks + ([("xid", str(xid))] if xid is not None else [])
+
+
+def mentioned(pg: PostgresServer, fragment: str) -> bool:
+    """Did the server see `fragment` at all, even only to plan or parse it?"""
+    return any(fragment in line for line in pg.log().splitlines())
+
+
+DENIED_IN_A_TRANSACTION = [
+    ("analyst", "DELETE FROM users WHERE id = 11", False),
+    ("analyst", "UPDATE users SET score = 0 WHERE id = 12", False),
+    ("analyst", "INSERT INTO users (name) VALUES ('locked-13')", False),
+    ("analyst", "SELECT * FROM users WHERE id = 14 FOR UPDATE", False),
+    ("analyst", "SELECT * FROM users WHERE id = 15 FOR SHARE", False),
+    ("analyst", "SELECT id FROM users WHERE id = 16 FOR NO KEY UPDATE SKIP LOCKED", False),
+    ("analyst", "MERGE INTO users u USING notes n ON u.id = n.id + 17 WHEN MATCHED THEN UPDATE SET score = 0", False),
+    ("analyst", "WITH gone AS (DELETE FROM users WHERE id = 18 RETURNING *) SELECT * FROM gone", False),
+    ("analyst", "INSERT INTO users (id, name) VALUES (19, 'x') ON CONFLICT (id) DO UPDATE SET name = 'locked-19'",
+     False),
+    ("analyst", "LOCK TABLE users IN ACCESS EXCLUSIVE MODE NOWAIT", False),
+    ("analyst", "TRUNCATE notes", False),
+    ("analyst", "DELETE FROM users WHERE id = 20 AND name = 'prepared-20'", True),  # described, then denied
+    ("analyst", "UPDATE notes SET body = 'prepared-21' WHERE id = 21", True),
+    ("writer", "UPDATE users SET score = 22 WHERE id = 22; DROP TABLE notes", False),  # a deny rule: no EXPLAIN
+    ("writer", "DELETE FROM users WHERE id = (SELECT wipe()) + 23", False),  # exec: no rule allows it
+    ("writer", "UPDATE users SET name = set_config('role', 'x', false) WHERE id = 24", False),
+]
+
+
+@pytest.mark.parametrize("who, sql, prepared", DENIED_IN_A_TRANSACTION)
+def test_a_denied_statement_takes_no_lock_and_starts_no_work(bridge, gw, tokens, pg, who, sql, prepared):
+    with connect(gw, tokens[who]) as c:  # psycopg opens a transaction for the first statement
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute(sql, prepare=prepared)
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS  # refused, not failed
+        assert held_locks(pg, pid) == []
+        c.rollback()
+    if not prepared and who == "analyst":  # no rule could let it run: not even planned
+        assert not mentioned(pg, sql)
+    assert not reached(pg, sql)
+
+
+def test_a_write_held_for_review_holds_no_lock_while_it_waits(bridge, gw, tokens, pg):
+    dba = Approver(gw.approvals_url, tokens["dba"])
+    with connect(gw, tokens["writer"], autocommit=True) as c:
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        c.execute("BEGIN")
+        c.execute("UPDATE users SET score = score WHERE id = 1")  # the transaction holds this row...
+        before = held_locks(pg, pid)
+        agent = threading.Thread(target=lambda: pytest.raises(psycopg.errors.InsufficientPrivilege, c.execute,
+                                                               "DELETE FROM notes WHERE id > 0"), daemon=True)
+        agent.start()
+        approval = wait_for(lambda: [a for a in dba.list() if "DELETE FROM notes WHERE id > 0"
+                                     in a["operation"]["details"].get("sql", "")])[0]
+        assert approval["operation"]["details"]["rows"] is not None  # it was planned, to be judged
+        assert held_locks(pg, pid) == before  # ...and nothing more while the DELETE waits
+        dba.vote(approval["id"], "deny", "no")
+        agent.join(30)
+        assert held_locks(pg, pid) == before
+        c.execute("ROLLBACK")
+    assert not reached(pg, "DELETE FROM notes WHERE id > 0")
+
+
+# the SQL text on record
+
+
+def on_disk(gw: Gateway) -> bytes:
+    """Everything the audit store wrote: the database and its write-ahead log."""
+    return b"".join(p.read_bytes() for p in gw.db.parent.glob(gw.db.name + "*"))
+
+
+def aws_key(n: int) -> str:
+    return f"AKIA{n:04d}EXAMPLEQ7ZPX"
+
+
+def github_token(n: int) -> str:
+    return f"ghp_{n:04d}R8vQ2mZ7xK1pL9sT4wY6nB3cF5hJ0dA2"
+
+
+SECRET_STATEMENTS = [  # (who, statement, its parameters, the literal secret in them)
+    ("analyst", f"SELECT '{aws_key(1)}' AS k", (), aws_key(1)),
+    ("analyst", f"SELECT count(*) FROM users WHERE name = '{github_token(2)}'", (), github_token(2)),
+    ("analyst", f"SELECT $${aws_key(3)}$$", (), aws_key(3)),
+    ("analyst", f"SELECT $tag${github_token(4)}$tag$", (), github_token(4)),
+    ("analyst", f"SELECT E'key\\t{aws_key(5)}'", (), aws_key(5)),
+    ("analyst", f"SELECT 1 -- {github_token(6)}", (), github_token(6)),
+    ("analyst", f"/* {aws_key(7)} */ SELECT 2", (), aws_key(7)),
+    ("analyst", "SELECT 'postgres://app:Sup3r-s3cret-8@db.internal/shop'", (), "Sup3r-s3cret-8"),
+    ("analyst", f"SELECT 1; SELECT '{github_token(9)}'", (), github_token(9)),
+    ("analyst", f"SELECT upper('{aws_key(10)}') = %s", ("x",), aws_key(10)),
+    ("analyst", "SELECT %s::text AS eleven", (github_token(11),), github_token(11)),  # a parameter
+    ("analyst", f"PREPARE leak12 AS SELECT '{aws_key(12)}' AS twelve", (), aws_key(12)),
+    ("writer", f"UPDATE users SET name = '{github_token(13)}' WHERE id = 13", (), github_token(13)),
+    ("writer", f"INSERT INTO notes (id, body) VALUES (1300 + 14, 'token: {aws_key(14)}')", (), aws_key(14)),
+    # values of masked columns (secret-keys: password, *token*, …), found by what they are assigned to
+    ("writer", "UPDATE users SET password = 'plain-pw-16' WHERE id = 16", (), "plain-pw-16"),
+    ("writer", "INSERT INTO users (name, password) VALUES ('u17', 'plain-pw-17')", (), "plain-pw-17"),
+    ("writer", "UPDATE users SET password = %s WHERE id = 18", ("plain-pw-18",), "plain-pw-18"),
+    ("writer", "INSERT INTO users (name, password) VALUES (%s, %s)", ("u19", "plain-pw-19"), "plain-pw-19"),
+    ("analyst", "SELECT count(*) FROM users WHERE password = 'plain-pw-20'", (), "plain-pw-20"),
+    ("analyst", "SELECT count(*) FROM users u WHERE 'plain-pw-21' = u.password", (), "plain-pw-21"),
+    ("analyst", "SELECT count(*) FROM users u WHERE password IN ('plain-pw-22', 'x')", (), "plain-pw-22"),
+    ("analyst", "SELECT 'plain-pw-23'::text AS api_token", (), "plain-pw-23"),
+]
+
+
+@pytest.mark.parametrize("who, sql, params, secret", SECRET_STATEMENTS)
+def test_a_literal_secret_in_a_statement_never_reaches_the_audit_store(bridge, gw, tokens, who, sql, params, secret):
+    with connect(gw, tokens[who], autocommit=True) as c:
+        c.execute(sql, params or None)
+    subject = {"analyst": "crew-analyst", "writer": "crew-writer"}[who]
+    decision = gw.wait_events("kind = 'decision' AND subject = ? AND operation LIKE '%\"phase\":\"execute\"%'",
+                              [subject])[-1]  # recorded before it ran
+    assert decision["effect"] == "allow" and "[" in decision["operation"]  # on record, masked
+    assert secret.encode() not in on_disk(gw)
+
+
+def test_an_approval_shows_the_statement_masked(bridge, gw, tokens, pg):
+    secret = github_token(15)
+    dba = Approver(gw.approvals_url, tokens["dba"])
+    agent = Agent(gw, tokens["writer"], f"UPDATE users SET name = '{secret}' WHERE id > 100")
+    approval = wait_for(lambda: [a for a in dba.list() if "GITHUB_TOKEN" in a["operation"]["details"].get("sql", "")])[0]
+    assert approval["operation"]["details"]["sql"] == "UPDATE users SET name = '[GITHUB_TOKEN]' WHERE id > 100"
+    assert secret not in str(approval)
+    dba.vote(approval["id"], "deny", "no")
+    agent.join(30)
+    assert secret.encode() not in on_disk(gw)
+    assert not reached(pg, secret)
+
+
+# a masked column's value, however it reaches the result
+
+
+MASKED_ANOTHER_WAY = [
+    "SELECT u FROM users u WHERE id = 1",  # a whole row
+    "SELECT users FROM users WHERE id = 1",
+    "SELECT u::text FROM users u WHERE id = 1",
+    "SELECT format('%s', u) FROM users u WHERE id = 1",
+    "SELECT (SELECT u FROM users u WHERE id = 1)",
+    "SELECT json_agg(u) FROM users u WHERE id < 3",  # rows as JSON objects: the key is masked
+    "SELECT to_jsonb(u) - 'email' FROM users u WHERE id = 1",
+    "SELECT jsonb_build_object('p', password) FROM users WHERE id = 1",
+    "SELECT array_agg(password) FROM users WHERE id < 3",  # aggregates and array constructors
+    "SELECT ARRAY[password, name] FROM users WHERE id = 1",
+    "SELECT ARRAY(SELECT password FROM users WHERE id < 3)",
+    "SELECT string_agg(password, ',') FROM users WHERE id < 3",
+    "SELECT max(password) FROM users",
+    "SELECT lower(password) FROM users WHERE id = 1",  # any expression
+    "SELECT password || '' AS x FROM users WHERE id = 1",
+    "SELECT coalesce(password, 'x') FROM users WHERE id = 1",
+    "SELECT CASE WHEN id = 1 THEN password END FROM users WHERE id = 1",
+    "SELECT translate(password, 'xyz', 'XYZ') FROM users WHERE id = 1",
+    "SELECT ROW(password, 1) FROM users WHERE id = 1",
+    "SELECT (SELECT password FROM users WHERE id = 1)",  # subqueries, CTEs, functions in FROM
+    "SELECT p FROM (SELECT password || '!' AS p FROM users WHERE id = 1) s",
+    "SELECT s.x FROM (SELECT ARRAY[password] FROM users WHERE id = 1) s(x)",
+    "WITH c AS (SELECT concat(password) AS p FROM users WHERE id = 1) SELECT lower(p) FROM c",
+    "SELECT x FROM users, unnest(ARRAY[password]) AS x WHERE id = 1",
+    "SELECT value FROM users u, json_each_text(row_to_json(u)) WHERE id = 1 AND key = 'password'",
+    "SELECT lower(d) FROM users AS u(a, b, c, d) WHERE a = 1",  # columns renamed by position
+    "SELECT name FROM users WHERE id = 2 UNION ALL SELECT password FROM users WHERE id = 1",
+    "VALUES ((SELECT password FROM users WHERE id = 1))",
+    "UPDATE users SET score = score WHERE id = 1 RETURNING lower(password)",
+]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+@pytest.mark.parametrize("sql", MASKED_ANOTHER_WAY)
+def test_a_masked_column_stays_masked_however_it_reaches_the_result(bridge, gw, tokens, pg, sql, binary):
+    who = "writer" if sql.startswith("UPDATE") else "analyst"
+    with pg.connect("shop") as direct:
+        clear = direct.execute(sql).fetchall()
+    assert "pw-" in str(clear)  # the query does read a password
+    with connect(gw, tokens[who], autocommit=True) as c:
+        rows = c.execute(sql, binary=binary).fetchall()
+    assert "pw-" not in str(rows) and "REDACTED]" in str(rows)
+    assert len(rows) == len(clear)
+
+
+@pytest.mark.parametrize(
+    "sql, masked",
+    [
+        ("SELECT row_to_json(u) FROM users u WHERE id = 299",
+         [({"id": 299, "name": "user299", "email": "[EMAIL_ADDRESS]", "password": "[REDACTED]", "score": 299},)]),
+        ("SELECT (u).password, (u).name FROM users u WHERE id = 299", [("[REDACTED]", "user299")]),
+        ("SELECT * FROM (SELECT name, password AS p FROM users WHERE id = 299) s", [("user299", "[REDACTED]")]),
+        ("SELECT count(*), max(name), lower(max(name)) FROM users WHERE id = 299", [(1, "user299", "user299")]),
+    ],
+)
+def test_what_is_not_computed_from_a_masked_column_stays_readable(bridge, gw, tokens, sql, masked):
+    with connect(gw, tokens["analyst"], autocommit=True) as c:
+        assert c.execute(sql).fetchall() == masked
+
+
+def test_rows_of_a_cursor_and_a_prepared_statement_are_masked_as_what_they_run(bridge, gw, tokens):
+    with connect(gw, tokens["analyst"]) as c:
+        c.execute("DECLARE leak CURSOR FOR SELECT password AS p, lower(password) AS l, name FROM users ORDER BY id")
+        assert c.execute("FETCH 2 FROM leak").fetchall() == [("[REDACTED]", "[REDACTED]", "user1"),
+                                                              ("[REDACTED]", "[REDACTED]", "user2")]
+        c.execute("CLOSE leak")
+        c.execute("PREPARE peek AS SELECT lower(password), name FROM users WHERE id = $1")
+        assert c.execute("EXECUTE peek(3)").fetchall() == [("[REDACTED]", "user3")]
+        with c.cursor("walk") as cur:  # psycopg's server-side cursor: DECLARE, then FETCH FORWARD
+            cur.execute("SELECT id, password || '' FROM users WHERE id < 4 ORDER BY id")
+            assert cur.fetchall() == [(1, "[REDACTED]"), (2, "[REDACTED]"), (3, "[REDACTED]")]

@@ -197,3 +197,220 @@ def test_execute_runs_only_what_was_decided():
     assert "changed after it was decided" in guard()["M"]
     del session.prepared["p"]
     assert "changed after it was decided" in guard()["M"]
+
+
+# settings, in every spelling that changes them
+
+
+READ_WRITE_MODE = [
+    "SET TRANSACTION READ WRITE",
+    "set transaction isolation level serializable, read write",
+    "SET TRANSACTION READ WRITE, ISOLATION LEVEL REPEATABLE READ",
+    "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+    "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED READ WRITE",
+    "BEGIN READ WRITE",
+    "BEGIN TRANSACTION READ WRITE",
+    "BEGIN WORK ISOLATION LEVEL SERIALIZABLE READ WRITE",
+    "START TRANSACTION READ WRITE",
+    "start transaction deferrable, read write",
+    "SET transaction_read_only = off",
+    "SET LOCAL transaction_read_only TO false",
+    "SET default_transaction_read_only = 'no'",
+    "SET SESSION default_transaction_read_only = 0",
+    "SET default_transaction_read_only TO of",
+    "SET default_transaction_read_only FROM CURRENT",
+    "SELECT set_config('default_transaction_read_only', 'off', false)",
+    "SELECT pg_catalog.set_config('transaction_read_only', 'off', true)",
+    "SELECT set_config('TRANSACTION_READ_ONLY', 'f', true)",
+    "SELECT set_config('transaction_read_only', current_setting('x'), true)",
+    "SELECT 1; BEGIN READ WRITE",
+]
+
+
+@pytest.mark.parametrize("sql", READ_WRITE_MODE)
+def test_turning_read_only_mode_off_is_administration_in_every_spelling(sql):
+    from pg_bridge.terminal.executor import unsupported
+
+    op = sqlops.classify("db", "execute", sql)
+    part = [p for p in op.parts if p.details.get("settings")][-1].details
+    assert part["action"] == "admin" and part["protected"][0] in ("transaction_read_only",
+                                                                 "default_transaction_read_only")
+    problem = unsupported([p.details for p in op.parts])  # refused whatever the rules say
+    assert problem["C"] == "0A000" and "read_only cannot be changed through the gateway" in problem["M"]
+
+
+@pytest.mark.parametrize(
+    "sql, settings",
+    [
+        ("BEGIN READ ONLY", ["transaction_read_only"]),  # psycopg's read_only = True
+        ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE",
+         ["transaction_deferrable", "transaction_isolation", "transaction_read_only"]),
+        ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", ["default_transaction_read_only"]),
+        ("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ", ["transaction_isolation"]),
+        ("SET default_transaction_read_only = on", ["default_transaction_read_only"]),
+        ("SET transaction_read_only TO 'yes'", ["transaction_read_only"]),
+        ("SET CONSTRAINTS ALL DEFERRED", ["constraints"]),
+        ("SELECT set_config('jit', 'off', false)", ["jit"]),  # asyncpg's type introspection
+        ("SELECT current_setting('jit') AS cur, set_config('jit', 'off', false) AS new", ["jit"]),
+        ("SELECT set_config('statement_timeout', $1, false)", ["statement_timeout"]),
+        ("SELECT pg_catalog.set_config('application_name', 'x', true)", ["application_name"]),
+        ("SET LOCAL lock_timeout = '2s'", ["lock_timeout"]),
+    ],
+)
+def test_harmless_setting_changes_are_reads_in_every_spelling(sql, settings):
+    from pg_bridge.terminal.executor import unsupported
+
+    d = one(sql)
+    assert (d["action"], d["settings"], "protected" in d) == ("read", settings, False)
+    assert "MISC_SET" in d["classes"] and unsupported([d]) is None
+
+
+@pytest.mark.parametrize(
+    "sql, action",
+    [
+        ("SELECT set_config('role', 'custody_admin', false)", "admin"),
+        ("SELECT set_config('session_authorization', 'x', false)", "admin"),
+        ("SELECT set_config('search_path', 'evil', false)", "admin"),
+        ("SELECT set_config('SEARCH_PATH', 'evil', true)", "admin"),
+        ("SELECT set_config(name, 'x', false) FROM settings_to_change", "admin"),  # any setting at all
+        ("SELECT set_config('client_encoding', 'SJIS', false)", "admin"),
+        ("SELECT set_config('session_replication_role', 'replica', false)", "admin"),
+        ("SELECT public.set_config('jit', 'off', false)", "exec"),  # not the built-in
+    ],
+)
+def test_set_config_is_judged_by_the_setting_it_changes(sql, action):
+    assert one(sql)["action"] == action
+
+
+# what drivers send on their own behalf, and the same functions used on purpose
+
+
+@pytest.mark.parametrize(
+    "sql, action",
+    [
+        ("SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;", "read"),  # asyncpg's pool reset
+        ("SELECT pg_advisory_unlock_all()", "read"),
+        ("SELECT pg_catalog.pg_advisory_unlock(42)", "read"),
+        ("SELECT pg_advisory_unlock_shared(1, 2)", "read"),
+        ("SELECT pg_advisory_lock(42)", "admin"),  # taking a lock others wait on is not housekeeping
+        ("SELECT pg_advisory_xact_lock(42)", "admin"),
+        ("SELECT pg_try_advisory_lock_shared(42)", "admin"),
+        ("SELECT evil.pg_advisory_unlock_all()", "admin"),  # another schema's: named like the dangerous ones
+        ("DISCARD ALL", "read"),
+        ("DEALLOCATE ALL", "read"),
+        ("UNLISTEN *", "read"),
+        ("RESET ALL", "read"),
+    ],
+)
+def test_session_housekeeping_is_what_it_is(sql, action):
+    assert sqlops.classify("db", "execute", sql).action == action
+
+
+@pytest.mark.parametrize("sql", ["NOTIFY orders", "NOTIFY orders, 'shipped'", "notify \"Orders\"",
+                                 "SELECT 1; NOTIFY orders"])
+def test_notify_is_a_message_to_other_sessions_like_pg_notify(sql):
+    op = sqlops.classify("db", "execute", sql)
+    notify = op.parts[-1].details
+    assert (notify["command"], notify["classes"], notify["action"]) == ("NOTIFY", ["MISC"], "admin")
+    assert notify["channel"] in ("orders", "Orders") and op.action == "admin"
+
+
+def test_listen_is_refused_by_the_executor_whatever_the_rules_say():
+    from pg_bridge.terminal.executor import unsupported
+
+    assert one("LISTEN orders")["action"] == "read"
+    assert "LISTEN is not supported" in unsupported([one("LISTEN orders")])["M"]
+    assert unsupported([one("UNLISTEN *")]) is None
+
+
+# other sessions' activity
+
+
+SERVER_ACTIVITY = [
+    "SELECT query FROM pg_stat_activity",
+    "SELECT * FROM pg_catalog.pg_stat_activity WHERE pid <> pg_backend_pid()",
+    "TABLE pg_stat_activity",
+    'SELECT "query" FROM "pg_stat_activity"',
+    "WITH a AS (SELECT * FROM pg_stat_activity) SELECT query FROM a",
+    "SELECT (SELECT string_agg(query, ';') FROM pg_stat_activity)",
+    "SELECT * FROM pg_stat_get_activity(NULL)",
+    "SELECT pg_stat_get_backend_activity(s) FROM pg_stat_get_backend_idset() s",
+    "SELECT query, calls FROM pg_stat_statements",
+    "SELECT * FROM public.pg_stat_statements(true)",
+    "SELECT * FROM pg_locks",
+    "SELECT * FROM pg_catalog.pg_lock_status()",
+    "SELECT pg_blocking_pids(42)",
+    "SELECT gid, owner FROM pg_prepared_xacts",
+    "SELECT * FROM pg_stat_progress_vacuum",
+    "DECLARE c CURSOR FOR SELECT query FROM pg_stat_activity",
+    "PREPARE peek AS SELECT query FROM pg_stat_activity",
+    "SELECT row_to_json(a) FROM pg_stat_activity a",
+]
+
+
+@pytest.mark.parametrize("sql", SERVER_ACTIVITY)
+def test_reading_other_sessions_activity_is_administration(sql):
+    d = one(sql)
+    assert d["action"] == "admin" and d["server_activity"] and "MISC" in d["classes"]
+
+
+@pytest.mark.parametrize("sql", ["SELECT pg_backend_pid()", "SELECT current_query()", "SELECT * FROM pg_stat_user_tables",
+                                 "SELECT * FROM pg_prepared_statements", "SELECT * FROM pg_cursors"])
+def test_the_sessions_own_state_stays_a_read(sql):
+    assert one(sql)["action"] == "read"
+
+
+def test_statements_of_a_string_keep_their_text_after_non_ascii():
+    """pglast gives character offsets: a statement after an ü must not be cut a byte early."""
+    op = sqlops.classify("db", "execute", "SELECT 'üü', 'x'; UPDATE t SET a = 'ä' WHERE id = 1; SELECT '✓'")
+    assert [p.details["sql"] for p in op.parts] == ["SELECT 'üü', 'x'", "UPDATE t SET a = 'ä' WHERE id = 1",
+                                                    "SELECT '✓'"]
+
+
+# what a result column may carry (the masker hides what carries a masked column)
+
+
+@pytest.mark.parametrize(
+    "sql, columns, carried",
+    [
+        # (names, whole-row tables, keyed tables) per result column
+        ("SELECT lower(password), count(*) FROM users", ["lower", "count"],
+         [({"password"}, set(), set()), (set(), set(), set())]),
+        ("SELECT u FROM users u", ["u"], [({"u"}, {'"users"'}, set())]),
+        ("SELECT u::text FROM public.users u", ["u"], [({"u"}, {'"public"."users"'}, set())]),
+        ("SELECT row_to_json(u), json_agg(u) FROM users u", ["row_to_json", "json_agg"],
+         [(set(), set(), {'"users"'}), (set(), set(), {'"users"'})]),
+        ("SELECT to_jsonb(u) - 'x' FROM users u", ["?column?"], [({"u"}, {'"users"'}, set())]),  # not a row any more
+        ("SELECT row_to_json(s) FROM (SELECT password AS p FROM users) s", ["row_to_json"],
+         [({"s", "password"}, set(), set())]),  # a derived row: what it is made of, not keyed by table columns
+        ("SELECT p FROM (SELECT password || '' AS p FROM users) s", ["p"], [({"p", "password"}, set(), set())]),
+        ("SELECT s.array FROM (SELECT ARRAY[password] FROM users) s", ["array"],
+         [({"array", "password"}, set(), set())]),  # a column the server names
+        ("SELECT x FROM (SELECT password FROM users) AS s(x)", ["x"], [({"x", "password"}, set(), set())]),
+        ("WITH c(x) AS (SELECT md5(password) FROM users) SELECT x FROM c", ["x"], [({"x", "password"}, set(), set())]),
+        ("SELECT v FROM users, unnest(ARRAY[password]) AS f(v)", ["v"], [({"v", "password"}, set(), set())]),
+        ("SELECT lower(d) FROM users AS u(a, b, c, d)", ["lower"], [({"d", "u"}, {'"users"'}, set())]),
+        ("SELECT (SELECT max(id) FROM users WHERE password = 'x')", ["max"], [({"id", "password"}, set(), set())]),
+        ("SELECT name FROM users UNION SELECT password FROM users", ["name"], [({"name", "password"}, set(), set())]),
+        ("VALUES (1, (SELECT password FROM users))", ["column1", "column2"],
+         [(set(), set(), set()), ({"password"}, set(), set())]),
+        ("UPDATE users SET score = 1 RETURNING id, upper(email)", ["id", "upper"],
+         [({"id"}, set(), set()), ({"email"}, set(), set())]),
+        ("SELECT *, lower(name) FROM (SELECT name, password || '' AS p FROM users) s", ["name", "p", "lower"],
+         [({"name"}, set(), set()), ({"p", "password"}, set(), set()), ({"name"}, set(), set())]),
+        ("SHOW server_version", ["server_version"], [(set(), set(), set())]),
+        ("EXPLAIN SELECT password FROM users", ["QUERY PLAN"], [(set(), set(), set())]),
+    ],
+)
+def test_result_columns_carry_what_they_are_computed_from(sql, columns, carried):
+    from addons.classifiers.postgres.lineage import lineage
+
+    got = lineage(sql).columns(columns)
+    assert [(set(c.names), set(c.tables), set(c.keyed)) for c in got] == carried
+
+
+@pytest.mark.parametrize("sql", ["EXECUTE p(1)", "FETCH 5 FROM c", "CALL proc()", "SELECT 1; SELECT 2", "SELEC 1"])
+def test_results_of_another_statement_have_no_lineage_of_their_own(sql):
+    from addons.classifiers.postgres.lineage import lineage
+
+    assert lineage(sql) is None  # the terminal reads what they run, or masks them whole

@@ -16,12 +16,12 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from examples.samples.sshd import SshServer, keygen
 from tests.conftest import standard_identity
 from tests.support.approvals import Approver, listening, wait_for
 from tests.support.gateway import ROOT, Gateway
 from tests.support.pgbridge import BridgeProcess
 from tests.support.servers import free_port
-from examples.samples.sshd import SshServer, keygen
 
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
 

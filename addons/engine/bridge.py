@@ -38,6 +38,8 @@ from wsproto.events import BytesMessage, CloseConnection, Message, Ping
 
 from addons.engine.model import AGENT_ATTRIBUTES
 
+SQL_REQUEST = "application/vnd.custody.sql-request+json"
+"""pg_bridge requests ({"sql": …, "params": […]}): masked for the record as SQL text (Masker.sql_request)."""
 SQL_RESULTS = "application/vnd.custody.sql-results+json"
 """pg_bridge results (pg_bridge/terminal/executor.py): masked by column, see Masker.sql_results."""
 SSH_RESULTS = "application/vnd.custody.ssh-results+json"
@@ -58,13 +60,15 @@ def websocket_accept(key: str) -> str:
 
 @dataclass(frozen=True)
 class Contract:
-    """One bridge's requests: the session header, the phases by path, the answer's media type."""
+    """One bridge's requests: the session header, the phases by path, the answer's media type,
+    the requests' media type (JSON either way; its name tells the masker what it holds)."""
 
     bridge: str
     session_header: str
     phases: dict[str, str]
     results: str
     streams: frozenset[str] = field(default=frozenset())
+    requests: str = "application/json"
 
     def phase(self, method: str, path: str) -> str | None:
         return self.phases.get(path) if method.upper() == "POST" else None
@@ -72,7 +76,7 @@ class Contract:
 
 POSTGRES = Contract("pg_bridge", "pg-bridge-session",
                     {"/connect": "connect", "/execute": "execute", "/describe": "describe", "/cancel": "cancel",
-                     "/close": "close"}, SQL_RESULTS)
+                     "/close": "close"}, SQL_RESULTS, requests=SQL_REQUEST)
 SSH = Contract("ssh_bridge", "ssh-bridge-session",
                {"/connect": "connect", "/exec": "exec", "/shell": "shell", "/close": "close"}, SSH_RESULTS,
                streams=frozenset({"exec", "shell"}))
@@ -193,7 +197,7 @@ async def read_fields(reader: asyncio.StreamReader) -> dict[str, str]:
 
 
 def _request(contract: Contract, host: str, token: str, session: str) -> dict[str, str]:
-    return {"host": host, "proxy-authorization": f"Bearer {token}", "content-type": "application/json",
+    return {"host": host, "proxy-authorization": f"Bearer {token}", "content-type": contract.requests,
             contract.session_header: session}
 
 

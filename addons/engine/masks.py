@@ -32,7 +32,6 @@ Pure code: the detector is passed in (addons/engine/detectors.py builds the real
 
 from __future__ import annotations
 
-import base64
 import codecs
 import fnmatch
 import functools
@@ -46,8 +45,14 @@ from typing import Any, Protocol
 
 from jsonpath_ng.ext import parse as jsonpath_parse
 
-from addons.engine.bridge import SQL_RESULTS, SSH_RESULTS
+from addons.engine import sqltext
+from addons.engine.bridge import SQL_REQUEST, SQL_RESULTS, SSH_RESULTS
 
+OPERATION = "application/vnd.custody.operation+json"
+"""An Operation's details as the recorder stores them (MaskPool.operation_for_record): the
+SQL text in them is masked as statements, the rest as a document."""
+REMEMBERED = 2048
+"""Strings up to this length have what detection made of them kept (per Masker)."""
 OPERATORS = ("redact", "partial", "hash")
 BUILTIN_KEYS = ("*token*", "*secret*", "*password*", "*passwd*", "api_key", "apikey", "authorization", "*private_key*")
 SECRET_ENTITIES = (
@@ -59,12 +64,6 @@ NER_ENTITIES = ("PERSON", "LOCATION")
 GROUPS = {"secrets": SECRET_ENTITIES, "pii": PII_ENTITIES}
 ENTITIES = SECRET_ENTITIES + PII_ENTITIES + NER_ENTITIES
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
-TEXT_OID = 25
-TEXT_OIDS = frozenset({25, 1043, 1042, 19, 18, 114, 142, 705})
-JSON_OIDS = frozenset({114, 3802})
-TEXT_ARRAY_OIDS = frozenset({1009, 1015, 1014, 1003})
-"""text[], varchar[], bpchar[], name[]: a masked element is still a valid array literal."""
-"""text, varchar, bpchar, name, char, json, xml, unknown: their binary form is their text."""
 ERROR_TEXT_FIELDS = ("M", "D", "H", "W")
 QUOTING_ERRORS = {
     "22": (("M", r'"[^"]*"', '"[REDACTED]"'), ("D", r'"[^"]*"', '"[REDACTED]"')),  # invalid input: "<value>"
@@ -118,6 +117,14 @@ class Mask:
     @functools.cached_property
     def compiled(self) -> tuple:
         return tuple(jsonpath_parse(p) for p in self.paths)
+
+    def names(self, name: str) -> bool:
+        """Does a `keys` mask's glob match this (lower-cased) name?"""
+        return self._globs.fullmatch(name) is not None
+
+    @functools.cached_property
+    def _globs(self) -> re.Pattern:
+        return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in self.keys) or "(?!)", re.DOTALL)
 
 
 CREDENTIAL_MASK = Mask(kind="keys", label="credential headers", keys=tuple(sorted(CREDENTIAL_HEADERS)))
@@ -212,6 +219,7 @@ class Masker:
         self.clean_keys: set[str] = set()
         if self.entities and finder is None:
             raise MaskError("content detection is not available")
+        self._detected = functools.lru_cache(maxsize=4096)(self._detect)
 
     # operators
 
@@ -230,15 +238,21 @@ class Masker:
     # text
 
     def text(self, text: str, report: Report, name: str = "") -> str:
-        """Mask detected entities in one string."""
+        """Mask detected entities in one string. The same short strings come back again and
+        again (a statement's command, a table name, the SQL of a request and of its record),
+        so what detection made of them is kept."""
         if not self.entities:
             return text
+        masked, found = self._detected(text, name) if len(text) <= REMEMBERED else self._detect(text, name)
+        report.entities.update(found)
+        return masked
+
+    def _detect(self, text: str, name: str) -> tuple[str, tuple[str, ...]]:
         findings = [f for f in self.finder.find(text, self.entities, self.threshold, name)
                     if f.score >= self.by_entity[f.entity].threshold]
         for f in sorted(findings, key=lambda f: f.start, reverse=True):
             text = text[:f.start] + self.replace(text[f.start:f.end], self.by_entity[f.entity], f.entity) + text[f.end:]
-            report.entities[f.entity] += 1
-        return text
+        return text, tuple(f.entity for f in findings)
 
     def lines(self, text: str, report: Report) -> str:
         """Mask a text body line by line (a line is to text what a leaf is to JSON), after
@@ -273,7 +287,7 @@ class Masker:
         if isinstance(node, dict):
             out = {}
             for k, v in node.items():
-                if any(fnmatch.fnmatchcase(str(k).lower(), g) for g in mask.keys) and not _masked_already(v):
+                if mask.names(str(k).lower()) and not _masked_already(v):
                     out[k] = self._whole(v, mask)
                     report.fields[mask.label] += 1
                 else:
@@ -322,15 +336,71 @@ class Masker:
         masked = self._objects(inner, mask, report)
         return text if sum(report.fields.values()) == before else json.dumps(masked, separators=(",", ":"))
 
+    # SQL text
+
+    def masks_name(self, name: str) -> Mask | None:
+        """The structural mask that hides a column (or key) of this name: a `keys` glob, or a
+        `fields` path whose first step names it ($.password, $..password)."""
+        lower = name.lower()
+        for mask in self.structural:
+            if mask.kind == "keys" and mask.names(lower):
+                return mask
+            if mask.kind == "fields" and any(top_field(m.full_path) == name
+                                             for expr in mask.compiled for m in expr.find({name: ""})):
+                return mask
+        return None
+
+    def statement(self, sql: str, report: Report) -> str:
+        """SQL text masked as a document of values: a literal compared with or assigned to a
+        masked column is hidden whole (`password = '…'`, `VALUES ('…')` under it); detection
+        runs on the value of each literal written with escapes as the server reads it (an
+        E'\\t' is a tab), then on the whole text (literals, comments, identifiers)."""
+        out = sql
+        for lit in reversed(sqltext.literals(sql)):
+            if lit.column and (mask := self.masks_name(lit.column)):
+                replacement = sqltext.quoted(self._whole(lit.value or out[lit.start:lit.end], mask))
+                report.fields[mask.label] += 1
+            elif lit.escaped and lit.value is not None and self.entities and \
+                    (found := self.text(lit.value, report, lit.column)) != lit.value:
+                replacement = sqltext.quoted(found)  # the text hid it: detection below sees what it reads as
+            else:
+                continue
+            out = out[:lit.start] + replacement + out[lit.end:]
+        return self.text(out, report) if self.entities else out
+
+    def sql_request(self, doc: dict[str, Any], report: Report) -> dict[str, Any]:
+        """A pg_bridge request: its statement masked as SQL text, each parameter bound to a
+        masked column hidden whole, detection on the other parameters."""
+        sql = doc.get("sql")
+        if isinstance(sql, str):
+            params = doc.get("params")
+            if isinstance(params, list):
+                for n, column in sqltext.parameters(sql).items():
+                    if 0 < n <= len(params) and params[n - 1] is not None and (mask := self.masks_name(column)):
+                        params[n - 1] = self._whole(params[n - 1], mask)
+                        report.fields[mask.label] += 1
+            doc["sql"] = self.statement(sql, report)
+        return self.document(doc, report)
+
+    def operation(self, node: Any, report: Report) -> Any:
+        """Recorded operation details: every `sql` and `*_sql` string masked as SQL text,
+        wherever it is nested (the statements of a string, what a PREPARE prepares)."""
+        def sql(key: str, value: Any) -> Any:
+            if (key == "sql" or key.endswith("_sql")) and isinstance(value, str):
+                return self.statement(value, report)
+            return None
+
+        return _by_key(node, sql)
+
     def sql_results(self, doc: dict[str, Any], report: Report) -> dict[str, Any]:
-        """pg_bridge results. A column is to SQL what a key is to JSON: `keys` masks mask
-        whole columns by name, `fields` masks see each row as {column: value}, detection
-        runs on text cells and on the text of errors and notices (an error's DETAIL can
-        quote a row). A column whose values were replaced becomes type text, so clients
-        decode `[REDACTED]` as a string instead of failing on it as an integer."""
+        """pg_bridge results: each column as addons/engine/sqlresults.py plans it from its
+        description; detection on the text of errors and notices too (an error's DETAIL
+        can quote a row)."""
+        from addons.engine import sqlresults  # it builds on this module
+
         for result in doc.get("results", []):
             if "columns" in result:
-                self._table(result["columns"], result.get("rows", []), report)
+                sqlresults.mask_table(self, result["columns"], result.get("rows", []), report)
             if "error" in result:
                 result["error"] = self._error_text(result["error"], report)
         doc["notices"] = [self._error_text(n, report) for n in doc.get("notices", [])]
@@ -350,75 +420,26 @@ class Masker:
             return fields
         return {k: self.text(v, report) if k in ERROR_TEXT_FIELDS else v for k, v in fields.items()}
 
-    def _table(self, columns: list[dict[str, Any]], rows: list[list[Any]], report: Report) -> None:
-        names = [c["name"] for c in columns]
-        text_like = [c["type_oid"] in TEXT_OIDS for c in columns]
-        binary = [c.get("format") == 1 for c in columns]
-        whole: set[int] = set()
-        retyped: set[int] = set()
-        origins = [c.get("origin") or c["name"] for c in columns]  # the table column, whatever its alias
-        for mask in self.structural:
-            if mask.kind == "keys":
-                for i, n in enumerate(names):
-                    if any(fnmatch.fnmatchcase(n.lower(), g) or fnmatch.fnmatchcase(origins[i].lower(), g)
-                           for g in mask.keys):
-                        whole.add(i)
-                        report.fields[mask.label] += sum(1 for row in rows if row[i] is not None)
-        fields = [m for m in self.structural if m.kind == "fields"]
-        for row in rows:
-            hit: set[int] = set()
-            as_object = {}
-            for i, n in enumerate(names):
-                as_object.setdefault(n, _cell_text(row[i], binary[i], text_like[i]))
-            for mask in fields:
-                for expr in mask.compiled:
-                    for match in expr.find(as_object):
-                        top = match.full_path
-                        while hasattr(top, "left"):
-                            top = top.left
-                        if getattr(top, "fields", None):
-                            cells = {i for i, n in enumerate(names) if n == top.fields[0] and i not in whole}
-                            report.fields[mask.label] += len(cells - hit)
-                            hit |= cells
-            for i in hit:
-                if binary[i] and not text_like[i]:
-                    whole.add(i)  # binary cells of other types cannot hold text: the whole column goes
-                elif row[i] is not None:
-                    row[i] = _cell(self._whole(_cell_text(row[i], binary[i], True), fields[0]), binary[i])
-                    retyped.add(i)
-            for i, cell in enumerate(row):
-                if cell is None or i in whole or i in hit or (binary[i] and not text_like[i]):
-                    continue
-                before = report.masked
-                if columns[i]["type_oid"] in JSON_OIDS and not binary[i]:
-                    masked = self._json_cell(cell, report)  # row_to_json(t), json_agg(…): keys inside
-                elif self.entities:
-                    masked = self.text(_cell_text(cell, binary[i], True), report, names[i])
-                else:
-                    continue
-                if report.masked != before:
-                    row[i] = _cell(masked, binary[i])
-                    if columns[i]["type_oid"] not in JSON_OIDS | TEXT_ARRAY_OIDS:
-                        retyped.add(i)  # JSON stays JSON, a text array an array
-        for i in whole:
-            mask = next((m for m in self.structural if m.kind == "keys"), None) or fields[0]
-            for row in rows:
-                if row[i] is not None:
-                    row[i] = _cell(self._whole(_cell_text(row[i], binary[i], text_like[i]), mask), binary[i])
-            retyped.add(i)
-        for i in retyped:
-            if not text_like[i]:
-                columns[i].update(type_oid=TEXT_OID, type_size=-1, type_modifier=-1)
-
-    def _json_cell(self, text: str, report: Report) -> str:
-        """A json/jsonb cell masked as a document (keys, fields and detection inside it)."""
+    def json_cell(self, text: str, report: Report, keyed: bool = False) -> str:
+        """A json/jsonb cell masked as a document (keys, fields and detection inside it).
+        `keyed`: it holds table rows as objects keyed by column name (row_to_json(u)), so the
+        values under the names of masked columns are hidden wherever they are in it."""
         try:
             doc = json.loads(text)
         except ValueError:
             return self.text(text, report) if self.entities else text
         before = report.masked
-        masked = self.document(doc, report)
+        masked = self.document(self._columns_in(doc, report) if keyed else doc, report)
         return text if report.masked == before else json.dumps(masked, ensure_ascii=False)
+
+    def _columns_in(self, node: Any, report: Report) -> Any:
+        def column(key: str, value: Any) -> Any:
+            if (mask := self.masks_name(key)) is None or value is None or _masked_already(value):
+                return None
+            report.fields[mask.label] += 1
+            return self._whole(value, mask)
+
+        return _by_key(node, column)
 
     def _leaves(self, node: Any, report: Report, name: str) -> Any:
         if isinstance(node, str):
@@ -506,6 +527,14 @@ class Masker:
             if not report.masked:
                 return None, report
             return json.dumps(doc, ensure_ascii=False), report
+        if content_type.startswith((SQL_REQUEST, OPERATION)):
+            doc = json.loads(text)
+            before = report.masked
+            masked_doc = self.sql_request(doc, report) if content_type.startswith(SQL_REQUEST) else \
+                self.document(self.operation(doc, report), report)
+            if report.masked == before:
+                return None, report
+            return json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":")), report
         if content_type.startswith(SQL_RESULTS):
             masked_doc = self.sql_results(json.loads(text), report)
             if not report.masked and not self.structural:  # column masks retype columns even with no rows
@@ -614,16 +643,25 @@ def charset_of(content_type: str) -> str:
     return ""
 
 
-def _cell_text(cell: str | None, binary: bool, text_like: bool) -> str | None:
-    """A result cell as text: binary cells travel base64; those of text types are UTF-8."""
-    if cell is None or not binary:
-        return cell
-    raw = base64.b64decode(cell)
-    return raw.decode("utf-8", "replace") if text_like else raw.hex()
+def _by_key(node: Any, replace) -> Any:
+    """A JSON document rebuilt with `replace(key, value)` for the value under each key, at
+    any depth; where it answers None, the value is looked into instead."""
+    if isinstance(node, list):
+        return [_by_key(v, replace) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for k, v in node.items():
+        replaced = replace(str(k), v)
+        out[k] = _by_key(v, replace) if replaced is None else replaced
+    return out
 
 
-def _cell(text: str, binary: bool) -> str:
-    return base64.b64encode(text.encode()).decode() if binary else text
+def top_field(path) -> str:
+    """The first field a JSONPath match went through (the column, for a row)."""
+    while hasattr(path, "left"):
+        path = path.left
+    return path.fields[0] if getattr(path, "fields", None) else ""
 
 
 def _masked_already(value: Any) -> bool:

@@ -530,6 +530,21 @@ class RuleSet:
             scoped = self._scoped[key] = tuple(r for r in self.candidates(*key) if r.reach is not None)
         return [r for r in scoped if r.reaches(principal, op) and not r.matches(principal, op)]
 
+    def settled_without(self, principal: Principal, op: Operation, checks: tuple[str, ...]) -> bool:
+        """Is the decision on `op` the same whatever the named checks (`sql.rows`, `risk`)
+        would see? True when a deny rule that does not look at them matches a statement, or
+        when no rule that does look at them matches on everything else. Lets the planner skip
+        work (EXPLAIN) whose answer could not change the decision."""
+        parts = op.parts or (op,)
+        for part in parts:
+            for r in self.candidates(part.connection, part.action):
+                uses = any(name in checks for name, _ in r.checks)
+                if r.effect == "deny" and not uses and r.first_failure(principal, part) is None:
+                    return True
+        return not any(any(name in checks for name, _ in r.checks)
+                       and all(check(principal, part) for name, check in r.checks if name not in checks)
+                       for part in parts for r in self.candidates(part.connection, part.action))
+
     def decide(self, principal: Principal, op: Operation) -> Decision:
         """The decision for an operation; for one with parts (SQL statements, two readings
         of a Kubernetes path), every part is decided on its own and the strictest wins."""

@@ -50,6 +50,16 @@ class Failed(Exception):
         self.fields = fields
 
 
+class Ended(Exception):
+    """The session's database connection is gone: the client gets the FATAL error and the
+    connection ends, as it would with a server that went away (drivers and pools then
+    reconnect instead of reusing a dead session). Not a Failed: nothing may go on."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__(fields.get("M", ""))
+        self.fields = fields
+
+
 def refusal_fields(refusal: Refusal) -> dict[str, str]:
     """A gateway refusal as PostgreSQL error fields: identity failures are 28000, policy and
     approval denials 42501, the gateway's own failures 58000 (08006 without a reason); the
@@ -124,11 +134,18 @@ class Gateway:
 
 @dataclass
 class Portal:
+    """A bound statement. Inside a transaction block a named portal of a query lives on the
+    backend as a cursor (`declared`): rows are fetched as Executes ask for them, and SQL can
+    MOVE and FETCH in it (asyncpg's Cursor.forward); else the bridge runs it at its first
+    Execute and hands out the rows as later Executes ask."""
+
+    name: str
     sql: str
     types: list[int]
     params: list[Any]
     param_formats: list[int]
-    result_format: int
+    result_formats: list[int]
+    declared: bool = False
     columns: list[dict] | None = None
     rows: list[list] | None = None
     command: str = ""
@@ -200,6 +217,9 @@ class Client:
             pass  # the client went away; its session is closed below
         except ProtocolError as e:
             await self._fatal("08P01", f"protocol violation: {e}")
+        except Ended as e:
+            self.out.clear()  # nothing after the FATAL error: no ReadyForQuery
+            await self._fatal(e.fields.get("C", "08006"), e.fields.get("M", ""), e.fields.get("D", ""))
         finally:
             if self.session is not None:
                 self.bridge.sessions.pop((self.session.pid, self.session.secret), None)
@@ -277,6 +297,11 @@ class Client:
             raise Failed({"S": "ERROR", "V": "ERROR", "C": "57014", "M": "canceling statement due to user request"})
         finally:
             s.inflight = None
+        if s.status in "TE" and answer.get("status") == "I":
+            s.portals.clear()  # the transaction ended, and its portals with it
+        if answer.get("closed"):
+            errors = [r["error"] for r in answer.get("results", []) if "error" in r]
+            raise Ended(errors[-1] if errors else {"C": "08006", "M": "the gateway's database connection was lost"})
         s.status = answer.get("status", s.status)
         for notice in answer.get("notices", []):
             self.out += pgp.error(notice, b"N")
@@ -325,8 +350,11 @@ class Client:
             self._error(e.fields)
         self.out += pgp.ready(self.session.status)
 
-    def _result(self, result: dict, portal: Portal | None, max_rows: int, describe: bool = True) -> bool:
-        """Write one result; True when it was an error (the rest of the batch is skipped)."""
+    def _result(self, result: dict, portal: Portal | None, max_rows: int, describe: bool = True,
+                more: bool = False) -> bool:
+        """Write one result; True when it was an error (the rest of the batch is skipped).
+        With a row limit, rows past it wait in the portal; `more`: the portal's cursor may
+        have more rows than these (PortalSuspended instead of CommandComplete)."""
         if "error" in result:
             self._error(result["error"])
             return True
@@ -334,15 +362,21 @@ class Client:
             self.out += pgp.EMPTY_QUERY
             return False
         if "columns" in result:
+            asked = pgp.formats_for(portal.result_formats if portal else [], len(result["columns"]))
+            if [c["format"] for c in result["columns"]] != asked:  # never bytes the client reads as something else
+                self._error({"S": "ERROR", "V": "ERROR", "C": "XX000",
+                             "M": "custody: the gateway answered in other result formats than the client asked for"})
+                return True
             if describe:
-                self.out += pgp.row_description(result["columns"], [c["format"] for c in result["columns"]])
+                self.out += pgp.row_description(result["columns"], asked)
             rows = result["rows"]
             if portal is not None and max_rows > 0 and len(rows) > max_rows:
-                self._rows(result["columns"], rows[:max_rows])
                 portal.rows, portal.columns, portal.command = rows[max_rows:], result["columns"], result["command"]
+                rows, more = rows[:max_rows], True
+            self._rows(result["columns"], rows)
+            if more:
                 self.out += pgp.PORTAL_SUSPENDED
                 return False
-            self._rows(result["columns"], rows)
         self.out += pgp.command_complete(result.get("command", ""))
         return False
 
@@ -397,10 +431,12 @@ class Client:
             s.statements[msg.name] = (msg.sql, msg.types)
             self.out += pgp.PARSE_COMPLETE
         elif kind == "B":
-            self._bind(msg)
+            await self._bind(msg)
             self.out += pgp.BIND_COMPLETE
         elif kind == "C":
-            (s.statements if msg.kind == "S" else s.portals).pop(msg.name, None)
+            closed = (s.statements if msg.kind == "S" else s.portals).pop(msg.name, None)
+            if isinstance(closed, Portal) and closed.declared:
+                await self._call("execute", {"sql": f'CLOSE "{closed.name.replace(chr(34), chr(34) * 2)}"'})
             self.out += pgp.CLOSE_COMPLETE
         elif kind == "D":
             await self._describe(msg)
@@ -414,19 +450,28 @@ class Client:
             raise Failed({"S": "ERROR", "V": "ERROR", "C": "34000", "M": f'portal "{name}" does not exist'})
         return portal
 
-    def _bind(self, msg: Bind) -> None:
-        stmt = self.session.statements.get(msg.statement)
+    async def _bind(self, msg: Bind) -> None:
+        s = self.session
+        stmt = s.statements.get(msg.statement)
         if stmt is None:
             raise Failed({"S": "ERROR", "V": "ERROR", "C": "26000",
                           "M": f'prepared statement "{msg.statement}" does not exist'})
         formats = pgp.formats_for(msg.formats, len(msg.params))
         params = [None if v is None else base64.b64encode(v).decode() if formats[i] == 1 else v.decode("utf-8")
                   for i, v in enumerate(msg.params)]
-        results = set(msg.result_formats)
-        if len(results) > 1:
-            raise Failed({"S": "ERROR", "V": "ERROR", "C": "0A000",
-                          "M": "mixed text and binary result columns are not supported through the gateway"})
-        self.session.portals[msg.portal] = Portal(stmt[0], stmt[1], params, formats, results.pop() if results else 0)
+        portal = Portal(msg.portal, stmt[0], stmt[1], params, formats, list(msg.result_formats))
+        if msg.portal and s.status == "T":
+            answer = await self._call("execute", {**self._run(portal), "declare": msg.portal})
+            result = (answer.get("results") or [{}])[0]
+            if "error" in result:
+                raise Failed(result["error"])
+            portal.declared = not result.get("deferred")
+        s.portals[msg.portal] = portal
+
+    @staticmethod
+    def _run(portal: Portal) -> dict[str, Any]:
+        return {"sql": portal.sql, "extended": True, "params": portal.params, "param_types": portal.types,
+                "param_formats": portal.param_formats, "result_formats": portal.result_formats}
 
     async def _describe(self, msg: Describe) -> None:
         if msg.kind == "S":
@@ -434,7 +479,7 @@ class Client:
             if stmt is None:
                 raise Failed({"S": "ERROR", "V": "ERROR", "C": "26000",
                               "M": f'prepared statement "{msg.name}" does not exist'})
-            sql, types, fmt = stmt[0], stmt[1], 0
+            sql, types, fmt = stmt[0], stmt[1], []
         elif msg.name and msg.name not in self.session.portals:
             # a cursor the client declared with SQL (DECLARE): it lives on the backend
             answer = await self._call("describe", {"portal": msg.name})
@@ -446,8 +491,8 @@ class Client:
             return
         else:
             portal = self._portal(msg.name)
-            sql, types, fmt = portal.sql, portal.types, portal.result_format
-        answer = await self._call("describe", {"sql": sql, "param_types": types, "result_format": fmt})
+            sql, types, fmt = portal.sql, portal.types, portal.result_formats
+        answer = await self._call("describe", {"sql": sql, "param_types": types, "result_formats": fmt})
         result = (answer.get("results") or [{}])[0]
         if "error" in result:
             raise Failed(result["error"])
@@ -460,14 +505,22 @@ class Client:
             self.out += pgp.row_description(columns, [c["format"] for c in columns]) if columns else pgp.NO_DATA
 
     async def _execute(self, portal: Portal, max_rows: int, *, describe: bool) -> bool:
-        """Run the portal (once), or send what is left of a suspended run."""
+        """Run the portal (once), or send what is left of a suspended run; a declared one
+        fetches the rows asked for from its cursor."""
+        if portal.declared:
+            answer = await self._call("execute", {**self._run(portal), "fetch": portal.name, "max_rows": max_rows})
+            result = (answer.get("results") or [{"empty": True}])[0]
+            if "rows" in result:  # a FETCH's tag, as an Execute's
+                result = {**result, "command": f"SELECT {len(result['rows'])}"}
+            return self._result(result, portal, 0, describe=describe,
+                                more=0 < max_rows == len(result.get("rows", ())))
         if portal.done:
             rows, portal.rows = portal.rows or [], None
             return self._result({"columns": portal.columns, "rows": rows, "command": portal.command}, portal,
                                 max_rows, describe=False)
         answer = await self._call("execute", {
             "sql": portal.sql, "extended": True, "params": portal.params, "param_types": portal.types,
-            "param_formats": portal.param_formats, "result_format": portal.result_format})
+            "param_formats": portal.param_formats, "result_formats": portal.result_formats})
         result = (answer.get("results") or [{"empty": True}])[0]
         portal.done, portal.columns, portal.command = True, result.get("columns", []), result.get("command", "")
         if describe and "columns" not in result and "error" not in result:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from psycopg import pq
+from psycopg import OperationalError, pq
 from psycopg.conninfo import make_conninfo
 
 logger = logging.getLogger(__name__)
@@ -32,10 +33,15 @@ REPORTED = ("application_name", "client_encoding", "DateStyle", "default_transac
 STARTUP = ("DateStyle", "TimeZone", "IntervalStyle", "extra_float_digits", "bytea_output",
            "lc_monetary", "lc_numeric", "lc_time", "statement_timeout", "lock_timeout")
 """Startup settings a client may pass through to its session (none that changes how SQL
-text is read or which function a name calls: see addons/classifiers/postgres.py PROTECTED_SETTINGS)."""
+text is read or which function a name calls: see addons/classifiers/postgres/settings.py)."""
 PINNED = {"standard_conforming_strings": "on", "client_encoding": "UTF8"}
 """What the classifier assumed when it parsed the SQL; checked before every execution."""
 CHUNK_ROWS = 1000
+CONVERT_BATCH = 10000
+"""Values per conversion query (the protocol allows 65535 parameters)."""
+SAVEPOINT = "custody_undo"
+"""The savepoint under which the gateway's own planning runs inside a client's transaction."""
+ROWS = (pq.ExecStatus.TUPLES_CHUNK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.SINGLE_TUPLE)
 FIELDS = {f.value: chr(f.value) for f in pq.DiagnosticField}
 
 
@@ -57,9 +63,9 @@ def error_fields(result: pq.PGresult) -> dict[str, str]:
     return out
 
 
-def failure(code: str, message: str, **more: str) -> dict[str, str]:
+def failure(code: str, message: str, severity: str = "ERROR", **more: str) -> dict[str, str]:
     """ErrorResponse fields for an error the gateway raises itself."""
-    return {"S": "ERROR", "V": "ERROR", "C": code, "M": message, **more}
+    return {"S": severity, "V": severity, "C": code, "M": message, **more}
 
 
 def conninfo(host: str, port: int, database: str, user: str, password: str, ca_file: str | None,
@@ -93,10 +99,13 @@ class Output:
     notices: list[dict[str, str]] = field(default_factory=list)
     status: str = "I"
     parameters: dict[str, str] = field(default_factory=dict)
+    closed: bool = False
+    """The database connection is gone: the session is over (the bridge ends the client's
+    connection after the last error, as a server that went away does)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"results": self.results, "notices": self.notices, "status": self.status,
-                "parameters": self.parameters}
+                "parameters": self.parameters, **({"closed": True} if self.closed else {})}
 
 
 class Backend:
@@ -108,6 +117,8 @@ class Backend:
         self.notices: list[dict[str, str]] = []
         self.reported = {k: self._parameter(k) for k in REPORTED}
         self.running = False
+        self.lost = False
+        """The server went away (or the connection broke): nothing more can run on it."""
         pg.notice_handler = lambda result: self.notices.append(error_fields(result))
 
     @classmethod
@@ -163,9 +174,21 @@ class Backend:
                 yield result
             await _ready(self.pg.socket, readable=True)
 
+    @contextlib.contextmanager
+    def _io(self):
+        """Any failure of the connection itself (libpq raises OperationalError: the server
+        closed it, the socket broke) ends the session with 08006."""
+        try:
+            yield
+        except OperationalError:
+            raise self._closed() from None
+        if self.pg.status == pq.ConnStatus.BAD:
+            raise self._closed()
+
     def _closed(self) -> BackendError:
+        self.lost = True
         message = self.pg.get_error_message().strip() or "the database connection was lost"
-        return BackendError(failure("08006", f"the gateway's database connection failed: {message}"))
+        return BackendError(failure("08006", f"the gateway's database connection failed: {message}", "FATAL"))
 
     def drifted(self) -> dict[str, str] | None:
         """Error fields when the session no longer reads SQL the way the classifier did."""
@@ -184,19 +207,21 @@ class Backend:
             self.notices = []
             if problem := self.drifted() or (guard() if guard else None):
                 return Output(results=[{"error": problem}], status=self.status)
+            out = Output()
             try:
-                if extended:
-                    self.pg.send_query_params(sql.encode(), _values(params or [], formats or []), types or None,
-                                              formats or None, result_format)
-                else:
-                    self.pg.send_query(sql.encode())
-                self.pg.set_chunked_rows_mode(CHUNK_ROWS)
-                await self._flush()
-                self.running = True
-                out = Output()
-                await self._collect(out, max_bytes)
-            except pq.PqError:
-                raise self._closed() from None
+                with self._io():
+                    if extended:
+                        self.pg.send_query_params(sql.encode(), _values(params or [], formats or []), types or None,
+                                                  formats or None, result_format)
+                    else:
+                        self.pg.send_query(sql.encode())
+                    self.pg.set_chunked_rows_mode(CHUNK_ROWS)
+                    await self._flush()
+                    self.running = True
+                    await self._collect(out, max_bytes)
+            except BackendError as e:
+                out.results.append({"error": e.fields})  # what the server said before it went, then 08006
+                out.closed = True
             finally:
                 self.running = False
             out.notices, out.status, out.parameters = self.notices, self.status, self.changed_parameters()
@@ -209,7 +234,7 @@ class Backend:
             status = r.status
             if over:
                 continue  # draining after a cancel
-            if status in (pq.ExecStatus.TUPLES_CHUNK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.SINGLE_TUPLE):
+            if status in ROWS:
                 if current is None:
                     current = {"columns": _columns(r), "rows": []}
                 rows, added = _rows(r)
@@ -251,27 +276,24 @@ class Backend:
             await asyncio.to_thread(self.pg.get_cancel().cancel)
 
     async def describe(self, sql: str, types: list[int] | None = None) -> Output:
-        """Parameter and result types of `sql`, as the server plans it (nothing runs)."""
+        """Parameter and result types of `sql`, as the server plans it (nothing runs). Parsing
+        locks the tables a statement names until its transaction ends, so inside the
+        client's transaction it is done under a savepoint that is rolled back: describing a
+        statement leaves nothing behind, whatever policy then says about running it."""
         async with self.lock:
             self.notices = []
             out = Output()
-            try:
-                self.pg.send_prepare(b"", sql.encode(), types or None)
-                await self._flush()
-                async for r in self._results():
-                    if r.status != pq.ExecStatus.COMMAND_OK:
-                        out.results.append({"error": error_fields(r)})
-                if not out.results:
-                    self.pg.send_describe_prepared(b"")
-                    await self._flush()
-                    async for r in self._results():
-                        if r.status == pq.ExecStatus.COMMAND_OK:
-                            out.results.append({"params": [r.param_type(i) for i in range(r.nparams)],
-                                                "columns": _columns(r)})
-                        else:
-                            out.results.append({"error": error_fields(r)})
-            except pq.PqError:
-                raise self._closed() from None
+            with self._io():
+                prepared, described = await self._undone([
+                    lambda: self.pg.send_prepare(b"", sql.encode(), types or None),
+                    lambda: self.pg.send_describe_prepared(b"")])
+            failed = [r for r in prepared + described if r.status not in (pq.ExecStatus.COMMAND_OK,
+                                                                         pq.ExecStatus.PIPELINE_ABORTED)]
+            if failed:
+                out.results.append({"error": error_fields(failed[0])})
+            elif described:
+                r = described[-1]
+                out.results.append({"params": [r.param_type(i) for i in range(r.nparams)], "columns": _columns(r)})
             out.notices, out.status = self.notices, self.status
             return out
 
@@ -280,50 +302,96 @@ class Backend:
         async with self.lock:
             self.notices = []
             out = Output()
-            try:
+            with self._io():
                 self.pg.send_describe_portal(name.encode())
                 await self._flush()
                 async for r in self._results():
                     out.results.append({"columns": _columns(r)} if r.status == pq.ExecStatus.COMMAND_OK
                                        else {"error": error_fields(r)})
-            except pq.PqError:
-                raise self._closed() from None
             out.notices, out.status = self.notices, self.status
             return out
 
     async def explain(self, sql: str, params: list | None, types: list[int] | None,
                       formats: list[int] | None) -> int | None:
         """The planner's estimate of the rows a write touches; None when it cannot plan it.
-        Inside a transaction it runs under a savepoint, so a failed EXPLAIN leaves the
-        client's transaction as it was; in a failed transaction nothing can be planned."""
+        Planning locks the tables the statement names (RowExclusiveLock for a write's
+        target) until the transaction ends, so inside the client's transaction it runs under
+        a savepoint that is rolled back, which releases them: a statement policy then denies
+        leaves no lock behind. In a failed transaction nothing can be planned."""
         async with self.lock:
             if self.status == "E":
                 return None
-            savepoint = self.status == "T"
             try:
-                if savepoint:
-                    await self._last("SAVEPOINT custody_explain")
-                r = await self._last(f"EXPLAIN (FORMAT JSON) {sql}", params, types, formats)
-                planned = r.status == pq.ExecStatus.TUPLES_OK
-                if savepoint:
-                    if not planned:
-                        await self._last("ROLLBACK TO SAVEPOINT custody_explain")
-                    await self._last("RELEASE SAVEPOINT custody_explain")
-            except pq.PqError:
-                raise self._closed() from None
+                with self._io():
+                    (results,) = await self._undone([lambda: self.pg.send_query_params(
+                        f"EXPLAIN (FORMAT JSON) {sql}".encode(), _values(params or [], formats or []),
+                        types or None, formats or None, 0)])
             finally:
                 self.notices = []
-            return written_rows(json.loads(r.get_value(0, 0))[0]["Plan"]) if planned else None
+            plan = next((r.get_value(0, 0) for r in results if r.status in ROWS and r.ntuples), None)
+            return None if plan is None else written_rows(json.loads(plan)[0]["Plan"])
 
-    async def _last(self, sql: str, params: list | None = None, types: list[int] | None = None,
-                    formats: list[int] | None = None) -> pq.PGresult:
-        """Run one statement (extended protocol) and return its result."""
-        self.pg.send_query_params(sql.encode(), _values(params or [], formats or []), types or None, formats or None, 0)
-        await self._flush()
-        last = None
-        async for r in self._results():
-            last = r
-        return last
+    async def binary(self, oids: list[int], texts: list[str]) -> list[bytes]:
+        """Each text value as its type's binary form, by this session's server (its
+        DateStyle, TimeZone and IntervalStyle read the text as they wrote it): `SELECT $1,
+        …` with each value a parameter of its type, results in binary. Under a savepoint in
+        a transaction, so a value it cannot read leaves the client's transaction as it was."""
+        out: list[bytes] = []
+        async with self.lock:
+            for start in range(0, len(texts), CONVERT_BATCH):
+                oids_, texts_ = oids[start:start + CONVERT_BATCH], texts[start:start + CONVERT_BATCH]
+                query = "SELECT " + ", ".join(f"${n + 1}" for n in range(len(texts_)))
+                with self._io():
+                    (results,) = await self._undone([lambda q=query, o=oids_, t=texts_: self.pg.send_query_params(
+                        q.encode(), [v.encode() for v in t], o, None, 1)])
+                row = next((r for r in results if r.status in ROWS and r.ntuples), None)
+                if row is None:
+                    failed = next((error_fields(r) for r in results if r.status == pq.ExecStatus.FATAL_ERROR), {})
+                    raise BackendError(failure("XX000", "custody: a masked result could not be encoded in the "
+                                                        f"format the client asked for: {failed.get('M', '')}"))
+                out += [row.get_value(0, i) for i in range(row.nfields)]
+        return out
+
+    async def _undone(self, steps: list) -> list[list[pq.PGresult]]:
+        """Send `steps` (libpq send calls) in one round trip and leave the session as it was:
+        inside a transaction block they run under a savepoint that is then rolled back (which
+        releases every lock they took); outside one, in their own implicit transaction. The
+        results of each step, in order."""
+        if self.status != "T":
+            return await self._pipeline(steps)
+        undo = [self._send(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}"), self._send(f"RELEASE SAVEPOINT {SAVEPOINT}")]
+        results = await self._pipeline([self._send(f"SAVEPOINT {SAVEPOINT}"), *steps, *undo])
+        if any(r.status == pq.ExecStatus.PIPELINE_ABORTED for r in results[-1]):
+            await self._pipeline(undo)  # a step failed, so the pipeline skipped the undo: undo now
+        return results[1:1 + len(steps)]
+
+    def _send(self, sql: str):
+        return lambda: self.pg.send_query_params(sql.encode(), None, None, None, 0)
+
+    async def _pipeline(self, steps: list) -> list[list[pq.PGresult]]:
+        """libpq pipeline mode: every step sent, one Sync, the results of each step."""
+        self.pg.enter_pipeline_mode()
+        out: list[list[pq.PGresult]] = [[] for _ in steps]
+        try:
+            for send in steps:
+                send()
+            self.pg.pipeline_sync()
+            await self._flush()
+            step = 0
+            while True:
+                self.pg.consume_input()
+                while not self.pg.is_busy():
+                    r = self.pg.get_result()
+                    if r is None:
+                        step += 1  # the end of one step's results
+                    elif r.status == pq.ExecStatus.PIPELINE_SYNC:
+                        return out
+                    else:
+                        out[min(step, len(steps) - 1)].append(r)
+                await _ready(self.pg.socket, readable=True)
+        finally:
+            if self.pg.status == pq.ConnStatus.OK:
+                self.pg.exit_pipeline_mode()
 
     def cancel(self) -> bool:
         """Ask the server to cancel what this session runs (blocking: call in a thread)."""

@@ -29,16 +29,26 @@ class Session:
     connection: str
     backend: Backend
     prepared: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cursors: dict[str, str] = field(default_factory=dict)
+    """Cursors declared on the backend (SQL DECLARE, and the bridge's named portals) → the
+    statement that declared them, so a FETCH's rows are masked as that statement's."""
     used: float = field(default_factory=time.monotonic)
 
     def remember(self, parts: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
-        """Track SQL-level prepared statements from the statements that succeeded."""
+        """Track SQL-level prepared statements and cursors from the statements that succeeded."""
         for details, result in zip(parts, results):
             if "error" in result:
                 return
             command = details.get("command")
             if command == "PREPARE":
                 self.prepared[details["name"]] = details
+            elif command == "DECLARE CURSOR":
+                self.cursors[details["name"]] = details["sql"]
+            elif command == "CLOSE PORTAL":
+                if details.get("name"):
+                    self.cursors.pop(details["name"], None)
+                else:
+                    self.cursors.clear()
             elif command == "DEALLOCATE":
                 if details.get("all"):
                     self.prepared.clear()
@@ -46,6 +56,17 @@ class Session:
                     self.prepared.pop(details.get("name", ""), None)
             elif command == "DISCARD":
                 self.prepared.clear()
+                self.cursors.clear()
+
+    def statement(self, details: dict[str, Any]):
+        """The SQL whose rows a statement returns: a cursor's for FETCH, the prepared one's
+        for EXECUTE, its own otherwise; None when that is not known."""
+        command = details.get("command")
+        if command == "FETCH":
+            return self.cursors.get(details.get("name", ""))
+        if command == "EXECUTE":
+            return details.get("prepared_sql")
+        return details.get("sql")
 
 
 class Sessions:

@@ -179,7 +179,7 @@ def json_config(doc_id: int) -> dict:
         labels.append({"entity": "AUTH_CREDENTIAL", "value": token})
     if R.random() < 0.5:
         value = rand(ALNUM, 24)
-        doc["env"] = [f"LOG_LEVEL=info", f"API_KEY={value}", f"REGION=eu-west-1"]
+        doc["env"] = ["LOG_LEVEL=info", f"API_KEY={value}", "REGION=eu-west-1"]
         labels.append({"entity": "GENERIC_SECRET", "value": value})
     if R.random() < 0.5:
         value = rand(ALNUM + "-_", 28)

@@ -15,12 +15,19 @@ has a WHERE, and an action:
             user-defined function can do anything its owner can)
     admin   roles and grants, SET ROLE / SESSION AUTHORIZATION, ALTER SYSTEM, COPY to or
             from a server file or PROGRAM, dangerous built-ins (pg_terminate_backend,
-            lo_import, pg_read_file, dblink, set_config, …), VACUUM and friends
+            lo_import, pg_read_file, dblink, …), NOTIFY, VACUUM and friends; changes of the
+            settings that decide how SQL is read or whether writes may run (settings.py),
+            in whichever spelling (SET, SET TRANSACTION, BEGIN READ WRITE, set_config);
+            reading other sessions' activity (pg_stat_activity, pg_locks, pg_stat_statements, …)
     unknown anything that does not parse, and `EXECUTE name` until the session says what
             `name` was prepared as (pg_bridge/terminal/planner.py)
 
 A string of several statements is one Operation whose `parts` are the statements: policy
 decides each part and the strictest decision wins.
+
+Beside this module: settings.py (which run-time settings a statement changes, whatever
+its spelling) and lineage.py (which table columns each result column is computed from,
+for the masks).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from pglast import ast
 from pglast.visitors import Visitor
 
 from addons.classifiers.http import parse_json_body
+from addons.classifiers.postgres import settings
 from addons.engine.bridge import POSTGRES
 from addons.engine.model import Operation, Request
 
@@ -48,7 +56,7 @@ DANGEROUS_FUNCTIONS = frozenset({
     "lo_import", "lo_export", "lo_unlink", "lo_from_bytea", "lo_put",
     "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "pg_ls_logdir", "pg_ls_waldir",
     "pg_ls_tmpdir", "pg_ls_archive_statusdir", "pg_file_write", "pg_file_rename", "pg_file_unlink",
-    "set_config", "pg_sleep", "pg_sleep_for", "pg_sleep_until",
+    "pg_sleep", "pg_sleep_for", "pg_sleep_until",
     "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "cursor_to_xml",
     "pg_logical_emit_message", "pg_replication_origin_create", "pg_create_logical_replication_slot",
     "pg_create_physical_replication_slot", "pg_drop_replication_slot", "pg_advisory_lock", "pg_advisory_xact_lock",
@@ -57,6 +65,29 @@ DANGEROUS_PREFIXES = ("dblink", "lo_", "pg_advisory", "pg_try_advisory", "pg_rep
                       "pg_create_", "pg_drop_", "pg_notify", "pg_stat_reset", "pg_read_", "pg_ls_", "pg_file_",
                       "pg_import_system_collations", "pg_wal_replay_", "pg_xact_commit", "pg_export_snapshot")
 WRITING_FUNCTIONS = frozenset({"nextval", "setval"})
+HOUSEKEEPING_FUNCTIONS = frozenset({"pg_advisory_unlock", "pg_advisory_unlock_shared", "pg_advisory_unlock_all"})
+"""Functions that only undo what the session itself did (release its own advisory locks):
+what drivers and pools run when they hand a connection back (asyncpg's reset query)."""
+SET_CONFIG = "set_config"
+"""Judged by the setting it changes (settings.py), like SET."""
+ACTIVITY_RELATIONS = frozenset({
+    "pg_stat_activity", "pg_locks", "pg_stat_statements", "pg_stat_statements_info", "pg_prepared_xacts",
+    "pg_stat_replication", "pg_stat_wal_receiver", "pg_stat_subscription", "pg_stat_ssl", "pg_stat_gssapi",
+    "pg_replication_slots", "pg_stat_replication_slots", "pg_stat_monitor", "pg_stat_kcache",
+    "pg_wait_sampling_current", "pg_wait_sampling_history", "pg_wait_sampling_profile",
+})
+ACTIVITY_FUNCTIONS = frozenset({
+    "pg_stat_get_activity", "pg_lock_status", "pg_blocking_pids", "pg_safe_snapshot_blocking_pids",
+    "pg_isolation_test_session_is_blocked", "pg_stat_statements", "pg_stat_statements_info",
+    "pg_stat_get_wal_senders", "pg_stat_get_wal_receiver", "pg_stat_get_subscription", "pg_prepared_xact",
+    "pg_get_replication_slots", "pg_stat_get_progress_info", "pg_stat_monitor_internal",
+})
+ACTIVITY_PREFIXES = ("pg_stat_progress_", "pg_stat_get_backend_")
+"""The server's views of other sessions: their statements' text (pg_stat_activity.query,
+pg_stat_statements.query), what they lock and wait for, their prepared transactions. Every
+agent works through the gateway's one database role, so these would show one agent
+another's statements, literals included: reading them is administration (any schema: an
+extension's views live where it was installed)."""
 BUILTIN_FUNCTIONS = frozenset("""
     count sum avg min max array_agg string_agg json_agg jsonb_agg json_object_agg jsonb_object_agg bool_and bool_or
     every bit_and bit_or stddev variance percentile_cont percentile_disc mode rank dense_rank row_number ntile lag
@@ -110,6 +141,7 @@ class _Walk(Visitor):
         self.functions: set[str] = set()
         self.modifies: list[ast.Node] = []
         self.locks = False
+        self.set_config: list[settings.Change] = []
 
     def visit_CommonTableExpr(self, ancestors, node) -> None:
         self.ctes.add(node.ctename.lower())
@@ -121,6 +153,8 @@ class _Walk(Visitor):
     def visit_FuncCall(self, ancestors, node) -> None:
         schema, name = _name(node)
         self.functions.add(f"{schema}.{name}" if schema else name)
+        if name == SET_CONFIG and schema in ("", "pg_catalog"):
+            self.set_config.append(settings.set_config(node))
 
     def visit_InsertStmt(self, ancestors, node) -> None:
         self.modifies.append(node)
@@ -138,7 +172,9 @@ def function_action(qualified: str) -> str:
     catalog's own introspection (pg_get_*, *_is_visible, has_*_privilege), else exec: a
     function nobody listed may write, and so may one in another schema."""
     schema, _, name = qualified.rpartition(".")
-    if name in DANGEROUS_FUNCTIONS or name.startswith(DANGEROUS_PREFIXES):
+    if name in HOUSEKEEPING_FUNCTIONS and schema in ("", "pg_catalog"):
+        return READ
+    if name in DANGEROUS_FUNCTIONS or name.startswith(DANGEROUS_PREFIXES) or activity(name):
         return ADMIN
     if schema not in ("", "pg_catalog"):
         return EXEC
@@ -147,6 +183,12 @@ def function_action(qualified: str) -> str:
     if name in BUILTIN_FUNCTIONS or name.startswith(("pg_get_", "has_", "pg_has_")) or name.endswith("_is_visible"):
         return READ
     return EXEC
+
+
+def activity(name: str) -> bool:
+    """Is this relation or function one of the server's views of other sessions?"""
+    name = name.rpartition(".")[2].lower()
+    return name in ACTIVITY_RELATIONS or name in ACTIVITY_FUNCTIONS or name.startswith(ACTIVITY_PREFIXES)
 
 
 def _riskier(*actions: str) -> str:
@@ -162,15 +204,9 @@ MAINTENANCE = (ast.VacuumStmt, ast.ClusterStmt, ast.ReindexStmt, ast.CheckPointS
                ast.CreateSubscriptionStmt, ast.AlterSubscriptionStmt, ast.CreatePublicationStmt)
 MISC_READS = (ast.TransactionStmt, ast.VariableShowStmt, ast.DiscardStmt, ast.ListenStmt, ast.UnlistenStmt,
               ast.FetchStmt, ast.ClosePortalStmt, ast.DeallocateStmt)
-ROLE_SETTINGS = ("role", "session_authorization")
+SETTING_STATEMENTS = (ast.VariableSetStmt, ast.ConstraintsSetStmt)
 TWO_PHASE = ("TRANS_STMT_PREPARE", "TRANS_STMT_COMMIT_PREPARED", "TRANS_STMT_ROLLBACK_PREPARED")
-PROTECTED_SETTINGS = ("standard_conforming_strings", "backslash_quote", "client_encoding", "search_path",
-                      "escape_string_warning", "session_replication_role", "default_transaction_read_only",
-                      "transaction_read_only")
-"""Settings that change how the server reads SQL text (so what pglast parsed is not what
-runs: a backslash or a multibyte encoding can end a string early), which functions an
-unqualified name calls, or whether triggers and read-only mode apply. Changing them is an
-administrative act, and the executor refuses it whatever the rules say."""
+PROTECTED_SETTINGS = settings.PROTECTED_SETTINGS
 
 
 COMMANDS = {"VariableSet": "SET", "VariableShow": "SHOW", "Index": "CREATE INDEX", "Create": "CREATE TABLE",
@@ -202,6 +238,7 @@ def statement(node: ast.Node, text: str) -> dict[str, Any]:
     classes: set[str] = set()
     action = READ
     out: dict[str, Any] = {"sql": text, "command": command}
+    changed = settings.changes(node)
     if isinstance(node, ast.ExplainStmt):
         analyze = any(o.defname == "analyze" and (o.arg is None or getattr(o.arg, "boolval", True))
                       for o in node.options or ())
@@ -212,7 +249,7 @@ def statement(node: ast.Node, text: str) -> dict[str, Any]:
                 "explains": inner["command"]}
     if isinstance(node, ast.DeclareCursorStmt):
         inner = statement(node.query, text)
-        return {**inner, "sql": text, "command": command, "declares": inner["command"]}
+        return {**inner, "sql": text, "command": command, "declares": inner["command"], "name": node.portalname}
     if isinstance(node, ast.PrepareStmt):
         # classified as what it prepares (so it needs the same rights), but it runs nothing:
         # no WHERE to judge and no rows to estimate until EXECUTE, which is decided again
@@ -253,17 +290,8 @@ def statement(node: ast.Node, text: str) -> dict[str, Any]:
     elif isinstance(node, ROLE_STATEMENTS):
         classes.add("ROLE")
         action = ADMIN
-    elif isinstance(node, ast.VariableSetStmt):
-        setting = (node.name or "").lower()
-        out["setting"] = setting or "all"
-        if setting in ROLE_SETTINGS:
-            classes.add("ROLE")
-            action = ADMIN
-        elif setting in PROTECTED_SETTINGS:
-            classes.add("MISC_SET")
-            action = ADMIN
-        else:
-            classes.add("MISC_SET")
+    elif isinstance(node, SETTING_STATEMENTS):
+        classes.add("ROLE" if any(c.setting in settings.ROLE_SETTINGS for c in changed) else "MISC_SET")
     elif isinstance(node, MAINTENANCE):
         classes.add("MISC")
         action = ADMIN
@@ -273,11 +301,19 @@ def statement(node: ast.Node, text: str) -> dict[str, Any]:
     elif isinstance(node, ast.TransactionStmt) and node.kind.name in TWO_PHASE:
         classes.add("MISC")  # another application's prepared transaction: commit, abort or park one
         action = ADMIN
+    elif isinstance(node, ast.NotifyStmt):
+        classes.add("MISC")  # a message to every session listening, as pg_notify sends it
+        action = ADMIN
+        out["channel"] = node.conditionname
     elif isinstance(node, MISC_READS):
         classes.add("MISC")
+        if changed:
+            classes.add("MISC_SET")  # BEGIN ISOLATION LEVEL …, START TRANSACTION READ WRITE
         if isinstance(node, ast.DeallocateStmt):
             out["name"] = node.name or ""
             out["all"] = bool(node.isall) or not node.name
+        elif isinstance(node, (ast.FetchStmt, ast.ClosePortalStmt)):
+            out["name"] = node.portalname or ""  # CLOSE ALL has none
     else:
         classes.add("DDL")
         action = DDL
@@ -287,11 +323,28 @@ def statement(node: ast.Node, text: str) -> dict[str, Any]:
         classes.add("WRITE")  # a writable CTE or sub-statement
         action = _riskier(action, DELETE if isinstance(modify, ast.DeleteStmt) else WRITE)
     for f in functions:
+        if f.rpartition(".")[2] == SET_CONFIG and f.rpartition(".")[0] in ("", "pg_catalog"):
+            continue  # judged by the settings it changes, below
         effect = function_action(f)
         if effect in (EXEC, ADMIN):
             classes.add("FUNCTION")
         if effect != READ:
             action = _riskier(action, effect)
+    if walk.set_config:
+        administrative = any(c.administrative for c in walk.set_config)
+        classes.add("FUNCTION" if administrative else "MISC_SET")
+        changed = [*changed, *walk.set_config]
+    if changed:
+        out["setting"] = changed[0].setting or "a setting named at run time"
+        out["settings"] = sorted({c.setting or "?" for c in changed})
+        if protected := sorted({c.setting or "a setting named at run time" for c in changed if c.protected}):
+            out["protected"] = protected
+        if any(c.administrative for c in changed):
+            action = _riskier(action, ADMIN)
+    if watched := sorted({t for t in tables if activity(t)} | {f for f in functions if activity(f)}):
+        classes.add("MISC")
+        action = _riskier(action, ADMIN)
+        out["server_activity"] = watched
     filtered = [m for m in walk.modifies if isinstance(m, (ast.UpdateStmt, ast.DeleteStmt))]
     if isinstance(node, ast.TruncateStmt):
         out["where"] = False
@@ -314,12 +367,10 @@ def _statements(sql: str) -> tuple[dict[str, Any], ...]:
     except pglast.parser.ParseError as e:
         return ({"sql": sql, "command": "Unparseable", "classes": ["UNKNOWN"], "action": UNKNOWN, "tables": [],
                  "functions": [], "reason": f"the statement does not parse: {e}"},)
-    encoded = sql.encode()  # locations are byte offsets
     out = []
-    for raw in parsed:
-        end = raw.stmt_location + raw.stmt_len if raw.stmt_len else len(encoded)
-        text = encoded[raw.stmt_location:end].decode(errors="replace").strip()
-        out.append(statement(raw.stmt, text))
+    for raw in parsed:  # pglast gives character offsets
+        end = raw.stmt_location + raw.stmt_len if raw.stmt_len else len(sql)
+        out.append(statement(raw.stmt, sql[raw.stmt_location:end].strip()))
     return tuple(out)
 
 
@@ -401,6 +452,8 @@ def classify_request(connection: str, method: str, path: str, session: str, body
         extra |= {"database": str(body.get("database", "")), "user": str(body.get("user", ""))}
     elif phase == "describe" and "portal" in body:
         extra["portal"] = body["portal"]  # a cursor the session declared: what it returns
+    elif phase == "execute" and isinstance(body.get("declare") or body.get("fetch"), str):
+        extra["portal"] = body.get("declare") or body["fetch"]  # a portal kept as a cursor: declared or read
     op = classify(connection, phase, body.get("sql") if phase in ("execute", "describe") else None, extra)
     return dataclasses.replace(op, payload=body)
 

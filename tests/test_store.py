@@ -63,7 +63,7 @@ def test_intact_chain_verifies(tmp_path):
         (["UPDATE events SET subject = 'someone-else' WHERE seq = 4"], 4, "event contents do not match its hash"),
         (["UPDATE events SET ts = ts + 60 WHERE seq = 1"], 1, "event contents do not match its hash"),
         (["UPDATE events SET body = CAST('edited' AS BLOB) WHERE seq = 3"], 3, "body does not match its digest"),
-        (["UPDATE events SET body = NULL WHERE seq = 3"], None, None),
+        (["DELETE FROM bodies WHERE digest = (SELECT body_digest FROM events WHERE seq = 3)"], None, None),
         (["DELETE FROM events WHERE seq = 2"], 3, "event 2 is missing (found 3)"),
         (["UPDATE events SET seq = 100 WHERE seq = 2", "UPDATE events SET seq = 2 WHERE seq = 3",
           "UPDATE events SET seq = 3 WHERE seq = 100"], 2, "previous-hash link does not match"),

@@ -19,6 +19,7 @@ from mitmproxy import flow as mflow
 from mitmproxy import http
 
 from addons import context
+from addons.engine import mcp
 from addons.engine.errors import Error
 from addons.engine.model import Decision
 
@@ -36,7 +37,8 @@ def refuse(
     approval: str = "",
     extra: dict[str, str] | None = None,
 ) -> None:
-    """Deny the flow: record the decision in its context and answer it locally with JSON.
+    """Deny the flow: record the decision in its context and answer it locally with JSON
+    (a Kubernetes Status for kubernetes connections, JSON-RPC errors for mcp connections).
 
     `approval` and `extra` add the approval id and state when a review ended this way.
     Non-HTTP flows (raw TCP, UDP) have nothing to answer with and are killed.
@@ -65,6 +67,8 @@ def refuse(
     }
     if ctx.protocol == "kubernetes":
         body.update(kubernetes_status(status, reason))
+    elif ctx.protocol == "mcp":  # JSON-RPC errors with the request ids: what MCP clients surface
+        status, body = mcp.refusal(ctx.operation, status, error, body)
     f.response = http.Response.make(
         status,
         json.dumps(body),

@@ -27,11 +27,12 @@ from mitmproxy import ctx as mctx
 from mitmproxy import flow as mflow
 from mitmproxy import hooks, http
 
-from addons import context, failclosed
+from addons import classifiers, context, failclosed
 from addons.approvalbook import ApprovalBook
+from addons.engine import mcp
 from addons.engine.approval import APPROVED, DENIED, EXPIRED, fingerprint
 from addons.engine.errors import Error
-from addons.engine.model import Decision
+from addons.engine.model import Decision, Request
 from addons.engine.store import headers_for_record
 from addons.failclosed import guarded
 from addons.maskpool import MaskPool
@@ -59,8 +60,15 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authorization", "prox
 
 def request_fingerprint(f: http.HTTPFlow, c: context.Context) -> str:
     """The fingerprint of the request as it will go upstream (after identity stripped the
-    agent's token and attributes, before the gateway adds its credential)."""
+    agent's token and attributes, before the gateway adds its credential). An MCP message is
+    bound to what it calls — each message's method, tool or target, and arguments — not to
+    its JSON-RPC id or session, which change on every send (addons/engine/mcp.py)."""
     req = f.request
+    if c.operation.protocol == "mcp":
+        now = classifiers.classify("mcp", c.connection, Request(req.method, req.path, tuple(req.headers.items(multi=True)),
+                                                                 req.get_content(strict=False)))
+        return fingerprint(c.principal, c.operation.connection, req.method,
+                           f"{req.scheme}://{req.host}:{req.port}{req.path.partition('?')[0]}", [], mcp.call_identity(now))
     url = f"{req.scheme}://{req.host}:{req.port}{req.path}"
     headers = [[k, v] for k, v in req.headers.items(multi=True) if k.lower() not in HOP_BY_HOP]
     return fingerprint(c.principal, c.operation.connection, req.method, url, headers, req.get_content(strict=False) or b"")
@@ -92,7 +100,8 @@ class Hold:
             return
         max_body = self.settings.require().store.max_body
         raw = f.request.get_content(strict=False) or b""
-        body, withheld = await self.pool.for_record(raw, f.request.headers.get("content-type", ""), decision.masks)
+        body, withheld = await self.pool.for_record(raw, context.body_type(c, f.request.headers.get("content-type", "")),
+                                                    decision.masks)
         approval = await self.book.open(
             c.principal, c.operation,
             {"method": f.request.method, "url": f.request.pretty_url,

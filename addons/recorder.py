@@ -94,7 +94,8 @@ class Recorder:
         ctx = context.of(f)
         req = f.request
         masks = ctx.decision.masks if ctx.decision else ()
-        body, withheld = await self.pool.for_record(req.get_content(strict=False), req.headers.get("content-type", ""), masks)
+        body, withheld = await self.pool.for_record(req.get_content(strict=False),
+                                                    context.body_type(ctx, req.headers.get("content-type", "")), masks)
         request_event = Event(
             **_base(ctx, f, "request"),
             detail={

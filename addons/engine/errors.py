@@ -18,6 +18,10 @@ class Error(StrEnum):
     MISDIRECTED_REQUEST = "misdirected_request"  # Host, SNI or request target disagree
     AMBIGUOUS_PATH = "ambiguous_path"  # a path servers may resolve differently
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"  # an upgrade or protocol the gateway cannot govern
+    INVALID_MESSAGE = "invalid_message"  # an MCP body that is not valid JSON-RPC 2.0 (or not valid MCP)
+    # MCP sessions and tools
+    UNKNOWN_SESSION = "unknown_session"  # an Mcp-Session-Id this principal did not open (or that ended)
+    TOOL_CHANGED = "tool_changed"  # a tool's definition differs from the one pinned
     # policy
     DENIED_BY_POLICY = "denied_by_policy"  # a deny rule matched
     NO_MATCHING_RULE = "no_matching_rule"  # nothing allows it: default deny

@@ -134,8 +134,8 @@ class Classify:
         if not (f.request.is_http2 or f.request.is_http3):
             f.request.authority = ""  # upstream gets origin-form, so Host is the only authority
         ctx.operation = operation_of(conn, f.request)
-        if conn.kind in ("postgres", "ssh") and ctx.operation.details.get("session"):
-            ctx.session = ctx.operation.details["session"]  # the client's session, not the bridge's HTTP connection
+        if conn.kind in ("postgres", "ssh", "mcp") and ctx.operation.details.get("session"):
+            ctx.session = ctx.operation.details["session"]  # the client's session, not its HTTP connection
         if problem := upgrade_refusal(conn, f.request, ctx.operation):
             if problem == SPDY_MESSAGE and (earlier := self._refused_websocket(f)):
                 decision, extra = earlier

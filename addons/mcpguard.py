@@ -44,7 +44,7 @@ from addons.engine import mcp, mcpupstream
 from addons.engine.bridge import IDLE, SWEEP
 from addons.engine.config import Connection
 from addons.engine.errors import Error
-from addons.engine.masks import Masker, MaskError, Report
+from addons.engine.masks import MaskError, Report
 from addons.engine.mcpstate import Bounded, Pins, Sessions, Sighting, owner
 from addons.engine.model import ANY_PAYLOAD, Decision, Operation, Principal, new_id
 from addons.engine.sse import Event as SseEvent
@@ -229,11 +229,11 @@ class McpGuard:
             resp.stream = False  # filtered and masked whole, in the response hook
             return
         try:
-            masker = self.pool.masker(c.decision.masks) if c.decision.masks else None
+            self.pool.masker(c.decision.masks)
         except MaskError:
             self._refuse_now(f, 502, "masking is not ready; the stream was not sent", Error.MASKING_UNAVAILABLE)
             return
-        c.stream = resp.stream = McpStream(self, f, c, conn, masker)
+        c.stream = resp.stream = McpStream(self, f, c, conn)
         c.masked = True
 
     @guarded
@@ -255,6 +255,9 @@ class McpGuard:
             self.sessions.end(conn.name, c.operation.details["session"])
         content = f.response.get_content(strict=False) or b""
         c.masked = True
+        if f.response.status_code == 202 and content:
+            f.response.content = b""  # an acknowledgement carries nothing (the older transport says "Accepted")
+            return
         if not content:
             return
         if "json" not in f.response.headers.get("content-type", "").lower():
@@ -269,7 +272,7 @@ class McpGuard:
         notes: list[tuple[Event, Any]] = []
         messages = doc if isinstance(doc, list) else [doc]
         sid = c.operation.details.get("session", "")
-        answered = [self.from_server(f, c, conn, m, notes, sid) for m in messages]
+        answered = [self.from_server(f, c, conn, m, notes, sid)[0] for m in messages]
         kept = [m for m in answered if m is not None]
         if notes and not await self._recorded(f, notes):
             return
@@ -311,31 +314,39 @@ class McpGuard:
             c.masking = report.as_dict()
 
     def from_server(self, f: http.HTTPFlow, c: context.Context, conn: Connection, msg: Any,
-                    notes: list[tuple[Event, Any]], sid: str) -> Any:
-        """One message from the server of session `sid` as the agent may have it, or None
-        when it may not."""
+                    notes: list[tuple[Event, Any]], sid: str) -> tuple[Any, tuple]:
+        """One message from the server of session `sid` as the agent may have it (None when
+        it may not), and the masks it gets: an answer, those of the request it answers."""
         if not isinstance(msg, dict):
-            return msg
+            return msg, c.decision.masks
         if "method" in msg and "id" in msg:
-            return self._server_request(f, c, conn, msg, notes, sid)
+            return self._server_request(f, c, conn, msg, notes, sid), c.decision.masks
         if "method" in msg:
-            return msg  # a notification (progress, logging, list changed): masked like the rest
-        asked = self._asked(c, conn, msg.get("id"), sid)
+            return msg, c.decision.masks  # a notification (progress, logging, list changed)
+        asking, asked = self._asked(c, conn, msg.get("id"), sid)
+        if asking is None:
+            return None, ()  # on an event stream, an answer to nothing the gateway passed on: withheld
+        if asking.decision is None or asking.decision.effect != "allow":
+            reason = asking.decision.reason if asking.decision is not None else "the request was not decided"
+            return mcp.answer(msg.get("id"), mcp.error_object(mcp.INTERNAL_ERROR, f"custody: {reason}; the answer "
+                                                                                  "was withheld")), ()
+        masks = asking.decision.masks
         if asked is not None and asked.details.get("method") == "tools/list" and isinstance(msg.get("result"), dict):
-            return {**msg, "result": self.offer(f, c, conn, asked, msg["result"], notes)}
-        return msg
+            return {**msg, "result": self.offer(f, c, conn, asked, msg["result"], notes)}, masks
+        return msg, masks
 
-    def _asked(self, c: context.Context, conn: Connection, rid: Any, sid: str) -> Operation | None:
-        """The message of the client's that a response answers: one of this flow's, or, on
-        an event stream, one the session's client sent on another request."""
+    def _asked(self, c: context.Context, conn: Connection, rid: Any,
+               sid: str) -> tuple[context.Context | None, Operation | None]:
+        """The flow and message of the client's that a response answers: one of this flow's,
+        or, on an event stream, one the session's client sent on another request."""
         key = mcp.id_key(rid)
         session = self.sessions.get(conn.name, sid) if sid else None
         waiting = session.asked.pop(key, None) if session is not None else None
         asking = waiting if c.operation.details.get("method") == mcp.LISTEN else c
         if asking is None or asking.operation is None:
-            return None
-        return next((p for p in asking.operation.parts or (asking.operation,)
-                     if p.details.get("kind") == "request" and mcp.id_key(p.details.get("id")) == key), None)
+            return None, None
+        return asking, next((p for p in asking.operation.parts or (asking.operation,)
+                             if p.details.get("kind") == "request" and mcp.id_key(p.details.get("id")) == key), None)
 
     def offer(self, f: http.HTTPFlow, c: context.Context, conn: Connection, asked: Operation, result: dict,
               notes: list[tuple[Event, Any]]) -> dict:
@@ -439,14 +450,14 @@ class McpGuard:
         self.deliveries[(conn.name, sid, mcp.id_key(ping))] = errors
         self._later(self._tell(conn, session.endpoint, {}, {"jsonrpc": mcp.JSONRPC, "id": ping, "method": "ping"}))
 
-    def delivered(self, conn: Connection, sid: str, messages: list) -> list:
+    def delivered(self, conn: Connection, sid: str, messages: list) -> list[tuple[Any, bool]]:
         """The messages of an event stream, with the answers to the gateway's pings replaced
-        by the refusals they were sent for."""
-        out: list = []
+        by the refusals they were sent for; each says whether it is the gateway's own."""
+        out: list[tuple[Any, bool]] = []
         for m in messages:
             waiting = self.deliveries.pop((conn.name, sid, mcp.id_key(m.get("id"))), None) \
                 if isinstance(m, dict) and "method" not in m else None
-            out += waiting if waiting is not None else [m]
+            out += [(r, True) for r in waiting] if waiting is not None else [(m, False)]
         return out
 
     def _event(self, f: http.HTTPFlow, c: context.Context, kind: str, op: Operation | None,
@@ -494,10 +505,9 @@ class McpStream:
     that goes wrong ends the stream with a JSON-RPC error for the requests it was answering
     (so the client's call ends instead of hanging), and nothing after it is sent."""
 
-    def __init__(self, guard: McpGuard, f: http.HTTPFlow, c: context.Context, conn: Connection,
-                 masker: Masker | None) -> None:
+    def __init__(self, guard: McpGuard, f: http.HTTPFlow, c: context.Context, conn: Connection) -> None:
         cfg = guard.settings.require()
-        self.guard, self.flow, self.ctx, self.conn, self.masker = guard, f, c, conn, masker
+        self.guard, self.flow, self.ctx, self.conn = guard, f, c, conn
         self.report = Report()
         self.events = EventStream(self.event, cfg.masking.max_record, keep=cfg.store.max_body)
         self.answered: set[str] = set()
@@ -512,16 +522,19 @@ class McpStream:
     def sent(self) -> bytearray:
         return self.events.sent
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        """The chunks to send for one from the server: none rather than an empty one, which
+        mitmproxy would send as the last chunk of a chunked body, ending the stream."""
         if self.failed:
-            return b""
+            return []
         try:
-            return self.events(chunk)
+            out = self.events(chunk)
         except Exception as e:
             self.failed = str(e) if isinstance(e, (MaskError, StreamError)) else f"{type(e).__name__}: {e}"
             logger.error("custody: an MCP event stream failed; cutting it off: %s", self.failed)
             self.ctx.masking = {"error": self.failed, **self.report.as_dict()}
-            return self.events.account(self.cut_off())
+            out = self.events.account(self.cut_off())
+        return [out] if out else []
 
     def event(self, ev: SseEvent) -> bytes:
         if ev.type == "endpoint":
@@ -534,14 +547,14 @@ class McpStream:
             raise StreamError("an event of the stream is not a JSON-RPC message") from None
         notes: list[tuple[Event, Any]] = []
         messages = doc if isinstance(doc, list) else [doc]
-        out = [m for m in (self.guard.from_server(self.flow, self.ctx, self.conn, m, notes, self.sid)
-                           for m in self.guard.delivered(self.conn, self.sid, messages)) if m is not None]
+        answered = [(m, ()) if ours else self.guard.from_server(self.flow, self.ctx, self.conn, m, notes, self.sid)
+                    for m, ours in self.guard.delivered(self.conn, self.sid, messages)]
         if notes:
             self.guard.record_later(notes)
+        out = [mcp.mask_message(self.guard.pool.masker(masks), m, self.report) if masks else m
+               for m, masks in answered if m is not None]
         if not out:
             return b""
-        if self.masker is not None:
-            out = [mcp.mask_message(self.masker, m, self.report) for m in out]
         out = mcp.scrub(out, self.conn.secrets, self.report)
         self.answered |= {mcp.id_key(m.get("id")) for m in out if isinstance(m, dict) and "method" not in m}
         data = json.dumps(out if isinstance(doc, list) else out[0], ensure_ascii=False, separators=(",", ":"))

@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import sys
+from typing import Any
 from pathlib import Path
 
 import uvicorn
@@ -86,7 +87,7 @@ def server(log: Log, secret: str, rug_pull: str | None, **settings) -> TicketDes
     desk = TicketDesk(log, secret, rug_pull, **settings)
 
     @desk.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False))
-    def create_ticket(title: str, priority: str = "normal") -> dict:
+    def create_ticket(title: str, priority: str = "normal") -> dict[str, Any]:
         """Open a ticket."""
         ticket = {"id": next(IDS), "title": title, "priority": priority, "status": "open"}
         TICKETS[ticket["id"]] = ticket
@@ -94,13 +95,13 @@ def server(log: Log, secret: str, rug_pull: str | None, **settings) -> TicketDes
         return ticket
 
     @desk.tool(annotations=ToolAnnotations(destructiveHint=True))
-    def delete_ticket(ticket_id: int) -> dict:
+    def delete_ticket(ticket_id: int) -> dict[str, Any]:
         """Delete a ticket for good."""
         log.write(tool="delete_ticket", arguments={"ticket_id": ticket_id})
         return {"deleted": TICKETS.pop(ticket_id, None) is not None, "id": ticket_id}
 
     @desk.tool(annotations=ToolAnnotations(readOnlyHint=True))
-    def show_config() -> dict:
+    def show_config() -> dict[str, Any]:
         """The ticket desk's service configuration."""
         log.write(tool="show_config", arguments={})
         return {"service": "ticket-desk", "api_key": desk.secret, "owner": "it-ops@example.com"}

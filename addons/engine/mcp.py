@@ -188,6 +188,13 @@ def answer(rid: str | int | None, error: dict[str, Any]) -> dict[str, Any]:
     return {"jsonrpc": JSONRPC, "id": rid, "error": error}
 
 
+def asks(op: Operation) -> bool:
+    """Is this message one to answer, by its id: a request, or something invalid that has a
+    method and an id (it meant to be one)? Notifications and responses are never answered."""
+    d = op.details
+    return d.get("id") is not None and d.get("kind") != "response" and bool(d.get("method"))
+
+
 KEEP_STATUS = frozenset({Error.UNAUTHENTICATED, Error.UNKNOWN_SESSION})
 """Refusals whose HTTP status MCP clients act on (authenticate; start a new session)."""
 
@@ -206,10 +213,10 @@ def refusal(op: Operation | None, status: int, error: str, custody: dict[str, An
         where.append(f"approval {custody['approval_id']}")
     suffix = f" ({'; '.join(where)})"
     parts = (op.parts or (op,)) if op is not None else ()
-    answers = [answer(p.details.get("id"), error_object(p.details.get("jsonrpc_code") or code,
-                                                        f"custody: {p.details.get('invalid') or custody['reason']}{suffix}",
-                                                        custody))
-               for p in parts if p.details.get("id") is not None]
+    answers = [answer(p.details["id"], error_object(p.details.get("jsonrpc_code") or code,
+                                                    f"custody: {p.details.get('invalid') or custody['reason']}{suffix}",
+                                                    custody))
+               for p in parts if asks(p)]
     if not answers:
         invalid = op.details.get("invalid") if op is not None else None
         body = answer(None, error_object((op.details.get("jsonrpc_code") if op is not None else None) or code,

@@ -2,18 +2,15 @@
 needs to read, change or drop each event of a `text/event-stream` response as it passes.
 
 A record of an SSE stream is an event, not a line: an event's `data` may span lines, and an
-event ends at a blank line. `EventStream` cuts chunks into events (a partial event waits
+event ends at a blank line. Lines end in CRLF, LF or CR; they are read as LF. `EventStream` cuts chunks into events (a partial event waits
 for the rest), hands each to a handler, and sends what the handler returns in its place.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-LINE_END = re.compile(r"\r\n|\r|\n")
-EVENT_END = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
 
 
 class StreamError(Exception):
@@ -29,7 +26,7 @@ class Event:
     @classmethod
     def parse(cls, raw: bytes) -> Event:
         out = cls()
-        for line in LINE_END.split(raw.decode("utf-8")):
+        for line in raw.decode("utf-8").split("\n"):
             if not line:
                 continue
             name, sep, value = line.partition(":")
@@ -76,12 +73,13 @@ class EventStream:
             self.pending = b""
             return b""
         data = self.pending + chunk
+        held = b"\r" if data.endswith(b"\r") else b""  # maybe the first half of a CRLF
+        data = (data[:-1] if held else data).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *events, rest = data.split(b"\n\n")
         out = bytearray()
-        start = 0
-        for m in EVENT_END.finditer(data):
-            out += self._one(data[start:m.start()])
-            start = m.end()
-        self.pending = data[start:]
+        for raw in events:
+            out += self._one(raw)
+        self.pending = rest + held
         if len(self.pending) > self.max_event:
             raise StreamError(f"an event of the stream is longer than {self.max_event} bytes")
         return self.account(bytes(out))

@@ -71,7 +71,9 @@ class StdioProcess:
             for m in messages:
                 self.process.stdin.write(json.dumps(m, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
             await self.process.stdin.drain()
-            done, pending = await asyncio.wait(futures.values(), timeout=self.spec.timeout)
+            if not futures:
+                return []
+            _, pending = await asyncio.wait(futures.values(), timeout=self.spec.timeout)
             if pending:
                 raise StdioError(f"the MCP server did not answer within {self.spec.timeout:g}s")
             return [futures[k].result() for k in keys]

@@ -26,7 +26,8 @@ from urllib.parse import parse_qsl, urlsplit
 from addons.engine.model import AGENT_ATTRIBUTES, canonical_json
 from addons.engine.signing import Signer, SigningError, check
 from addons.engine.store import COLUMNS, HASHED, Store, chain_hash, digest
-from addons.evidence.timeline import Record, Selection, approvals, by_flow, comment, iso, records
+from addons.evidence.timeline import (Record, Selection, approvals, by_flow, comment, iso, records, tool_calls,
+                                      tool_results)
 
 FORMATS = ("jsonl", "csv", "har", "flows")
 JSON_COLUMNS = ("rules", "principal", "operation", "detail")
@@ -35,7 +36,7 @@ CSV_COLUMNS = (
     *AGENT_ATTRIBUTES, "asserted", "connection", "protocol", "action", "resource", "summary", "risk",
     "effect", "rules", "reason", "status", "step", "approver", "body_size", "body_digest", "prev_hash", "hash",
 )
-WEB_PROTOCOLS = ("http", "kubernetes")
+WEB_PROTOCOLS = ("http", "kubernetes", "mcp")
 
 
 class ExportError(Exception):
@@ -67,6 +68,11 @@ def jsonl_record(row: dict[str, Any]) -> dict[str, Any]:
             out["body"] = body.decode()
         except UnicodeDecodeError:
             out["body_base64"] = base64.b64encode(body).decode()
+    rec = Record.of(row)
+    if calls := tool_calls(rec):
+        out["tool_calls"] = calls  # derived from the columns above (not hashed)
+    if results := tool_results(rec):
+        out["tool_results"] = results
     return out
 
 
@@ -204,6 +210,7 @@ def har_entry(f: FlowRecord) -> dict[str, Any]:
         "cache": {}, "timings": {"send": 0, "wait": elapsed, "receive": 0}, "comment": f.comment,
         "_custody": {"flow": f.id, "session": req["session"], "subject": req["subject"],
                      **{n: req.attribute(n) for n in AGENT_ATTRIBUTES}, "connection": req["connection"],
+                     **({"tool_calls": calls} if (calls := tool_calls(req)) else {}),
                      "events": [{"seq": s, "hash": h} for s, h in f.chain]},
     }
 

@@ -65,14 +65,16 @@ def refuse(
         **({"approval_id": approval} if approval else {}),
         **(extra or {}),
     }
+    content, content_type = None, "application/json"
     if ctx.protocol == "kubernetes":
         body.update(kubernetes_status(status, reason))
     elif ctx.protocol == "mcp":  # JSON-RPC errors with the request ids: what MCP clients surface
-        status, body = mcp.refusal(ctx.operation, status, error, body)
+        status, content, content_type = mcp.refusal(ctx.operation, status, error, body,
+                                                    stream=bool(f.metadata.get(mcp.AS_STREAM)))
     f.response = http.Response.make(
         status,
-        json.dumps(body),
-        {"content-type": "application/json", **(headers or {})},
+        content if content is not None else json.dumps(body),
+        {"content-type": content_type, **(headers or {})},
     )
 
 

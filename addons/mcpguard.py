@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from mitmproxy import http
 
-from addons import context, failclosed
+from addons import classifiers, context, failclosed
 from addons.auditlog import AuditLog
 from addons.credentials import Credentials
 from addons.engine import mcp, mcpupstream
@@ -46,11 +46,12 @@ from addons.engine.config import Connection
 from addons.engine.errors import Error
 from addons.engine.masks import MaskError, Report
 from addons.engine.mcpstate import Bounded, Pins, Sessions, Sighting, owner
-from addons.engine.model import ANY_PAYLOAD, Decision, Operation, Principal, new_id
+from addons.engine.model import ANY_PAYLOAD, Decision, Operation, Principal, Request, new_id
 from addons.engine.sse import Event as SseEvent
 from addons.engine.sse import EventStream, StreamError
 from addons.engine.store import Event, put_pin
 from addons.failclosed import guarded
+from addons.hold import KEEPALIVE, RESUME
 from addons.maskpool import MaskPool, MaskUnavailable
 from addons.masking import Drain
 from addons.policy import Policy
@@ -85,6 +86,8 @@ class McpGuard:
         """(connection, session, owner, request id) of a server request passed on -> its method."""
         self.deliveries: Bounded = Bounded(10_000)
         """(connection, session, id of the gateway's ping) -> refusals to give the older transport's stream."""
+        self.resumable: Bounded = Bounded(10_000)
+        """Approval id of a held call whose client will come back -> (owner, connection, path, body)."""
         self._sweeper: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -121,15 +124,48 @@ class McpGuard:
         if sid and (session is None or session.owner != owner(c.principal)):
             failclosed.refuse(f, 404, UNKNOWN_SESSION, error=Error.UNKNOWN_SESSION)
             return
+        resume = f.request.headers.get("last-event-id", "")
+        if c.operation.details.get("method") == mcp.LISTEN and resume.startswith(mcp.RESUME_PREFIX):
+            if not self._resumed(f, c, conn, resume.removeprefix(mcp.RESUME_PREFIX)):
+                return
         c.operation = self.plan(conn, c.principal, c.operation, sid)
         if self._invalid(f, c.operation):
             return
+        if (conn.mcp.keepalive and c.operation.details.get("http") == "POST"
+                and "text/event-stream" in f.request.headers.get("accept", "")):
+            f.metadata[KEEPALIVE] = conn.mcp.keepalive
         if c.operation.details.get("method") == "initialize":
             self._limit_capabilities(f, c, conn)
         if session is not None:
             for p in c.operation.parts or (c.operation,):
                 if p.details.get("kind") == "request":
                     session.asked[mcp.id_key(p.details["id"])] = c
+
+    def _resumed(self, f: http.HTTPFlow, c: context.Context, conn: Connection, approval: str) -> bool:
+        """A client coming back (Last-Event-ID) for the answer to a held call: the request
+        becomes that call again, as it was, and waits on its approval; the answer is an
+        event stream, as the client expects."""
+        f.metadata[mcp.AS_STREAM] = True
+        held = self.resumable.get(approval)
+        if held is None or held[:2] != (owner(c.principal), conn.name):
+            failclosed.refuse(f, 404, f"no held call {approval} of yours to resume (it was answered, or the gateway "
+                                      "restarted); send the call again", error=Error.NOT_FOUND)
+            return False
+        f.request.method, f.request.path, f.request.content = "POST", held[2], held[3]
+        f.request.headers["content-type"] = "application/json"
+        f.request.headers["accept"] = "application/json, text/event-stream"
+        f.request.headers.pop("last-event-id", None)
+        c.operation = classifiers.classify("mcp", conn.name, Request(
+            "POST", held[2], tuple(f.request.headers.items(multi=True)), held[3]))
+        f.metadata[RESUME] = approval
+        return not self._invalid(f, c.operation)
+
+    def _remember(self, f: http.HTTPFlow, c: context.Context) -> None:
+        """A held call whose client was told to come back for its answer."""
+        if c.decision.error == Error.APPROVAL_PENDING and c.approval and f.response is not None \
+                and f.response.headers.get("content-type", "").startswith("text/event-stream"):
+            self.resumable[c.approval] = (owner(c.principal), c.connection, f.request.path,
+                                          f.request.get_content(strict=False) or b"")
 
     @staticmethod
     def _invalid(f: http.HTTPFlow, op: Operation) -> bool:
@@ -242,7 +278,8 @@ class McpGuard:
         if c.protocol != "mcp" or c.operation is None or c.decision is None:
             return
         if c.decision.effect != "allow":
-            self._deliver(f, c)  # a refusal is the gateway's own JSON-RPC error
+            self._remember(f, c)  # a refusal is the gateway's own JSON-RPC error
+            self._deliver(f, c)
             return
         if isinstance(c.stream, McpStream):
             c.response_body = bytes(c.stream.sent)
@@ -297,6 +334,10 @@ class McpGuard:
             if scrubbed.masked:
                 body = json.dumps(clean, ensure_ascii=False, separators=(",", ":")).encode()
                 reports.append(scrubbed.as_dict())
+        if f.metadata.get(mcp.AS_STREAM):  # a client that came back reads an event stream
+            answers = json.loads(body)
+            body = b"".join(mcp.sse_message(m) for m in (answers if isinstance(answers, list) else [answers]))
+            f.response.headers["content-type"] = "text/event-stream"
         f.response.content = body
         if reports:
             c.masking = merged(*reports)

@@ -101,7 +101,7 @@ def gw(tmp_path_factory, desks, jwks, token_endpoint):
     local_log.write_text("")
     direct = free_port()
     connections = [
-        desk_connection("tickets", "tickets.mcp.test", desks["sse"]),
+        desk_connection("tickets", "tickets.mcp.test", desks["sse"], keepalive="1s"),
         {**desk_connection("tickets-json", "json.mcp.test", desks["json"]), "listen": f"127.0.0.1:{direct}"},
         desk_connection("tickets-legacy", "legacy.mcp.test", desks["legacy"]),
         desk_connection("tickets-rug", "rug.mcp.test", desks["rug"]),
@@ -303,6 +303,24 @@ def test_a_held_call_waits_for_approvers_and_runs_exactly_as_approved_or_not_at_
         assert (result.code, result.data["error"], result.data["approval_id"]) == \
             (mcp.REFUSED, "approval_denied", approval["id"])
         assert reason in result.message
+
+
+def test_a_long_hold_keeps_the_clients_request_alive_by_resuming_its_event_stream(gw, token, desks):
+    """tickets answers a held call within a second with an event the client resumes from
+    (Last-Event-ID); each resumption waits on the same approval, and the call runs once."""
+    subject = "patient-deleter"
+    before = desks["sse"].calls("delete_ticket")
+    held = Background(lambda: run(call(gw, token(sub=subject, groups=["agents"]), "http://tickets.mcp.test/mcp",
+                                       "delete_ticket", {"ticket_id": 101})))
+    approval = pending(gw, token, subject)
+    wait_for(lambda: len({e["flow"] for e in gw.events("kind = 'request' AND subject = ?", [subject])}) >= 4)
+    assert desks["sse"].calls("delete_ticket") == before and held.thread.is_alive()
+    assert [a["id"] for a in approver(gw, token).list() if a["requester"]["subject"] == subject] == [approval["id"]]
+    approver(gw, token).vote(approval["id"], "approve", "it is a duplicate")
+    assert held.join().structuredContent == {"deleted": True, "id": 101}
+    assert desks["sse"].calls("delete_ticket")[len(before):] == [{"tool": "delete_ticket", "arguments": {"ticket_id": 101}}]
+    steps = [json.loads(e["detail"]).get("step") for e in gw.events("kind = 'approval' AND approval = ?", [approval["id"]])]
+    assert steps.count("requested") == 1 and steps.count("executed") == 1
 
 
 def test_a_hold_that_times_out_says_so_and_the_identical_call_runs_once_when_approved(gw, token, desks):

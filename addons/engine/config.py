@@ -125,6 +125,9 @@ class McpSettings:
     pins: tuple[tuple[str, str], ...] = ()
     new_tools: str = "pin"
     stdio: StdioServer | None = None
+    keepalive: float = 25.0
+    """A held call whose client reads event streams is answered within this long with an
+    event it resumes from (0: never; the hold then lasts as its rule says, in one request)."""
 
     def action(self, tool: str) -> str | None:
         """The configured action of a tool, or None when the configuration does not say."""
@@ -361,6 +364,7 @@ def _mcp(raw: dict[str, Any], base: Path, where: str, secrets: bool) -> McpSetti
         pins=tuple((tool, digest.removeprefix("sha256:")) for tool, digest in settings.get("pins", {}).items()),
         new_tools=settings.get("new_tools", "pin"),
         stdio=server,
+        keepalive=parse_duration(settings.get("keepalive", "25s")),
     )
 
 

@@ -199,13 +199,30 @@ KEEP_STATUS = frozenset({Error.UNAUTHENTICATED, Error.UNKNOWN_SESSION})
 """Refusals whose HTTP status MCP clients act on (authenticate; start a new session)."""
 
 
-def refusal(op: Operation | None, status: int, error: str, custody: dict[str, Any]) -> tuple[int, Any]:
+RESUME_PREFIX = "custody-approval-"
+"""The event id of a held call's event stream: the client resumes it with Last-Event-ID."""
+RETRY_MS = 500
+AS_STREAM = "custody.mcp.stream"
+"""flow.metadata: this client reads its answer as an event stream (it resumed one)."""
+
+
+def refusal(op: Operation | None, status: int, error: str, custody: dict[str, Any],
+            stream: bool = False) -> tuple[int, bytes, str]:
     """A refusal as JSON-RPC: an error response for each request of the message (or of the
     batch) with its id, so MCP clients surface it to the agent, over HTTP 200 as the
     Streamable HTTP transport expects. `custody` (decision, error, reason, rules, event id,
     approval) is each error's data; its message names the reason and the audit event. A
     message without requests (notifications, responses) has no id to answer: one error
-    with id null, with the refusal's own HTTP status."""
+    with id null, with the refusal's own HTTP status.
+
+    A hold whose keep-alive window ended (`custody["resume"]`) is an event stream of one
+    event that has only an id: the client comes back for the answer with that id in
+    Last-Event-ID (the transport's resumption), and waits on. A client that came back
+    (`stream`) reads everything as an event stream. Returns status, body, content type."""
+    if custody.get("resume"):
+        body = (f": custody: {custody['reason']} (approval {custody['resume']}; audit event "
+                f"{custody.get('event_id', '')})\nid: {RESUME_PREFIX}{custody['resume']}\nretry: {RETRY_MS}\ndata: \n\n")
+        return 200, body.encode(), "text/event-stream"
     code = PENDING if error == Error.APPROVAL_PENDING else INTERNAL_ERROR if error in GATEWAY_FAILURES else REFUSED
     where = [f"rules: {', '.join(custody['rules'])}"] if custody.get("rules") else []
     where.append(f"audit event {custody.get('event_id', '')}")
@@ -217,13 +234,22 @@ def refusal(op: Operation | None, status: int, error: str, custody: dict[str, An
                                                     f"custody: {p.details.get('invalid') or custody['reason']}{suffix}",
                                                     custody))
                for p in parts if asks(p)]
+    if stream:  # the client replaces the id with its request's; an event stream cannot carry a null one
+        events = answers or [answer("custody", error_object(code, f"custody: {custody['reason']}{suffix}", custody))]
+        return 200, b"".join(sse_message(m) for m in events), "text/event-stream"
     if not answers:
         invalid = op.details.get("invalid") if op is not None else None
         body = answer(None, error_object((op.details.get("jsonrpc_code") if op is not None else None) or code,
                                          f"custody: {invalid or custody['reason']}{suffix}", custody))
-        return (status if status >= 400 else 400), body
+        return (status if status >= 400 else 400), json.dumps(body).encode(), "application/json"
     batch = op is not None and op.details.get("batch", False)
-    return (status if error in KEEP_STATUS else 200), (answers if batch else answers[0])
+    return ((status if error in KEEP_STATUS else 200), json.dumps(answers if batch else answers[0]).encode(),
+            "application/json")
+
+
+def sse_message(message: Any) -> bytes:
+    """One message as an event of an event stream."""
+    return b"event: message\ndata: " + json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
 # masking

@@ -69,17 +69,15 @@ class EventStream:
         self.size = 0
 
     def __call__(self, chunk: bytes) -> bytes:
-        if chunk == b"":  # the end: an event without its blank line is incomplete, and dropped
-            self.pending = b""
-            return b""
         data = self.pending + chunk
-        held = b"\r" if data.endswith(b"\r") else b""  # maybe the first half of a CRLF
+        end = chunk == b""  # the end: an event without its blank line is incomplete, and dropped
+        held = b"\r" if data.endswith(b"\r") and not end else b""  # maybe the first half of a CRLF
         data = (data[:-1] if held else data).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         *events, rest = data.split(b"\n\n")
         out = bytearray()
         for raw in events:
             out += self._one(raw)
-        self.pending = rest + held
+        self.pending = b"" if end else rest + held
         if len(self.pending) > self.max_event:
             raise StreamError(f"an event of the stream is longer than {self.max_event} bytes")
         return self.account(bytes(out))

@@ -3,8 +3,8 @@ SDK (FastMCP): the server behind the `tickets` connection (and, run as a process
 gateway, the `tickets-local` stdio connection).
 
 Its tools: a read-only search, a ticket writer, something destructive, one that returns a
-secret (the service's API key), and two that ask the client for something (sampling,
-elicitation), which the gateway refuses by default. Over HTTP it answers only requests
+secret (the service's API key), one that returns an image, and two that ask the client for
+something (sampling, elicitation), which the gateway refuses by default. Over HTTP it answers only requests
 that carry the credential the gateway holds (from --token-file), so a request that did
 not come through Custody gets 401.
 
@@ -29,7 +29,7 @@ from typing import Any
 from pathlib import Path
 
 import uvicorn
-from mcp.server.fastmcp import Context, FastMCP
+from mcp.server.fastmcp import Context, FastMCP, Image
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import SamplingMessage, TextContent, ToolAnnotations
 from pydantic import BaseModel
@@ -40,6 +40,8 @@ TICKETS = {
     103: {"id": 103, "title": "Reset password for the build bot", "status": "closed", "reporter": "ops@example.com"},
 }
 IDS = itertools.count(200)
+PHOTO = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000" "1f15c4890000000d4944415478da63"
+                      "f8ffff3f0005fe02fea7d6a4500000000049454e44ae426082")  # a 1x1 PNG
 SEARCH = "Search the tickets by words in their title."
 
 
@@ -105,6 +107,12 @@ def server(log: Log, secret: str, rug_pull: str | None, **settings) -> TicketDes
         """The ticket desk's service configuration."""
         log.write(tool="show_config", arguments={})
         return {"service": "ticket-desk", "api_key": desk.secret, "owner": "it-ops@example.com"}
+
+    @desk.tool(annotations=ToolAnnotations(readOnlyHint=True))
+    def badge_photo(employee: str) -> Image:
+        """An employee's badge photo (an image: nothing a mask can read)."""
+        log.write(tool="badge_photo", arguments={"employee": employee})
+        return Image(data=PHOTO, format="png")
 
     @desk.tool()
     async def summarize_ticket(ticket_id: int, ctx: Context) -> str:

@@ -80,6 +80,14 @@ def error_record(f: http.HTTPFlow, reason: str) -> bytes:
     return f"\n[custody: the stream was cut off: {reason}]\n".encode()
 
 
+def refuse_at_headers(f: http.HTTPFlow, status: int, reason: str, error: str) -> None:
+    """Refuse a response as its headers arrive: the upstream's bytes are drained, never
+    forwarded, and the refusal's own body is sent (and recorded)."""
+    failclosed.refuse(f, status, reason, error=error)
+    f.response.stream = Drain(f.response.content)
+    context.of(f).response_body = f.response.content
+
+
 class CutOff:
     """Wraps a stream hook: if masking a record fails, the stream ends there with an error
     record; nothing after it is sent, and no record is ever sent unmasked."""
@@ -108,11 +116,6 @@ class Masking:
     def detector(self):
         """The detector in this process (for streams and frames), once loaded."""
         return self.pool.detector
-
-    def _refuse_now(self, f: http.HTTPFlow, status: int, reason: str, error: str) -> None:
-        failclosed.refuse(f, status, reason, error=error)
-        f.response.stream = Drain(f.response.content)
-        context.of(f).response_body = f.response.content
 
     @guarded
     def request(self, f: http.HTTPFlow) -> None:
@@ -165,7 +168,7 @@ class Masking:
         if is_stream(f):
             parsed = parse_all(masks)
             if any(m.kind == "detect" for m in parsed) and self.detector is None:
-                self._refuse_now(f, 502, "masking is not ready; the stream was not sent", "masking_unavailable")
+                refuse_at_headers(f, 502, "masking is not ready; the stream was not sent", "masking_unavailable")
                 return
             stream = RecordStream(Masker(parsed, self.detector, cfg.masking.hash_key), cfg.masking.max_record,
                                   keep=cfg.store.max_body)
@@ -179,10 +182,10 @@ class Masking:
         content_type = f.response.headers.get("content-type", "").lower()
         length = f.response.headers.get("content-length", "")
         if length.isdigit() and int(length) > cfg.masking.max_body:
-            self._refuse_now(f, 502, f"the response ({length} bytes) is larger than masking allows "
+            refuse_at_headers(f, 502, f"the response ({length} bytes) is larger than masking allows "
                                      f"({cfg.masking.max_body}); it was not sent", "masking_refused")
         elif content_type.startswith(BINARY_TYPES) and "json" not in content_type:  # vnd.…+json is JSON
-            self._refuse_now(f, 502, f"a {content_type} response cannot be masked; it was not sent", "masking_refused")
+            refuse_at_headers(f, 502, f"a {content_type} response cannot be masked; it was not sent", "masking_refused")
 
     @guarded
     async def response(self, f: http.HTTPFlow) -> None:

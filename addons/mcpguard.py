@@ -53,7 +53,7 @@ from addons.engine.store import Event, put_pin
 from addons.failclosed import guarded
 from addons.hold import KEEPALIVE, RESUME
 from addons.maskpool import MaskPool, MaskUnavailable
-from addons.masking import Drain
+from addons.masking import refuse_at_headers
 from addons.policy import Policy
 from addons.settings import Settings
 
@@ -243,11 +243,6 @@ class McpGuard:
 
     # the response
 
-    def _refuse_now(self, f: http.HTTPFlow, status: int, reason: str, error: str) -> None:
-        failclosed.refuse(f, status, reason, error=error)
-        f.response.stream = Drain(f.response.content)
-        context.of(f).response_body = f.response.content
-
     @guarded
     def responseheaders(self, f: http.HTTPFlow) -> None:
         c = context.of(f)
@@ -258,7 +253,7 @@ class McpGuard:
         sid = resp.headers.get("mcp-session-id", "")
         if c.operation.details.get("method") == "initialize" and 200 <= resp.status_code < 300 and sid:
             if not (mcp.SESSION_ID.match(sid) and self.sessions.bind(conn.name, sid, c.principal)):
-                self._refuse_now(f, 502, "the MCP server's session id is malformed or another principal's; "
+                refuse_at_headers(f, 502, "the MCP server's session id is malformed or another principal's; "
                                          "the answer was not sent", Error.GATEWAY_ERROR)
                 return
         if not resp.headers.get("content-type", "").lower().startswith("text/event-stream"):
@@ -267,7 +262,7 @@ class McpGuard:
         try:
             self.pool.masker(c.decision.masks)
         except MaskError:
-            self._refuse_now(f, 502, "masking is not ready; the stream was not sent", Error.MASKING_UNAVAILABLE)
+            refuse_at_headers(f, 502, "masking is not ready; the stream was not sent", Error.MASKING_UNAVAILABLE)
             return
         c.stream = resp.stream = McpStream(self, f, c, conn)
         c.masked = True

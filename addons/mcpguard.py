@@ -40,7 +40,7 @@ from mitmproxy import http
 from addons import classifiers, context, failclosed
 from addons.auditlog import AuditLog
 from addons.credentials import Credentials
-from addons.engine import mcp, mcpupstream
+from addons.engine import mcp, mcpstate, mcpupstream
 from addons.engine.bridge import IDLE, SWEEP
 from addons.engine.config import Connection
 from addons.engine.errors import Error
@@ -198,26 +198,7 @@ class McpGuard:
         return op
 
     def tool_call(self, conn: Connection, op: Operation) -> Operation:
-        """A tool call's action (configuration, else trusted annotations of the pinned
-        definition, else exec), the server's own claim, and the state of its pin."""
-        tool, settings = op.details["tool"], conn.mcp
-        pin = self.pins.get(conn.name, tool)
-        action, source = settings.action(tool), "configuration"
-        if action is None and settings.trust_annotations and pin is not None and pin.annotations is not None:
-            action, source = mcp.annotated_action(pin.annotations), "annotations"
-        if action is None:
-            action, source = mcp.EXEC, "unconfigured"
-        details = {**op.details, "action_from": source, "pin": pin.source if pin else "unlisted"}
-        if pin is not None:
-            claim = (pin.listed_definition or pin.definition or {}).get("annotations")
-            if claim:
-                details["annotations"] = claim
-            if pin.changed:
-                details.update(changed=True, pinned=pin.fingerprint, listed=pin.listed)
-        elif settings.new_tools == "refuse":
-            details.update(changed=True, pinned="", listed="")
-        risk = mcp.UNCONFIGURED_TOOL_RISK if source == "unconfigured" else mcp.RISK[action]
-        return dataclasses.replace(op, action=action, risk=risk, details=details)
+        return mcpstate.tool_call(conn, op, self.pins.get(conn.name, op.details["tool"]))
 
     @staticmethod
     def server_operation(conn: Connection, method: str, rid: Any, params: Any) -> Operation:

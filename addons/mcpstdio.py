@@ -49,10 +49,12 @@ class McpStdio:
     def running(self) -> None:
         self._sweeper = asyncio.ensure_future(self._sweep())
 
-    async def done(self) -> None:
+    def done(self) -> None:
+        """mitmproxy calls this synchronously (on exit, and when a script reloads): stop them now."""
         if self._sweeper:
             self._sweeper.cancel()
-        await asyncio.gather(*(p.close() for p in self.processes.values()), return_exceptions=True)
+        for process in self.processes.values():
+            process.kill()
         self.processes.clear()
 
     async def _sweep(self) -> None:

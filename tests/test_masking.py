@@ -268,8 +268,10 @@ def test_a_large_masked_body_does_not_hold_up_small_requests(gw, upstream, analy
 
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory, servers, upstream):
-    env = {"PYTHONPATH": str(Path(__file__).parent / "support" / "broken"), "CUSTODY_TEST_BREAK_DETECTOR": "1",
-           "TEST_API_TOKEN": API_TOKEN}
+    # the breaking sitecustomize first, then the code under test (not an installed copy)
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent / "support" / "broken"), os.environ.get("PYTHONPATH"))
+                           if p)
+    env = {"PYTHONPATH": path, "CUSTODY_TEST_BREAK_DETECTOR": "1", "TEST_API_TOKEN": API_TOKEN}
     gateway = make(tmp_path_factory.mktemp("broken"), servers, env=env)
     gateway.config["masking"]["timeout"] = "2s"
     gateway.config_file.write_text(__import__("yaml").safe_dump(gateway.config))

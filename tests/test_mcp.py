@@ -671,6 +671,21 @@ async def session_error(gw, agent, url) -> ErrorData:
     raise AssertionError("initialize was not refused")
 
 
+@pytest.mark.parametrize("groups, title, effect, rules", [
+    (["writers"], "Badge reader", "allow", ["writers-create"]),
+    (["writers"], "drop table tickets", "deny", ["no-sql-in-titles"]),
+    (["agents"], "Badge reader", "deny", []),
+])
+def test_rules_explain_decides_a_tool_call_as_the_gateway_does(gw, token, groups, title, effect, rules):
+    body = json.dumps(rpc(1, "tools/call", {"name": "create_ticket", "arguments": {"title": title}}))
+    out = gw.custody("rules", "explain", "--json", "--token", token(sub="explainer", groups=groups), "POST",
+                     "http://json.mcp.test/mcp", "--body", body)
+    assert out.returncode == (0 if effect == "allow" else 2), out.stderr
+    explained = json.loads(out.stdout)
+    assert explained["operation"]["action"] == "write"  # the configuration's action, not exec
+    assert (explained["decision"]["effect"], explained["decision"]["rules"]) == (effect, rules)
+
+
 # healing (last: it restarts the module's gateway)
 
 

@@ -29,7 +29,7 @@ import yaml
 
 from addons import classifiers
 from addons.cli import audit, kubeconfig
-from addons.engine import config, devissuer
+from addons.engine import config, devissuer, mcpstate
 from addons.engine.connections import Registry
 from addons.engine.errors import Error
 from addons.engine.model import AGENT_ATTRIBUTES, Request
@@ -121,6 +121,8 @@ def _explain(cfg: config.Config, args: argparse.Namespace) -> dict[str, Any]:
     path = target.path or "/"
     request = Request(args.method, path + (f"?{target.query}" if target.query else ""), tuple(headers.items()), content)
     op = classifiers.classify(conn.kind, conn.name, request)
+    if conn.kind == "mcp":
+        op = mcpstate.configured(conn, op)  # tool actions as the configuration gives them
     matched, missed = [], []
     for rule in rules.rules:
         failed = rule.first_failure(principal, op)

@@ -7,6 +7,7 @@ Plain data (no mitmproxy); the chain's MCP addon (addons/mcpguard.py) owns one o
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any
 
 from addons.engine import mcp
 from addons.engine.config import Connection
-from addons.engine.model import Principal
+from addons.engine.model import Operation, Principal
 
 MAX_SESSIONS = 100_000
 MAX_WAITING = 1000  # per session: requests and server requests remembered at once
@@ -155,3 +156,35 @@ class Pins:
                 pin.definition = tool
             return Sighting(pin, "same", False)
         return Sighting(pin, "changed", news)
+
+
+def tool_call(conn: Connection, op: Operation, pin: Pin | None) -> Operation:
+    """A tool call as the gateway decides on it: its action from the connection's
+    configuration, else (where it trusts them) from the annotations of the pinned
+    definition, else exec; the server's own annotations, as a claim on record; and whether
+    the tool's definition changed since it was pinned."""
+    tool, settings = op.details["tool"], conn.mcp
+    action, source = settings.action(tool), "configuration"
+    if action is None and settings.trust_annotations and pin is not None and pin.annotations is not None:
+        action, source = mcp.annotated_action(pin.annotations), "annotations"
+    if action is None:
+        action, source = mcp.EXEC, "unconfigured"
+    details = {**op.details, "action_from": source, "pin": pin.source if pin else "unlisted"}
+    if pin is not None:
+        claim = (pin.listed_definition or pin.definition or {}).get("annotations")
+        if claim:
+            details["annotations"] = claim
+        if pin.changed:
+            details.update(changed=True, pinned=pin.fingerprint, listed=pin.listed)
+    elif settings.new_tools == "refuse":
+        details.update(changed=True, pinned="", listed="")
+    risk = mcp.UNCONFIGURED_TOOL_RISK if source == "unconfigured" else mcp.RISK[action]
+    return dataclasses.replace(op, action=action, risk=risk, details=details)
+
+
+def configured(conn: Connection, op: Operation) -> Operation:
+    """An operation's tool calls as the configuration alone says (no pins seen): what
+    `custody rules explain` decides on."""
+    if op.parts:
+        return dataclasses.replace(op, parts=tuple(configured(conn, p) for p in op.parts))
+    return tool_call(conn, op, None) if op.details.get("method") == "tools/call" and "tool" in op.details else op

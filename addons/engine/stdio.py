@@ -125,6 +125,14 @@ class StdioProcess:
                     text = text.replace(s, "[REDACTED]")
             logger.debug("custody: mcp stdio server: %s", text)
 
+    def kill(self) -> None:
+        """Stop the process at once (the gateway is stopping)."""
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+        for task in self._tasks:
+            task.cancel()
+
     async def close(self) -> None:
         if self.alive:
             with contextlib.suppress(ProcessLookupError):

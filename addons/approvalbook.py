@@ -106,6 +106,20 @@ class ApprovalBook:
                 return a
         return None
 
+    def unheld(self, fp: str, principal: Principal, approval_id: str | None = None) -> Approval | None:
+        """A pending approval of exactly this request by this principal that no flow holds
+        (the one `approval_id` names, when given), held again from now."""
+        now = time.time()
+        for a in self.live.values():
+            if (a.state == PENDING and not a.held and a.fingerprint == fp and a.expires > now
+                    and approval_id in (None, a.id)
+                    and (a.requester.subject, a.requester.issuer) == (principal.subject, principal.issuer)):
+                a.held = True
+                if a.hold_until <= now:  # its hold timed out: this one lasts as long again
+                    a.hold_until = min(a.expires, now + min(r.timeout for r in a.reviews))
+                return a
+        return None
+
     async def open(self, principal: Principal, operation: Operation, request: dict[str, Any], fp: str,
                    decision: Decision, flow: str, session: str) -> Approval:
         now = time.time()

@@ -9,14 +9,17 @@ order of a request's story (docs/design.md):
     wellknown                            the gateway's public endpoints (no token needed)
     identity → classify                  who is asking; which connection, what it does
     pgplanner, sshplanner                what a statement or command line does in its session
+    mcpguard                             MCP: session owners, tool actions and pins; on the way
+                                         back the tools offered, the server's requests, masking
     policy → hold                        the decision; a review holds the flow for approvers
     masking → recorder                   responses masked, then everything put on record
     approverapi                          approvers' calls, answered once they are on record
     credentials                          the gateway's credential on the way upstream
-    pgexecutor, sshexecutor              terminals: Postgres and SSH flows answered locally
+    pgexecutor, sshexecutor, mcpstdio    terminals: Postgres, SSH and stdio MCP flows answered locally
 
 Masking acts on responses (on requests it only asks for a maskable format), and on
-responses it runs before the recorder, which therefore only ever sees masked bodies. The gate goes after everything, mitmproxy's own
+responses it runs before the recorder, which therefore only ever sees masked bodies; MCP
+responses are masked message by message by mcpguard, whose response hooks run first. The gate goes after everything, mitmproxy's own
 addons included (addons/gate.py).
 """
 
@@ -35,6 +38,8 @@ from addons.hold import Hold
 from addons.identity import Identity
 from addons.masking import Masking
 from addons.maskpool import MaskPool
+from addons.mcpguard import McpGuard
+from addons.mcpstdio import McpStdio
 from addons.policy import Policy
 from addons.recorder import Recorder
 from addons.settings import Settings
@@ -55,6 +60,7 @@ def build() -> list:
     sessions = Sessions()
     ssh = SshExecutor(settings)
     policy = Policy(settings)
+    credentials = Credentials(settings)
     return [
         Hardening(),
         settings,
@@ -67,14 +73,16 @@ def build() -> list:
         Classify(settings),
         PgPlanner(sessions, policy),
         SshPlanner(ssh),
+        McpGuard(settings, log, pool, policy, credentials),
         policy,
         Hold(settings, book, pool),
         Masking(settings, pool),
         Recorder(settings, log, pool),
         ApproverAPI(settings, book),
-        Credentials(settings),
+        credentials,
         PgExecutor(settings, sessions),
         ssh,
+        McpStdio(settings),
     ]
 
 

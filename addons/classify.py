@@ -154,8 +154,8 @@ class Classify:
         ctx.operation = operation_of(conn, f.request)
         if conn.case_insensitive_paths:
             ctx.operation = fold_case(ctx.operation)
-        if conn.kind in ("postgres", "ssh") and ctx.operation.details.get("session"):
-            ctx.session = ctx.operation.details["session"]  # the client's session, not the bridge's HTTP connection
+        if conn.kind in ("postgres", "ssh", "mcp") and ctx.operation.details.get("session"):
+            ctx.session = ctx.operation.details["session"]  # the client's session, not its HTTP connection
         if problem := upgrade_refusal(conn, ctx.upgrade, ctx.operation):
             if problem == SPDY_MESSAGE and (earlier := self._refused_websocket(f)):
                 decision, extra = earlier

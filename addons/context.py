@@ -17,6 +17,7 @@ from typing import Any
 from mitmproxy import flow as mflow
 
 from addons.engine.masks import parse as parse_mask
+from addons.engine.mcp import MCP_MESSAGES
 from addons.engine.model import Decision, Operation, Principal, new_id
 
 KEY = "custody"
@@ -114,3 +115,9 @@ def response_masks(ctx: Context) -> tuple:
             op.details.get("subresource") in TEXT_SUBRESOURCES or not op.details.get("resource_request")):
         return tuple(m for m in ctx.decision.masks if parse_mask(m).kind == "detect")
     return tuple(ctx.decision.masks)
+
+
+def body_type(ctx: Context, content_type: str) -> str:
+    """What a body is masked as: an MCP body message by message (a tool's arguments and
+    results, not the JSON-RPC envelope), anything else as its content type says."""
+    return MCP_MESSAGES if ctx.protocol == "mcp" else content_type

@@ -16,10 +16,16 @@ shows or saves a flow reads it as SHOWN: mitmweb's flow list and its /flows/dump
 files (`mitmdump -w`, save_stream_file), copies, duplicates, exports (curl, HAR) and
 mitmproxy's own log. After the credential goes on, the request's digest is kept, so the
 gate can tell a request someone edited before it left (addons/gate.py).
+
+An MCP server the gateway runs holds its secrets itself (addons/mcpstdio.py). An `oauth`
+credential is an access token from a client-credentials grant, fetched off the event loop
+and reused until shortly before it expires; when none can be had, the request is refused
+rather than sent without it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 
@@ -31,11 +37,18 @@ from OpenSSL import SSL
 
 from addons import context, failclosed
 from addons.engine.config import Connection
+from addons.engine.errors import Error
+from addons.engine.oauth import ClientCredentials, GrantError
 from addons.failclosed import guarded
 from addons.settings import Settings
 
 logger = logging.getLogger(__name__)
-PROXIED = ("http", "kubernetes")
+PROXIED = ("http", "kubernetes", "mcp")
+
+
+def routed(conn: Connection) -> bool:
+    """Does the gateway send this connection's cleared requests upstream (rather than a terminal answer them)?"""
+    return conn.kind in PROXIED and not (conn.mcp is not None and conn.mcp.stdio is not None)
 
 
 def upstream_context(conn: Connection) -> SSL.Context:
@@ -112,22 +125,24 @@ def request_digest(request: http.Request) -> str:
     return hashlib.sha256(repr(sorted(state.items())).encode()).hexdigest()
 
 
-def apply(request: http.Request, conn: Connection) -> None:
-    """Route `request` to the connection's upstream and put the gateway's credential on it.
-    Whatever credential the agent sent is removed: backend credentials are the gateway's."""
+def apply(request: http.Request, conn: Connection, credential: tuple[str, str] | None) -> None:
+    """Route `request` to the connection's upstream and put the gateway's credential (a
+    header name and value) on it, sealed. Whatever credential the agent sent is removed:
+    backend credentials are the gateway's."""
     request.headers.pop("authorization", None)
     if conn.upstream is not None:
         request.scheme = conn.upstream.scheme
         request.host = conn.upstream.host
         request.port = conn.upstream.port
-    if conn.credential is not None:
-        seal(request, conn.credential.header, conn.credential.value)
+    if credential is not None:
+        seal(request, *credential)
 
 
 class Credentials:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.by_upstream: dict[tuple[str, int], Connection] = {}
+        self.grants: dict[str, ClientCredentials] = {}
 
     def configure(self, updated: set[str]) -> None:
         if self.settings.changed(updated):
@@ -135,6 +150,20 @@ class Credentials:
             self.by_upstream = {
                 (c.upstream.host, c.upstream.port): c for c in connections if c.upstream and c.kind in PROXIED
             }
+            self.grants = {c.name: ClientCredentials(c.credential.client_id, c.credential.value,
+                                                     token_url=c.credential.token_url, scope=c.credential.scope,
+                                                     audience=c.credential.audience, direct=True)
+                           for c in connections if c.credential is not None and c.credential.type == "oauth"}
+
+    async def header(self, conn: Connection) -> tuple[str, str] | None:
+        """The header that carries the gateway's credential for `conn`; GrantError when an
+        OAuth token cannot be had."""
+        if conn.credential is None:
+            return None
+        if conn.credential.type == "oauth":
+            token = await asyncio.to_thread(self.grants[conn.name].token)
+            return "authorization", f"Bearer {token}"
+        return conn.credential.header, conn.credential.value
 
     def running(self) -> None:
         """Direct listeners (mitmproxy reverse mode) for connections whose clients cannot
@@ -150,17 +179,24 @@ class Credentials:
             mctx.options.update(mode=modes)
 
     @guarded
-    def request(self, f: http.HTTPFlow) -> None:
+    async def request(self, f: http.HTTPFlow) -> None:
         if failclosed.answered(f):
             return
         ctx = context.of(f)
         if not ctx.cleared:
             return  # the gate refuses it
         conn = self.settings.registry.by_name[ctx.connection]
-        if conn.kind not in PROXIED:
+        if not routed(conn):
             return  # answered by its terminal
         f.metadata[context.REQUESTED] = (f.request.scheme, f.request.host, f.request.port)
-        apply(f.request, conn)
+        try:
+            credential = await self.header(conn)
+        except GrantError as e:
+            logger.error("custody: no OAuth token for connection %s: %s", conn.name, e)
+            failclosed.refuse(f, 502, f"the gateway could not get its token for {conn.name} from the token endpoint; "
+                                      "nothing was sent", error=Error.GATEWAY_ERROR)
+            return
+        apply(f.request, conn, credential)
         ctx.destination = (f.request.host, f.request.port)
         ctx.sent = request_digest(f.request)
 

@@ -21,6 +21,7 @@ from mitmproxy import http
 from mitmproxy.net.http import status_codes
 
 from addons import context
+from addons.engine import mcp
 from addons.engine.errors import Error
 from addons.engine.model import Decision
 
@@ -38,7 +39,8 @@ def refuse(
     approval: str = "",
     extra: dict[str, str] | None = None,
 ) -> None:
-    """Deny the flow: record the decision in its context and answer it locally with JSON.
+    """Deny the flow: record the decision in its context and answer it locally with JSON
+    (a Kubernetes Status for kubernetes connections, JSON-RPC errors for mcp connections).
 
     `approval` and `extra` add the approval id and state when a review ended this way.
     Non-HTTP flows (raw TCP, UDP) have nothing to answer with and are killed.
@@ -65,12 +67,16 @@ def refuse(
         **({"approval_id": approval} if approval else {}),
         **(extra or {}),
     }
+    content, content_type = None, "application/json"
     if ctx.protocol == "kubernetes":
         body.update(kubernetes_status(status, reason))
+    elif ctx.protocol == "mcp":  # JSON-RPC errors with the request ids: what MCP clients surface
+        status, content, content_type = mcp.refusal(ctx.operation, status, error, body,
+                                                    stream=bool(f.metadata.get(mcp.AS_STREAM)))
     f.response = http.Response.make(
         status,
-        json.dumps(body),
-        {"content-type": "application/json", **(headers or {})},
+        content if content is not None else json.dumps(body),
+        {"content-type": content_type, **(headers or {})},
     )
     f.response.reason = reason_phrase(status, error, reason)
 

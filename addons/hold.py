@@ -10,11 +10,18 @@ ends when:
 - the hold times out: 403 with the approval id and state `pending`; once approved, the same
   principal re-sending the identical request within the approval's TTL goes through once;
 - the client goes away: the approval is abandoned and can never execute anything;
+- (MCP clients that resume event streams) the flow's keep-alive window ends first: the
+  client is told to come back for the answer, and its resumed request (addons/mcpguard.py)
+  joins the same approval and waits on;
 - a mitmweb operator resumes the flow (approved as the console operator) or kills it
   (denied by the console operator; the agent still gets a 403 rather than a hung socket).
 
 mitmproxy's `flow.kill()` does not release an intercepted flow and mitmproxy has no
 intercept timeout, so this addon owns both: every way out sets the answer and resumes.
+
+An MCP call joins a pending approval of the identical call by the same principal that no
+flow holds (its hold timed out, or its client came back), instead of opening another: MCP
+clients re-send, and one call gets one approval.
 """
 
 from __future__ import annotations
@@ -27,17 +34,22 @@ from mitmproxy import ctx as mctx
 from mitmproxy import flow as mflow
 from mitmproxy import hooks, http
 
-from addons import context, failclosed
+from addons import classifiers, context, failclosed
 from addons.approvalbook import ApprovalBook
+from addons.engine import mcp
 from addons.engine.approval import APPROVED, DENIED, EXPIRED, fingerprint
 from addons.engine.errors import Error
-from addons.engine.model import MARKERS, Decision
+from addons.engine.model import MARKERS, Decision, Request
 from addons.engine.store import headers_for_record
 from addons.failclosed import guarded
 from addons.maskpool import MaskPool
 from addons.settings import Settings
 
 POLL = 0.25  # how often a hold looks for a resumed/killed flow or a departed client
+KEEPALIVE = "custody.keepalive"
+"""flow.metadata: seconds this flow may be held before its client is told to come back (set by mcpguard)."""
+RESUME = "custody.resume"
+"""flow.metadata: the approval a client that came back for its answer waits on (set by mcpguard)."""
 
 
 class End(StrEnum):
@@ -47,6 +59,7 @@ class End(StrEnum):
     RESUMED = "resumed"  # a mitmweb operator resumed it: the console operator's approval
     GONE = "gone"  # the client went away: the approval is abandoned
     TIMEOUT = "timeout"  # the hold's time ran out: the agent may re-send once it is approved
+    BREAK = "break"  # the flow's keep-alive window ended first: the client comes back for the answer
 
 
 REFUSALS = {DENIED: Error.APPROVAL_DENIED, EXPIRED: Error.APPROVAL_EXPIRED}
@@ -59,8 +72,15 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authorization", "prox
 
 def request_fingerprint(f: http.HTTPFlow, c: context.Context) -> str:
     """The fingerprint of the request as it will go upstream (after identity stripped the
-    agent's token and attributes, before the gateway adds its credential)."""
+    agent's token and attributes, before the gateway adds its credential). An MCP message is
+    bound to what it calls — each message's method, tool or target, and arguments — not to
+    its JSON-RPC id or session, which change on every send (addons/engine/mcp.py)."""
     req = f.request
+    if c.operation.protocol == "mcp":
+        now = classifiers.classify("mcp", c.connection, Request(req.method, req.path, tuple(req.headers.items(multi=True)),
+                                                                 req.get_content(strict=False)))
+        return fingerprint(c.principal, c.operation.connection, req.method,
+                           f"{req.scheme}://{req.host}:{req.port}{req.path.partition('?')[0]}", [], mcp.call_identity(now))
     url = f"{req.scheme}://{req.host}:{req.port}{req.path}"
     headers = [[k, v] for k, v in req.headers.items(multi=True) if k.lower() not in HOP_BY_HOP]
     return fingerprint(c.principal, c.operation.connection, req.method, url, headers, req.get_content(strict=False) or b"")
@@ -90,29 +110,36 @@ class Hold:
             await self.book.execute(grant, f.id, late=True)
             self._allow(c, grant.id, decision, grant.outcome)
             return
+        approval = self.book.unheld(fp, c.principal, f.metadata.get(RESUME)) if c.protocol == "mcp" else None
+        if approval is None:
+            approval = await self._open(f, c, decision, fp)
+        c.approval = approval.id
+        f.intercept()
+        self._show(f, f"custody: held for review · rules {', '.join(decision.rules)} · approval {approval.id}",
+                   MARKERS["review"])
+        try:
+            outcome = await self._hold(f, approval, f.metadata.get(KEEPALIVE))
+            await self._conclude(f, c, approval, decision, outcome, fp)
+        finally:
+            f.resume()
+
+    async def _open(self, f: http.HTTPFlow, c: context.Context, decision: Decision, fp: str):
         max_body = self.settings.require().store.max_body
         raw = f.request.get_content(strict=False) or b""
-        body, withheld = await self.pool.for_record(raw, f.request.headers.get("content-type", ""), decision.masks)
+        body, withheld = await self.pool.for_record(raw, context.body_type(c, f.request.headers.get("content-type", "")),
+                                                    decision.masks)
         await self.pool.fix_record(c)  # the approval shows the operation as it goes on record
-        approval = await self.book.open(
+        return await self.book.open(
             c.principal, c.recorded_operation,
             {"method": f.request.method, "url": f.request.pretty_url,
              "headers": headers_for_record(f.request.headers),
              "body": withheld or (body or b"")[:max_body].decode(errors="replace"), "body_size": len(raw)},
             fp, decision, f.id, c.session,
         )
-        c.approval = approval.id
-        f.intercept()
-        self._show(f, f"custody: held for review · rules {', '.join(decision.rules)} · approval {approval.id}",
-                   MARKERS["review"])
-        try:
-            outcome = await self._hold(f, approval)
-            await self._conclude(f, c, approval, decision, outcome, fp)
-        finally:
-            f.resume()
 
-    async def _hold(self, f: http.HTTPFlow, approval) -> str:
+    async def _hold(self, f: http.HTTPFlow, approval, keepalive: float | None) -> str:
         waiter = self.book.waiter(approval.id)
+        window = time.time() + keepalive if keepalive else float("inf")
         while True:
             if waiter.done():
                 return waiter.result()
@@ -125,7 +152,9 @@ class Hold:
             remaining = approval.hold_until - time.time()
             if remaining <= 0:
                 return End.TIMEOUT
-            await asyncio.wait([waiter], timeout=min(remaining, POLL))
+            if time.time() >= window:
+                return End.BREAK
+            await asyncio.wait([waiter], timeout=min(remaining, POLL, max(window - time.time(), 0)))
 
     async def _conclude(self, f, c, approval, decision: Decision, outcome: str, fp: str) -> None:
         if outcome == End.KILLED:
@@ -150,6 +179,11 @@ class Hold:
             self._show(f, f"custody: approved · approval {approval.id} · {approval.outcome}", MARKERS["approved"])
         elif outcome in REFUSALS:
             failclosed.refuse(f, 403, approval.outcome, error=REFUSALS[outcome], extra={"state": outcome}, **refuse)
+        elif outcome == End.BREAK:
+            approval.held = False  # no flow holds it until the client comes back for the answer
+            failclosed.refuse(f, 403, f"waiting for approval by {', '.join(approval.approvers())}; still held",
+                              error=Error.APPROVAL_PENDING, extra={"state": approval.state, "resume": approval.id},
+                              **refuse)
         elif outcome == End.TIMEOUT:
             await self.book.release(approval)
             failclosed.refuse(

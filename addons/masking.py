@@ -116,10 +116,6 @@ class Masking:
         """The detector in this process (for streams and frames), once loaded."""
         return self.pool.detector
 
-    @staticmethod
-    def _refuse_now(f: http.HTTPFlow, status: int, reason: str, error: str) -> None:
-        failclosed.refuse_at_headers(f, status, reason, error=error)
-
     @guarded
     async def request(self, f: http.HTTPFlow) -> None:
         """When a mask applies, ask for JSON: a Kubernetes API server would otherwise answer
@@ -207,13 +203,15 @@ class Masking:
     @guarded
     def responseheaders(self, f: http.HTTPFlow) -> None:
         c = context.of(f)
+        if c.protocol == "mcp":
+            return  # masked message by message, with the tools offered filtered first: addons/mcpguard.py
         masks = context.response_masks(context.of(f))
         if c.decision is None or c.decision.effect != "allow" or f.response.status_code == 101:
             return  # our own refusals carry nothing to mask; upgraded sessions are masked per frame
         cfg = self.settings.require()
         parsed = parse_all(masks)
         if any(m.kind == "detect" for m in parsed) and self.detector is None:
-            self._refuse_now(f, 502, "masking is not ready; the response was not sent", Error.MASKING_UNAVAILABLE)
+            failclosed.refuse_at_headers(f, 502, "masking is not ready; the response was not sent", error=Error.MASKING_UNAVAILABLE)
             return
         masker = Masker(parsed, self.detector, cfg.masking.hash_key)
         if masks:
@@ -221,8 +219,8 @@ class Masking:
         if is_stream(f):
             charset = charset_of(f.response.headers.get("content-type", "")).lower()
             if masks and charset not in ("", "utf-8", "utf8", "us-ascii", "ascii"):
-                self._refuse_now(f, 502, f"a {charset} stream cannot be masked (streams are masked as UTF-8); it "
-                                         "was not sent", Error.MASKING_REFUSED)
+                failclosed.refuse_at_headers(f, 502, f"a {charset} stream cannot be masked (streams are masked as UTF-8); it "
+                                         "was not sent", error=Error.MASKING_REFUSED)
                 return
             events = f.response.headers.get("content-type", "").lower().startswith("text/event-stream")
             stream = RecordStream(masker, cfg.masking.max_record, keep=cfg.store.max_body, events=events)
@@ -238,10 +236,10 @@ class Masking:
         content_type = f.response.headers.get("content-type", "").lower()
         length = f.response.headers.get("content-length", "")
         if length.isdigit() and int(length) > cfg.masking.max_body:
-            self._refuse_now(f, 502, f"the response ({length} bytes) is larger than masking allows "
-                                     f"({cfg.masking.max_body}); it was not sent", Error.MASKING_REFUSED)
+            failclosed.refuse_at_headers(f, 502, f"the response ({length} bytes) is larger than masking allows "
+                                     f"({cfg.masking.max_body}); it was not sent", error=Error.MASKING_REFUSED)
         elif content_type.startswith(BINARY_TYPES) and "json" not in content_type:  # vnd.…+json is JSON
-            self._refuse_now(f, 502, f"a {content_type} response cannot be masked; it was not sent", Error.MASKING_REFUSED)
+            failclosed.refuse_at_headers(f, 502, f"a {content_type} response cannot be masked; it was not sent", error=Error.MASKING_REFUSED)
 
     def _mask_headers(self, f: http.HTTPFlow, masker: Masker) -> None:
         report = Report()
@@ -254,6 +252,8 @@ class Masking:
     @guarded
     async def response(self, f: http.HTTPFlow) -> None:
         c = context.of(f)
+        if c.protocol == "mcp":
+            return  # addons/mcpguard.py
         if c.stream is not None:
             c.masking = {**c.stream.report.as_dict(), **(c.masking or {})}
             c.response_body = bytes(c.stream.sent)

@@ -27,6 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from addons.context import Context
+from addons.engine import mcp
 from addons.engine.config import MaskingConfig
 from addons.engine.masks import (
     FRAMING_HEADERS,
@@ -82,8 +83,15 @@ def _ping() -> int:
     return os.getpid()
 
 
+def masked_body(masker: Masker, content: bytes, content_type: str) -> tuple[bytes, Report]:
+    """A body masked as what it is: MCP messages message by message, anything else by type."""
+    if content_type == mcp.MCP_MESSAGES:
+        return mcp.mask_body(masker, content)
+    return masker.body(content, content_type)
+
+
 def _mask(content: bytes, content_type: str, masks_json: str) -> tuple[bytes, dict]:
-    out, report = _masker(masks_json).body(content, content_type)
+    out, report = masked_body(_masker(masks_json), content, content_type)
     return out, report.as_dict()
 
 
@@ -132,6 +140,11 @@ class MaskPool:
     def _local(self, masks: str) -> Masker:
         return Masker(parse_all(json.loads(masks)), self.detector, self.masking.hash_key)
 
+    def masker(self, masks: tuple) -> Masker:
+        """A masker in this process, for records masked as they stream (MaskError when it
+        needs detection and the detector is not loaded yet)."""
+        return self._local(masks_json(masks))
+
     def done(self) -> None:
         self.close()
 
@@ -173,7 +186,8 @@ class MaskPool:
         if len(content) <= INLINE and self.detector is not None and self.inline:
             masker = self._local(masks_json(masks))
             try:
-                out, report = await asyncio.wait_for(asyncio.to_thread(masker.body, content, content_type), timeout)
+                out, report = await asyncio.wait_for(asyncio.to_thread(masked_body, masker, content, content_type),
+                                                     timeout)
             except MaskError:
                 raise
             except TimeoutError:

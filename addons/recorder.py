@@ -96,7 +96,8 @@ class Recorder:
         ctx = context.of(f)
         masks = await self.pool.fix_record(ctx)
         req = f.request
-        body, withheld = await self.pool.for_record(req.get_content(strict=False), req.headers.get("content-type", ""), masks)
+        body, withheld = await self.pool.for_record(req.get_content(strict=False),
+                                                    context.body_type(ctx, req.headers.get("content-type", "")), masks)
         request_event = Event(
             **_base(ctx, f, "request"),
             detail={

@@ -35,10 +35,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.gateway import Gateway  # noqa: E402
 from examples.samples.kubeapi import KubeAPI  # noqa: E402
-from tests.support.kubectl import clean_env  # noqa: E402
 from examples.samples.pki import CA, SigningKey  # noqa: E402
+from tests.support.gateway import Gateway  # noqa: E402
+from tests.support.kubectl import clean_env  # noqa: E402
 from tests.support.servers import JwksServer  # noqa: E402
 
 SA_TOKEN = "bench-sa-token"

@@ -35,10 +35,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.gateway import Gateway  # noqa: E402
-from tests.support.pgbridge import BridgeProcess  # noqa: E402
 from examples.samples.pki import SigningKey  # noqa: E402
 from examples.samples.postgres import PostgresServer  # noqa: E402
+from tests.support.gateway import Gateway  # noqa: E402
+from tests.support.pgbridge import BridgeProcess  # noqa: E402
 from tests.support.servers import JwksServer, free_port  # noqa: E402
 
 APP_PASSWORD = "bench-app-password"

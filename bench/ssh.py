@@ -22,11 +22,11 @@ import asyncssh
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from examples.samples.pki import SigningKey  # noqa: E402
+from examples.samples.sshd import SshServer  # noqa: E402
 from tests.support.gateway import Gateway  # noqa: E402
 from tests.support.pgbridge import BridgeProcess  # noqa: E402
-from examples.samples.pki import SigningKey  # noqa: E402
 from tests.support.servers import JwksServer, free_port  # noqa: E402
-from examples.samples.sshd import SshServer  # noqa: E402
 
 
 async def timed(connect, commands: int) -> list[float]:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs
 
 import pytest
 
@@ -20,6 +17,7 @@ from addons.client import (
 )
 from addons.identity import user_attributes
 from pg_bridge.server.bridge import split_options
+from tests.support.servers import TokenEndpoint
 
 
 def encoded(document) -> str:
@@ -60,45 +58,21 @@ def test_the_helper_says_who_is_acting_in_each_channel():
     assert custody.attributes() == {"agent": "Default"}
 
 
-class TokenEndpoint(BaseHTTPRequestHandler):
-    issued: list[dict] = []
-
-    def do_POST(self) -> None:
-        form = parse_qs(self.rfile.read(int(self.headers["content-length"])).decode())
-        client = base64.b64decode(self.headers["authorization"].split()[1]).decode()
-        if client != "crew:s3cret" or form.get("grant_type") != ["client_credentials"]:
-            body, status = {"error": "invalid_client"}, 401
-        else:
-            body, status = {"access_token": f"token-{len(self.issued)}", "expires_in": 61, "token_type": "Bearer"}, 200
-            self.issued.append(form)
-        payload = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args) -> None:
-        pass  # quiet: the test asserts on what was issued
-
-
 @pytest.fixture
 def endpoint():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), TokenEndpoint)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    TokenEndpoint.issued = []
-    yield f"http://127.0.0.1:{server.server_address[1]}/token"
-    server.shutdown()
+    server = TokenEndpoint("crew:s3cret")
+    yield server
+    server.stop()
 
 
 def test_client_credentials_are_cached_and_refreshed_before_expiry(endpoint):
-    tokens = ClientCredentials("crew", "s3cret", token_url=endpoint, audience="custody", leeway=0)
+    tokens = ClientCredentials("crew", "s3cret", token_url=endpoint.url, audience="custody", leeway=0)
     assert tokens.token() == "token-0" and tokens.token() == "token-0"
-    assert TokenEndpoint.issued == [{"grant_type": ["client_credentials"], "audience": ["custody"]}]
+    assert endpoint.issued == [{"grant_type": ["client_credentials"], "audience": ["custody"]}]
     tokens.leeway = 61  # now within a minute of expiry: fetch a new one
     assert tokens.token() == "token-1"
 
 
 def test_client_credentials_refused_say_why(endpoint):
     with pytest.raises(ClientError, match=r"401 .*invalid_client"):
-        ClientCredentials("crew", "wrong", token_url=endpoint).token()
+        ClientCredentials("crew", "wrong", token_url=endpoint.url).token()

@@ -57,7 +57,7 @@ def test_base_parses(tmp_path):
 @pytest.mark.parametrize(
     "change, value, message",
     [
-        ("connections.0.kind", "ftp", "connections[0].kind: 'ftp' is not one of ['http', 'kubernetes', 'postgres', 'ssh']"),
+        ("connections.0.kind", "ftp", "connections[0].kind: 'ftp' is not one of ['http', 'kubernetes', 'postgres', 'ssh', 'mcp']"),
         ("connections.0.name", "Bad Name", "connections[0].name: 'Bad Name' does not match"),
         ("connections.0.hosts", [], "connections[0].hosts: [] should be non-empty"),
         ("connections.0.credential.secret", "hunter2", "connections[0].credential.secret: 'hunter2' does not match"),
@@ -121,8 +121,12 @@ def test_sample_configuration_is_valid(monkeypatch, tmp_path):
     doc["connections"][2]["credential"]["secret"] = "file:sample-api.token"
     doc["connections"][3]["credential"]["secret"] = "file:sample-api.token"
     doc["connections"][3]["known_hosts"] = "cluster-ca.pem"
+    doc["connections"][4]["credential"]["secret"] = "file:sample-api.token"
+    doc["connections"][5]["mcp"]["stdio"]["secrets"]["SAMPLE_MCP_SECRET"] = "file:sample-api.token"
     (tmp_path / "cluster-ca.pem").write_text("")
     cfg = config.parse(doc, str(tmp_path / "custody.yaml"))
+    assert [(c.name, c.kind, c.mcp.stdio is not None) for c in cfg.connections[4:6]] == [
+        ("tickets", "mcp", False), ("tickets-local", "mcp", True)]
     assert cfg.identity.dev_issuer is not None
     assert [(c.name, c.kind, c.bearer_is_gateway) for c in cfg.connections[:4]] == [
         ("sample-api", "http", False), ("prod-k8s", "kubernetes", True), ("prod-db", "postgres", False),

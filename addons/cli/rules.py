@@ -82,6 +82,10 @@ def _explain(args: argparse.Namespace) -> dict[str, Any]:
         headers["content-type"] = "application/json"
     path = (target.path or "/") + (f"?{target.query}" if target.query else "")
     op = classifiers.classify(conn.kind, conn.name, Request(args.method, path, tuple(headers.items()), content))
+    if conn.kind == "mcp":
+        from addons.engine import mcpstate
+
+        op = mcpstate.configured(conn, op)  # tool actions as the configuration gives them
     matched, missed = [], []
     for rule in rules.rules:
         if rule.connections and conn.name not in rule.connections:

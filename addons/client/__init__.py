@@ -29,23 +29,21 @@ import json
 import os
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from addons.engine.bridge import attribute_headers, header_value
 from addons.engine.model import AGENT_ATTRIBUTES
+from addons.engine.oauth import ClientCredentials
+from addons.engine.oauth import GrantError as ClientError
+
+__all__ = ["ATTRIBUTES_USER", "ClientCredentials", "ClientError", "Custody", "DevIssuer", "StaticToken"]
 
 ATTRIBUTES_USER = "x-custody."  # the identity addon's proxy-user-name prefix
 _acting: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("custody_acting", default={})
-
-
-class ClientError(Exception):
-    """The helper cannot get a token or reach the gateway; the message says what to fix."""
 
 
 class StaticToken:
@@ -54,46 +52,6 @@ class StaticToken:
 
     def token(self) -> str:
         return self.value
-
-
-class ClientCredentials:
-    """OAuth 2.0 client-credentials grant (RFC 6749 §4.4), refreshed before expiry."""
-
-    def __init__(self, client_id: str, client_secret: str, *, token_url: str = "", issuer: str = "",
-                 audience: str = "", scope: str = "", leeway: float = 60.0) -> None:
-        if not (token_url or issuer):
-            raise ClientError("client credentials need the issuer or its token URL")
-        self.client_id, self.client_secret = client_id, client_secret
-        self.token_url, self.issuer, self.audience, self.scope, self.leeway = token_url, issuer, audience, scope, leeway
-        self._token, self._expires = "", 0.0
-        self._lock = threading.Lock()
-
-    def _endpoint(self) -> str:
-        if not self.token_url:
-            document = _open_json(self.issuer.rstrip("/") + "/.well-known/openid-configuration")
-            self.token_url = document.get("token_endpoint") or ""
-            if not self.token_url:
-                raise ClientError(f"{self.issuer} publishes no token_endpoint")
-        return self.token_url
-
-    def token(self) -> str:
-        with self._lock:
-            if self._token and self._expires - time.time() > self.leeway:
-                return self._token
-            form = {"grant_type": "client_credentials", **({"audience": self.audience} if self.audience else {}),
-                    **({"scope": self.scope} if self.scope else {})}
-            basic = base64.b64encode(f"{urllib.parse.quote(self.client_id)}:{urllib.parse.quote(self.client_secret)}"
-                                     .encode()).decode()
-            request = urllib.request.Request(self._endpoint(), data=urllib.parse.urlencode(form).encode(), method="POST",
-                                             headers={"authorization": f"Basic {basic}",
-                                                      "content-type": "application/x-www-form-urlencoded"})
-            answer = _open_json(request)
-            token = answer.get("access_token")
-            if not token:
-                raise ClientError(f"the token endpoint answered without an access_token: {answer}")
-            self._token = token
-            self._expires = time.time() + float(answer.get("expires_in") or _expiry(token) - time.time())
-            return token
 
 
 class DevIssuer:
@@ -113,25 +71,6 @@ class DevIssuer:
         if not self._token or self._expires - time.time() < min(60.0, self.ttl / 2):
             self._token, self._expires = self._mint(), time.time() + self.ttl
         return self._token
-
-
-def _expiry(token: str) -> float:
-    """A JWT's exp, read without verifying (the gateway verifies it); now + 5 min if absent."""
-    try:
-        payload = token.split(".")[1]
-        return float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
-    except (IndexError, KeyError, ValueError, TypeError):
-        return time.time() + 300
-
-
-def _open_json(request: urllib.request.Request | str) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        raise ClientError(f"{e.url}: {e.code} {e.read()[:300].decode(errors='replace')}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise ClientError(f"{getattr(request, 'full_url', request)}: {e}") from None
 
 
 class Custody:

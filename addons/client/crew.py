@@ -22,8 +22,11 @@ def describe_task(task: Any) -> str:
     return task.name or (task.description or "").strip().split("\n")[0][:120]
 
 
-def instrument(custody: Custody) -> Callable[[], None]:
-    """Tag every tool call of every crew in this process; returns a function that undoes it."""
+def instrument(custody: Custody, environment: bool = False) -> Callable[[], None]:
+    """Tag every tool call of every crew in this process; returns a function that undoes it.
+    With `environment`, each tool call also finds the gateway, the current token and these
+    attributes in the proxy environment (`Custody.install`): for clients that read only the
+    environment, such as the MCP client of CrewAI's `mcps=` (one per tool call)."""
     from crewai.events import CrewKickoffStartedEvent, crewai_event_bus
     from crewai.hooks import (
         register_before_tool_call_hook,
@@ -45,10 +48,14 @@ def instrument(custody: Custody) -> Callable[[], None]:
             task=describe_task(ctx.task),
             prompt=f"tool:{ctx.tool_name}",
         )
+        if environment:
+            custody.install()
         return None  # never blocks: the gateway decides
 
     crewai_event_bus.on(CrewKickoffStartedEvent)(kickoff)
     register_before_tool_call_hook(before_tool)
+    if environment:
+        custody.install()  # before any tool call: an MCP server's tools are listed when its agent starts
 
     def undo() -> None:
         unregister_before_tool_call_hook(before_tool)

@@ -9,6 +9,7 @@ missing secret stops the gateway at start instead of failing a request later.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import getpass
 import os
 import re
@@ -59,14 +60,23 @@ def resolve_secret(ref: str, base: Path) -> str:
 @dataclass(frozen=True)
 class Credential:
     """What the gateway adds to upstream requests: one header, never seen by the agent.
-    For a `password` credential (a database login), `header` holds the user name."""
+    For a `password` credential (a database login), `header` holds the user name. For an
+    `oauth` credential (a client-credentials grant, RFC 6749 §4.4), `value` is the client
+    secret and the header's value is an access token the gateway fetches and refreshes."""
 
     type: str
     header: str
     value: str = field(repr=False)
+    token_url: str = ""
+    client_id: str = ""
+    scope: str = ""
+    audience: str = ""
 
     @classmethod
     def parse(cls, raw: dict[str, Any], secret: str) -> Credential:
+        if raw["type"] == "oauth":
+            return cls("oauth", "authorization", secret, token_url=raw["token_url"], client_id=raw["client_id"],
+                       scope=raw.get("scope", ""), audience=raw.get("audience", ""))
         if raw["type"] == "bearer":
             return cls("bearer", "authorization", f"Bearer {secret}")
         if raw["type"] == "password":  # a database login: pg_bridge's executor presents it
@@ -86,6 +96,48 @@ class Upstream:
     port: int
     database: str = ""
     """postgres: the database; ssh: the user to log in as (default: the gateway's own user)."""
+
+
+@dataclass(frozen=True)
+class StdioServer:
+    """An MCP server the gateway runs itself (`npx …`, `uvx …`), one process per MCP session,
+    with an environment only the gateway sees: `env` as given, `secrets` resolved from
+    references (and never shown to agents)."""
+
+    command: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    secrets: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    cwd: str | None = None
+    max_sessions: int = 8
+    idle: float = 600.0
+    timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class McpSettings:
+    """What the gateway knows about an MCP server's tools: the action of each (names or
+    globs, exact names first, then globs in the order given), whether the server's own
+    annotations may decide it, tool definitions pinned by SHA-256, and whether tools that
+    are not pinned here are pinned when first seen (`pin`) or refused (`refuse`)."""
+
+    tools: tuple[tuple[str, str], ...] = ()
+    trust_annotations: bool = False
+    pins: tuple[tuple[str, str], ...] = ()
+    new_tools: str = "pin"
+    stdio: StdioServer | None = None
+    keepalive: float = 25.0
+    """A held call whose client reads event streams is answered within this long with an
+    event it resumes from (0: never; the hold then lasts as its rule says, in one request)."""
+
+    def action(self, tool: str) -> str | None:
+        """The configured action of a tool, or None when the configuration does not say."""
+        for pattern, action in self.tools:
+            if pattern == tool:
+                return action
+        for pattern, action in self.tools:
+            if any(ch in pattern for ch in "*?[") and fnmatch.fnmatchcase(tool, pattern):
+                return action
+        return None
 
 
 @dataclass(frozen=True)
@@ -109,6 +161,15 @@ class Connection:
     command_timeout: float = 300.0
     case_insensitive_paths: bool = False
     """http: the backend routes /ADMIN as /admin, so rules match paths folded to lower case."""
+    mcp: McpSettings | None = None
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The secret values the gateway holds for this connection (never shown to agents)."""
+        held = [self.credential.value] if self.credential is not None and self.credential.type != "password" else []
+        if self.mcp is not None and self.mcp.stdio is not None:
+            held += [v for _, v in self.mcp.stdio.secrets]
+        return tuple(v for v in held if v)
 
 
 @dataclass(frozen=True)
@@ -206,7 +267,7 @@ class Config:
 
 DEFAULT_UPSTREAM_PORTS = {"https": 443, "http": 80, "postgresql": 5432, "postgres": 5432, "ssh": 22}
 UPSTREAM_SCHEMES = {"http": ("http", "https"), "kubernetes": ("http", "https"), "postgres": ("postgresql", "postgres"),
-                    "ssh": ("ssh",)}
+                    "ssh": ("ssh",), "mcp": ("http", "https")}
 
 
 def _upstream(url: str, kind: str, where: str) -> Upstream:
@@ -219,7 +280,8 @@ def _upstream(url: str, kind: str, where: str) -> Upstream:
 
 
 # kubectl sends its kubeconfig token as Authorization: Bearer; that token is the agent's JWT.
-DEFAULT_TOKEN_HEADER = {"kubernetes": "authorization"}
+# MCP clients send their server's bearer token the same way: through Custody, the agent's JWT.
+DEFAULT_TOKEN_HEADER = {"kubernetes": "authorization", "mcp": "authorization"}
 
 
 def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = True) -> Connection:
@@ -256,6 +318,11 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
         raise ConfigError(f"{where}.credential: type {credential.type} is for postgres and ssh connections")
     if raw.get("paths") == "case-insensitive" and raw["kind"] != "http":
         raise ConfigError(f"{where}.paths: only http connections can route case-insensitively")
+    if credential is not None and credential.type == "oauth" and raw["kind"] != "mcp":
+        raise ConfigError(f"{where}.credential: type oauth is for mcp connections")
+    mcp = _mcp(raw, base, where, secrets) if raw["kind"] == "mcp" else None
+    if "mcp" in raw and mcp is None:
+        raise ConfigError(f"{where}.mcp: only for mcp connections")
     return Connection(
         name=raw["name"],
         kind=raw["kind"],
@@ -273,6 +340,42 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
         max_output_bytes=raw.get("max_output_bytes", 16 * 1024 * 1024),
         command_timeout=parse_duration(raw.get("command_timeout", "5m")),
         case_insensitive_paths=raw.get("paths") == "case-insensitive",
+        mcp=mcp,
+    )
+
+
+def _mcp(raw: dict[str, Any], base: Path, where: str, secrets: bool) -> McpSettings:
+    """An mcp connection reaches its server at `upstream`, or runs it itself (`mcp.stdio`)."""
+    settings = raw.get("mcp", {})
+    stdio = settings.get("stdio")
+    if ("upstream" in raw) == (stdio is not None):
+        raise ConfigError(f"{where}: an mcp connection needs either upstream (http(s)://host:port) or mcp.stdio")
+    if stdio is not None and "credential" in raw:
+        raise ConfigError(f"{where}.credential: a stdio server gets its secrets in its environment (mcp.stdio.secrets)")
+    server = None
+    if stdio is not None:
+        resolved = []
+        for name, ref in stdio.get("secrets", {}).items():
+            try:
+                resolved.append((name, resolve_secret(ref, base) if secrets else ""))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{where}.mcp.stdio.secrets.{name}: {e}") from None
+        server = StdioServer(
+            command=tuple(stdio["command"]),
+            env=tuple((k, str(v)) for k, v in stdio.get("env", {}).items()),
+            secrets=tuple(resolved),
+            cwd=str(base / stdio["cwd"]) if "cwd" in stdio else None,
+            max_sessions=stdio.get("max_sessions", 8),
+            idle=parse_duration(stdio.get("idle", "10m")),
+            timeout=parse_duration(stdio.get("timeout", "5m")),
+        )
+    return McpSettings(
+        tools=tuple(settings.get("tools", {}).items()),
+        trust_annotations=settings.get("trust_annotations", False),
+        pins=tuple((tool, digest.removeprefix("sha256:")) for tool, digest in settings.get("pins", {}).items()),
+        new_tools=settings.get("new_tools", "pin"),
+        stdio=server,
+        keepalive=parse_duration(settings.get("keepalive", "25s")),
     )
 
 

@@ -20,6 +20,10 @@ class Error(StrEnum):
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"  # an upgrade or protocol the gateway cannot govern
     INTERACTIVE_PROGRAM = "interactive_program"  # an editor, pager or top: a line-based gate cannot govern its keys
     MALFORMED_HEADERS = "malformed_headers"  # a header form a proxy must reject (obs-fold, controls, two Hosts)
+    INVALID_MESSAGE = "invalid_message"  # an MCP body that is not valid JSON-RPC 2.0 (or not valid MCP)
+    # MCP sessions and tools
+    UNKNOWN_SESSION = "unknown_session"  # an Mcp-Session-Id this principal did not open (or that ended)
+    TOOL_CHANGED = "tool_changed"  # a tool's definition differs from the one pinned
     # policy
     DENIED_BY_POLICY = "denied_by_policy"  # a deny rule matched
     NO_MATCHING_RULE = "no_matching_rule"  # nothing allows it: default deny

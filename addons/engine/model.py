@@ -39,6 +39,18 @@ UNPARSEABLE = Unparseable()
 """The payload of a request whose JSON body cannot be read: rules count it against the agent."""
 
 
+class AnyPayload:
+    """Stands for every payload an operation could have (an MCP tool, listed before any call)."""
+
+    def __repr__(self) -> str:
+        return "ANY_PAYLOAD"
+
+
+ANY_PAYLOAD = AnyPayload()
+"""The payload of an operation asked about in general: body and argument conditions may hold
+for allow and review rules, and need not for deny rules."""
+
+
 @dataclass(frozen=True)
 class Request:
     """A request as a classifier sees it: method, target (path and query), headers in

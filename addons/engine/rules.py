@@ -33,11 +33,18 @@ from typing import Any
 import yaml
 from jsonpath_ng.ext import parse as jsonpath_parse
 
-from addons.engine import schema
+from addons.engine import mcp, schema
 from addons.engine.config import parse_duration
 from addons.engine.errors import Error
 from addons.engine.masks import parse as parse_mask
-from addons.engine.model import UNPARSEABLE, Decision, Operation, Principal, Review
+from addons.engine.model import (
+    ANY_PAYLOAD,
+    UNPARSEABLE,
+    Decision,
+    Operation,
+    Principal,
+    Review,
+)
 
 Check = Callable[[Principal, Operation], bool]
 UNKNOWN_BODY = ("unparseable", "other", "json-patch")
@@ -182,6 +189,8 @@ def _body_check(conditions: list[dict[str, Any]], effect: str) -> Check:
     unknown_holds = effect != "allow"
 
     def check(_: Principal, op: Operation) -> bool:
+        if op.payload is ANY_PAYLOAD:  # "could any payload match?": allow and review may, deny need not
+            return effect != "deny"
         if op.details.get("body") in UNKNOWN_BODY or op.payload is UNPARSEABLE:
             return unknown_holds
         for expr, kind, test in compiled:
@@ -245,7 +254,54 @@ def _compile_checks(match: dict[str, Any], effect: str, whole: bool = True) -> t
     checks += _kubernetes_checks(match.get("kubernetes"), effect, whole and effect == "allow")
     checks += _sql_checks(match.get("sql"), effect)
     checks += _ssh_checks(match.get("ssh"), effect)
+    checks += _mcp_checks(match.get("mcp"), effect)
     return tuple(checks)
+
+
+def _mcp_checks(block: dict[str, Any] | None, effect: str) -> list[tuple[str, Check]]:
+    """Checks on one MCP message (a batch is decided message by message). Three kinds of
+    message match an allow or review rule only when the rule names them: a server's
+    sampling and elicitation requests (`sampling: true`, `elicitation: true`) and its other
+    requests to the client (`methods`), and a tool whose definition changed since it was
+    pinned (`changed: true`). So no rule allows them by accident."""
+    checks: list[tuple[str, Check]] = []
+    block = block or {}
+
+    def names(key: str, detail: str) -> None:
+        test = _globs(_many(block[key]))
+        checks.append((f"mcp.{key}", lambda p, op: op.protocol == "mcp" and detail in op.details
+                       and test(str(op.details[detail]))))
+
+    if "tools" in block:
+        names("tools", "tool")
+    if "methods" in block:
+        names("methods", "method")
+    for key, method in (("resources", "resources/read"), ("prompts", "prompts/get")):
+        if key in block:
+            test = _globs(_many(block[key]))
+            checks.append((f"mcp.{key}", lambda p, op, t=test, m=method: op.protocol == "mcp"
+                           and op.details.get("method") == m and t(op.resource)))
+    if "arguments" in block:
+        arguments = _body_check(block["arguments"], effect)
+        checks.append(("mcp.arguments", lambda p, op: op.protocol == "mcp" and arguments(p, op)))
+    for key, method in (("sampling", mcp.SAMPLING), ("elicitation", mcp.ELICITATION)):
+        if key in block:
+            checks.append((f"mcp.{key}", lambda p, op, m=method, w=block[key]: op.protocol == "mcp"
+                           and (op.details.get("method") == m) == w))
+    if "changed" in block:
+        checks.append(("mcp.changed", lambda p, op, w=block["changed"]: op.protocol == "mcp"
+                       and bool(op.details.get("changed")) == w))
+    if effect == "deny":
+        return checks
+    if "changed" not in block:
+        checks.append(("mcp.changed", lambda p, op: not op.details.get("changed")))
+    for key, method in (("sampling", mcp.SAMPLING), ("elicitation", mcp.ELICITATION)):
+        if block.get(key) is not True:
+            checks.append((f"mcp.{key}", lambda p, op, m=method: op.protocol != "mcp" or op.details.get("method") != m))
+    if "methods" not in block:
+        checks.append(("mcp.methods", lambda p, op: op.protocol != "mcp" or op.details.get("initiator") != "server"
+                       or op.details.get("method") in (mcp.SAMPLING, mcp.ELICITATION)))
+    return checks
 
 
 def _ssh_checks(ssh: dict[str, Any] | None, effect: str) -> list[tuple[str, Check]]:
@@ -416,16 +472,19 @@ def parse_file(document: Any, file: str, start: int = 0) -> list[Rule]:
     out = []
     for n, raw in enumerate(document["rules"]):
         where = f"{file}: rule {raw['id']!r}"
-        for c, cond in enumerate(raw["match"].get("body", [])):
-            try:
-                jsonpath_parse(cond["path"])
-            except Exception as e:  # jsonpath-ng raises several unrelated types
-                raise RuleError(f"{where}: match.body[{c}].path: not a JSONPath: {e}") from None
-            if cond["op"] == "matches":
+        conditions = [("body", raw["match"].get("body", [])),
+                      ("mcp.arguments", raw["match"].get("mcp", {}).get("arguments", []))]
+        for field_name, listed in conditions:
+            for c, cond in enumerate(listed):
                 try:
-                    re.compile(cond["value"])
-                except re.error as e:
-                    raise RuleError(f"{where}: match.body[{c}].value: not a regular expression: {e}") from None
+                    jsonpath_parse(cond["path"])
+                except Exception as e:  # jsonpath-ng raises several unrelated types
+                    raise RuleError(f"{where}: match.{field_name}[{c}].path: not a JSONPath: {e}") from None
+                if cond["op"] == "matches":
+                    try:
+                        re.compile(cond["value"])
+                    except re.error as e:
+                        raise RuleError(f"{where}: match.{field_name}[{c}].value: not a regular expression: {e}") from None
         for m, mask in enumerate(raw.get("masks", ())):
             try:
                 parse_mask(mask)
@@ -547,11 +606,31 @@ class RuleSet:
 
     def decide(self, principal: Principal, op: Operation) -> Decision:
         """The decision for an operation; for one with parts (SQL statements, two readings
-        of a Kubernetes path), every part is decided on its own and the strictest wins."""
+        of a Kubernetes path, MCP batches), every part is decided on its own and the strictest
+        decision wins."""
         if not op.parts:
-            return decide(self.matching(principal, op), self.reaching(principal, op))
-        decisions = [decide(self.matching(principal, part), self.reaching(principal, part)) for part in op.parts]
+            return explained(decide(self.matching(principal, op), self.reaching(principal, op)), op)
+        decisions = [explained(decide(self.matching(principal, part), self.reaching(principal, part)), part)
+                     for part in op.parts]
         return strictest(decisions, op.parts)
+
+
+def explained(decision: Decision, op: Operation) -> Decision:
+    """A default denial that something more precise explains: a tool whose definition
+    changed since it was pinned, or a server asking the client for sampling or elicitation."""
+    if decision.error != Error.NO_MATCHING_RULE or op.protocol != "mcp":
+        return decision
+    if op.details.get("changed"):
+        return Decision(effect="deny", status=403, error=Error.TOOL_CHANGED,
+                        reason=f"the definition of tool {op.resource} changed since it was pinned "
+                               f"({op.details.get('pinned', '')[:12]}… → {op.details.get('listed', '')[:12]}…); "
+                               "no rule allows the changed tool (mcp.changed: true)")
+    method = op.details.get("method")
+    if op.details.get("initiator") == "server" and method in (mcp.SAMPLING, mcp.ELICITATION):
+        key = "sampling" if method == mcp.SAMPLING else "elicitation"
+        return Decision(effect="deny", status=403, error=Error.NO_MATCHING_RULE,
+                        reason=f"the server's {method} is refused: no rule allows it (mcp.{key}: true)")
+    return decision
 
 
 def decide(matched: list[Rule], reached: Iterable[Rule] = ()) -> Decision:
@@ -589,9 +668,11 @@ def strictest(decisions: list[Decision], parts: tuple[Operation, ...]) -> Decisi
     def which(n: int) -> str:
         if len(parts) < 2:
             return ""
+        d = parts[n].details
         if parts[n].protocol == "kubernetes":
-            return f"as {parts[n].details['path']} may be read ({parts[n].summary}): "
-        return f"statement {n + 1} ({parts[n].details.get('command', '?')}): "
+            return f"as {d['path']} may be read ({parts[n].summary}): "
+        noun = "message" if parts[n].protocol == "mcp" else "statement"
+        return f"{noun} {n + 1} ({d.get('command') or d.get('tool') or d.get('method') or '?'}): "
 
     for n, d in enumerate(decisions):
         if d.effect == "deny":
@@ -606,6 +687,7 @@ def strictest(decisions: list[Decision], parts: tuple[Operation, ...]) -> Decisi
         reviews = tuple(dict.fromkeys(r for _, d in reviewed for r in d.reviews))
         return Decision(effect="review", rules=rules, reason="; ".join(which(n) + d.reason for n, d in reviewed),
                         masks=tuple(masks), reviews=reviews)
+    noun = "messages" if parts and parts[0].protocol == "mcp" else "statements"
     return Decision(effect="allow", rules=rules, reason=decisions[0].reason if len(decisions) == 1 else
-                    f"all {len(decisions)} statements allowed", masks=tuple(masks))
+                    f"all {len(decisions)} {noun} allowed", masks=tuple(masks))
 

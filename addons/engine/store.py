@@ -95,7 +95,7 @@ APPROVAL_COLUMNS: dict[str, type] = {
 CHECKPOINT_COLUMNS: dict[str, type] = {"seq": int, "document": str, "signature": str}
 # Bodies: each distinct body once, by its digest; `encoding` is "deflate" or "identity".
 BODY_COLUMNS: dict[str, type] = {"digest": str, "size": int, "encoding": str, "data": bytes}
-TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies")
+TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies", "mcp_pins")
 
 
 def pack(body: bytes) -> tuple[str, bytes]:
@@ -112,6 +112,11 @@ def unpack(encoding: str, data: bytes) -> bytes:
         return zlib.decompress(data)
     except zlib.error:
         return data
+
+# MCP tool pins: the definition of each tool as first seen (the chain holds the event that
+# pinned it; this table outlives a prune, so a pin is never silently re-learned).
+PIN_COLUMNS: dict[str, type] = {"connection": str, "tool": str, "fingerprint": str, "created": float,
+                                "definition": str}
 
 
 def _json(value: Any) -> str | None:
@@ -232,6 +237,16 @@ def put_approval(row: tuple) -> Callable[[sqlite3.Connection], None]:
     return apply
 
 
+def put_pin(connection: str, tool: str, fingerprint: str, definition: dict[str, Any]) -> Callable[[sqlite3.Connection], None]:
+    """The write of a first-seen tool pin, in the transaction of the event that records it."""
+
+    def apply(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT OR IGNORE INTO mcp_pins VALUES (?, ?, ?, ?, ?)",
+                     (connection, tool, fingerprint, time.time(), canonical_json(definition)))
+
+    return apply
+
+
 class Store:
     def __init__(self, path: str, synchronous: str = "normal") -> None:
         self.path = path
@@ -278,6 +293,8 @@ class Store:
             db["approvals"].create(APPROVAL_COLUMNS, pk="id", not_null={"state", "created", "document"})
             db["approvals"].create_index(["state"], if_not_exists=True)
             db["approvals"].create_index(["fingerprint"], if_not_exists=True)
+        if "mcp_pins" not in tables:
+            db["mcp_pins"].create(PIN_COLUMNS, pk=("connection", "tool"), not_null=set(PIN_COLUMNS))
 
     def close(self) -> None:
         self.conn.close()
@@ -327,6 +344,11 @@ class Store:
 
     def head(self) -> tuple[int, str]:
         return self._head(self.conn)
+
+    def pins(self) -> list[dict[str, Any]]:
+        """Every first-seen MCP tool pin, with its definition parsed."""
+        return [{"connection": c, "tool": t, "fingerprint": fp, "definition": json.loads(d)}
+                for c, t, fp, d in self.conn.execute("SELECT connection, tool, fingerprint, definition FROM mcp_pins")]
 
     def checkpoints(self) -> list[dict[str, Any]]:
         """Every checkpoint, oldest first, as {"document": …, "signature": …}."""

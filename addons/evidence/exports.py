@@ -34,6 +34,8 @@ from addons.evidence.timeline import (
     comment,
     iso,
     records,
+    tool_calls,
+    tool_results,
 )
 
 FORMATS = ("jsonl", "csv", "har", "flows")
@@ -43,7 +45,7 @@ CSV_COLUMNS = (
     *AGENT_ATTRIBUTES, "asserted", "connection", "protocol", "action", "resource", "summary", "risk",
     "effect", "rules", "reason", "status", "step", "approver", "body_size", "body_digest", "prev_hash", "hash",
 )
-WEB_PROTOCOLS = ("http", "kubernetes")
+WEB_PROTOCOLS = ("http", "kubernetes", "mcp")
 
 
 class ExportError(Exception):
@@ -75,6 +77,11 @@ def jsonl_record(row: dict[str, Any]) -> dict[str, Any]:
             out["body"] = body.decode()
         except UnicodeDecodeError:
             out["body_base64"] = base64.b64encode(body).decode()
+    rec = Record.of(row)
+    if calls := tool_calls(rec):
+        out["tool_calls"] = calls  # derived from the columns above (not hashed)
+    if results := tool_results(rec):
+        out["tool_results"] = results
     return out
 
 
@@ -212,6 +219,7 @@ def har_entry(f: FlowRecord) -> dict[str, Any]:
         "cache": {}, "timings": {"send": 0, "wait": elapsed, "receive": 0}, "comment": f.comment,
         "_custody": {"flow": f.id, "session": req["session"], "subject": req["subject"],
                      **{n: req.attribute(n) for n in AGENT_ATTRIBUTES}, "connection": req["connection"],
+                     **({"tool_calls": calls} if (calls := tool_calls(req)) else {}),
                      "events": [{"seq": s, "hash": h} for s, h in f.chain]},
     }
 

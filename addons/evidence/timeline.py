@@ -224,6 +224,46 @@ def approvals(recs: Iterable[Record]) -> dict[str, ApprovalStory]:
     return stories
 
 
+def mcp_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The JSON-RPC messages of a recorded MCP body (as recorded: masked), JSON or an event stream."""
+    text = body_text(row)
+    if not text or text.startswith("<"):
+        return []
+    chunks = [line[5:] for line in text.splitlines() if line.startswith("data:")] or [text]
+    found: list[dict[str, Any]] = []
+    for chunk in chunks:
+        try:
+            document = json.loads(chunk)
+        except ValueError:
+            continue
+        found += [m for m in (document if isinstance(document, list) else [document]) if isinstance(m, dict)]
+    return found
+
+
+def tool_calls(rec: Record) -> list[dict[str, Any]]:
+    """The MCP tool calls a request event made: tool, action and arguments (as recorded: masked)."""
+    if rec["kind"] != "request" or rec.operation.get("protocol") != "mcp":
+        return []
+    actions = {p.get("resource"): p.get("action") for p in rec.operation.get("parts") or [rec.operation]}
+    return [{"tool": m["params"].get("name"), "action": actions.get(m["params"].get("name"), ""), "id": m.get("id"),
+             "arguments": m["params"].get("arguments", {})}
+            for m in mcp_messages(rec.row) if m.get("method") == "tools/call" and isinstance(m.get("params"), dict)]
+
+
+def tool_results(rec: Record) -> list[dict[str, Any]]:
+    """What the MCP server answered a tool call (as the agent got it: masked): text or error."""
+    if rec["kind"] != "response" or (rec.operation.get("details") or {}).get("method") not in ("tools/call", "(batch)"):
+        return []
+    out = []
+    for m in mcp_messages(rec.row):
+        if isinstance(m.get("result"), dict) and "content" in m["result"]:
+            texts = [c.get("text", f"<{c.get('type')}>") for c in m["result"]["content"] if isinstance(c, dict)]
+            out.append({"id": m.get("id"), "error": bool(m["result"].get("isError")), "text": "\n".join(texts)})
+        elif isinstance(m.get("error"), dict):
+            out.append({"id": m.get("id"), "error": True, "text": f"{m['error'].get('code')}: {m['error'].get('message')}"})
+    return out
+
+
 def decision_line(rec: Record) -> str:
     rules = ",".join(rec.rules) or "-"
     return f"{rec['effect']} · rules {rules} · {rec['reason'] or ''}".rstrip(" ·")
@@ -276,7 +316,9 @@ def replay_lines(rec: Record, stories: dict[str, ApprovalStory], body_limit: int
                 f"  (action {r['action']}, risk {r['risk']})"]
         body = body_text(r, body_limit)
         method, url = rec.detail.get("method", ""), rec.detail.get("url", "")
-        return head + [f"    {method} {url}"] + ([f"    > {line}" for line in body.splitlines()] if body else [])
+        calls = [f"    TOOL CALL {c['tool']} ({c['action']}) {json.dumps(c['arguments'], ensure_ascii=False)}"
+                 for c in tool_calls(rec)]
+        return head + [f"    {method} {url}"] + calls + ([f"    > {line}" for line in body.splitlines()] if body else [])
     if kind in ("decision", "connect"):
         if not r["effect"]:
             return []
@@ -299,8 +341,10 @@ def replay_lines(rec: Record, stories: dict[str, ApprovalStory], body_limit: int
         masked = f"  masked: {json.dumps(masking.get('entities') or masking.get('fields') or {})}" \
             if masking.get("masked") else ""
         body = body_text(r, body_limit)
+        results = [f"    TOOL {'ERROR ' if t['error'] else 'RESULT'} {' '.join(t['text'].split())[:body_limit]}".rstrip()
+                   for t in tool_results(rec)]
         return [f"{when}  #{r['seq']} RESPONSE  {r['status']}  {rec.detail.get('elapsed_ms', '')} ms{masked}"] + \
-            [f"    < {line}" for line in body.splitlines()]
+            results + [f"    < {line}" for line in body.splitlines()]
     if kind == "message":
         direction = ">" if rec.detail.get("from_client") else "<"
         channel = rec.detail.get("channel")
@@ -310,4 +354,17 @@ def replay_lines(rec: Record, stories: dict[str, ApprovalStory], body_limit: int
             [f"    {direction} {line}" for line in body_text(row, body_limit).splitlines()]
     if kind == "error":
         return [f"{when}  #{r['seq']} ERROR     {rec.detail.get('error', '')}"]
+    if kind == "tools":
+        removed = "; ".join(f"{t} ({why})" for t, why in (rec.detail.get("removed") or {}).items())
+        return [f"{when}  #{r['seq']} TOOLS     offered {len(rec.detail.get('offered', []))} of "
+                f"{rec.detail.get('listed', 0)}: {', '.join(rec.detail.get('offered', [])) or '-'}"
+                + (f"; held for approval: {', '.join(rec.detail['review'])}" if rec.detail.get("review") else "")
+                + (f"; removed: {removed}" if removed else "")]
+    if kind in ("tool_pinned", "tool_changed", "tool_refused"):
+        d = rec.detail
+        text = {"tool_pinned": f"pinned {d.get('tool')} sha256:{d.get('fingerprint', '')}",
+                "tool_changed": f"{d.get('tool')} changed: pinned sha256:{d.get('pinned', '')}, "
+                                f"listed sha256:{d.get('listed', '')}",
+                "tool_refused": f"{d.get('tool')} refused: {d.get('reason', '')}"}[kind]
+        return [f"{when}  #{r['seq']} TOOL      {text}"]
     return [f"{when}  #{r['seq']} {kind.upper():<9} {json.dumps(rec.detail, sort_keys=True)[:body_limit]}"]

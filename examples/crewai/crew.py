@@ -2,14 +2,18 @@
 
 Two agents: an Inventory analyst reads the inventory API and the orders table (PostgreSQL
 through pg_bridge); an Operations engineer restocks (a large order the gateway holds for a
-manager), tries to drop a table (DDL: denied) and checks the pods with kubectl. Every
-request carries the agent's role, model, crew run, task and tool (addons/client/crew.py).
+manager), tries to drop a table (DDL: denied) and checks the pods with kubectl. With
+CREW_MCP_URL, a Help-desk triager searches the ticket desk through CrewAI's own MCP
+integration (`mcps=`), whose client reaches the server through the gateway as a proxy.
+Every request carries the agent's role, model, crew run, task and tool
+(addons/client/crew.py). CREW_TASKS=key,key runs only those tasks.
 
     scripts/run                                   # in another terminal
     CUSTODY_CONFIG=examples/custody.yaml CUSTODY_SUBJECT=crew-inventory \\
     CUSTODY_GROUPS=analysts,buyers,k8s-readers CUSTODY_CA=.custody/mitmproxy/mitmproxy-ca-cert.pem \\
     CUSTODY_KUBECONFIG=crew.kubeconfig .venv/bin/python examples/crewai/crew.py
     # approve the held order: custody approvals list / approve ID (as a manager)
+    # the MCP task: CREW_MCP_URL=http://tickets.mcp.internal/mcp (the sample ticket desk)
 
 It prints the run id (`custody audit replay --run RUN`) and each task's result.
 """
@@ -38,6 +42,7 @@ from addons.client import Custody  # noqa: E402
 from addons.client.crew import instrument  # noqa: E402
 
 API = os.environ.get("CREW_API", "http://sample-api.internal")
+MCP_URL = os.environ.get("CREW_MCP_URL", "")
 PG = (os.environ.get("CREW_PG_HOST", "127.0.0.1"), int(os.environ.get("CREW_PG_PORT", "15432")),
       os.environ.get("CREW_PG_DB", "shop"))
 custody = Custody.from_env()
@@ -103,7 +108,12 @@ def model():
                         ("sql", {"query": "SELECT item, sum(quantity) FROM orders GROUP BY item"})],
         "restock": [("inventory_api", {"method": "POST", "path": "/orders", "body": {"item": 1, "quantity": 500}})],
         "tidy-schema": [("sql", {"query": "DROP TABLE orders"}), ("kubectl", {"args": "get pods -n shop"})],
+        "triage": [("search_tickets", {"query": "VPN"})],  # the MCP server's tool, as CrewAI names it
     })
+
+
+def key(task: Task) -> str:
+    return task.description.split("\n", 1)[0].removeprefix("Task key: ")
 
 
 def build() -> Crew:
@@ -121,11 +131,22 @@ def build() -> Crew:
         Task(name="tidy schema", description="Task key: tidy-schema\nDrop the old orders table, then check the pods.",
              expected_output="what happened", agent=operator),
     ]
-    return Crew(agents=[analyst, operator], tasks=tasks, process=Process.sequential, verbose=False)
+    if MCP_URL:
+        from crewai.mcp import MCPServerHTTP
+
+        triager = Agent(role="Help-desk triager", goal="Know which tickets are open",
+                        backstory="Reads the ticket desk through its MCP server.", mcps=[MCPServerHTTP(url=MCP_URL)],
+                        llm=llm, allow_delegation=False, max_iter=5)
+        tasks.append(Task(name="triage", description="Task key: triage\nFind the tickets about the VPN.",
+                          expected_output="the tickets", agent=triager))
+    if wanted := os.environ.get("CREW_TASKS"):
+        tasks = [t for t in tasks if key(t) in wanted.split(",")]
+    agents = list({id(t.agent): t.agent for t in tasks}.values())
+    return Crew(agents=agents, tasks=tasks, process=Process.sequential, verbose=False)
 
 
 def main() -> int:
-    instrument(custody)
+    instrument(custody, environment=bool(MCP_URL))  # CrewAI's MCP client finds the gateway in the environment
 
     @crewai_event_bus.on(CrewKickoffStartedEvent)
     def announce(source, event) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 from crewai import BaseLLM
 
 KEY = re.compile(r"Task key: ([\w-]+)")
+TOOL = re.compile(r"Tool Name: (\S+)")
+"""How CrewAI lists tools in the prompt; an MCP server's tools carry the server's name first."""
 
 
 class StandIn(BaseLLM):
@@ -29,6 +31,7 @@ class StandIn(BaseLLM):
         done = [str(m.get("content", "")) for m in messages if m.get("role") == "assistant"]
         if len(done) < len(plan):
             tool, arguments = plan[len(done)]
+            tool = next((t for t in TOOL.findall(text) if t == tool or t.endswith(f"_{tool}")), tool)
             return f"Thought: step {len(done) + 1} of my plan\nAction: {tool}\nAction Input: {json.dumps(arguments)}"
         last = done[-1].split("Observation:", 1)[-1].strip()[:400] if done else "nothing to do"
         return f"Thought: I now know the final answer\nFinal Answer: {last}"

@@ -193,3 +193,44 @@ class Receiver(Background):
         self.failing = failing
         super().__init__(_ReceiverHandler)
         self.url = f"http://127.0.0.1:{self.port}/hook"
+
+
+class _TokenHandler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        import base64
+        from urllib.parse import parse_qs
+
+        owner: TokenEndpoint = self.server.owner  # type: ignore[attr-defined]
+        form = parse_qs(self.rfile.read(int(self.headers["content-length"])).decode())
+        try:
+            client = base64.b64decode(self.headers.get("authorization", " ").split()[1]).decode()
+        except (IndexError, ValueError):
+            client = ""
+        if client != owner.client or form.get("grant_type") != ["client_credentials"]:
+            body, status = {"error": "invalid_client"}, 401
+        else:
+            body = {"access_token": owner.token or f"token-{len(owner.issued)}", "expires_in": owner.expires_in,
+                    "token_type": "Bearer"}
+            status = 200
+            owner.issued.append(form)
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass  # quiet: tests assert on what was issued
+
+
+class TokenEndpoint(Background):
+    """An OAuth 2.0 token endpoint for the client-credentials grant (RFC 6749 §4.4): it issues
+    `token` (else token-0, token-1, …) to `client` ("id:secret" in HTTP Basic) and keeps the
+    form of every grant it issued."""
+
+    def __init__(self, client: str, token: str = "", expires_in: int = 61) -> None:
+        self.client, self.token, self.expires_in = client, token, expires_in
+        self.issued: list[dict] = []
+        super().__init__(_TokenHandler)
+        self.url = f"http://127.0.0.1:{self.port}/token"

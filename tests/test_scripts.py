@@ -270,6 +270,7 @@ def shown(expected: str) -> re.Pattern:
     for word in expected.split():
         piece = re.sub(r"[0-9a-f]{16,}", "\x00", re.escape(word).replace("…", "\x01"))
         piece = re.sub(r"\d+", r"\\d+", piece)
+        piece = re.sub(r"^\\d\+[smhd]$", r"\\d+[smhd]", piece)  # an age: 16s, 2m, 1h
         parts.append(piece.replace("\x00", "[0-9a-f]+").replace("\x01", ".*?"))
     return re.compile(r"\s+".join(parts))
 

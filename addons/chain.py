@@ -4,6 +4,8 @@ mitmproxy runs every hook in list order, response hooks included, so `build()` i
 order of a request's story (docs/design.md):
 
     hardening, settings                  options the chain needs; the configuration, once
+    replica                              this process among the gateway's replicas: lease,
+                                         readiness, stopping (before the store: its done)
     auditlog, approvalbook, maskpool,    shared services, no flow hooks: the audit store,
     sessions                             the approvals, the masking workers, pg sessions
     wellknown                            the gateway's public endpoints (no token needed)
@@ -37,6 +39,7 @@ from addons.masking import Masking
 from addons.maskpool import MaskPool
 from addons.policy import Policy
 from addons.recorder import Recorder
+from addons.replica import Replica
 from addons.settings import Settings
 from addons.wellknown import WellKnown
 from pg_bridge.terminal.executor import PgExecutor
@@ -54,19 +57,22 @@ def build() -> list:
     pool = MaskPool(settings)
     sessions = Sessions()
     ssh = SshExecutor(settings)
+    policy = Policy(settings)
+    replica = Replica(settings, log, book, policy, pool)
     return [
         Hardening(),
         settings,
+        replica,
         log,
         book,
         pool,
         sessions,
-        WellKnown(settings),
+        WellKnown(settings, replica),
         Identity(settings),
         Classify(settings),
         PgPlanner(sessions),
         SshPlanner(ssh),
-        Policy(settings),
+        policy,
         Hold(settings, book, pool),
         Masking(settings, pool),
         Recorder(settings, log, pool),
@@ -91,6 +97,10 @@ class Chain:
     @property
     def settings(self) -> Settings:
         return next(a for a in self.addons if isinstance(a, Settings))
+
+    @property
+    def replica(self) -> Replica:
+        return next(a for a in self.addons if isinstance(a, Replica))
 
 
 def _install_gate() -> None:

@@ -4,7 +4,9 @@ On requests it writes the request and its decision before anything executes; if 
 fails, the request does not proceed. On responses (after masking) it writes the response;
 if that write fails, the agent gets an error instead of data that is not on record. It
 refuses to record, and so to forward, a response that a rule said to mask when no masker
-ran. It also writes tunnels opened or refused, and upstream errors.
+ran. It also writes tunnels opened or refused, and upstream errors. Health probes
+(`/healthz`, `/readyz`) are not recorded: they reach nothing, and a load balancer asks
+several times a second.
 The flow's comment and marker show the decision in mitmweb.
 """
 
@@ -26,6 +28,7 @@ from addons.engine.store import Event, body_fields, headers_for_record
 from addons.failclosed import guarded
 from addons.maskpool import MaskPool
 from addons.settings import Settings
+from addons.wellknown import PROBE
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,8 @@ class Recorder:
 
     @guarded
     async def request(self, f: http.HTTPFlow) -> None:
+        if f.metadata.get(PROBE):
+            return
         ctx = context.of(f)
         req = f.request
         masks = ctx.decision.masks if ctx.decision else ()
@@ -125,6 +130,8 @@ class Recorder:
 
     @guarded
     async def response(self, f: http.HTTPFlow) -> None:
+        if f.metadata.get(PROBE):
+            return
         ctx = context.of(f)
         d = ctx.decision
         if d is not None and d.effect != "deny" and d.masks and not ctx.masked:
@@ -156,6 +163,9 @@ class Recorder:
         try:
             await self._write(ctx, [*late, event])
         except Exception as e:
+            if d is not None and d.effect == "deny":  # our own refusal: nothing of the upstream's to withhold
+                logger.error("custody: audit store write failed; the refusal goes out unrecorded", exc_info=e)
+                return
             logger.error("custody: audit store write failed; withholding the response", exc_info=e)
             failclosed.refuse(
                 f, 502, f"audit store unavailable ({type(e).__name__}); response withheld",

@@ -11,6 +11,13 @@ steps are sequential, so it needs no pool, and a plain-HTTP request to a proxy i
 request line in absolute form plus Proxy-Authorization. `step()` returns the terminal's
 answer; anything else — the gateway unreachable, or a refusal with its JSON reason — is
 an exception the bridge turns into its own protocol's error.
+
+A session lives on one gateway replica (its backend connection is there), named by the
+`x-custody-replica` header of the terminal's answers. A link that breaks once the session
+is established may be opened again only to that replica (a keep-alive connection the
+gateway closed while idle); anything else, a break in the middle of a step or an answer
+from another replica (behind a load balancer), ends the session: `LinkLost`, which the
+bridges report as a fatal error (pg: SQLSTATE 08006; ssh: exit status 255).
 """
 
 from __future__ import annotations
@@ -54,6 +61,16 @@ SSH = Contract("ssh_bridge", "ssh-bridge-session",
 
 class Unreachable(Exception):
     """The gateway could not be reached, or broke the connection mid-answer."""
+
+
+class LinkLost(Unreachable):
+    """The session's link to its gateway replica broke: the session has ended."""
+
+
+LOST = ("custody: the link to the gateway broke; this session has ended and cannot continue on another gateway "
+        "(reconnect to start a new one)")
+REPLICA_HEADER = "x-custody-replica"
+"""The gateway replica that answered a bridge step (addons/replica.py stamps it)."""
 
 
 class Refusal(Exception):
@@ -119,9 +136,16 @@ class Link:
         X-Custody-* headers of every step: recorded by the gateway as asserted."""
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.replica: str | None = None
+        """The gateway replica the session lives on (its first answer names it)."""
+        self.answered = False
+        self.lost = False
 
     async def post(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
-        if self.writer is None or self.writer.is_closing():
+        if self.lost:
+            raise LinkLost(LOST)
+        if self.writer is None or self.writer.is_closing() or self.reader.at_eof():
+            self.close()  # closed, or closed by the gateway while idle: open it again, to the same replica
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         try:
             headers = {**headers, **attribute_headers(self.attributes)}
@@ -143,10 +167,19 @@ class Link:
                 content = await self.reader.readexactly(int(fields.get("content-length", "0")))
             if fields.get("connection", "").lower() == "close":
                 self.close()
-            return status, fields, bytes(content)
-        except BaseException:
+        except BaseException as e:
             self.close()  # a half-read answer leaves the connection unusable
+            if self.answered and isinstance(e, (OSError, asyncio.IncompleteReadError)):
+                self.lost = True  # the step's outcome is unknown, and the session cannot go on
+                raise LinkLost(LOST) from None
             raise
+        replica = fields.get(REPLICA_HEADER)
+        if self.answered and replica != self.replica:
+            self.close()
+            self.lost = True
+            raise LinkLost(LOST)
+        self.replica, self.answered = replica, True
+        return status, fields, bytes(content)
 
     def close(self) -> None:
         if self.writer is not None:

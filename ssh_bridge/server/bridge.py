@@ -16,7 +16,8 @@ one ssh connection on a listen address, any user name means that one.
   With a PTY the bridge echoes and edits the line itself (backspace, Ctrl-C, Ctrl-D).
 - Port forwarding, agent forwarding, X11 and subsystems (sftp) are refused.
 
-A refused command prints `custody: <reason>` on stderr and exits with status 126.
+A refused command prints `custody: <reason>` on stderr and exits with status 126; a session
+whose link to its gateway broke prints why and exits with status 255.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 import asyncssh
 
-from addons.engine.bridge import SSH, Link, Refusal, Unreachable, attributes_from, step
+from addons.engine.bridge import SSH, Link, LinkLost, Refusal, Unreachable, attributes_from, step
 from addons.engine.config import Connection
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class Gateway:
     async def call(self, link: Link, host: str, phase: str, token: str, session: str, body: dict) -> dict[str, Any]:
         try:
             doc = await step(link, SSH, host, phase, token, session, body)
+        except LinkLost:
+            raise  # the session is over (Bridge._process)
         except Unreachable as e:
             raise Refused(str(e)) from None
         except Refusal as e:
@@ -162,7 +165,7 @@ class Bridge:
     async def _close(self, server: Server) -> None:
         try:
             await server.step("close", {})
-        except Refused:
+        except (Refused, LinkLost):
             pass  # the gateway closes idle sessions itself
         finally:
             server.link.close()
@@ -179,6 +182,9 @@ class Bridge:
             else:
                 await self._shell(server, process)
         except (asyncssh.BreakReceived, asyncssh.TerminalSizeChanged, ConnectionError):
+            process.exit(255)
+        except LinkLost as e:  # its gateway is gone: the session cannot go on elsewhere
+            process.stderr.write(f"{e}\n".encode())
             process.exit(255)
 
     async def _exec(self, server: Server, process: asyncssh.SSHServerProcess) -> None:

@@ -617,3 +617,95 @@ def test_a_sqlite_store_migrates_into_postgresql_and_still_verifies(tmp_path, pg
         conn.execute("UPDATE events SET reason = 'edited' WHERE seq = 6")
     broken = audit("verify", "--db", target, "--full")
     assert broken.returncode == 1 and broken.stdout.startswith("BROKEN at event 6: event contents do not match")
+
+
+# what a lapsed replica is (pure)
+
+
+HOLDERS = [
+    # (the holder's row, trust the age, starting), the outcome its approval is abandoned with (None: kept)
+    ({"replica": None, "state": None}, True, False, "the gateway restarted while the request was held"),
+    ({"replica": "r1", "state": None}, True, False, "the gateway restarted while the request was held"),
+    ({"replica": "r1", "state": "stopped", "host": "elsewhere", "pid": 1, "age": 0.1}, True, False,
+     "the gateway was stopped while the request was held"),
+    ({"replica": "r1", "state": "running", "host": "here", "pid": 0, "age": 0.1}, False, True,
+     "the gateway restarted while the request was held"),
+    ({"replica": "r1", "state": "running", "host": "here", "pid": 0, "age": 0.1}, False, False,
+     "gateway replica r1 was lost while the request was held (its process is gone)"),
+    ({"replica": "r1", "state": "running", "host": "here", "pid": os.getpid(), "age": 0.1}, True, False, None),
+    ({"replica": "r1", "state": "running", "host": "elsewhere", "pid": 1, "age": 9.0}, True, False,
+     "gateway replica r1 was lost while the request was held (no heartbeat for 9s)"),
+    ({"replica": "r1", "state": "draining", "host": "elsewhere", "pid": 1, "age": 9.0}, True, False,
+     "gateway replica r1 was lost while the request was held (no heartbeat for 9s)"),
+    # the judge itself was cut off from the store lately: a silent heartbeat proves nothing yet
+    ({"replica": "r1", "state": "running", "host": "elsewhere", "pid": 1, "age": 9.0}, False, False, None),
+    ({"replica": "r1", "state": "running", "host": "elsewhere", "pid": 1, "age": 4.9}, True, False, None),
+]
+
+
+@pytest.mark.parametrize("holder, trust_age, starting, outcome", HOLDERS)
+def test_when_a_holder_counts_as_lost(holder, trust_age, starting, outcome):
+    from addons.engine.replicas import lapsed
+
+    assert lapsed(holder, 5.0, "here", trust_age, starting) == outcome
+
+
+def test_disagreements_name_what_differs_and_who():
+    from addons.engine.replicas import disagreements
+
+    same = [{"id": "r1", "rules": "aa", "config": "cc"}, {"id": "r2", "rules": "aa", "config": "cc"}]
+    assert disagreements(same) == []
+    differ = [{"id": "r1", "rules": "aa", "config": "cc"}, {"id": "r2", "rules": "bb", "config": "cc"}]
+    assert disagreements(differ) == ["the live replicas run 2 different rule sets (aa: r1; bb: r2)"]
+
+
+# the PostgreSQL store behind the same interface
+
+
+TAMPERING = [
+    ("UPDATE events SET reason = 'approved' WHERE seq = 2", "BROKEN at event 2: event contents do not match its hash"),
+    ("UPDATE events SET replica = 'someone-else' WHERE seq = 3", "BROKEN at event 3: event contents do not match"),
+    ("UPDATE events SET replica = NULL WHERE seq = 3", "BROKEN at event 3: event contents do not match its hash"),
+    ("DELETE FROM events WHERE seq = 2", "BROKEN at event 3: event 2 is missing (found 3)"),
+    ("DELETE FROM events WHERE seq = 5", "BROKEN at event 5: chain head says 5 events but the log ends at 4"),
+    ("UPDATE bodies SET data = '\\x00'", "BROKEN at event 1: body does not match its digest"),
+]
+
+
+@pytest.mark.parametrize("tamper, says", TAMPERING)
+def test_verify_finds_tampering_in_the_postgresql_store(pg, tamper, says, tmp_path):
+    from addons.engine.model import Decision, Operation, Principal
+    from addons.engine.store import Event
+
+    url = secret(database(pg))
+    store = PgStore(url, "r-test", dedicated=True)
+    for i in range(5):
+        store.append([Event(id=f"t{i}", kind="request", session="s", flow=f"f{i}", principal=Principal("crew", "idp"),
+                            operation=Operation("http", "api", "read", f"/items/{i}", 10, "GET"),
+                            decision=Decision("allow", ("r",), "ok"), body=b"the same body " * 10)])
+    verify = lambda: subprocess.run([str(BIN / "custody"), "audit", "verify", "--db", url, "--full"],
+                                    capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert verify().stdout.startswith("ok: 5 events, chain head ")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(tamper)
+    broken = verify()
+    assert broken.returncode == 1 and broken.stdout.startswith(says), broken.stdout
+
+
+def test_the_cli_reads_the_postgresql_store_as_it_reads_sqlite(pair, people, tmp_path):
+    a, b, lb, url = pair
+    assert fresh(lb, people["reader"], "/items/for-the-cli").status_code == 200
+    tail = a.custody("audit", "tail", "-n", "50")
+    assert tail.returncode == 0 and "/items/for-the-cli" in tail.stdout
+    sessions = json.loads(a.custody("audit", "sessions", "--json", "-n", "200").stdout)
+    assert any(s["subjects"] == "crew-reader" and s["requests"] >= 1 for s in sessions)
+    export = tmp_path / "out.jsonl"
+    done = a.custody("audit", "export", "--format", "jsonl", "-o", str(export), "--principal", "crew-reader",
+                     "--signing-key", str(tmp_path / "k.key"))
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in export.read_text().splitlines()]
+    assert records and {r["replica"] for r in records} <= {r["replica"] for r in store_of(url).rows()}
+    checked = a.custody("audit", "verify", "--export", str(export), "--public-key", str(tmp_path / "k.key"))
+    assert checked.returncode == 0 and "events match the store" in checked.stdout, checked.stdout
+    report = a.custody("audit", "report", "--from", "2020-01-01", "-o", str(tmp_path / "report"))
+    assert report.returncode == 0 and json.loads((tmp_path / "report.json").read_text())["totals"]["requests"] >= 1

@@ -60,23 +60,29 @@ def _table(name: str, columns: dict[str, type], key: str, not_null: set[str]) ->
     return f"CREATE TABLE {name} ({', '.join(cols)})"
 
 
+ROW = [c for c in COLUMNS if c not in ("seq", "prev_hash", "hash")]
+"""What a replica sends of each event: everything but what the database assigns under its lock."""
+
 APPEND = """
-CREATE OR REPLACE FUNCTION custody_append(batch jsonb, digests text[], sizes bigint[], encodings text[],
-                                          data bytea[], changed jsonb) RETURNS bigint LANGUAGE plpgsql AS $fn$
+CREATE OR REPLACE FUNCTION custody_append(batch jsonb, middles text[], digests text[], sizes bigint[],
+                                          encodings text[], data bytea[], changed jsonb) RETURNS bigint
+LANGUAGE plpgsql AS $fn$
 DECLARE
   head_seq bigint;
   head_hash text;
-  item jsonb;
-  e events;
+  prevs text[] := '{}';
+  hashes text[] := '{}';
 BEGIN
   IF jsonb_array_length(changed) > 0 THEN
     INSERT INTO approvals SELECT * FROM jsonb_populate_recordset(NULL::approvals, changed)
       ON CONFLICT (id) DO UPDATE SET %(approvals)s;
     PERFORM pg_notify('%(channel)s', a.id) FROM jsonb_populate_recordset(NULL::approvals, changed) AS a;
   END IF;
-  INSERT INTO bodies (digest, size, encoding, data) SELECT * FROM unnest(digests, sizes, encodings, data)
-    ON CONFLICT DO NOTHING;
-  IF jsonb_array_length(batch) = 0 THEN
+  IF cardinality(digests) > 0 THEN
+    INSERT INTO bodies (digest, size, encoding, data) SELECT * FROM unnest(digests, sizes, encodings, data)
+      ON CONFLICT DO NOTHING;
+  END IF;
+  IF cardinality(middles) = 0 THEN
     RETURN NULL;
   END IF;
   SELECT seq, hash INTO head_seq, head_hash FROM chain_head WHERE id = 1 FOR UPDATE;
@@ -85,24 +91,27 @@ BEGIN
     head_hash := repeat('0', 64);
     INSERT INTO chain_head (id, seq, hash) VALUES (1, 0, head_hash);
   END IF;
-  FOR item IN SELECT value FROM jsonb_array_elements(batch) LOOP
-    e := jsonb_populate_record(NULL::events, item -> 'row');
-    head_seq := head_seq + 1;
-    e.seq := head_seq;
-    e.prev_hash := head_hash;
-    e.hash := encode(sha256(convert_to(
-      head_hash || '[' || head_seq || ',' || (item ->> 'middle') || ',"' || head_hash || '"]', 'UTF8')), 'hex');
-    head_hash := e.hash;
-    INSERT INTO events SELECT (e).*;
+  FOR i IN 1 .. cardinality(middles) LOOP
+    prevs := prevs || head_hash;
+    head_hash := encode(sha256(convert_to(
+      head_hash || '[' || (head_seq + i) || ',' || middles[i] || ',"' || head_hash || '"]', 'UTF8')), 'hex');
+    hashes := hashes || head_hash;
   END LOOP;
+  INSERT INTO events (seq, %(columns)s, prev_hash, hash)
+    SELECT head_seq + r.n, %(values)s, prevs[r.n], hashes[r.n]
+    FROM ROWS FROM (jsonb_to_recordset(batch) AS (%(types)s)) WITH ORDINALITY AS r(%(columns)s, n);
+  head_seq := head_seq + cardinality(middles);
   UPDATE chain_head SET seq = head_seq, hash = head_hash WHERE id = 1;
   RETURN head_seq;
 END
 $fn$
-""" % {"approvals": ", ".join(f"{c} = excluded.{c}" for c in APPROVAL_COLUMNS if c != "id"), "channel": CHANNEL}
-"""One group commit: the approvals' new documents (announced to every replica on commit),
-the bodies, and the events chained after the head under the head's row lock (see the
-module docstring); `chain_hash` in addons/engine/store.py is the same computation."""
+""" % {"approvals": ", ".join(f"{c} = excluded.{c}" for c in APPROVAL_COLUMNS if c != "id"), "channel": CHANNEL,
+       "columns": ", ".join(ROW), "values": ", ".join(f"r.{c}" for c in ROW),
+       "types": ", ".join(f"{c} {TYPES[COLUMNS[c]]}" for c in ROW)}
+"""One group commit, one statement: the approvals' new documents (announced to every
+replica on commit), the bodies, and the events chained after the head under the head's
+row lock (see the module docstring): event n's hash is SHA-256 over the previous hash and
+`[seq,` + its middle + `,"previous hash"]`, which is `chain_hash` in addons/engine/store.py."""
 
 JSON_EXTRACT = """
 CREATE OR REPLACE FUNCTION json_extract(doc text, path text) RETURNS text LANGUAGE sql IMMUTABLE AS $fn$
@@ -295,8 +304,9 @@ class PgStore(AuditStore):
         rows, bodies = self._prepared(events)
         kept = list(zip(*[(d, *b) for d, b in bodies.items()])) or [[], [], [], []]
         changed = [dict(zip(APPROVAL_COLUMNS, approval_row(d))) for d in approvals]
-        tx.run("SELECT custody_append(?::jsonb, ?::text[], ?::bigint[], ?::text[], ?::bytea[], ?::jsonb)",
-               [Jsonb([{"row": r, "middle": link_middle(r)} for r in rows]), *map(list, kept), Jsonb(changed)])
+        tx.run("SELECT custody_append(?::jsonb, ?::text[], ?::text[], ?::bigint[], ?::text[], ?::bytea[], ?::jsonb)",
+               [Jsonb([{c: r[c] for c in ROW} for r in rows]), [link_middle(r) for r in rows], *map(list, kept),
+                Jsonb(changed)])
 
     def listen(self, changed: Callable[[str | None], None]) -> Callable[[], None]:
         """LISTEN on a connection of its own, in a thread; connects again after a failure,

@@ -829,15 +829,17 @@ class Store(AuditStore):
 
 def resolve(settings: StoreConfig) -> str:
     """The store's PostgreSQL URL with its password, resolved from their references."""
+    from pathlib import Path
+
     from addons.engine.config import resolve_secret
 
-    url = settings.url
-    if ":" in url and url.split(":", 1)[0] in ("env", "file"):
-        url = resolve_secret(url, settings.base)
+    url, base = settings.url, Path(settings.base)
+    if url.startswith(("env:", "file:")):
+        url = resolve_secret(url, base)
     if settings.password:
         from psycopg.conninfo import make_conninfo
 
-        url = make_conninfo(url, password=resolve_secret(settings.password, settings.base))
+        url = make_conninfo(url, password=resolve_secret(settings.password, base))
     return url
 
 

@@ -38,7 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from http_overhead import BIN, ensure_wrk, free_port, load, setup, wait_port  # noqa: E402
+from http_overhead import BIN, ensure_tool, ensure_wrk, free_port, load, setup, wait_port  # noqa: E402
 
 from addons.engine.store import open_location  # noqa: E402
 from examples.samples.postgres import PostgresServer  # noqa: E402
@@ -101,16 +101,6 @@ def cpu_seconds(root: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def ensure_haproxy() -> str:
-    if path := shutil.which("haproxy"):
-        return path
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "haproxy"], check=False, capture_output=True)
-        if path := shutil.which("haproxy"):
-            return path
-    sys.exit("bench/scale.py needs haproxy: apt-get install haproxy")
-
-
 def balanced(haproxy: str, work: Path, backend: int) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cfg = work / f"haproxy-{backend}.cfg"
@@ -145,7 +135,7 @@ def main() -> None:
     parser.add_argument("--latency", type=int, default=3, help="seconds per one-connection latency run")
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
-    wrk, haproxy = ensure_wrk(), ensure_haproxy()
+    wrk, haproxy = ensure_wrk(), ensure_tool("haproxy", "bench/scale.py")
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="custody-scale-"))
     upstream_port = free_port()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -31,6 +32,7 @@ from tests.support.approvals import Approver, make_gateway, pending_for, send, w
 from tests.support.gateway import BIN, Gateway
 from tests.support.haproxy import Haproxy
 from tests.support.servers import free_port
+from tests.test_ssh import sshd  # noqa: F401  (the fixture: a real sshd)
 
 PASSWORD = "store-secret-9d2e"
 HASH_KEY = "shared-masking-key-for-every-replica"
@@ -92,6 +94,10 @@ def ready(gw: Gateway) -> bool:
         return requests.get(f"{gw.approvals_url}/readyz", timeout=5).status_code == 200
     except requests.RequestException:
         return False
+
+
+def replica_id(gw: Gateway) -> str:
+    return requests.get(f"{gw.approvals_url}/readyz", timeout=5).json()["replica"]
 
 
 def balancer(directory: Path, *gateways: Gateway) -> Haproxy:
@@ -202,32 +208,28 @@ def test_concurrent_writers_on_many_connections_never_fork_the_chain(pg):
 # approvals across replicas
 
 
-def test_a_request_held_on_one_replica_is_approved_on_the_other(pair, people, upstream):
-    a, b, lb, url = pair
-    with ThreadPoolExecutor(1) as pool:
-        held = pool.submit(send, a, people["buyer"], "/restock", {"tag": "across"})
-        via_b = Approver(b.approvals_url, people["m1"])
-        approval = pending_for(via_b, "across")
-        assert approval["replica"] != "" and approval["held"] is True
-        assert via_b.vote(approval["id"], "approve", "fine").json()["state"] == "approved"
-        r = held.result(timeout=20)  # A sweeps once a minute: only the store's notification wakes it
-    assert r.status_code == 200 and len(reached(upstream, "across")) == 1
-    assert Approver(a.approvals_url, people["m1"]).show(approval["id"])["state"] == "executed"
-    steps = [(e["detail"]["step"]) for e in via_b.show(approval["id"])["timeline"] if e["kind"] == "approval"]
-    assert steps[0] == "requested" and "approved" in steps and "executed" in steps
+ELSEWHERE = [
+    # where the approver acts (B's own approvals listener, or the balancer), the vote, what the agent gets
+    pytest.param("b", "approve", 200, "executed", id="approved-on-the-other-replica"),
+    pytest.param("lb", "deny", 403, "denied", id="denied-through-the-balancer"),
+]
 
 
-def test_approvals_through_the_balancer(pair, people, upstream):
-    """The approvals page's API behind the balancer: any replica lists, shows and decides."""
+@pytest.mark.parametrize("where, vote, status, state", ELSEWHERE)
+def test_a_request_held_on_one_replica_is_decided_on_another(pair, people, upstream, where, vote, status, state):
     a, b, lb, url = pair
+    tag = f"decided-elsewhere-{where}"
     with ThreadPoolExecutor(1) as pool:
-        held = pool.submit(send, a, people["buyer"], "/restock", {"tag": "balanced"})
-        manager = Approver(lb.approvals_url, people["m1"])
-        approval = pending_for(manager, "balanced")
-        assert manager.vote(approval["id"], "deny", "not now").json()["state"] == "denied"
-        r = held.result(timeout=20)
-    assert (r.status_code, r.json()["error"]) == (403, "approval_denied")
-    assert reached(upstream, "balanced") == []
+        held = pool.submit(send, a, people["buyer"], "/restock", {"tag": tag})
+        approver = Approver({"b": b, "lb": lb}[where].approvals_url, people["m1"])
+        approval = pending_for(approver, tag)
+        assert approval["replica"] == replica_id(a) and approval["held"] is True
+        assert approver.vote(approval["id"], vote, "decided elsewhere").status_code == 200
+        answer = held.result(timeout=20)  # A sweeps once a minute: only the store's notification wakes it
+    assert answer.status_code == status and len(reached(upstream, tag)) == (status == 200)
+    assert Approver(a.approvals_url, people["m1"]).show(approval["id"])["state"] == state
+    steps = [e["detail"]["step"] for e in approver.show(approval["id"])["timeline"] if e["kind"] == "approval"]
+    assert steps[0] == "requested" and ("approved" if vote == "approve" else "denied") in steps
 
 
 VOTES = [
@@ -330,15 +332,6 @@ FLEET_RULES = {"fleet.yaml": {"rules": [
 
 
 @pytest.fixture(scope="module")
-def sshd():
-    from examples.samples.sshd import SshServer
-
-    server = SshServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def fleet(tmp_path_factory, servers, pg, sshd):
     """Replicas A and B (lease 2 s, grace 5 s) behind haproxy, with a pg_bridge and an
     ssh_bridge whose gateway is the balancer."""
@@ -370,10 +363,6 @@ def fleet(tmp_path_factory, servers, pg, sshd):
     yield {"a": gateways[0], "b": gateways[1], "lb": lb, "url": url, "pg_port": pg_port, "ssh_port": ssh_port}
     for process in [*bridges, lb, *gateways]:
         process.stop()
-
-
-def replica_id(gw: Gateway) -> str:
-    return requests.get(f"{gw.approvals_url}/readyz", timeout=5).json()["replica"]
 
 
 def restart(gw: Gateway) -> None:
@@ -709,3 +698,39 @@ def test_the_cli_reads_the_postgresql_store_as_it_reads_sqlite(pair, people, tmp
     assert checked.returncode == 0 and "events match the store" in checked.stdout, checked.stdout
     report = a.custody("audit", "report", "--from", "2020-01-01", "-o", str(tmp_path / "report"))
     assert report.returncode == 0 and json.loads((tmp_path / "report.json").read_text())["totals"]["requests"] >= 1
+
+
+# the store's configuration
+
+
+STORE_SETTINGS = [
+    # (store section, what `store.password`'s file holds), the password the store is opened with, or the error
+    ({"url": "postgresql://audit@db.internal:5432/custody", "password": "file:pw"}, "from-a-file", None),
+    ({"url": "postgresql://audit@db.internal/custody", "password": "env:CUSTODY_TEST_STORE_PASSWORD"}, PASSWORD, None),
+    ({"url": "env:CUSTODY_TEST_URL"}, "in-the-url", None),
+    ({"url": "postgresql://audit:hunter2@db.internal/custody"}, None,
+     "store.url: no password in the file; use store.password: env:NAME or file:PATH"),
+    ({"url": "postgresql://audit@db.internal/custody", "password": "hunter2"}, None, "store.password: 'hunter2' does not match"),
+    ({"url": "mysql://db.internal/custody"}, None, "store.url: 'mysql://db.internal/custody' does not match"),
+    ({"path": "audit.db", "url": "postgresql://db.internal/custody"}, None,
+     "store: path (SQLite) and url (PostgreSQL) exclude each other"),
+]
+
+
+@pytest.mark.parametrize("section, password, error", STORE_SETTINGS)
+def test_the_store_names_its_password_only_by_reference(tmp_path, monkeypatch, section, password, error):
+    from psycopg.conninfo import conninfo_to_dict
+
+    from addons.engine import config
+    from addons.engine.store import resolve
+
+    (tmp_path / "pw").write_text("from-a-file\n")
+    monkeypatch.setenv("CUSTODY_TEST_URL", "postgresql://audit:in-the-url@db.internal/custody")
+    raw = {"connections": [{"name": "api", "kind": "http", "hosts": ["api.test"]}], "rules": "rules", "store": section}
+    if error:
+        with pytest.raises(config.ConfigError, match=re.escape(error)):
+            config.parse(raw, str(tmp_path / "custody.yaml"))
+        return
+    cfg = config.parse(raw, str(tmp_path / "custody.yaml"), secrets=False)
+    assert cfg.store.path == "" and cfg.store.directory == tmp_path  # local keys live beside the configuration
+    assert conninfo_to_dict(resolve(cfg.store))["password"] == password

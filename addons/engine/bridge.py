@@ -15,9 +15,10 @@ an exception the bridge turns into its own protocol's error.
 A session lives on one gateway replica (its backend connection is there), named by the
 `x-custody-replica` header of the terminal's answers. A link that breaks once the session
 is established may be opened again only to that replica (a keep-alive connection the
-gateway closed while idle); anything else, a break in the middle of a step or an answer
-from another replica (behind a load balancer), ends the session: `LinkLost`, which the
-bridges report as a fatal error (pg: SQLSTATE 08006; ssh: exit status 255).
+gateway closed while idle, or after an answer that closed it): the first answer on the new
+connection must name it. Anything else, a break in the middle of a step or an answer from
+another replica (behind a load balancer), ends the session: `LinkLost`, which the bridges
+report as a fatal error (pg: SQLSTATE 08006; ssh: exit status 255).
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class Link:
         self.replica: str | None = None
         """The gateway replica the session lives on (its first answer names it)."""
         self.answered = False
+        self.reopened = False
         self.lost = False
 
     async def post(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -147,6 +149,7 @@ class Link:
         if self.writer is None or self.writer.is_closing() or self.reader.at_eof():
             self.close()  # closed, or closed by the gateway while idle: open it again, to the same replica
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            self.reopened = self.answered
         try:
             headers = {**headers, **attribute_headers(self.attributes)}
             head = f"POST {url} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
@@ -174,11 +177,12 @@ class Link:
                 raise LinkLost(LOST) from None
             raise
         replica = fields.get(REPLICA_HEADER)
-        if self.answered and replica != self.replica:
+        if self.reopened and replica != self.replica:  # a connection opened again reached another replica
             self.close()
             self.lost = True
             raise LinkLost(LOST)
-        self.replica, self.answered = replica, True
+        self.replica = self.replica or replica  # (a refusal made late in the gateway may not name it)
+        self.answered, self.reopened = True, False
         return status, fields, bytes(content)
 
     def close(self) -> None:

@@ -78,18 +78,19 @@ BEGIN
       ON CONFLICT (id) DO UPDATE SET %(approvals)s;
     PERFORM pg_notify('%(channel)s', a.id) FROM jsonb_populate_recordset(NULL::approvals, changed) AS a;
   END IF;
-  IF cardinality(digests) > 0 THEN
-    INSERT INTO bodies (digest, size, encoding, data) SELECT * FROM unnest(digests, sizes, encodings, data)
-      ON CONFLICT DO NOTHING;
-  END IF;
   IF cardinality(middles) = 0 THEN
     RETURN NULL;
   END IF;
+  -- the head first: a prune, which also locks it, never removes a body these events are about to name
   SELECT seq, hash INTO head_seq, head_hash FROM chain_head WHERE id = 1 FOR UPDATE;
   IF NOT FOUND THEN
     head_seq := 0;
     head_hash := repeat('0', 64);
     INSERT INTO chain_head (id, seq, hash) VALUES (1, 0, head_hash);
+  END IF;
+  IF cardinality(digests) > 0 THEN
+    INSERT INTO bodies (digest, size, encoding, data) SELECT * FROM unnest(digests, sizes, encodings, data)
+      ON CONFLICT DO NOTHING;
   END IF;
   FOR i IN 1 .. cardinality(middles) LOOP
     prevs := prevs || head_hash;
@@ -197,6 +198,7 @@ class PgStore(AuditStore):
     connected to again by the one after)."""
 
     NOW = "extract(epoch from clock_timestamp())::double precision"
+    LOCK_HEAD = "SELECT seq FROM chain_head WHERE id = 1 FOR UPDATE"
     SESSIONS = ("string_agg(DISTINCT subject, ',') AS subjects, string_agg(DISTINCT agent, ',') AS agents, "
                 "string_agg(DISTINCT connection, ',') AS connections, "
                 "COUNT(*) FILTER (WHERE kind = 'request') AS requests, "

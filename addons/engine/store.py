@@ -338,6 +338,9 @@ class AuditStore:
     replica: str = ""
     NOW = ""
     """The database's clock, as SQL (seconds since the epoch)."""
+    LOCK_HEAD = ""
+    """Inside `_write`: take the chain head's lock, when `_write` alone does not (a prune,
+    a migration: nothing may append meanwhile)."""
     SESSIONS = ""
     """The aggregate columns of `sessions()` in this dialect."""
 
@@ -454,6 +457,8 @@ class AuditStore:
                 document["archive"] = archive(rows, upto, check.head)
         signature = sign(document)
         with self._write() as tx:
+            if self.LOCK_HEAD:
+                tx.one(self.LOCK_HEAD)
             same = tx.one("SELECT hash FROM events WHERE seq = ?", [upto])
             if self._checkpoint(tx) != previous or same is None or same[0] != check.head:
                 raise StoreError("the store changed while pruning (another prune?); nothing was pruned")
@@ -463,9 +468,10 @@ class AuditStore:
             tx.run("DELETE FROM anchors WHERE seq <= ?", [upto])
             tx.run("DELETE FROM bodies WHERE digest NOT IN "
                    "(SELECT body_digest FROM events WHERE body_digest IS NOT NULL)")
-            tx.run("DELETE FROM approvals WHERE updated < ? AND state NOT IN ('pending', 'approved')", [before])
             self._save(tx, [Event(id=new_id(), kind="prune",
                                   detail={"checkpoint": document, "key_id": signature["key_id"]})], [])
+        with self._write() as tx:  # apart: approvals are locked before the head, never while it is held
+            tx.run("DELETE FROM approvals WHERE updated < ? AND state NOT IN ('pending', 'approved')", [before])
         return document
 
     def add_anchor(self, document: dict[str, Any], signature: dict[str, Any]) -> None:
@@ -483,6 +489,8 @@ class AuditStore:
                 raise StoreError(f"{target.location} already holds an audit log: migrate into an empty store")
         copied = 0
         with self._read(snapshot=True) as source, target._write() as tx:
+            if target.LOCK_HEAD:
+                tx.one(target.LOCK_HEAD)
             tx.run("DELETE FROM chain_head")
             for table, key in COPIED:
                 batch: list[dict[str, Any]] = []

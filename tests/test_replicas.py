@@ -332,19 +332,34 @@ FLEET_RULES = {"fleet.yaml": {"rules": [
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, servers, pg, sshd):
+def shop(pg):
+    """A database agents reach through pg_bridge, and the login only the gateway holds."""
+    pg.execute("CREATE DATABASE shop")
+    pg.execute(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'")
+    pg.execute("GRANT ALL ON SCHEMA public TO app", "shop")
+    return pg
+
+
+def shop_connection(pg: PostgresServer, port: int) -> dict:
+    return {"name": "shop-db", "kind": "postgres", "hosts": ["db.shop.internal"],
+            "upstream": f"postgresql://127.0.0.1:{pg.port}/shop", "listen": f"127.0.0.1:{port}",
+            "credential": {"type": "password", "username": "app", "secret": "env:PG_APP_PASSWORD"}}
+
+
+def bridged(port: int, token: str) -> psycopg.Connection:
+    return psycopg.connect(host="127.0.0.1", port=port, dbname="shop", user="agent", password=token,
+                           sslmode="disable", connect_timeout=10, autocommit=True)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, servers, shop, sshd):
     """Replicas A and B (lease 2 s, grace 5 s) behind haproxy, with a pg_bridge and an
     ssh_bridge whose gateway is the balancer."""
     from tests.support.pgbridge import BridgeProcess
 
-    pg.execute("CREATE DATABASE shop")
-    pg.execute(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'")
-    pg.execute("GRANT ALL ON SCHEMA public TO app", "shop")
-    root, url = tmp_path_factory.mktemp("fleet"), database(pg)
+    root, url = tmp_path_factory.mktemp("fleet"), database(shop)
     pg_port, ssh_port = free_port(), free_port()
-    extra = [{"name": "shop-db", "kind": "postgres", "hosts": ["db.shop.internal"],
-              "upstream": f"postgresql://127.0.0.1:{pg.port}/shop", "listen": f"127.0.0.1:{pg_port}",
-              "credential": {"type": "password", "username": "app", "secret": "env:PG_APP_PASSWORD"}},
+    extra = [shop_connection(shop, pg_port),
              {"name": "web", "kind": "ssh", "hosts": ["web.internal"], "listen": f"127.0.0.1:{ssh_port}",
               "upstream": f"ssh://{sshd.user}@127.0.0.1:{sshd.port}", "known_hosts": str(sshd.known_hosts),
               "credential": {"type": "private_key", "secret": f"file:{sshd.client_key}"},
@@ -423,8 +438,7 @@ def test_a_rolling_restart_drops_no_allowed_request(fleet, people, token):
     from tests.test_ssh import run as run_async
 
     lb = fleet["lb"]
-    pg_session = psycopg.connect(host="127.0.0.1", port=fleet["pg_port"], dbname="shop", user="agent",
-                                 password=people["reader"], sslmode="disable", connect_timeout=10, autocommit=True)
+    pg_session = bridged(fleet["pg_port"], people["reader"])
     assert pg_session.execute("SELECT 1").fetchone() == (1,)
     ops = token(sub="crew-ops", groups=["ops"])
 
@@ -462,6 +476,28 @@ def test_a_rolling_restart_drops_no_allowed_request(fleet, people, token):
     assert store.where("connection = 'web' AND kind = 'response' AND status = 200 AND body_size > 0 "
                        "AND id IN (SELECT id FROM events WHERE detail LIKE '%after%')", []) == []
     assert store.verify().ok
+
+
+def test_a_bridge_session_outlives_its_idle_link_on_the_same_gateway(tmp_path, servers, shop, people):
+    """The gateway closes a link left idle (mitmproxy's tcp_timeout): the bridge opens it
+    again, to the same gateway, and the session carries on on its own backend connection."""
+    from tests.support.pgbridge import BridgeProcess
+
+    port = free_port()
+    gw = replica(tmp_path / "gw", servers, database(shop), rules=FLEET_RULES, options=("tcp_timeout=1",),
+                 env={**ENV, "PG_APP_PASSWORD": APP_PASSWORD})
+    gw.config["connections"].append(shop_connection(shop, port))
+    gw.config_file.write_text(yaml.safe_dump(gw.config))
+    started(gw)
+    bridge = BridgeProcess(gw, port, tmp_path / "bridge.log")
+    try:
+        with bridged(port, people["reader"]) as session:
+            backend = session.execute("SELECT pg_backend_pid()").fetchone()
+            wait_for(lambda: "Closing connection due to inactivity" in gw.log(), timeout=20)
+            assert session.execute("SELECT pg_backend_pid()").fetchone() == backend
+    finally:
+        bridge.stop()
+        gw.stop()
 
 
 def test_a_replica_killed_under_load(fleet, people, upstream):

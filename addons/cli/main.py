@@ -5,7 +5,7 @@ rules, act on approvals, and read and verify the audit log.
     custody token --sub crew-analyst --groups analysts --ttl 1h     (addons/cli/token.py)
     custody rules check [PATH …] | explain --token T METHOD URL     (addons/cli/rules.py)
     custody approvals list | show ID | approve ID | deny ID         (addons/cli/approvals.py)
-    custody audit tail|sessions|show|replay|export|report|verify|prune|key   (addons/cli/audit.py)
+    custody audit tail|sessions|show|replay|export|report|verify|prune|key|migrate   (addons/cli/audit.py)
     custody kubeconfig --connection prod-k8s --token-file agent.jwt (addons/cli/kubeconfig.py)
     custody ssh-config | ssh CONNECTION [CMD] | psql CONNECTION [ARGS]   (addons/cli/connect.py)
     custody status [--all] [--json]                                  (addons/cli/status.py)

@@ -9,6 +9,7 @@ and coming back; workers sharing one port; a SQLite store migrated into PostgreS
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -352,7 +353,7 @@ def bridged(port: int, token: str) -> psycopg.Connection:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, servers, shop, sshd):
+def fleet(tmp_path_factory, servers, shop, sshd):  # noqa: F811  (sshd: the fixture imported above)
     """Replicas A and B (lease 2 s, grace 5 s) behind haproxy, with a pg_bridge and an
     ssh_bridge whose gateway is the balancer."""
     from tests.support.pgbridge import BridgeProcess
@@ -435,8 +436,6 @@ def test_a_rolling_restart_drops_no_allowed_request(fleet, people, token):
     Bridge sessions opened before live on one replica: they end, clearly, with it."""
     import asyncssh
 
-    from tests.test_ssh import run as run_async
-
     lb = fleet["lb"]
     pg_session = bridged(fleet["pg_port"], people["reader"])
     assert pg_session.execute("SELECT 1").fetchone() == (1,)
@@ -448,7 +447,7 @@ def test_a_rolling_restart_drops_no_allowed_request(fleet, people, token):
         first = await conn.run("echo before", check=False)
         return conn, first
 
-    loop = __import__("asyncio").new_event_loop()
+    loop = asyncio.new_event_loop()
     conn, first = loop.run_until_complete(ssh_session())
     assert (first.exit_status, first.stdout) == (0, "before\n")
     load = Load(lb, people["reader"], "rolling")
@@ -746,7 +745,8 @@ STORE_SETTINGS = [
     ({"url": "env:CUSTODY_TEST_URL"}, "in-the-url", None),
     ({"url": "postgresql://audit:hunter2@db.internal/custody"}, None,
      "store.url: no password in the file; use store.password: env:NAME or file:PATH"),
-    ({"url": "postgresql://audit@db.internal/custody", "password": "hunter2"}, None, "store.password: 'hunter2' does not match"),
+    ({"url": "postgresql://audit@db.internal/custody", "password": "hunter2"}, None,
+     "store.password: 'hunter2' does not match"),
     ({"url": "mysql://db.internal/custody"}, None, "store.url: 'mysql://db.internal/custody' does not match"),
     ({"path": "audit.db", "url": "postgresql://db.internal/custody"}, None,
      "store: path (SQLite) and url (PostgreSQL) exclude each other"),

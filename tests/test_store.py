@@ -177,7 +177,8 @@ prev = GENESIS
 for seq in range(1, 4):
     row = {c: None for c in COLUMNS if c != "replica"}
     body = f"body {seq - 1}".encode()
-    row.update(seq=seq, id=f"old{seq}", ts=1700000000.0 + seq, kind="request", body_digest=hashlib.sha256(body).hexdigest(), body_size=len(body), prev_hash=prev, body=body if version == 1 else None)
+    row.update(seq=seq, id=f"old{seq}", ts=1700000000.0 + seq, kind="request", prev_hash=prev,
+               body_digest=hashlib.sha256(body).hexdigest(), body_size=len(body), body=body if version == 1 else None)
     row["hash"] = prev = chain_hash(prev, row)
     db["events"].insert(row)
     if version == 2:

@@ -218,7 +218,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     rows = store.where("session = ? OR flow = ? OR approval = ?", [args.id, args.id, args.id])
     if not rows:
-        raise CliError(f"no event, flow, session or approval {args.id!r} in {store.location} (events by sequence number or id)")
+        raise CliError(f"no event, flow, session or approval {args.id!r} in {store.location} "
+                       "(events by sequence number or id)")
     if args.json:
         print(json.dumps([_printable(r) for r in rows], indent=2))
     else:
@@ -488,7 +489,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     def audit(name: str, help: str, func: Callable) -> argparse.ArgumentParser:
         sp = with_config(a.add_parser(name, help=help))
-        sp.add_argument("--db", help="audit store: a SQLite path or a postgresql:// URL (default: from the configuration)")
+        sp.add_argument("--db", help="audit store: a SQLite path or a postgresql:// URL "
+                                     "(default: from the configuration)")
         sp.set_defaults(func=func)
         return sp
 

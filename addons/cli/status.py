@@ -34,7 +34,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps({"replicas": [{**r, "live": r in alive} for r in shown], "warnings": warnings}, indent=2))
     else:
         for r in shown:
-            print(f"{r['id']:<40} {r['state'] if r in alive else 'lapsed' if r['state'] != 'stopped' else 'stopped':<9} "
+            state = r["state"] if r in alive or r["state"] == "stopped" else "lapsed"
+            print(f"{r['id']:<40} {state:<9} "
                   f"{r['age']:>6.1f}s ago  listen {r['listen'] or '-':<22} rules {(r['rules'] or '-')[:12]}  "
                   f"config {(r['config'] or '-')[:12]}")
         for warning in warnings:

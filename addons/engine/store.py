@@ -291,8 +291,9 @@ def default_replica() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-UPSERT_APPROVAL = (f"INSERT INTO approvals ({', '.join(APPROVAL_COLUMNS)}) VALUES ({', '.join('?' * len(APPROVAL_COLUMNS))}) "
-                   "ON CONFLICT(id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in APPROVAL_COLUMNS if c != "id"))
+UPSERT_APPROVAL = (f"INSERT INTO approvals ({', '.join(APPROVAL_COLUMNS)}) "
+                   f"VALUES ({', '.join('?' * len(APPROVAL_COLUMNS))}) ON CONFLICT(id) DO UPDATE SET "
+                   + ", ".join(f"{c} = excluded.{c}" for c in APPROVAL_COLUMNS if c != "id"))
 BEAT = ("INSERT INTO replicas (id, host, pid, started, heartbeat, state, rules, config, listen) "
         "VALUES (?, ?, ?, ?, {now}, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET heartbeat = excluded.heartbeat, "
         "state = excluded.state, rules = excluded.rules, config = excluded.config, listen = excluded.listen")
@@ -585,7 +586,8 @@ class AuditStore:
             count += 1
             seq = row["seq"]
             if seq != expected_seq:
-                where = " (the first after the checkpoint)" if checkpoint and expected_seq == checkpoint["seq"] + 1 else ""
+                first_after = checkpoint and expected_seq == checkpoint["seq"] + 1
+                where = " (the first after the checkpoint)" if first_after else ""
                 return Verification(False, count, prev, seq, f"event {expected_seq}{where} is missing (found {seq})",
                                     first=first, last=seq)
             if row["prev_hash"] != prev:
@@ -618,7 +620,8 @@ class AuditStore:
     def where(self, clause: str, args: list[Any], limit: int | None = None) -> list[dict[str, Any]]:
         """Events matching `clause` (SQL over the event columns, `?` placeholders), in order."""
         clause = "TRUE" if clause.strip() == "1" else clause
-        return list(self._events(f"({clause})", args, "ORDER BY seq" + (f" LIMIT {int(limit)}" if limit is not None else "")))
+        tail = "ORDER BY seq" + (f" LIMIT {int(limit)}" if limit is not None else "")
+        return list(self._events(f"({clause})", args, tail))
 
     def tail(self, count: int, after: int = 0) -> list[dict[str, Any]]:
         return list(self._events("TRUE", [after, count], "ORDER BY seq",
@@ -645,7 +648,8 @@ class AuditStore:
             args.append(principal)
         with self._read() as tx:
             return list(tx.rows(f"SELECT session, MIN(ts) AS first, MAX(ts) AS last, {self.SESSIONS} "
-                                f"FROM events WHERE {' AND '.join(clauses)} GROUP BY session ORDER BY last DESC LIMIT ?",
+                                f"FROM events WHERE {' AND '.join(clauses)} "
+                                "GROUP BY session ORDER BY last DESC LIMIT ?",
                                 [*args, limit]))
 
     def approval(self, approval_id: str) -> dict[str, Any] | None:

@@ -414,6 +414,21 @@ class Load:
         return self.answers
 
 
+def test_an_approval_expires_once_though_every_replica_sweeps(fleet, people, upstream):
+    """Both replicas look for expired approvals five times a second: one of them expires
+    it, under its row lock; the other finds it expired already."""
+    first = send(fleet["a"], people["buyer"], "/short", {"tag": "expires-once"})  # held 1 s, lives 2 s
+    approval_id = first.json()["approval_id"]
+    manager = Approver(fleet["b"].approvals_url, people["m1"])
+    wait_for(lambda: manager.show(approval_id)["state"] == "expired", timeout=20)
+    time.sleep(1)  # several more sweeps by both
+    steps = [e["detail"]["step"] for e in manager.show(approval_id)["timeline"] if e["kind"] == "approval"]
+    assert steps.count("expired") == 1
+    assert manager.vote(approval_id, "approve").json()["error"] == "not_pending"
+    assert send(fleet["b"], people["buyer"], "/short", {"tag": "expires-once"}).json()["approval_id"] != approval_id
+    assert reached(upstream, "expires-once") == []
+
+
 def test_a_stopping_replica_refuses_its_held_requests(fleet, people, upstream):
     a = fleet["a"]
     with ThreadPoolExecutor(1) as pool:

@@ -180,7 +180,7 @@ def main() -> None:
         upstream.terminate()
     results = {name: median(r) for name, r in runs.items()}
     store = Store(str(work / "audit.db"))
-    recorded = store.db.execute("SELECT count(*) FROM events WHERE kind = 'decision' AND effect = 'allow'").fetchone()[0]
+    recorded = len(store.where("kind = 'decision' AND effect = 'allow'", []))
     verified = store.verify()
     store.close()
 

@@ -27,14 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from addons.engine.bridge import (
-    POSTGRES,
-    Link,
-    Refusal,
-    Unreachable,
-    attributes_from,
-    step,
-)
+from addons.engine.bridge import POSTGRES, Link, LinkLost, Refusal, Unreachable, attributes_from, step
 from addons.engine.config import Connection
 from addons.engine.errors import GATEWAY_FAILURES
 from pg_bridge.server import protocol as pgp
@@ -128,6 +121,8 @@ class Gateway:
         """The gateway's SQL results for one step; Failed with error fields otherwise."""
         try:
             return await step(link, POSTGRES, self.host, phase, token, session, body)
+        except LinkLost:
+            raise  # the session is over (Client.run)
         except Unreachable as e:
             raise Failed({"S": "ERROR", "V": "ERROR", "C": "08006", "M": str(e)}) from None
         except Refusal as e:
@@ -218,6 +213,8 @@ class Client:
                 await self._serve()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the client went away; its session is closed below
+        except LinkLost as e:  # its gateway is gone: the session cannot go on elsewhere
+            await self._fatal("08006", str(e))
         except ProtocolError as e:
             await self._fatal("08P01", f"protocol violation: {e}")
         except Ended as e:
@@ -578,7 +575,7 @@ class Bridge:
     async def close_session(self, s: Session) -> None:
         try:
             await self.gateway.call(s.link, "close", s.token, s.id, {})
-        except Failed:
+        except (Failed, LinkLost):
             pass  # the gateway closes idle sessions itself
         finally:
             s.link.close()

@@ -98,7 +98,7 @@ class McpGuard:
         self._tasks: set[asyncio.Task] = set()
 
     def configure(self, updated: set[str]) -> None:
-        if "custody_config" in updated:
+        if self.settings.changed(updated):
             self.pins.configure(self.settings.require().connections, self.log.reader.pins())
 
     def running(self) -> None:

@@ -18,6 +18,7 @@ order of a request's story (docs/design.md):
     approverapi                          approvers' calls, answered once they are on record
     credentials                          the gateway's credential on the way upstream
     pgexecutor, sshexecutor, mcpstdio    terminals: Postgres, SSH and stdio MCP flows answered locally
+    metrics                              every finished request counted; the Prometheus endpoint
 
 Masking acts on responses (on requests it only asks for a maskable format), and on
 responses it runs before the recorder, which therefore only ever sees masked bodies; MCP
@@ -42,6 +43,7 @@ from addons.masking import Masking
 from addons.maskpool import MaskPool
 from addons.mcpguard import McpGuard
 from addons.mcpstdio import McpStdio
+from addons.metrics import Metrics
 from addons.policy import Policy
 from addons.recorder import Recorder
 from addons.replica import Replica
@@ -88,6 +90,7 @@ def build() -> list:
         PgExecutor(settings, sessions),
         ssh,
         McpStdio(settings),
+        Metrics(settings),
     ]
 
 

@@ -245,6 +245,15 @@ class ReplicaConfig:
 
 
 @dataclass(frozen=True)
+class ObservabilityConfig:
+    """How the gateway is watched: where it serves its Prometheus metrics (None: nowhere),
+    and whether its log lines are text or JSON objects."""
+
+    metrics_listen: tuple[str, int] | None = None
+    log_format: str = "text"
+
+
+@dataclass(frozen=True)
 class Webhook:
     url: str
     format: str = "json"
@@ -286,6 +295,7 @@ class Config:
     approvals: ApprovalsConfig
     masking: MaskingConfig
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     digest: str = ""
     """SHA-256 of the configuration as parsed, and of the masking key: replicas that differ
     in it do not run the same configuration (`custody status` warns)."""
@@ -474,6 +484,11 @@ def listen_address(spec: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _observability(metrics: dict[str, Any], log: dict[str, Any]) -> ObservabilityConfig:
+    return ObservabilityConfig(metrics_listen=listen_address(metrics["listen"]) if "listen" in metrics else None,
+                               log_format=log.get("format", "text"))
+
+
 def _approvals(raw: dict[str, Any], notify: dict[str, Any], gateway_host: str) -> ApprovalsConfig:
     listen = listen_address(raw["listen"]) if "listen" in raw else None
     public = raw.get("public_url") or (f"http://{listen[0]}:{listen[1]}" if listen else f"http://{gateway_host}")
@@ -579,6 +594,7 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
         replica=ReplicaConfig(grace=parse_duration(gateway.get("grace", "10s")),
                               lease=parse_duration(gateway.get("lease", "10s")),
                               drain_delay=parse_duration(gateway.get("drain_delay", "1s"))),
+        observability=_observability(raw.get("metrics", {}), raw.get("log", {})),
         digest=hashlib.sha256((canonical(raw) + hashlib.sha256(masking.hash_key).hexdigest()).encode()).hexdigest(),
     )
 

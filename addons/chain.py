@@ -18,7 +18,8 @@ order of a request's story (docs/design.md):
     approverapi                          approvers' calls, answered once they are on record
     credentials                          the gateway's credential on the way upstream
     pgexecutor, sshexecutor, mcpstdio    terminals: Postgres, SSH and stdio MCP flows answered locally
-    metrics                              every finished request counted; the Prometheus endpoint
+    metrics, logs                        every finished request counted (the Prometheus endpoint),
+                                         and logged (JSON lines that name its audit events)
 
 Masking acts on responses (on requests it only asks for a maskable format), and on
 responses it runs before the recorder, which therefore only ever sees masked bodies; MCP
@@ -39,6 +40,7 @@ from addons.gate import Gate
 from addons.hardening import Hardening
 from addons.hold import Hold
 from addons.identity import Identity
+from addons.logs import Logs
 from addons.masking import Masking
 from addons.maskpool import MaskPool
 from addons.mcpguard import McpGuard
@@ -91,6 +93,7 @@ def build() -> list:
         ssh,
         McpStdio(settings),
         Metrics(settings),
+        Logs(settings),
     ]
 
 

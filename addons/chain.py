@@ -6,6 +6,7 @@ order of a request's story (docs/design.md):
     hardening, settings                  options the chain needs; the configuration, once
     replica                              this process among the gateway's replicas: lease,
                                          readiness, stopping (before the store: its done)
+    sinks                                the audit log shipped to SIEMs as it is written
     auditlog, approvalbook, maskpool,    shared services, no flow hooks: the audit store,
     sessions                             the approvals, the masking workers, pg sessions
     wellknown                            the gateway's public endpoints (no token needed)
@@ -50,6 +51,7 @@ from addons.policy import Policy
 from addons.recorder import Recorder
 from addons.replica import Replica
 from addons.settings import Settings
+from addons.sinks import Sinks
 from addons.wellknown import WellKnown
 from pg_bridge.terminal.executor import PgExecutor
 from pg_bridge.terminal.planner import PgPlanner
@@ -73,6 +75,7 @@ def build() -> list:
         Hardening(),
         settings,
         replica,
+        Sinks(settings, log),
         log,
         book,
         pool,

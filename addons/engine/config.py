@@ -254,6 +254,27 @@ class ObservabilityConfig:
 
 
 @dataclass(frozen=True)
+class SinkConfig:
+    """Where the audit log is shipped as it is written (addons/sinks.py): `type` is file,
+    stdout, syslog (RFC 5424 over TCP, TLS with `tls`), otlp (OTLP/HTTP logs, JSON) or
+    webhook; `name` keys its cursor in the store."""
+
+    name: str
+    type: str
+    path: str = ""
+    url: str = ""
+    address: tuple[str, int] | None = None
+    tls: bool = False
+    ca_file: str = ""
+    token: str = field(default="", repr=False)
+    facility: int = 13
+    app_name: str = "custody"
+    batch: int = 100
+    interval: float = 1.0
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class Webhook:
     url: str
     format: str = "json"
@@ -296,6 +317,7 @@ class Config:
     masking: MaskingConfig
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    sinks: tuple[SinkConfig, ...] = ()
     digest: str = ""
     """SHA-256 of the configuration as parsed, and of the masking key: replicas that differ
     in it do not run the same configuration (`custody status` warns)."""
@@ -489,6 +511,33 @@ def _observability(metrics: dict[str, Any], log: dict[str, Any]) -> Observabilit
                                log_format=log.get("format", "text"))
 
 
+def _sinks(raw: list[dict[str, Any]], base: Path, path: str, secrets: bool) -> tuple[SinkConfig, ...]:
+    names = [s.get("name", s["type"]) for s in raw]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: sinks: two sinks named alike (name one of them: it keys its cursor)")
+    out = []
+    for name, s in zip(names, raw):
+        try:
+            token = resolve_secret(s["token"], base) if secrets and "token" in s else ""
+        except ValueError as e:
+            raise ConfigError(f"{path}: sinks.{name}.token: {e}") from None
+        tls = s.get("tls")
+        out.append(SinkConfig(
+            name=name, type=s["type"], path=str((base / s["path"]).resolve()) if "path" in s else "",
+            url=s.get("url", ""), address=_address(s["address"]) if "address" in s else None,
+            tls=tls is not None and tls is not False, ca_file=str((base / tls["ca_file"]).resolve())
+            if isinstance(tls, dict) and "ca_file" in tls else "",
+            token=token, facility=s.get("facility", 13), app_name=s.get("app_name", "custody"),
+            batch=s.get("batch", 100), interval=parse_duration(s.get("interval", "1s")),
+            timeout=parse_duration(s.get("timeout", "5s"))))
+    return tuple(out)
+
+
+def _address(spec: str) -> tuple[str, int]:
+    host, _, port = spec.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def _approvals(raw: dict[str, Any], notify: dict[str, Any], gateway_host: str) -> ApprovalsConfig:
     listen = listen_address(raw["listen"]) if "listen" in raw else None
     public = raw.get("public_url") or (f"http://{listen[0]}:{listen[1]}" if listen else f"http://{gateway_host}")
@@ -595,6 +644,7 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
                               lease=parse_duration(gateway.get("lease", "10s")),
                               drain_delay=parse_duration(gateway.get("drain_delay", "1s"))),
         observability=_observability(raw.get("metrics", {}), raw.get("log", {})),
+        sinks=_sinks(raw.get("sinks", []), base, path, secrets),
         digest=hashlib.sha256((canonical(raw) + hashlib.sha256(masking.hash_key).hexdigest()).encode()).hexdigest(),
     )
 

@@ -50,6 +50,13 @@ STORE_ERRORS = Counter("custody_store_errors", "Operations on the audit store th
                        ("operation",), registry=REGISTRY)
 JWKS_REFRESHES = Counter("custody_jwks_refreshes", "JWKS fetches from identity providers, by issuer and outcome "
                          "(ok, error).", ("issuer", "outcome"), registry=REGISTRY)
+SINK_DELIVERED = Counter("custody_sink_delivered", "Audit events delivered to a sink.", ("sink",), registry=REGISTRY)
+SINK_FAILURES = Counter("custody_sink_failures", "Deliveries to a sink that failed (and are retried).", ("sink",),
+                        registry=REGISTRY)
+SINK_BACKLOG = Gauge("custody_sink_backlog", "Audit events recorded but not yet delivered to a sink.", ("sink",),
+                     registry=REGISTRY, multiprocess_mode="livemax")
+SINK_LAG = Gauge("custody_sink_lag_seconds", "Age of the oldest audit event not yet delivered to a sink (0: none).",
+                 ("sink",), registry=REGISTRY, multiprocess_mode="livemax")
 
 
 def multiprocess_mode() -> bool:

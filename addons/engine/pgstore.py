@@ -41,6 +41,7 @@ from addons.engine.store import (
     PIN_COLUMNS,
     REPLICA_COLUMNS,
     SCHEMA_VERSION,
+    SINK_COLUMNS,
     AuditStore,
     Event,
     StoreError,
@@ -141,9 +142,13 @@ MIGRATIONS: dict[int, list[str]] = {
         APPEND,
         JSON_EXTRACT,
     ],
+    4: [
+        _table("sink_cursors", SINK_COLUMNS, "sink", set(SINK_COLUMNS)),
+    ],
 }
 """Schema versions and the statements that reach each from the one before (3 is the first
-PostgreSQL schema: the SQLite store's version 3, with the same tables and columns)."""
+PostgreSQL schema: the SQLite store's version 3, with the same tables and columns; 4 adds
+the audit sinks' cursors)."""
 
 
 @functools.lru_cache(maxsize=512)

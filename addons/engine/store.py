@@ -21,8 +21,12 @@ exactly once.
 Bodies are kept once per distinct content, deflated, in `bodies` (keyed by their SHA-256);
 an event refers to its body by `body_digest`, which is what the chain covers, so where a
 body is kept does not change any hash. Readers get rows with `body` filled in as before.
-Stores of schema versions 1 (bodies inline) and 2 (no `replica`) are upgraded in place:
-their events stay as they were and still verify.
+Stores of schema versions 1 (bodies inline), 2 (no `replica`) and 3 (no `sink_cursors`)
+are upgraded in place: their events stay as they were and still verify.
+
+`sink_cursors` holds, for each audit sink (addons/sinks.py), the last event it has
+delivered and which replica ships it until when (its lease): the cursor lives with the
+log, so every replica resumes where the sink stopped, and only one ships it at a time.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ from addons.engine.config import StoreConfig
 from addons.engine.model import Decision, Operation, Principal, canonical_json, new_id
 
 GENESIS = "0" * 64
-SCHEMA_VERSION = 3  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
-UPGRADABLE = (1, 2)  # versions upgraded in place (1: bodies inline in events; 2: no replica column)
+SCHEMA_VERSION = 4  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
+UPGRADABLE = (1, 2, 3)  # upgraded in place (1: bodies inline in events; 2: no replica column; 3: no sink_cursors)
 LIVE_STATES = ("pending", "approved")
 """Approval states that can still change (addons/engine/approval.py LIVE)."""
 
@@ -122,14 +126,18 @@ REPLICA_COLUMNS: dict[str, type] = {
     "listen": str,
 }
 
+# Sink cursors: the last event each audit sink delivered, and the replica shipping it until
+# `lease_until` (the database's clock).
+SINK_COLUMNS: dict[str, type] = {"sink": str, "seq": int, "owner": str, "lease_until": float}
 # Checkpoints: the signed hash and extent of each pruned prefix of the chain. Anchors: the
 # signed hash of an event a full verification reached, where the next one may start.
 CHECKPOINT_COLUMNS: dict[str, type] = {"seq": int, "document": str, "signature": str}
 # Bodies: each distinct body once, by its digest; `encoding` is "deflate" or "identity".
 BODY_COLUMNS: dict[str, type] = {"digest": str, "size": int, "encoding": str, "data": bytes}
-TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies", "mcp_pins", "replicas")
+TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies", "mcp_pins", "replicas",
+          "sink_cursors")
 COPIED = (("bodies", "digest"), ("events", "seq"), ("chain_head", "id"), ("checkpoints", "seq"),
-          ("anchors", "seq"), ("approvals", "id"), ("mcp_pins", "connection, tool"))
+          ("anchors", "seq"), ("approvals", "id"), ("mcp_pins", "connection, tool"), ("sink_cursors", "sink"))
 """What a migration copies, table by table, in the order of its key (replicas stay behind)."""
 
 
@@ -555,6 +563,34 @@ class AuditStore:
                 "WHERE approvals.held = 1 AND approvals.state IN ('pending', 'approved') "
                 "AND (approvals.replica IS NULL OR approvals.replica != ?)", [replica]))
 
+    # audit sinks
+
+    def claim_sink(self, sink: str, owner: str, lease: float) -> int | None:
+        """Ship `sink` as `owner` for `lease` seconds more: the sequence number of the last
+        event it delivered, or None while another replica's lease on it runs."""
+        with self._write() as tx:
+            tx.run("INSERT INTO sink_cursors (sink, seq, owner, lease_until) VALUES (?, 0, '', 0) "
+                   "ON CONFLICT (sink) DO NOTHING", [sink])
+            if not tx.run(f"UPDATE sink_cursors SET owner = ?, lease_until = {self.NOW} + ? "
+                          f"WHERE sink = ? AND (owner = ? OR lease_until < {self.NOW})", [owner, lease, sink, owner]):
+                return None
+            return tx.one("SELECT seq FROM sink_cursors WHERE sink = ?", [sink])[0]
+
+    def advance_sink(self, sink: str, owner: str, seq: int) -> bool:
+        """`sink` delivered everything up to event `seq`; False if `owner` lost its lease."""
+        with self._write() as tx:
+            return bool(tx.run("UPDATE sink_cursors SET seq = ? WHERE sink = ? AND owner = ? AND seq < ?",
+                               [seq, sink, owner, seq]))
+
+    def sink_cursors(self) -> dict[str, int]:
+        """Every sink's cursor: the last event it delivered."""
+        with self._read() as tx:
+            return {r["sink"]: r["seq"] for r in tx.rows("SELECT sink, seq FROM sink_cursors")}
+
+    def after(self, seq: int, limit: int) -> list[dict[str, Any]]:
+        """At most `limit` events after event `seq`, in order."""
+        return list(self._events("seq > ?", [seq], f"ORDER BY seq LIMIT {int(limit)}"))
+
     # reading
 
     def head(self) -> tuple[int, str]:
@@ -815,6 +851,8 @@ class Store(AuditStore):
             db["mcp_pins"].create(PIN_COLUMNS, pk=("connection", "tool"), not_null=set(PIN_COLUMNS))
         if "replicas" not in tables:
             db["replicas"].create(REPLICA_COLUMNS, pk="id")
+        if "sink_cursors" not in tables:  # versions 1 to 3
+            db["sink_cursors"].create(SINK_COLUMNS, pk="sink", not_null=set(SINK_COLUMNS))
         for table in ("events", "approvals"):
             if "replica" not in db[table].columns_dict:  # versions 1 and 2
                 self.conn.execute(f"ALTER TABLE {table} ADD COLUMN replica TEXT")

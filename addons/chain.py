@@ -6,7 +6,8 @@ order of a request's story (docs/design.md):
     hardening, settings                  options the chain needs; the configuration, once
     replica                              this process among the gateway's replicas: lease,
                                          readiness, stopping (before the store: its done)
-    sinks                                the audit log shipped to SIEMs as it is written
+    sinks, retention                     the audit log shipped to SIEMs as it is written, and
+                                         pruned to store.retention once they have it
     auditlog, approvalbook, maskpool,    shared services, no flow hooks: the audit store,
     sessions                             the approvals, the masking workers, pg sessions
     wellknown                            the gateway's public endpoints (no token needed)
@@ -50,6 +51,7 @@ from addons.metrics import Metrics
 from addons.policy import Policy
 from addons.recorder import Recorder
 from addons.replica import Replica
+from addons.retention import Retention
 from addons.settings import Settings
 from addons.sinks import Sinks
 from addons.wellknown import WellKnown
@@ -76,6 +78,7 @@ def build() -> list:
         settings,
         replica,
         Sinks(settings, log),
+        Retention(settings, log),
         log,
         book,
         pool,

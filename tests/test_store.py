@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,18 @@ def test_tampering_is_found_from_the_anchor_or_by_a_full_walk(tmp_path, tamper, 
             assert result.returncode == 0 and result.stdout.startswith("ok: "), result.stdout
         else:
             assert result.returncode == 1 and result.stdout.startswith(says), result.stdout
+
+
+def test_pruning_the_whole_log_keeps_the_sequence_going(tmp_path):
+    """Everything pruned: the next event still follows the head (SQLite would restart an
+    emptied table's rowids at 1, and the chain would no longer verify)."""
+    from addons.engine.signing import Signer
+
+    store = Store(str(tmp_path / "a.db"))
+    store.append([Event(id=f"e{n}", kind="request") for n in range(3)])
+    signer = Signer.open(str(tmp_path / "key"))
+    doc = store.prune(time.time() + 1, lambda d: signer.sign(d).as_dict(), None)
+    assert doc["seq"] == 3
+    store.append([Event(id="after", kind="request")])
+    assert [(r["seq"], r["kind"]) for r in store.where("1", [])] == [(4, "prune"), (5, "request")]
+    assert store.verify().ok

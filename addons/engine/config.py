@@ -225,6 +225,16 @@ class StoreConfig:
     pool: int = 4
     timeout: float = 5.0
     base: str = ""
+    retention: float = 0.0
+    """Events older than this are pruned by the gateway behind a signed checkpoint (0: never)."""
+    archive: str = ""
+    """Where the gateway writes each pruned prefix first (a directory of signed JSONL bundles)."""
+    prune_every: float = 3600.0
+
+    @property
+    def signing_key_path(self) -> str:
+        """The key that signs checkpoints: `signing_key`, else audit-signing.key beside the store."""
+        return self.signing_key or str(self.directory / "audit-signing.key")
 
     @property
     def directory(self) -> Path:
@@ -678,6 +688,9 @@ def _store(raw: dict[str, Any], base: Path, path: str) -> StoreConfig:
         pool=raw.get("pool", 4),
         timeout=parse_duration(raw.get("timeout", "5s")),
         base=str(base),
+        retention=parse_duration(raw["retention"]) if "retention" in raw else 0.0,
+        archive=str((base / raw["archive"]).resolve()) if "archive" in raw else "",
+        prune_every=parse_duration(raw.get("prune_every", "1h")),
     )
 
 

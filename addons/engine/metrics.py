@@ -57,6 +57,10 @@ SINK_BACKLOG = Gauge("custody_sink_backlog", "Audit events recorded but not yet 
                      registry=REGISTRY, multiprocess_mode="livemax")
 SINK_LAG = Gauge("custody_sink_lag_seconds", "Age of the oldest audit event not yet delivered to a sink (0: none).",
                  ("sink",), registry=REGISTRY, multiprocess_mode="livemax")
+RETENTION_PRUNED = Counter("custody_retention_pruned", "Audit events pruned by store.retention (behind a checkpoint).",
+                           registry=REGISTRY)
+RETENTION_FAILURES = Counter("custody_retention_failures", "Retention rounds that failed and removed nothing.",
+                             registry=REGISTRY)
 
 
 def multiprocess_mode() -> bool:

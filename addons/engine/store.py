@@ -462,9 +462,11 @@ class AuditStore:
         return outcomes
 
     def prune(self, before: float, sign: Callable[[dict[str, Any]], dict[str, str]],
-              archive: Callable[[Iterator[dict[str, Any]], int, str], dict[str, Any]] | None) -> dict[str, Any] | None:
+              archive: Callable[[Iterator[dict[str, Any]], int, str], dict[str, Any]] | None,
+              keep_after: int | None = None) -> dict[str, Any] | None:
         """Remove the events recorded before `before` (a prefix of the chain: it stops at the
-        first event at or after it), leaving a signed checkpoint of the prefix's last hash so
+        first event at or after it, and never goes past event `keep_after`: what the audit
+        sinks have not delivered yet stays), leaving a signed checkpoint of the prefix's last hash so
         the rest still verifies. The prefix is verified and handed to `archive` (which returns
         what it wrote) before anything is removed, outside the write lock so the gateway keeps
         recording meanwhile; if either fails, nothing is removed. Finished approvals last
@@ -475,6 +477,8 @@ class AuditStore:
             start = previous["seq"] if previous else 0
             first_kept = tx.one("SELECT MIN(seq) FROM events WHERE ts >= ?", [before])[0]
             upto = (first_kept - 1) if first_kept is not None else self._head(tx)[0]
+            if keep_after is not None:
+                upto = min(upto, keep_after)
             if upto <= start:
                 return None
             check = self._walk(tx, upto)
@@ -795,7 +799,7 @@ class Store(AuditStore):
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         self._ensure_schema()
-        cols = [c for c in COLUMNS if c != "seq"]
+        cols = list(COLUMNS)  # seq too: after a prune of the whole log, the rowid SQLite picks would restart at 1
         self._insert = f"INSERT INTO events ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
         self._cols = cols
 

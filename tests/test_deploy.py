@@ -21,6 +21,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -544,3 +545,98 @@ def test_each_unit_starts_its_process_and_sees_only_its_secrets(unit, start, sec
     if unit != "custody-gateway.service":
         assert "CUSTODY_PROXY=http://127.0.0.1:8080" in d["Environment"][0].split()
         assert "EnvironmentFile" not in d  # the store's address is the gateway's business only
+
+
+# ----------------------------------------------------------------------------------------
+# The configuration and probes, run: a real gateway on a real PostgreSQL store
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def readiness(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    import requests
+
+    reply = requests.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+    return reply.status_code, reply.json()
+
+
+def until(what, expected, timeout: float = 60):
+    """Poll `what()` until it returns `expected`; its last answer either way."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (got := what()) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return got
+
+
+def test_the_deployed_gateway_is_ready_on_its_store_and_says_so_to_each_probe(rendered, jwks, tmp_path):
+    """The production overlay's gateway container, run as its Deployment says with its mounts
+    laid out, on a real PostgreSQL: the Kubernetes probes and the image's HEALTHCHECK say
+    ready, say unready (without failing liveness) while the store is down, and ready again
+    when it is back; nothing is written under /etc/custody (the read-only filesystem)."""
+    import asyncssh
+    from mitmproxy import certs
+
+    from examples.samples.postgres import PostgresServer
+    from examples.samples.processes import free_port, stop_process, wait_listening
+    from tests.conftest import standard_identity
+
+    root = tmp_path / "root"
+    files = k8s_files(rendered["overlays/production"], "custody-gateway")
+    config_file = lay_out(root, files)
+    password = "store-pw-5b1e"
+    secrets = root / "etc/custody/secrets"
+    (secrets / "store-password").write_text(password + "\n")
+    for key in ("prod-web-key", "ssh-bridge-host-key"):
+        (secrets / key).write_bytes(asyncssh.generate_private_key("ssh-ed25519").export_private_key())
+    made = tmp_path / "made-ca"
+    certs.CertStore.create_store(made, "mitmproxy", 2048)
+    for name in CA_FILES:
+        shutil.copy(made / name, root / CONFDIR.lstrip("/") / name)
+    approvals = free_port()
+    document = yaml.safe_load((DEPLOY / "custody.yaml").read_text())
+    document["identity"] = standard_identity(jwks)  # the test's issuer instead of login.example.com
+    document["approvals"]["listen"] = f"127.0.0.1:{approvals}"
+    config_file.write_text(yaml.safe_dump(document))
+    before = tree(root / "etc/custody")
+
+    pg = PostgresServer(password, superuser="custody", log_statements=False)
+    try:
+        pg.execute("CREATE DATABASE custody")
+        container = dig(by_kind_name(rendered["overlays/production"], *GATEWAY), C0)
+        command = [a.replace(CONFDIR, str(root / CONFDIR.lstrip("/"))) for a in container["command"]]
+        proxy = free_port()
+        command[command.index("--listen-port") + 1] = str(proxy)
+        command[0] = str(Path(sys.executable).parent / command[0])
+        env = {**os.environ, "CUSTODY_CONFIG": str(config_file), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+               "CUSTODY_STORE_URL": f"postgresql://custody@127.0.0.1:{pg.port}/custody"}
+        with open(tmp_path / "gateway.log", "wb") as log:
+            proc = subprocess.Popen([*command, "--listen-host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT,
+                                    env=env, cwd=tmp_path)
+        gateway_log = (tmp_path / "gateway.log").read_text
+        try:
+            wait_listening(approvals, proc, "gateway", gateway_log, timeout=60)
+            health = next(args for word, args in instructions(GOOD) if word == "HEALTHCHECK")
+            check = json.loads(health.split(" CMD ", 1)[1])
+            check = [sys.executable, *(a.replace("127.0.0.1:8080", f"127.0.0.1:{proxy}") for a in check[1:])]
+
+            def probes() -> tuple:
+                ready, body = readiness(approvals, container["readinessProbe"]["httpGet"]["path"])
+                alive, _ = readiness(approvals, container["livenessProbe"]["httpGet"]["path"])
+                image = subprocess.run(check, capture_output=True, timeout=30).returncode
+                return ready, body["status"], alive, image
+
+            assert until(probes, (200, "ready", 200, 0)) == (200, "ready", 200, 0), gateway_log()
+            pg.halt()
+            assert until(probes, (503, "unready", 200, 1)) == (503, "unready", 200, 1), gateway_log()
+            pg.start()
+            assert until(probes, (200, "ready", 200, 0)) == (200, "ready", 200, 0), gateway_log()
+            assert proc.poll() is None
+        finally:
+            stop_process(proc)
+    finally:
+        pg.stop()
+    assert tree(root / "etc/custody") == before

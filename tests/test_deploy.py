@@ -640,3 +640,45 @@ def test_the_deployed_gateway_is_ready_on_its_store_and_says_so_to_each_probe(re
     finally:
         pg.stop()
     assert tree(root / "etc/custody") == before
+
+
+@pytest.mark.parametrize("form, module", [
+    ("kubernetes custody-pg-bridge", "pg_bridge"),
+    ("kubernetes custody-ssh-bridge", "ssh_bridge"),
+    ("compose pg-bridge", "pg_bridge"),
+    ("compose ssh-bridge", "ssh_bridge"),
+])
+def test_each_bridge_starts_with_only_what_its_form_mounts(form, module, rendered, tmp_path):
+    """A bridge gets the configuration (and the ssh bridge its host key), no backend
+    credential: it starts on that alone, and writes nothing under /etc/custody."""
+    import asyncssh
+
+    from examples.samples.processes import free_port, stop_process
+
+    kind, name = form.split(" ")
+    if kind == "kubernetes":
+        files = k8s_files(rendered["overlays/production"], name)
+    else:
+        files = compose_files({**compose()["services"][name]})
+    assert not {Path(p).name for p in files} & {"store-password", "prod-db-password", "prod-web-key", "mitmproxy-ca.pem"}
+    root = tmp_path / "root"
+    config_file = lay_out(root, files)
+    if module == "ssh_bridge":
+        (root / "etc/custody/secrets/ssh-bridge-host-key").write_bytes(
+            asyncssh.generate_private_key("ssh-ed25519").export_private_key())
+    document = yaml.safe_load(config_file.read_text())
+    port = free_port()
+    for c in document["connections"]:
+        if "listen" in c:
+            c["listen"] = f"127.0.0.1:{port}"  # the test's own port, not 0.0.0.0:15432/2222
+    config_file.write_text(yaml.safe_dump(document))
+    before = tree(root / "etc/custody")
+    env = {**os.environ, "CUSTODY_CONFIG": str(config_file), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", module, "--proxy", "http://127.0.0.1:9"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = next((line for line in proc.stdout if line.startswith(f"{module}:")), "exited without a word")
+    finally:
+        stop_process(proc)
+    assert line.startswith(f"{module}: {'prod-db' if module == 'pg_bridge' else 'prod-web'} on 127.0.0.1:{port}"), line
+    assert tree(root / "etc/custody") == before

@@ -682,3 +682,23 @@ def test_each_bridge_starts_with_only_what_its_form_mounts(form, module, rendere
         stop_process(proc)
     assert line.startswith(f"{module}: {'prod-db' if module == 'pg_bridge' else 'prod-web'} on 127.0.0.1:{port}"), line
     assert tree(root / "etc/custody") == before
+
+
+def seconds(text: str) -> float:
+    return config.parse_duration(text)
+
+
+def test_every_form_gives_a_stopping_replica_the_time_it_needs(rendered):
+    """A stopping replica fails /readyz and keeps accepting for gateway.drain_delay, then
+    finishes what is in flight within gateway.grace: each balancer must notice within the
+    drain delay, and each form must wait for both before it kills the process."""
+    cfg = config.load(str(DEPLOY / "custody.yaml"), secrets=False).replica
+    probe = dig(by_kind_name(rendered["overlays/production"], *GATEWAY), C0)["readinessProbe"]
+    haproxy = re.search(r"default-server inter (\S+) fall (\d+)", (DEPLOY / "haproxy.cfg").read_text())
+    noticed = {"kubernetes readiness probe": probe["periodSeconds"] * probe["failureThreshold"],
+               "haproxy health check": seconds(haproxy.group(1)) * int(haproxy.group(2))}
+    assert all(t <= cfg.drain_delay for t in noticed.values()), (noticed, cfg.drain_delay)
+    waits = {"kubernetes": dig(by_kind_name(rendered["overlays/production"], *GATEWAY), POD)["terminationGracePeriodSeconds"],
+             "compose": seconds(compose()["services"]["gateway-a"]["stop_grace_period"]),
+             "systemd": seconds(directives(DEPLOY / "systemd/custody-gateway.service")["TimeoutStopSec"][0])}
+    assert all(t > cfg.drain_delay + cfg.grace for t in waits.values()), (waits, cfg)

@@ -22,15 +22,23 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import jsonschema
 import kubernetes_validate
 import pytest
+import requests
 import yaml
+from mitmproxy import certs
 
 from addons.engine import config
+from examples.samples.postgres import PostgresServer
+from examples.samples.processes import free_port, stop_process, wait_listening
+from tests.conftest import standard_identity
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -128,7 +136,7 @@ def gateway_layouts(rendered) -> dict[str, dict[str, str | None]]:
 def test_the_gateway_finds_every_secret_its_form_mounts(form, rendered, tmp_path):
     files = gateway_layouts(rendered)[form]
     cfg = config.load(str(lay_out(tmp_path, files)), secrets=True)
-    assert cfg.masking.hash_key == f"placeholder for /etc/custody/secrets/masking-hash-key".encode()
+    assert cfg.masking.hash_key == b"placeholder for /etc/custody/secrets/masking-hash-key"
     assert {c.name: c.credential.value for c in cfg.connections if c.credential} == {
         "prod-k8s": "Bearer placeholder for /etc/custody/secrets/prod-k8s-token",
         "prod-db": "placeholder for /etc/custody/secrets/prod-db-password",
@@ -229,8 +237,6 @@ def test_the_containerfile_check_finds_each_unfit_image(change, problem):
 
 
 def test_the_image_installs_the_gateway_and_both_bridges_from_pyproject():
-    import tomllib
-
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
     steps = instructions(GOOD)
@@ -283,7 +289,7 @@ def test_the_compose_stack_is_two_replicas_on_postgresql_behind_haproxy():
         assert s["depends_on"]["postgres"] == {"condition": "service_healthy"}
         assert s["read_only"] is True and s["cap_drop"] == ["ALL"]
         assert s["command"][s["command"].index("--confdir") + 1] == CONFDIR
-    servers = re.findall(r"^\s*server (\S+) (\S+):(\d+)", (DEPLOY / "haproxy.cfg").read_text(), re.M)
+    servers = re.findall(r"^\s*server (\S+) (\S+):(\d+)", (DEPLOY / "haproxy.cfg").read_text(), re.MULTILINE)
     assert {(host, port) for _, host, port in servers} == {(g, p) for g in gateways for p in ("8080", "9090")}
     assert sorted(services["haproxy"]["ports"]) == ["8080:8080", "9090:9090"]
     for bridge, module, port in [("pg-bridge", "pg_bridge", 15432), ("ssh-bridge", "ssh_bridge", 2222)]:
@@ -308,7 +314,7 @@ def test_compose_secrets_come_from_files_and_nowhere_else():
 
 
 def haproxy_check(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True)
+    return subprocess.run(["haproxy", "-c", "-f", str(path)], check=False, capture_output=True, text=True)
 
 
 def test_haproxy_accepts_its_configuration():
@@ -480,7 +486,7 @@ def verify_units(units: list[Path], tmp_path: Path) -> subprocess.CompletedProce
     for unit in units:
         shutil.copy(unit, units_dir)
     return subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={root}", *[u.name for u in units]],
-                          cwd=units_dir, capture_output=True, text=True)
+                          cwd=units_dir, check=False, capture_output=True, text=True)
 
 
 def test_systemd_accepts_the_units(tmp_path):
@@ -556,16 +562,12 @@ def tree(root: Path) -> dict[str, bytes]:
 
 
 def readiness(port: int, path: str) -> tuple[int, dict[str, Any]]:
-    import requests
-
     reply = requests.get(f"http://127.0.0.1:{port}{path}", timeout=5)
     return reply.status_code, reply.json()
 
 
 def until(what, expected, timeout: float = 60):
     """Poll `what()` until it returns `expected`; its last answer either way."""
-    import time
-
     deadline = time.monotonic() + timeout
     while (got := what()) != expected and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -577,13 +579,6 @@ def test_the_deployed_gateway_is_ready_on_its_store_and_says_so_to_each_probe(re
     laid out, on a real PostgreSQL: the Kubernetes probes and the image's HEALTHCHECK say
     ready, say unready (without failing liveness) while the store is down, and ready again
     when it is back; nothing is written under /etc/custody (the read-only filesystem)."""
-    import asyncssh
-    from mitmproxy import certs
-
-    from examples.samples.postgres import PostgresServer
-    from examples.samples.processes import free_port, stop_process, wait_listening
-    from tests.conftest import standard_identity
-
     root = tmp_path / "root"
     files = k8s_files(rendered["overlays/production"], "custody-gateway")
     config_file = lay_out(root, files)
@@ -620,13 +615,13 @@ def test_the_deployed_gateway_is_ready_on_its_store_and_says_so_to_each_probe(re
         try:
             wait_listening(approvals, proc, "gateway", gateway_log, timeout=60)
             health = next(args for word, args in instructions(GOOD) if word == "HEALTHCHECK")
-            check = json.loads(health.split(" CMD ", 1)[1])
-            check = [sys.executable, *(a.replace("127.0.0.1:8080", f"127.0.0.1:{proxy}") for a in check[1:])]
+            healthcheck = json.loads(health.split(" CMD ", 1)[1])
+            healthcheck = [sys.executable, *(a.replace("127.0.0.1:8080", f"127.0.0.1:{proxy}") for a in healthcheck[1:])]
 
             def probes() -> tuple:
                 ready, body = readiness(approvals, container["readinessProbe"]["httpGet"]["path"])
                 alive, _ = readiness(approvals, container["livenessProbe"]["httpGet"]["path"])
-                image = subprocess.run(check, capture_output=True, timeout=30).returncode
+                image = subprocess.run(healthcheck, check=False, capture_output=True, timeout=30).returncode
                 return ready, body["status"], alive, image
 
             assert until(probes, (200, "ready", 200, 0)) == (200, "ready", 200, 0), gateway_log()
@@ -651,15 +646,11 @@ def test_the_deployed_gateway_is_ready_on_its_store_and_says_so_to_each_probe(re
 def test_each_bridge_starts_with_only_what_its_form_mounts(form, module, rendered, tmp_path):
     """A bridge gets the configuration (and the ssh bridge its host key), no backend
     credential: it starts on that alone, and writes nothing under /etc/custody."""
-    import asyncssh
-
-    from examples.samples.processes import free_port, stop_process
-
     kind, name = form.split(" ")
     if kind == "kubernetes":
         files = k8s_files(rendered["overlays/production"], name)
     else:
-        files = compose_files({**compose()["services"][name]})
+        files = compose_files(compose()["services"][name])
     assert not {Path(p).name for p in files} & {"store-password", "prod-db-password", "prod-web-key", "mitmproxy-ca.pem"}
     root = tmp_path / "root"
     config_file = lay_out(root, files)

@@ -5,8 +5,8 @@ the audit log's reader thread, delivers on a thread of its own (addons/engine/si
 and no flow waits for it. Per sink, in a loop:
 
 1. claim the sink in the store (`sink_cursors`: its cursor and a lease, so that of several
-   replicas or workers exactly one ships it at a time, and another takes over within a
-   lease when that one stops);
+   replicas or workers exactly one ships it at a time; one that stops hands it over at
+   once, and one that died is taken over from when its lease ends);
 2. read the next batch after the cursor, in the chain's order;
 3. deliver it, and only then move the cursor past it.
 
@@ -110,6 +110,14 @@ class Sinks:
         self.tasks = [asyncio.ensure_future(Shipper(cfg, self.log).run()) for cfg in self.configured]
 
     def done(self) -> None:
+        """Stop shipping, and hand the sinks over: the leases end now, not in LEASE seconds
+        (a batch in delivery meanwhile may then be delivered again by the next owner)."""
         for task in self.tasks:
             task.cancel()
+        if self.tasks and self.log.reader is not None:
+            try:
+                self.log.call_now(self.log.reader.release_sinks, self.log.replica.id)
+            except Exception as e:
+                logger.warning("custody: handing the sinks over failed (%s: %s); another replica takes them "
+                               "over when the lease ends", type(e).__name__, e)
         self.tasks = []

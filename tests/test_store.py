@@ -324,3 +324,20 @@ def test_pruning_the_whole_log_keeps_the_sequence_going(tmp_path):
     store.append([Event(id="after", kind="request")])
     assert [(r["seq"], r["kind"]) for r in store.where("1", [])] == [(4, "prune"), (5, "request")]
     assert store.verify().ok
+
+
+def test_a_sink_is_shipped_by_one_replica_at_a_time_from_its_cursor(tmp_path):
+    """The cursor and lease of an audit sink (addons/sinks.py): whoever holds the lease
+    ships and moves the cursor; another replica gets the sink once it is handed over."""
+    store = Store(str(tmp_path / "a.db"))
+    store.append([Event(id=f"e{n}", kind="request") for n in range(5)])
+    assert store.claim_sink("siem", "a", 60) == 0
+    assert store.claim_sink("siem", "b", 60) is None  # a's lease runs
+    assert [r["seq"] for r in store.after(0, 3)] == [1, 2, 3]
+    assert store.advance_sink("siem", "a", 3)
+    assert not store.advance_sink("siem", "b", 5)  # not b's to move
+    assert not store.advance_sink("siem", "a", 2)  # never backwards
+    store.release_sinks("a")
+    assert store.claim_sink("siem", "b", 60) == 3
+    assert store.claim_sink("siem", "a", 60) is None
+    assert store.sink_cursors() == {"siem": 3}

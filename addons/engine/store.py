@@ -586,6 +586,11 @@ class AuditStore:
             return bool(tx.run("UPDATE sink_cursors SET seq = ? WHERE sink = ? AND owner = ? AND seq < ?",
                                [seq, sink, owner, seq]))
 
+    def release_sinks(self, owner: str) -> None:
+        """`owner` stops shipping: its leases end now, so another replica takes over at once."""
+        with self._write() as tx:
+            tx.run("UPDATE sink_cursors SET lease_until = 0 WHERE owner = ?", [owner])
+
     def sink_cursors(self) -> dict[str, int]:
         """Every sink's cursor: the last event it delivered."""
         with self._read() as tx:

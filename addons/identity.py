@@ -19,6 +19,7 @@ for it: denied).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
@@ -99,15 +100,23 @@ class Identity:
         self.verifier: Verifier | None = None
         self.tunnels: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
         self.tunnel_claims: weakref.WeakKeyDictionary[connection.Client, dict[str, str]] = weakref.WeakKeyDictionary()
+        self._warming: asyncio.Task | None = None
 
     def configure(self, updated: set[str]) -> None:
         if self.settings.changed(updated):
             cfg = self.settings.require()
             self.verifier = Verifier(cfg.identity)
 
-    async def running(self) -> None:
+    def running(self) -> None:
+        """Fetch the issuers' keys in the background: a token that needs them waits for them
+        anyway, and mitmproxy's start-up (which ends at the last running hook) must not wait on
+        an IdP — mitmweb stops itself if its page logs an error before start-up ends."""
         if self.verifier:
-            await self.verifier.start()
+            self._warming = asyncio.ensure_future(self.verifier.start())
+
+    def done(self) -> None:
+        if self._warming:
+            self._warming.cancel()
 
     def _refuse(self, f: http.HTTPFlow, reason: str, bearer: bool) -> None:
         if bearer:

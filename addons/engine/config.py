@@ -13,7 +13,7 @@ import fnmatch
 import getpass
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -141,6 +141,20 @@ class McpSettings:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may cost a listener: open connections, the time from connect to
+    authenticated (the first request head on the gateway's listeners, a finished login on
+    the bridges), idle time, and the size of a request's header block. Each listener bounds
+    its own clients, so a flood on one port leaves the others serving."""
+
+    connections: int = 1000
+    authenticate: float = 30.0
+    idle: float = 600.0
+    header_lines: int = 100
+    header_bytes: int = 65536
+
+
+@dataclass(frozen=True)
 class Connection:
     """A registered target: traffic to anything else is refused."""
 
@@ -162,6 +176,8 @@ class Connection:
     case_insensitive_paths: bool = False
     """http: the backend routes /ADMIN as /admin, so rules match paths folded to lower case."""
     mcp: McpSettings | None = None
+    limits: LimitsConfig = LimitsConfig()
+    """Its own listener's (`listen`): the top-level limits, with the connection's own on top."""
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -257,6 +273,7 @@ class Config:
     store: StoreConfig
     approvals: ApprovalsConfig
     masking: MaskingConfig
+    limits: LimitsConfig = LimitsConfig()
 
     def ssh_host_key(self, listen: tuple[str, int]) -> Path:
         """The host key of the ssh_bridge listening at `listen`: the first connection there
@@ -284,7 +301,21 @@ def _upstream(url: str, kind: str, where: str) -> Upstream:
 DEFAULT_TOKEN_HEADER = {"kubernetes": "authorization", "mcp": "authorization"}
 
 
-def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = True) -> Connection:
+BRIDGED = ("postgres", "ssh")
+"""Kinds whose `listen` is a bridge's, outside the gateway: they alone have an idle time of their own."""
+
+
+def _limits(raw: dict[str, Any], inherited: LimitsConfig, where: str) -> LimitsConfig:
+    """`inherited` with the values `raw` sets; times must be more than zero."""
+    values = {k: parse_duration(v) if k in ("authenticate", "idle") else v for k, v in raw.items()}
+    for name in ("authenticate", "idle"):
+        if values.get(name) == 0:
+            raise ConfigError(f"{where}.{name}: must be more than 0")
+    return replace(inherited, **values)
+
+
+def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = True,
+                limits: LimitsConfig = LimitsConfig()) -> Connection:
     credential = None
     if "credential" in raw:
         try:
@@ -320,6 +351,9 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
         raise ConfigError(f"{where}.paths: only http connections can route case-insensitively")
     if credential is not None and credential.type == "oauth" and raw["kind"] != "mcp":
         raise ConfigError(f"{where}.credential: type oauth is for mcp connections")
+    if "idle" in raw.get("limits", {}) and raw["kind"] not in BRIDGED:
+        raise ConfigError(f"{where}.limits.idle: only the bridges (postgres, ssh) have their own; the gateway's "
+                          "listeners share limits.idle")
     mcp = _mcp(raw, base, where, secrets) if raw["kind"] == "mcp" else None
     if "mcp" in raw and mcp is None:
         raise ConfigError(f"{where}.mcp: only for mcp connections")
@@ -341,6 +375,7 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
         command_timeout=parse_duration(raw.get("command_timeout", "5m")),
         case_insensitive_paths=raw.get("paths") == "case-insensitive",
         mcp=mcp,
+        limits=_limits(raw.get("limits", {}), limits, f"{where}.limits"),
     )
 
 
@@ -500,8 +535,9 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
         )
     base = Path(path).resolve().parent
     try:
+        limits = _limits(raw.get("limits", {}), LimitsConfig(), "limits")
         connections = tuple(
-            _connection(c, base, f"connections[{n}]", secrets) for n, c in enumerate(raw["connections"])
+            _connection(c, base, f"connections[{n}]", secrets, limits) for n, c in enumerate(raw["connections"])
         )
         identity = _identity(raw.get("identity", {}), base)
     except ConfigError as e:
@@ -519,6 +555,14 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
     names = [c.name for c in connections]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: connections: duplicate connection name")
+    listeners: dict[tuple[str, int], Connection] = {}
+    for c in connections:
+        if c.listen is None:
+            continue
+        other = listeners.setdefault(c.listen, c)
+        if other.limits != c.limits:  # one listener, one set of limits (ssh connections share an address)
+            raise ConfigError(f"{path}: connections: {other.name} and {c.name} listen on "
+                              f"{c.listen[0]}:{c.listen[1]} with different limits")
     trust: dict[tuple[str, int], Connection] = {}
     for c in connections:
         if c.upstream is None:
@@ -552,6 +596,7 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
         approvals=_approvals(raw.get("approvals", {}), raw.get("notify", {}), gateway_host),
         masking=_masking(raw.get("masking", {}), base, (base / store["path"]).resolve().parent, path)
         if secrets else MaskingConfig(),
+        limits=limits,
     )
 
 

@@ -243,6 +243,7 @@ def test_jwks_down_cached_keys_work_unknown_keys_fail_closed(idgw, rotating):
     [
         (None, "no token: send Authorization: Bearer"),
         ("Bearer not-a-jwt", "malformed token"),
+        ("Bearer eyJ\xff.e30.sig", "malformed token"),  # a byte that is not UTF-8 (sent as latin-1)
         ("Basic Zm9vOmJhcg==", "no token: send Authorization: Bearer"),
     ],
 )

@@ -217,6 +217,8 @@ class Verifier:
         return principal
 
     async def _verify(self, token: str, now: float) -> Principal:
+        if not token.isascii():  # a JWT is base64url and dots; other bytes would not even encode
+            raise TokenError("malformed token")
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})

@@ -151,7 +151,9 @@ class Link:
         self.writer: asyncio.StreamWriter | None = None
 
     async def post(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
-        if self.writer is None or self.writer.is_closing():
+        if self.writer is not None and (self.writer.is_closing() or self.reader.at_eof()):
+            self.close()  # the gateway closed it while it was idle (limits.idle)
+        if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         try:
             headers = {**headers, **attribute_headers(self.attributes)}

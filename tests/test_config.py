@@ -265,6 +265,19 @@ def test_limits_default_and_a_connection_s_own_override_the_top_level(tmp_path):
     assert db.limits == config.LimitsConfig(connections=5, authenticate=30.0, idle=3600.0, header_lines=40)
 
 
+def test_an_ssh_command_ends_before_the_gateway_would_close_its_silent_stream(tmp_path):
+    (tmp_path / "known_hosts").write_text("")
+    conn = {"name": "web", "kind": "ssh", "hosts": ["web.internal"], "upstream": "ssh://deploy@10.0.0.5:22",
+            "credential": {"type": "private_key", "secret": "env:HOME"}, "known_hosts": "known_hosts",
+            "command_timeout": "10m"}
+    doc = {"connections": [conn], "rules": "rules", "store": {"path": "a.db"}}
+    with pytest.raises(config.ConfigError, match=re.escape(
+            "connections[0].command_timeout: 600s is not shorter than limits.idle (600s)")):
+        config.parse(doc, str(tmp_path / "c.yaml"))
+    doc["limits"] = {"idle": "11m"}
+    assert config.parse(doc, str(tmp_path / "c.yaml")).connections[0].command_timeout == 600.0
+
+
 def test_one_listen_address_has_one_set_of_limits(tmp_path):
     (tmp_path / "known_hosts").write_text("")
     web = {"kind": "ssh", "upstream": "ssh://deploy@10.0.0.5:22", "credential": {"type": "private_key", "secret": "env:HOME"},

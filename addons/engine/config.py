@@ -555,6 +555,10 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
     names = [c.name for c in connections]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: connections: duplicate connection name")
+    for n, c in enumerate(connections):
+        if c.kind == "ssh" and c.command_timeout >= limits.idle:  # a silent command's stream would close first
+            raise ConfigError(f"{path}: connections[{n}].command_timeout: {c.command_timeout:g}s is not shorter than "
+                              f"limits.idle ({limits.idle:g}s), after which the gateway closes a stream without output")
     listeners: dict[tuple[str, int], Connection] = {}
     for c in connections:
         if c.listen is None:

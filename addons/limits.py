@@ -73,6 +73,24 @@ def disconnect(client: connection.Client, reason: str) -> None:
         io.handler.cancel(reason)
 
 
+def close_forgotten(client: connection.Client) -> None:
+    """Close the socket of a client mitmproxy is done with but did not close.
+
+    mitmproxy's ConnectionHandler.handle_connection (mitmproxy/proxy/server.py) closes the
+    client's writer at its end; a cancellation that arrives while it waits for the event
+    lock to report the client's EOF (a refusal closing the connection just as the client
+    half-closes) skips that, and the socket stays in CLOSE-WAIT for good, outside every
+    limit: a client could use up the gateway's file descriptors. By the time mitmproxy
+    says the client disconnected, its reader has ended, so a writer still there is one
+    nobody will close."""
+    server = ctx.master.addons.get("proxyserver")
+    handler = server.connections.get(client.id) if server is not None else None
+    io = handler.transports.get(client) if handler is not None else None
+    if io is not None and io.writer is not None and not io.writer.is_closing():
+        logger.debug("custody: closing the socket mitmproxy left open for %s", client.peername)
+        io.writer.close()
+
+
 class Limits:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -117,6 +135,7 @@ class Limits:
         disconnect(client, "custody: no request in time")
 
     def client_disconnected(self, client: connection.Client) -> None:
+        close_forgotten(client)
         if (deadline := self.deadlines.pop(client.id, None)) is not None:
             deadline.cancel()
         if (spec := self.clients.pop(client.id, None)) is not None:
@@ -130,10 +149,8 @@ class Limits:
         fields = f.request.headers.fields
         if (problem := header_excess(fields, self.limits)) is None:
             return
-        kept = within(fields, self.limits)
-        f.request.headers = http.Headers(kept)
-        failclosed.refuse(f, 431, f"{problem}; nothing was forwarded (the record keeps the first {len(kept)})",
-                          error=Error.HEADERS_TOO_LARGE)
+        f.request.headers = http.Headers(within(fields, self.limits))  # what its record keeps
+        failclosed.refuse(f, 431, f"{problem}; nothing was forwarded", error=Error.HEADERS_TOO_LARGE)
 
     @guarded
     def http_connect(self, f: http.HTTPFlow) -> None:

@@ -4,6 +4,8 @@ mitmproxy runs every hook in list order, response hooks included, so `build()` i
 order of a request's story (docs/design.md):
 
     hardening, settings                  options the chain needs; the configuration, once
+    replica                              this process among the gateway's replicas: lease,
+                                         readiness, stopping (before the store: its done)
     auditlog, approvalbook, maskpool,    shared services, no flow hooks: the audit store,
     sessions                             the approvals, the masking workers, pg sessions
     limits                               what one client may cost: connections, time, headers
@@ -44,6 +46,7 @@ from addons.mcpguard import McpGuard
 from addons.mcpstdio import McpStdio
 from addons.policy import Policy
 from addons.recorder import Recorder
+from addons.replica import Replica
 from addons.settings import Settings
 from addons.wellknown import WellKnown
 from pg_bridge.terminal.executor import PgExecutor
@@ -63,15 +66,17 @@ def build() -> list:
     ssh = SshExecutor(settings)
     policy = Policy(settings)
     credentials = Credentials(settings)
+    replica = Replica(settings, log, book, policy, pool)
     return [
         Hardening(),
         settings,
+        replica,
         log,
         book,
         pool,
         sessions,
         Limits(settings),
-        WellKnown(settings),
+        WellKnown(settings, replica),
         Identity(settings),
         Classify(settings),
         PgPlanner(sessions, policy),
@@ -103,6 +108,10 @@ class Chain:
     @property
     def settings(self) -> Settings:
         return next(a for a in self.addons if isinstance(a, Settings))
+
+    @property
+    def replica(self) -> Replica:
+        return next(a for a in self.addons if isinstance(a, Replica))
 
 
 def _install_gate() -> None:

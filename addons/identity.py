@@ -68,7 +68,7 @@ def user_attributes(user: str) -> dict[str, str]:
     encoded = user[len(ATTRIBUTES_USER):]
     try:
         document = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
-    except ValueError:
+    except (ValueError, RecursionError):  # not base64url, not JSON, or nested past what json parses
         return {}
     if not isinstance(document, dict):
         return {}

@@ -121,6 +121,9 @@ class Server(asyncssh.SSHServer):
         self.waiting: set[asyncio.Task] = set()
         """Stream steps waiting for the gateway (held for approval): withdrawn if the client goes."""
         self.idle = Idle(bridge.limits.idle, self._idle_out)
+        self.login = Idle(bridge.limits.authenticate, self._login_out)
+        """limits.authenticate: the client's time to log in; the gateway's time checking its
+        token does not count (as pg_bridge's, and PostgreSQL's authentication_timeout)."""
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn, self.peer = conn, conn.get_extra_info("peername")
@@ -132,6 +135,12 @@ class Server(asyncssh.SSHServer):
             asyncio.get_running_loop().call_soon(conn.disconnect, asyncssh.DISC_TOO_MANY_CONNECTIONS, reason)
             return
         self.idle.touch()
+        self.login.touch()
+
+    def _login_out(self) -> None:
+        logger.info("ssh_bridge: %s: no login within %gs; disconnected", self.peer, self.bridge.limits.authenticate)
+        self.conn.disconnect(asyncssh.DISC_BY_APPLICATION,
+                             f"custody: no login within {self.bridge.limits.authenticate:g}s (limits.authenticate)")
 
     def _idle_out(self) -> None:
         logger.info("ssh_bridge: closing an idle connection (%gs)", self.bridge.limits.idle)
@@ -139,9 +148,10 @@ class Server(asyncssh.SSHServer):
                              f"custody: nothing ran for {self.bridge.limits.idle:g}s (limits.idle); disconnected")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None and not self.token:  # e.g. "Login timeout expired" (limits.authenticate)
+        if exc is not None and not self.token:
             logger.info("ssh_bridge: %s gone before logging in: %s", self.peer, exc)
         self.idle.stop()
+        self.login.stop()
         self.bridge.clients.discard(self)
         for task in list(self.waiting):
             task.cancel()
@@ -172,12 +182,14 @@ class Server(asyncssh.SSHServer):
         if not password:
             return False
         try:
-            await self.bridge.gateway.call(self.link, connection.hosts[0].split(":")[0], "connect", password.strip(),
-                                           self.session, {"user": username})
+            with self.login.busy(), self.idle.busy():  # a login under way is neither late nor idle
+                await self.bridge.gateway.call(self.link, connection.hosts[0].split(":")[0], "connect",
+                                               password.strip(), self.session, {"user": username})
         except Refused as e:
             logger.info("ssh_bridge: login refused for %s: %s", username, e)
             self._banner(str(e))
             return False
+        self.login.stop()
         self.token, self.connection = password.strip(), connection
         return True
 
@@ -249,7 +261,8 @@ class Bridge:
         self.server = await asyncssh.create_server(
             lambda: Server(self), self.address[0], self.address[1], server_host_keys=[str(host_key(self.host_key))],
             process_factory=self._process, encoding=None, line_editor=False, agent_forwarding=False,
-            x11_forwarding=False, allow_scp=False, sftp_factory=refuse_sftp, login_timeout=self.limits.authenticate)
+            x11_forwarding=False, allow_scp=False, sftp_factory=refuse_sftp,
+            login_timeout=0)  # Server.login instead: asyncssh's counts the gateway's time too
 
     def close_later(self, server: Server) -> None:
         task = asyncio.ensure_future(self._close(server))

@@ -3,7 +3,8 @@
 asyncssh has a login timeout and keepalives, but no idle time: a client that logged in and
 then sat there (`ssh -N`, a shell at its prompt) would hold its connection for ever. A
 command that runs, or waits for an approval, keeps the connection busy however quiet it
-is; keys typed at a prompt are activity.
+is; keys typed at a prompt are activity. The same clock times a login (limits.authenticate),
+paused while the gateway checks the token.
 """
 
 from __future__ import annotations

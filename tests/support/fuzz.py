@@ -10,6 +10,7 @@ import random
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Callable
 
 METHODS = [b"GET", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"HEAD", b"PATCH"]
@@ -172,7 +173,10 @@ def send(port: int, data: bytes, tls_host: str | None = None, ca: str | None = N
 
     With `answered`, the client waits for a whole answer (or `quiet` seconds without one)
     before it says it is done: mitmproxy takes a client's half-close as a disconnect, and
-    drops the answer. Then it half-closes, and the server ends the connection."""
+    drops the answer. Then it half-closes, and the server ends the connection. All of it
+    within `timeout` seconds: a server that keeps the client longer (by dripping, say)
+    raises TimeoutError, so a case costs at most `timeout` whatever the server does."""
+    deadline = time.monotonic() + timeout
     raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sock: socket.socket = raw
     received = b""
@@ -184,7 +188,7 @@ def send(port: int, data: bytes, tls_host: str | None = None, ca: str | None = N
             if answered is not None:
                 sock.settimeout(quiet)
                 try:
-                    while not answered(received) and (chunk := sock.recv(65536)):
+                    while not answered(received) and time.monotonic() < deadline and (chunk := sock.recv(65536)):
                         received += chunk
                 except TimeoutError:
                     pass
@@ -195,6 +199,9 @@ def send(port: int, data: bytes, tls_host: str | None = None, ca: str | None = N
         except (OSError, ssl.SSLError):
             pass  # the server hung up first: read what it said
         while True:
+            if (left := deadline - time.monotonic()) <= 0:
+                raise TimeoutError(f"the server kept the client past {timeout:g}s")
+            sock.settimeout(left)
             try:
                 chunk = sock.recv(65536)
             except (ConnectionResetError, ssl.SSLError):

@@ -475,8 +475,8 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("listener", list(LIMIT))
-def test_past_the_connection_limit_the_next_client_is_refused_and_the_listener_recovers(crowded, tokens, askpass,
-                                                                                         listener):  # noqa: F811
+def test_past_the_connection_limit_the_next_client_is_refused_and_the_listener_recovers(
+        crowded, tokens, askpass, listener):  # noqa: F811
     held = hold_open(listener_port(crowded, listener), LIMIT[listener])
     try:
         expected = REFUSED[listener].format(port=listener_port(crowded, listener))

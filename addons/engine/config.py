@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -591,25 +592,14 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
         if c.kind == "ssh" and c.command_timeout >= limits.idle:  # a silent command's stream would close first
             raise ConfigError(f"{path}: connections[{n}].command_timeout: {c.command_timeout:g}s is not shorter than "
                               f"limits.idle ({limits.idle:g}s), after which the gateway closes a stream without output")
-    listeners: dict[tuple[str, int], Connection] = {}
-    for c in connections:
-        if c.listen is None:
-            continue
-        other = listeners.setdefault(c.listen, c)
-        if other.limits != c.limits:  # one listener, one set of limits (ssh connections share an address)
-            raise ConfigError(f"{path}: connections: {other.name} and {c.name} listen on "
-                              f"{c.listen[0]}:{c.listen[1]} with different limits")
-    trust: dict[tuple[str, int], Connection] = {}
-    for c in connections:
-        if c.upstream is None:
-            continue
-        other = trust.setdefault((c.upstream.host, c.upstream.port), c)
-        for setting in ("ca_file", "client_cert"):
-            if getattr(other, setting) != getattr(c, setting):  # upstream TLS is chosen by address
-                raise ConfigError(
-                    f"{path}: connections: {other.name} and {c.name} send to the same upstream "
-                    f"{c.upstream.host}:{c.upstream.port} with different tls.{setting}"
-                )
+    if clash := _disagreeing(connections, lambda c: c.listen, ("limits",)):  # one listener, one set of limits
+        other, c, _ = clash  # (ssh connections share an address)
+        raise ConfigError(f"{path}: connections: {other.name} and {c.name} listen on "
+                          f"{c.listen[0]}:{c.listen[1]} with different limits")
+    if clash := _disagreeing(connections, _upstream_address, ("ca_file", "client_cert")):  # TLS is chosen by address
+        other, c, setting = clash
+        raise ConfigError(f"{path}: connections: {other.name} and {c.name} send to the same upstream "
+                          f"{c.upstream.host}:{c.upstream.port} with different tls.{setting}")
     rules = raw["rules"]
     store = _store(raw["store"], base, path)
     masking = _masking(raw.get("masking", {}), base, store.directory, path) if secrets else MaskingConfig()
@@ -630,6 +620,25 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
                               drain_delay=parse_duration(gateway.get("drain_delay", "1s"))),
         digest=hashlib.sha256((canonical(raw) + hashlib.sha256(masking.hash_key).hexdigest()).encode()).hexdigest(),
     )
+
+
+def _disagreeing(connections: tuple[Connection, ...], key: Callable[[Connection], Any],
+                 settings: tuple[str, ...]) -> tuple[Connection, Connection, str] | None:
+    """The first two connections with the same `key` (None: none) that differ in one of
+    `settings`, and that setting: what one address must have once only."""
+    first: dict[Any, Connection] = {}
+    for c in connections:
+        if (k := key(c)) is None:
+            continue
+        other = first.setdefault(k, c)
+        for setting in settings:
+            if getattr(other, setting) != getattr(c, setting):
+                return other, c, setting
+    return None
+
+
+def _upstream_address(c: Connection) -> tuple[str, int] | None:
+    return (c.upstream.host, c.upstream.port) if c.upstream is not None else None
 
 
 def canonical(raw: Any) -> str:

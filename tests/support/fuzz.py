@@ -6,6 +6,7 @@ and returns everything the server said before it closed."""
 
 from __future__ import annotations
 
+import base64
 import random
 import socket
 import ssl
@@ -28,8 +29,12 @@ FIELDS = [b"Host: api.test", b"Host: other.test", b"Host: custody.gateway", b"Ho
           b"Proxy-Authorization: Basic !!!", b"Proxy-Authorization: Bearer x.y.z", b"Authorization: Bearer x.y.z",
           b"X-Custody-Task: " + b"t" * 4000, b"X-Custody-Agent: a\r\nX-Custody-Agent: b", b"Connection: close",
           b"X-Long: " + b"v" * 70000, b"Content-Type: application/json", b"Cookie: a=b"]
+DEEP_ATTRIBUTES = b"x-custody." + base64.urlsafe_b64encode(b"[" * 12000 + b"]" * 12000) + b":x.y.z"
 ODD_FIELDS = [b"Bad Name: x", b": no-name", b"\xc3\x28: \xc3\x28", b"Content-Length: -1", b"Content-Length: 99999999999",
-              b"Content-Length: 3\r\nContent-Length: 4", b"Transfer-Encoding: gzip, chunked", b"X-Nul: a\x00b"]
+              b"Content-Length: 3\r\nContent-Length: 4", b"Transfer-Encoding: gzip, chunked", b"X-Nul: a\x00b",
+              # tokens that are not: other bytes, a lone dot, attributes nested past what json parses
+              b"Proxy-Authorization: Bearer e\xffJ.e30.c2ln", b"Proxy-Authorization: Bearer a.b.c.d",
+              b"Authorization: Bearer \xc3\xa9.e30.", b"Proxy-Authorization: Basic " + base64.b64encode(DEEP_ATTRIBUTES)]
 BODIES = [b"hello", b"0\r\n\r\n", b"5\r\nhello\r\n0\r\n\r\n", b"zz\r\nhello\r\n", b'{"amount": 5000}']
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 CREDENTIALS = b"X-Fuzz-Credentials: here"

@@ -8,6 +8,7 @@ order of a request's story (docs/design.md):
                                          readiness, stopping (before the store: its done)
     auditlog, approvalbook, maskpool,    shared services, no flow hooks: the audit store,
     sessions                             the approvals, the masking workers, pg sessions
+    limits                               what one client may cost: connections, time, headers
     wellknown                            the gateway's public endpoints (no token needed)
     identity → classify                  who is asking; which connection, what it does
     pgplanner, sshplanner                what a statement or command line does in its session
@@ -38,6 +39,7 @@ from addons.gate import Gate
 from addons.hardening import Hardening
 from addons.hold import Hold
 from addons.identity import Identity
+from addons.limits import Limits
 from addons.masking import Masking
 from addons.maskpool import MaskPool
 from addons.mcpguard import McpGuard
@@ -73,6 +75,7 @@ def build() -> list:
         book,
         pool,
         sessions,
+        Limits(settings),
         WellKnown(settings, replica),
         Identity(settings),
         Classify(settings),

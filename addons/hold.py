@@ -140,7 +140,7 @@ class Hold:
         return await self.book.open(
             c.principal, c.recorded_operation,
             {"method": f.request.method, "url": f.request.pretty_url,
-             "headers": headers_for_record(f.request.headers),
+             "headers": headers_for_record(f.request.headers.items(multi=True)),  # one pass, as sent
              "body": withheld or (body or b"")[:max_body].decode(errors="replace"), "body_size": len(raw)},
             fp, decision, f.id, c.session,
         )

@@ -35,7 +35,8 @@ from addons.engine.tokens import TokenError, Verifier
 from addons.failclosed import guarded
 from addons.settings import Settings
 
-ASSERTED_HEADERS = {f"x-custody-{name}": name for name in AGENT_ATTRIBUTES}
+ASSERTED_PREFIX = "x-custody-"
+ASSERTED_HEADERS = {f"{ASSERTED_PREFIX}{name}": name for name in AGENT_ATTRIBUTES}
 MAX_ASSERTED = 256
 ATTRIBUTES_USER = "x-custody."
 OPERATOR = Principal(subject=CONSOLE, issuer="mitmproxy")
@@ -68,7 +69,7 @@ def user_attributes(user: str) -> dict[str, str]:
     encoded = user[len(ATTRIBUTES_USER):]
     try:
         document = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
-    except ValueError:
+    except (ValueError, RecursionError):  # not base64url, not JSON, or nested past what json parses
         return {}
     if not isinstance(document, dict):
         return {}
@@ -85,13 +86,20 @@ def bearer_token(headers: http.Headers) -> str | None:
 
 def asserted(headers: http.Headers) -> dict[str, str]:
     """The agent's own claims about itself, pulled off the request (every X-Custody-*
-    header is the gateway's, so none goes upstream; the known ones are kept)."""
-    out = {}
-    for header in [h for h in headers if h.lower().startswith("x-custody-")]:
-        value = headers.pop(header)
-        if (name := ASSERTED_HEADERS.get(header.lower())) is not None:
-            out[name] = value[:MAX_ASSERTED]
-    return out
+    header is the gateway's, so none goes upstream; the known ones are kept, repeated ones
+    folded as HTTP folds them). One pass over the fields: popping header by header would
+    walk them all once per header."""
+    values: dict[str, list[str]] = {}
+    kept = []
+    for field in headers.fields:
+        name = field[0].decode("utf-8", "surrogateescape").lower()
+        if not name.startswith(ASSERTED_PREFIX):
+            kept.append(field)
+        elif (attribute := ASSERTED_HEADERS.get(name)) is not None:
+            values.setdefault(attribute, []).append(field[1].decode("utf-8", "surrogateescape"))
+    if len(kept) != len(headers.fields):
+        headers.fields = tuple(kept)
+    return {name: ", ".join(parts)[:MAX_ASSERTED] for name, parts in values.items()}
 
 
 class Identity:

@@ -74,6 +74,15 @@ def test_base_parses(tmp_path):
         ("identity.issuers.0.leeway", "soon", "identity.issuers[0].leeway: 'soon' does not match"),
         ("identity.dev_issuer", {"enabled": True}, "identity.dev_issuer.key_file: required when enabled"),
         ("identity.colour", "blue", "identity: unknown field ('colour' was unexpected)"),
+        ("limits", {"connections": 0}, "limits.connections: 0 is less than the minimum of 1"),
+        ("limits", {"authenticate": 0}, "limits.authenticate: must be more than 0"),
+        ("limits", {"idle": "0s"}, "limits.idle: must be more than 0"),
+        ("limits", {"header_lines": 2}, "limits.header_lines: 2 is less than the minimum of 8"),
+        ("limits", {"header_bytes": 100}, "limits.header_bytes: 100 is less than the minimum of 1024"),
+        ("limits", {"idle": "soon"}, "limits.idle: 'soon' does not match"),
+        ("connections.0.limits", {"header_lines": 10}, "connections[0].limits: unknown field ('header_lines' was unexpected)"),
+        ("connections.0.limits", {"idle": "5m"}, "connections[0].limits.idle: only the bridges (postgres, ssh) have their own"),
+        ("connections.0.limits", {"authenticate": 0}, "connections[0].limits.authenticate: must be more than 0"),
     ],
 )
 def test_errors_name_file_and_field(tmp_path, change, value, message):
@@ -239,3 +248,44 @@ def test_only_http_connections_route_case_insensitively(tmp_path):
     doc["connections"][0]["kind"] = "kubernetes"
     with pytest.raises(config.ConfigError, match=r"connections\[0\].paths: only http connections"):
         config.parse(doc, str(tmp_path / "c.yaml"))
+
+
+def test_limits_default_and_a_connection_s_own_override_the_top_level(tmp_path):
+    assert config.parse(BASE, str(tmp_path / "c.yaml")).limits == config.LimitsConfig(
+        connections=1000, authenticate=30.0, idle=600.0, header_lines=100, header_bytes=65536)
+    doc = with_("limits", {"connections": 50, "idle": "2m", "header_lines": 40})
+    doc["connections"].append({"name": "db", "kind": "postgres", "hosts": ["db.internal"],
+                               "upstream": "postgresql://127.0.0.1:5432/shop", "listen": "127.0.0.1:15432",
+                               "credential": {"type": "password", "username": "app", "secret": "env:HOME"},
+                               "limits": {"connections": 5, "idle": "1h"}})
+    cfg = config.parse(doc, str(tmp_path / "c.yaml"))
+    api, db = cfg.connections[:2]
+    assert cfg.limits == config.LimitsConfig(connections=50, idle=120.0, header_lines=40)
+    assert api.limits == cfg.limits
+    assert db.limits == config.LimitsConfig(connections=5, authenticate=30.0, idle=3600.0, header_lines=40)
+
+
+def test_an_ssh_command_ends_before_the_gateway_would_close_its_silent_stream(tmp_path):
+    (tmp_path / "known_hosts").write_text("")
+    conn = {"name": "web", "kind": "ssh", "hosts": ["web.internal"], "upstream": "ssh://deploy@10.0.0.5:22",
+            "credential": {"type": "private_key", "secret": "env:HOME"}, "known_hosts": "known_hosts",
+            "command_timeout": "10m"}
+    doc = {"connections": [conn], "rules": "rules", "store": {"path": "a.db"}}
+    with pytest.raises(config.ConfigError, match=re.escape(
+            "connections[0].command_timeout: 600s is not shorter than limits.idle (600s)")):
+        config.parse(doc, str(tmp_path / "c.yaml"))
+    doc["limits"] = {"idle": "11m"}
+    assert config.parse(doc, str(tmp_path / "c.yaml")).connections[0].command_timeout == 600.0
+
+
+def test_one_listen_address_has_one_set_of_limits(tmp_path):
+    (tmp_path / "known_hosts").write_text("")
+    web = {"kind": "ssh", "upstream": "ssh://deploy@10.0.0.5:22", "credential": {"type": "private_key", "secret": "env:HOME"},
+           "known_hosts": "known_hosts", "listen": "127.0.0.1:2222"}
+    doc = {"connections": [{"name": "a", "hosts": ["a.internal"], **web},
+                           {"name": "b", "hosts": ["b.internal"], "limits": {"connections": 5}, **web}],
+           "rules": "rules", "store": {"path": "a.db"}}
+    with pytest.raises(config.ConfigError, match="a and b listen on 127.0.0.1:2222 with different limits"):
+        config.parse(doc, str(tmp_path / "c.yaml"))
+    doc["connections"][0]["limits"] = {"connections": 5}
+    assert config.parse(doc, str(tmp_path / "c.yaml")).connections[1].limits.connections == 5

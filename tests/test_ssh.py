@@ -294,7 +294,8 @@ def test_sftp_is_refused(bridge, gw, tokens):
 # identity and the host key
 
 
-@pytest.mark.parametrize("password", ["not-a-jwt", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."])
+@pytest.mark.parametrize("password", ["not-a-jwt", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.",
+                                      "eyJh bGciOiJub25lIn0.e30.c2ln", "eyJ\u00e9.e30.c2ln"])  # a space; not ASCII
 def test_bad_tokens_are_refused_before_the_host(bridge, gw, askpass, sshd, password):
     before = sshd.accepted()
     done = ssh(gw, askpass, password, "id")

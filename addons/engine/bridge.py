@@ -44,7 +44,9 @@ from typing import Any
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping
 
+from addons.engine.errors import Error
 from addons.engine.model import AGENT_ATTRIBUTES
+from addons.engine.tokens import well_formed
 
 SQL_REQUEST = "application/vnd.custody.sql-request+json"
 """pg_bridge requests ({"sql": …, "params": […]}): masked for the record as SQL text (Masker.sql_request)."""
@@ -234,6 +236,11 @@ async def read_fields(reader: asyncio.StreamReader) -> dict[str, str]:
 
 
 def _request(contract: Contract, host: str, token: str, session: str) -> dict[str, str]:
+    """A step's headers. The token is the client's password, as it typed it: one that is
+    not shaped as a JWT is refused here, as the gateway would refuse it, since in the
+    header it could end the line and write the rest of the request head itself."""
+    if not well_formed(token):
+        raise Refusal(407, {"decision": "deny", "error": Error.UNAUTHENTICATED, "reason": "malformed token"})
     return {"host": host, "proxy-authorization": f"Bearer {token}", "content-type": contract.requests,
             contract.session_header: session}
 

@@ -15,7 +15,8 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -143,6 +144,20 @@ class McpSettings:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may cost a listener: open connections, the time from connect to
+    authenticated (the first request head on the gateway's listeners, a finished login on
+    the bridges), idle time, and the size of a request's header block. Each listener bounds
+    its own clients, so a flood on one port leaves the others serving."""
+
+    connections: int = 1000
+    authenticate: float = 30.0
+    idle: float = 600.0
+    header_lines: int = 100
+    header_bytes: int = 65536
+
+
+@dataclass(frozen=True)
 class Connection:
     """A registered target: traffic to anything else is refused."""
 
@@ -164,6 +179,8 @@ class Connection:
     case_insensitive_paths: bool = False
     """http: the backend routes /ADMIN as /admin, so rules match paths folded to lower case."""
     mcp: McpSettings | None = None
+    limits: LimitsConfig = LimitsConfig()
+    """Its own listener's (`listen`): the top-level limits, with the connection's own on top."""
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -285,6 +302,7 @@ class Config:
     store: StoreConfig
     approvals: ApprovalsConfig
     masking: MaskingConfig
+    limits: LimitsConfig = LimitsConfig()
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
     digest: str = ""
     """SHA-256 of the configuration as parsed, and of the masking key: replicas that differ
@@ -316,7 +334,21 @@ def _upstream(url: str, kind: str, where: str) -> Upstream:
 DEFAULT_TOKEN_HEADER = {"kubernetes": "authorization", "mcp": "authorization"}
 
 
-def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = True) -> Connection:
+BRIDGED = ("postgres", "ssh")
+"""Kinds whose `listen` is a bridge's, outside the gateway: they alone have an idle time of their own."""
+
+
+def _limits(raw: dict[str, Any], inherited: LimitsConfig, where: str) -> LimitsConfig:
+    """`inherited` with the values `raw` sets; times must be more than zero."""
+    values = {k: parse_duration(v) if k in ("authenticate", "idle") else v for k, v in raw.items()}
+    for name in ("authenticate", "idle"):
+        if values.get(name) == 0:
+            raise ConfigError(f"{where}.{name}: must be more than 0")
+    return replace(inherited, **values)
+
+
+def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = True,
+                limits: LimitsConfig = LimitsConfig()) -> Connection:
     credential = None
     if "credential" in raw:
         try:
@@ -352,6 +384,9 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
         raise ConfigError(f"{where}.paths: only http connections can route case-insensitively")
     if credential is not None and credential.type == "oauth" and raw["kind"] != "mcp":
         raise ConfigError(f"{where}.credential: type oauth is for mcp connections")
+    if "idle" in raw.get("limits", {}) and raw["kind"] not in BRIDGED:
+        raise ConfigError(f"{where}.limits.idle: only the bridges (postgres, ssh) have their own; the gateway's "
+                          "listeners share limits.idle")
     mcp = _mcp(raw, base, where, secrets) if raw["kind"] == "mcp" else None
     if "mcp" in raw and mcp is None:
         raise ConfigError(f"{where}.mcp: only for mcp connections")
@@ -373,6 +408,7 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
         command_timeout=parse_duration(raw.get("command_timeout", "5m")),
         case_insensitive_paths=raw.get("paths") == "case-insensitive",
         mcp=mcp,
+        limits=_limits(raw.get("limits", {}), limits, f"{where}.limits"),
     )
 
 
@@ -532,8 +568,9 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
         )
     base = Path(path).resolve().parent
     try:
+        limits = _limits(raw.get("limits", {}), LimitsConfig(), "limits")
         connections = tuple(
-            _connection(c, base, f"connections[{n}]", secrets) for n, c in enumerate(raw["connections"])
+            _connection(c, base, f"connections[{n}]", secrets, limits) for n, c in enumerate(raw["connections"])
         )
         identity = _identity(raw.get("identity", {}), base)
     except ConfigError as e:
@@ -551,17 +588,18 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
     names = [c.name for c in connections]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: connections: duplicate connection name")
-    trust: dict[tuple[str, int], Connection] = {}
-    for c in connections:
-        if c.upstream is None:
-            continue
-        other = trust.setdefault((c.upstream.host, c.upstream.port), c)
-        for setting in ("ca_file", "client_cert"):
-            if getattr(other, setting) != getattr(c, setting):  # upstream TLS is chosen by address
-                raise ConfigError(
-                    f"{path}: connections: {other.name} and {c.name} send to the same upstream "
-                    f"{c.upstream.host}:{c.upstream.port} with different tls.{setting}"
-                )
+    for n, c in enumerate(connections):
+        if c.kind == "ssh" and c.command_timeout >= limits.idle:  # a silent command's stream would close first
+            raise ConfigError(f"{path}: connections[{n}].command_timeout: {c.command_timeout:g}s is not shorter than "
+                              f"limits.idle ({limits.idle:g}s), after which the gateway closes a stream without output")
+    if clash := _disagreeing(connections, lambda c: c.listen, ("limits",)):  # one listener, one set of limits
+        other, c, _ = clash  # (ssh connections share an address)
+        raise ConfigError(f"{path}: connections: {other.name} and {c.name} listen on "
+                          f"{c.listen[0]}:{c.listen[1]} with different limits")
+    if clash := _disagreeing(connections, _upstream_address, ("ca_file", "client_cert")):  # TLS is chosen by address
+        other, c, setting = clash
+        raise ConfigError(f"{path}: connections: {other.name} and {c.name} send to the same upstream "
+                          f"{c.upstream.host}:{c.upstream.port} with different tls.{setting}")
     rules = raw["rules"]
     store = _store(raw["store"], base, path)
     masking = _masking(raw.get("masking", {}), base, store.directory, path) if secrets else MaskingConfig()
@@ -576,11 +614,31 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
         store=store,
         approvals=_approvals(raw.get("approvals", {}), raw.get("notify", {}), gateway_host),
         masking=masking,
+        limits=limits,
         replica=ReplicaConfig(grace=parse_duration(gateway.get("grace", "10s")),
                               lease=parse_duration(gateway.get("lease", "10s")),
                               drain_delay=parse_duration(gateway.get("drain_delay", "1s"))),
         digest=hashlib.sha256((canonical(raw) + hashlib.sha256(masking.hash_key).hexdigest()).encode()).hexdigest(),
     )
+
+
+def _disagreeing(connections: tuple[Connection, ...], key: Callable[[Connection], Any],
+                 settings: tuple[str, ...]) -> tuple[Connection, Connection, str] | None:
+    """The first two connections with the same `key` (None: none) that differ in one of
+    `settings`, and that setting: what one address must have once only."""
+    first: dict[Any, Connection] = {}
+    for c in connections:
+        if (k := key(c)) is None:
+            continue
+        other = first.setdefault(k, c)
+        for setting in settings:
+            if getattr(other, setting) != getattr(c, setting):
+                return other, c, setting
+    return None
+
+
+def _upstream_address(c: Connection) -> tuple[str, int] | None:
+    return (c.upstream.host, c.upstream.port) if c.upstream is not None else None
 
 
 def canonical(raw: Any) -> str:

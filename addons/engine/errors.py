@@ -11,6 +11,8 @@ from enum import StrEnum
 
 
 class Error(StrEnum):
+    # limits
+    HEADERS_TOO_LARGE = "headers_too_large"  # more header lines or bytes than limits allow (431)
     # identity
     UNAUTHENTICATED = "unauthenticated"  # no token, or one that did not verify (401/407)
     # classify

@@ -81,8 +81,17 @@ class Request:
 
 
 def canonical_json(value: Any) -> str:
-    """The one JSON encoding of audit data: sorted keys, no spaces, UTF-8 kept."""
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    """The one JSON encoding of audit data: sorted keys, no spaces, UTF-8 kept (and a
+    byte that was not UTF-8 escaped: `storable`)."""
+    return storable(json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False))
+
+
+def storable(text: str) -> str:
+    """`text` as UTF-8 can carry it, for the store and for hashing. A byte of a URL or a
+    header that was not UTF-8 reaches us as a lone surrogate (mitmproxy decodes with
+    surrogateescape), which no UTF-8 encoder takes: it becomes its escape, `\\udcff`, which
+    inside JSON reads back as the same character. Other text is unchanged."""
+    return text.encode("utf-8", "backslashreplace").decode()
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from addons.engine.config import StoreConfig
-from addons.engine.model import Decision, Operation, Principal, canonical_json, new_id
+from addons.engine.model import Decision, Operation, Principal, canonical_json, new_id, storable
 
 GENESIS = "0" * 64
 SCHEMA_VERSION = 3  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
@@ -214,7 +214,7 @@ class Event:
         if self.body is not None and self.body_digest is None:
             self.body_digest = digest(self.body)
         detail = {**self.detail, "decision": d.as_dict()} if d else self.detail
-        return {
+        row = {
             "id": self.id,
             "ts": self.ts,
             "kind": self.kind,
@@ -241,6 +241,7 @@ class Event:
             "body_digest": self.body_digest,
             "body_size": self.body_size,
         }
+        return {k: storable(v) if isinstance(v, str) else v for k, v in row.items()}  # any request can be recorded
 
 
 def _canonical(values: list[Any]) -> str:

@@ -67,6 +67,10 @@ def test_the_scans_change_no_finding_on_the_corpus(monkeypatch):
         ("phone", "(212) 717-6491", "PHONE_NUMBER"),
         ("phone", "030 12345678", "PHONE_NUMBER"),
         ("", "goran.tanaka77@mail.de", "EMAIL_ADDRESS"),
+        ("", "4111 1111 1111 1111", "CREDIT_CARD"),
+        ("", "3782 822463 10005", "CREDIT_CARD"),  # Amex's own grouping
+        ("", "4222 222 222 222", "CREDIT_CARD"),
+        ("", "6011-0009-9013-9424", "CREDIT_CARD"),
     ],
 )
 def test_each_spelling_is_scanned_and_found(detector, name, value, entity):
@@ -87,6 +91,7 @@ def test_each_spelling_is_scanned_and_found(detector, name, value, entity):
         "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",  # sha256
         "registry.local/app:v1.23.37",
         "order-7343222",
+        "1764633600123",  # epoch milliseconds
     ],
 )
 def test_technical_values_wake_no_recognizer(value):

@@ -201,7 +201,9 @@ SCANS = {
     "JWT": (r"eyJ",),
     "PRIVATE_KEY": (r"PRIVATE KEY-----",),
     "URL_CREDENTIAL": (r"://",),
-    "CREDIT_CARD": (r"\d{4}[ -]?\d{4}[ -]?\d{4}[ -]?\d",),
+    # the recognizer's own pattern without its word boundaries: groups of 3 to 5 digits, so
+    # Amex's 4-6-5 ("3782 822463 10005") too; not a 13-digit number starting with 1 (epoch ms)
+    "CREDIT_CARD": (r"(?!1\d{12}(?!\d))[13456]\d{3}[- ]?\d{3,4}[- ]?\d{3,4}[- ]?\d{3,5}",),
     "IBAN_CODE": (r"[A-Z]{2}\d{2} ?[A-Z0-9]{4}",),
     # the part of PhoneNumbers.CANDIDATE every match has (not "+\d": "+02:00" ends timestamps)
     "PHONE_NUMBER": (r"\(\d{2,4}\)", r"\d{2,4}[\s.\-/]\d{3,4}[\s.\-]?\d{3,4}"),

@@ -52,6 +52,8 @@ def is_stream(f: http.HTTPFlow) -> bool:
     op = context.of(f).operation
     if op is not None and op.protocol == "kubernetes":
         return op.details.get("stream", False)  # watch (by query or path) and logs -f
+    if "?" not in f.request.path:
+        return False  # no query to parse (every response asks, masked or not)
     query = f.request.query
     return query.get("watch", "") in ("true", "1") or query.get("follow", "") in ("true", "1")
 

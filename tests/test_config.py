@@ -57,7 +57,7 @@ def test_base_parses(tmp_path):
 @pytest.mark.parametrize(
     "change, value, message",
     [
-        ("connections.0.kind", "ftp", "connections[0].kind: 'ftp' is not one of ['http', 'kubernetes', 'postgres', 'ssh', 'mcp']"),
+        ("connections.0.kind", "ftp", "connections[0].kind: 'ftp' is not one of ['http', 'kubernetes', 'postgres', 'ssh', 'mcp', 'llm']"),
         ("connections.0.name", "Bad Name", "connections[0].name: 'Bad Name' does not match"),
         ("connections.0.hosts", [], "connections[0].hosts: [] should be non-empty"),
         ("connections.0.credential.secret", "hunter2", "connections[0].credential.secret: 'hunter2' does not match"),

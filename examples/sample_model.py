@@ -114,6 +114,7 @@ def read_messages(doc: dict[str, Any]) -> Conversation:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # small writes (headers, then each event) go out at once, not after a delayed ACK
     key = ""
     plans: dict[str, list] = {}
     log_file = ""

@@ -151,6 +151,21 @@ def test_the_ledger_keeps_tool_calls_per_principal_and_run_newest_first_until_th
     assert ledger.recent(key_of(AGENT), now=30) == []
 
 
+@pytest.mark.parametrize("remembered, now, left", [
+    ([("a", 50), ("b", 40), ("c", 60)], 10, ["c", "b", "a"]),
+    ([("a", 50), ("b", 40), ("c", 60)], 45, ["c", "a"]),  # a call in the middle expired first
+    ([("a", 60), ("b", 20), ("c", 30)], 25, ["c", "a"]),  # connections remember for different times
+    ([("a", 60), ("b", 20), ("c", 30)], 30, ["a"]),  # a call expires at its time, not after
+    ([("a", 20), ("b", 30)], 99, []),
+])
+def test_the_ledger_drops_every_expired_call_whatever_its_place(remembered, now, left):
+    ledger = Ledger()
+    for n, (tool, expires) in enumerate(remembered):
+        ledger.remember(key_of(AGENT), [asked(tool, {}, n, expires=expires)])
+    assert [a.tool for a in ledger.recent(key_of(AGENT), now=now)] == left
+    assert [a.tool for a in ledger.recent(key_of(AGENT), now=now)] == left  # and stay dropped
+
+
 def test_the_ledger_forgets_the_least_recent_principals_first():
     ledger = Ledger(keys=2)
     for n in range(3):

@@ -97,8 +97,8 @@ class Ledger:
         kept = self.calls.get(key)
         if not kept:
             return []
-        while kept and kept[0].expires <= now:
-            kept.popleft()
+        if any(a.expires <= now for a in kept):  # connections remember for different times
+            kept = self.calls[key] = deque((a for a in kept if a.expires > now), maxlen=self.per_key)
         return list(reversed(kept))
 
     def forget(self, event: str) -> None:

@@ -123,7 +123,7 @@ class ModelGuard:
         try:
             completion = llm.read_completion(name, json.loads(content))
         except (ValueError, UnicodeDecodeError, llm.Unreadable) as e:
-            failclosed.refuse(f, 502, f"the model server's answer is not a {llm.API_NAMES[name]} completion "
+            failclosed.refuse(f, 502, f"the model server's answer is not a completion of {llm.API_NAMES[name]} "
                                       f"({e}); it was not sent", error=Error.INVALID_COMPLETION)
             return
         if c.decision.masks:

@@ -71,6 +71,12 @@ class ApproverAPI:
         except ApprovalError as e:
             failclosed.refuse(f, e.status, str(e), error=e.error)
             return
+        except Exception as e:
+            if self.book.log.problem is None:
+                raise  # not the store: a gateway error (failclosed.guarded)
+            failclosed.refuse(f, 503, f"audit store unavailable ({type(e).__name__}); no vote was counted",
+                              error=Error.AUDIT_UNAVAILABLE)
+            return
         self._answer(f, 200, document)
 
     async def _route(self, f: http.HTTPFlow, c: context.Context, approval_id: str | None, action: str | None):
@@ -78,13 +84,14 @@ class ApproverAPI:
         if approval_id is None and method == "GET":
             q = f.request.query
             limit = min(int(q.get("limit", "100")) if q.get("limit", "100").isdigit() else 100, 1000)
-            found = self.book.list(q.get("state"), q.get("connection"), q.get("requester"), limit, viewer=c.principal)
+            found = await self.book.list(q.get("state"), q.get("connection"), q.get("requester"), limit,
+                                         viewer=c.principal)
             return {"approvals": [a.document() for a in found]}
         if approval_id is not None and action is None and method == "GET":
-            approval = self.book.get(approval_id)
+            approval = await self.book.get(approval_id)
             if not visible(approval, c.principal):
                 raise ApprovalError(404, Error.NOT_FOUND, f"no approval {approval_id}")
-            return {**approval.document(), "timeline": self.book.timeline(approval_id)}
+            return {**approval.document(), "timeline": await self.book.timeline(approval_id)}
         if approval_id is not None and action is not None and method == "POST":
             reason = self._reason(f)
             if action == "deny" and not reason:

@@ -4,6 +4,8 @@ mitmproxy runs every hook in list order, response hooks included, so `build()` i
 order of a request's story (docs/design.md):
 
     hardening, settings                  options the chain needs; the configuration, once
+    replica                              this process among the gateway's replicas: lease,
+                                         readiness, stopping (before the store: its done)
     auditlog, approvalbook, maskpool,    shared services, no flow hooks: the audit store,
     sessions                             the approvals, the masking workers, pg sessions
     wellknown                            the gateway's public endpoints (no token needed)
@@ -50,6 +52,7 @@ from addons.policy import Policy
 from addons.promptmask import PromptMask
 from addons.provenance import Provenance
 from addons.recorder import Recorder
+from addons.replica import Replica
 from addons.settings import Settings
 from addons.wellknown import WellKnown
 from pg_bridge.terminal.executor import PgExecutor
@@ -69,15 +72,17 @@ def build() -> list:
     ssh = SshExecutor(settings)
     policy = Policy(settings)
     credentials = Credentials(settings)
+    replica = Replica(settings, log, book, policy, pool)
     ledger = Ledger()
     return [
         Hardening(),
         settings,
+        replica,
         log,
         book,
         pool,
         sessions,
-        WellKnown(settings),
+        WellKnown(settings, replica),
         Identity(settings),
         Classify(settings),
         PgPlanner(sessions, policy),
@@ -112,6 +117,10 @@ class Chain:
     @property
     def settings(self) -> Settings:
         return next(a for a in self.addons if isinstance(a, Settings))
+
+    @property
+    def replica(self) -> Replica:
+        return next(a for a in self.addons if isinstance(a, Replica))
 
 
 def _install_gate() -> None:

@@ -23,6 +23,7 @@ from tests.conftest import standard_identity
 from tests.support.approvals import Approver, listening, wait_for
 from tests.support.gateway import Gateway
 from tests.support.llm import ModelServer, anthropic_client, openai_client
+from tests.support.mcp import Raw, TicketDesk, answer
 from tests.support.servers import Route, Upstream, free_port
 
 MODEL = "custody-standin/scripted-1"
@@ -33,7 +34,9 @@ PLANS = {
     "order": [["inventory_api", {"method": "POST", "path": "/orders", "body": {"item": 1, "quantity": 500}}]],
     "small-order": [["inventory_api", {"method": "POST", "path": "/orders", "body": {"item": 2, "quantity": 5}}]],
     "leak": [{"say": f"Write to {EMAIL} with the key {PLANTED}."}],
+    "triage": [["search_tickets", {"query": "VPN"}]],
 }
+DESK_TOKEN, DESK_SECRET = "desk-credential-4c2f", "sk-desk-9Tz1"
 TOOLS = {"chat": [{"type": "function", "function": {"name": "inventory_api", "parameters": {"type": "object"}}}],
          "responses": [{"type": "function", "name": "inventory_api", "parameters": {"type": "object"}}],
          "messages": [{"name": "inventory_api", "input_schema": {"type": "object"}}]}
@@ -58,6 +61,14 @@ RULES = {
         {"id": "large-orders-reviewed", "match": {"connection": "api", "method": "POST", "path": "/orders",
                                                   "body": [{"path": "$.quantity", "op": "gt", "value": 100}]},
          "effect": "review", "review": {"approvers": ["group:managers"], "timeout": "1s"}}]},
+    "tickets.yaml": {"rules": [
+        {"id": "tickets-session", "match": {"connection": "tickets", "mcp": {"methods": ["initialize", "notifications/*",
+                                                                                      "tools/list"]}},
+         "effect": "allow"},
+        {"id": "searches-the-model-asked-for", "match": {"connection": "tickets", "mcp": {"tools": "search_tickets"},
+                                                         "provenance": "required"}, "effect": "allow"},
+        {"id": "unasked-searches-denied", "match": {"connection": "tickets", "mcp": {"tools": "search_tickets"},
+                                                    "provenance": "none"}, "effect": "deny"}]},
 }
 
 
@@ -113,7 +124,14 @@ def faulty():
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, jwks, model, api, faulty):
+def desk(tmp_path_factory):
+    server = TicketDesk(tmp_path_factory.mktemp("desk"), DESK_TOKEN, DESK_SECRET, "--json-response")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, jwks, model, api, faulty, desk):
     directory = tmp_path_factory.mktemp("llm-gateway")
     connections = [
         {"name": "openai", "kind": "llm", "hosts": ["models.test"], "upstream": model.url,
@@ -125,9 +143,11 @@ def gw(tmp_path_factory, jwks, model, api, faulty):
         {"name": "broken", "kind": "llm", "hosts": ["broken.test"], "upstream": f"http://127.0.0.1:{faulty.port}",
          "llm": {"api": "openai"}},
         {"name": "api", "kind": "http", "hosts": ["api.test"], "upstream": f"http://127.0.0.1:{api.port}"},
+        {"name": "tickets", "kind": "mcp", "hosts": ["tickets.mcp.test"], "upstream": desk.url,
+         "credential": {"type": "bearer", "secret": "env:DESK_TOKEN"}, "mcp": {"tools": {"search_tickets": "read"}}},
     ]
     g = Gateway(directory, connections=connections, rules=RULES, identity=standard_identity(jwks),
-                env={"MODEL_KEY": model.key})
+                env={"MODEL_KEY": model.key, "DESK_TOKEN": DESK_TOKEN})
     approvals = free_port()
     g.config["approvals"] = {"listen": f"127.0.0.1:{approvals}", "sweep": "200ms"}
     g.config_file.write_text(yaml.safe_dump(g.config))
@@ -289,6 +309,43 @@ def test_writes_need_a_model_that_asked_for_them(gw, api, token, asked, body, he
         assert provenance_of["asserted"] == {"model": MODEL, "prompt": "call_0001"}
 
 
+def search(query: str, rid: int) -> dict:
+    return {"jsonrpc": "2.0", "id": rid, "method": "tools/call",
+            "params": {"name": "search_tickets", "arguments": {"query": query}}}
+
+
+@pytest.mark.parametrize("asked, body, outcomes, provenance", [
+    (True, search("VPN", 1), {1: "ran"}, ["exact"]),
+    (True, search("printer", 1), {1: "denied_by_policy"}, ["none"]),  # not what the model asked for
+    (False, search("VPN", 1), {1: "denied_by_policy"}, ["none"]),
+    # a batch is judged message by message: the one the model asked for alone would run, so neither does
+    (True, [search("VPN", 1), search("payroll", 2)], {1: "denied_by_policy", 2: "denied_by_policy"},
+     ["exact", "none"]),
+])
+def test_an_mcp_tool_call_carries_provenance_by_tool_and_arguments(gw, token, desk, asked, body, outcomes, provenance):
+    if asked:
+        subject, tok, completion, call = asked_for(gw, token, "triage")
+    else:
+        subject, tok = agent(token)
+    before = len(desk.calls("search_tickets"))
+    raw = Raw(gw, tok, "http://tickets.mcp.test/mcp")
+    raw.http.headers["x-custody-run"] = "run-1"
+    raw.initialize()
+    r = raw.post(body)
+    assert r.status_code == 200, r.text
+    answers = {m["id"]: m for m in (r.json() if isinstance(body, list) else [answer(r)])}
+    assert {rid: "ran" if "result" in m else m["error"]["data"]["error"] for rid, m in answers.items()} == outcomes
+    assert len(desk.calls("search_tickets")) == before + sum(o == "ran" for o in outcomes.values())
+    decision = [e for e in events(gw, "decision", subject)
+                if e["operation"]["details"].get("method") in ("tools/call", "(batch)")][-1]
+    parts = decision["operation"].get("parts") or [decision["operation"]]
+    assert [p["details"]["provenance"]["match"] for p in parts] == provenance
+    if provenance[0] == "exact":
+        found = parts[0]["details"]["provenance"]
+        assert (found["event"], found["tool_call"], found["tool"], found["arguments"]) == (
+            completion["id"], call, "search_tickets", {"query": "VPN"})
+
+
 def test_approvers_see_the_model_output_that_asked_for_the_request(gw, api, token):
     subject, tok, completion, call = asked_for(gw, token, "order")
     r = gw.session(tok).post("http://api.test/orders", json={"item": 1, "quantity": 500},
@@ -330,6 +387,8 @@ def test_a_planted_secret_in_a_prompt_never_reaches_the_model_server(gw, model, 
     assert "[GITHUB_TOKEN]" in reached[0]["body"] and "[EMAIL_ADDRESS]" in reached[0]["body"]
     request = events(gw, "request", subject)[0]
     assert PLANTED.encode() not in request["body"] and b"[GITHUB_TOKEN]" in request["body"]  # as it left
+    decision = events(gw, "decision", subject)[0]
+    assert PLANTED not in json.dumps(request["operation"]) + json.dumps(decision["operation"])  # its last message too
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "responses", "messages"])

@@ -13,7 +13,6 @@ import json
 import re
 import uuid
 
-import anthropic
 import openai
 import pytest
 import requests

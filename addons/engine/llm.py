@@ -394,17 +394,8 @@ def _messages_completion(doc: dict[str, Any]) -> Completion:
 def masked_text(masker: Masker, text: str, report: Report) -> str:
     """Text the conversation carries: a JSON document in it masked as one, other text by
     detection line by line (see the module's docstring)."""
-    stripped = text.strip()
-    if stripped[:1] in ("{", "["):
-        try:
-            doc = json.loads(stripped)
-        except ValueError:
-            doc = None
-        if isinstance(doc, (dict, list)):
-            before = report.masked
-            masked = masker.document(doc, report)
-            return text if report.masked == before else json.dumps(masked, ensure_ascii=False)
-    return masker.lines(text, report)
+    masked = masker.json_text(text, report)
+    return masker.lines(text, report) if masked is None else masked
 
 
 def masked_arguments(masker: Masker, text: str, report: Report) -> str:

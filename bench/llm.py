@@ -77,6 +77,17 @@ def gateway_config(work: Path, model_port: int, api_port: int) -> tuple[Path, st
     return cfg, devissuer.mint(dev, "bench-agent", groups=["bench"], ttl=3600)
 
 
+def ready(port: int, within: float = 60) -> None:
+    """Wait until the gateway says it is ready (`/readyz`: the store, the rules and the
+    masking workers, which start in the background)."""
+    deadline = time.monotonic() + within
+    with httpx.Client(proxy=f"http://127.0.0.1:{port}", trust_env=False) as http:
+        while http.get("http://custody.gateway/readyz").status_code != 200:
+            if time.monotonic() > deadline:
+                raise SystemExit("the gateway did not get ready")
+            time.sleep(0.2)
+
+
 def timed(fn, n: int) -> dict:
     fn()  # warm up: connections, caches
     latencies = []
@@ -128,7 +139,7 @@ def main() -> None:
     try:
         wait_port(port, gw)
         wait_port(api_port, api)
-        time.sleep(2)  # the masking workers start
+        ready(port)
         key = (work / "model" / "api.key").read_text().strip()
         model_tls = ssl.create_default_context(cafile=str(work / "model" / "ca.pem"))
         gateway_tls = ssl.create_default_context(cafile=str(work / "mitmproxy" / "mitmproxy-ca-cert.pem"))

@@ -1,17 +1,21 @@
 """Model traffic through a real gateway: the openai and anthropic SDKs calling the example's
 stand-in model served over HTTPS (examples/sample_model.py), in both wire formats, whole and
 streamed; a faulty model server (the suite's upstream, answering what no provider should)
-for answers that are not completions; and requests to an API that the model's tool calls
-asked for, or did not.
+for answers that are not completions; and requests that the model's tool calls asked for,
+or did not: to an API, to the sample MCP ticket desk, and to a real sshd through
+ssh_bridge.
 
 What reached the model server is read from its own log; what the gateway decided and
 recorded is read from the audit store."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
+
+import asyncssh
 
 import openai
 import pytest
@@ -23,7 +27,9 @@ from tests.support.approvals import Approver, listening, wait_for
 from tests.support.gateway import Gateway
 from tests.support.llm import ModelServer, anthropic_client, openai_client
 from tests.support.mcp import Raw, TicketDesk, answer
+from tests.support.pgbridge import BridgeProcess
 from tests.support.servers import Route, Upstream, free_port
+from tests.test_ssh import sshd  # noqa: F401  (the fixture: a real sshd)
 
 MODEL = "custody-standin/scripted-1"
 PLANTED = "ghp_" + "Rt7Yb2Qx9Lm4Vn8Kc3Zs6Hw1Jd5Fp0Ge2Ua7X"
@@ -34,6 +40,7 @@ PLANS = {
     "small-order": [["inventory_api", {"method": "POST", "path": "/orders", "body": {"item": 2, "quantity": 5}}]],
     "leak": [{"say": f"Write to {EMAIL} with the key {PLANTED}."}],
     "triage": [["search_tickets", {"query": "VPN"}]],
+    "host": [["ssh", {"command": "uname -s"}]],
 }
 DESK_TOKEN, DESK_SECRET = "desk-credential-4c2f", "sk-desk-9Tz1"
 TOOLS = {"chat": [{"type": "function", "function": {"name": "inventory_api", "parameters": {"type": "object"}}}],
@@ -66,6 +73,10 @@ RULES = {
          "effect": "allow"},
         {"id": "searches-the-model-asked-for", "match": {"connection": "tickets", "mcp": {"tools": "search_tickets"},
                                                          "provenance": "required"}, "effect": "allow"},
+        {"id": "commands-the-model-asked-for", "match": {"connection": "web", "provenance": "required"},
+         "effect": "allow"},
+        {"id": "unasked-commands-denied", "match": {"connection": "web", "provenance": "none"}, "effect": "deny",
+         "reason": "no model output asked for this command"},
         {"id": "unasked-searches-denied", "match": {"connection": "tickets", "mcp": {"tools": "search_tickets"},
                                                     "provenance": "none"}, "effect": "deny"}]},
 }
@@ -130,8 +141,9 @@ def desk(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, jwks, model, api, faulty, desk):
+def gw(tmp_path_factory, jwks, model, api, faulty, desk, sshd):  # noqa: F811  (sshd: the fixture imported above)
     directory = tmp_path_factory.mktemp("llm-gateway")
+    ssh_port = free_port()
     connections = [
         {"name": "openai", "kind": "llm", "hosts": ["models.test"], "upstream": model.url,
          "tls": {"ca_file": str(model.ca)}, "credential": {"type": "bearer", "secret": "env:MODEL_KEY"},
@@ -144,17 +156,27 @@ def gw(tmp_path_factory, jwks, model, api, faulty, desk):
         {"name": "api", "kind": "http", "hosts": ["api.test"], "upstream": f"http://127.0.0.1:{api.port}"},
         {"name": "tickets", "kind": "mcp", "hosts": ["tickets.mcp.test"], "upstream": desk.url,
          "credential": {"type": "bearer", "secret": "env:DESK_TOKEN"}, "mcp": {"tools": {"search_tickets": "read"}}},
+        {"name": "web", "kind": "ssh", "hosts": ["web.internal"], "upstream": f"ssh://{sshd.user}@127.0.0.1:{sshd.port}",
+         "credential": {"type": "private_key", "secret": f"file:{sshd.client_key}"}, "known_hosts": str(sshd.known_hosts),
+         "listen": f"127.0.0.1:{ssh_port}", "host_key": str(directory / "bridge_host_key")},
     ]
     g = Gateway(directory, connections=connections, rules=RULES, identity=standard_identity(jwks),
                 env={"MODEL_KEY": model.key, "DESK_TOKEN": DESK_TOKEN})
     approvals = free_port()
     g.config["approvals"] = {"listen": f"127.0.0.1:{approvals}", "sweep": "200ms"}
     g.config_file.write_text(yaml.safe_dump(g.config))
-    g.approvals_url = f"http://127.0.0.1:{approvals}"
+    g.approvals_url, g.ssh_port = f"http://127.0.0.1:{approvals}", ssh_port
     g.start()
     wait_for(lambda: listening(g.approvals_url))
     yield g
     g.stop()
+
+
+@pytest.fixture(scope="module")
+def bridge(gw, tmp_path_factory):
+    process = BridgeProcess(gw, gw.ssh_port, tmp_path_factory.mktemp("ssh-bridge") / "bridge.log", module="ssh_bridge")
+    yield process
+    process.stop()
 
 
 def agent(token, groups=("agents",)) -> tuple[str, str]:
@@ -343,6 +365,40 @@ def test_an_mcp_tool_call_carries_provenance_by_tool_and_arguments(gw, token, de
         found = parts[0]["details"]["provenance"]
         assert (found["event"], found["tool_call"], found["tool"], found["arguments"]) == (
             completion["id"], call, "search_tickets", {"query": "VPN"})
+
+
+async def on_host(gw: Gateway, tok: str, command: str) -> asyncssh.SSHCompletedProcess:
+    """One command through ssh_bridge with asyncssh, the crew run in the session's environment."""
+    async with asyncssh.connect("127.0.0.1", gw.ssh_port, username="agent+web", password=tok, known_hosts=None,
+                                client_keys=None, agent_path=None, config=None) as conn:
+        return await conn.run(command, env={"CUSTODY_RUN": "run-1"})
+
+
+@pytest.mark.parametrize("asked, command, exit_status, provenance", [
+    (True, "uname -s", 0, "exact"),
+    (True, "uname  '-s'", 0, "normalised"),  # the same words, quoted and spaced otherwise
+    (True, "uname -a", 126, "none"),  # not what the model asked for
+    (True, "uname -s; id", 126, "none"),  # more than it asked for
+    (False, "uname -s", 126, "none"),
+])
+def test_an_ssh_command_carries_provenance_by_its_words(gw, bridge, token, asked, command, exit_status, provenance):
+    if asked:
+        subject, tok, completion, call = asked_for(gw, token, "host")
+    else:
+        subject, tok = agent(token)
+    done = asyncio.run(on_host(gw, tok, command))
+    assert done.exit_status == exit_status, done.stderr
+    if exit_status == 0:
+        assert done.stdout.strip() == "Linux"
+    else:
+        assert done.stderr.startswith("custody: ") and done.stdout == ""
+        assert "no model output asked for this command (rules: unasked-commands-denied" in done.stderr
+    found = [e["operation"]["details"]["provenance"] for e in events(gw, "decision", subject)
+             if e["protocol"] == "ssh" and e["operation"]["details"]["provenance"]["match"] != "n/a"]
+    assert [f["match"] for f in found] == [provenance]
+    if provenance != "none":
+        assert (found[0]["event"], found[0]["tool_call"], found[0]["arguments"]) == (
+            completion["id"], call, {"command": "uname -s"})
 
 
 def test_approvers_see_the_model_output_that_asked_for_the_request(gw, api, token):

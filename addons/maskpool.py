@@ -27,7 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from addons.context import Context
-from addons.engine import mcp
+from addons.engine import llm, mcp
 from addons.engine.config import MaskingConfig
 from addons.engine.masks import (
     FRAMING_HEADERS,
@@ -84,9 +84,12 @@ def _ping() -> int:
 
 
 def masked_body(masker: Masker, content: bytes, content_type: str) -> tuple[bytes, Report]:
-    """A body masked as what it is: MCP messages message by message, anything else by type."""
+    """A body masked as what it is: MCP messages message by message, a model call's prompt
+    or completion part by part, anything else by type."""
     if content_type == mcp.MCP_MESSAGES:
         return mcp.mask_body(masker, content)
+    if content_type.startswith(llm.TYPE_PREFIX):
+        return llm.mask_body(masker, content, content_type)
     return masker.body(content, content_type)
 
 

@@ -57,7 +57,7 @@ def test_base_parses(tmp_path):
 @pytest.mark.parametrize(
     "change, value, message",
     [
-        ("connections.0.kind", "ftp", "connections[0].kind: 'ftp' is not one of ['http', 'kubernetes', 'postgres', 'ssh', 'mcp']"),
+        ("connections.0.kind", "ftp", "connections[0].kind: 'ftp' is not one of ['http', 'kubernetes', 'postgres', 'ssh', 'mcp', 'llm']"),
         ("connections.0.name", "Bad Name", "connections[0].name: 'Bad Name' does not match"),
         ("connections.0.hosts", [], "connections[0].hosts: [] should be non-empty"),
         ("connections.0.credential.secret", "hunter2", "connections[0].credential.secret: 'hunter2' does not match"),
@@ -132,10 +132,15 @@ def test_sample_configuration_is_valid(monkeypatch, tmp_path):
     doc["connections"][3]["known_hosts"] = "cluster-ca.pem"
     doc["connections"][4]["credential"]["secret"] = "file:sample-api.token"
     doc["connections"][5]["mcp"]["stdio"]["secrets"]["SAMPLE_MCP_SECRET"] = "file:sample-api.token"
+    for models in doc["connections"][6:8]:
+        models["credential"]["secret"] = "file:sample-api.token"
+        models["tls"]["ca_file"] = "cluster-ca.pem"
     (tmp_path / "cluster-ca.pem").write_text("")
     cfg = config.parse(doc, str(tmp_path / "custody.yaml"))
     assert [(c.name, c.kind, c.mcp.stdio is not None) for c in cfg.connections[4:6]] == [
         ("tickets", "mcp", False), ("tickets-local", "mcp", True)]
+    assert [(c.name, c.kind, c.llm.api, c.bearer_is_gateway) for c in cfg.connections[6:8]] == [
+        ("models", "llm", "openai", True), ("models-anthropic", "llm", "anthropic", True)]
     assert cfg.identity.dev_issuer is not None
     assert [(c.name, c.kind, c.bearer_is_gateway) for c in cfg.connections[:4]] == [
         ("sample-api", "http", False), ("prod-k8s", "kubernetes", True), ("prod-db", "postgres", False),

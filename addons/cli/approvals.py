@@ -78,6 +78,9 @@ def cmd_show(args: argparse.Namespace) -> int:
                     if k not in who.get("agent", {})))
     print(f"operation  {a['operation']['summary']}  [action {a['operation']['action']}, risk {a['operation']['risk']}]")
     print(f"why        {', '.join(a['rules'])}: {a['reason']}")
+    if p := a.get("provenance"):
+        print(f"asked by   no model output: {p['reason']}" if p["match"] == "none" else
+              f"asked by   {p['model']} ({p['match']} match of tool call {p['tool_call']}): {p['completion']}")
     print(f"approvers  {', '.join(a['approvers'])}")
     for v in a["votes"]:
         print(f"vote       {v['approver']} {v['vote']}d via {v['via']}" + (f": {v['reason']}" if v["reason"] else ""))

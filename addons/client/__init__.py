@@ -7,6 +7,7 @@ tool is acting.
     with custody.acting(agent="Inventory analyst", model="gpt-4o", task="restock"):
         custody.session().get("https://sample-api.internal/items")       # requests
         custody.httpx_client().get(...)                                   # httpx
+        custody.live_httpx_client()          # a model SDK's client: fresh token and attributes per call
         custody.pg_connect("127.0.0.1", 15432, "shop").execute("SELECT 1")  # psycopg via pg_bridge
         custody.kubectl("get", "pods", kubeconfig="agent.kubeconfig")     # kubectl
         custody.ssh("uptime", "127.0.0.1", 2222, connection="prod-web")   # ssh_bridge
@@ -133,7 +134,11 @@ class Custody:
         return self.tokens.token()
 
     def proxy_url(self, token: bool = True) -> str:
-        """The gateway as a proxy URL carrying the attributes (and the token) as its user info."""
+        """The gateway as a proxy URL carrying the attributes (and the token) as its user
+        info; without the token and with no attributes, the plain proxy URL (an empty user
+        name and password would be credentials that do not verify)."""
+        if not token and not self.attributes():
+            return self.proxy
         user = ATTRIBUTES_USER + base64.urlsafe_b64encode(
             json.dumps(self.attributes(), separators=(",", ":")).encode()).decode().rstrip("=")
         secret = urllib.parse.quote(self.token(), safe="") if token else ""
@@ -169,6 +174,27 @@ class Custody:
         return httpx.Client(proxy=self.proxy_url(), verify=kwargs.pop("verify", self.ca_file), trust_env=False,
                             headers={**self.headers(), **kwargs.pop("headers", {})},
                             timeout=kwargs.pop("timeout", 330), **kwargs)
+
+    def live_httpx_client(self, asynchronous: bool = False, **kwargs):
+        """An httpx client (or AsyncClient) through the gateway whose every request carries
+        the token and attributes in force when it is sent: for long-lived clients such as a
+        model SDK's, made once and used for every call. The token goes as
+        `Authorization: Bearer` (the connection's token_header: the default for llm
+        connections, whose provider key the gateway holds); the proxy URL carries only the
+        attributes of the moment it was made."""
+        import httpx
+
+        def fresh(request) -> None:
+            request.headers["authorization"] = f"Bearer {self.token()}"
+            request.headers.update(self.headers())
+
+        async def afresh(request) -> None:
+            fresh(request)
+
+        cls = httpx.AsyncClient if asynchronous else httpx.Client
+        return cls(proxy=self.proxy_url(token=False), verify=kwargs.pop("verify", self.ca_file), trust_env=False,
+                   timeout=kwargs.pop("timeout", 330), event_hooks={"request": [afresh if asynchronous else fresh]},
+                   **kwargs)
 
     def pg_connect(self, host: str, port: int, dbname: str, **kwargs):
         """psycopg through pg_bridge: the token as the password, attributes as startup options."""

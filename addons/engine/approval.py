@@ -207,9 +207,24 @@ DETAIL_LENGTH = 240
 
 def shown(op: Operation, request: dict[str, Any]) -> dict[str, Any]:
     """What tells this request from others like it, for approvers: `detail`, one line for a
-    list (the body, the statement and its row estimate, the command line, the object), and
+    list (the body, the statement and its row estimate, the command line, the object),
     `statement`, the SQL or command line itself for protocols whose HTTP request is only the
-    bridge's envelope (None for HTTP and Kubernetes, whose request is shown as it is)."""
+    bridge's envelope (None for HTTP and Kubernetes, whose request is shown as it is), and
+    `provenance`, the model output that asked for it (or why none did)."""
+    return {**_shown(op, request), "provenance": asked_by(op)}
+
+
+def asked_by(op: Operation) -> dict[str, Any] | None:
+    """The model output behind a request, for approvers: which model, which tool call and
+    what it wrote, how it matched the request; or that no model output asked for it."""
+    found = op.details.get("provenance")
+    if not isinstance(found, dict) or found.get("match") in (None, "n/a"):
+        return None
+    keys = ("match", "model", "connection", "tool", "tool_call", "completion", "event", "reason", "asserted")
+    return {k: found[k] for k in keys if k in found}
+
+
+def _shown(op: Operation, request: dict[str, Any]) -> dict[str, Any]:
     d = op.details
     statement = None
     if op.protocol == "postgres":

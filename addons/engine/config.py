@@ -158,6 +158,16 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class LlmSettings:
+    """A model API: the wire format it speaks (`openai`: Chat Completions and Responses;
+    `anthropic`: Messages), and how long the tool calls its completions ask for are
+    remembered for provenance."""
+
+    api: str
+    remember: float = 1800.0
+
+
+@dataclass(frozen=True)
 class Connection:
     """A registered target: traffic to anything else is refused."""
 
@@ -181,6 +191,7 @@ class Connection:
     mcp: McpSettings | None = None
     limits: LimitsConfig = LimitsConfig()
     """Its own listener's (`listen`): the top-level limits, with the connection's own on top."""
+    llm: LlmSettings | None = None
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -317,7 +328,7 @@ class Config:
 
 DEFAULT_UPSTREAM_PORTS = {"https": 443, "http": 80, "postgresql": 5432, "postgres": 5432, "ssh": 22}
 UPSTREAM_SCHEMES = {"http": ("http", "https"), "kubernetes": ("http", "https"), "postgres": ("postgresql", "postgres"),
-                    "ssh": ("ssh",), "mcp": ("http", "https")}
+                    "ssh": ("ssh",), "mcp": ("http", "https"), "llm": ("http", "https")}
 
 
 def _upstream(url: str, kind: str, where: str) -> Upstream:
@@ -331,7 +342,8 @@ def _upstream(url: str, kind: str, where: str) -> Upstream:
 
 # kubectl sends its kubeconfig token as Authorization: Bearer; that token is the agent's JWT.
 # MCP clients send their server's bearer token the same way: through Custody, the agent's JWT.
-DEFAULT_TOKEN_HEADER = {"kubernetes": "authorization", "mcp": "authorization"}
+# So do model SDKs their API key (the gateway holds the provider's).
+DEFAULT_TOKEN_HEADER = {"kubernetes": "authorization", "mcp": "authorization", "llm": "authorization"}
 
 
 BRIDGED = ("postgres", "ssh")
@@ -390,6 +402,11 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
     mcp = _mcp(raw, base, where, secrets) if raw["kind"] == "mcp" else None
     if "mcp" in raw and mcp is None:
         raise ConfigError(f"{where}.mcp: only for mcp connections")
+    if ("llm" in raw) != (raw["kind"] == "llm"):
+        raise ConfigError(f"{where}.llm: only for llm connections" if "llm" in raw else
+                          f"{where}: an llm connection needs llm.api (openai or anthropic)")
+    if raw["kind"] == "llm" and "upstream" not in raw:
+        raise ConfigError(f"{where}.upstream: an llm connection needs the model API's http(s)://host:port")
     return Connection(
         name=raw["name"],
         kind=raw["kind"],
@@ -409,6 +426,7 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
         case_insensitive_paths=raw.get("paths") == "case-insensitive",
         mcp=mcp,
         limits=_limits(raw.get("limits", {}), limits, f"{where}.limits"),
+        llm=LlmSettings(raw["llm"]["api"], parse_duration(raw["llm"].get("remember", "30m"))) if "llm" in raw else None,
     )
 
 

@@ -23,6 +23,7 @@ class Error(StrEnum):
     INTERACTIVE_PROGRAM = "interactive_program"  # an editor, pager or top: a line-based gate cannot govern its keys
     MALFORMED_HEADERS = "malformed_headers"  # a header form a proxy must reject (obs-fold, controls, two Hosts)
     INVALID_MESSAGE = "invalid_message"  # an MCP body that is not valid JSON-RPC 2.0 (or not valid MCP)
+    INVALID_MODEL_REQUEST = "invalid_model_request"  # a body that is not a request of the llm connection's API
     # MCP sessions and tools
     UNKNOWN_SESSION = "unknown_session"  # an Mcp-Session-Id this principal did not open (or that ended)
     TOOL_CHANGED = "tool_changed"  # a tool's definition differs from the one pinned
@@ -39,6 +40,8 @@ class Error(StrEnum):
     # masking
     MASKING_REFUSED = "masking_refused"  # the response cannot be masked (type, size, shape)
     MASKING_UNAVAILABLE = "masking_unavailable"  # masking could not run: nothing unmasked is sent
+    # model traffic
+    INVALID_COMPLETION = "invalid_completion"  # the model server's answer is not a completion of its API
     # recorder
     AUDIT_UNAVAILABLE = "audit_unavailable"  # the audit store could not record it
     # the gateway itself
@@ -58,7 +61,7 @@ class Error(StrEnum):
 
 
 GATEWAY_FAILURES = frozenset({Error.MASKING_REFUSED, Error.MASKING_UNAVAILABLE, Error.GATEWAY_ERROR,
-                              Error.NOT_CLEARED, Error.AUDIT_UNAVAILABLE})
+                              Error.NOT_CLEARED, Error.AUDIT_UNAVAILABLE, Error.INVALID_COMPLETION})
 """Refusals that are the gateway's own failure, not a decision about the request."""
 
 

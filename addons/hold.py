@@ -19,6 +19,11 @@ ends when:
 mitmproxy's `flow.kill()` does not release an intercepted flow and mitmproxy has no
 intercept timeout, so this addon owns both: every way out sets the answer and resumes.
 
+Before any of that: a review whose rule says `require_justification` refuses a request that
+does not say why (403 `justification_required`, saying how to give one), and a request
+inside an active time-boxed grant of the same principal, shape and rules goes on without a
+new hold, recorded with the grant it used (addons/engine/grants.py).
+
 An MCP call joins a pending approval of the identical call by the same principal that no
 flow holds (its hold timed out, or its client came back), instead of opening another: MCP
 clients re-send, and one call gets one approval.
@@ -62,6 +67,9 @@ class End(StrEnum):
     BREAK = "break"  # the flow's keep-alive window ended first: the client comes back for the answer
 
 
+JUSTIFY = ("say why in the X-Custody-Justification header (client helper: custody.justify(\"...\"); CrewAI: "
+           "the task, by default; psql: -c custody.justification=...; ssh: CUSTODY_JUSTIFICATION)")
+
 REFUSALS = {DENIED: Error.APPROVAL_DENIED, EXPIRED: Error.APPROVAL_EXPIRED}
 """Decisions the agent learns from the approval's own outcome text."""
 
@@ -103,6 +111,17 @@ class Hold:
         c = context.of(f)
         decision = c.decision
         if decision is None or decision.effect != "review":
+            return
+        if any(r.require_justification for r in decision.reviews) and not c.principal.attribute("justification"):
+            failclosed.refuse(f, 403, f"rules {', '.join(decision.rules)} require a justification: {JUSTIFY}",
+                              error=Error.JUSTIFICATION_REQUIRED, rules=decision.rules)
+            return
+        if (granted := self.book.grant_covering(c.principal, c.operation, decision.rules)) is not None:
+            c.approval = granted.approval
+            c.decision = Decision(effect="allow", rules=decision.rules, masks=decision.masks,
+                                  approval=granted.approval, grant=granted.id,
+                                  reason=f"inside grant {granted.id} by {', '.join(granted.granted_by)} "
+                                         f"(approval {granted.approval})")
             return
         fp = request_fingerprint(f, c)
         grant = self.book.grant_for(fp, c.principal)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from addons.engine.bridge import attribute_headers, header_value
-from addons.engine.model import AGENT_ATTRIBUTES
+from addons.engine.model import AGENT_ATTRIBUTES, attribute_limit
 from addons.engine.oauth import ClientCredentials
 from addons.engine.oauth import GrantError as ClientError
 
@@ -174,7 +174,7 @@ class Custody:
         """psycopg through pg_bridge: the token as the password, attributes as startup options."""
         import psycopg
 
-        options = " ".join(f"-c custody.{k}={_pg_escape(v)}" for k, v in self.attributes().items())
+        options = " ".join(f"-c custody.{k}={_pg_escape(v, attribute_limit(k))}" for k, v in self.attributes().items())
         return psycopg.connect(host=host, port=port, dbname=dbname, user=kwargs.pop("user", "agent"),
                                password=self.token(), options=options, **kwargs)
 
@@ -198,7 +198,7 @@ class Custody:
 
     def ssh_env(self) -> dict[str, str]:
         """Environment variables ssh_bridge reads (OpenSSH: -o SetEnv=NAME=VALUE each)."""
-        return {f"CUSTODY_{k.upper()}": header_value(v) for k, v in self.attributes().items()}
+        return {f"CUSTODY_{k.upper()}": header_value(v, attribute_limit(k)) for k, v in self.attributes().items()}
 
     def ssh(self, command: str, host: str, port: int, connection: str, known_hosts: str | None = None,
             timeout: float = 330):
@@ -225,6 +225,6 @@ class Custody:
             os.environ[name] = self.ca_file
 
 
-def _pg_escape(value: str) -> str:
+def _pg_escape(value: str, limit: int) -> str:
     """A value inside libpq `options`: whitespace and backslashes escaped with a backslash."""
-    return "".join("\\" + ch if ch in " \\" else ch for ch in header_value(value))
+    return "".join("\\" + ch if ch in " \\" else ch for ch in header_value(value, limit))

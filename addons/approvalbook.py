@@ -4,7 +4,9 @@ notifications; a shared service of the chain (no flow hooks).
 The book keeps live approvals in memory (votes are counted on the event loop, so two
 votes cannot race) and writes every change together with its audit event in one
 transaction, so the store always says what the gateway did. What an approval is, and
-how votes count, is addons/engine/approval.py.
+how votes count, is addons/engine/approval.py. It also keeps the time-boxed grants that
+approvals issue (addons/engine/grants.py) and publishes every change on a feed the
+approvers' inbox follows (addons/engine/feed.py).
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from addons.engine.approval import (
     visible,
 )
 from addons.engine.errors import Error
+from addons.engine.feed import Feed
+from addons.engine.grants import ACTIVE, Grant, check_grant, issued
 from addons.engine.model import Decision, Operation, Principal, new_id
 from addons.engine.notify import Notifier
-from addons.engine.store import Event, put_approval
+from addons.engine.store import Event, put_approval, put_grant
 from addons.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -50,13 +54,15 @@ class ApprovalBook:
         self.log = log
         self.live: dict[str, Approval] = {}
         self.waiters: dict[str, asyncio.Future] = {}
+        self.grants: dict[str, Grant] = {}
+        self.feed = Feed()
         self.notifier: Notifier | None = None
         self._sweeper: asyncio.Task | None = None
 
     def configure(self, updated: set[str]) -> None:
         if self.settings.changed(updated):
             cfg = self.settings.require()
-            self.notifier = Notifier(cfg.approvals, self._notified)
+            self.notifier = Notifier(cfg.approvals, self._notified, self._posted)
 
     async def running(self) -> None:
         await self._restore()
@@ -68,8 +74,10 @@ class ApprovalBook:
 
     # persistence
 
-    async def _save(self, approval: Approval, step: str, actor: Principal | None = None, **detail: Any) -> None:
-        """Write the approval's new state and the event recording the step, atomically."""
+    async def _save(self, approval: Approval, step: str, actor: Principal | None = None, grant: Grant | None = None,
+                    **detail: Any) -> None:
+        """Write the approval's new state (and the grant it issues or ends) and the event
+        recording the step, atomically; then tell the feed."""
         effect = {APPROVED: "allow", EXECUTED: "allow", DENIED: "deny"}.get(approval.state)
         event = Event(
             id=new_id(),
@@ -81,9 +89,16 @@ class ApprovalBook:
             decision=Decision(effect, tuple(approval.rules), approval.outcome or approval.reason,
                               approval=approval.id) if effect else None,
             approval=approval.id,
-            detail={"step": step, "state": approval.state, "fingerprint": approval.fingerprint, **detail},
+            detail={"step": step, "state": approval.state, "fingerprint": approval.fingerprint, **detail,
+                    **({"grant": grant.document()} if grant else {})},
         )
-        await self.log.write([event], put_approval(approval.row()))
+        write = put_approval(approval.row())
+        if grant is not None:
+            also = put_grant(grant.row())
+            await self.log.write([event], lambda conn: (write(conn), also(conn)))
+        else:
+            await self.log.write([event], write)
+        self.feed.publish(approval.id)
 
     async def _restore(self) -> None:
         """After a restart: keep what can still happen, abandon what was being held."""
@@ -94,8 +109,16 @@ class ApprovalBook:
                                    step="abandoned")
             else:
                 self.live[approval.id] = approval
+        for document in self.log.reader.grants(active_at=time.time()):
+            grant = Grant.from_document(document)
+            self.grants[grant.id] = grant
 
     # the hold's side
+
+    def grant_covering(self, principal: Principal, operation: Operation, rules: tuple[str, ...]) -> Grant | None:
+        """An active time-boxed grant inside which this request falls."""
+        now = time.time()
+        return next((g for g in self.grants.values() if g.covers(principal, operation, rules, now)), None)
 
     def grant_for(self, fp: str, principal: Principal) -> Approval | None:
         """An approved, unused, unexpired approval for exactly this request by this principal."""
@@ -178,7 +201,10 @@ class ApprovalBook:
             approval.held = False  # an approved hold stays the held flow's until it runs
         if state not in LIVE:
             self.live.pop(approval.id, None)
-        await self._save(approval, step, actor, outcome=why, **detail)
+        grant = issued(approval, approval.decided) if state == APPROVED else None
+        await self._save(approval, step, actor, grant=grant, outcome=why, **detail)
+        if grant is not None:
+            self.grants[grant.id] = grant
         future = self.waiters.pop(approval.id, None)
         if future is not None and not future.done():
             future.set_result(state)
@@ -218,17 +244,49 @@ class ApprovalBook:
                     break
         return found
 
-    async def vote(self, approval_id: str, voter: Principal, vote: str, reason: str) -> Approval:
+    async def vote(self, approval_id: str, voter: Principal, vote: str, reason: str, grant: float = 0.0,
+                   via: str = "api") -> Approval:
+        """One approver's vote; an approving vote may ask for a time-boxed grant of `grant` seconds."""
         approval = self.live.get(approval_id) or self.get(approval_id)
         check_vote(approval, voter)
-        approval.votes.append(Vote(voter.subject, voter.issuer, list(voter.groups), vote, reason, time.time()))
+        if grant and vote != "approve":
+            raise ApprovalError(400, Error.GRANT_NOT_ALLOWED, "only an approving vote can grant")
+        if grant:
+            check_grant(approval.reviews, grant)
+        approval.votes.append(Vote(voter.subject, voter.issuer, list(voter.groups), vote, reason, time.time(),
+                                   via=via, grant=grant))
         outcome = tally(approval.reviews, approval.votes)
+        extra = {"via": via, **({"grant_asked": grant} if grant else {})}
         if outcome == PENDING:
-            await self._save(approval, "vote", voter, vote=vote, reason=reason)
+            await self._save(approval, "vote", voter, vote=vote, reason=reason, **extra)
+            self.notifier.send("voted", approval)
         else:
             await self._finish(approval, outcome, describe(approval, outcome), step=outcome, actor=voter,
-                               vote=vote, reason=reason)
+                               vote=vote, reason=reason, **extra)
         return approval
+
+    # grants
+
+    def list_grants(self, viewer: Principal) -> list[Grant]:
+        """Every grant `viewer` may see (its principal's, or those it may revoke), newest first."""
+        known = {d["id"]: Grant.from_document(d) for d in self.log.reader.grants()}
+        known.update(self.grants)
+        return sorted((g for g in known.values() if g.visible(viewer)), key=lambda g: g.created, reverse=True)
+
+    async def revoke(self, grant_id: str, who: Principal, reason: str) -> Grant:
+        grant = self.grants.get(grant_id) or next(
+            (Grant.from_document(d) for d in self.log.reader.grants() if d["id"] == grant_id), None)
+        if grant is None or not grant.visible(who):
+            raise ApprovalError(404, Error.NOT_FOUND, f"no grant {grant_id}")
+        if not grant.may_revoke(who):
+            raise ApprovalError(403, Error.NOT_AN_APPROVER, f"{who.subject} is not an approver of grant {grant_id}")
+        if grant.state() != ACTIVE:
+            raise ApprovalError(409, Error.GRANT_ENDED, f"grant {grant_id} is {grant.state()} already")
+        grant.revoked, grant.revoked_by, grant.reason = time.time(), who.subject, reason
+        approval = self.get(grant.approval)
+        await self._save(approval, "grant_revoked", who, grant=grant, reason=reason)
+        self.grants.pop(grant.id, None)
+        return grant
 
     async def console(self, approval: Approval, vote: str) -> None:
         """mitmweb's operator resumed (approve) or killed (deny) the held flow. A decision
@@ -256,7 +314,15 @@ class ApprovalBook:
                 except Exception:
                     logger.exception("custody: expiring approval %s failed; will retry", approval.id)
 
-    async def _notified(self, kind: str, approval: Approval, target: str, error: str | None) -> None:
+    async def _notified(self, kind: str, approval: Approval, target: str, error: str | None, **detail: Any) -> None:
         """The notifier's report: every delivery, and every final failure, goes on record."""
         step = "notified" if error is None else "notify_failed"
-        await self._save(approval, step, notification=kind, target=target, **({"error": error} if error else {}))
+        await self._save(approval, step, notification=kind, target=target, **({"error": error} if error else {}),
+                         **detail)
+
+    def _posted(self, approval_id: str) -> list[tuple[str, str]]:
+        """Where the approval's Slack messages are, as recorded when they were posted."""
+        rows = self.log.reader.where("approval = ? AND kind = 'approval' AND json_extract(detail, '$.step') = 'notified' "
+                                     "AND json_extract(detail, '$.notification') = 'pending' "
+                                     "AND json_extract(detail, '$.slack_ts') IS NOT NULL", [approval_id])
+        return [(d["slack_channel"], d["slack_ts"]) for d in (json.loads(r["detail"]) for r in rows)]

@@ -76,7 +76,9 @@ class Vote:
     vote: str  # approve | deny
     reason: str
     at: float
-    via: str = "api"  # api | console
+    via: str = "api"  # api | console | slack
+    grant: float = 0.0
+    """Seconds of a time-boxed grant this approving vote asks for (0: this request only)."""
 
 
 def tally(reviews: list[Review], votes: list[Vote]) -> str:
@@ -134,6 +136,7 @@ class Approval:
     def document(self) -> dict[str, Any]:
         return {
             **shown(self.operation, self.request),
+            "justification": self.requester.attribute("justification"),
             "id": self.id,
             "state": self.state,
             "created": self.created,
@@ -171,8 +174,7 @@ class Approval:
             fingerprint=d["fingerprint"],
             rules=d["rules"],
             reason=d["reason"],
-            reviews=[Review(tuple(r["approvers"]), r["approvals"], r["denials"], r["timeout"], r["ttl"])
-                     for r in d["reviews"]],
+            reviews=[Review.from_dict(r) for r in d["reviews"]],
             hold_until=d["hold_until"],
             expires=d["expires"],
             held=d["held"],

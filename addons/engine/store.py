@@ -95,7 +95,8 @@ APPROVAL_COLUMNS: dict[str, type] = {
 CHECKPOINT_COLUMNS: dict[str, type] = {"seq": int, "document": str, "signature": str}
 # Bodies: each distinct body once, by its digest; `encoding` is "deflate" or "identity".
 BODY_COLUMNS: dict[str, type] = {"digest": str, "size": int, "encoding": str, "data": bytes}
-TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies", "mcp_pins")
+TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies", "mcp_pins", "grants",
+          "approver_directory")
 
 
 def pack(body: bytes) -> tuple[str, bytes]:
@@ -117,6 +118,15 @@ def unpack(encoding: str, data: bytes) -> bytes:
 # pinned it; this table outlives a prune, so a pin is never silently re-learned).
 PIN_COLUMNS: dict[str, type] = {"connection": str, "tool": str, "fingerprint": str, "created": float,
                                 "definition": str}
+
+
+# Grants: the current state of each time-boxed grant (the chain holds the approval that
+# issued it and its revocation). Directory: the IdP identity each approver's e-mail had at
+# their last SSO sign-in, which binds a Slack user to an approver.
+GRANT_COLUMNS: dict[str, type] = {"id": str, "approval": str, "subject": str, "connection": str, "expires": float,
+                                  "revoked": float, "document": str}
+DIRECTORY_COLUMNS: dict[str, type] = {"email": str, "subject": str, "issuer": str, "groups": str, "method": str,
+                                      "signed_in": float}
 
 
 def _json(value: Any) -> str | None:
@@ -247,6 +257,26 @@ def put_pin(connection: str, tool: str, fingerprint: str, definition: dict[str, 
     return apply
 
 
+def put_grant(row: tuple) -> Callable[[sqlite3.Connection], None]:
+    """The write of a grant's current state, in the transaction of the event recording it."""
+
+    def apply(conn: sqlite3.Connection) -> None:
+        conn.execute(f"INSERT OR REPLACE INTO grants VALUES ({', '.join('?' * len(GRANT_COLUMNS))})", row)
+
+    return apply
+
+
+def put_directory(email: str, subject: str, issuer: str, groups: list[str], method: str,
+                  ) -> Callable[[sqlite3.Connection], None]:
+    """An approver's identity as of this sign-in, in the transaction of the event recording it."""
+
+    def apply(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT OR REPLACE INTO approver_directory VALUES (?, ?, ?, ?, ?, ?)",
+                     (email.lower(), subject, issuer, canonical_json(groups), method, time.time()))
+
+    return apply
+
+
 class Store:
     def __init__(self, path: str, synchronous: str = "normal") -> None:
         self.path = path
@@ -295,6 +325,10 @@ class Store:
             db["approvals"].create_index(["fingerprint"], if_not_exists=True)
         if "mcp_pins" not in tables:
             db["mcp_pins"].create(PIN_COLUMNS, pk=("connection", "tool"), not_null=set(PIN_COLUMNS))
+        if "grants" not in tables:
+            db["grants"].create(GRANT_COLUMNS, pk="id", not_null={"approval", "subject", "expires", "document"})
+        if "approver_directory" not in tables:
+            db["approver_directory"].create(DIRECTORY_COLUMNS, pk="email", not_null=set(DIRECTORY_COLUMNS))
 
     def close(self) -> None:
         self.conn.close()
@@ -537,6 +571,22 @@ class Store:
         """An approval's current document, or None."""
         row = self.conn.execute("SELECT document FROM approvals WHERE id = ?", [approval_id]).fetchone()
         return json.loads(row[0]) if row else None
+
+    def grants(self, active_at: float | None = None) -> list[dict[str, Any]]:
+        """Grant documents, newest first; with `active_at`, only those neither revoked nor
+        expired then."""
+        where, args = ("revoked IS NULL AND expires > ?", [active_at]) if active_at is not None else ("1", [])
+        return [json.loads(d) for (d,) in self.conn.execute(
+            f"SELECT document FROM grants WHERE {where} ORDER BY expires DESC", args)]
+
+    def directory(self, email: str) -> dict[str, Any] | None:
+        """The approver identity `email` had at its last SSO sign-in, or None."""
+        row = self.conn.execute("SELECT subject, issuer, groups, method, signed_in FROM approver_directory "
+                                "WHERE email = ?", [email.lower()]).fetchone()
+        if row is None:
+            return None
+        return {"email": email.lower(), "subject": row[0], "issuer": row[1], "groups": json.loads(row[2]),
+                "method": row[3], "signed_in": row[4]}
 
     def approvals(self, states: tuple[str, ...] = (), connection: str | None = None,
                   requester: str | None = None) -> Iterator[dict[str, Any]]:

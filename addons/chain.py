@@ -7,6 +7,7 @@ order of a request's story (docs/design.md):
     auditlog, approvalbook, maskpool,    shared services, no flow hooks: the audit store,
     sessions                             the approvals, the masking workers, pg sessions
     wellknown                            the gateway's public endpoints (no token needed)
+    signin, slackapp                     approvers' SSO sign-in (OIDC, SAML) and Slack's button clicks
     identity → classify                  who is asking; which connection, what it does
     pgplanner, sshplanner                what a statement or command line does in its session
     mcpguard                             MCP: session owners, tool actions and pins; on the way
@@ -43,6 +44,8 @@ from addons.mcpstdio import McpStdio
 from addons.policy import Policy
 from addons.recorder import Recorder
 from addons.settings import Settings
+from addons.signin import Signin
+from addons.slackapp import SlackApp
 from addons.wellknown import WellKnown
 from pg_bridge.terminal.executor import PgExecutor
 from pg_bridge.terminal.planner import PgPlanner
@@ -61,6 +64,7 @@ def build() -> list:
     ssh = SshExecutor(settings)
     policy = Policy(settings)
     credentials = Credentials(settings)
+    signin = Signin(settings, log)
     return [
         Hardening(),
         settings,
@@ -69,7 +73,9 @@ def build() -> list:
         pool,
         sessions,
         WellKnown(settings),
-        Identity(settings),
+        signin,
+        SlackApp(settings, book, log),
+        Identity(settings, signin),
         Classify(settings),
         PgPlanner(sessions, policy),
         SshPlanner(ssh),

@@ -4,6 +4,7 @@ held flow, a late replay and the console; plus the Slack rendering of hostile in
 from __future__ import annotations
 
 import asyncio
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,8 @@ from addons.engine.approval import (
 )
 from addons.engine.config import ApprovalsConfig
 from addons.engine.model import Decision, Operation, Principal, Review
-from addons.engine.notify import Notifier, slack
+from addons.engine.notify import Notifier
+from addons.engine.slack import message as slack_message
 from addons.engine.store import Store, Writer
 
 REQUESTER = Principal("crew-buyer", "idp", ("buyers",), asserted={"model": "gpt-4o)\n*URGENT* <https://evil.example/login|Approve>"})
@@ -120,7 +122,8 @@ def test_slack_messages_cannot_carry_agent_links_or_formatting(book):
     async def scenario():
         return await book.open(REQUESTER, OPERATION, {"body": "{}"}, fp(), DECISION, "flow-1", "s")
 
-    message = slack("pending", run(scenario()), "http://gw")
-    assert "<https://evil.example" not in message["text"] and "*URGENT*" not in message["text"]
-    assert "&lt;https://evil.example/login|Approve&gt;" in message["text"]
-    assert message["text"].count("\n") == 3  # the agent's newline did not make a line of its own
+    text, blocks = slack_message(run(scenario()), "http://gw")
+    every = json.dumps([text, blocks])
+    assert "<https://evil.example" not in every and "*URGENT*" not in every
+    assert "&lt;https://evil.example/login|Approve&gt;" in text
+    assert "\n" not in text  # the agent's newline did not make a line of its own

@@ -55,10 +55,12 @@ class Approver:
         return self.session.post(f"{self.url}/approvals/{approval_id}/{action}", json={"reason": reason}, timeout=10)
 
 
-def make_gateway(directory, servers, webhooks=(), **overrides) -> Gateway:
-    gw = standard_gateway(directory, servers, rules=REVIEW_RULES, **overrides)
+def make_gateway(directory, servers, webhooks=(), approvals: dict | None = None, env: dict | None = None,
+                 **overrides) -> Gateway:
+    gw = standard_gateway(directory, servers, **{"rules": REVIEW_RULES, **overrides})
+    gw.env.update(env or {})
     port = free_port()
-    gw.config["approvals"] = {"listen": f"127.0.0.1:{port}", "sweep": "200ms"}
+    gw.config["approvals"] = {"listen": f"127.0.0.1:{port}", "sweep": "200ms", **(approvals or {})}
     gw.config["notify"] = {"webhooks": list(webhooks), "retries": 2, "backoff": "100ms", "timeout": "2s"}
     gw.config_file.write_text(yaml.safe_dump(gw.config))
     gw.approvals_url = f"http://127.0.0.1:{port}"

@@ -6,6 +6,8 @@ tool is acting.
     custody = Custody.from_env()                 # CUSTODY_PROXY_URL, CUSTODY_CA, token source
     with custody.acting(agent="Inventory analyst", model="gpt-4o", task="restock"):
         custody.session().get("https://sample-api.internal/items")       # requests
+        with custody.justify("stock of item 7 is below the reorder point"):
+            custody.session().post("https://sample-api.internal/orders", json={...})  # says why
         custody.httpx_client().get(...)                                   # httpx
         custody.pg_connect("127.0.0.1", 15432, "shop").execute("SELECT 1")  # psycopg via pg_bridge
         custody.kubectl("get", "pods", kubeconfig="agent.kubeconfig")     # kubectl
@@ -117,6 +119,12 @@ class Custody:
             yield current
         finally:
             _acting.reset(reset)
+
+    def justify(self, why: str):
+        """Within the block, requests say why they are made (X-Custody-Justification, and the
+        same in every other channel): approvers see it, the record keeps it, and rules whose
+        review says `require_justification` refuse requests without one."""
+        return self.acting(justification=why)
 
     @staticmethod
     def set_acting(**attributes: str) -> None:

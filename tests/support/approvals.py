@@ -51,8 +51,9 @@ class Approver:
     def show(self, approval_id: str) -> dict:
         return self.session.get(f"{self.url}/approvals/{approval_id}", timeout=10).json()
 
-    def vote(self, approval_id: str, action: str, reason: str = "") -> requests.Response:
-        return self.session.post(f"{self.url}/approvals/{approval_id}/{action}", json={"reason": reason}, timeout=10)
+    def vote(self, approval_id: str, action: str, reason: str = "", **more) -> requests.Response:
+        return self.session.post(f"{self.url}/approvals/{approval_id}/{action}", json={"reason": reason, **more},
+                                 timeout=10)
 
 
 def make_gateway(directory, servers, webhooks=(), approvals: dict | None = None, env: dict | None = None,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -16,7 +15,7 @@ from addons.engine.approval import Approval, Vote
 from addons.engine.grants import Grant, issued
 from addons.engine.model import Operation, Principal, Review
 from tests.support.approvals import Approver, make_gateway, pending_for, send, start, wait_for
-from tests.support.approvers import RULES
+from tests.support.approvers import RULES, agents  # noqa: F401  (a fixture)
 from tests.support.gateway import BIN
 
 
@@ -25,13 +24,6 @@ def gw(tmp_path_factory, servers):
     gateway = start(make_gateway(tmp_path_factory.mktemp("grants"), servers, rules=RULES))
     yield gateway
     gateway.stop()
-
-
-@pytest.fixture
-def agents():
-    pool = ThreadPoolExecutor(max_workers=4)
-    yield pool
-    pool.shutdown(wait=False, cancel_futures=True)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -21,6 +20,7 @@ from tests.support.approvers import (
     SLACK_CAROL,
     SLACK_STRANGER,
     Browserless,
+    agents,  # noqa: F401  (a fixture)
     approvers_gateway,
     id_token,
 )
@@ -54,13 +54,6 @@ def gw(tmp_path_factory, servers, idp, slack):
     yield gateway
     gateway.stop()
     saml.stop()
-
-
-@pytest.fixture
-def agents():
-    pool = ThreadPoolExecutor(max_workers=4)
-    yield pool
-    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def url(gw) -> str:

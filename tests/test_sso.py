@@ -14,15 +14,26 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
-from tests.support.approvals import Approver, make_gateway, pending_for, send, start, wait_for
-from tests.support.approvers import ALICE, BOB, DAVE, Browserless, approvers_gateway, id_token, query, with_query
+from tests.support.approvals import Approver, make_gateway, pending_for, send, wait_for
+from tests.support.approvers import (  # noqa: F401  (fixtures)
+    ALICE,
+    BOB,
+    DAVE,
+    Browserless,
+    agents,
+    approvers_gateway,
+    browser,
+    id_token,
+    query,
+    sign_in_page,
+    with_query,
+)
 from tests.support.gateway import BIN
 from tests.support.oidc import Provider
 from tests.support.saml import IdentityProvider
 from tests.support.slack import SlackStandIn
-from tests.test_approval_ui import CHROMIUM, CHROMIUM_ARGS
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +64,6 @@ def gw(tmp_path_factory, servers, idp, saml, slack):
     gateway.stop()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def agents():
-    pool = ThreadPoolExecutor(max_workers=4)
-    yield pool
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
 @pytest.fixture(autouse=True)
 def well_behaved(idp):
     yield
@@ -80,15 +76,7 @@ def reached(upstream, marker: str) -> list:
 
 def test_an_approver_signs_in_with_oidc_in_the_browser_and_approves(gw, browser, agents, token, upstream):
     held = agents.submit(send, gw, token(sub="crew-buyer", groups=["buyers"]), "/restock", {"tag": "sso-approve"})
-    context = browser.new_context()
-    page = context.new_page()
-    page.goto(gw.approvals_url + "/")
-    page.click("#sso-oidc")
-    expect(page.locator("h1")).to_have_text("Test IdP")  # at the provider, not a page of ours
-    page.fill("#username", ALICE.username)
-    page.fill("#password", ALICE.password)
-    page.click("#submit")
-    expect(page.locator("#who")).to_have_text("signed in as alice (oidc)")
+    context, page = sign_in_page(browser, gw, ALICE, "oidc")
     cookie = next(c for c in context.cookies() if c["name"] == "custody_session")
     assert (cookie["httpOnly"], cookie["sameSite"], cookie["secure"], cookie["path"]) == (True, "Strict", False, "/")
     assert page.evaluate("document.cookie") == ""  # the page's script never sees the session
@@ -109,14 +97,7 @@ def test_an_approver_signs_in_with_oidc_in_the_browser_and_approves(gw, browser,
 
 
 def test_the_page_updates_live_and_filters_to_what_the_approver_can_decide(gw, browser, agents, token, idp):
-    context = browser.new_context()
-    page = context.new_page()
-    page.goto(gw.approvals_url + "/")
-    page.click("#sso-oidc")
-    page.fill("#username", ALICE.username)
-    page.fill("#password", ALICE.password)
-    page.click("#submit")
-    expect(page.locator("#who")).to_have_text("signed in as alice (oidc)")
+    context, page = sign_in_page(browser, gw, ALICE, "oidc")
     page.check("#mine")
     theirs = agents.submit(send, gw, token(sub="crew-buyer", groups=["buyers"]), "/restock", {"tag": "live-theirs"})
     own = agents.submit(send, gw, id_token(idp, ALICE), "/restock", {"tag": "live-own"})  # alice's own agent
@@ -222,14 +203,7 @@ def test_an_expired_session_identifies_nobody(tmp_path, servers, idp, saml, slac
 
 
 def test_an_approver_signs_in_with_saml_in_the_browser(gw, browser, saml):
-    context = browser.new_context()
-    page = context.new_page()
-    page.goto(gw.approvals_url + "/")
-    page.click("#sso-saml")
-    page.fill("#username", BOB.username)
-    page.fill("#password", BOB.password)
-    page.click("#submit")  # the IdP answers with a form that posts the signed response to our ACS
-    expect(page.locator("#who")).to_have_text("signed in as bob (saml)")
+    context, page = sign_in_page(browser, gw, BOB, "saml")
     me = page.evaluate("fetch('/auth/me').then((r) => r.json())")
     assert (me["issuer"], me["groups"], me["email"]) == (saml.entity_id, ["managers"], "bob@example.com")
     context.close()

@@ -4,9 +4,13 @@ plain HTTP (for the tables of bad inputs; the browser does the real thing)."""
 
 from __future__ import annotations
 
+import shutil
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
+from playwright.sync_api import expect, sync_playwright
 
 from tests.conftest import standard_identity
 from tests.support.approvals import REVIEW_RULES, make_gateway, start
@@ -55,6 +59,41 @@ def approvers_gateway(directory, servers, idp: Provider, saml: IdentityProvider,
     start(gw)
     saml.trust(requests.get(f"{gw.approvals_url}/auth/saml/metadata", timeout=10).content)
     return gw
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def agents():
+    """Agents whose requests are held while the test acts as an approver."""
+    pool = ThreadPoolExecutor(max_workers=4)
+    yield pool
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def sign_in_page(browser, gw: Gateway, user: User, method: str):
+    """A browser context whose page is signed in to the approvals page with `method` (oidc, saml)."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(gw.approvals_url + "/")
+    page.click(f"#sso-{method}")
+    expect(page.locator("h1")).to_have_text("Test IdP")  # at the provider, not a page of ours
+    page.fill("#username", user.username)
+    page.fill("#password", user.password)
+    page.click("#submit")  # OIDC: redirected back with a code; SAML: a form posts the signed response
+    expect(page.locator("#who")).to_have_text(f"signed in as {user.username} ({method})")
+    return context, page
 
 
 def location(response: requests.Response) -> str:

@@ -2,7 +2,7 @@
 
 Publishes the development issuer's discovery document and JWKS, so services behind the
 gateway can verify the same tokens, a health check, the approvals page (which then signs
-in with a token), and the ssh bridges' host keys as a known_hosts file, so an agent that
+in with SSO, addons/signin.py, or a token), and the ssh bridges' host keys as a known_hosts file, so an agent that
 trusts the gateway (its CA) trusts the bridges without a first-time prompt
 (`custody ssh-config` fetches it). These need no token; everything else on the gateway host goes
 through the chain to the approvals API.

@@ -113,6 +113,17 @@ def test_the_page_updates_live_and_filters_to_what_the_approver_can_decide(gw, b
     context.close()
 
 
+def test_a_link_to_an_approval_leads_there_after_signing_in(gw, browser, agents, token):
+    held = agents.submit(send, gw, token(sub="crew-buyer", groups=["buyers"]), "/restock", {"tag": "deep-link"})
+    manager = Approver(gw.approvals_url, token(sub="manager-9", groups=["managers"]))
+    approval = pending_for(manager, "deep-link")
+    context, page = sign_in_page(browser, gw, ALICE, "oidc", link=f"/#/approvals/{approval['id']}")  # Slack's Details
+    expect(page.locator("#d-body")).to_contain_text("deep-link")
+    manager.vote(approval["id"], "deny", "cleanup")
+    assert held.result(timeout=10).status_code == 403
+    context.close()
+
+
 @pytest.mark.parametrize("name, tamper, reason", [
     ("state mismatch", lambda run, callback: run.finish(with_query(callback, state="forged-state")),
      "state does not match any sign-in in progress"),

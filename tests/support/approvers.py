@@ -82,11 +82,11 @@ def agents():
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def sign_in_page(browser, gw: Gateway, user: User, method: str):
-    """A browser context whose page is signed in to the approvals page with `method` (oidc, saml)."""
+def sign_in_page(browser, gw: Gateway, user: User, method: str, link: str = "/"):
+    """A browser context whose page, opened at `link`, is signed in with `method` (oidc, saml)."""
     context = browser.new_context()
     page = context.new_page()
-    page.goto(gw.approvals_url + "/")
+    page.goto(gw.approvals_url + link)
     page.click(f"#sso-{method}")
     expect(page.locator("h1")).to_have_text("Test IdP")  # at the provider, not a page of ours
     page.fill("#username", user.username)

@@ -8,7 +8,8 @@ an ID token with several audiences, `azp`. Groups come from the ID token (the is
 `groups_claim`) or from the userinfo endpoint (`groups_from: userinfo`).
 
 Blocking (requests): callers on an event loop run it in a thread. Never through a proxy
-from the environment: the gateway talks to its identity provider directly.
+from the environment: the gateway talks to its identity provider directly. Authlib and
+requests are imported when a sign-in first needs them (the chain starts faster).
 """
 
 from __future__ import annotations
@@ -16,10 +17,6 @@ from __future__ import annotations
 import ssl
 import threading
 from typing import Any
-
-import requests
-from authlib.integrations.base_client import OAuthError
-from authlib.integrations.requests_client import OAuth2Session
 
 from addons.engine.config import OidcSignin
 from addons.engine.websession import Pending
@@ -35,7 +32,9 @@ class OidcClient:
         self._metadata: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
-    def _session(self, **kwargs: Any) -> OAuth2Session:
+    def _session(self, **kwargs: Any):
+        from authlib.integrations.requests_client import OAuth2Session
+
         session = OAuth2Session(self.settings.client_id, self.settings.client_secret or None,
                                 scope=" ".join(self.settings.scopes), redirect_uri=self.redirect_uri,
                                 code_challenge_method="S256",
@@ -47,6 +46,8 @@ class OidcClient:
 
     def metadata(self) -> dict[str, Any]:
         """The provider's discovery document (fetched once)."""
+        import requests
+
         with self._lock:
             if self._metadata is None:
                 url = self.settings.issuer.issuer.rstrip("/") + "/.well-known/openid-configuration"
@@ -71,6 +72,9 @@ class OidcClient:
 
     def exchange(self, pending: Pending, code: str) -> dict[str, Any]:
         """The token response for `code`, presenting this sign-in's PKCE verifier."""
+        import requests
+        from authlib.integrations.base_client import OAuthError
+
         session = self._session(state=pending.state)
         try:
             token = session.fetch_token(self.metadata()["token_endpoint"], code=code, code_verifier=pending.verifier,
@@ -85,6 +89,8 @@ class OidcClient:
         return dict(token)
 
     def userinfo(self, token: dict[str, Any]) -> dict[str, Any]:
+        import requests
+
         endpoint = self.metadata().get("userinfo_endpoint")
         if not endpoint:
             raise OidcError("groups_from is userinfo, but the provider publishes no userinfo_endpoint")

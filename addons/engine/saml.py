@@ -10,22 +10,17 @@ being our ACS URL, the validity times, and InResponseTo naming a request this ga
 the IdP's entity ID, with the groups and e-mail of the configured attributes.
 
 Blocking (xmlsec1 runs as a subprocess): callers on an event loop run it in a thread.
+pysaml2 is imported only when SAML is configured: it is slow to import, and its schema
+library logs a warning as it loads.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
 from dataclasses import dataclass
-
-from saml2 import BINDING_HTTP_POST, BINDING_HTTP_REDIRECT
-from saml2.client import Saml2Client
-from saml2.config import SPConfig
-from saml2.metadata import create_metadata_string
-from saml2.response import IncorrectlySigned, StatusError, UnsolicitedResponse, VerificationError
-from saml2.sigver import SignatureError
-from saml2.validate import NotValid, ResponseLifetimeExceed, ToEarly
 
 from addons.engine.config import SamlSignin
 from addons.engine.model import Principal
@@ -46,6 +41,10 @@ class SamlIdentity:
 
 def _reason(e: Exception) -> str:
     """What a pysaml2 refusal means, in words an operator can act on."""
+    from saml2.response import IncorrectlySigned, StatusError, UnsolicitedResponse, VerificationError
+    from saml2.sigver import SignatureError
+    from saml2.validate import NotValid, ResponseLifetimeExceed, ToEarly
+
     text = str(e)
     if isinstance(e, (SignatureError, IncorrectlySigned)) or "Signature missing" in text:
         return "the assertion is not signed by the identity provider's key (unsigned or altered)"
@@ -70,6 +69,11 @@ def _reason(e: Exception) -> str:
 
 class ServiceProvider:
     def __init__(self, settings: SamlSignin, public_url: str) -> None:
+        logging.getLogger("xmlschema").setLevel(logging.ERROR)  # "Resource 'XMLSchema.xsd' is already loaded"
+        from saml2 import BINDING_HTTP_POST
+        from saml2.client import Saml2Client
+        from saml2.config import SPConfig
+
         xmlsec = shutil.which("xmlsec1")
         if xmlsec is None:
             raise SamlError("the xmlsec1 program is not installed (Debian: apt-get install xmlsec1)")
@@ -103,6 +107,8 @@ class ServiceProvider:
 
     def login_url(self) -> str:
         """Where the browser goes to sign in: the IdP, with our AuthnRequest."""
+        from saml2 import BINDING_HTTP_REDIRECT
+
         request_id, info = self.client.prepare_for_authenticate(entityid=self.idp, binding=BINDING_HTTP_REDIRECT)
         with self._lock:
             now = time.time()
@@ -115,6 +121,8 @@ class ServiceProvider:
         """The approver a base64 SAMLResponse (HTTP-POST) vouches for, or SamlError."""
         if not encoded:
             raise SamlError("no SAMLResponse in the form")
+        from saml2 import BINDING_HTTP_POST
+
         with self._lock:
             outstanding = dict(self.outstanding)
         try:
@@ -138,5 +146,7 @@ class ServiceProvider:
         return SamlIdentity(Principal(response.name_id.text, issuer, groups), emails[0] if emails else "")
 
     def metadata(self) -> bytes:
+        from saml2.metadata import create_metadata_string
+
         document = create_metadata_string(None, self.client.config, sign=False)
         return document if isinstance(document, bytes) else document.encode()

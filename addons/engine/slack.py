@@ -13,7 +13,7 @@ left to press; one pressed anyway is answered with what already happened.
 A click counts only when Slack signed it (HMAC-SHA256 of `v0:timestamp:body` with the
 app's signing secret, checked by the SDK's SignatureVerifier), its timestamp is within five
 minutes, and the same signed request has not been seen before. Agent-supplied text never
-becomes links or formatting: `mrkdwn` escapes it.
+becomes links or formatting: `mrkdwn` escapes it. The SDK is imported when Slack is configured.
 """
 
 from __future__ import annotations
@@ -26,10 +26,6 @@ import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
-
-from slack_sdk import WebClient
-from slack_sdk.errors import SlackApiError
-from slack_sdk.signature import SignatureVerifier
 
 from addons.engine.approval import APPROVED, PENDING, Approval
 from addons.engine.config import SlackSettings
@@ -170,6 +166,8 @@ class Verifier:
     """Is an interactivity request Slack's, fresh, and new?"""
 
     def __init__(self, signing_secret: str) -> None:
+        from slack_sdk.signature import SignatureVerifier
+
         self.signatures = SignatureVerifier(signing_secret)
         self.seen: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
@@ -195,6 +193,8 @@ class SlackApi:
     """The Web API calls Custody makes (blocking: callers on an event loop use a thread)."""
 
     def __init__(self, settings: SlackSettings, timeout: float = 10.0) -> None:
+        from slack_sdk import WebClient
+
         self.settings = settings
         self.client = WebClient(token=settings.bot_token, base_url=settings.api_url, timeout=int(timeout))
 
@@ -214,6 +214,8 @@ class SlackApi:
         mapped = dict(self.settings.users).get(user)
         if mapped:
             return mapped
+        from slack_sdk.errors import SlackApiError
+
         try:
             answer = self.client.users_info(user=user)
         except SlackApiError:

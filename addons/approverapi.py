@@ -61,13 +61,13 @@ def actionable(approval: Approval, who: Principal) -> bool:
     return True
 
 
-def inbox_event(seq: int, approval: Approval, who: Principal) -> str:
+def inbox_event(mark: str, approval: Approval, who: Principal) -> str:
     """One server-sent event: an approval changed (what a list row shows, and whether the
     reader can decide it now)."""
     data = {"id": approval.id, "state": approval.state, "summary": approval.operation.summary,
             "requester": approval.requester.subject, "risk": approval.operation.risk,
             "justification": approval.requester.attribute("justification"), "actionable": actionable(approval, who)}
-    return f"id: {seq}\nevent: approval\ndata: {json.dumps(data)}\n\n"
+    return f"id: {mark}\nevent: approval\ndata: {json.dumps(data)}\n\n"
 
 
 def reverse_spec(listen: tuple[str, int], gateway_host: str) -> str:
@@ -116,6 +116,12 @@ class ApproverAPI:
         except ApprovalError as e:
             failclosed.refuse(f, e.status, str(e), error=e.error)
             return
+        except Exception as e:
+            if self.book.log.problem is None:
+                raise  # not the store: a gateway error (failclosed.guarded)
+            failclosed.refuse(f, 503, f"audit store unavailable ({type(e).__name__}); no vote was counted",
+                              error=Error.AUDIT_UNAVAILABLE)
+            return
         self._answer(f, 200, document)
 
     async def _inbox(self, f: http.HTTPFlow, who: Principal) -> None:
@@ -125,30 +131,33 @@ class ApproverAPI:
         last = f.request.headers.get("last-event-id", "")
         mine = f.request.query.get("actionable") in ("1", "true")
         lines = [f"retry: {INBOX_RETRY_MS}\n\n"]
-        if not last.isdigit():
-            lines.append(f"id: {feed.seq}\nevent: ready\ndata: {{}}\n\n")  # start from now
+        after = feed.position(last)
+        if not last:
+            lines.append(f"id: {feed.mark()}\nevent: ready\ndata: {{}}\n\n")  # start from now
+        elif after is None:  # another replica's mark, or this one's before a restart
+            lines.append(f"id: {feed.mark()}\nevent: reload\ndata: {{}}\n\n")
         else:
-            changes, forgotten = await feed.wait(int(last), INBOX_WAIT)
+            changes, forgotten = await feed.wait(after, INBOX_WAIT)
             if forgotten:
-                lines.append(f"id: {feed.seq}\nevent: reload\ndata: {{}}\n\n")
+                lines.append(f"id: {feed.mark()}\nevent: reload\ndata: {{}}\n\n")
             seen: dict[str, int] = {}
             for seq, approval_id in changes:
                 seen[approval_id] = seq
             for approval_id, seq in sorted(seen.items(), key=lambda kv: kv[1]):
-                approval = self.book.get(approval_id)
+                approval = await self.book.get(approval_id)
                 wanted = (any(eligible(r, who.subject, who.groups) for r in approval.reviews)
                           and (who.subject, who.issuer) != (approval.requester.subject, approval.requester.issuer)
                           ) if mine else visible(approval, who)
                 if wanted:
-                    lines.append(inbox_event(seq, approval, who))
-            lines.append(f"id: {feed.seq}\n\n" if changes or forgotten else f": nothing new\nid: {last}\n\n")
+                    lines.append(inbox_event(feed.mark(seq), approval, who))
+            lines.append(f"id: {feed.mark()}\n\n" if changes or forgotten else f": nothing new\nid: {last}\n\n")
         f.response = http.Response.make(200, "".join(lines), {"content-type": "text/event-stream",
                                                                "cache-control": "no-cache"})
 
     async def _grants(self, f: http.HTTPFlow, who: Principal, grant_id: str | None):
         method = f.request.method
         if grant_id is None and method == "GET":
-            return {"grants": [g.document() for g in self.book.list_grants(who)]}
+            return {"grants": [g.document() for g in await self.book.list_grants(who)]}
         if grant_id is not None and method == "POST":
             reason = self._body(f).get("reason", "")
             return (await self.book.revoke(grant_id, who, reason)).document()
@@ -159,15 +168,16 @@ class ApproverAPI:
         if approval_id is None and method == "GET":
             q = f.request.query
             limit = min(int(q.get("limit", "100")) if q.get("limit", "100").isdigit() else 100, 1000)
-            found = self.book.list(q.get("state"), q.get("connection"), q.get("requester"), limit, viewer=c.principal)
+            found = await self.book.list(q.get("state"), q.get("connection"), q.get("requester"), limit,
+                                         viewer=c.principal)
             if q.get("actionable") in ("1", "true"):
                 found = [a for a in found if actionable(a, c.principal)]
             return {"approvals": [a.document() for a in found]}
         if approval_id is not None and action is None and method == "GET":
-            approval = self.book.get(approval_id)
+            approval = await self.book.get(approval_id)
             if not visible(approval, c.principal):
                 raise ApprovalError(404, Error.NOT_FOUND, f"no approval {approval_id}")
-            return {**approval.document(), "timeline": self.book.timeline(approval_id)}
+            return {**approval.document(), "timeline": await self.book.timeline(approval_id)}
         if approval_id is not None and action is not None and method == "POST":
             body = self._body(f)
             if action == "deny" and not body["reason"]:

@@ -4,6 +4,8 @@ mitmproxy runs every hook in list order, response hooks included, so `build()` i
 order of a request's story (docs/design.md):
 
     hardening, settings                  options the chain needs; the configuration, once
+    replica                              this process among the gateway's replicas: lease,
+                                         readiness, stopping (before the store: its done)
     auditlog, approvalbook, maskpool,    shared services, no flow hooks: the audit store,
     sessions                             the approvals, the masking workers, pg sessions
     wellknown                            the gateway's public endpoints (no token needed)
@@ -43,6 +45,7 @@ from addons.mcpguard import McpGuard
 from addons.mcpstdio import McpStdio
 from addons.policy import Policy
 from addons.recorder import Recorder
+from addons.replica import Replica
 from addons.settings import Settings
 from addons.signin import Signin
 from addons.slackapp import SlackApp
@@ -64,15 +67,17 @@ def build() -> list:
     ssh = SshExecutor(settings)
     policy = Policy(settings)
     credentials = Credentials(settings)
+    replica = Replica(settings, log, book, policy, pool)
     signin = Signin(settings, log)
     return [
         Hardening(),
         settings,
+        replica,
         log,
         book,
         pool,
         sessions,
-        WellKnown(settings),
+        WellKnown(settings, replica),
         signin,
         SlackApp(settings, book, log),
         Identity(settings, signin),
@@ -106,6 +111,10 @@ class Chain:
     @property
     def settings(self) -> Settings:
         return next(a for a in self.addons if isinstance(a, Settings))
+
+    @property
+    def replica(self) -> Replica:
+        return next(a for a in self.addons if isinstance(a, Replica))
 
 
 def _install_gate() -> None:

@@ -22,7 +22,7 @@ from mitmproxy.net.http import status_codes
 
 from addons import context
 from addons.engine import mcp
-from addons.engine.errors import Error
+from addons.engine.errors import HINTS, Error
 from addons.engine.model import Decision
 
 logger = logging.getLogger(__name__)
@@ -65,11 +65,15 @@ def refuse(
         "rules": list(rules),
         "event_id": ctx.decision_event,
         **({"approval_id": approval} if approval else {}),
+        **({"hint": HINTS[error]} if error in HINTS else {}),
         **(extra or {}),
     }
     content, content_type = None, "application/json"
     if ctx.protocol == "kubernetes":
         body.update(kubernetes_status(status, reason))
+        if status == 401:  # kubectl prints a generic "provide credentials" for a 401 on its
+            # discovery path, which reads the body raw; it always prints Warning headers
+            headers = {**(headers or {}), "warning": kubernetes_warning(reason)}
     elif ctx.protocol == "mcp":  # JSON-RPC errors with the request ids: what MCP clients surface
         status, content, content_type = mcp.refusal(ctx.operation, status, error, body,
                                                     stream=bool(f.metadata.get(mcp.AS_STREAM)))
@@ -127,6 +131,13 @@ def kubernetes_status(status: int, reason: str) -> dict:
     Custody's fields (decision, error, rules, event_id, approval_id) stay beside it."""
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": f"custody: {reason}", "reason": STATUS_REASONS.get(status, "Forbidden"), "code": status}
+
+
+def kubernetes_warning(reason: str) -> str:
+    """A Warning header (RFC 7234 5.5, as the API server sends them: `299 - "text"`) that
+    client-go prints as `Warning: custody: <reason>`."""
+    text = "".join(ch if " " <= ch <= "~" else "?" for ch in f"custody: {reason}")[:REASON_PHRASE_MAX]
+    return '299 - "' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def answered(f: mflow.Flow) -> bool:

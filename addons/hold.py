@@ -13,6 +13,8 @@ ends when:
 - (MCP clients that resume event streams) the flow's keep-alive window ends first: the
   client is told to come back for the answer, and its resumed request (addons/mcpguard.py)
   joins the same approval and waits on;
+- the gateway stops (or, to the other replicas, is lost): the approval is abandoned and the
+  agent told so;
 - a mitmweb operator resumes the flow (approved as the console operator) or kills it
   (denied by the console operator; the agent still gets a 403 rather than a hung socket).
 
@@ -42,7 +44,7 @@ from mitmproxy import hooks, http
 from addons import classifiers, context, failclosed
 from addons.approvalbook import ApprovalBook
 from addons.engine import mcp
-from addons.engine.approval import APPROVED, DENIED, EXPIRED, fingerprint
+from addons.engine.approval import ABANDONED, APPROVED, DENIED, EXPIRED, ApprovalError, fingerprint
 from addons.engine.errors import Error
 from addons.engine.model import MARKERS, Decision, Request
 from addons.engine.store import headers_for_record
@@ -72,6 +74,8 @@ JUSTIFY = ("say why in the X-Custody-Justification header (client helper: custod
 
 REFUSALS = {DENIED: Error.APPROVAL_DENIED, EXPIRED: Error.APPROVAL_EXPIRED}
 """Decisions the agent learns from the approval's own outcome text."""
+ENDED = {**REFUSALS, ABANDONED: Error.APPROVAL_ABANDONED}
+"""What an approval that cannot run any more tells the agent, by its state."""
 
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer",
@@ -116,7 +120,12 @@ class Hold:
             failclosed.refuse(f, 403, f"rules {', '.join(decision.rules)} require a justification: {JUSTIFY}",
                               error=Error.JUSTIFICATION_REQUIRED, rules=decision.rules)
             return
-        if (granted := self.book.grant_covering(c.principal, c.operation, decision.rules)) is not None:
+        try:
+            granted = await self.book.grant_covering(c.principal, c.operation, decision.rules)
+        except Exception as e:
+            self._unavailable(f, e, decision)
+            return
+        if granted is not None:
             c.approval = granted.approval
             c.decision = Decision(effect="allow", rules=decision.rules, masks=decision.masks,
                                   approval=granted.approval, grant=granted.id,
@@ -124,14 +133,15 @@ class Hold:
                                          f"(approval {granted.approval})")
             return
         fp = request_fingerprint(f, c)
-        grant = self.book.grant_for(fp, c.principal)
-        if grant is not None:
-            await self.book.execute(grant, f.id, late=True)
-            self._allow(c, grant.id, decision, grant.outcome)
+        if await self._granted(f, c, fp, decision):
             return
-        approval = self.book.unheld(fp, c.principal, f.metadata.get(RESUME)) if c.protocol == "mcp" else None
-        if approval is None:
-            approval = await self._open(f, c, decision, fp)
+        try:
+            approval = await self.book.unheld(fp, c.principal, f.metadata.get(RESUME)) if c.protocol == "mcp" else None
+            if approval is None:
+                approval = await self._open(f, c, decision, fp)
+        except Exception as e:  # the approval could not be recorded: nothing is held, nothing goes on
+            self._unavailable(f, e, decision)
+            return
         c.approval = approval.id
         f.intercept()
         self._show(f, f"custody: held for review · rules {', '.join(decision.rules)} · approval {approval.id}",
@@ -155,6 +165,26 @@ class Hold:
              "body": withheld or (body or b"")[:max_body].decode(errors="replace"), "body_size": len(raw)},
             fp, decision, f.id, c.session,
         )
+
+    def _unavailable(self, f: http.HTTPFlow, e: Exception, decision: Decision) -> None:
+        """Refuse: the store could not answer (anything else is a gateway error, re-raised)."""
+        if self.book.log.problem is None:
+            raise e  # not the store: a gateway error (failclosed.guarded)
+        failclosed.refuse(f, 503, f"audit store unavailable ({type(e).__name__}); nothing was forwarded",
+                          error=Error.AUDIT_UNAVAILABLE, rules=decision.rules)
+
+    async def _granted(self, f: http.HTTPFlow, c: context.Context, fp: str, decision: Decision) -> bool:
+        """Run an approved re-send of exactly this request, once. Another replica may use the
+        same approval at the same moment: the one that loses is held anew."""
+        grant = await self.book.grant_for(fp, c.principal)
+        if grant is None:
+            return False
+        try:
+            await self.book.execute(grant, f.id, late=True)
+        except ApprovalError:
+            return False
+        self._allow(c, grant.id, decision, grant.outcome)
+        return True
 
     async def _hold(self, f: http.HTTPFlow, approval, keepalive: float | None) -> str:
         waiter = self.book.waiter(approval.id)
@@ -193,13 +223,18 @@ class Hold:
                 failclosed.refuse(f, 403, "the request changed while it was held; it was not sent",
                                   error=Error.APPROVAL_MISMATCH, extra={"state": approval.state}, **refuse)
                 return
-            await self.book.execute(approval, f.id, late=False)
+            try:
+                await self.book.execute(approval, f.id, late=False)
+            except ApprovalError as e:  # expired or abandoned a moment ago, elsewhere
+                failclosed.refuse(f, 403, str(e), error=ENDED.get(approval.state, Error.APPROVAL_USED),
+                                  extra={"state": approval.state}, **refuse)
+                return
             self._allow(c, approval.id, decision, approval.outcome)
             self._show(f, f"custody: approved · approval {approval.id} · {approval.outcome}", MARKERS["approved"])
         elif outcome in REFUSALS:
             failclosed.refuse(f, 403, approval.outcome, error=REFUSALS[outcome], extra={"state": outcome}, **refuse)
         elif outcome == End.BREAK:
-            approval.held = False  # no flow holds it until the client comes back for the answer
+            await self.book.release(approval, "keepalive_ended")  # no flow holds it until the client comes back
             failclosed.refuse(f, 403, f"waiting for approval by {', '.join(approval.approvers())}; still held",
                               error=Error.APPROVAL_PENDING, extra={"state": approval.state, "resume": approval.id},
                               **refuse)
@@ -210,6 +245,9 @@ class Hold:
                 f"waiting for approval by {', '.join(approval.approvers())}; re-send the identical request once it is approved",
                 error=Error.APPROVAL_PENDING, extra={"state": approval.state}, **refuse,
             )
+        elif outcome == ABANDONED:  # this gateway is stopping, or another replica gave up on it
+            failclosed.refuse(f, 403, approval.outcome, error=Error.APPROVAL_ABANDONED, extra={"state": outcome},
+                              **refuse)
         else:
             await self.book.abandon(approval, "the client went away while the request was held")
             failclosed.refuse(f, 403, "abandoned: the client went away", error=Error.APPROVAL_ABANDONED,

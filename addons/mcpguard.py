@@ -56,7 +56,7 @@ from addons.engine.model import (
 )
 from addons.engine.sse import Event as SseEvent
 from addons.engine.sse import EventStream, StreamError
-from addons.engine.store import Event, put_pin
+from addons.engine.store import Event, Pin
 from addons.failclosed import guarded
 from addons.hold import KEEPALIVE, RESUME
 from addons.maskpool import MaskPool, MaskUnavailable
@@ -98,7 +98,7 @@ class McpGuard:
         self._tasks: set[asyncio.Task] = set()
 
     def configure(self, updated: set[str]) -> None:
-        if "custody_config" in updated:
+        if self.settings.changed(updated):
             self.pins.configure(self.settings.require().connections, self.log.reader.pins())
 
     def running(self) -> None:
@@ -288,7 +288,7 @@ class McpGuard:
             failclosed.refuse(f, 502, "the MCP server's answer is not valid JSON; it was not sent",
                               error=Error.MASKING_REFUSED)
             return
-        notes: list[tuple[Event, Any]] = []
+        notes: list[tuple[Event, Pin | None]] = []
         messages = doc if isinstance(doc, list) else [doc]
         sid = c.operation.details.get("session", "")
         answered = [self.from_server(f, c, conn, m, notes, sid)[0] for m in messages]
@@ -337,7 +337,7 @@ class McpGuard:
             c.masking = report.as_dict()
 
     def from_server(self, f: http.HTTPFlow, c: context.Context, conn: Connection, msg: Any,
-                    notes: list[tuple[Event, Any]], sid: str) -> tuple[Any, tuple]:
+                    notes: list[tuple[Event, Pin | None]], sid: str) -> tuple[Any, tuple]:
         """One message from the server of session `sid` as the agent may have it (None when
         it may not), and the masks it gets: an answer, those of the request it answers."""
         if not isinstance(msg, dict):
@@ -372,7 +372,7 @@ class McpGuard:
                              if p.details.get("kind") == "request" and mcp.id_key(p.details.get("id")) == key), None)
 
     def offer(self, f: http.HTTPFlow, c: context.Context, conn: Connection, asked: Operation, result: dict,
-              notes: list[tuple[Event, Any]]) -> dict:
+              notes: list[tuple[Event, Pin | None]]) -> dict:
         """`tools/list`: pin or check each definition, and offer only what the principal may call."""
         tools = result.get("tools")
         if not isinstance(tools, list):
@@ -403,11 +403,11 @@ class McpGuard:
         return {**result, "tools": kept}
 
     def _sighting(self, f: http.HTTPFlow, c: context.Context, conn: Connection, tool: dict,
-                  sighting: Sighting) -> tuple[Event, Any]:
+                  sighting: Sighting) -> tuple[Event, Pin | None]:
         name, fp = tool["name"], mcp.tool_fingerprint(tool)
         if sighting.outcome == "pinned":
             return (self._event(f, c, "tool_pinned", None, detail={"tool": name, "fingerprint": fp, "definition": tool}),
-                    put_pin(conn.name, name, fp, tool))
+                    Pin(conn.name, name, fp, tool))
         if sighting.outcome == "changed":
             return (self._event(f, c, "tool_changed", None, detail={
                 "tool": name, "pinned": sighting.pin.fingerprint, "source": sighting.pin.source, "listed": fp,
@@ -416,7 +416,7 @@ class McpGuard:
             "tool": name, "listed": fp, "reason": "not pinned, and new tools are refused (mcp.new_tools)"}), None
 
     def _server_request(self, f: http.HTTPFlow, c: context.Context, conn: Connection, msg: dict,
-                        notes: list[tuple[Event, Any]], sid: str) -> dict | None:
+                        notes: list[tuple[Event, Pin | None]], sid: str) -> dict | None:
         """A server's request to the client: passed on when a rule allows it; otherwise
         dropped, and the server answered with a JSON-RPC error on the client's behalf."""
         method, rid = msg.get("method"), mcp.request_id(msg)
@@ -488,16 +488,10 @@ class McpGuard:
         return Event(id=new_id(), kind=kind, session=c.session, flow=f.id, principal=c.principal, operation=op,
                      connection=c.connection, decision=decision, approval=c.approval, detail=detail or {})
 
-    async def _write(self, notes: list[tuple[Event, Any]]) -> None:
-        applies = [a for _, a in notes if a is not None]
+    async def _write(self, notes: list[tuple[Event, Pin | None]]) -> None:
+        await self.log.write([e for e, _ in notes], [p for _, p in notes if p is not None])
 
-        def apply(conn) -> None:
-            for a in applies:
-                a(conn)
-
-        await self.log.write([e for e, _ in notes], apply if applies else None)
-
-    async def _recorded(self, f: http.HTTPFlow, notes: list[tuple[Event, Any]]) -> bool:
+    async def _recorded(self, f: http.HTTPFlow, notes: list[tuple[Event, Pin | None]]) -> bool:
         try:
             await self._write(notes)
         except Exception as e:
@@ -507,7 +501,7 @@ class McpGuard:
             return False
         return True
 
-    def record_later(self, notes: list[tuple[Event, Any]]) -> None:
+    def record_later(self, notes: list[tuple[Event, Pin | None]]) -> None:
         """For an event stream (its hook cannot wait): recorded as soon as the store can."""
         self._later(self._write(notes))
 
@@ -568,7 +562,7 @@ class McpStream:
             doc = json.loads(ev.data)
         except ValueError:
             raise StreamError("an event of the stream is not a JSON-RPC message") from None
-        notes: list[tuple[Event, Any]] = []
+        notes: list[tuple[Event, Pin | None]] = []
         messages = doc if isinstance(doc, list) else [doc]
         answered = [(m, ()) if ours else self.guard.from_server(self.flow, self.ctx, self.conn, m, notes, self.sid)
                     for m, ours in self.guard.delivered(self.conn, self.sid, messages)]

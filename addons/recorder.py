@@ -6,7 +6,9 @@ the same text: a statement's SQL, a command line) are stored masked alike, with 
 fixed once for the flow (MaskPool.fix_record). On responses (after masking) it writes the response;
 if that write fails, the agent gets an error instead of data that is not on record. It
 refuses to record, and so to forward, a response that a rule said to mask when no masker
-ran. It also writes tunnels opened or refused, and upstream errors.
+ran. It also writes tunnels opened or refused, and upstream errors. Health probes
+(`/healthz`, `/readyz`) are not recorded: they reach nothing, and a load balancer asks
+several times a second.
 The flow's comment and marker show the decision in mitmweb.
 """
 
@@ -28,6 +30,7 @@ from addons.engine.store import Event, body_fields, headers_for_record
 from addons.failclosed import guarded
 from addons.maskpool import MaskPool
 from addons.settings import Settings
+from addons.wellknown import PROBE
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +96,8 @@ class Recorder:
 
     @guarded
     async def request(self, f: http.HTTPFlow) -> None:
+        if f.metadata.get(PROBE):
+            return
         ctx = context.of(f)
         masks = await self.pool.fix_record(ctx)
         req = f.request
@@ -129,6 +134,8 @@ class Recorder:
 
     @guarded
     async def response(self, f: http.HTTPFlow) -> None:
+        if f.metadata.get(PROBE):
+            return
         ctx = context.of(f)
         await self.pool.fix_record(ctx)
         d = ctx.decision
@@ -161,6 +168,9 @@ class Recorder:
         try:
             await self._write(ctx, [*late, event])
         except Exception as e:
+            if d is not None and d.effect == "deny":  # our own refusal: nothing of the upstream's to withhold
+                logger.error("custody: audit store write failed; the refusal goes out unrecorded", exc_info=e)
+                return
             logger.error("custody: audit store write failed; withholding the response", exc_info=e)
             failclosed.refuse(
                 f, 502, f"audit store unavailable ({type(e).__name__}); response withheld",

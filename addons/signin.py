@@ -34,7 +34,7 @@ from addons.engine.config import GATEWAY_CONNECTION, IdentityConfig
 from addons.engine.errors import Error
 from addons.engine.model import Decision, Principal, new_id
 from addons.engine.saml import SamlError, ServiceProvider
-from addons.engine.store import Event, put_directory
+from addons.engine.store import Event, Listing
 from addons.engine.tokens import TokenError, Verifier
 from addons.engine.websession import (
     CSRF_HEADER,
@@ -198,8 +198,8 @@ class Signin:
                       connection=GATEWAY_CONNECTION,
                       detail={"method": method, "email": email, "session_expires": session.expires})
         try:
-            await self.log.write([event], put_directory(email, principal.subject, principal.issuer,
-                                                        list(principal.groups), method) if email else None)
+            await self.log.write([event], [Listing(email, principal.subject, principal.issuer, principal.groups,
+                                                   method)] if email else [])
         except Exception:
             self.sessions.end(value)  # a sign-in that is not on record is no sign-in
             raise

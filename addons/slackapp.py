@@ -99,7 +99,7 @@ class SlackApp:
         except ApprovalError as e:
             message = str(e)
             if e.error == Error.NOT_PENDING:
-                current = self.book.get(click.approval)
+                current = await self.book.get(click.approval)
                 message = slack.stale(current)
                 self._later(self._refresh(click, current))
             await self._refused(f, click, e.error, message)
@@ -113,7 +113,7 @@ class SlackApp:
         """The approver identity a Slack user votes as, or None: bound by the IdP e-mail of a
         recent enough SSO sign-in."""
         email = await asyncio.to_thread(self.api.email, user)
-        found = self.log.reader.directory(email) if email else None
+        found = await self.log.call(self.log.reader.directory, email) if email else None
         if found is None or found["signed_in"] + self.slack.signin_max_age < time.time():
             return None
         return Principal(found["subject"], found["issuer"], tuple(found["groups"]))

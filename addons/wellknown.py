@@ -1,8 +1,11 @@
 """wellknown: the gateway's own public endpoints, on its virtual host (`gateway.host`).
 
 Publishes the development issuer's discovery document and JWKS, so services behind the
-gateway can verify the same tokens, a health check, the approvals page (which then signs
-in with SSO, addons/signin.py, or a token), and the ssh bridges' host keys as a known_hosts file, so an agent that
+gateway can verify the same tokens, a liveness check (`/healthz`: the process answers) and a
+readiness check (`/readyz`: 503 with the reasons while the audit store is unavailable, the
+rules or masking are not ready, or the gateway is stopping; what a load balancer asks),
+both naming the replica that answered, the approvals page (which then signs in with SSO,
+addons/signin.py, or a token), and the ssh bridges' host keys as a known_hosts file, so an agent that
 trusts the gateway (its CA) trusts the bridges without a first-time prompt
 (`custody ssh-config` fetches it). These need no token; everything else on the gateway host goes
 through the chain to the approvals API.
@@ -19,10 +22,15 @@ from addons import context, failclosed
 from addons.engine import devissuer
 from addons.engine.model import Decision
 from addons.failclosed import guarded
+from addons.replica import Replica
 from addons.settings import Settings
 
 PAGE = Path(__file__).parent / "web" / "approvals.html"
 KNOWN_HOSTS = "/.well-known/ssh_known_hosts"
+READY = "/readyz"
+PROBES = ("/healthz", READY)
+PROBE = "custody-probe"
+"""flow.metadata: a health probe, which the recorder leaves out of the audit log."""
 
 
 def ssh_known_hosts(bridges: list[tuple[tuple[str, int], str]]) -> bytes:
@@ -41,8 +49,9 @@ def ssh_known_hosts(bridges: list[tuple[tuple[str, int], str]]) -> bytes:
 
 
 class WellKnown:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, replica: Replica) -> None:
         self.settings = settings
+        self.replica = replica
         self.host = ""
         self.documents: dict[str, tuple[str, bytes]] = {}
         self.known_hosts: list[tuple[tuple[str, int], str]] = []
@@ -74,9 +83,22 @@ class WellKnown:
         if failclosed.answered(f) or f.request.host.lower() != self.host or f.request.method not in ("GET", "HEAD"):
             return
         path = f.request.path.split("?")[0]
-        document = ("text/plain", ssh_known_hosts(self.known_hosts)) if path == KNOWN_HOSTS else self.documents.get(path)
+        status = 200
+        if path == READY:
+            problems = self.replica.problems()
+            status = 503 if problems else 200
+            document = ("application/json", json.dumps({"status": "unready" if problems else "ready",
+                                                        "replica": self.replica.log.replica.id,
+                                                        "problems": problems}).encode())
+        elif path == KNOWN_HOSTS:
+            document = ("text/plain", ssh_known_hosts(self.known_hosts))
+        else:
+            document = self.documents.get(path)
         if document is None:
             return  # not public: identity and the rest of the chain take it from here
         content_type, content = document
+        if path in PROBES:
+            f.metadata[PROBE] = True
         context.of(f).decision = Decision(effect="allow", reason="the gateway's public endpoints")
-        f.response = http.Response.make(200, content, {"content-type": content_type, "cache-control": "no-cache"})
+        f.response = http.Response.make(status, content, {"content-type": content_type, "cache-control": "no-cache",
+                                                          "x-custody-replica": self.replica.log.replica.id})

@@ -59,14 +59,20 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def ensure_wrk() -> str:
-    if path := shutil.which("wrk"):
+def ensure_tool(name: str, needed_by: str) -> str:
+    """The path of a program Debian packages under its own name, installed when missing
+    (as root, with apt-get)."""
+    if path := shutil.which(name):
         return path
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, capture_output=True)
-        if path := shutil.which("wrk"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", name], check=False, capture_output=True)
+        if path := shutil.which(name):
             return path
-    sys.exit("bench/http_overhead.py needs wrk: apt-get install wrk (or brew install wrk)")
+    sys.exit(f"{needed_by} needs {name}: apt-get install {name} (or brew install {name})")
+
+
+def ensure_wrk() -> str:
+    return ensure_tool("wrk", "bench/http_overhead.py")
 
 
 LUA = """
@@ -174,7 +180,7 @@ def main() -> None:
         upstream.terminate()
     results = {name: median(r) for name, r in runs.items()}
     store = Store(str(work / "audit.db"))
-    recorded = store.db.execute("SELECT count(*) FROM events WHERE kind = 'decision' AND effect = 'allow'").fetchone()[0]
+    recorded = len(store.where("kind = 'decision' AND effect = 'allow'", []))
     verified = store.verify()
     store.close()
 

@@ -55,14 +55,12 @@ def flows(n: int, rng: random.Random) -> list[list[Event]]:
 
 
 class InlineStore(Store):
-    """Schema version 1's layout: the body in the event row itself."""
+    """Schema version 1's layout: the body in the event row itself (and no replica)."""
 
-    def _chain(self, conn, events):
-        seqs = super()._chain(conn, [])  # reads the head; appends nothing
-        head = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone() or (0, "0" * 64)
+    def _chain(self, tx, events):
         from addons.engine.store import chain_hash
 
-        seq, prev = head
+        seq, prev = self._head(tx)
         rows = []
         for event in events:
             seq += 1
@@ -70,11 +68,10 @@ class InlineStore(Store):
             row["seq"], row["prev_hash"] = seq, prev
             row["hash"] = prev = chain_hash(prev, row)
             rows.append([row.get(c) for c in self._cols])
-            seqs.append(seq)
-        conn.executemany(self._insert, rows)
-        conn.execute("INSERT INTO chain_head (id, seq, hash) VALUES (1, ?, ?) "
-                     "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash", (seq, prev))
-        return seqs
+        tx.many(self._insert, rows)
+        tx.run("INSERT INTO chain_head (id, seq, hash) VALUES (1, ?, ?) "
+               "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash", (seq, prev))
+        return list(range(seq - len(rows) + 1, seq + 1))
 
 
 def measure(cls, path: Path, batches: list[list[Event]]) -> tuple[float, float]:

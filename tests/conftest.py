@@ -178,3 +178,19 @@ def token(keys, jwks):
         return keys[key].token(jwks.issuer, **kwargs)
 
     return mint
+
+
+@pytest.fixture
+def make(tmp_path, servers):
+    """Standard gateways (not started) to configure per test: make(rules=..., runner=...);
+    each is stopped when the test ends."""
+    started = []
+
+    def make_gateway(**kwargs) -> Gateway:
+        gw = standard_gateway(tmp_path / f"gw{len(started)}", servers, **kwargs)
+        started.append(gw)
+        return gw
+
+    yield make_gateway
+    for gw in started:
+        gw.stop()

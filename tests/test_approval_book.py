@@ -10,18 +10,12 @@ from types import SimpleNamespace
 import pytest
 
 from addons.approvalbook import ApprovalBook
-from addons.engine.approval import (
-    APPROVED,
-    DENIED,
-    EXECUTED,
-    ApprovalError,
-    fingerprint,
-)
-from addons.engine.config import ApprovalsConfig
+from addons.auditlog import AuditLog
+from addons.engine.approval import APPROVED, DENIED, EXECUTED, ApprovalError, fingerprint
+from addons.engine.config import ApprovalsConfig, StoreConfig
 from addons.engine.model import Decision, Operation, Principal, Review
 from addons.engine.notify import Notifier
 from addons.engine.slack import message as slack_message
-from addons.engine.store import Store, Writer
 
 REQUESTER = Principal("crew-buyer", "idp", ("buyers",), asserted={"model": "gpt-4o)\n*URGENT* <https://evil.example/login|Approve>"})
 MANAGER = Principal("manager-1", "idp", ("managers",))
@@ -30,22 +24,16 @@ DECISION = Decision("review", ("orders",), "orders need a manager",
                     reviews=(Review(("group:managers",), approvals=1, timeout=60, ttl=3600),))
 
 
-class Log:
-    """The audit log's interface, on a real store."""
-
-    def __init__(self, path: str) -> None:
-        self.writer, self.reader = Writer(path), Store(path)
-
-    async def write(self, events, apply=None):
-        await self.writer.append(events, apply)
-
-
 @pytest.fixture
 def book(tmp_path):
+    """The book on the real audit log and store, without a gateway around it."""
     settings = SimpleNamespace(require=lambda: SimpleNamespace(approvals=ApprovalsConfig(None, "http://gw")))
-    b = ApprovalBook(settings, Log(str(tmp_path / "audit.db")))
-    b.notifier = Notifier(ApprovalsConfig(None, "http://gw"), b._notified)
-    return b
+    log = AuditLog(settings)
+    log.open(StoreConfig(path=str(tmp_path / "audit.db")))
+    b = ApprovalBook(settings, log)
+    b.notifier = Notifier(ApprovalsConfig(None, "http://gw"), b._notified, b._posted, b._current)
+    yield b
+    log.done()
 
 
 def run(coro):
@@ -62,13 +50,13 @@ def test_a_held_approval_is_never_given_to_a_replay_and_executes_once(book):
         waiter = book.waiter(approval.id)
         await book.vote(approval.id, MANAGER, "approve", "ok")
         assert waiter.result() == APPROVED
-        assert book.grant_for(fp(), REQUESTER) is None  # the held flow owns it
+        assert await book.grant_for(fp(), REQUESTER) is None  # the held flow owns it
         await book.execute(approval, "flow-1", late=False)
         assert approval.state == EXECUTED
         with pytest.raises(ApprovalError) as e:
             await book.execute(approval, "flow-2", late=True)
         assert e.value.error == "not_approved"
-        assert book.grant_for(fp(), REQUESTER) is None
+        assert await book.grant_for(fp(), REQUESTER) is None
 
     run(scenario())
 
@@ -78,12 +66,12 @@ def test_a_released_approval_serves_one_identical_replay(book):
         approval = await book.open(REQUESTER, OPERATION, {"body": "{}"}, fp(), DECISION, "flow-1", "s")
         await book.release(approval)  # the hold timed out
         await book.vote(approval.id, MANAGER, "approve", "")
-        assert book.grant_for(fp(b'{"other": 1}'), REQUESTER) is None
-        assert book.grant_for(fp(), MANAGER) is None
-        grant = book.grant_for(fp(), REQUESTER)
+        assert await book.grant_for(fp(b'{"other": 1}'), REQUESTER) is None
+        assert await book.grant_for(fp(), MANAGER) is None
+        grant = await book.grant_for(fp(), REQUESTER)
         assert grant is approval
         await book.execute(grant, "flow-2", late=True)
-        assert book.grant_for(fp(), REQUESTER) is None
+        assert await book.grant_for(fp(), REQUESTER) is None
 
     run(scenario())
 
@@ -100,9 +88,9 @@ def test_the_console_cannot_overturn_a_decision(book):
 
 def test_a_request_that_could_not_be_recorded_leaves_no_approval(book):
     async def scenario():
-        async def failing(events, apply=None):
+        async def failing(change):
             raise RuntimeError("disk full")
-        book.log.write = failing
+        book.log.change = failing
         with pytest.raises(RuntimeError):
             await book.open(REQUESTER, OPERATION, {"body": "{}"}, fp(), DECISION, "flow-1", "s")
         assert book.live == {}

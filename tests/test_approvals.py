@@ -287,6 +287,7 @@ def test_api_lists_filters_and_records_every_call(gw, people):
 
 
 def test_approvals_survive_a_restart_and_held_flows_are_abandoned(tmp_path, servers, token, upstream):
+    """A crash (SIGKILL) with a request held; a graceful stop is tests/test_replicas.py's."""
     first = start(make_gateway(tmp_path, servers))
     buyer = token(sub="crew-buyer", groups=["buyers"])
     manager = Approver(first.approvals_url, token(sub="manager-1", groups=["managers"]))
@@ -295,7 +296,7 @@ def test_approvals_survive_a_restart_and_held_flows_are_abandoned(tmp_path, serv
     with ThreadPoolExecutor(max_workers=1) as pool:
         held = pool.submit(send, first, buyer, "/orders", {"tag": "restart-held"})
         held_id = pending_for(manager, "restart-held")["id"]
-        first.stop()
+        first.kill()
         with pytest.raises(requests.RequestException):
             held.result(timeout=20)
     second = start(first)  # the same configuration and audit store, a new process

@@ -169,7 +169,11 @@ def test_askpass_answers_only_the_bridges_token_prompt(prompt, answers):
     [
         ("ops", "SELECT 40 + 2", 0, "42"),
         ("stranger", "SELECT 1", 2, "custody: no rule matches this request"),  # refused at login
+        ("stranger", "SELECT 1", 2, "HINT:  no rule allows this; `custody rules explain` shows the rules that could"),
+        ("stranger", "SELECT 1", 2, "DETAIL:  audit event: "),
         ("expired", "SELECT 1", 2, "custody: token expired"),
+        ("expired", "SELECT 1", 2, "HINT:  send the agent's token"),
+        ("ops", "DROP TABLE nothing", 1, "HINT:  no rule allows this"),
     ],
 )
 def test_custody_psql_logs_in_with_the_token(gw, bridges, tmp_path, tokens, agent, sql, status, says):

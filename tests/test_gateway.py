@@ -80,6 +80,7 @@ def test_denial_names_reason_rules_and_event(gateway, token, mark):
         "reason": "admin endpoints are off-limits",
         "rules": ["admin-denied"],
         "event_id": body["event_id"],
+        "hint": "a rule refuses this; `custody rules explain` shows which",
     }
     shown = gateway.custody("audit", "show", body["event_id"], "--json", check=True)
     flow = json.loads(shown.stdout)["flow"]

@@ -121,6 +121,8 @@ def agents(gw, keys, jwks, tmp_path_factory):
         "ci": Kubectl(gw, base / "ci", token("ci-bot", ["ci"])),
         "stranger": Kubectl(gw, base / "stranger", token("nobody", [])),
         "forged": Kubectl(gw, base / "forged", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."),
+        "expired": Kubectl(gw, base / "expired", keys["rsa"].token(jwks.issuer, sub="crew-reader",
+                                                                   groups=["k8s-readers"], ttl=-60)),
         "direct": Kubectl(gw, base / "direct", token("crew-reader", ["k8s-readers"]), direct=True),
         "cert": Kubectl(gw, base / "cert", token("crew-reader", ["k8s-readers"]), connection="cert-k8s"),
         "sre": Approver(gw.approvals_url, token("sre-1", ["sre"])),
@@ -340,6 +342,9 @@ def test_operator_deletes_a_pod(agents, kube):
     "agent, args, message",
     [
         ("forged", ["get", "pods"], "error: You must be logged in to the server"),
+        # kubectl prints Warning headers whatever the path: the agent learns why, not only that
+        ("expired", ["get", "pods"], "Warning: custody: token expired"),
+        ("forged", ["get", "pods"], "Warning: custody: token has no issuer (iss)"),
     ],
 )
 def test_bad_tokens_are_refused(agents, kube, agent, args, message):

@@ -9,23 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import STANDARD_RULES, standard_gateway
-from tests.support.gateway import Gateway
-
-
-@pytest.fixture
-def make(tmp_path, servers):
-    started = []
-
-    def make_gateway(**kwargs) -> Gateway:
-        gw = standard_gateway(tmp_path / f"gw{len(started)}", servers, **kwargs)
-        started.append(gw)
-        return gw
-
-    yield make_gateway
-    for gw in started:
-        gw.stop()
-
+from tests.conftest import STANDARD_RULES
 
 BAD_RULES = {"bad.yaml": {"rules": [{"id": "readers", "match": {"action": "fetch"}, "effect": "allow"}]}}
 

@@ -10,23 +10,9 @@ import pytest
 import requests
 
 from examples.samples.pki import SigningKey
-from tests.conftest import standard_gateway, standard_identity
+from tests.conftest import standard_identity
 from tests.support.gateway import ROOT
 from tests.support.servers import JwksServer
-
-
-@pytest.fixture
-def make(tmp_path, servers):
-    started = []
-
-    def make_gateway(**kwargs):
-        gw = standard_gateway(tmp_path / f"gw{len(started)}", servers, **kwargs)
-        started.append(gw)
-        return gw
-
-    yield make_gateway
-    for gw in started:
-        gw.stop()
 
 
 @pytest.fixture

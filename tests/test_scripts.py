@@ -188,14 +188,25 @@ def in_namespace(pid: int, *cmd: str, env: dict | None = None, timeout: float = 
                           timeout=timeout)
 
 
-def test_scripts_run_works_from_a_fresh_clone(tmp_path):
+@dataclass
+class Fresh:
+    clone: Path
+    env: dict
+    pid: int
+    dir: Path
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
     """A clean clone and nothing else: scripts/run builds its own .venv (the samples need
-    nothing scripts/test installs), then serves the walkthrough from a network namespace of
-    its own, so its fixed ports never meet another copy's."""
+    nothing scripts/test installs), then serves from a network namespace of its own, so its
+    fixed ports never meet another copy's."""
+    tmp_path = tmp_path_factory.mktemp("fresh")
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    env = {"HOME": os.environ["HOME"], "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-           "LANG": "C.UTF-8",
+    (tmp_path / "home").mkdir()
+    env = {"HOME": str(tmp_path / "home"), "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "LANG": "C.UTF-8", "PIP_CACHE_DIR": os.path.expanduser("~/.cache/pip"),
            **{k: v for k, v in os.environ.items() if k in ("PYENV_ROOT", "CUSTODY_PYTHON")}}
     if shutil.which("pyenv"):
         env["PATH"] = f"{Path(shutil.which('pyenv')).parent}:{env['PATH']}"
@@ -212,25 +223,70 @@ def test_scripts_run_works_from_a_fresh_clone(tmp_path):
             assert proc.poll() is None, (tmp_path / "run.log").read_text(errors="replace")
             assert time.monotonic() < deadline, (tmp_path / "run.log").read_text(errors="replace")
             time.sleep(0.3)
-        custody = str(clone / ".venv" / "bin" / "custody")
-        cenv = {**env, "CUSTODY_CONFIG": str(clone / "examples" / "custody.yaml")}
-        token = subprocess.run([custody, "token", "--sub", "crew-analyst", "--groups", "analysts"], capture_output=True,
-                               text=True, env=cenv, check=True).stdout.strip()
-        items = in_namespace(proc.pid, "curl", "-sS", "-x", f"http://agent:{token}@127.0.0.1:8080",
-                             "http://sample-api.internal/items")
-        assert items.returncode == 0 and json.loads(items.stdout)[0]["name"] == "bolt M6", items.stderr
-        (tmp_path / "ops.jwt").write_text(subprocess.run(
-            [custody, "token", "--sub", "crew-ops", "--groups", "k8s-operators"], capture_output=True, text=True,
-            env=cenv, check=True).stdout)
-        subprocess.run([custody, "kubeconfig", "--connection", "prod-k8s", "--token-file", str(tmp_path / "ops.jwt"),
-                        "--confdir", str(clone / ".custody" / "mitmproxy"), "-o", str(tmp_path / "kubeconfig")],
-                       capture_output=True, text=True, env=cenv, check=True)
-        pods = in_namespace(proc.pid, "kubectl", "get", "pods", "-n", "shop",
-                            env=clean_env(KUBECONFIG=str(tmp_path / "kubeconfig"), KUBECACHEDIR=str(tmp_path / "kc")))
-        assert pods.returncode == 0 and "web-1" in pods.stdout, pods.stderr
-        rows = in_namespace(proc.pid, "psql", "host=127.0.0.1 port=15432 dbname=shop user=agent", "-A", "-t", "-c",
-                            "SELECT name, email FROM customers WHERE id = 1", env={**env, "PGPASSWORD": token})
-        assert (rows.returncode, rows.stdout.strip()) == (0, "Customer 1|[EMAIL_ADDRESS]"), rows.stderr
+        yield Fresh(clone, env, proc.pid, tmp_path)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_scripts_run_works_from_a_fresh_clone(fresh):
+    clone, env, tmp_path = fresh.clone, fresh.env, fresh.dir
+    custody = str(clone / ".venv" / "bin" / "custody")
+    cenv = {**env, "CUSTODY_CONFIG": str(clone / "examples" / "custody.yaml")}
+    token = subprocess.run([custody, "token", "--sub", "crew-analyst", "--groups", "analysts"], capture_output=True,
+                           text=True, env=cenv, check=True).stdout.strip()
+    items = in_namespace(fresh.pid, "curl", "-sS", "-x", f"http://agent:{token}@127.0.0.1:8080",
+                         "http://sample-api.internal/items")
+    assert items.returncode == 0 and json.loads(items.stdout)[0]["name"] == "bolt M6", items.stderr
+    (tmp_path / "ops.jwt").write_text(subprocess.run(
+        [custody, "token", "--sub", "crew-ops", "--groups", "k8s-operators"], capture_output=True, text=True,
+        env=cenv, check=True).stdout)
+    subprocess.run([custody, "kubeconfig", "--connection", "prod-k8s", "--token-file", str(tmp_path / "ops.jwt"),
+                    "--confdir", str(clone / ".custody" / "mitmproxy"), "-o", str(tmp_path / "kubeconfig")],
+                   capture_output=True, text=True, env=cenv, check=True)
+    pods = in_namespace(fresh.pid, "kubectl", "get", "pods", "-n", "shop",
+                        env=clean_env(KUBECONFIG=str(tmp_path / "kubeconfig"), KUBECACHEDIR=str(tmp_path / "kc")))
+    assert pods.returncode == 0 and "web-1" in pods.stdout, pods.stderr
+    rows = in_namespace(fresh.pid, "psql", "host=127.0.0.1 port=15432 dbname=shop user=agent", "-A", "-t", "-c",
+                        "SELECT name, email FROM customers WHERE id = 1", env={**env, "PGPASSWORD": token})
+    assert (rows.returncode, rows.stdout.strip()) == (0, "Customer 1|[EMAIL_ADDRESS]"), rows.stderr
+
+
+def walkthrough() -> list[tuple[str, str | None]]:
+    """README's five minutes: each shell block, with the output block that follows it."""
+    section = (ROOT / "README.md").read_text().split("## Five minutes", 1)[1].split("\n## ", 1)[0]
+    pairs: list[list] = []
+    for kind, body in re.findall(r"```(sh|text)\n(.*?)```", section, re.S):
+        if kind == "sh":
+            pairs.append([body, None])
+        elif pairs and pairs[-1][1] is None:
+            pairs[-1][1] = body
+    return [tuple(p) for p in pairs]
+
+
+def shown(expected: str) -> re.Pattern:
+    """An expected output line as a pattern: ids, counts and times vary; `…` is anything."""
+    parts = []
+    for word in expected.split():
+        piece = re.sub(r"[0-9a-f]{16,}", "\x00", re.escape(word).replace("…", "\x01"))
+        piece = re.sub(r"\d+", r"\\d+", piece)
+        piece = re.sub(r"^\\d\+[smhd]$", r"\\d+[smhd]", piece)  # an age: 16s, 2m, 1h
+        parts.append(piece.replace("\x00", "[0-9a-f]+").replace("\x01", ".*?"))
+    return re.compile(r"\s+".join(parts))
+
+
+def test_the_readme_walkthrough_runs_as_written_on_a_fresh_clone(fresh):
+    """Every block of README's five minutes, pasted as written into one shell on the fresh
+    clone, prints what the README says it prints (ids, counts and times aside)."""
+    blocks = walkthrough()
+    assert len(blocks) >= 7
+    script = "".join(f"echo '@@@ block {n}'\n{body}\nwait\n" for n, (body, _) in enumerate(blocks))
+    done = in_namespace(fresh.pid, "bash", "--norc", "--noprofile", "-c", f"cd {fresh.clone} && {{\n{script}}} 2>&1",
+                        env=fresh.env, timeout=600)
+    outputs = re.split(r"^@@@ block \d+$", done.stdout, flags=re.M)[1:]
+    assert len(outputs) == len(blocks), done.stdout[-3000:]
+    for n, ((body, expected), got) in enumerate(zip(blocks, outputs)):
+        for line in (expected or "").splitlines():
+            if not line.strip() or line.strip() == "...":
+                continue
+            assert shown(line).search(got), f"block {n}:\n{body}\nexpected a line like {line!r} in:\n{got}"

@@ -160,21 +160,50 @@ def test_a_body_is_kept_once_and_read_back_whole(tmp_path):
     assert store.verify().ok
 
 
-def test_a_version_1_store_is_upgraded_and_still_verifies(tmp_path):
-    """Version 1 kept bodies inline; upgraded, they stay there and the chain is unchanged."""
+LEGACY = """
+import hashlib, sys
+import sqlite_utils
+from addons.engine.store import BODY_COLUMNS, CHECKPOINT_COLUMNS, COLUMNS, APPROVAL_COLUMNS, GENESIS, chain_hash
+path, version = sys.argv[1], int(sys.argv[2])
+db = sqlite_utils.Database(path)
+db["events"].create({c: t for c, t in COLUMNS.items() if c != "replica"}, pk="seq")
+db["chain_head"].create({"id": int, "seq": int, "hash": str}, pk="id")
+db["checkpoints"].create(CHECKPOINT_COLUMNS, pk="seq")
+db["approvals"].create({c: t for c, t in APPROVAL_COLUMNS.items() if c != "replica"}, pk="id")
+if version == 2:
+    db["anchors"].create(CHECKPOINT_COLUMNS, pk="seq")
+    db["bodies"].create(BODY_COLUMNS, pk="digest")
+prev = GENESIS
+for seq in range(1, 4):
+    row = {c: None for c in COLUMNS if c != "replica"}
+    body = f"body {seq - 1}".encode()
+    row.update(seq=seq, id=f"old{seq}", ts=1700000000.0 + seq, kind="request", prev_hash=prev,
+               body_digest=hashlib.sha256(body).hexdigest(), body_size=len(body), body=body if version == 1 else None)
+    row["hash"] = prev = chain_hash(prev, row)
+    db["events"].insert(row)
+    if version == 2:
+        db["bodies"].insert({"digest": row["body_digest"], "size": len(body), "encoding": "identity", "data": body})
+db["chain_head"].insert({"id": 1, "seq": 3, "hash": prev})
+db.execute(f"PRAGMA user_version = {version}")
+"""
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_version_1_or_2_store_is_upgraded_and_still_verifies(tmp_path, version):
+    """Version 1 kept bodies inline, version 2 hashed no replica; upgraded, their events stay
+    as they were (version 1's bodies inline) and the chain is unchanged."""
+    from addons.engine.store import SCHEMA_VERSION, UPGRADABLE
+
     db = tmp_path / "a.db"
-    populate(db, 3)
-    sql(db, "DROP TABLE bodies", "DROP TABLE anchors", "PRAGMA user_version = 1")
-    conn = sqlite3.connect(db)
-    for seq, in conn.execute("SELECT seq FROM events").fetchall():
-        conn.execute("UPDATE events SET body = ? WHERE seq = ?", [f"body {seq - 1}".encode(), seq])
-    conn.commit()
-    conn.close()
+    subprocess.run([sys.executable, "-c", LEGACY, str(db), str(version)], check=True)
+    assert version in UPGRADABLE
     store = Store(str(db))
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert [r["body"] for r in store.where("1", [])] == [b"body 0", b"body 1", b"body 2"]
+    assert [r["replica"] for r in store.where("1", [])] == [None, None, None]
     store.append([Event(id="new", kind="response", body=b"after the upgrade")])
     assert store.verify().ok and store.verify().count == 4
+    assert store.where("id = 'new'", [])[0]["replica"] == store.replica
 
 
 @pytest.mark.parametrize(

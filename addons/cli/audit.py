@@ -9,6 +9,10 @@
     custody audit verify [--export FILE] [--public-key PEM]
     custody audit prune --before T (--archive FILE | --no-archive)
     custody audit key                                      (the signing key's public half)
+    custody audit migrate --to postgresql://…              (copy this store into another)
+
+`--db` names the store directly: a SQLite file, or a postgresql:// URL (the password may
+come from $PGPASSWORD); by default it is the configuration's `store`.
 
 Every id a command prints is one the next command takes: `tail` prints sequence numbers
 and session ids, `sessions` prints session ids, and `show` and `replay` take them.
@@ -31,7 +35,7 @@ from addons.cli.base import CliError, with_config
 if TYPE_CHECKING:
     from addons.engine.config import StoreConfig
     from addons.engine.signing import Signer
-    from addons.engine.store import Store
+    from addons.engine.store import AuditStore as Store
     from addons.evidence.timeline import Selection
 
 POLL = 0.5
@@ -52,16 +56,20 @@ def _configured(args: argparse.Namespace) -> StoreConfig | None:
         raise CliError(str(e)) from None
 
 
+def _is_url(location: str) -> bool:
+    return location.startswith(("postgresql://", "postgres://"))
+
+
 def open_store(args: argparse.Namespace) -> Store:
-    from addons.engine.store import Store, StoreError
+    from addons.engine import store
 
     settings = _configured(args)
-    path = args.db or settings.path
-    if not os.path.exists(path):
-        raise CliError(f"no audit store at {path}")
+    location = args.db or settings.path
+    if location and not _is_url(location) and not os.path.exists(location):
+        raise CliError(f"no audit store at {location}")
     try:
-        return Store(path)
-    except StoreError as e:
+        return store.open_location(args.db) if args.db else store.open_store(settings)
+    except store.StoreError as e:
         raise CliError(str(e)) from None
 
 
@@ -71,8 +79,11 @@ def _key_path(args: argparse.Namespace) -> str:
         return args.signing_key
     if settings is not None and settings.signing_key:
         return settings.signing_key
-    path = args.db or settings.path
-    return str(Path(path).resolve().parent / "audit-signing.key")
+    if args.db:
+        directory = Path.cwd() if _is_url(args.db) else Path(args.db).resolve().parent
+    else:
+        directory = settings.directory
+    return str(directory / "audit-signing.key")
 
 
 def _signer(args: argparse.Namespace) -> Signer:
@@ -207,7 +218,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     rows = store.where("session = ? OR flow = ? OR approval = ?", [args.id, args.id, args.id])
     if not rows:
-        raise CliError(f"no event, flow, session or approval {args.id!r} in {store.path} (events by sequence number or id)")
+        raise CliError(f"no event, flow, session or approval {args.id!r} in {store.location} "
+                       "(events by sequence number or id)")
     if args.json:
         print(json.dumps([_printable(r) for r in rows], indent=2))
     else:
@@ -236,7 +248,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     rows = sorted(selection.rows(store), key=lambda r: (r["ts"], r["seq"]))  # a request is recorded once decided
     if not rows and not args.follow:
         what = f"session {args.session!r}" if args.session else f"run {args.run!r}"
-        raise CliError(f"no events of {what} in {store.path} (sessions are listed by `custody audit sessions`)")
+        raise CliError(f"no events of {what} in {store.location} (sessions are listed by `custody audit sessions`)")
     # Approval steps (votes, decisions) are recorded in the session of the flow they hold.
     stories = approvals(records(rows))
 
@@ -448,13 +460,37 @@ def cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Copy the whole store (events, bodies, checkpoints, anchors, approvals) into an empty
+    one, row for row, and verify the chain there."""
+    from addons.engine import store as stores
+
+    source = open_store(args)
+    try:
+        target = stores.open_location(args.to)
+    except stores.StoreError as e:
+        raise CliError(str(e)) from None
+    try:
+        copied = source.copy_into(target)
+    except stores.StoreError as e:
+        raise CliError(f"migrate refused: {e}") from None
+    result = target.verify()
+    if not result.ok:
+        print(f"BROKEN in {target.location} at event {result.broken_at}: {result.problem}")
+        return 1
+    print(f"copied {copied} events from {source.location} to {target.location}; the chain verifies there: "
+          f"{result.count} events, chain head {result.head}")
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser("audit", help="read, replay, export, report, verify and prune the audit log")
     a = a.add_subparsers(dest="audit_command", required=True)
 
     def audit(name: str, help: str, func: Callable) -> argparse.ArgumentParser:
         sp = with_config(a.add_parser(name, help=help))
-        sp.add_argument("--db", help="audit store path (default: from the configuration)")
+        sp.add_argument("--db", help="audit store: a SQLite path or a postgresql:// URL "
+                                     "(default: from the configuration)")
         sp.set_defaults(func=func)
         return sp
 
@@ -514,3 +550,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--no-archive", action="store_true", help="remove them without keeping a copy")
     keys(apr)
     keys(audit("key", "print the public half of the audit signing key (for auditors to pin)", cmd_key))
+    am = audit("migrate", "copy this store into an empty one (SQLite to PostgreSQL) and verify the chain there",
+               cmd_migrate)
+    am.add_argument("--to", required=True, help="the store to copy into: a postgresql:// URL (password from "
+                                                "$PGPASSWORD) or a SQLite path")

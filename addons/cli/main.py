@@ -1,14 +1,15 @@
 """The `custody` command: run the gateway, mint development tokens, check and explain
 rules, act on approvals, and read and verify the audit log.
 
-    custody run [--config custody.yaml] [--listen-port 8080]        (addons/cli/run.py)
+    custody run [--config custody.yaml] [--listen-port 8080] [--workers N]   (addons/cli/run.py)
     custody token --sub crew-analyst --groups analysts --ttl 1h     (addons/cli/token.py)
     custody rules check [PATH …] | explain --token T METHOD URL     (addons/cli/rules.py)
     custody approvals list | show ID | approve ID | deny ID | watch  (addons/cli/approvals.py)
     custody login                                                   (approvers' IdP, device grant)
-    custody audit tail|sessions|show|replay|export|report|verify|prune|key   (addons/cli/audit.py)
+    custody audit tail|sessions|show|replay|export|report|verify|prune|key|migrate   (addons/cli/audit.py)
     custody kubeconfig --connection prod-k8s --token-file agent.jwt (addons/cli/kubeconfig.py)
     custody ssh-config | ssh CONNECTION [CMD] | psql CONNECTION [ARGS]   (addons/cli/connect.py)
+    custody status [--all] [--json]                                  (addons/cli/status.py)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from addons.cli import approvals, audit, connect, kubeconfig, rules, token
+from addons.cli import approvals, audit, connect, kubeconfig, rules, status, token
 from addons.cli.base import CliError
 
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     approvals.add_parser(sub)
     kubeconfig.add_parser(sub)
     connect.add_parser(sub)
+    status.add_parser(sub)
     return p
 
 

@@ -7,6 +7,12 @@ blocking (block), refusing h2c upgrades (disable_h2c), startup error checks (err
 and the terminal log. Everything else (replay, map-remote, anticache, the flow printer ...)
 is either irrelevant to a gateway or a way around its decisions. `bench/http_overhead.py`
 measures the difference.
+
+SIGTERM (or SIGINT) stops the gateway gracefully: no new connections, requests in flight
+finished within `gateway.grace`, held requests refused with their approvals abandoned
+(addons/replica.py); a second signal stops it at once. With `--workers N`, a supervisor
+runs N of these on one port (addons/cli/workers.py); each worker's listeners share the
+port with SO_REUSEPORT (`ReusePortLoop`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -74,7 +81,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="setoptions", action="append", default=[], metavar="OPTION=VALUE",
                    help="any other mitmproxy option, repeatable")
     p.add_argument("-q", "--quiet", action="store_true", help="log errors only")
+    p.add_argument("--workers", type=int, default=1,
+                   help="gateway processes sharing the listening port (default 1; one per core to use them all)")
+    p.add_argument("--worker-of", type=int, default=0, help=argparse.SUPPRESS)  # the supervisor's pid
     return p
+
+
+class ReusePortLoop(asyncio.SelectorEventLoop):
+    """A worker's event loop: every listener it opens shares its port with the other
+    workers' (SO_REUSEPORT), and the kernel spreads new connections across them."""
+
+    async def create_server(self, *args, **kwargs):
+        kwargs.setdefault("reuse_port", True)
+        return await super().create_server(*args, **kwargs)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -99,11 +118,58 @@ async def _run(args: argparse.Namespace) -> int:
     if gateway.chain.settings.failed:
         return 1
     loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task] = []
+
+    def stop() -> None:
+        if stopping:  # asked again: stop now
+            gateway.shutdown()
+        else:
+            stopping.append(asyncio.ensure_future(_drain(gateway)))
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, gateway.shutdown)
+        loop.add_signal_handler(sig, stop)
+    if args.worker_of:
+        asyncio.ensure_future(_orphaned(args.worker_of, stop))
     await gateway.run()
     return 0
 
 
+async def _drain(gateway: Gateway) -> None:
+    try:
+        await gateway.chain.replica.stop()
+    finally:
+        gateway.shutdown()
+
+
+async def _orphaned(supervisor: int, stop) -> None:
+    """A worker whose supervisor died (even by SIGKILL) stops too."""
+    while os.getppid() == supervisor:
+        await asyncio.sleep(1)
+    stop()
+
+
 def main(argv: list[str] | None = None) -> int:
-    return asyncio.run(_run(parser().parse_args(argv)))
+    args = parser().parse_args(argv)
+    if args.workers > 1:
+        from addons.cli.workers import Supervisor
+
+        try:
+            grace = config.load(config.find(args.config), secrets=False).replica.grace
+        except config.ConfigError as e:
+            print(f"custody run: {e}", file=sys.stderr)
+            return 1
+        rest = _without_workers(argv if argv is not None else sys.argv[2:])
+        return Supervisor(rest, args.workers, args.listen_host, args.listen_port, grace).run()
+    return asyncio.run(_run(args), loop_factory=ReusePortLoop if args.worker_of else None)
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out

@@ -11,8 +11,9 @@ request (method, normalised URL, body digest). Its life:
 Votes come from principals named by the rules' approvers (`group:…`, `subject:…`); the
 requester, or anyone presenting the requester's token, can never vote; one approver counts
 once; every review rule that matched must reach its own quorum, and any one reaching its
-denial count denies. The approval book (addons/approvalbook.py) keeps the live ones and writes
-every change; this module is the record itself and the rules of voting, as pure code.
+denial count denies. The approval book (addons/approvalbook.py) changes them, each change under the
+approval's row lock in the audit store (so every replica sees one history); this module is
+the record itself and the rules of voting, as pure code.
 """
 
 from __future__ import annotations
@@ -125,6 +126,10 @@ class Approval:
     outcome: str = ""
     flow: str = ""
     session: str = ""
+    replica: str = ""
+    """The gateway replica holding the approval's flow (the only one that may run it while held)."""
+    grant: dict[str, Any] | None = None
+    """The time-boxed grant this approval issued (addons/engine/grants.py), as it stands now."""
 
     @property
     def connection(self) -> str:
@@ -158,6 +163,8 @@ class Approval:
             "outcome": self.outcome,
             "flow": self.flow,
             "session": self.session,
+            "replica": self.replica,
+            "grant": self.grant,
         }
 
     @classmethod
@@ -184,11 +191,21 @@ class Approval:
             outcome=d["outcome"],
             flow=d["flow"],
             session=d["session"],
+            replica=d.get("replica", ""),
+            grant=d.get("grant"),
         )
 
-    def row(self) -> tuple:
-        return (self.id, self.state, self.created, time.time(), self.requester.subject, self.connection,
-                self.fingerprint, int(self.held), self.expires, canonical_json(self.document()))
+    def refresh(self, document: dict[str, Any]) -> Approval:
+        """Take on the state the store holds now (another replica may have changed it)."""
+        self.__dict__.update(vars(Approval.from_document(document)))
+        return self
+
+    def finish(self, state: str, why: str) -> None:
+        """Decided (approved, denied) or ended (expired, abandoned): an approved hold stays
+        its held flow's until that flow runs it."""
+        self.state, self.outcome, self.decided = state, why, time.time()
+        if state != APPROVED:
+            self.held = False
 
 
 DETAIL_LENGTH = 240

@@ -21,6 +21,14 @@ masked record by record and every frame, input included, is recorded. Frames are
 their first byte a channel (as Kubernetes' channel.k8s.io): STDIN (an empty one is end of
 input), STDOUT, STDERR, STATUS (the last frame: JSON with the exit status, or an error and
 its audit event), RESIZE (JSON cols and rows) and SIGNAL (a signal name, e.g. INT).
+
+A session lives on one gateway replica (its backend connection is there), named by the
+`x-custody-replica` header of the terminal's answers. A link that breaks once the session
+is established may be opened again only to that replica (a keep-alive connection the
+gateway closed while idle, or after an answer that closed it): the first answer on the new
+connection must name it. Anything else, a break in the middle of a step or an answer from
+another replica (behind a load balancer), ends the session: `LinkLost`, which the bridges
+report as a fatal error (pg: SQLSTATE 08006; ssh: exit status 255).
 """
 
 from __future__ import annotations
@@ -86,6 +94,16 @@ class Unreachable(Exception):
     """The gateway could not be reached, or broke the connection mid-answer."""
 
 
+class LinkLost(Unreachable):
+    """The session's link to its gateway replica broke: the session has ended."""
+
+
+LOST = ("custody: the link to the gateway broke; this session has ended and cannot continue on another gateway "
+        "(reconnect to start a new one)")
+REPLICA_HEADER = "x-custody-replica"
+"""The gateway replica that answered a bridge step (addons/replica.py stamps it)."""
+
+
 class Refusal(Exception):
     """The gateway answered with a refusal (or something that is not the terminal's answer)."""
 
@@ -149,10 +167,19 @@ class Link:
         X-Custody-* headers of every step: recorded by the gateway as asserted."""
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.replica: str | None = None
+        """The gateway replica the session lives on (its first answer names it)."""
+        self.answered = False
+        self.reopened = False
+        self.lost = False
 
     async def post(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
-        if self.writer is None or self.writer.is_closing():
+        if self.lost:
+            raise LinkLost(LOST)
+        if self.writer is None or self.writer.is_closing() or self.reader.at_eof():
+            self.close()  # closed, or closed by the gateway while idle: open it again, to the same replica
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            self.reopened = self.answered
         try:
             headers = {**headers, **attribute_headers(self.attributes)}
             head = f"POST {url} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
@@ -170,10 +197,20 @@ class Link:
                 content = await self.reader.readexactly(int(fields.get("content-length", "0")))
             if fields.get("connection", "").lower() == "close":
                 self.close()
-            return status, fields, bytes(content)
-        except BaseException:
+        except BaseException as e:
             self.close()  # a half-read answer leaves the connection unusable
+            if self.answered and isinstance(e, (OSError, asyncio.IncompleteReadError)):
+                self.lost = True  # the step's outcome is unknown, and the session cannot go on
+                raise LinkLost(LOST) from None
             raise
+        replica = fields.get(REPLICA_HEADER)
+        if self.reopened and replica != self.replica:  # a connection opened again reached another replica
+            self.close()
+            self.lost = True
+            raise LinkLost(LOST)
+        self.replica = self.replica or replica  # (a refusal made late in the gateway may not name it)
+        self.answered, self.reopened = True, False
+        return status, fields, bytes(content)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -278,7 +315,7 @@ class Stream(Frames):
     """A stream step, the bridge's end: the WebSocket one step upgrades to, on a connection
     of its own. `open()` returns once the gateway cleared the step (after any hold for
     approval); a refusal raises Refusal and an unreachable gateway Unreachable, as `step()`
-    does."""
+    does, and reaching a replica other than the session's raises LinkLost."""
 
     @classmethod
     async def open(cls, link: Link, contract: Contract, host: str, phase: str, token: str, session: str,
@@ -287,7 +324,7 @@ class Stream(Frames):
         upgrade = {"connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
                    "sec-websocket-key": key}
         own = Link(link.host, link.port)
-        own.attributes = link.attributes
+        own.attributes, own.replica, own.answered = link.attributes, link.replica, link.answered  # same replica
         try:
             status, fields, content = await own.post(
                 f"http://{host}/{phase}", {**_request(contract, host, token, session), **upgrade},

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import fnmatch
 import getpass
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -208,12 +210,38 @@ class IdentityConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
+    """The audit store: a SQLite file at `path` (one gateway), or PostgreSQL at `url` (any
+    number of replicas). `url` and `password` are kept as written (`env:`/`file:`
+    references are resolved when the store is opened, relative to `base`)."""
+
     path: str
     bodies: str = "full"
     max_body: int = 65536
     synchronous: str = "normal"
     signing_key: str = ""
     verify_key: str = ""
+    url: str = ""
+    password: str = ""
+    pool: int = 4
+    timeout: float = 5.0
+    base: str = ""
+
+    @property
+    def directory(self) -> Path:
+        """Where the gateway keeps its local files (keys): beside the SQLite file, else
+        beside the configuration."""
+        return Path(self.path).parent if self.path else Path(self.base)
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """This gateway as one replica of several: how long a stop may take to finish what is
+    in flight, how long a stopping replica still accepts connections while load balancers
+    notice its failing /readyz, and how long a replica's heartbeat vouches for it (its lease)."""
+
+    grace: float = 10.0
+    lease: float = 10.0
+    drain_delay: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -297,12 +325,16 @@ class Config:
     store: StoreConfig
     approvals: ApprovalsConfig
     masking: MaskingConfig
+    replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+    digest: str = ""
+    """SHA-256 of the configuration as parsed, and of the masking key: replicas that differ
+    in it do not run the same configuration (`custody status` warns)."""
 
     def ssh_host_key(self, listen: tuple[str, int]) -> Path:
         """The host key of the ssh_bridge listening at `listen`: the first connection there
         that names one, else `ssh-bridge-host-key` beside the audit store."""
         named = [c.host_key for c in self.connections if c.kind == "ssh" and c.listen == listen and c.host_key]
-        return Path(named[0]) if named else Path(self.store.path).parent / "ssh-bridge-host-key"
+        return Path(named[0]) if named else self.store.directory / "ssh-bridge-host-key"
 
 
 DEFAULT_UPSTREAM_PORTS = {"https": 443, "http": 80, "postgresql": 5432, "postgres": 5432, "ssh": 22}
@@ -628,9 +660,9 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
                     f"{c.upstream.host}:{c.upstream.port} with different tls.{setting}"
                 )
     rules = raw["rules"]
-    store = raw["store"]
-    if "path" not in store:
-        raise ConfigError(f"{path}: store.path: required")
+    store = _store(raw["store"], base, path)
+    masking = _masking(raw.get("masking", {}), base, store.directory, path) if secrets else MaskingConfig()
+    gateway = raw.get("gateway", {})
     try:
         approvals = _approvals(raw.get("approvals", {}), raw.get("notify", {}), gateway_host, identity, base, secrets)
     except ConfigError as e:
@@ -642,17 +674,45 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
         connections=connections,
         rules=tuple(str((base / r).resolve()) for r in ([rules] if isinstance(rules, str) else rules)),
         rules_poll=parse_duration(raw.get("rules_poll", "1s")),
-        store=StoreConfig(
-            path=str((base / store["path"]).resolve()),
-            bodies=store.get("bodies", "full"),
-            max_body=store.get("max_body", 65536),
-            synchronous=store.get("synchronous", "normal"),
-            signing_key=str((base / store["signing_key"]).resolve()) if "signing_key" in store else "",
-            verify_key=str((base / store["verify_key"]).resolve()) if "verify_key" in store else "",
-        ),
+        store=store,
         approvals=approvals,
-        masking=_masking(raw.get("masking", {}), base, (base / store["path"]).resolve().parent, path)
-        if secrets else MaskingConfig(),
+        masking=masking,
+        replica=ReplicaConfig(grace=parse_duration(gateway.get("grace", "10s")),
+                              lease=parse_duration(gateway.get("lease", "10s")),
+                              drain_delay=parse_duration(gateway.get("drain_delay", "1s"))),
+        digest=hashlib.sha256((canonical(raw) + hashlib.sha256(masking.hash_key).hexdigest()).encode()).hexdigest(),
+    )
+
+
+def canonical(raw: Any) -> str:
+    return json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _store(raw: dict[str, Any], base: Path, path: str) -> StoreConfig:
+    """`path` (SQLite) or `url` (PostgreSQL), exactly one; a password only as a reference."""
+    if "path" not in raw and "url" not in raw:
+        raise ConfigError(f"{path}: store.path: required (a SQLite file, for one gateway), "
+                          "or store.url (PostgreSQL, for several replicas)")
+    if "path" in raw and "url" in raw:
+        raise ConfigError(f"{path}: store: path (SQLite) and url (PostgreSQL) exclude each other")
+    url = raw.get("url", "")
+    if url and not url.startswith(("env:", "file:")):
+        if urlsplit(url).scheme not in ("postgresql", "postgres"):
+            raise ConfigError(f"{path}: store.url: a postgresql:// URL, or env:NAME / file:PATH holding one")
+        if urlsplit(url).password is not None:
+            raise ConfigError(f"{path}: store.url: no password in the file; use store.password: env:NAME or file:PATH")
+    return StoreConfig(
+        path=str((base / raw["path"]).resolve()) if "path" in raw else "",
+        bodies=raw.get("bodies", "full"),
+        max_body=raw.get("max_body", 65536),
+        synchronous=raw.get("synchronous", "normal"),
+        signing_key=str((base / raw["signing_key"]).resolve()) if "signing_key" in raw else "",
+        verify_key=str((base / raw["verify_key"]).resolve()) if "verify_key" in raw else "",
+        url=url,
+        password=raw.get("password", ""),
+        pool=raw.get("pool", 4),
+        timeout=parse_duration(raw.get("timeout", "5s")),
+        base=str(base),
     )
 
 

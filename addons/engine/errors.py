@@ -66,3 +66,32 @@ class Error(StrEnum):
 GATEWAY_FAILURES = frozenset({Error.MASKING_REFUSED, Error.MASKING_UNAVAILABLE, Error.GATEWAY_ERROR,
                               Error.NOT_CLEARED, Error.AUDIT_UNAVAILABLE})
 """Refusals that are the gateway's own failure, not a decision about the request."""
+
+
+HINTS: dict[Error, str] = {
+    Error.UNAUTHENTICATED: "send the agent's token (HTTPS_PROXY=http://agent:TOKEN@gateway, a kubeconfig from "
+                           "`custody kubeconfig`, or the token as the database or ssh password); when it expired, "
+                           "get a fresh one",
+    Error.UNKNOWN_CONNECTION: "the gateway reaches only registered connections: ask an operator to register it",
+    Error.MISDIRECTED_REQUEST: "send the request to the host the tunnel or request line names",
+    Error.AMBIGUOUS_PATH: "send the path as the server will resolve it (no '.', '..' or backslashes)",
+    Error.MALFORMED_HEADERS: "send each header on one line, without control characters, and one Host",
+    Error.UNSUPPORTED_PROTOCOL: "use a protocol the gateway can govern (HTTP/1.1, HTTP/2 over TLS, WebSocket "
+                                "for Kubernetes exec)",
+    Error.DENIED_BY_POLICY: "a rule refuses this; `custody rules explain` shows which",
+    Error.NO_MATCHING_RULE: "no rule allows this; `custody rules explain` shows the rules that could",
+    Error.INTERACTIVE_PROGRAM: "run a non-interactive command (cat or head instead of a pager, sed instead of an "
+                               "editor)",
+    Error.APPROVAL_PENDING: "re-send the identical request once it is approved (`custody approvals show ID`)",
+    Error.APPROVAL_DENIED: "the approvers refused it; the reason says why",
+    Error.APPROVAL_EXPIRED: "nobody decided in time; send it again to ask again",
+    Error.APPROVAL_ABANDONED: "send it again to ask again",
+    Error.APPROVAL_USED: "an approval runs one request, once; send it again to ask again",
+    Error.APPROVAL_MISMATCH: "send, unchanged, the request you want approved",
+    Error.MASKING_REFUSED: "the answer cannot be masked as the rules require; ask for JSON or text, or less of it",
+    Error.MASKING_UNAVAILABLE: "nothing unmasked was sent; retry shortly",
+    Error.AUDIT_UNAVAILABLE: "it could not be recorded, so nothing was forwarded; retry shortly",
+    Error.GATEWAY_ERROR: "nothing was forwarded; retry, and give an operator the audit event id",
+    Error.NOT_CLEARED: "nothing was forwarded; give an operator the audit event id",
+}
+"""What an agent can do about a refusal: JSON bodies carry it as `hint`, PostgreSQL errors as HINT."""

@@ -8,19 +8,20 @@ resource, for the principal that asked (subject and issuer), and the review rule
 held it: a later request is covered only when the same rules hold it again for review
 (a deny rule still denies: deny beats review, and only a review reaches a grant) and its
 shape is the same. Covered requests go through without a new hold, each recorded with
-the grant it used; a grant can be revoked by any approver of its rules. The approval book
-(addons/approvalbook.py) keeps and writes them; this module is the record and the rules.
+the grant it used; a grant can be revoked by any approver of its rules. The grant is part
+of the approval that issued it (its document's `grant`), changed by that approval's steps
+(addons/approvalbook.py); this module is the record and the rules.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from addons.engine.approval import Approval, ApprovalError, eligible
 from addons.engine.errors import Error
-from addons.engine.model import Operation, Principal, Review, canonical_json, new_id
+from addons.engine.model import Operation, Principal, Review, new_id
 
 ACTIVE, EXPIRED, REVOKED = "active", "expired", "revoked"
 
@@ -59,7 +60,6 @@ class Grant:
     revoked: float | None = None
     revoked_by: str = ""
     reason: str = ""
-    uses: int = field(default=0, compare=False)
 
     def state(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -95,10 +95,6 @@ class Grant:
         return cls(d["id"], d["approval"], who["subject"], who["issuer"], shape["connection"], shape["action"],
                    shape["resource"], d["rules"], [Review.from_dict(r) for r in d["reviews"]], d["created"],
                    d["expires"], d["granted_by"], d["revoked"], d["revoked_by"], d["reason"])
-
-    def row(self) -> tuple:
-        return (self.id, self.approval, self.subject, self.connection, self.expires,
-                self.revoked, canonical_json(self.document()))
 
 
 def issued(approval: Approval, now: float) -> Grant | None:

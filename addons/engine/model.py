@@ -238,6 +238,16 @@ _PROCESS = os.urandom(6).hex()
 _COUNTER = itertools.count()
 
 
+def _reseed() -> None:
+    """A forked child (a worker, a multiprocessing child) is another process: ids it makes
+    must never collide with its parent's or its siblings'."""
+    global _PROCESS, _COUNTER
+    _PROCESS, _COUNTER = os.urandom(6).hex(), itertools.count()
+
+
+os.register_at_fork(after_in_child=_reseed)
+
+
 def new_id() -> str:
     """A sortable unique id: milliseconds since the epoch, a random per-process part, a counter."""
     return f"{int(time.time() * 1000):012x}{_PROCESS}{next(_COUNTER) & 0xFFFFFFFF:08x}"

@@ -5,8 +5,11 @@ pending approval is also posted to each Slack channel as an interactive message,
 later change (a vote, the decision from anywhere, expiry) updates each copy in place
 (addons/engine/slack.py). Delivery runs in the background with retries and backoff; the
 outcome is reported back to be recorded (a Slack message's channel and ts with it, which is
-how its copies are found again after a restart). A delivery that fails for good is logged
-and recorded, and never releases or denies a hold by itself.
+how the replica that makes a later change finds every copy, whichever replica posted it).
+Once posted, the message is brought up to date with the approval as the store holds it
+then: a decision made on another replica while it was being posted found no copy to
+update. A delivery that fails for good is logged and recorded, and never releases or
+denies a hold by itself.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ logger = logging.getLogger(__name__)
 
 Report = Callable[..., Awaitable[None]]
 """report(kind, approval, target, error, **detail): record one delivery (or its failure)."""
-Posted = Callable[[str], list[tuple[str, str]]]
+Posted = Callable[[str], Awaitable[list[tuple[str, str]]]]
 """posted(approval_id): the (channel, ts) of every Slack message recorded for the approval."""
+Current = Callable[[str], Awaitable[Approval]]
+"""current(approval_id): the approval as the store holds it now."""
 
 
 def links(approval: Approval, public_url: str) -> dict[str, str]:
@@ -65,12 +70,12 @@ def generic(kind: str, approval: Approval, public_url: str) -> dict[str, Any]:
 
 
 class Notifier:
-    def __init__(self, settings: ApprovalsConfig, report: Report, posted: Posted | None = None) -> None:
+    def __init__(self, settings: ApprovalsConfig, report: Report, posted: Posted, current: Current) -> None:
         self.settings = settings
         self.report = report
-        self.posted = posted or (lambda approval_id: [])
+        self.posted = posted
+        self.current = current
         self.slack = slack.SlackApi(settings.slack, settings.timeout) if settings.slack is not None else None
-        self.messages: dict[str, list[tuple[str, str]]] = {}
         self.tasks: set[asyncio.Task] = set()
         self._updating: dict[str, asyncio.Lock] = {}
 
@@ -106,27 +111,28 @@ class Notifier:
     async def _post(self, approval: Approval) -> None:
         text, blocks = slack.message(approval, self.settings.public_url)
         lock = self._updating.setdefault(approval.id, asyncio.Lock())
-        async with lock:  # a decision made while posting waits, then updates what was posted
+        async with lock:  # a change made here while posting waits, then updates what was posted
             for channel in self.settings.slack.channels:
                 posted, error = await self._retrying(self.slack.post, channel, text, blocks)
-                if posted is not None:
-                    self.messages.setdefault(approval.id, []).append(posted)
                 await self._report("pending", approval, f"slack:{channel}", error,
                                    **({"slack_channel": posted[0], "slack_ts": posted[1]} if posted else {}))
+        try:
+            now = await self.current(approval.id)
+        except Exception as e:
+            logger.warning("custody: reading approval %s after posting it failed: %s", approval.id, e)
+            return
+        if slack.message(now, self.settings.public_url) != (text, blocks):  # changed meanwhile, maybe elsewhere
+            await self._update("voted" if now.state == "pending" else "decided", now)
 
     async def _update(self, kind: str, approval: Approval) -> None:
         lock = self._updating.setdefault(approval.id, asyncio.Lock())
         async with lock:
-            copies = self.messages.get(approval.id)
-            if copies is None:  # posted before a restart: the record says where
-                copies = self.messages[approval.id] = self.posted(approval.id)
             text, blocks = slack.message(approval, self.settings.public_url)
-            for channel, ts in copies:
+            for channel, ts in await self.posted(approval.id):
                 _, error = await self._retrying(self.slack.update, channel, ts, text, blocks)
                 await self._report(kind, approval, f"slack:{channel}", error, slack_channel=channel, slack_ts=ts,
                                    updated=True)
         if approval.state not in ("pending", "approved"):
-            self.messages.pop(approval.id, None)
             self._updating.pop(approval.id, None)
 
     async def _report(self, kind: str, approval: Approval, target: str, error: str | None, **detail: Any) -> None:

@@ -23,6 +23,7 @@ checks, so a rule set of a thousand rules decides in microseconds.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -532,9 +533,12 @@ def rule_files(paths: Iterable[str]) -> list[str]:
 class RuleSet:
     """A validated set of rules, indexed by connection and action for fast decisions."""
 
-    def __init__(self, rules: list[Rule], files: tuple[str, ...] = ()) -> None:
+    def __init__(self, rules: list[Rule], files: tuple[str, ...] = (), digest: str = "") -> None:
         self.rules = rules
         self.files = files
+        self.digest = digest
+        """SHA-256 of the files' contents, in load order: replicas that differ in it do not
+        decide alike (`custody status` warns)."""
         self._candidates: dict[tuple[str, str], tuple[Rule, ...]] = {}
         self._scoped: dict[tuple[str, str], tuple[Rule, ...]] = {}
 
@@ -544,10 +548,13 @@ class RuleSet:
         files = rule_files(paths)
         errors: list[str] = []
         seen: dict[str, str] = {}
+        digest = hashlib.sha256()
         for file in files:
             try:
                 with open(file) as fh:
-                    document = yaml.safe_load(fh)
+                    text = fh.read()
+                digest.update(hashlib.sha256(text.encode()).digest())
+                document = yaml.safe_load(text)
                 parsed = parse_file(document, file, start=len(rules))
             except OSError as e:
                 errors.append(f"{file}: cannot read: {e.strerror}")
@@ -565,7 +572,7 @@ class RuleSet:
             rules += parsed
         if errors:
             raise RuleError("\n".join(errors))
-        return cls(rules, tuple(files))
+        return cls(rules, tuple(files), digest.hexdigest())
 
     def candidates(self, connection: str, action: str) -> tuple[Rule, ...]:
         key = (connection, action)

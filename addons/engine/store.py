@@ -1,19 +1,28 @@
-"""The audit store: an append-only, hash-chained log of events in SQLite (WAL).
+"""The audit store: an append-only, hash-chained log of events, with the approvals' current
+state, in SQLite (WAL) for one gateway or PostgreSQL (addons/engine/pgstore.py) for several.
 
-Its schema is the contract the CLI and exporters read. Each event stores the hash of the
-event before it; an event's hash is SHA-256 over the previous hash and a canonical JSON
-encoding of every column (the body is covered through its digest). `chain_head` holds the
-last sequence number and hash, written in the same transaction, so removing events from the
-end is detected as well as editing, deleting or reordering rows anywhere.
+Its schema is the contract the CLI and exporters read, through one interface (`AuditStore`)
+whatever the database: `open_store(config)` picks SQLite for `store.path` and PostgreSQL
+for `store.url`. Each event stores the hash of the event before it; an event's hash is
+SHA-256 over the previous hash and a canonical JSON encoding of every column (the body is
+covered through its digest, and `replica`, the gateway process that wrote it, since schema
+version 3). `chain_head` holds the last sequence number and hash, written in the same
+transaction, so removing events from the end is detected as well as editing, deleting or
+reordering rows anywhere. Appends hold the database's write lock on the head (SQLite:
+`BEGIN IMMEDIATE`; PostgreSQL: the head's row lock), so writers in any number of processes
+or hosts never fork the chain.
 
-Appends run `BEGIN IMMEDIATE`, read the head inside the transaction and commit, so two
-writers on one file cannot fork the chain.
+An approval changes in the transaction that appends the events recording the change
+(`Change`): its row is locked (the writer's transaction), its current document read, and
+the change decided on that document alone, so two replicas voting at the same moment
+count both votes once, in some order, and an approval is executed, expired or abandoned
+exactly once.
 
 Bodies are kept once per distinct content, deflated, in `bodies` (keyed by their SHA-256);
 an event refers to its body by `body_digest`, which is what the chain covers, so where a
 body is kept does not change any hash. Readers get rows with `body` filled in as before.
-Stores of schema version 1 (bodies inline) are upgraded in place: old inline bodies stay
-where they are and still verify.
+Stores of schema versions 1 (bodies inline) and 2 (no `replica`) are upgraded in place:
+their events stay as they were and still verify.
 """
 
 from __future__ import annotations
@@ -21,12 +30,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import queue
+import socket
 import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,14 +46,17 @@ from addons.engine.config import StoreConfig
 from addons.engine.model import Decision, Operation, Principal, canonical_json, new_id
 
 GENESIS = "0" * 64
-SCHEMA_VERSION = 2  # PRAGMA user_version: bumped when tables, columns or hashing change
-UPGRADABLE = (1,)  # versions this one upgrades in place (1: bodies inline in events)
+SCHEMA_VERSION = 4  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
+UPGRADABLE = (1, 2, 3)  # upgraded in place (1: bodies inline in events; 2: no replica column; 3: no grants)
+LIVE_STATES = ("pending", "approved")
+"""Approval states that can still change (addons/engine/approval.py LIVE)."""
 
 
 class StoreError(Exception):
     """The audit store cannot be used as it is; the message says why and what to do."""
 
-# Column name -> SQLite type. Order is the canonical order for hashing.
+
+# Column name -> type. Order is the canonical order for hashing.
 COLUMNS: dict[str, type] = {
     "seq": int,
     "id": str,
@@ -69,13 +84,17 @@ COLUMNS: dict[str, type] = {
     "body": bytes,
     "body_digest": str,
     "body_size": int,
+    "replica": str,
     "prev_hash": str,
     "hash": str,
 }
 HASHED = [c for c in COLUMNS if c not in ("hash", "body")]
+LEGACY_HASHED = [c for c in HASHED if c != "replica"]
+"""What the hash of an event written before schema version 3 (no replica) covers."""
 INDEXES = (["session"], ["flow"], ["approval"])
 
 # Approvals: the current state of each review (the hash chain holds every step of it).
+# `replica` is the gateway replica holding the approval's flow while `held`.
 APPROVAL_COLUMNS: dict[str, type] = {
     "id": str,
     "state": str,
@@ -87,16 +106,33 @@ APPROVAL_COLUMNS: dict[str, type] = {
     "held": int,
     "expires": float,
     "document": str,
+    "replica": str,
 }
-
+# Replicas: every gateway process that used the store, its lease (heartbeat, in the
+# database's clock) and what it runs (hashes of its rule set and configuration).
+REPLICA_COLUMNS: dict[str, type] = {
+    "id": str,
+    "host": str,
+    "pid": int,
+    "started": float,
+    "heartbeat": float,
+    "state": str,
+    "rules": str,
+    "config": str,
+    "listen": str,
+}
 
 # Checkpoints: the signed hash and extent of each pruned prefix of the chain. Anchors: the
 # signed hash of an event a full verification reached, where the next one may start.
 CHECKPOINT_COLUMNS: dict[str, type] = {"seq": int, "document": str, "signature": str}
 # Bodies: each distinct body once, by its digest; `encoding` is "deflate" or "identity".
 BODY_COLUMNS: dict[str, type] = {"digest": str, "size": int, "encoding": str, "data": bytes}
-TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies", "mcp_pins", "grants",
+TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies", "mcp_pins", "replicas", "grants",
           "approver_directory")
+COPIED = (("bodies", "digest"), ("events", "seq"), ("chain_head", "id"), ("checkpoints", "seq"),
+          ("anchors", "seq"), ("approvals", "id"), ("mcp_pins", "connection, tool"), ("grants", "id"),
+          ("approver_directory", "email"))
+"""What a migration copies, table by table, in the order of its key (replicas stay behind)."""
 
 
 def pack(body: bytes) -> tuple[str, bytes]:
@@ -120,9 +156,10 @@ PIN_COLUMNS: dict[str, type] = {"connection": str, "tool": str, "fingerprint": s
                                 "definition": str}
 
 
-# Grants: the current state of each time-boxed grant (the chain holds the approval that
-# issued it and its revocation). Directory: the IdP identity each approver's e-mail had at
-# their last SSO sign-in, which binds a Slack user to an approver.
+# Grants: each time-boxed grant as the approval that issued it holds it (its document's
+# `grant`), written with the approval's row, so requests find the active ones by principal
+# and connection. Directory: the IdP identity each approver's e-mail had at their last SSO
+# sign-in, which binds a Slack user to an approver.
 GRANT_COLUMNS: dict[str, type] = {"id": str, "approval": str, "subject": str, "connection": str, "expires": float,
                                   "revoked": float, "document": str}
 DIRECTORY_COLUMNS: dict[str, type] = {"email": str, "subject": str, "issuer": str, "groups": str, "method": str,
@@ -218,9 +255,22 @@ class Event:
         }
 
 
+def _canonical(values: list[Any]) -> str:
+    return json.dumps(values, separators=(",", ":"), ensure_ascii=False)
+
+
 def chain_hash(prev_hash: str, row: dict[str, Any]) -> str:
-    canonical = json.dumps([row[c] for c in HASHED], separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+    """SHA-256 over the previous hash and the canonical JSON array of the hashed columns
+    (an event from before schema version 3 has no replica, and its hash never covered one)."""
+    columns = HASHED if row.get("replica") is not None else LEGACY_HASHED
+    return hashlib.sha256((prev_hash + _canonical([row[c] for c in columns])).encode()).hexdigest()
+
+
+def link_middle(row: dict[str, Any]) -> str:
+    """The canonical encoding of a version 3 row's hashed columns between `seq` (the first)
+    and `prev_hash` (the last): what a database that assigns seq and prev_hash under its own
+    lock needs to compute chain_hash, `prev + "[" + seq + "," + middle + ",\"" + prev + "\"]"`."""
+    return _canonical([row[c] for c in HASHED[1:-1]])[1:-1]
 
 
 @dataclass(frozen=True)
@@ -237,49 +287,557 @@ class Verification:
     """The last event walked (the chain head when it verified)."""
 
 
-def put_approval(row: tuple) -> Callable[[sqlite3.Connection], None]:
-    """The write of an approval's current state, to run inside the transaction that
-    appends the event recording the change (Store.append's `apply`)."""
+@dataclass(frozen=True)
+class Change:
+    """A change of one approval, decided inside the append's transaction, on the approval's
+    current document with its row locked: `decide(document or None)` returns the new
+    document (None: nothing changes) and the events recording the change. It runs on the
+    writer's thread and must be pure; an exception fails this change alone."""
 
-    def apply(conn: sqlite3.Connection) -> None:
-        conn.execute(f"INSERT OR REPLACE INTO approvals VALUES ({', '.join('?' * len(APPROVAL_COLUMNS))})", row)
-
-    return apply
-
-
-def put_pin(connection: str, tool: str, fingerprint: str, definition: dict[str, Any]) -> Callable[[sqlite3.Connection], None]:
-    """The write of a first-seen tool pin, in the transaction of the event that records it."""
-
-    def apply(conn: sqlite3.Connection) -> None:
-        conn.execute("INSERT OR IGNORE INTO mcp_pins VALUES (?, ?, ?, ?, ?)",
-                     (connection, tool, fingerprint, time.time(), canonical_json(definition)))
-
-    return apply
+    approval: str
+    decide: Callable[[dict[str, Any] | None], tuple[dict[str, Any] | None, list[Event]]]
 
 
-def put_grant(row: tuple) -> Callable[[sqlite3.Connection], None]:
-    """The write of a grant's current state, in the transaction of the event recording it."""
+@dataclass(frozen=True)
+class Pin:
+    """A first-seen MCP tool's definition (addons/mcpguard.py), kept in the transaction of
+    the event recording it; the first pin of a tool stands."""
 
-    def apply(conn: sqlite3.Connection) -> None:
-        conn.execute(f"INSERT OR REPLACE INTO grants VALUES ({', '.join('?' * len(GRANT_COLUMNS))})", row)
+    connection: str
+    tool: str
+    fingerprint: str
+    definition: dict[str, Any]
 
-    return apply
+    SQL = (f"INSERT INTO mcp_pins ({', '.join(PIN_COLUMNS)}) VALUES ({', '.join('?' * len(PIN_COLUMNS))}) "
+           "ON CONFLICT DO NOTHING")
 
-
-def put_directory(email: str, subject: str, issuer: str, groups: list[str], method: str,
-                  ) -> Callable[[sqlite3.Connection], None]:
-    """An approver's identity as of this sign-in, in the transaction of the event recording it."""
-
-    def apply(conn: sqlite3.Connection) -> None:
-        conn.execute("INSERT OR REPLACE INTO approver_directory VALUES (?, ?, ?, ?, ?, ?)",
-                     (email.lower(), subject, issuer, canonical_json(groups), method, time.time()))
-
-    return apply
+    def row(self) -> tuple:
+        return self.connection, self.tool, self.fingerprint, time.time(), canonical_json(self.definition)
 
 
-class Store:
-    def __init__(self, path: str, synchronous: str = "normal") -> None:
-        self.path = path
+
+
+@dataclass(frozen=True)
+class Listing:
+    """An approver's identity as of an SSO sign-in (addons/signin.py), kept in the
+    transaction of the event recording the sign-in; the latest sign-in of an e-mail stands."""
+
+    email: str
+    subject: str
+    issuer: str
+    groups: tuple[str, ...]
+    method: str
+
+    SQL = (f"INSERT INTO approver_directory ({', '.join(DIRECTORY_COLUMNS)}) "
+           f"VALUES ({', '.join('?' * len(DIRECTORY_COLUMNS))}) ON CONFLICT(email) DO UPDATE SET "
+           + ", ".join(f"{c} = excluded.{c}" for c in DIRECTORY_COLUMNS if c != "email"))
+
+    def row(self) -> tuple:
+        return self.email.lower(), self.subject, self.issuer, canonical_json(list(self.groups)), self.method, time.time()
+
+
+Kept = Pin | Listing
+"""What a write keeps beside its events, in their transaction."""
+
+
+def approval_row(document: dict[str, Any]) -> list[Any]:
+    """The approvals table's columns for an approval document, in APPROVAL_COLUMNS order."""
+    return [document["id"], document["state"], document["created"], time.time(), document["requester"]["subject"],
+            document["connection"], document["fingerprint"], int(document["held"]), document["expires"],
+            canonical_json(document), document.get("replica") or None]
+
+
+UPSERT_GRANT = (f"INSERT INTO grants ({', '.join(GRANT_COLUMNS)}) VALUES ({', '.join('?' * len(GRANT_COLUMNS))}) "
+                "ON CONFLICT(id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in GRANT_COLUMNS if c != "id"))
+
+
+def grant_row(grant: dict[str, Any]) -> list[Any]:
+    """The grants table's columns for a grant document (addons/engine/grants.py), in GRANT_COLUMNS order."""
+    return [grant["id"], grant["approval"], grant["principal"]["subject"], grant["shape"]["connection"],
+            grant["expires"], grant["revoked"], canonical_json(grant)]
+
+
+def default_replica() -> str:
+    """Who writes when no gateway replica does (the CLI, a test): host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+UPSERT_APPROVAL = (f"INSERT INTO approvals ({', '.join(APPROVAL_COLUMNS)}) "
+                   f"VALUES ({', '.join('?' * len(APPROVAL_COLUMNS))}) ON CONFLICT(id) DO UPDATE SET "
+                   + ", ".join(f"{c} = excluded.{c}" for c in APPROVAL_COLUMNS if c != "id"))
+BEAT = ("INSERT INTO replicas (id, host, pid, started, heartbeat, state, rules, config, listen) "
+        "VALUES (?, ?, ?, ?, {now}, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET heartbeat = excluded.heartbeat, "
+        "state = excluded.state, rules = excluded.rules, config = excluded.config, listen = excluded.listen")
+EVENTS = ("SELECT events.*, bodies.encoding AS kept_encoding, bodies.data AS kept_data FROM {source} "
+          "LEFT JOIN bodies ON events.body IS NULL AND bodies.digest = events.body_digest")
+"""Events with their kept body beside them (filled in by `_filled`)."""
+
+
+class Tx:
+    """A connection inside one transaction (or one read), as the generic code uses it; SQL
+    is written in SQLite's dialect with `?` placeholders (PgTx translates)."""
+
+    def rows(self, sql: str, args: Sequence[Any] = (), stream: bool = False) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    def one(self, sql: str, args: Sequence[Any] = ()) -> tuple | None:
+        raise NotImplementedError
+
+    def run(self, sql: str, args: Sequence[Any] = ()) -> int:
+        raise NotImplementedError
+
+    def many(self, sql: str, rows: list[Sequence[Any]]) -> None:
+        raise NotImplementedError
+
+
+def _filled(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Event rows with `body` filled from `bodies` when it is not inline (a version 1 body,
+    or one put back by hand, is read as it is)."""
+    for row in rows:
+        encoding, data = row.pop("kept_encoding"), row.pop("kept_data")
+        if row["body"] is None and data is not None:
+            row["body"] = unpack(encoding, bytes(data))
+        yield row
+
+
+class AuditStore:
+    """What the CLI, the exporters, the report and the gateway read and write, whatever the
+    database. Subclasses provide the connection (`_read`, `_write`) and what differs
+    between dialects (`_save`, `_lock`, `NOW`, `SESSIONS`)."""
+
+    location: str
+    """Where the store is, for messages: a path, or a URL without its password."""
+    replica: str = ""
+    NOW = ""
+    """The database's clock, as SQL (seconds since the epoch)."""
+    LOCK_HEAD = ""
+    """Inside `_write`: take the chain head's lock, when `_write` alone does not (a prune,
+    a migration: nothing may append meanwhile)."""
+    SESSIONS = ""
+    """The aggregate columns of `sessions()` in this dialect."""
+
+    # connections and dialect
+
+    @contextmanager
+    def _read(self, snapshot: bool = False) -> Iterator[Tx]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    @contextmanager
+    def _write(self, single: bool = False) -> Iterator[Tx]:
+        """A write transaction holding the chain's lock. `single`: the body issues one
+        statement, which PostgreSQL then runs on its own (atomically, one round trip)."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def _save(self, tx: Tx, events: list[Event], approvals: list[dict[str, Any]]) -> None:
+        """Inside `_write`: store the approvals' new documents (telling the other replicas
+        they changed) and chain the events after the head."""
+        raise NotImplementedError
+
+    def _lock(self, tx: Tx, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Inside `_write`: lock these approvals' rows and read their documents."""
+        raise NotImplementedError
+
+    def listen(self, changed: Callable[[str | None], None]) -> Callable[[], None] | None:
+        """Call `changed(approval id)` when any replica changes an approval, and
+        `changed(None)` after a gap in which changes may have been missed; returns how to
+        stop. None: this store cannot push changes (they are found by polling)."""
+        return None
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # writing
+
+    def _prepared(self, events: list[Event]) -> tuple[list[dict[str, Any]], dict[str, tuple]]:
+        """Rows of `events` as written by this replica (without seq and hashes), and their
+        bodies by digest, each once, as kept."""
+        rows, bodies = [], {}
+        for event in events:
+            row = event.row()
+            row["replica"] = self.replica
+            body = row.pop("body")
+            if body is not None:
+                bodies.setdefault(row["body_digest"], (len(body), *pack(body)))
+            row["body"] = None
+            rows.append(row)
+        return rows, bodies
+
+    def append(self, events: list[Event]) -> None:
+        """Chain and write `events` in one transaction."""
+        self.commit([(events, None)])
+
+    def commit(self, batch: list[tuple[list[Event], Change | None]], kept: Sequence[Kept] = ()) -> list[Any]:
+        """Write a batch in one transaction: each item's events, each change decided under
+        its approval's row lock (locked in id order, so two writers never deadlock) with the
+        grant its document holds, and `kept`. Returns, per item, None, the approval's document after its change, or the
+        exception its decision raised (that item alone then writes nothing)."""
+        ids = sorted({change.approval for _, change in batch if change is not None})
+        outcomes: list[Any] = []
+        with self._write(single=not ids) as tx:
+            current = self._lock(tx, ids) if ids else {}
+            events: list[Event] = []
+            changed: dict[str, dict[str, Any]] = {}
+            for item_events, change in batch:
+                if change is None:
+                    events += item_events
+                    outcomes.append(None)
+                    continue
+                try:
+                    document, recorded = change.decide(current.get(change.approval))
+                except Exception as e:
+                    outcomes.append(e)
+                    continue
+                if document is not None:
+                    current[change.approval] = changed[change.approval] = document
+                events += item_events + recorded
+                outcomes.append(current.get(change.approval))
+            if events or changed:
+                self._save(tx, events, list(changed.values()))
+            grants = [grant_row(d["grant"]) for d in changed.values() if d.get("grant")]
+            if grants:
+                tx.many(UPSERT_GRANT, grants)
+            for sql in dict.fromkeys(k.SQL for k in kept):
+                tx.many(sql, [k.row() for k in kept if k.SQL == sql])
+        return outcomes
+
+    def prune(self, before: float, sign: Callable[[dict[str, Any]], dict[str, str]],
+              archive: Callable[[Iterator[dict[str, Any]], int, str], dict[str, Any]] | None) -> dict[str, Any] | None:
+        """Remove the events recorded before `before` (a prefix of the chain: it stops at the
+        first event at or after it), leaving a signed checkpoint of the prefix's last hash so
+        the rest still verifies. The prefix is verified and handed to `archive` (which returns
+        what it wrote) before anything is removed, outside the write lock so the gateway keeps
+        recording meanwhile; if either fails, nothing is removed. Finished approvals last
+        changed before `before` go too. The prune itself is recorded as an event. Returns the
+        checkpoint document, or None when nothing is that old."""
+        with self._read(snapshot=True) as tx:
+            previous = self._checkpoint(tx)
+            start = previous["seq"] if previous else 0
+            first_kept = tx.one("SELECT MIN(seq) FROM events WHERE ts >= ?", [before])[0]
+            upto = (first_kept - 1) if first_kept is not None else self._head(tx)[0]
+            if upto <= start:
+                return None
+            check = self._walk(tx, upto)
+            if not check.ok:
+                raise StoreError(f"the chain is broken at event {check.broken_at} ({check.problem}); "
+                                 "nothing was pruned: keep the store as evidence")
+            span = tx.one("SELECT MIN(seq), MIN(ts), MAX(ts), COUNT(*) FROM events WHERE seq <= ?", [upto])
+            document = {
+                "seq": upto, "hash": check.head, "first_seq": span[0], "first_ts": span[1], "last_ts": span[2],
+                "pruned": span[3], "before": before, "created": time.time(),
+                "previous": {"seq": previous["seq"], "hash": previous["hash"]} if previous else None,
+            }
+            if archive is not None:
+                rows = _filled(tx.rows(EVENTS.format(source="events") + " WHERE seq > ? AND seq <= ? ORDER BY seq",
+                                       [start, upto], stream=True))
+                document["archive"] = archive(rows, upto, check.head)
+        signature = sign(document)
+        with self._write() as tx:
+            if self.LOCK_HEAD:
+                tx.one(self.LOCK_HEAD)
+            same = tx.one("SELECT hash FROM events WHERE seq = ?", [upto])
+            if self._checkpoint(tx) != previous or same is None or same[0] != check.head:
+                raise StoreError("the store changed while pruning (another prune?); nothing was pruned")
+            tx.run("INSERT INTO checkpoints (seq, document, signature) VALUES (?, ?, ?)",
+                   [upto, canonical_json(document), canonical_json(signature)])
+            tx.run("DELETE FROM events WHERE seq <= ?", [upto])
+            tx.run("DELETE FROM anchors WHERE seq <= ?", [upto])
+            tx.run("DELETE FROM bodies WHERE digest NOT IN "
+                   "(SELECT body_digest FROM events WHERE body_digest IS NOT NULL)")
+            self._save(tx, [Event(id=new_id(), kind="prune",
+                                  detail={"checkpoint": document, "key_id": signature["key_id"]})], [])
+        with self._write() as tx:  # apart: approvals are locked before the head, never while it is held
+            tx.run("DELETE FROM approvals WHERE updated < ? AND state NOT IN ('pending', 'approved')", [before])
+        return document
+
+    def add_anchor(self, document: dict[str, Any], signature: dict[str, Any]) -> None:
+        with self._write() as tx:
+            tx.run("INSERT INTO anchors (seq, document, signature) VALUES (?, ?, ?) ON CONFLICT(seq) DO UPDATE "
+                   "SET document = excluded.document, signature = excluded.signature",
+                   [document["seq"], canonical_json(document), canonical_json(signature)])
+
+    def copy_into(self, target: AuditStore) -> int:
+        """Copy everything this store holds but its replicas into `target`, which must hold
+        nothing yet, row for row (hashes, sequence numbers and bodies as they are), in one
+        transaction of the target. Returns the number of events copied."""
+        with target._read() as tx:
+            if tx.one("SELECT COUNT(*) FROM events")[0] or tx.one("SELECT COUNT(*) FROM checkpoints")[0]:
+                raise StoreError(f"{target.location} already holds an audit log: migrate into an empty store")
+        copied = 0
+        with self._read(snapshot=True) as source, target._write() as tx:
+            if target.LOCK_HEAD:
+                tx.one(target.LOCK_HEAD)
+            tx.run("DELETE FROM chain_head")
+            for table, key in COPIED:
+                batch: list[dict[str, Any]] = []
+                for row in source.rows(f"SELECT * FROM {table} ORDER BY {key}", stream=True):
+                    batch.append(row)
+                    if len(batch) == 1000:
+                        _insert_rows(tx, table, batch)
+                        batch = []
+                _insert_rows(tx, table, batch)
+            copied = source.one("SELECT COUNT(*) FROM events")[0]
+        return copied
+
+    # replicas
+
+    def beat(self, replica: dict[str, Any]) -> None:
+        """Renew a replica's lease (its heartbeat, in the database's clock) and say what it runs."""
+        with self._write() as tx:
+            tx.run(BEAT.format(now=self.NOW), [replica.get(c) for c in REPLICA_COLUMNS if c != "heartbeat"])
+            tx.run(f"DELETE FROM replicas WHERE heartbeat < {self.NOW} - 86400")
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """Every replica with a row, oldest first, with `age`: seconds since its heartbeat."""
+        with self._read() as tx:
+            return list(tx.rows(f"SELECT *, {self.NOW} - heartbeat AS age FROM replicas ORDER BY started"))
+
+    def held_elsewhere(self, replica: str) -> list[dict[str, Any]]:
+        """Live approvals whose flow another replica (or a process from before replicas were
+        recorded) holds, with that replica's row: who may have lost them."""
+        with self._read() as tx:
+            return list(tx.rows(
+                f"SELECT approvals.id AS approval, approvals.replica AS replica, replicas.host AS host, "
+                f"replicas.pid AS pid, replicas.state AS state, {self.NOW} - replicas.heartbeat AS age "
+                "FROM approvals LEFT JOIN replicas ON replicas.id = approvals.replica "
+                "WHERE approvals.held = 1 AND approvals.state IN ('pending', 'approved') "
+                "AND (approvals.replica IS NULL OR approvals.replica != ?)", [replica]))
+
+    # reading
+
+    def head(self) -> tuple[int, str]:
+        with self._read() as tx:
+            return self._head(tx)
+
+    @staticmethod
+    def _head(tx: Tx) -> tuple[int, str]:
+        row = tx.one("SELECT seq, hash FROM chain_head WHERE id = 1")
+        return (row[0], row[1]) if row else (0, GENESIS)
+
+    def pins(self) -> list[dict[str, Any]]:
+        """Every first-seen MCP tool pin, with its definition parsed."""
+        with self._read() as tx:
+            return [{**r, "definition": json.loads(r["definition"])}
+                    for r in tx.rows("SELECT connection, tool, fingerprint, definition FROM mcp_pins")]
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """Every checkpoint, oldest first, as {"document": …, "signature": …}."""
+        with self._read() as tx:
+            return [{"document": json.loads(r["document"]), "signature": json.loads(r["signature"])}
+                    for r in tx.rows("SELECT document, signature FROM checkpoints ORDER BY seq")]
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """The latest checkpoint's document (the pruned prefix the chain now starts after)."""
+        with self._read() as tx:
+            return self._checkpoint(tx)
+
+    @staticmethod
+    def _checkpoint(tx: Tx) -> dict[str, Any] | None:
+        row = tx.one("SELECT document FROM checkpoints ORDER BY seq DESC LIMIT 1")
+        return json.loads(row[0]) if row else None
+
+    def anchors(self) -> list[dict[str, Any]]:
+        """Every anchor, newest first, as {"document": …, "signature": …}."""
+        with self._read() as tx:
+            return [{"document": json.loads(r["document"]), "signature": json.loads(r["signature"])}
+                    for r in tx.rows("SELECT document, signature FROM anchors ORDER BY seq DESC")]
+
+    def verify(self, anchor: dict[str, Any] | None = None) -> Verification:
+        """Walk the chain from the last checkpoint (or the start), or from `anchor` (a signed
+        {seq, hash} an earlier full verification reached: its event must still have that
+        hash); report the first broken link. One read transaction: a snapshot, however busy
+        the writers are. Signatures are checked by the caller (it knows which key to trust)."""
+        with self._read(snapshot=True) as tx:
+            return self._walk(tx, None, anchor)
+
+    def _walk(self, tx: Tx, upto: int | None, anchor: dict[str, Any] | None = None) -> Verification:
+        checkpoint = self._checkpoint(tx)
+        prev, expected_seq = (checkpoint["hash"], checkpoint["seq"] + 1) if checkpoint else (GENESIS, 1)
+        if anchor is not None and anchor["seq"] >= expected_seq:
+            held = tx.one("SELECT hash FROM events WHERE seq = ?", [anchor["seq"]])
+            if held is None or held[0] != anchor["hash"]:
+                return Verification(False, 0, anchor["hash"], anchor["seq"],
+                                    f"event {anchor['seq']} is not the one the signed anchor names: changed or removed",
+                                    first=anchor["seq"], last=anchor["seq"])
+            prev, expected_seq = anchor["hash"], anchor["seq"] + 1
+        first, count = expected_seq, 0
+        limit = "" if upto is None else f" AND seq <= {int(upto)}"
+        for row in _filled(tx.rows(EVENTS.format(source="events") + f" WHERE seq >= ?{limit} ORDER BY seq",
+                                   [first], stream=True)):
+            count += 1
+            seq = row["seq"]
+            if seq != expected_seq:
+                first_after = checkpoint and expected_seq == checkpoint["seq"] + 1
+                where = " (the first after the checkpoint)" if first_after else ""
+                return Verification(False, count, prev, seq, f"event {expected_seq}{where} is missing (found {seq})",
+                                    first=first, last=seq)
+            if row["prev_hash"] != prev:
+                return Verification(False, count, prev, seq, "previous-hash link does not match: an event before it "
+                                    "was changed, removed or reordered", first=first, last=seq)
+            if row["body"] is not None and digest(row["body"]) != row["body_digest"]:
+                return Verification(False, count, prev, seq, "body does not match its digest", first=first, last=seq)
+            if chain_hash(prev, row) != row["hash"]:
+                return Verification(False, count, prev, seq, "event contents do not match its hash",
+                                    first=first, last=seq)
+            prev, expected_seq = row["hash"], seq + 1
+        if upto is not None:
+            return Verification(expected_seq - 1 == upto, count, prev, None if expected_seq - 1 == upto else upto,
+                                "" if expected_seq - 1 == upto else f"event {upto} is missing")
+        head_seq, head_hash = self._head(tx)
+        if (head_seq, head_hash) != (expected_seq - 1, prev):
+            return Verification(False, count, prev, expected_seq, f"chain head says {head_seq} events but the log ends "
+                                f"at {expected_seq - 1}: events were removed from the end", first=first,
+                                last=expected_seq - 1)
+        return Verification(True, count, prev, checkpoint=checkpoint, first=first, last=expected_seq - 1)
+
+    def _events(self, where: str, args: Sequence[Any], tail: str = "", source: str = "events",
+                stream: bool = False) -> Iterator[dict[str, Any]]:
+        with self._read() as tx:
+            yield from _filled(tx.rows(f"{EVENTS.format(source=source)} WHERE {where} {tail}", args, stream))
+
+    def event(self, event_id: str) -> dict[str, Any] | None:
+        return next(self._events("events.id = ?", [event_id]), None)
+
+    def where(self, clause: str, args: list[Any], limit: int | None = None) -> list[dict[str, Any]]:
+        """Events matching `clause` (SQL over the event columns, `?` placeholders), in order."""
+        clause = "TRUE" if clause.strip() == "1" else clause
+        tail = "ORDER BY seq" + (f" LIMIT {int(limit)}" if limit is not None else "")
+        return list(self._events(f"({clause})", args, tail))
+
+    def tail(self, count: int, after: int = 0) -> list[dict[str, Any]]:
+        return list(self._events("TRUE", [after, count], "ORDER BY seq",
+                                 "(SELECT * FROM events WHERE seq > ? ORDER BY seq DESC LIMIT ?) AS events"))
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        yield from self._events("TRUE", [], "ORDER BY seq", stream=True)
+
+    def hash_at(self, seq: int) -> str | None:
+        """The hash of event `seq`, or None when the store does not hold it."""
+        with self._read() as tx:
+            row = tx.one("SELECT hash FROM events WHERE seq = ?", [seq])
+        return row[0] if row else None
+
+    def sessions(self, start: float | None = None, principal: str = "", limit: int = 20) -> list[dict[str, Any]]:
+        """Sessions, the latest active first: who, when, which connections, how many requests,
+        denials and holds (an agent's HTTP connection, pg or ssh session, or kubectl's)."""
+        clauses, args = ["session IS NOT NULL"], []
+        if start is not None:
+            clauses.append("ts >= ?")
+            args.append(start)
+        if principal:
+            clauses.append("session IN (SELECT session FROM events WHERE subject = ?)")
+            args.append(principal)
+        with self._read() as tx:
+            return list(tx.rows(f"SELECT session, MIN(ts) AS first, MAX(ts) AS last, {self.SESSIONS} "
+                                f"FROM events WHERE {' AND '.join(clauses)} "
+                                "GROUP BY session ORDER BY last DESC LIMIT ?",
+                                [*args, limit]))
+
+    def approval(self, approval_id: str) -> dict[str, Any] | None:
+        """An approval's current document, or None."""
+        with self._read() as tx:
+            row = tx.one("SELECT document FROM approvals WHERE id = ?", [approval_id])
+        return json.loads(row[0]) if row else None
+
+    def approvals(self, states: tuple[str, ...] = (), connection: str | None = None,
+                  requester: str | None = None, fingerprint: str | None = None,
+                  expired_by: float | None = None, ids: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+        """Approval documents, newest first, in any of `states` (all when empty), and with
+        the given connection, requester, fingerprint or ids, or expired by a time."""
+        clauses, args = [], []
+        for column, values in (("state", states), ("id", ids)):
+            if values:
+                clauses.append(f"{column} IN ({', '.join('?' * len(values))})")
+                args.extend(values)
+        for column, value in (("connection", connection), ("subject", requester), ("fingerprint", fingerprint)):
+            if value:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        if expired_by is not None:
+            clauses.append("expires <= ?")
+            args.append(expired_by)
+        with self._read() as tx:
+            documents = [r["document"] for r in tx.rows(
+                f"SELECT document FROM approvals WHERE {' AND '.join(clauses) or 'TRUE'} ORDER BY created DESC", args)]
+        for document in documents:
+            yield json.loads(document)
+
+    def updated_since(self, since: float) -> list[tuple[str, float]]:
+        """(id, updated) of the approvals written after `since`."""
+        with self._read() as tx:
+            return [(r["id"], r["updated"]) for r in tx.rows("SELECT id, updated FROM approvals WHERE updated > ?",
+                                                             [since])]
+
+    def grants(self, active_at: float | None = None, subject: str = "", connection: str = "",
+               ids: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """Grant documents, the latest to expire first; with `active_at`, only those neither
+        revoked nor expired then; with `subject`, `connection` or `ids`, only those."""
+        clauses, args = [], []
+        if active_at is not None:
+            clauses.append("revoked IS NULL AND expires > ?")
+            args.append(active_at)
+        for column, value in (("subject", subject), ("connection", connection)):
+            if value:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        if ids:
+            clauses.append(f"id IN ({', '.join('?' * len(ids))})")
+            args.extend(ids)
+        with self._read() as tx:
+            return [json.loads(r["document"]) for r in tx.rows(
+                f"SELECT document FROM grants WHERE {' AND '.join(clauses) or 'TRUE'} ORDER BY expires DESC", args)]
+
+    def directory(self, email: str) -> dict[str, Any] | None:
+        """The approver identity `email` had at its last SSO sign-in, or None."""
+        with self._read() as tx:
+            row = tx.one("SELECT subject, issuer, groups, method, signed_in FROM approver_directory WHERE email = ?",
+                         [email.lower()])
+        if row is None:
+            return None
+        return {"email": email.lower(), "subject": row[0], "issuer": row[1], "groups": json.loads(row[2]),
+                "method": row[3], "signed_in": row[4]}
+
+
+def _insert_rows(tx: Tx, table: str, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        names = list(rows[0])
+        tx.many(f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                [[r[n] for n in names] for r in rows])
+
+
+class SqliteTx(Tx):
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def rows(self, sql: str, args: Sequence[Any] = (), stream: bool = False) -> Iterator[dict[str, Any]]:
+        cursor = self.conn.execute(sql, args)
+        names = [d[0] for d in cursor.description]
+        for values in cursor:
+            yield dict(zip(names, values))
+
+    def one(self, sql: str, args: Sequence[Any] = ()) -> tuple | None:
+        return self.conn.execute(sql, args).fetchone()
+
+    def run(self, sql: str, args: Sequence[Any] = ()) -> int:
+        return self.conn.execute(sql, args).rowcount
+
+    def many(self, sql: str, rows: list[Sequence[Any]]) -> None:
+        self.conn.executemany(sql, rows)
+
+
+class Store(AuditStore):
+    """The embedded store: one SQLite file in WAL mode (one gateway, or its workers on one host)."""
+
+    NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+    SESSIONS = ("GROUP_CONCAT(DISTINCT subject) AS subjects, GROUP_CONCAT(DISTINCT agent) AS agents, "
+                "GROUP_CONCAT(DISTINCT connection) AS connections, SUM(kind = 'request') AS requests, "
+                "SUM(kind = 'decision' AND effect = 'deny') AS denied, "
+                "SUM(kind = 'approval' AND json_extract(detail, '$.step') = 'requested') AS held")
+
+    def __init__(self, path: str, synchronous: str = "normal", replica: str = "") -> None:
+        self.path = self.location = path
+        self.replica = replica or default_replica()
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA busy_timeout = 5000")
         self.conn.execute("PRAGMA journal_mode = WAL")
@@ -293,6 +851,18 @@ class Store:
         return {name for (name,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
     def _ensure_schema(self) -> None:
+        if self._current():
+            return  # an existing store: reading it needs nothing more (and starts fast)
+        self.conn.execute("BEGIN IMMEDIATE")  # another process may be creating or upgrading it too
+        try:
+            if not self._current():
+                self._create()
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    def _current(self) -> bool:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         tables = self._tables()
         if "events" in tables and version != SCHEMA_VERSION and version not in UPGRADABLE:
@@ -300,12 +870,14 @@ class Store:
                 f"{self.path}: audit store schema version {version}, but this gateway writes version "
                 f"{SCHEMA_VERSION}; verify and archive the old store, then use a new store.path"
             )
-        if set(TABLES) <= tables and version == SCHEMA_VERSION:
-            return  # an existing store: reading it needs nothing more (and starts fast)
+        return set(TABLES) <= tables and version == SCHEMA_VERSION
+
+    def _create(self) -> None:
+        """Create what is missing, and upgrade a version 1 or 2 store in place."""
         import sqlite_utils  # creating the tables: its column types are the schema's contract
 
         db = sqlite_utils.Database(self.conn)
-        self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        tables = self._tables()
         if "events" not in tables:
             db["events"].create(COLUMNS, pk="seq", not_null={"id", "ts", "kind", "prev_hash", "hash"})
             for cols in INDEXES:
@@ -325,299 +897,129 @@ class Store:
             db["approvals"].create_index(["fingerprint"], if_not_exists=True)
         if "mcp_pins" not in tables:
             db["mcp_pins"].create(PIN_COLUMNS, pk=("connection", "tool"), not_null=set(PIN_COLUMNS))
+        if "replicas" not in tables:
+            db["replicas"].create(REPLICA_COLUMNS, pk="id")
         if "grants" not in tables:
             db["grants"].create(GRANT_COLUMNS, pk="id", not_null={"approval", "subject", "expires", "document"})
+            db["grants"].create_index(["subject", "connection"], if_not_exists=True)
         if "approver_directory" not in tables:
             db["approver_directory"].create(DIRECTORY_COLUMNS, pk="email", not_null=set(DIRECTORY_COLUMNS))
+        db["approvals"].create_index(["updated"], if_not_exists=True)  # version 3: the inbox's news
+        for table in ("events", "approvals"):
+            if "replica" not in db[table].columns_dict:  # versions 1 and 2
+                self.conn.execute(f"ALTER TABLE {table} ADD COLUMN replica TEXT")
+        self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.conn.close()
 
-    def append(self, events: list[Event], apply: Callable[[sqlite3.Connection], None] | None = None) -> list[int]:
-        """Chain and write `events` in one transaction; returns their sequence numbers.
-
-        `apply`, when given, runs first in the same transaction (state that must change
-        together with the events that record the change, such as an approval's state).
-        """
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
+    @contextmanager
+    def _read(self, snapshot: bool = False) -> Iterator[Tx]:
+        if not snapshot:
+            yield SqliteTx(self.conn)
+            return
+        self.conn.execute("BEGIN")
         try:
-            if apply is not None:
-                apply(conn)
-            seqs = self._chain(conn, events)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return seqs
+            yield SqliteTx(self.conn)
+        finally:
+            self.conn.execute("COMMIT")
 
-    def _chain(self, conn: sqlite3.Connection, events: list[Event]) -> list[int]:
+    @contextmanager
+    def _write(self, single: bool = False) -> Iterator[Tx]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield SqliteTx(self.conn)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    def _lock(self, tx: Tx, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """BEGIN IMMEDIATE holds the whole database: reading the documents is enough."""
+        return {r["id"]: json.loads(r["document"]) for r in tx.rows(
+            f"SELECT id, document FROM approvals WHERE id IN ({', '.join('?' * len(ids))})", ids)}
+
+    def _save(self, tx: Tx, events: list[Event], approvals: list[dict[str, Any]]) -> None:
+        if approvals:
+            tx.many(UPSERT_APPROVAL, [approval_row(d) for d in approvals])
+        if events:
+            self._chain(tx, events)
+
+    def _chain(self, tx: Tx, events: list[Event]) -> list[int]:
         """Inside a transaction: append `events` after the head and move the head."""
-        head = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
-        seq, prev = head if head else (0, GENESIS)
-        seqs, rows, bodies = [], [], {}
-        for event in events:
+        seq, prev = self._head(tx)
+        rows, bodies = self._prepared(events)
+        seqs, values = [], []
+        for row in rows:
             seq += 1
-            row = event.row()
             row["seq"], row["prev_hash"] = seq, prev
             row["hash"] = prev = chain_hash(prev, row)
-            body = row.pop("body")
-            if body is not None:
-                bodies.setdefault(row["body_digest"], (len(body), *pack(body)))
-            rows.append([row.get(c) for c in self._cols])
+            values.append([row.get(c) for c in self._cols])
             seqs.append(seq)
-        conn.executemany(self._insert, rows)
-        conn.executemany("INSERT OR IGNORE INTO bodies (digest, size, encoding, data) VALUES (?, ?, ?, ?)",
-                         [(d, *kept) for d, kept in bodies.items()])
-        conn.execute(
-            "INSERT INTO chain_head (id, seq, hash) VALUES (1, ?, ?) "
-            "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-            (seq, prev),
-        )
+        tx.many(self._insert, values)
+        tx.many("INSERT INTO bodies (digest, size, encoding, data) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [(d, *kept) for d, kept in bodies.items()])
+        tx.run("INSERT INTO chain_head (id, seq, hash) VALUES (1, ?, ?) "
+               "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash", (seq, prev))
         return seqs
 
-    def head(self) -> tuple[int, str]:
-        return self._head(self.conn)
 
-    def pins(self) -> list[dict[str, Any]]:
-        """Every first-seen MCP tool pin, with its definition parsed."""
-        return [{"connection": c, "tool": t, "fingerprint": fp, "definition": json.loads(d)}
-                for c, t, fp, d in self.conn.execute("SELECT connection, tool, fingerprint, definition FROM mcp_pins")]
+def resolve(settings: StoreConfig) -> str:
+    """The store's PostgreSQL URL with its password, resolved from their references."""
+    from pathlib import Path
 
-    def checkpoints(self) -> list[dict[str, Any]]:
-        """Every checkpoint, oldest first, as {"document": …, "signature": …}."""
-        return [{"document": json.loads(d), "signature": json.loads(s)}
-                for d, s in self.conn.execute("SELECT document, signature FROM checkpoints ORDER BY seq")]
+    from addons.engine.config import resolve_secret
 
-    def prune(self, before: float, sign: Callable[[dict[str, Any]], dict[str, str]],
-              archive: Callable[[Iterator[dict[str, Any]], int, str], dict[str, Any]] | None) -> dict[str, Any] | None:
-        """Remove the events recorded before `before` (a prefix of the chain: it stops at the
-        first event at or after it), leaving a signed checkpoint of the prefix's last hash so
-        the rest still verifies. The prefix is verified and handed to `archive` (which returns
-        what it wrote) before anything is removed, outside the write lock so the gateway keeps
-        recording meanwhile; if either fails, nothing is removed. Finished approvals last
-        changed before `before` go too. The prune itself is recorded as an event. Returns the
-        checkpoint document, or None when nothing is that old."""
-        conn = self.conn
-        previous = self._checkpoint(conn)
-        start = previous["seq"] if previous else 0
-        first_kept = conn.execute("SELECT MIN(seq) FROM events WHERE ts >= ?", [before]).fetchone()[0]
-        upto = (first_kept - 1) if first_kept is not None else self._head(conn)[0]
-        if upto <= start:
-            return None
-        check = self._walk(conn, upto)
-        if not check.ok:
-            raise StoreError(f"the chain is broken at event {check.broken_at} ({check.problem}); "
-                             "nothing was pruned: keep the store as evidence")
-        span = conn.execute("SELECT MIN(seq), MIN(ts), MAX(ts), COUNT(*) FROM events WHERE seq <= ?", [upto]).fetchone()
-        document = {
-            "seq": upto, "hash": check.head, "first_seq": span[0], "first_ts": span[1], "last_ts": span[2],
-            "pruned": span[3], "before": before, "created": time.time(),
-            "previous": {"seq": previous["seq"], "hash": previous["hash"]} if previous else None,
-        }
-        if archive is not None:
-            rows = self._query(conn, "SELECT * FROM events WHERE seq > ? AND seq <= ? ORDER BY seq", [start, upto])
-            document["archive"] = archive(rows, upto, check.head)
-        signature = sign(document)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            same = conn.execute("SELECT hash FROM events WHERE seq = ?", [upto]).fetchone()
-            if self._checkpoint(conn) != previous or same is None or same[0] != check.head:
-                raise StoreError("the store changed while pruning (another prune?); nothing was pruned")
-            conn.execute("INSERT INTO checkpoints (seq, document, signature) VALUES (?, ?, ?)",
-                         [upto, canonical_json(document), canonical_json(signature)])
-            conn.execute("DELETE FROM events WHERE seq <= ?", [upto])
-            conn.execute("DELETE FROM anchors WHERE seq <= ?", [upto])
-            conn.execute("DELETE FROM bodies WHERE digest NOT IN "
-                         "(SELECT body_digest FROM events WHERE body_digest IS NOT NULL)")
-            conn.execute("DELETE FROM approvals WHERE updated < ? AND state NOT IN ('pending', 'approved')", [before])
-            self._chain(conn, [Event(id=new_id(), kind="prune",
-                                     detail={"checkpoint": document, "key_id": signature["key_id"]})])
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return document
+    url, base = settings.url, Path(settings.base)
+    if url.startswith(("env:", "file:")):
+        url = resolve_secret(url, base)
+    if settings.password:
+        from psycopg.conninfo import make_conninfo
 
-    def checkpoint(self) -> dict[str, Any] | None:
-        """The latest checkpoint's document (the pruned prefix the chain now starts after)."""
-        return self._checkpoint(self.conn)
+        url = make_conninfo(url, password=resolve_secret(settings.password, base))
+    return url
 
-    @staticmethod
-    def _checkpoint(conn: sqlite3.Connection) -> dict[str, Any] | None:
-        row = conn.execute("SELECT document FROM checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
-        return json.loads(row[0]) if row else None
 
-    @staticmethod
-    def _head(conn: sqlite3.Connection) -> tuple[int, str]:
-        row = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
-        return tuple(row) if row else (0, GENESIS)
+def open_store(settings: StoreConfig, replica: str = "", *, writer: bool = False) -> AuditStore:
+    """The store the configuration names: SQLite at `store.path`, PostgreSQL at `store.url`.
+    `writer`: for the one thread that appends (PostgreSQL: its own connection, not the pool)."""
+    if not settings.url:
+        return Store(settings.path, settings.synchronous, replica)
+    from addons.engine.pgstore import PgStore
 
-    @staticmethod
-    def _query(conn: sqlite3.Connection, sql: str, args: list[Any]) -> Iterator[dict[str, Any]]:
-        """Rows of `sql` as dicts; an event row's `body` is filled from `bodies` when it is
-        not inline (a version 1 body, or one put back by hand, is read as it is)."""
-        cursor = conn.execute(sql, args)
-        names = [d[0] for d in cursor.description]
-        fill = "body" in names and "body_digest" in names
-        for values in cursor:
-            row = dict(zip(names, values))
-            if fill and row["body"] is None and row["body_digest"] is not None:
-                kept = conn.execute("SELECT encoding, data FROM bodies WHERE digest = ?", [row["body_digest"]]).fetchone()
-                row["body"] = unpack(*kept) if kept else None
-            yield row
+    try:
+        url = resolve(settings)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"store: {e}") from None
+    return PgStore(url, replica, dedicated=writer, pool_size=settings.pool, timeout=settings.timeout)
 
-    def verify(self, anchor: dict[str, Any] | None = None) -> Verification:
-        """Walk the chain from the last checkpoint (or the start), or from `anchor` (a signed
-        {seq, hash} an earlier full verification reached: its event must still have that
-        hash); report the first broken link. One read transaction: a snapshot, however busy
-        the writers are. Signatures are checked by the caller (it knows which key to trust)."""
-        conn = self.conn
-        conn.execute("BEGIN")
-        try:
-            return self._walk(conn, None, anchor)
-        finally:
-            conn.execute("COMMIT")
 
-    def anchors(self) -> list[dict[str, Any]]:
-        """Every anchor, newest first, as {"document": …, "signature": …}."""
-        return [{"document": json.loads(d), "signature": json.loads(s)}
-                for d, s in self.conn.execute("SELECT document, signature FROM anchors ORDER BY seq DESC")]
+def open_location(location: str, synchronous: str = "normal") -> AuditStore:
+    """A store named on the command line: a postgresql:// URL or a SQLite path."""
+    if location.startswith(("postgresql://", "postgres://")):
+        from addons.engine.pgstore import PgStore
 
-    def add_anchor(self, document: dict[str, Any], signature: dict[str, Any]) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO anchors (seq, document, signature) VALUES (?, ?, ?)",
-                          [document["seq"], canonical_json(document), canonical_json(signature)])
-
-    def _walk(self, conn: sqlite3.Connection, upto: int | None, anchor: dict[str, Any] | None = None) -> Verification:
-        checkpoint = self._checkpoint(conn)
-        prev, expected_seq = (checkpoint["hash"], checkpoint["seq"] + 1) if checkpoint else (GENESIS, 1)
-        if anchor is not None and anchor["seq"] >= expected_seq:
-            held = conn.execute("SELECT hash FROM events WHERE seq = ?", [anchor["seq"]]).fetchone()
-            if held is None or held[0] != anchor["hash"]:
-                return Verification(False, 0, anchor["hash"], anchor["seq"],
-                                    f"event {anchor['seq']} is not the one the signed anchor names: changed or removed",
-                                    first=anchor["seq"], last=anchor["seq"])
-            prev, expected_seq = anchor["hash"], anchor["seq"] + 1
-        first, count = expected_seq, 0
-        limit = "" if upto is None else f" AND seq <= {int(upto)}"
-        for row in self._query(conn, f"SELECT * FROM events WHERE seq >= ?{limit} ORDER BY seq", [first]):
-            count += 1
-            seq = row["seq"]
-            if seq != expected_seq:
-                where = " (the first after the checkpoint)" if checkpoint and expected_seq == checkpoint["seq"] + 1 else ""
-                return Verification(False, count, prev, seq, f"event {expected_seq}{where} is missing (found {seq})",
-                                    first=first, last=seq)
-            if row["prev_hash"] != prev:
-                return Verification(False, count, prev, seq, "previous-hash link does not match: an event before it "
-                                    "was changed, removed or reordered", first=first, last=seq)
-            if row["body"] is not None and digest(row["body"]) != row["body_digest"]:
-                return Verification(False, count, prev, seq, "body does not match its digest", first=first, last=seq)
-            if chain_hash(prev, row) != row["hash"]:
-                return Verification(False, count, prev, seq, "event contents do not match its hash",
-                                    first=first, last=seq)
-            prev, expected_seq = row["hash"], seq + 1
-        if upto is not None:
-            return Verification(expected_seq - 1 == upto, count, prev, None if expected_seq - 1 == upto else upto,
-                                "" if expected_seq - 1 == upto else f"event {upto} is missing")
-        head_seq, head_hash = self._head(conn)
-        if (head_seq, head_hash) != (expected_seq - 1, prev):
-            return Verification(False, count, prev, expected_seq, f"chain head says {head_seq} events but the log ends "
-                                f"at {expected_seq - 1}: events were removed from the end", first=first,
-                                last=expected_seq - 1)
-        return Verification(True, count, prev, checkpoint=checkpoint, first=first, last=expected_seq - 1)
-
-    # Reading
-
-    def event(self, event_id: str) -> dict[str, Any] | None:
-        return next(self._query(self.conn, "SELECT * FROM events WHERE id = ?", [event_id]), None)
-
-    def where(self, clause: str, args: list[Any], limit: int | None = None) -> list[dict[str, Any]]:
-        return list(self._query(self.conn, f"SELECT * FROM events WHERE {clause} ORDER BY seq"
-                                + (f" LIMIT {int(limit)}" if limit is not None else ""), args))
-
-    def tail(self, count: int, after: int = 0) -> list[dict[str, Any]]:
-        return list(self._query(
-            self.conn, "SELECT * FROM (SELECT * FROM events WHERE seq > ? ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-            [after, count]))
-
-    def rows(self) -> Iterator[dict[str, Any]]:
-        yield from self._query(self.conn, "SELECT * FROM events ORDER BY seq", [])
-
-    def hash_at(self, seq: int) -> str | None:
-        """The hash of event `seq`, or None when the store does not hold it."""
-        row = self.conn.execute("SELECT hash FROM events WHERE seq = ?", [seq]).fetchone()
-        return row[0] if row else None
-
-    def sessions(self, start: float | None = None, principal: str = "", limit: int = 20) -> list[dict[str, Any]]:
-        """Sessions, the latest active first: who, when, which connections, how many requests,
-        denials and holds (an agent's HTTP connection, pg or ssh session, or kubectl's)."""
-        clauses, args = ["session IS NOT NULL"], []
-        if start is not None:
-            clauses.append("ts >= ?")
-            args.append(start)
-        if principal:
-            clauses.append("session IN (SELECT session FROM events WHERE subject = ?)")
-            args.append(principal)
-        cursor = self.conn.execute(
-            "SELECT session, MIN(ts) AS first, MAX(ts) AS last, GROUP_CONCAT(DISTINCT subject) AS subjects, "
-            "GROUP_CONCAT(DISTINCT agent) AS agents, GROUP_CONCAT(DISTINCT connection) AS connections, "
-            "SUM(kind = 'request') AS requests, SUM(kind = 'decision' AND effect = 'deny') AS denied, "
-            "SUM(kind = 'approval' AND json_extract(detail, '$.step') = 'requested') AS held "
-            f"FROM events WHERE {' AND '.join(clauses)} GROUP BY session ORDER BY last DESC LIMIT ?", [*args, limit])
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row)) for row in cursor]
-
-    def approval(self, approval_id: str) -> dict[str, Any] | None:
-        """An approval's current document, or None."""
-        row = self.conn.execute("SELECT document FROM approvals WHERE id = ?", [approval_id]).fetchone()
-        return json.loads(row[0]) if row else None
-
-    def grants(self, active_at: float | None = None) -> list[dict[str, Any]]:
-        """Grant documents, newest first; with `active_at`, only those neither revoked nor
-        expired then."""
-        where, args = ("revoked IS NULL AND expires > ?", [active_at]) if active_at is not None else ("1", [])
-        return [json.loads(d) for (d,) in self.conn.execute(
-            f"SELECT document FROM grants WHERE {where} ORDER BY expires DESC", args)]
-
-    def directory(self, email: str) -> dict[str, Any] | None:
-        """The approver identity `email` had at its last SSO sign-in, or None."""
-        row = self.conn.execute("SELECT subject, issuer, groups, method, signed_in FROM approver_directory "
-                                "WHERE email = ?", [email.lower()]).fetchone()
-        if row is None:
-            return None
-        return {"email": email.lower(), "subject": row[0], "issuer": row[1], "groups": json.loads(row[2]),
-                "method": row[3], "signed_in": row[4]}
-
-    def approvals(self, states: tuple[str, ...] = (), connection: str | None = None,
-                  requester: str | None = None) -> Iterator[dict[str, Any]]:
-        """Approval documents, newest first, in any of `states` (all when empty)."""
-        clauses, args = [], []
-        if states:
-            clauses.append(f"state IN ({', '.join('?' * len(states))})")
-            args.extend(states)
-        for column, value in (("connection", connection), ("subject", requester)):
-            if value:
-                clauses.append(f"{column} = ?")
-                args.append(value)
-        where = " AND ".join(clauses) or "1"
-        for (document,) in self.conn.execute(f"SELECT document FROM approvals WHERE {where} ORDER BY created DESC", args):
-            yield json.loads(document)
+        return PgStore(location)
+    return Store(location, synchronous)
 
 
 class Writer:
-    """Appends to a Store from a thread of its own, committing in groups.
+    """Appends to a store from a thread of its own, committing in groups.
 
     The gateway must not forward a request before its events are on disk, and a commit per
     request is the most expensive thing the chain does. Here every append waits for its
     commit, but the commit covers everything that queued up meanwhile (group commit), and it
-    happens off the event loop (sqlite releases the GIL), so other flows keep moving.
-    A failed transaction fails every append in it, so each of those flows is refused.
+    happens off the event loop (sqlite and psycopg release the GIL), so other flows keep
+    moving. A failed transaction fails every append in it, so each of those flows is refused.
     """
 
     MAX_BATCH = 256
 
-    def __init__(self, path: str, synchronous: str = "normal") -> None:
-        self.path, self.synchronous = path, synchronous
+    def __init__(self, open: Callable[[], AuditStore],
+                 outcome: Callable[[BaseException | None], None] | None = None) -> None:
+        self._open = open
+        self._outcome = outcome or (lambda error: None)
+        """Told after every commit whether the store took it (None) or why not."""
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -627,10 +1029,18 @@ class Writer:
         if self._error is not None:
             raise self._error
 
-    async def append(self, events: list[Event], apply: Callable[[sqlite3.Connection], None] | None = None) -> None:
+    async def append(self, events: list[Event], kept: Sequence[Kept] = ()) -> None:
+        """Append `events` (and keep `kept` in the same transaction)."""
+        await self._submit(events, None, kept)
+
+    async def change(self, change: Change, events: list[Event] = ()) -> dict[str, Any] | None:
+        """Apply `change` (with `events`); the approval's document after it."""
+        return await self._submit(list(events), change)
+
+    async def _submit(self, events: list[Event], change: Change | None, kept: Sequence[Kept] = ()) -> Any:
         future = asyncio.get_running_loop().create_future()
-        self._queue.put((events, apply, future))
-        await future
+        self._queue.put((events, change, kept, future))
+        return await future
 
     def close(self) -> None:
         self._queue.put(None)
@@ -638,7 +1048,7 @@ class Writer:
 
     def _run(self) -> None:
         try:
-            store = Store(self.path, self.synchronous)
+            store = self._open()
         except BaseException as e:
             self._error = e
             self._ready.set()
@@ -658,27 +1068,25 @@ class Writer:
                     self._queue.put(None)
                     break
                 batch.append(more)
-            applies = [a for _, a, _ in batch if a is not None]
             try:
-                store.append(
-                    [e for events, _, _ in batch for e in events],
-                    (lambda conn: [a(conn) for a in applies]) if applies else None,
-                )
-                error = None
+                outcomes = store.commit([(events, change) for events, change, _, _ in batch],
+                                        [k for _, _, kept, _ in batch for k in kept])
+                self._outcome(None)
             except Exception as e:
-                error = e
+                outcomes = [e] * len(batch)
+                self._outcome(e)
             try:
-                batch[0][2].get_loop().call_soon_threadsafe(_settle, [f for _, _, f in batch], error)
+                batch[0][3].get_loop().call_soon_threadsafe(_settle, [f for *_, f in batch], outcomes)
             except RuntimeError:
                 pass  # the event loop is gone: the gateway is shutting down
         store.close()
 
 
-def _settle(futures: list[asyncio.Future], error: BaseException | None) -> None:
-    for f in futures:
+def _settle(futures: list[asyncio.Future], outcomes: list[Any]) -> None:
+    for f, outcome in zip(futures, outcomes):
         if f.done():
             continue
-        if error is None:
-            f.set_result(None)
+        if isinstance(outcome, BaseException):
+            f.set_exception(outcome)
         else:
-            f.set_exception(error)
+            f.set_result(outcome)

@@ -53,10 +53,19 @@ class PostgresServer:
             self._run("initdb", "-D", str(self.data), "-U", superuser, "--pwfile", str(pwfile), "-A", "scram-sha-256",
                       "-E", "UTF8", "--no-locale", "--no-sync")
         pwfile.unlink()
+        self.log_statements = log_statements
+        self.start()
+
+    def start(self) -> None:
+        """Start the server (again, after `halt`: same data, same port)."""
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w", "-t", "60", "-o",
                   f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
                   "-c synchronous_commit=off -c full_page_writes=off"
-                  + (" -c log_statement=all -c log_connections=on" if log_statements else ""), "start")
+                  + (" -c log_statement=all -c log_connections=on" if self.log_statements else ""), "start")
+
+    def halt(self) -> None:
+        """Stop the server at once (its clients' connections break), keeping its data."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def _own(self, path: Path) -> None:
         if self.user is not None:
@@ -88,6 +97,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         try:
-            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            if (self.data / "postmaster.pid").exists():  # not already halted
+                self.halt()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -27,14 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from addons.engine.bridge import (
-    POSTGRES,
-    Link,
-    Refusal,
-    Unreachable,
-    attributes_from,
-    step,
-)
+from addons.engine.bridge import POSTGRES, Link, LinkLost, Refusal, Unreachable, attributes_from, step
 from addons.engine.config import Connection
 from addons.engine.errors import GATEWAY_FAILURES
 from pg_bridge.server import protocol as pgp
@@ -63,7 +56,7 @@ class Ended(Exception):
 def refusal_fields(refusal: Refusal) -> dict[str, str]:
     """A gateway refusal as PostgreSQL error fields: identity failures are 28000, policy and
     approval denials 42501, the gateway's own failures 58000 (08006 without a reason); the
-    detail names the rules, the approval and the audit event."""
+    detail names the rules, the approval and the audit event, the hint what to do about it."""
     if refusal.body is None:
         code = "08006"
     else:
@@ -71,6 +64,8 @@ def refusal_fields(refusal: Refusal) -> dict[str, str]:
     fields = {"S": "ERROR", "V": "ERROR", "C": code, "M": refusal.reason}
     if refusal.detail:
         fields["D"] = refusal.detail
+    if refusal.body is not None and isinstance(refusal.body.get("hint"), str):
+        fields["H"] = refusal.body["hint"]
     return fields
 
 
@@ -126,6 +121,8 @@ class Gateway:
         """The gateway's SQL results for one step; Failed with error fields otherwise."""
         try:
             return await step(link, POSTGRES, self.host, phase, token, session, body)
+        except LinkLost:
+            raise  # the session is over (Client.run)
         except Unreachable as e:
             raise Failed({"S": "ERROR", "V": "ERROR", "C": "08006", "M": str(e)}) from None
         except Refusal as e:
@@ -202,8 +199,9 @@ class Client:
     def _error(self, fields: dict[str, str]) -> None:
         self.out += pgp.error(fields)
 
-    async def _fatal(self, code: str, message: str, detail: str = "") -> None:
-        fields = {"S": "FATAL", "V": "FATAL", "C": code, "M": message, **({"D": detail} if detail else {})}
+    async def _fatal(self, code: str, message: str, detail: str = "", hint: str = "") -> None:
+        fields = {"S": "FATAL", "V": "FATAL", "C": code, "M": message, **({"D": detail} if detail else {}),
+                  **({"H": hint} if hint else {})}
         self.out += pgp.error(fields)
         await self._flush()
 
@@ -215,11 +213,13 @@ class Client:
                 await self._serve()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the client went away; its session is closed below
+        except LinkLost as e:  # its gateway is gone: the session cannot go on elsewhere
+            await self._fatal("08006", str(e))
         except ProtocolError as e:
             await self._fatal("08P01", f"protocol violation: {e}")
         except Ended as e:
             self.out.clear()  # nothing after the FATAL error: no ReadyForQuery
-            await self._fatal(e.fields.get("C", "08006"), e.fields.get("M", ""), e.fields.get("D", ""))
+            await self._fatal(e.fields.get("C", "08006"), e.fields.get("M", ""), e.fields.get("D", ""), e.fields.get("H", ""))
         finally:
             if self.session is not None:
                 self.bridge.sessions.pop((self.session.pid, self.session.secret), None)
@@ -271,7 +271,7 @@ class Client:
         except Failed as e:
             session.link.close()
             code = "28P01" if e.fields.get("C") == "28000" else e.fields.get("C", "28000")
-            await self._fatal(code, e.fields.get("M", "login refused"), e.fields.get("D", ""))
+            await self._fatal(code, e.fields.get("M", "login refused"), e.fields.get("D", ""), e.fields.get("H", ""))
             return False
         self.session = session
         self.bridge.sessions[(session.pid, session.secret)] = session
@@ -575,7 +575,7 @@ class Bridge:
     async def close_session(self, s: Session) -> None:
         try:
             await self.gateway.call(s.link, "close", s.token, s.id, {})
-        except Failed:
+        except (Failed, LinkLost):
             pass  # the gateway closes idle sessions itself
         finally:
             s.link.close()

@@ -25,7 +25,8 @@ any user name means that one.
   subsystems, port forwarding, agent forwarding and X11 are refused.
 
 A refused command prints `custody: <reason>` (and its audit event) on stderr, or on the
-terminal in a PTY session, as a shell would, and exits with status 126.
+terminal in a PTY session, as a shell would, and exits with status 126; a session whose
+link to its gateway broke prints why and exits with status 255.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from addons.engine.bridge import (
     STDIN,
     STDOUT,
     Link,
+    LinkLost,
     Refusal,
     Stream,
     Unreachable,
@@ -86,6 +88,8 @@ class Gateway:
     async def call(self, link: Link, host: str, phase: str, token: str, session: str, body: dict) -> dict[str, Any]:
         try:
             doc = await step(link, SSH, host, phase, token, session, body)
+        except LinkLost:
+            raise  # the session is over (Bridge._process)
         except (Unreachable, Refusal) as e:
             raise refused(e) from None
         if doc.get("error"):
@@ -95,6 +99,8 @@ class Gateway:
     async def stream(self, link: Link, host: str, phase: str, token: str, session: str, body: dict) -> Stream:
         try:
             return await Stream.open(link, SSH, host, phase, token, session, body)
+        except LinkLost:
+            raise  # the session is over (Bridge._process)
         except (Unreachable, Refusal) as e:
             raise refused(e) from None
 
@@ -223,7 +229,7 @@ class Bridge:
     async def _close(self, server: Server) -> None:
         try:
             await server.step("close", {})
-        except Refused:
+        except (Refused, LinkLost):
             pass  # the gateway closes idle sessions itself
         finally:
             server.link.close()
@@ -237,6 +243,9 @@ class Bridge:
             else:
                 await self._shell(server, process)
         except (ConnectionError, asyncssh.Error, asyncio.CancelledError):
+            process.exit(255)
+        except LinkLost as e:  # its gateway is gone: the session cannot go on elsewhere
+            process.stderr.write(f"{e}\n".encode())
             process.exit(255)
 
     async def _exec(self, server: Server, process: asyncssh.SSHServerProcess) -> None:

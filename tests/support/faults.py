@@ -42,8 +42,8 @@ rules.RuleSet.decide = _fault("policy", rules.RuleSet.decide)
 recorder.headers_for_record = _fault("recorder", recorder.headers_for_record)
 recorder.body_fields = _fault("recorder@response", recorder.body_fields)
 credentials.apply = _fault("credentials", credentials.apply)
-store.Store.append = _fault("store", store.Store.append)
-store.Store.append = _fault("store@response", store.Store.append)
+store.Store.commit = _fault("store", store.Store.commit)
+store.Store.commit = _fault("store@response", store.Store.commit)
 
 
 class Faults:

@@ -16,7 +16,8 @@ from typing import Any
 import requests
 import yaml
 
-from addons.engine.store import Store
+from addons.engine import config
+from addons.engine.store import AuditStore, Store, open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -44,6 +45,8 @@ class Gateway:
         store: dict[str, Any] | None = None,
         rules_poll: str = "200ms",
         chain: Path = ROOT / "addons" / "chain.py",
+        port: int = 0,
+        run_args: tuple[str, ...] = (),
     ) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -58,7 +61,7 @@ class Gateway:
             "connections": connections,
             "rules": "rules",
             "rules_poll": rules_poll,
-            "store": {"path": "audit.db", **(store or {})},
+            "store": store if store and "url" in store else {"path": "audit.db", **(store or {})},
         }
         self.config_file.write_text(yaml.safe_dump(self.config))
         self.confdir = directory / "mitmproxy"
@@ -67,6 +70,10 @@ class Gateway:
         self.env = {**os.environ, **(env or {})}
         self.log_file = directory / "gateway.log"
         self.proc: subprocess.Popen | None = None
+        self.run_args = run_args
+        """More arguments for `custody run` (say, --workers 2)."""
+        self.listen_port = port
+        """The proxy port to listen on: 0 for any (a restart then gets another), or a fixed one."""
         self.port = 0
 
     def write_rules(self, name: str, document: Any) -> None:
@@ -78,12 +85,12 @@ class Gateway:
     def command(self) -> list[str]:
         if self.runner == "custody":
             cmd = [str(BIN / "custody"), "run", "--config", str(self.config_file),
-                   "--listen-host", "127.0.0.1", "--listen-port", "0", "--confdir", str(self.confdir)]
-            return cmd + [a for o in self.options for a in ("--set", o)]
+                   "--listen-host", "127.0.0.1", "--listen-port", str(self.listen_port), "--confdir", str(self.confdir)]
+            return cmd + list(self.run_args) + [a for o in self.options for a in ("--set", o)]
         cmd = [str(BIN / self.runner)]
         for script in self.scripts:
             cmd += ["-s", script]
-        cmd += ["-s", str(self.chain), "--listen-host", "127.0.0.1", "--listen-port", "0",
+        cmd += ["-s", str(self.chain), "--listen-host", "127.0.0.1", "--listen-port", str(self.listen_port),
                 "--set", f"confdir={self.confdir}", "--set", f"custody_config={self.config_file}"]
         return cmd + [a for o in self.options for a in ("--set", o)]
 
@@ -120,6 +127,12 @@ class Gateway:
                 self.proc.kill()
                 self.proc.wait()
 
+    def kill(self) -> None:
+        """SIGKILL: the process dies as in a crash, with no chance to stop gracefully."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def log(self) -> str:
         return self.log_file.read_text(errors="replace")
 
@@ -149,7 +162,10 @@ class Gateway:
 
     # audit
 
-    def store(self) -> Store:
+    def store(self) -> AuditStore:
+        """The gateway's audit store: its SQLite file, or the PostgreSQL store it names."""
+        if "url" in self.config["store"]:
+            return open_store(config.load(str(self.config_file), secrets=False).store)
         return Store(str(self.db))
 
     def events(self, where: str = "1", args: list | None = None) -> list[dict[str, Any]]:

@@ -15,13 +15,14 @@ class BridgeProcess:
     """`python -m pg_bridge` (or ssh_bridge) for a gateway's configuration, without any
     database secret in its environment (the bridge must never need one)."""
 
-    def __init__(self, gateway: Gateway, port: int, log: Path, module: str = "pg_bridge") -> None:
+    def __init__(self, gateway: Gateway, port: int, log: Path, module: str = "pg_bridge",
+                 proxy: str | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         self.port = port
         self.log_file = log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, "--config", str(gateway.config_file),
-             "--proxy", f"http://127.0.0.1:{gateway.port}"],
+             "--proxy", proxy or f"http://127.0.0.1:{gateway.port}"],
             cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         wait_listening(port, self.proc, module, log.read_text)
 

@@ -146,15 +146,21 @@ def watch_line(event: dict[str, Any]) -> str:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    """Follow the inbox: one line per change, as the page sees them (until interrupted)."""
+    """Follow the inbox: one line per change, as the page sees them (until interrupted). A
+    `reload` (this client fell behind, or the balancer moved it to another replica) lists
+    again what is open now."""
     query = "?actionable=1" if args.actionable else ""
     last = ""
-    for a in call(args, "GET", f"/approvals{'?actionable=1' if args.actionable else '?state=pending'}")["approvals"]:
-        print(watch_line({"id": a["id"], "state": a["state"], "requester": a["requester"]["subject"],
-                          "risk": a["operation"]["risk"], "summary": a["operation"]["summary"],
-                          "actionable": args.actionable}), flush=True)
+    listed = False
     try:
         while True:
+            if not listed:
+                for a in call(args, "GET", f"/approvals{'?actionable=1' if args.actionable else '?state=pending'}"
+                              )["approvals"]:
+                    print(watch_line({"id": a["id"], "state": a["state"], "requester": a["requester"]["subject"],
+                                      "risk": a["operation"]["risk"], "summary": a["operation"]["summary"],
+                                      "actionable": args.actionable}), flush=True)
+                listed = True
             text = call(args, "GET", f"/approvals/events{query}", headers={"last-event-id": last} if last else None,
                         raw=True, timeout=60)
             event = ""
@@ -163,6 +169,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     last = line[4:]
                 elif line.startswith("event: "):
                     event = line[7:]
+                    listed = listed and event != "reload"
                 elif line.startswith("data: ") and event == "approval":
                     print(watch_line(json.loads(line[6:])), flush=True)
     except KeyboardInterrupt:

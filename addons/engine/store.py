@@ -333,7 +333,8 @@ class Listing:
            + ", ".join(f"{c} = excluded.{c}" for c in DIRECTORY_COLUMNS if c != "email"))
 
     def row(self) -> tuple:
-        return self.email.lower(), self.subject, self.issuer, canonical_json(list(self.groups)), self.method, time.time()
+        groups = canonical_json(list(self.groups))
+        return self.email.lower(), self.subject, self.issuer, groups, self.method, time.time()
 
 
 Kept = Pin | Listing

@@ -10,6 +10,7 @@ order of a request's story (docs/design.md):
     sessions                             the approvals, the masking workers, pg sessions
     limits                               what one client may cost: connections, time, headers
     wellknown                            the gateway's public endpoints (no token needed)
+    signin, slackapp                     approvers' SSO sign-in (OIDC, SAML) and Slack's button clicks
     identity → classify                  who is asking; which connection, what it does
     pgplanner, sshplanner                what a statement or command line does in its session
     mcpguard                             MCP: session owners, tool actions and pins; on the way
@@ -56,6 +57,8 @@ from addons.provenance import Provenance
 from addons.recorder import Recorder
 from addons.replica import Replica
 from addons.settings import Settings
+from addons.signin import Signin
+from addons.slackapp import SlackApp
 from addons.wellknown import WellKnown
 from pg_bridge.terminal.executor import PgExecutor
 from pg_bridge.terminal.planner import PgPlanner
@@ -76,6 +79,7 @@ def build() -> list:
     credentials = Credentials(settings)
     replica = Replica(settings, log, book, policy, pool)
     ledger = Ledger()
+    signin = Signin(settings, log)
     return [
         Hardening(),
         settings,
@@ -86,7 +90,9 @@ def build() -> list:
         sessions,
         Limits(settings),
         WellKnown(settings, replica),
-        Identity(settings),
+        signin,
+        SlackApp(settings, book, log),
+        Identity(settings, signin),
         Classify(settings),
         PgPlanner(sessions, policy),
         SshPlanner(ssh),

@@ -7,6 +7,11 @@ the bearer header belongs to the gateway (kubeconfig tokens), `Authorization: Be
 The token is stripped before anything goes upstream; so are the agent's asserted
 `X-Custody-*` attributes, which are kept on the Principal as asserted, never as verified.
 
+On the gateway's own host, a browser signed in with SSO has no token but a session cookie
+(addons/signin.py): without a token, the session behind the cookie is the Principal, and a
+change (any method but GET/HEAD/OPTIONS) also needs the session's CSRF token in a header
+(403 `csrf_failed` without it; an expired or signed-out session is 401).
+
 Failure answers 407 (proxy credentials) or 401 (bearer header) with a JSON reason; the
 recorder writes it down and nothing reaches the upstream.
 
@@ -30,14 +35,16 @@ from mitmproxy import connection, http
 from addons import context, failclosed
 from addons.engine.approval import CONSOLE
 from addons.engine.errors import Error
-from addons.engine.model import AGENT_ATTRIBUTES, Principal, new_id
+from addons.engine.model import AGENT_ATTRIBUTES, Principal, attribute_limit, new_id
+from addons.engine.config import GATEWAY_CONNECTION
 from addons.engine.tokens import TokenError, Verifier
+from addons.engine.websession import SessionError
 from addons.failclosed import guarded
 from addons.settings import Settings
+from addons.signin import Signin
 
 ASSERTED_PREFIX = "x-custody-"
 ASSERTED_HEADERS = {f"{ASSERTED_PREFIX}{name}": name for name in AGENT_ATTRIBUTES}
-MAX_ASSERTED = 256
 ATTRIBUTES_USER = "x-custody."
 OPERATOR = Principal(subject=CONSOLE, issuer="mitmproxy")
 """Who a replayed flow's request is from: the operator of the mitmproxy console or mitmweb."""
@@ -73,7 +80,7 @@ def user_attributes(user: str) -> dict[str, str]:
         return {}
     if not isinstance(document, dict):
         return {}
-    return {k: str(v)[:MAX_ASSERTED] for k, v in document.items() if k in AGENT_ATTRIBUTES and v}
+    return {k: str(v)[:attribute_limit(k)] for k, v in document.items() if k in AGENT_ATTRIBUTES and v}
 
 
 def bearer_token(headers: http.Headers) -> str | None:
@@ -99,12 +106,13 @@ def asserted(headers: http.Headers) -> dict[str, str]:
             values.setdefault(attribute, []).append(field[1].decode("utf-8", "surrogateescape"))
     if len(kept) != len(headers.fields):
         headers.fields = tuple(kept)
-    return {name: ", ".join(parts)[:MAX_ASSERTED] for name, parts in values.items()}
+    return {name: ", ".join(parts)[:attribute_limit(name)] for name, parts in values.items()}
 
 
 class Identity:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, signin: Signin) -> None:
         self.settings = settings
+        self.signin = signin
         self.verifier: Verifier | None = None
         self.tunnels: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
         self.tunnel_claims: weakref.WeakKeyDictionary[connection.Client, dict[str, str]] = weakref.WeakKeyDictionary()
@@ -195,6 +203,15 @@ class Identity:
         if gateway_bearer:
             headers.pop("authorization", None)
         claims = {**self.tunnel_claims.get(f.client_conn, {}), **user_claims, **asserted(headers)}
+        if token is None and conn is not None and conn.name == GATEWAY_CONNECTION:
+            try:
+                session = self.signin.principal(headers, f.request.method)
+            except SessionError as e:
+                failclosed.refuse(f, e.status, str(e), error=e.error)
+                return
+            if session is not None:
+                context.of(f).principal = session
+                return
         if token is None:
             if bearer:
                 self._refuse(f, "no token: send Authorization: Bearer", bearer=True)

@@ -294,3 +294,44 @@ def test_one_listen_address_has_one_set_of_limits(tmp_path):
         config.parse(doc, str(tmp_path / "c.yaml"))
     doc["connections"][0]["limits"] = {"connections": 5}
     assert config.parse(doc, str(tmp_path / "c.yaml")).connections[1].limits.connections == 5
+OIDC = {"issuer": "https://idp.example", "client_id": "custody", "client_secret": "env:CFG_TEST_SECRET"}
+SLACK = {"bot_token": "env:CFG_TEST_SECRET", "signing_secret": "file:slack.secret", "channels": ["C0OPS"],
+         "users": {"U0ALICE": "Alice@Example.com"}}
+
+
+def test_approvers_sign_in_and_slack_settings(tmp_path):
+    (tmp_path / "slack.secret").write_text("signing\n")
+    (tmp_path / "idp.xml").write_text("<EntityDescriptor/>")
+    cfg = config.parse(with_("approvals", {"public_url": "https://approvals.example", "session_ttl": "2h", "oidc": OIDC,
+                                           "saml": {"idp_metadata": "idp.xml"}, "slack": SLACK}),
+                       str(tmp_path / "custody.yaml"))
+    a = cfg.approvals
+    assert (a.session_ttl, a.oidc.client_id, a.oidc.client_secret, a.oidc.groups_from) == (7200, "custody", "s3cret", "id_token")
+    assert a.oidc.issuer is cfg.identity.issuers[0]  # the same trusted issuer: one set of keys, one groups claim
+    assert a.saml.entity_id == "https://approvals.example/auth/saml/metadata"
+    assert (a.slack.signing_secret, a.slack.users, a.slack.api_url) == ("signing", (("U0ALICE", "alice@example.com"),),
+                                                                        "https://slack.com/api/")
+
+
+@pytest.mark.parametrize("approvals, message", [
+    ({"oidc": {**OIDC, "issuer": "https://other.example"}},
+     "approvals.oidc: https://other.example must also be in identity.issuers with 'custody' among its audiences"),
+    ({"oidc": {**OIDC, "client_id": "approvals-page"}},
+     "approvals.oidc: https://idp.example must also be in identity.issuers with 'approvals-page' among its audiences"),
+    ({"oidc": {**OIDC, "client_secret": "hunter2"}}, "approvals.oidc.client_secret: 'hunter2' does not match"),
+    ({"slack": {**SLACK, "signing_secret": "env:CFG_NO_SUCH_SECRET"}},
+     "approvals.slack.signing_secret: environment variable CFG_NO_SUCH_SECRET is not set"),
+    ({"slack": {**SLACK, "channels": []}}, "approvals.slack.channels: [] should be non-empty"),
+    ({"saml": {"idp_metadata": "missing.xml"}}, "approvals.saml.idp_metadata: no such file"),
+])
+def test_approvers_settings_errors(tmp_path, approvals, message):
+    (tmp_path / "slack.secret").write_text("signing\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(with_("approvals", approvals), str(tmp_path / "custody.yaml"))
+    assert message in str(e.value)
+
+
+def test_slack_webhooks_gave_way_to_interactive_messages(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"notify.webhooks\[0\].format: 'slack' is not one of \['json'\]"):
+        config.parse(with_("notify", {"webhooks": [{"url": "https://hooks.example/x", "format": "slack"}]}),
+                     str(tmp_path / "custody.yaml"))

@@ -6,6 +6,8 @@ tool is acting.
     custody = Custody.from_env()                 # CUSTODY_PROXY_URL, CUSTODY_CA, token source
     with custody.acting(agent="Inventory analyst", model="gpt-4o", task="restock"):
         custody.session().get("https://sample-api.internal/items")       # requests
+        with custody.justify("stock of item 7 is below the reorder point"):
+            custody.session().post("https://sample-api.internal/orders", json={...})  # says why
         custody.httpx_client().get(...)                                   # httpx
         custody.live_httpx_client()          # a model SDK's client: fresh token and attributes per call
         custody.pg_connect("127.0.0.1", 15432, "shop").execute("SELECT 1")  # psycopg via pg_bridge
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from addons.engine.bridge import attribute_headers, header_value
-from addons.engine.model import AGENT_ATTRIBUTES
+from addons.engine.model import AGENT_ATTRIBUTES, attribute_limit
 from addons.engine.oauth import ClientCredentials
 from addons.engine.oauth import GrantError as ClientError
 
@@ -118,6 +120,12 @@ class Custody:
             yield current
         finally:
             _acting.reset(reset)
+
+    def justify(self, why: str):
+        """Within the block, requests say why they are made (X-Custody-Justification, and the
+        same in every other channel): approvers see it, the record keeps it, and rules whose
+        review says `require_justification` refuse requests without one."""
+        return self.acting(justification=why)
 
     @staticmethod
     def set_acting(**attributes: str) -> None:
@@ -200,7 +208,7 @@ class Custody:
         """psycopg through pg_bridge: the token as the password, attributes as startup options."""
         import psycopg
 
-        options = " ".join(f"-c custody.{k}={_pg_escape(v)}" for k, v in self.attributes().items())
+        options = " ".join(f"-c custody.{k}={_pg_escape(v, attribute_limit(k))}" for k, v in self.attributes().items())
         return psycopg.connect(host=host, port=port, dbname=dbname, user=kwargs.pop("user", "agent"),
                                password=self.token(), options=options, **kwargs)
 
@@ -224,7 +232,7 @@ class Custody:
 
     def ssh_env(self) -> dict[str, str]:
         """Environment variables ssh_bridge reads (OpenSSH: -o SetEnv=NAME=VALUE each)."""
-        return {f"CUSTODY_{k.upper()}": header_value(v) for k, v in self.attributes().items()}
+        return {f"CUSTODY_{k.upper()}": header_value(v, attribute_limit(k)) for k, v in self.attributes().items()}
 
     def ssh(self, command: str, host: str, port: int, connection: str, known_hosts: str | None = None,
             timeout: float = 330):
@@ -251,6 +259,6 @@ class Custody:
             os.environ[name] = self.ca_file
 
 
-def _pg_escape(value: str) -> str:
+def _pg_escape(value: str, limit: int) -> str:
     """A value inside libpq `options`: whitespace and backslashes escaped with a backslash."""
-    return "".join("\\" + ch if ch in " \\" else ch for ch in header_value(value))
+    return "".join("\\" + ch if ch in " \\" else ch for ch in header_value(value, limit))

@@ -1,6 +1,7 @@
 """crew: CrewAI's own hooks and events fill in who is acting, so every request a tool
 makes through the client helper, and every call to the model, says which agent (role),
-model, crew run, task and tool caused it.
+model, crew run, task and tool caused it — and why: the task's description is the justification approvers see, unless
+the code says otherwise (`Custody(..., justification=...)`, or `instrument(justify=...)`).
 
 CrewAI runs event handlers on a thread pool, after the fact, so they cannot tag a tool's
 requests; its `before_tool_call` and `before_llm_call` hooks run in the tool's (the model
@@ -26,7 +27,17 @@ def describe_task(task: Any) -> str:
     return task.name or (task.description or "").strip().split("\n")[0][:120]
 
 
-def instrument(custody: Custody, environment: bool = False) -> Callable[[], None]:
+def task_justification(task: Any) -> str:
+    """Why a tool acts, by default: what its task asks for (description, then expected output)."""
+    if task is None:
+        return ""
+    text = " ".join((task.description or "").split())
+    expected = " ".join((getattr(task, "expected_output", "") or "").split())
+    return f"{text} (expected: {expected})" if text and expected else text or expected
+
+
+def instrument(custody: Custody, environment: bool = False,
+               justify: Callable[[Any], str] = task_justification) -> Callable[[], None]:
     """Tag every tool call of every crew in this process; returns a function that undoes it.
     With `environment`, each tool call also finds the gateway, the current token and these
     attributes in the proxy environment (`Custody.install`): for clients that read only the
@@ -47,11 +58,13 @@ def instrument(custody: Custody, environment: bool = False) -> Callable[[], None
     def acting(ctx: Any, **more: str) -> None:
         agent = ctx.agent
         llm = getattr(agent, "llm", None)
+        stated = custody.defaults.get("justification")  # one given to Custody(...) itself wins
         custody.set_acting(
             agent=getattr(agent, "role", ""),
             model=getattr(llm, "model", "") if llm is not None and not isinstance(llm, str) else (llm or ""),
             run=runs.get(str(ctx.crew.id), str(ctx.crew.id)) if ctx.crew is not None else "",
             task=describe_task(ctx.task),
+            justification=stated or justify(ctx.task),
             **more,
         )
 

@@ -77,7 +77,9 @@ class Vote:
     vote: str  # approve | deny
     reason: str
     at: float
-    via: str = "api"  # api | console
+    via: str = "api"  # api | console | slack
+    grant: float = 0.0
+    """Seconds of a time-boxed grant this approving vote asks for (0: this request only)."""
 
 
 def tally(reviews: list[Review], votes: list[Vote]) -> str:
@@ -126,6 +128,8 @@ class Approval:
     session: str = ""
     replica: str = ""
     """The gateway replica holding the approval's flow (the only one that may run it while held)."""
+    grant: dict[str, Any] | None = None
+    """The time-boxed grant this approval issued (addons/engine/grants.py), as it stands now."""
 
     @property
     def connection(self) -> str:
@@ -137,6 +141,7 @@ class Approval:
     def document(self) -> dict[str, Any]:
         return {
             **shown(self.operation, self.request),
+            "justification": self.requester.attribute("justification"),
             "id": self.id,
             "state": self.state,
             "created": self.created,
@@ -159,6 +164,7 @@ class Approval:
             "flow": self.flow,
             "session": self.session,
             "replica": self.replica,
+            "grant": self.grant,
         }
 
     @classmethod
@@ -175,8 +181,7 @@ class Approval:
             fingerprint=d["fingerprint"],
             rules=d["rules"],
             reason=d["reason"],
-            reviews=[Review(tuple(r["approvers"]), r["approvals"], r["denials"], r["timeout"], r["ttl"])
-                     for r in d["reviews"]],
+            reviews=[Review.from_dict(r) for r in d["reviews"]],
             hold_until=d["hold_until"],
             expires=d["expires"],
             held=d["held"],
@@ -187,6 +192,7 @@ class Approval:
             flow=d["flow"],
             session=d["session"],
             replica=d.get("replica", ""),
+            grant=d.get("grant"),
         )
 
     def refresh(self, document: dict[str, Any]) -> Approval:

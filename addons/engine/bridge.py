@@ -45,7 +45,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping
 
 from addons.engine.errors import Error
-from addons.engine.model import AGENT_ATTRIBUTES
+from addons.engine.model import AGENT_ATTRIBUTES, MAX_ATTRIBUTE, attribute_limit
 from addons.engine.tokens import well_formed
 
 SQL_REQUEST = "application/vnd.custody.sql-request+json"
@@ -139,12 +139,12 @@ class Refusal(Exception):
 
 def attribute_headers(attributes: dict[str, str]) -> dict[str, str]:
     """X-Custody-* headers for the agent attributes; values are made single-line ASCII-safe."""
-    return {f"x-custody-{name}": header_value(value) for name, value in attributes.items()
+    return {f"x-custody-{name}": header_value(value, attribute_limit(name)) for name, value in attributes.items()
             if name in AGENT_ATTRIBUTES and value}
 
 
-def header_value(value: str) -> str:
-    return " ".join(str(value).split()).encode("ascii", "backslashreplace").decode()[:256]
+def header_value(value: str, limit: int = MAX_ATTRIBUTE) -> str:
+    return " ".join(str(value).split()).encode("ascii", "backslashreplace").decode()[:limit]
 
 
 def attributes_from(pairs: dict[str, str], prefix: str) -> dict[str, str]:

@@ -280,6 +280,42 @@ class Webhook:
 
 
 @dataclass(frozen=True)
+class OidcSignin:
+    """Approvers' page sign-in with an OpenID Connect provider that is also a trusted issuer."""
+
+    issuer: Issuer
+    client_id: str
+    client_secret: str = field(default="", repr=False)
+    scopes: tuple[str, ...] = ("openid", "email", "profile", "groups")
+    groups_from: str = "id_token"
+    label: str = "Sign in with SSO"
+
+
+@dataclass(frozen=True)
+class SamlSignin:
+    """Approvers' page sign-in with a SAML 2.0 identity provider."""
+
+    idp_metadata: str
+    entity_id: str
+    groups_attribute: str = "groups"
+    email_attribute: str = "email"
+    label: str = "Sign in with SAML"
+
+
+@dataclass(frozen=True)
+class SlackSettings:
+    """Interactive approval messages in Slack, and who a Slack user votes as."""
+
+    bot_token: str = field(repr=False)
+    signing_secret: str = field(repr=False)
+    channels: tuple[str, ...]
+    api_url: str = "https://slack.com/api/"
+    team: str = ""
+    users: tuple[tuple[str, str], ...] = ()
+    signin_max_age: float = 7 * 86400.0
+
+
+@dataclass(frozen=True)
 class ApprovalsConfig:
     """Where approvers act: the gateway host through the proxy, and optionally a listener."""
 
@@ -290,6 +326,10 @@ class ApprovalsConfig:
     retries: int = 3
     backoff: float = 1.0
     timeout: float = 5.0
+    session_ttl: float = 8 * 3600.0
+    oidc: OidcSignin | None = None
+    saml: SamlSignin | None = None
+    slack: SlackSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -528,12 +568,65 @@ def listen_address(spec: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _approvals(raw: dict[str, Any], notify: dict[str, Any], gateway_host: str) -> ApprovalsConfig:
+def _secret(ref: str, base: Path, where: str, secrets: bool) -> str:
+    if not secrets:
+        return ""
+    try:
+        return resolve_secret(ref, base)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _oidc(raw: dict[str, Any], identity: IdentityConfig, base: Path, secrets: bool) -> OidcSignin:
+    """The page's OIDC sign-in; its issuer is one the gateway trusts, for the same client id."""
+    issuer = next((i for i in identity.issuers if i.issuer == raw["issuer"]), None)
+    if issuer is None or raw["client_id"] not in issuer.audiences:
+        raise ConfigError(f"approvals.oidc: {raw['issuer']} must also be in identity.issuers with "
+                          f"{raw['client_id']!r} among its audiences (its ID tokens are verified as tokens)")
+    return OidcSignin(
+        issuer=issuer,
+        client_id=raw["client_id"],
+        client_secret=_secret(raw["client_secret"], base, "approvals.oidc.client_secret", secrets)
+        if "client_secret" in raw else "",
+        scopes=tuple(raw.get("scopes", ("openid", "email", "profile", "groups"))),
+        groups_from=raw.get("groups_from", "id_token"),
+        label=raw.get("label", "Sign in with SSO"),
+    )
+
+
+def _saml(raw: dict[str, Any], public_url: str, base: Path, secrets: bool) -> SamlSignin:
+    metadata = str((base / raw["idp_metadata"]).resolve())
+    if secrets and not os.path.isfile(metadata):
+        raise ConfigError(f"approvals.saml.idp_metadata: no such file: {metadata}")
+    return SamlSignin(
+        idp_metadata=metadata,
+        entity_id=raw.get("entity_id", f"{public_url}/auth/saml/metadata"),
+        groups_attribute=raw.get("groups_attribute", "groups"),
+        email_attribute=raw.get("email_attribute", "email"),
+        label=raw.get("label", "Sign in with SAML"),
+    )
+
+
+def _slack(raw: dict[str, Any], base: Path, secrets: bool) -> SlackSettings:
+    return SlackSettings(
+        bot_token=_secret(raw["bot_token"], base, "approvals.slack.bot_token", secrets),
+        signing_secret=_secret(raw["signing_secret"], base, "approvals.slack.signing_secret", secrets),
+        channels=tuple(raw["channels"]),
+        api_url=raw.get("api_url", "https://slack.com/api/").rstrip("/") + "/",
+        team=raw.get("team", ""),
+        users=tuple((user, email.lower()) for user, email in raw.get("users", {}).items()),
+        signin_max_age=parse_duration(raw.get("signin_max_age", "7d")),
+    )
+
+
+def _approvals(raw: dict[str, Any], notify: dict[str, Any], gateway_host: str, identity: IdentityConfig,
+               base: Path, secrets: bool) -> ApprovalsConfig:
     listen = listen_address(raw["listen"]) if "listen" in raw else None
     public = raw.get("public_url") or (f"http://{listen[0]}:{listen[1]}" if listen else f"http://{gateway_host}")
+    public = public.rstrip("/")
     return ApprovalsConfig(
         listen=listen,
-        public_url=public.rstrip("/"),
+        public_url=public,
         sweep=parse_duration(raw.get("sweep", "1s")),
         webhooks=tuple(
             Webhook(w["url"], w.get("format", "json"), tuple(w.get("events", ("pending", "decided", "expired"))))
@@ -542,6 +635,10 @@ def _approvals(raw: dict[str, Any], notify: dict[str, Any], gateway_host: str) -
         retries=notify.get("retries", 3),
         backoff=parse_duration(notify.get("backoff", "1s")),
         timeout=parse_duration(notify.get("timeout", "5s")),
+        session_ttl=parse_duration(raw.get("session_ttl", "8h")),
+        oidc=_oidc(raw["oidc"], identity, base, secrets) if "oidc" in raw else None,
+        saml=_saml(raw["saml"], public, base, secrets) if "saml" in raw else None,
+        slack=_slack(raw["slack"], base, secrets) if "slack" in raw else None,
     )
 
 
@@ -622,6 +719,10 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
     store = _store(raw["store"], base, path)
     masking = _masking(raw.get("masking", {}), base, store.directory, path) if secrets else MaskingConfig()
     gateway = raw.get("gateway", {})
+    try:
+        approvals = _approvals(raw.get("approvals", {}), raw.get("notify", {}), gateway_host, identity, base, secrets)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return Config(
         path=str(Path(path).resolve()),
         gateway_host=gateway_host,
@@ -630,7 +731,7 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
         rules=tuple(str((base / r).resolve()) for r in ([rules] if isinstance(rules, str) else rules)),
         rules_poll=parse_duration(raw.get("rules_poll", "1s")),
         store=store,
-        approvals=_approvals(raw.get("approvals", {}), raw.get("notify", {}), gateway_host),
+        approvals=approvals,
         masking=masking,
         limits=limits,
         replica=ReplicaConfig(grace=parse_duration(gateway.get("grace", "10s")),

@@ -37,6 +37,7 @@ class Error(StrEnum):
     APPROVAL_ABANDONED = "approval_abandoned"  # the client went away, or the gateway restarted
     APPROVAL_USED = "approval_used"  # an approval runs one request, once
     APPROVAL_MISMATCH = "approval_mismatch"  # the request changed while it was held
+    JUSTIFICATION_REQUIRED = "justification_required"  # the review rule wants the agent to say why
     # masking
     MASKING_REFUSED = "masking_refused"  # the response cannot be masked (type, size, shape)
     MASKING_UNAVAILABLE = "masking_unavailable"  # masking could not run: nothing unmasked is sent
@@ -58,6 +59,13 @@ class Error(StrEnum):
     SELF_APPROVAL = "self_approval"
     ALREADY_VOTED = "already_voted"
     NOT_AN_APPROVER = "not_an_approver"
+    GRANT_NOT_ALLOWED = "grant_not_allowed"  # no rule allows a grant that long (or at all)
+    GRANT_ENDED = "grant_ended"  # the grant was revoked or ran out already
+    # approvers' sign-in and channels
+    SIGNIN_FAILED = "signin_failed"  # an SSO sign-in that did not verify (state, nonce, PKCE, token, assertion)
+    CSRF_FAILED = "csrf_failed"  # a cookie-authenticated change without the session's CSRF token
+    SLACK_UNVERIFIED = "slack_unverified"  # not signed by Slack: bad signature, stale timestamp, replayed
+    UNMAPPED_USER = "unmapped_user"  # a Slack user bound to no approver identity
 
 
 GATEWAY_FAILURES = frozenset({Error.MASKING_REFUSED, Error.MASKING_UNAVAILABLE, Error.GATEWAY_ERROR,

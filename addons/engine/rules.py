@@ -508,6 +508,8 @@ def _review(raw: dict[str, Any]) -> Review:
         denials=raw.get("denials", 1),
         timeout=parse_duration(raw.get("timeout", "5m")),
         ttl=parse_duration(raw.get("ttl", "1h")),
+        require_justification=raw.get("require_justification", False),
+        grant_max=parse_duration(raw.get("grants", {}).get("max", 0)),
     )
 
 

@@ -229,7 +229,19 @@ class Verifier:
             self._cache.popitem(last=False)
         return principal
 
+    async def verify_claims(self, token: str, now: float | None = None) -> tuple[Principal, dict[str, Any]]:
+        """Verify a token used once (an ID token at sign-in: never cached) and return its
+        claims too, for the checks only its user knows (the sign-in's nonce)."""
+        claims, issuer = await self._decode(token, time.time() if now is None else now)
+        return principal_from(claims, issuer, token), claims
+
     async def _verify(self, token: str, now: float) -> Principal:
+        claims, issuer = await self._decode(token, now)
+        return principal_from(claims, issuer, token)
+
+    async def _decode(self, token: str, now: float) -> tuple[dict[str, Any], Issuer]:
+        if len(token) > self.settings.max_token_bytes:
+            raise TokenError(f"token too large ({len(token)} bytes, limit {self.settings.max_token_bytes})")
         if not well_formed(token):
             raise TokenError("malformed token")
         try:
@@ -280,7 +292,7 @@ class Verifier:
             raise TokenError("token issue time (iat) is not a time") from None
         except jwt.PyJWTError as e:
             raise TokenError(f"invalid token: {e}") from None
-        return principal_from(claims, issuer, token)
+        return claims, issuer
 
 
 def principal_from(claims: dict[str, Any], issuer: Issuer, token: str) -> Principal:

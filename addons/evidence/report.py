@@ -197,7 +197,7 @@ def render_html(report: dict[str, Any]) -> str:
         f'<p id="approval-latency">Median approval latency: {_cell(a["median_latency_s"])} s</p>',
         _table("approvals", "Approvals", [("id", "approval"), ("requester", "requester"), ("agent", "agent"),
                                           ("model", "model"), ("connection", "connection"), ("operation", "operation"),
-                                          ("rules", "rules"), ("requested", "requested"), ("approvers", "approvers"),
+                                          ("justification", "justification"), ("rules", "rules"), ("requested", "requested"), ("approvers", "approvers"),
                                           ("decided", "decided"), ("latency_s", "latency (s)"), ("outcome", "outcome")],
                a["items"]),
         _table("masking", "Masked values by entity", [("entity", "entity"), ("count", "count")], report["masking_by_entity"]),

@@ -154,6 +154,7 @@ class ApprovalStory:
     agent: str = ""
     model: str = ""
     task: str = ""
+    justification: str = ""
     connection: str = ""
     summary: str = ""
     rules: list[str] = field(default_factory=list)
@@ -187,6 +188,7 @@ class ApprovalStory:
     def as_dict(self) -> dict[str, Any]:
         return {
             "id": self.id, "requester": self.requester, "agent": self.agent, "model": self.model, "task": self.task,
+            "justification": self.justification,
             "connection": self.connection, "operation": self.summary, "rules": self.rules,
             "requested": iso(self.requested), "decided": iso(self.decided), "executed": iso(self.executed),
             "latency_s": self.latency, "outcome": self.outcome, "why": self.why,
@@ -210,6 +212,7 @@ def approvals(recs: Iterable[Record]) -> dict[str, ApprovalStory]:
         if step == "requested":
             a.requester, a.requested = r["subject"] or "", r["ts"]
             a.agent, a.model, a.task = r.attribute("agent"), r.attribute("model"), r.attribute("task")
+            a.justification = r.attribute("justification")
             a.connection, a.summary = r["connection"] or "", r.operation.get("summary", "")
             a.rules = r.detail.get("rules") or r.rules
         if step in VOTES and r.detail.get("vote"):

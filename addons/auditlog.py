@@ -23,7 +23,7 @@ from typing import Any
 from addons.engine import metrics
 from addons.engine.config import StoreConfig
 from addons.engine.replicas import Identity
-from addons.engine.store import AuditStore, Change, Event, Pin, StoreError, Writer, open_store
+from addons.engine.store import AuditStore, Change, Event, Kept, StoreError, Writer, open_store
 from addons.settings import Settings
 
 
@@ -69,12 +69,13 @@ class AuditLog:
             metrics.STORE_ERRORS.labels(operation).inc()
             self.problem = f"{type(error).__name__}: {error}".strip().splitlines()[0]
 
-    async def write(self, events: list[Event], pins: Sequence[Pin] = ()) -> None:
-        """Append `events` (with the tool pins they record); raises if they are not on record."""
+    async def write(self, events: list[Event], kept: Sequence[Kept] = ()) -> None:
+        """Append `events` (with what they record that is kept beside them: tool pins, an
+        approver's sign-in); raises if they are not on record."""
         metrics.AUDIT_QUEUE.inc()
         try:
             with metrics.AUDIT_WRITE_SECONDS.time():
-                await self.writer.append(events, pins)
+                await self.writer.append(events, kept)
         finally:
             metrics.AUDIT_QUEUE.dec()
 

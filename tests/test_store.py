@@ -311,6 +311,45 @@ def test_tampering_is_found_from_the_anchor_or_by_a_full_walk(tmp_path, tamper, 
             assert result.returncode == 1 and result.stdout.startswith(says), result.stdout
 
 
+def test_a_version_3_store_gains_grants_and_the_approver_directory(tmp_path):
+    """Version 3 (before time-boxed grants and SSO) is upgraded in place: the new tables
+    appear, what was recorded stays and still verifies."""
+    from addons.engine.store import SCHEMA_VERSION, UPGRADABLE, Listing
+
+    path = str(tmp_path / "a.db")
+    old = Store(path)
+    old.append([Event(id="before", kind="request")])
+    old.conn.executescript("DROP TABLE grants; DROP TABLE approver_directory; DROP INDEX idx_approvals_updated; "
+                           "PRAGMA user_version = 3;")
+    old.close()
+    assert 3 in UPGRADABLE
+    store = Store(path)
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert store.grants() == [] and store.directory("alice@example.com") is None
+    store.commit([([Event(id="signin", kind="signin")], None)],
+                 [Listing("Alice@Example.com", "alice", "https://idp", ("managers",), "oidc")])
+    assert store.directory("alice@example.com")["subject"] == "alice"
+    assert store.verify().ok and store.verify().count == 2
+
+
+def test_a_version_4_store_gains_the_sinks_cursors(tmp_path):
+    """Version 4 (before audit sinks) is upgraded in place: `sink_cursors` appears, what was
+    recorded stays and still verifies, and a sink starts from the beginning."""
+    from addons.engine.store import SCHEMA_VERSION, UPGRADABLE
+
+    path = str(tmp_path / "a.db")
+    old = Store(path)
+    old.append([Event(id="before", kind="request")])
+    old.conn.executescript("DROP TABLE sink_cursors; PRAGMA user_version = 4;")
+    old.close()
+    assert 4 in UPGRADABLE
+    store = Store(path)
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert store.sink_cursors() == {} and store.claim_sink("siem", "me", 10) == 0
+    assert [r["id"] for r in store.after(0, 10)] == ["before"]
+    assert store.verify().ok and store.verify().count == 1
+
+
 def test_pruning_the_whole_log_keeps_the_sequence_going(tmp_path):
     """Everything pruned: the next event still follows the head (SQLite would restart an
     emptied table's rowids at 1, and the chain would no longer verify)."""

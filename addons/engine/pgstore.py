@@ -36,7 +36,9 @@ from addons.engine.store import (
     BODY_COLUMNS,
     CHECKPOINT_COLUMNS,
     COLUMNS,
+    DIRECTORY_COLUMNS,
     GENESIS,
+    GRANT_COLUMNS,
     INDEXES,
     PIN_COLUMNS,
     REPLICA_COLUMNS,
@@ -143,12 +145,18 @@ MIGRATIONS: dict[int, list[str]] = {
         JSON_EXTRACT,
     ],
     4: [
+        _table("grants", GRANT_COLUMNS, "id", {"approval", "subject", "expires", "document"}),
+        "CREATE INDEX grants_subject_connection ON grants (subject, connection)",
+        "CREATE INDEX approvals_updated ON approvals (updated)",
+        _table("approver_directory", DIRECTORY_COLUMNS, "email", set(DIRECTORY_COLUMNS)),
+    ],
+    5: [
         _table("sink_cursors", SINK_COLUMNS, "sink", set(SINK_COLUMNS)),
     ],
 }
 """Schema versions and the statements that reach each from the one before (3 is the first
 PostgreSQL schema: the SQLite store's version 3, with the same tables and columns; 4 adds
-the audit sinks' cursors)."""
+time-boxed grants and the approver directory; 5 the audit sinks' cursors)."""
 
 
 @functools.lru_cache(maxsize=512)

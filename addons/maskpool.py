@@ -184,30 +184,13 @@ class MaskPool:
         self.start()
 
     async def mask(self, content: bytes, content_type: str, masks: tuple) -> tuple[bytes, dict]:
-        """The masked body and its report; MaskError for bodies that cannot be masked."""
-        inline = len(content) <= INLINE and self.detector is not None and self.inline
-        with metrics.MASKING_SECONDS.labels("inline" if inline else "worker").time():
-            if inline:
-                return await self._mask_inline(content, content_type, masks)
-            return await self._mask_in_worker(content, content_type, masks)
+        """The masked body and its report; MaskError for bodies that cannot be masked. Timed
+        by where it is sent: this process's detector (inline) or the workers."""
+        where = "inline" if len(content) <= INLINE and self._here() else "worker"
+        with metrics.MASKING_SECONDS.labels(where).time():
+            return await self._dispatch(content, content_type, masks)
 
-    async def _mask_inline(self, content: bytes, content_type: str, masks: tuple) -> tuple[bytes, dict]:
-        timeout = self.masking.timeout
-        masker = self._local(masks_json(masks))
-        try:
-            out, report = await asyncio.wait_for(asyncio.to_thread(masked_body, masker, content, content_type),
-                                                 timeout)
-        except MaskError:
-            raise
-        except TimeoutError:
-            self.inline = False  # a detector that hung here stays out of this process
-            logger.error("custody: masking in the gateway process hung; using the workers only from now on")
-            raise MaskUnavailable(f"masking did not finish within {timeout:g}s") from None
-        except Exception as e:
-            raise MaskUnavailable(f"masking failed: {type(e).__name__}: {e}") from None
-        return out, report.as_dict()
-
-    async def _mask_in_worker(self, content: bytes, content_type: str, masks: tuple) -> tuple[bytes, dict]:
+    async def _dispatch(self, content: bytes, content_type: str, masks: tuple) -> tuple[bytes, dict]:
         timeout = self.masking.timeout
         deadline = time.monotonic() + timeout
         if len(content) <= INLINE and self._here():

@@ -155,6 +155,8 @@ class Recorder:
         }
         if ctx.masking:
             detail["masking"] = ctx.masking
+        if ctx.transaction:
+            detail["transaction"] = ctx.transaction
         if ctx.stream is not None:
             detail["streamed"] = ctx.stream.size
         body = ctx.response_body if ctx.response_body is not None else resp.get_content(strict=False)

@@ -555,6 +555,33 @@ class AuditStore:
                 "WHERE approvals.held = 1 AND approvals.state IN ('pending', 'approved') "
                 "AND (approvals.replica IS NULL OR approvals.replica != ?)", [replica]))
 
+    # reconciling after a crash (addons/engine/reconcile.py)
+
+    def open_flows(self, replica: str, outcomes: Sequence[str]) -> list[dict[str, Any]]:
+        """The requests `replica` recorded with their decision and no outcome (`outcomes`:
+        the kinds that close a flow), in order."""
+        marks = ", ".join("?" * len(outcomes))
+        return list(self._events(
+            "events.kind = 'request' AND events.replica = ? AND EXISTS (SELECT 1 FROM events d WHERE "
+            "d.flow = events.flow AND d.kind = 'decision') AND NOT EXISTS (SELECT 1 FROM events o WHERE "
+            f"o.flow = events.flow AND o.kind IN ({marks}))", [replica, *outcomes], "ORDER BY seq"))
+
+    def transaction_responses(self, replica: str) -> list[dict[str, Any]]:
+        """Every response `replica` recorded in the sessions where it recorded a SQL
+        transaction's id (`detail.transaction`), in order."""
+        return self.where(
+            "kind = 'response' AND replica = ? AND session IN (SELECT session FROM events WHERE kind = 'response' "
+            "AND replica = ? AND json_extract(detail, '$.transaction.xid') IS NOT NULL)", [replica, replica])
+
+    def reconcile(self, replica: str, events: list[Event]) -> bool:
+        """Write `events` for a replica that is gone and mark its row reconciled, in one
+        transaction; False (nothing written) when another replica did it first."""
+        with self._write() as tx:
+            if not tx.run("UPDATE replicas SET state = 'reconciled' WHERE id = ? AND state != 'reconciled'", [replica]):
+                return False
+            self._save(tx, events, [])
+        return True
+
     # reading
 
     def head(self) -> tuple[int, str]:

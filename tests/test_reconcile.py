@@ -1,0 +1,233 @@
+"""After a crash the trail says what really ran: a real mitmdump gateway killed with -9
+under concurrent HTTP and SQL writes (real PostgreSQL, real pg_bridge, real psycopg and
+requests), then started again (twice at once, on the same store). What the backends
+executed is compared with the audit trail: every executed write has its request and
+decision on record, every open flow is closed by one `interrupted` event, the SQL
+responses of the transaction the crash rolled back are named, and the chain verifies."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import psycopg
+import pytest
+import yaml
+
+from addons.engine.reconcile import INTERRUPTED, RECONCILED, ROLLED_BACK
+from examples.samples.postgres import PostgresServer
+from tests.conftest import STANDARD_RULES
+from tests.support.gateway import Gateway
+from tests.support.pgbridge import BridgeProcess
+from tests.support.servers import Route, free_port
+
+APP_PASSWORD = "app-Passw0rd-reconcile"
+SQL_RULES = {"rules": [{"id": "sql-writers", "match": {"connection": "shop-db", "principal": {"groups": ["writers"]}},
+                        "effect": "allow"}]}
+
+
+@pytest.fixture(scope="module")
+def pg():
+    server = PostgresServer("admin-pw", log_statements=False)
+    server.execute("CREATE DATABASE shop")
+    server.execute(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'")
+    server.execute("GRANT ALL ON SCHEMA public TO app", "shop")
+    with psycopg.connect(server.dsn("shop", "app", APP_PASSWORD), autocommit=True) as c:
+        c.execute("CREATE TABLE writes (tag text PRIMARY KEY)")
+    yield server
+    server.stop()
+
+
+def gateway_for(make, pg, port: int, bridge_port: int) -> Gateway:
+    gw = make(rules={**STANDARD_RULES, "sql.yaml": SQL_RULES}, port=port,
+              env={"TEST_API_TOKEN": "unused", "PG_APP_PASSWORD": APP_PASSWORD})
+    gw.config["connections"].append(
+        {"name": "shop-db", "kind": "postgres", "hosts": ["db.shop.internal"],
+         "upstream": f"postgresql://127.0.0.1:{pg.port}/shop",
+         "credential": {"type": "password", "username": "app", "secret": "env:PG_APP_PASSWORD"},
+         "listen": f"127.0.0.1:{bridge_port}"})
+    gw.config["gateway"] = {"lease": "2s"}
+    gw.config_file.write_text(yaml.safe_dump(gw.config))
+    return gw
+
+
+def twin(gw: Gateway, port: int) -> Gateway:
+    """A second gateway process on the first one's configuration and store."""
+    other = Gateway.__new__(Gateway)
+    other.__dict__.update(gw.__dict__)
+    other.listen_port, other.proc, other.log_file = port, None, gw.dir / f"gateway-{port}.log"
+    return other
+
+
+class Writers(threading.Thread):
+    """An agent writing as fast as it can until stopped or cut off: SQL inserts (autocommit)
+    through the bridge, or HTTP POSTs through the proxy; keeps the tags it was told ran."""
+
+    def __init__(self, kind: str, name: str, gw: Gateway, token: str, bridge_port: int) -> None:
+        super().__init__(daemon=True)
+        self.kind, self.name, self.gw, self.token, self.bridge_port = kind, name, gw, token, bridge_port
+        self.confirmed: list[str] = []
+        self.stop = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        n = 0
+        try:
+            if self.kind == "sql":
+                with psycopg.connect(host="127.0.0.1", port=self.bridge_port, dbname="shop", user="agent",
+                                     password=self.token, sslmode="disable", autocommit=True, connect_timeout=10) as c:
+                    while not self.stop.is_set():
+                        tag = f"{self.name}-{n}"
+                        c.execute(f"INSERT INTO writes VALUES ('{tag}')")
+                        self.confirmed.append(tag)
+                        n += 1
+            else:
+                s = self.gw.session(self.token)
+                while not self.stop.is_set():
+                    tag = f"{self.name}-{n}"
+                    if s.post(f"http://api.test/items/{tag}", json={"tag": tag}, timeout=10).status_code == 200:
+                        self.confirmed.append(tag)
+                    n += 1
+        except Exception:
+            pass  # the gateway died under it
+
+
+def test_a_gateway_killed_under_writes_is_reconciled_on_restart(make, pg, upstream, token):
+    port, bridge_port = free_port(), free_port()
+    gw = gateway_for(make, pg, port, bridge_port).start()
+    bridge = BridgeProcess(gw, bridge_port, gw.dir / "bridge.log")
+    writer = token(groups=["writers", "analysts"], sub="reconcile-writer")
+    upstream.routes["/items/slow"] = Route("application/json", chunks=[b"{", b"}"], gates={1: threading.Event()})
+    try:
+        # a transaction that has written and is still open when the gateway dies
+        open_tx = psycopg.connect(host="127.0.0.1", port=bridge_port, dbname="shop", user="agent", password=writer,
+                                  sslmode="disable", connect_timeout=10)
+        open_tx.execute("INSERT INTO writes VALUES ('in-open-transaction')")
+        assert open_tx.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        # a request whose upstream answered its headers and never finished its body
+        slow = threading.Thread(target=lambda: _quietly(lambda: gw.session(writer).get(
+            "http://api.test/items/slow", timeout=60)), daemon=True)
+        slow.start()
+        agents = [Writers("sql", f"sql{i}", gw, writer, bridge_port) for i in range(3)] + \
+                 [Writers("http", f"http{i}", gw, writer, bridge_port) for i in range(3)]
+        deadline = time.monotonic() + 30
+        while sum(len(a.confirmed) for a in agents) < 60:
+            assert time.monotonic() < deadline, gw.log()
+            time.sleep(0.05)
+        gw.kill()  # kill -9, mid-write
+        for a in agents:
+            a.stop.set()
+            a.join(20)
+        open_tx.close()
+        dead = {r["id"] for r in _replicas(gw)}
+        assert len(dead) == 1
+
+        # two gateways start together on the same store: the dead one is reconciled once
+        again, other = twin(gw, port), twin(gw, free_port())
+        again.start()
+        other.start()
+        reconciled = gw.wait_events(f"kind = '{RECONCILED}'", timeout=30)
+        time.sleep(1.5)  # both have had several beats: a second reconcile would be on record by now
+        assert len(gw.events(f"kind = '{RECONCILED}'")) == 1, (again.log(), other.log())
+        summary = json.loads(reconciled[0]["detail"])
+        assert (summary["replica"], summary["why"]) == (dead.pop(), "its process is gone")
+
+        # what the backends executed has its request and an allow decision on record
+        with pg.connect("shop") as c:
+            executed = {tag for (tag,) in c.execute("SELECT tag FROM writes")}
+        assert "in-open-transaction" not in executed  # the crash rolled it back
+        for tag in executed:
+            assert _allowed(gw, "operation LIKE ?", f"%INSERT INTO writes VALUES ('{tag}')%"), tag
+        reached = {r.path.rsplit("/", 1)[-1] for r in upstream.received if r.method == "POST"}
+        for tag in reached & {f"http{i}-{n}" for i in range(3) for n in range(10000)}:
+            assert _allowed(gw, "resource = ?", f"/items/{tag}"), tag
+        confirmed = {t for a in agents for t in a.confirmed}
+        assert {t for t in confirmed if t.startswith("sql")} <= executed  # nothing confirmed that did not run
+
+        # every flow of the dead replica is closed, by exactly one outcome
+        assert _open_flows(gw, summary["replica"]) == []
+        interrupted = gw.events(f"kind = '{INTERRUPTED}'")
+        assert len(interrupted) == summary["interrupted"] >= 1
+        assert len({e["flow"] for e in interrupted}) == len(interrupted)
+        slow_flow = [e for e in interrupted if json.loads(e["detail"])["request"] in
+                     {r["id"] for r in gw.events("kind = 'request' AND resource = '/items/slow'")}]
+        assert len(slow_flow) == 1 and json.loads(slow_flow[0]["detail"])["outcome"] == "unknown"
+
+        # the open transaction: its INSERT 0 1 is named as rolled back, its id looked up
+        inserted = [e for e in gw.events("kind = 'response' AND json_extract(detail, '$.transaction.xid') IS NOT NULL")]
+        assert len(inserted) == 1 and summary["rolled_back"] == [inserted[0]["id"]]
+        xid = json.loads(inserted[0]["detail"])["transaction"]["xid"]
+        assert {"xid": xid, "status": "rolled back", "connection": "shop-db"}.items() <= \
+            summary["transactions"][0].items()
+
+        rolled = gw.events(f"kind = '{ROLLED_BACK}'")
+        assert [(e["session"], json.loads(e["detail"])["responses"]) for e in rolled] == \
+            [(inserted[0]["session"], [inserted[0]["id"]])]
+
+        # the trail verifies, and a replay shows what happened
+        verified = gw.custody("audit", "verify", "--full")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        shown = gw.custody("audit", "replay", slow_flow[0]["session"])
+        assert "INTERRUPTED  outcome unknown: the gateway stopped before the outcome was recorded" in shown.stdout, \
+            shown.stdout + shown.stderr
+        shown = gw.custody("audit", "replay", inserted[0]["session"])
+        assert f"ROLLED BACK  transaction {xid} never committed: the 1 responses" in shown.stdout, shown.stdout
+    finally:
+        bridge.stop()
+        for g in (locals().get("again"), locals().get("other")):
+            if g is not None:
+                g.stop()
+
+
+def test_a_flow_of_a_replica_that_is_alive_is_not_interrupted(make, pg, upstream, token):
+    """Another replica starting (or reconciling) never closes a live replica's open flow."""
+    gw = gateway_for(make, pg, free_port(), free_port()).start()
+    gate = threading.Event()
+    upstream.routes["/items/held-open"] = Route("application/json", chunks=[b"{", b"}"], gates={1: gate})
+    slow = threading.Thread(target=lambda: _quietly(lambda: gw.session(token(groups=["analysts"])).get(
+        "http://api.test/items/held-open", timeout=60)), daemon=True)
+    slow.start()
+    assert gw.wait_events("kind = 'decision' AND resource = '/items/held-open'")
+    other = twin(gw, free_port()).start()
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # several of the newcomer's beats (lease 2s: every 0.5s)
+            time.sleep(0.5)
+        assert gw.events(f"kind IN ('{INTERRUPTED}', '{RECONCILED}')") == []
+        gate.set()
+        slow.join(30)
+        assert len(gw.wait_events("kind = 'response' AND resource = '/items/held-open'")) == 1
+    finally:
+        gate.set()
+        other.stop()
+
+
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Exception:
+        pass
+
+
+def _replicas(gw: Gateway) -> list[dict]:
+    store = gw.store()
+    try:
+        return store.replicas()
+    finally:
+        store.close()
+
+
+def _open_flows(gw: Gateway, replica: str) -> list[dict]:
+    store = gw.store()
+    try:
+        return store.open_flows(replica, ("response", "error", INTERRUPTED))
+    finally:
+        store.close()
+
+
+def _allowed(gw: Gateway, clause: str, value: str) -> bool:
+    """A request matching `clause` with an allow decision of the same flow, on record."""
+    return bool(gw.events("kind = 'decision' AND effect = 'allow' AND flow IN "
+                          f"(SELECT flow FROM events WHERE kind = 'request' AND {clause})", [value]))
+

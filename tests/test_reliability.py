@@ -179,3 +179,83 @@ def test_the_workers_of_a_gateway_killed_with_9_end_with_it(make, token, upstrea
               for pid in workers):
         assert time.monotonic() < deadline, f"orphaned masking workers still running: {workers}"
         time.sleep(0.2)
+
+
+# the audit store locked by another process, or on a full disk
+
+NOT_FORWARDED = ("deny", "audit_unavailable", False, "it could not be recorded, so nothing was forwarded; retry shortly")
+
+
+def refused_while(gw, token, upstream, paths: list[str]) -> list[requests.Response]:
+    """Requests sent together while the store cannot record: their answers, and nothing upstream."""
+    before = len(upstream.received)
+    with ThreadPoolExecutor(len(paths)) as pool:
+        answers = list(pool.map(lambda p: gw.session(token).get(f"http://api.test{p}", timeout=60), paths))
+    assert len(upstream.received) == before  # nothing was forwarded
+    return answers
+
+
+def assert_not_forwarded(answers: list[requests.Response], reason: str) -> None:
+    for r in answers:
+        assert r.status_code == 503, r.text  # never 502 "response withheld": nothing left the gateway
+        body = r.json()
+        assert (body["decision"], body["error"], body["forwarded"], body["hint"]) == NOT_FORWARDED
+        assert body["reason"] == reason
+
+
+def test_a_store_locked_by_another_process_refuses_fast_and_heals(make, token, upstream):
+    import subprocess
+    import sys
+
+    gw = make().start()
+    analyst = token(groups=["analysts"])
+    assert gw.session(analyst).get("http://api.test/items/before-lock", timeout=30).status_code == 200
+    holder = subprocess.Popen(  # another process holds the write lock (a backup, a stuck tool)
+        [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+         "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); sys.stdin.read()", str(gw.db)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        first = refused_while(gw, analyst, upstream, [f"/items/locked-{i}" for i in range(6)])
+        then = refused_while(gw, analyst, upstream, [f"/items/still-locked-{i}" for i in range(6)])
+        assert_not_forwarded(first + then, "audit store unavailable (OperationalError); nothing was forwarded")
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    healed = gw.session(analyst).get("http://api.test/items/after-lock", timeout=30)
+    assert healed.status_code == 200 and gw.proc.poll() is None  # no restart
+    assert len(gw.events("kind = 'request' AND resource = '/items/after-lock'")) == 1
+    assert gw.events("kind = 'request' AND resource LIKE '/items/%locked-%'") == []  # none ran, none on record
+    assert gw.custody("audit", "verify", "--full").returncode == 0
+
+
+def test_a_store_on_a_full_disk_refuses_and_heals_when_space_returns(make, token, upstream, tmp_path):
+    import subprocess
+
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+    try:
+        gw = make(store={"path": str(disk / "audit.db")})
+        gw.db = disk / "audit.db"
+        gw.start()
+        analyst = token(groups=["analysts"])
+        assert gw.session(analyst).get("http://api.test/items/before-full", timeout=30).status_code == 200
+        filler = disk / "filler"
+        with open(filler, "wb") as out:  # fill the disk to its last byte
+            try:
+                while True:
+                    out.write(b"\0" * 65536)
+                    out.flush()
+            except OSError:
+                pass
+        answers = refused_while(gw, analyst, upstream, [f"/items/full-{i}" for i in range(6)])
+        assert_not_forwarded(answers, "audit store unavailable (OperationalError); nothing was forwarded")
+        filler.unlink()  # space returns
+        healed = gw.session(analyst).get("http://api.test/items/after-full", timeout=30)
+        assert healed.status_code == 200 and gw.proc.poll() is None
+        assert len(gw.events("kind = 'request' AND resource = '/items/after-full'")) == 1
+        assert gw.custody("audit", "verify", "--full").returncode == 0
+        gw.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -3,6 +3,7 @@ cannot do truthfully and fast, and heals without a restart when the cause goes a
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +14,8 @@ from examples.samples.pki import SigningKey
 from tests.conftest import standard_identity
 from tests.support.gateway import ROOT
 from tests.support.servers import JwksServer
+from tests.test_reconcile import pg  # noqa: F401  (the fixture: a real PostgreSQL)
+from tests.test_ssh import sshd  # noqa: F401  (the fixture: a real sshd)
 
 
 @pytest.fixture
@@ -259,3 +262,108 @@ def test_a_store_on_a_full_disk_refuses_and_heals_when_space_returns(make, token
         gw.stop()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# the database and the SSH host lost mid-session
+
+def test_a_database_stopped_mid_session_ends_it_with_08006_and_the_bridge_recovers(make, pg, token):
+    import psycopg
+
+    from tests.support.pgbridge import BridgeProcess
+    from tests.support.servers import free_port
+    from tests.test_reconcile import gateway_for
+
+    bridge_port = free_port()
+    gw = gateway_for(make, pg, free_port(), bridge_port).start()
+    bridge = BridgeProcess(gw, bridge_port, gw.dir / "bridge.log")
+    agent = token(groups=["writers"], sub="db-loser")
+
+    def connect() -> psycopg.Connection:
+        return psycopg.connect(host="127.0.0.1", port=bridge_port, dbname="shop", user="agent", password=agent,
+                               sslmode="disable", autocommit=True, connect_timeout=10)
+
+    try:
+        c = connect()
+        assert c.execute("SELECT 1").fetchone() == (1,)
+        pg.halt()  # the whole server goes away, mid-session
+        with pytest.raises(psycopg.OperationalError) as lost:
+            c.execute("SELECT 2")
+        assert lost.value.sqlstate == "08006" and "database connection failed" in str(lost.value)
+        assert c.closed  # the bridge ended the connection, as a server that went away does
+        with pytest.raises(psycopg.OperationalError) as down:  # while it is down: a clear refusal
+            connect()
+        assert "FATAL:  the gateway could not connect to the database: connection to server" in str(down.value)
+        pg.start()
+        with connect() as again:  # the same bridge and gateway, no restart
+            assert again.execute("SELECT 3").fetchone() == (3,)
+        assert gw.proc.poll() is None and bridge.proc.poll() is None
+    finally:
+        bridge.stop()
+
+
+def test_an_ssh_host_stopped_mid_session_ends_it_clearly_and_a_new_session_works(make, sshd, token, tmp_path):
+    import asyncio
+    import subprocess
+
+    import asyncssh
+
+    from tests.support.pgbridge import BridgeProcess
+    from tests.support.servers import free_port, wait_listening
+
+    port = free_port()
+    gw = make(rules={"ssh.yaml": {"rules": [{"id": "ops", "match": {"connection": "web", "principal": {
+        "groups": ["ops"]}}, "effect": "allow"}]}})
+    gw.config["connections"].append(
+        {"name": "web", "kind": "ssh", "hosts": ["web.internal"], "upstream": f"ssh://{sshd.user}@127.0.0.1:{sshd.port}",
+         "credential": {"type": "private_key", "secret": f"file:{sshd.client_key}"}, "listen": f"127.0.0.1:{port}",
+         "host_key": str(tmp_path / "bridge_host_key"), "known_hosts": str(sshd.known_hosts)})
+    gw.config_file.write_text(__import__("yaml").safe_dump(gw.config))
+    gw.start()
+    bridge = BridgeProcess(gw, port, tmp_path / "ssh-bridge.log", module="ssh_bridge")
+    ops = token(groups=["ops"], sub="ssh-loser")
+
+    async def session() -> tuple[str, str]:
+        async with asyncssh.connect("127.0.0.1", port, username="agent+web", password=ops, known_hosts=None,
+                                    client_keys=None, agent_path=None, config=None) as conn:
+            first = await conn.run("echo before", timeout=30)
+            stop_host(sshd)  # the host goes away: its listener and every session it serves
+            try:
+                after = await conn.run("echo after", timeout=30)
+                return first.stdout, f"{after.exit_status}:{after.stderr}"
+            except (asyncssh.Error, OSError) as e:
+                return first.stdout, f"ended:{e}"
+
+    try:
+        before, after = asyncio.run(session())
+        assert before == "before\n"
+        assert re.fullmatch(r"255:custody: the connection to the SSH host was lost \(.+\); the command did not "
+                            r"run: reconnect \(audit event: [0-9a-f]+\)\n", after), after
+        sshd.proc = subprocess.Popen([sshd.proc.args[0], "-D", "-e", "-f", str(sshd.dir / "sshd_config")],
+                                     stdout=open(sshd.log_file, "ab"), stderr=subprocess.STDOUT)
+        wait_listening(sshd.port, sshd.proc, "sshd", sshd.log)
+
+        async def again() -> str:
+            async with asyncssh.connect("127.0.0.1", port, username="agent+web", password=ops, known_hosts=None,
+                                        client_keys=None, agent_path=None, config=None) as conn:
+                return (await conn.run("echo healed", timeout=30)).stdout
+
+        assert asyncio.run(again()) == "healed\n"  # the same bridge and gateway, no restart
+        assert gw.proc.poll() is None and bridge.proc.poll() is None
+    finally:
+        bridge.stop()
+
+
+def stop_host(sshd) -> None:
+    """Stop the sshd this test started, and the session processes it forked (by their ids)."""
+    import os
+    import signal
+    import subprocess
+
+    children = subprocess.run(["pgrep", "-P", str(sshd.proc.pid)], capture_output=True, text=True).stdout.split()
+    sshd.proc.kill()
+    sshd.proc.wait(10)
+    for pid in children:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -23,13 +23,14 @@ from tests.support.pgbridge import BridgeProcess
 from tests.support.servers import Route, free_port
 
 APP_PASSWORD = "app-Passw0rd-reconcile"
+STORE_PASSWORD = "admin-pw-reconcile"  # the server's superuser: the PostgreSQL audit stores' login
 SQL_RULES = {"rules": [{"id": "sql-writers", "match": {"connection": "shop-db", "principal": {"groups": ["writers"]}},
                         "effect": "allow"}]}
 
 
 @pytest.fixture(scope="module")
 def pg():
-    server = PostgresServer("admin-pw", log_statements=False)
+    server = PostgresServer(STORE_PASSWORD, log_statements=False)
     server.execute("CREATE DATABASE shop")
     server.execute(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'")
     server.execute("GRANT ALL ON SCHEMA public TO app", "shop")
@@ -39,9 +40,21 @@ def pg():
     server.stop()
 
 
-def gateway_for(make, pg, port: int, bridge_port: int) -> Gateway:
+stores = iter(range(1000))
+
+
+def gateway_for(make, pg, port: int, bridge_port: int, store: str = "sqlite") -> Gateway:
+    """A gateway with the HTTP API and the shop database, on a SQLite store or on a new
+    PostgreSQL store (a database of its own on the same server)."""
+    if store == "postgresql":
+        name = f"audit_{next(stores)}"
+        pg.execute(f"CREATE DATABASE {name}")
+        store = {"url": f"postgresql://{pg.superuser}@127.0.0.1:{pg.port}/{name}",
+                 "password": "env:CUSTODY_TEST_STORE_PASSWORD"}
     gw = make(rules={**STANDARD_RULES, "sql.yaml": SQL_RULES}, port=port,
-              env={"TEST_API_TOKEN": "unused", "PG_APP_PASSWORD": APP_PASSWORD})
+              store=store if isinstance(store, dict) else None,
+              env={"TEST_API_TOKEN": "unused", "PG_APP_PASSWORD": APP_PASSWORD,
+                   "CUSTODY_TEST_STORE_PASSWORD": STORE_PASSWORD})
     gw.config["connections"].append(
         {"name": "shop-db", "kind": "postgres", "hosts": ["db.shop.internal"],
          "upstream": f"postgresql://127.0.0.1:{pg.port}/shop",
@@ -93,9 +106,13 @@ class Writers(threading.Thread):
             pass  # the gateway died under it
 
 
-def test_a_gateway_killed_under_writes_is_reconciled_on_restart(make, pg, upstream, token):
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_a_gateway_killed_under_writes_is_reconciled_on_restart(make, pg, upstream, token, store, monkeypatch):
+    monkeypatch.setenv("CUSTODY_TEST_STORE_PASSWORD", STORE_PASSWORD)  # the tests' own reads of the store
+    pg.execute("TRUNCATE writes", "shop")  # what this test's agents execute, and nothing else
+    received = len(upstream.received)
     port, bridge_port = free_port(), free_port()
-    gw = gateway_for(make, pg, port, bridge_port).start()
+    gw = gateway_for(make, pg, port, bridge_port, store).start()
     bridge = BridgeProcess(gw, bridge_port, gw.dir / "bridge.log")
     writer = token(groups=["writers", "analysts"], sub="reconcile-writer")
     upstream.routes["/items/slow"] = Route("application/json", chunks=[b"{", b"}"], gates={1: threading.Event()})
@@ -139,7 +156,7 @@ def test_a_gateway_killed_under_writes_is_reconciled_on_restart(make, pg, upstre
         assert "in-open-transaction" not in executed  # the crash rolled it back
         for tag in executed:
             assert _allowed(gw, "operation LIKE ?", f"%INSERT INTO writes VALUES ('{tag}')%"), tag
-        reached = {r.path.rsplit("/", 1)[-1] for r in upstream.received if r.method == "POST"}
+        reached = {r.path.rsplit("/", 1)[-1] for r in upstream.received[received:] if r.method == "POST"}
         for tag in reached & {f"http{i}-{n}" for i in range(3) for n in range(10000)}:
             assert _allowed(gw, "resource = ?", f"/items/{tag}"), tag
         confirmed = {t for a in agents for t in a.confirmed}

@@ -16,6 +16,14 @@ safety net for a notification lost while the store was away, and how SQLite's wo
 one host hear of each other). The same sweep expires approvals and abandons those held by
 a replica whose lease lapsed (addons/engine/replicas.py). What an approval is, and how
 votes count, is addons/engine/approval.py.
+
+A time-boxed grant (addons/engine/grants.py) is part of the approval that issues it: the
+step approving it writes the grant into its document, revocation is a step of the same
+approval, both under its row lock, and the store keeps the grants table from those
+documents in the same transaction, where every replica finds them. The approvers' inbox
+follows a feed (addons/engine/feed.py) of every approval this replica hears changed — its
+own steps, the store's notifications, and, each sweep, the approvals the store says were
+updated since the last — so it shows decisions made on any replica.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ from addons.engine.approval import (
     visible,
 )
 from addons.engine.errors import Error
+from addons.engine.feed import Feed
+from addons.engine.grants import ACTIVE, Grant, check_grant, issued
 from addons.engine.model import Decision, Operation, Principal, new_id
 from addons.engine.notify import Notifier
 from addons.engine.replicas import lapsed
@@ -53,6 +63,8 @@ from addons.engine.store import Change, Event
 from addons.settings import Settings
 
 logger = logging.getLogger(__name__)
+NEWS_OVERLAP = 5.0
+"""Seconds before the feed's watermark that each sweep reads again (see `_news`)."""
 
 Step = Callable[[Approval], "tuple[str, dict[str, Any]] | None"]
 """Changes an approval (as the store holds it now) in place and names the step and its
@@ -68,14 +80,18 @@ class ApprovalBook:
         self.live: dict[str, Approval] = {}
         self.waiters: dict[str, asyncio.Future] = {}
         self.notifier: Notifier | None = None
+        self.feed = Feed()
         self.lease = 10.0
+        self._updated = time.time()
+        """The feed's watermark in the store: approvals updated after it are news."""
+        self._seen: dict[tuple[str, float], None] = {}
         self._sweeper: asyncio.Task | None = None
         self._unlisten: Callable[[], None] | None = None
 
     def configure(self, updated: set[str]) -> None:
         if self.settings.changed(updated):
             cfg = self.settings.require()
-            self.notifier = Notifier(cfg.approvals, self._notified)
+            self.notifier = Notifier(cfg.approvals, self._notified, self._posted, self._current)
             self.lease = cfg.replica.lease
 
     def running(self) -> None:
@@ -142,10 +158,14 @@ class ApprovalBook:
         (the local copy refreshed, its waiter woken) and the step taken ("" for none)."""
         change, taken = self._decision(approval_id, step, actor)
         approval = self._known(await self.log.change(change))
+        if taken:
+            self.feed.publish(approval.id)
         if taken[:1] in ([APPROVED], [DENIED]):
             self.notifier.send("decided", approval)
         elif taken[:1] in ([EXPIRED], [ABANDONED]):
             self.notifier.send("expired", approval)
+        elif taken[:1] in (["vote"], ["grant_revoked"]):
+            self.notifier.send("voted", approval)
         return approval, (taken or [""])[0]
 
     def _known(self, document: dict[str, Any]) -> Approval:
@@ -162,6 +182,14 @@ class ApprovalBook:
         return approval
 
     # the hold's side
+
+    async def grant_covering(self, principal: Principal, operation: Operation, rules: tuple[str, ...]) -> Grant | None:
+        """An active time-boxed grant inside which this request falls (issued on any replica)."""
+        now = time.time()
+        documents = await self.log.call(lambda: self.log.reader.grants(
+            active_at=now, subject=principal.subject, connection=operation.connection))
+        return next((g for g in map(Grant.from_document, documents) if g.covers(principal, operation, rules, now)),
+                    None)
 
     async def grant_for(self, fp: str, principal: Principal) -> Approval | None:
         """An approved, unused, unexpired approval, held by no flow, for exactly this request
@@ -225,6 +253,7 @@ class ApprovalBook:
                             rules=approval.rules, policy=approval.reason)
         await self.log.change(Change(approval.id, lambda _: (approval.document(), [event])))
         self.live[approval.id] = approval  # only once its request is on record
+        self.feed.publish(approval.id)
         self.notifier.send("pending", approval)
         return approval
 
@@ -302,6 +331,7 @@ class ApprovalBook:
             raise outcome
         approval = self._known(outcome)
         if taken:
+            self.feed.publish(approval.id)
             self.notifier.send("expired", approval)
 
     # the approvers' side
@@ -339,18 +369,62 @@ class ApprovalBook:
                     break
         return found
 
-    async def vote(self, approval_id: str, voter: Principal, vote: str, reason: str) -> Approval:
+    async def vote(self, approval_id: str, voter: Principal, vote: str, reason: str, grant: float = 0.0,
+                   via: str = "api") -> Approval:
+        """One approver's vote; an approving vote may ask for a time-boxed grant of `grant`
+        seconds, which the approval issues once approved (when every approving vote asked)."""
+        if grant and vote != "approve":
+            raise ApprovalError(400, Error.GRANT_NOT_ALLOWED, "only an approving vote can grant")
+
         def step(a: Approval) -> tuple[str, dict[str, Any]]:
             check_vote(a, voter)
-            a.votes.append(Vote(voter.subject, voter.issuer, list(voter.groups), vote, reason, time.time()))
+            if grant:
+                check_grant(a.reviews, grant)
+            a.votes.append(Vote(voter.subject, voter.issuer, list(voter.groups), vote, reason, time.time(),
+                                via=via, grant=grant))
+            extra = {"vote": vote, "reason": reason, "via": via, **({"grant_asked": grant} if grant else {})}
             outcome = tally(a.reviews, a.votes)
             if outcome == PENDING:
-                return "vote", {"vote": vote, "reason": reason}
+                return "vote", extra
             a.finish(outcome, describe(a, outcome))
-            return outcome, {"outcome": a.outcome, "vote": vote, "reason": reason}
+            issue = issued(a, a.decided) if outcome == APPROVED else None
+            if issue is not None:
+                a.grant = issue.document()
+                extra["grant"] = a.grant
+            return outcome, {"outcome": a.outcome, **extra}
 
         approval, _ = await self._change(approval_id, step, voter)
         return approval
+
+    # grants
+
+    async def list_grants(self, viewer: Principal) -> list[Grant]:
+        """Every grant `viewer` may see (its principal's, or those it may revoke), newest first."""
+        documents = await self.log.call(self.log.reader.grants)
+        return sorted((g for g in map(Grant.from_document, documents) if g.visible(viewer)),
+                      key=lambda g: g.created, reverse=True)
+
+    async def revoke(self, grant_id: str, who: Principal, reason: str) -> Grant:
+        """End a grant before its time: a step of the approval that issued it."""
+        found = await self.log.call(lambda: self.log.reader.grants(ids=(grant_id,)))
+        grant = Grant.from_document(found[0]) if found else None
+        if grant is None or not grant.visible(who):
+            raise ApprovalError(404, Error.NOT_FOUND, f"no grant {grant_id}")
+        if not grant.may_revoke(who):
+            raise ApprovalError(403, Error.NOT_AN_APPROVER, f"{who.subject} is not an approver of grant {grant_id}")
+
+        def step(a: Approval) -> tuple[str, dict[str, Any]]:
+            current = Grant.from_document(a.grant) if a.grant and a.grant["id"] == grant_id else None
+            if current is None:
+                raise ApprovalError(404, Error.NOT_FOUND, f"no grant {grant_id}")
+            if current.state() != ACTIVE:
+                raise ApprovalError(409, Error.GRANT_ENDED, f"grant {grant_id} is {current.state()} already")
+            current.revoked, current.revoked_by, current.reason = time.time(), who.subject, reason
+            a.grant = current.document()
+            return "grant_revoked", {"grant": a.grant, "reason": reason}
+
+        approval, _ = await self._change(grant.approval, step, who)
+        return Grant.from_document(approval.grant)
 
     async def console(self, approval: Approval, vote: str) -> None:
         """mitmweb's operator resumed (approve) or killed (deny) the held flow. A decision
@@ -371,6 +445,8 @@ class ApprovalBook:
 
     def _heard(self, approval_id: str | None) -> None:
         """The store says an approval changed (None: changes may have been missed)."""
+        if approval_id is not None:
+            self.feed.publish(approval_id)
         if approval_id is None or approval_id in self.live:
             asyncio.ensure_future(self._reread(None if approval_id is None else [approval_id]))
 
@@ -388,7 +464,8 @@ class ApprovalBook:
 
     async def _sweep(self) -> None:
         jobs = (("expiring approvals", self._expire), ("abandoning lost replicas' holds", self._abandon_lapsed),
-                ("reading live approvals again", lambda: self._reread(None)))
+                ("reading live approvals again", lambda: self._reread(None)),
+                ("reading what other replicas changed", self._news))
         while True:
             await asyncio.sleep(self.settings.require().approvals.sweep)
             for what, job in jobs:
@@ -397,6 +474,20 @@ class ApprovalBook:
                 except Exception as e:
                     logger.warning("custody: %s failed (%s: %s); the next sweep tries again", what,
                                    type(e).__name__, e)
+
+    async def _news(self) -> None:
+        """Tell the feed of approvals the store says were updated since the last sweep (how
+        an inbox here hears of changes made elsewhere when the store cannot push them, or
+        pushed them while this replica was not listening). Rows are read a little before the
+        watermark (a transaction may commit after a later one), each (id, updated) once."""
+        since = self._updated - NEWS_OVERLAP
+        rows = await self.log.call(self.log.reader.updated_since, since)
+        for approval_id, updated in rows:
+            if (approval_id, updated) not in self._seen:
+                self._seen[(approval_id, updated)] = None
+                self.feed.publish(approval_id)
+            self._updated = max(self._updated, updated)
+        self._seen = {k: None for k in self._seen if k[1] > self._updated - NEWS_OVERLAP}
 
     async def _expire(self) -> None:
         due = await self.log.call(lambda: list(self.log.reader.approvals(states=LIVE, expired_by=time.time())))
@@ -427,11 +518,23 @@ class ApprovalBook:
                 found.append((holder["approval"], _holder_lost(holder["replica"], why)))
         return found
 
-    async def _notified(self, kind: str, approval: Approval, target: str, error: str | None) -> None:
+    async def _notified(self, kind: str, approval: Approval, target: str, error: str | None, **detail: Any) -> None:
         """The notifier's report: every delivery, and every final failure, goes on record."""
         step = "notified" if error is None else "notify_failed"
         await self.log.write([self._event(approval, step, notification=kind, target=target,
-                                          **({"error": error} if error else {}))])
+                                          **({"error": error} if error else {}), **detail)])
+
+    async def _posted(self, approval_id: str) -> list[tuple[str, str]]:
+        """Where the approval's Slack messages are, as recorded when any replica posted them."""
+        rows = await self.log.call(self.log.reader.where,
+                                   "approval = ? AND kind = 'approval' AND json_extract(detail, '$.step') = 'notified' "
+                                   "AND json_extract(detail, '$.notification') = 'pending' "
+                                   "AND json_extract(detail, '$.slack_ts') IS NOT NULL", [approval_id])
+        return [(d["slack_channel"], d["slack_ts"]) for d in (json.loads(r["detail"]) for r in rows)]
+
+    async def _current(self, approval_id: str) -> Approval:
+        """The approval as the store holds it now (a decision made elsewhere included)."""
+        return await self.get(approval_id)
 
 
 def _holder_lost(replica: str | None, why: str) -> Step:

@@ -22,7 +22,7 @@ from typing import Any
 
 from addons.engine.config import StoreConfig
 from addons.engine.replicas import Identity
-from addons.engine.store import AuditStore, Change, Event, Pin, StoreError, Writer, open_store
+from addons.engine.store import AuditStore, Change, Event, Kept, StoreError, Writer, open_store
 from addons.settings import Settings
 
 
@@ -66,9 +66,10 @@ class AuditLog:
         else:
             self.problem = f"{type(error).__name__}: {error}".strip().splitlines()[0]
 
-    async def write(self, events: list[Event], pins: Sequence[Pin] = ()) -> None:
-        """Append `events` (with the tool pins they record); raises if they are not on record."""
-        await self.writer.append(events, pins)
+    async def write(self, events: list[Event], kept: Sequence[Kept] = ()) -> None:
+        """Append `events` (with what they record that is kept beside them: tool pins, an
+        approver's sign-in); raises if they are not on record."""
+        await self.writer.append(events, kept)
 
     async def change(self, change: Change) -> dict[str, Any] | None:
         """Apply an approval's change with the events it decides on; its document after."""

@@ -8,12 +8,18 @@ order of a request's story (docs/design.md):
                                          readiness, stopping (before the store: its done)
     auditlog, approvalbook, maskpool,    shared services, no flow hooks: the audit store,
     sessions                             the approvals, the masking workers, pg sessions
+    limits                               what one client may cost: connections, time, headers
     wellknown                            the gateway's public endpoints (no token needed)
+    signin, slackapp                     approvers' SSO sign-in (OIDC, SAML) and Slack's button clicks
     identity → classify                  who is asking; which connection, what it does
     pgplanner, sshplanner                what a statement or command line does in its session
     mcpguard                             MCP: session owners, tool actions and pins; on the way
                                          back the tools offered, the server's requests, masking
+    modelguard                           model calls: the connection's API; on the way back the
+                                         completion read, masked, recorded, its tool calls kept
+    provenance                           which model output (if any) asked for this request
     policy → hold                        the decision; a review holds the flow for approvers
+    promptmask                           a model call's prompt masked before it leaves
     masking → recorder                   responses masked, then everything put on record
     approverapi                          approvers' calls, answered once they are on record
     credentials                          the gateway's credential on the way upstream
@@ -21,8 +27,8 @@ order of a request's story (docs/design.md):
 
 Masking acts on responses (on requests it only asks for a maskable format), and on
 responses it runs before the recorder, which therefore only ever sees masked bodies; MCP
-responses are masked message by message by mcpguard, whose response hooks run first. The gate goes after everything, mitmproxy's own
-addons included (addons/gate.py).
+responses are masked message by message by mcpguard, and completions by modelguard, whose response
+hooks run first. The gate goes after everything, mitmproxy's own addons included (addons/gate.py).
 """
 
 from __future__ import annotations
@@ -34,18 +40,25 @@ from addons.approverapi import ApproverAPI
 from addons.auditlog import AuditLog
 from addons.classify import Classify
 from addons.credentials import Credentials
+from addons.engine.provenance import Ledger
 from addons.gate import Gate
 from addons.hardening import Hardening
 from addons.hold import Hold
 from addons.identity import Identity
+from addons.limits import Limits
 from addons.masking import Masking
 from addons.maskpool import MaskPool
 from addons.mcpguard import McpGuard
 from addons.mcpstdio import McpStdio
+from addons.modelguard import ModelGuard
 from addons.policy import Policy
+from addons.promptmask import PromptMask
+from addons.provenance import Provenance
 from addons.recorder import Recorder
 from addons.replica import Replica
 from addons.settings import Settings
+from addons.signin import Signin
+from addons.slackapp import SlackApp
 from addons.wellknown import WellKnown
 from pg_bridge.terminal.executor import PgExecutor
 from pg_bridge.terminal.planner import PgPlanner
@@ -65,6 +78,8 @@ def build() -> list:
     policy = Policy(settings)
     credentials = Credentials(settings)
     replica = Replica(settings, log, book, policy, pool)
+    ledger = Ledger()
+    signin = Signin(settings, log)
     return [
         Hardening(),
         settings,
@@ -73,14 +88,20 @@ def build() -> list:
         book,
         pool,
         sessions,
+        Limits(settings),
         WellKnown(settings, replica),
-        Identity(settings),
+        signin,
+        SlackApp(settings, book, log),
+        Identity(settings, signin),
         Classify(settings),
         PgPlanner(sessions, policy),
         SshPlanner(ssh),
         McpGuard(settings, log, pool, policy, credentials),
+        ModelGuard(settings, log, pool, ledger),
+        Provenance(ledger),
         policy,
         Hold(settings, book, pool),
+        PromptMask(pool),
         Masking(settings, pool),
         Recorder(settings, log, pool),
         ApproverAPI(settings, book),

@@ -16,6 +16,7 @@ from typing import Any
 
 from mitmproxy import flow as mflow
 
+from addons.engine import llm
 from addons.engine.masks import parse as parse_mask
 from addons.engine.mcp import MCP_MESSAGES
 from addons.engine.model import Decision, Operation, Principal, new_id
@@ -121,6 +122,19 @@ def response_masks(ctx: Context) -> tuple:
 
 
 def body_type(ctx: Context, content_type: str) -> str:
-    """What a body is masked as: an MCP body message by message (a tool's arguments and
-    results, not the JSON-RPC envelope), anything else as its content type says."""
-    return MCP_MESSAGES if ctx.protocol == "mcp" else content_type
+    """What a request body is masked as: an MCP body message by message (a tool's arguments
+    and results, not the JSON-RPC envelope), a model call as its prompt (what the messages
+    carry), anything else as its content type says."""
+    if ctx.protocol == "mcp":
+        return MCP_MESSAGES
+    if ctx.protocol == "llm" and ctx.operation is not None and "invalid" not in ctx.operation.details:
+        return llm.content_type("request", ctx.operation.details.get("endpoint", llm.OTHER))
+    return content_type
+
+
+def own_masking(ctx: Context) -> bool:
+    """Is the response masked by the protocol's own addon rather than the masking addon:
+    MCP message by message (addons/mcpguard.py), a completion part by part
+    (addons/modelguard.py)?"""
+    return ctx.protocol == "mcp" or (ctx.protocol == "llm" and ctx.operation is not None
+                                     and ctx.operation.details.get("endpoint") in llm.COMPLETIONS)

@@ -43,7 +43,7 @@ from addons.failclosed import guarded
 from addons.settings import Settings
 
 logger = logging.getLogger(__name__)
-PROXIED = ("http", "kubernetes", "mcp")
+PROXIED = ("http", "kubernetes", "mcp", "llm")
 
 
 def routed(conn: Connection) -> bool:

@@ -21,6 +21,11 @@ ends when:
 mitmproxy's `flow.kill()` does not release an intercepted flow and mitmproxy has no
 intercept timeout, so this addon owns both: every way out sets the answer and resumes.
 
+Before any of that: a review whose rule says `require_justification` refuses a request that
+does not say why (403 `justification_required`, saying how to give one), and a request
+inside an active time-boxed grant of the same principal, shape and rules goes on without a
+new hold, recorded with the grant it used (addons/engine/grants.py).
+
 An MCP call joins a pending approval of the identical call by the same principal that no
 flow holds (its hold timed out, or its client came back), instead of opening another: MCP
 clients re-send, and one call gets one approval.
@@ -63,6 +68,9 @@ class End(StrEnum):
     TIMEOUT = "timeout"  # the hold's time ran out: the agent may re-send once it is approved
     BREAK = "break"  # the flow's keep-alive window ended first: the client comes back for the answer
 
+
+JUSTIFY = ("say why in the X-Custody-Justification header (client helper: custody.justify(\"...\"); CrewAI: "
+           "the task, by default; psql: -c custody.justification=...; ssh: CUSTODY_JUSTIFICATION)")
 
 REFUSALS = {DENIED: Error.APPROVAL_DENIED, EXPIRED: Error.APPROVAL_EXPIRED}
 """Decisions the agent learns from the approval's own outcome text."""
@@ -108,6 +116,22 @@ class Hold:
         decision = c.decision
         if decision is None or decision.effect != "review":
             return
+        if any(r.require_justification for r in decision.reviews) and not c.principal.attribute("justification"):
+            failclosed.refuse(f, 403, f"rules {', '.join(decision.rules)} require a justification: {JUSTIFY}",
+                              error=Error.JUSTIFICATION_REQUIRED, rules=decision.rules)
+            return
+        try:
+            granted = await self.book.grant_covering(c.principal, c.operation, decision.rules)
+        except Exception as e:
+            self._unavailable(f, e, decision)
+            return
+        if granted is not None:
+            c.approval = granted.approval
+            c.decision = Decision(effect="allow", rules=decision.rules, masks=decision.masks,
+                                  approval=granted.approval, grant=granted.id,
+                                  reason=f"inside grant {granted.id} by {', '.join(granted.granted_by)} "
+                                         f"(approval {granted.approval})")
+            return
         fp = request_fingerprint(f, c)
         if await self._granted(f, c, fp, decision):
             return
@@ -116,10 +140,7 @@ class Hold:
             if approval is None:
                 approval = await self._open(f, c, decision, fp)
         except Exception as e:  # the approval could not be recorded: nothing is held, nothing goes on
-            if self.book.log.problem is None:
-                raise  # not the store: a gateway error (failclosed.guarded)
-            failclosed.refuse(f, 503, f"audit store unavailable ({type(e).__name__}); nothing was forwarded",
-                              error=Error.AUDIT_UNAVAILABLE, rules=decision.rules)
+            self._unavailable(f, e, decision)
             return
         c.approval = approval.id
         f.intercept()
@@ -140,10 +161,17 @@ class Hold:
         return await self.book.open(
             c.principal, c.recorded_operation,
             {"method": f.request.method, "url": f.request.pretty_url,
-             "headers": headers_for_record(f.request.headers),
+             "headers": headers_for_record(f.request.headers.items(multi=True)),  # one pass, as sent
              "body": withheld or (body or b"")[:max_body].decode(errors="replace"), "body_size": len(raw)},
             fp, decision, f.id, c.session,
         )
+
+    def _unavailable(self, f: http.HTTPFlow, e: Exception, decision: Decision) -> None:
+        """Refuse: the store could not answer (anything else is a gateway error, re-raised)."""
+        if self.book.log.problem is None:
+            raise e  # not the store: a gateway error (failclosed.guarded)
+        failclosed.refuse(f, 503, f"audit store unavailable ({type(e).__name__}); nothing was forwarded",
+                          error=Error.AUDIT_UNAVAILABLE, rules=decision.rules)
 
     async def _granted(self, f: http.HTTPFlow, c: context.Context, fp: str, decision: Decision) -> bool:
         """Run an approved re-send of exactly this request, once. Another replica may use the

@@ -7,6 +7,11 @@ the bearer header belongs to the gateway (kubeconfig tokens), `Authorization: Be
 The token is stripped before anything goes upstream; so are the agent's asserted
 `X-Custody-*` attributes, which are kept on the Principal as asserted, never as verified.
 
+On the gateway's own host, a browser signed in with SSO has no token but a session cookie
+(addons/signin.py): without a token, the session behind the cookie is the Principal, and a
+change (any method but GET/HEAD/OPTIONS) also needs the session's CSRF token in a header
+(403 `csrf_failed` without it; an expired or signed-out session is 401).
+
 Failure answers 407 (proxy credentials) or 401 (bearer header) with a JSON reason; the
 recorder writes it down and nothing reaches the upstream.
 
@@ -19,6 +24,7 @@ for it: denied).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
@@ -29,13 +35,16 @@ from mitmproxy import connection, http
 from addons import context, failclosed
 from addons.engine.approval import CONSOLE
 from addons.engine.errors import Error
-from addons.engine.model import AGENT_ATTRIBUTES, Principal, new_id
+from addons.engine.model import AGENT_ATTRIBUTES, Principal, attribute_limit, new_id
+from addons.engine.config import GATEWAY_CONNECTION
 from addons.engine.tokens import TokenError, Verifier
+from addons.engine.websession import SessionError
 from addons.failclosed import guarded
 from addons.settings import Settings
+from addons.signin import Signin
 
-ASSERTED_HEADERS = {f"x-custody-{name}": name for name in AGENT_ATTRIBUTES}
-MAX_ASSERTED = 256
+ASSERTED_PREFIX = "x-custody-"
+ASSERTED_HEADERS = {f"{ASSERTED_PREFIX}{name}": name for name in AGENT_ATTRIBUTES}
 ATTRIBUTES_USER = "x-custody."
 OPERATOR = Principal(subject=CONSOLE, issuer="mitmproxy")
 """Who a replayed flow's request is from: the operator of the mitmproxy console or mitmweb."""
@@ -67,11 +76,11 @@ def user_attributes(user: str) -> dict[str, str]:
     encoded = user[len(ATTRIBUTES_USER):]
     try:
         document = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
-    except ValueError:
+    except (ValueError, RecursionError):  # not base64url, not JSON, or nested past what json parses
         return {}
     if not isinstance(document, dict):
         return {}
-    return {k: str(v)[:MAX_ASSERTED] for k, v in document.items() if k in AGENT_ATTRIBUTES and v}
+    return {k: str(v)[:attribute_limit(k)] for k, v in document.items() if k in AGENT_ATTRIBUTES and v}
 
 
 def bearer_token(headers: http.Headers) -> str | None:
@@ -84,30 +93,46 @@ def bearer_token(headers: http.Headers) -> str | None:
 
 def asserted(headers: http.Headers) -> dict[str, str]:
     """The agent's own claims about itself, pulled off the request (every X-Custody-*
-    header is the gateway's, so none goes upstream; the known ones are kept)."""
-    out = {}
-    for header in [h for h in headers if h.lower().startswith("x-custody-")]:
-        value = headers.pop(header)
-        if (name := ASSERTED_HEADERS.get(header.lower())) is not None:
-            out[name] = value[:MAX_ASSERTED]
-    return out
+    header is the gateway's, so none goes upstream; the known ones are kept, repeated ones
+    folded as HTTP folds them). One pass over the fields: popping header by header would
+    walk them all once per header."""
+    values: dict[str, list[str]] = {}
+    kept = []
+    for field in headers.fields:
+        name = field[0].decode("utf-8", "surrogateescape").lower()
+        if not name.startswith(ASSERTED_PREFIX):
+            kept.append(field)
+        elif (attribute := ASSERTED_HEADERS.get(name)) is not None:
+            values.setdefault(attribute, []).append(field[1].decode("utf-8", "surrogateescape"))
+    if len(kept) != len(headers.fields):
+        headers.fields = tuple(kept)
+    return {name: ", ".join(parts)[:attribute_limit(name)] for name, parts in values.items()}
 
 
 class Identity:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, signin: Signin) -> None:
         self.settings = settings
+        self.signin = signin
         self.verifier: Verifier | None = None
         self.tunnels: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
         self.tunnel_claims: weakref.WeakKeyDictionary[connection.Client, dict[str, str]] = weakref.WeakKeyDictionary()
+        self._warming: asyncio.Task | None = None
 
     def configure(self, updated: set[str]) -> None:
         if self.settings.changed(updated):
             cfg = self.settings.require()
             self.verifier = Verifier(cfg.identity)
 
-    async def running(self) -> None:
+    def running(self) -> None:
+        """Fetch the issuers' keys in the background: a token that needs them waits for them
+        anyway, and mitmproxy's start-up (which ends at the last running hook) must not wait on
+        an IdP — mitmweb stops itself if its page logs an error before start-up ends."""
         if self.verifier:
-            await self.verifier.start()
+            self._warming = asyncio.ensure_future(self.verifier.start())
+
+    def done(self) -> None:
+        if self._warming:
+            self._warming.cancel()
 
     def _refuse(self, f: http.HTTPFlow, reason: str, bearer: bool) -> None:
         if bearer:
@@ -178,6 +203,15 @@ class Identity:
         if gateway_bearer:
             headers.pop("authorization", None)
         claims = {**self.tunnel_claims.get(f.client_conn, {}), **user_claims, **asserted(headers)}
+        if token is None and conn is not None and conn.name == GATEWAY_CONNECTION:
+            try:
+                session = self.signin.principal(headers, f.request.method)
+            except SessionError as e:
+                failclosed.refuse(f, e.status, str(e), error=e.error)
+                return
+            if session is not None:
+                context.of(f).principal = session
+                return
         if token is None:
             if bearer:
                 self._refuse(f, "no token: send Authorization: Bearer", bearer=True)

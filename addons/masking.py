@@ -52,6 +52,8 @@ def is_stream(f: http.HTTPFlow) -> bool:
     op = context.of(f).operation
     if op is not None and op.protocol == "kubernetes":
         return op.details.get("stream", False)  # watch (by query or path) and logs -f
+    if "?" not in f.request.path:
+        return False  # no query to parse (every response asks, masked or not)
     query = f.request.query
     return query.get("watch", "") in ("true", "1") or query.get("follow", "") in ("true", "1")
 
@@ -203,8 +205,8 @@ class Masking:
     @guarded
     def responseheaders(self, f: http.HTTPFlow) -> None:
         c = context.of(f)
-        if c.protocol == "mcp":
-            return  # masked message by message, with the tools offered filtered first: addons/mcpguard.py
+        if context.own_masking(c):
+            return  # MCP message by message (addons/mcpguard.py), completions part by part (addons/modelguard.py)
         masks = context.response_masks(context.of(f))
         if c.decision is None or c.decision.effect != "allow" or f.response.status_code == 101:
             return  # our own refusals carry nothing to mask; upgraded sessions are masked per frame
@@ -252,8 +254,8 @@ class Masking:
     @guarded
     async def response(self, f: http.HTTPFlow) -> None:
         c = context.of(f)
-        if c.protocol == "mcp":
-            return  # addons/mcpguard.py
+        if context.own_masking(c):
+            return  # addons/mcpguard.py, addons/modelguard.py
         if c.stream is not None:
             c.masking = {**c.stream.report.as_dict(), **(c.masking or {})}
             c.response_body = bytes(c.stream.sent)

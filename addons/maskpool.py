@@ -27,7 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from addons.context import Context
-from addons.engine import mcp
+from addons.engine import llm, mcp
 from addons.engine.config import MaskingConfig
 from addons.engine.masks import (
     FRAMING_HEADERS,
@@ -84,9 +84,12 @@ def _ping() -> int:
 
 
 def masked_body(masker: Masker, content: bytes, content_type: str) -> tuple[bytes, Report]:
-    """A body masked as what it is: MCP messages message by message, anything else by type."""
+    """A body masked as what it is: MCP messages message by message, a model call's prompt
+    or completion part by part, anything else by type."""
     if content_type == mcp.MCP_MESSAGES:
         return mcp.mask_body(masker, content)
+    if content_type.startswith(llm.TYPE_PREFIX):
+        return llm.mask_body(masker, content, content_type)
     return masker.body(content, content_type)
 
 
@@ -183,22 +186,13 @@ class MaskPool:
     async def mask(self, content: bytes, content_type: str, masks: tuple) -> tuple[bytes, dict]:
         """The masked body and its report; MaskError for bodies that cannot be masked."""
         timeout = self.masking.timeout
-        if len(content) <= INLINE and self.detector is not None and self.inline:
-            masker = self._local(masks_json(masks))
-            try:
-                out, report = await asyncio.wait_for(asyncio.to_thread(masked_body, masker, content, content_type),
-                                                     timeout)
-            except MaskError:
-                raise
-            except TimeoutError:
-                self.inline = False  # a detector that hung here stays out of this process
-                logger.error("custody: masking in the gateway process hung; using the workers only from now on")
-                raise MaskUnavailable(f"masking did not finish within {timeout:g}s") from None
-            except Exception as e:
-                raise MaskUnavailable(f"masking failed: {type(e).__name__}: {e}") from None
-            return out, report.as_dict()
         deadline = time.monotonic() + timeout
+        if len(content) <= INLINE and self._here():
+            return await self._mask_here(content, content_type, masks, deadline)
         for attempt in (1, 2):  # a pool found broken is replaced, and the job tried on the new one
+            if attempt == 2 and self._here() and self.ready is not None and not self.ready.done():
+                # the new workers are still loading: this process's detector masks meanwhile
+                return await self._mask_here(content, content_type, masks, deadline)
             executor = await self._ready(deadline)
             try:
                 job = asyncio.get_running_loop().run_in_executor(
@@ -222,6 +216,26 @@ class MaskPool:
             except Exception as e:
                 raise MaskUnavailable(f"masking failed: {type(e).__name__}: {e}") from None
         raise MaskUnavailable("masking could not run")
+
+    def _here(self) -> bool:
+        """Whether this process's own detector may mask (loaded, and never found hung)."""
+        return self.detector is not None and self.inline
+
+    async def _mask_here(self, content: bytes, content_type: str, masks: tuple, deadline: float) -> tuple[bytes, dict]:
+        timeout = self.masking.timeout
+        masker = self._local(masks_json(masks))
+        try:
+            out, report = await asyncio.wait_for(asyncio.to_thread(masked_body, masker, content, content_type),
+                                                 max(0.0, deadline - time.monotonic()))
+        except MaskError:
+            raise
+        except TimeoutError:
+            self.inline = False  # a detector that hung here stays out of this process
+            logger.error("custody: masking in the gateway process hung; using the workers only from now on")
+            raise MaskUnavailable(f"masking did not finish within {timeout:g}s") from None
+        except Exception as e:
+            raise MaskUnavailable(f"masking failed: {type(e).__name__}: {e}") from None
+        return out, report.as_dict()
 
     async def _ready(self, deadline: float) -> ProcessPoolExecutor:
         """The pool once its workers answer; restarted when it failed to start."""

@@ -4,8 +4,8 @@ Publishes the development issuer's discovery document and JWKS, so services behi
 gateway can verify the same tokens, a liveness check (`/healthz`: the process answers) and a
 readiness check (`/readyz`: 503 with the reasons while the audit store is unavailable, the
 rules or masking are not ready, or the gateway is stopping; what a load balancer asks),
-both naming the replica that answered, the approvals page (which then signs
-in with a token), and the ssh bridges' host keys as a known_hosts file, so an agent that
+both naming the replica that answered, the approvals page (which then signs in with SSO,
+addons/signin.py, or a token), and the ssh bridges' host keys as a known_hosts file, so an agent that
 trusts the gateway (its CA) trusts the bridges without a first-time prompt
 (`custody ssh-config` fetches it). These need no token; everything else on the gateway host goes
 through the chain to the approvals API.

@@ -17,6 +17,7 @@ Needs `wrk` (Debian package `wrk`; installed automatically when running as root)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -57,6 +58,29 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"nothing listening on {port}")
+
+
+def ready(port: int, workers: int = 1, timeout: float = 60) -> None:
+    """Wait until `workers` replicas behind `port` say they are ready on `/readyz` (each fresh
+    connection reaches one of them): a gateway still starting burns a core loading its
+    masking workers' recognizers, and measuring then understates it."""
+    seen, deadline = set(), time.monotonic() + timeout
+    while len(seen) < workers and time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                sock.sendall(b"GET http://custody.gateway/readyz HTTP/1.1\r\nhost: custody.gateway\r\n"
+                             b"connection: close\r\n\r\n")
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            if head.startswith(b"HTTP/1.1 200"):
+                seen.add(json.loads(body)["replica"])
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    if len(seen) < workers:
+        sys.exit(f"only {len(seen)} of {workers} workers became ready")
 
 
 def ensure_tool(name: str, needed_by: str) -> str:
@@ -167,6 +191,8 @@ def main() -> None:
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
                 try:
                     wait_port(port, proc)
+                    if tok:
+                        ready(port)
                     load(wrk, port, url, host, tok, args.connections, 2)  # warm up
                     throughput = load(wrk, port, url, host, tok, args.connections, args.duration)
                     latency = load(wrk, port, url, host, tok, 1, max(3, args.duration // 2))

@@ -23,7 +23,6 @@ Needs wrk and haproxy (Debian packages; installed automatically when running as 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -38,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from http_overhead import BIN, ensure_tool, ensure_wrk, free_port, load, setup, wait_port  # noqa: E402
+from http_overhead import BIN, ensure_tool, ensure_wrk, free_port, load, ready, setup, wait_port  # noqa: E402
 
 from addons.engine.store import open_location  # noqa: E402
 from examples.samples.postgres import PostgresServer  # noqa: E402
@@ -56,28 +55,6 @@ frontend gateway
 backend replicas
     server gateway 127.0.0.1:{backend}
 """
-
-
-def ready(port: int, workers: int, timeout: float = 60) -> None:
-    """Wait until `workers` replicas behind `port` say they are ready (each fresh connection
-    reaches one of them): a worker still starting burns a core loading its recognizers."""
-    seen, deadline = set(), time.monotonic() + timeout
-    while len(seen) < workers and time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-                sock.sendall(b"GET http://custody.gateway/readyz HTTP/1.1\r\nhost: custody.gateway\r\n"
-                             b"connection: close\r\n\r\n")
-                answer = b""
-                while chunk := sock.recv(65536):
-                    answer += chunk
-            head, _, body = answer.partition(b"\r\n\r\n")
-            if head.startswith(b"HTTP/1.1 200"):
-                seen.add(json.loads(body)["replica"])
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.1)
-    if len(seen) < workers:
-        sys.exit(f"only {len(seen)} of {workers} workers became ready")
 
 
 def cpu_seconds(root: int) -> float:

@@ -4,6 +4,7 @@ held flow, a late replay and the console; plus the Slack rendering of hostile in
 from __future__ import annotations
 
 import asyncio
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,8 @@ from addons.auditlog import AuditLog
 from addons.engine.approval import APPROVED, DENIED, EXECUTED, ApprovalError, fingerprint
 from addons.engine.config import ApprovalsConfig, StoreConfig
 from addons.engine.model import Decision, Operation, Principal, Review
-from addons.engine.notify import Notifier, slack
+from addons.engine.notify import Notifier
+from addons.engine.slack import message as slack_message
 
 REQUESTER = Principal("crew-buyer", "idp", ("buyers",), asserted={"model": "gpt-4o)\n*URGENT* <https://evil.example/login|Approve>"})
 MANAGER = Principal("manager-1", "idp", ("managers",))
@@ -29,7 +31,7 @@ def book(tmp_path):
     log = AuditLog(settings)
     log.open(StoreConfig(path=str(tmp_path / "audit.db")))
     b = ApprovalBook(settings, log)
-    b.notifier = Notifier(ApprovalsConfig(None, "http://gw"), b._notified)
+    b.notifier = Notifier(ApprovalsConfig(None, "http://gw"), b._notified, b._posted, b._current)
     yield b
     log.done()
 
@@ -108,7 +110,8 @@ def test_slack_messages_cannot_carry_agent_links_or_formatting(book):
     async def scenario():
         return await book.open(REQUESTER, OPERATION, {"body": "{}"}, fp(), DECISION, "flow-1", "s")
 
-    message = slack("pending", run(scenario()), "http://gw")
-    assert "<https://evil.example" not in message["text"] and "*URGENT*" not in message["text"]
-    assert "&lt;https://evil.example/login|Approve&gt;" in message["text"]
-    assert message["text"].count("\n") == 3  # the agent's newline did not make a line of its own
+    text, blocks = slack_message(run(scenario()), "http://gw")
+    every = json.dumps([text, blocks])
+    assert "<https://evil.example" not in every and "*URGENT*" not in every
+    assert "&lt;https://evil.example/login|Approve&gt;" in text
+    assert "\n" not in text  # the agent's newline did not make a line of its own

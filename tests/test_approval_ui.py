@@ -3,11 +3,8 @@ mitmweb's own intercept controls (resume approves as the console operator, kill 
 
 from __future__ import annotations
 
-import shutil
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from tests.support.approvals import (
     Approver,
@@ -16,12 +13,9 @@ from tests.support.approvals import (
     send,
     start,
 )
+from tests.support.approvers import agents, browser  # noqa: F401  (fixtures)
 from tests.support.mitmweb import Mitmweb
 from tests.support.servers import free_port
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +23,6 @@ def gw(tmp_path_factory, servers):
     gateway = start(make_gateway(tmp_path_factory.mktemp("ui"), servers))
     yield gateway
     gateway.stop()
-
-
-@pytest.fixture
-def agents():
-    pool = ThreadPoolExecutor(max_workers=4)
-    yield pool
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def test_an_approver_signs_in_and_approves_in_the_browser(gw, browser, agents, token, upstream):

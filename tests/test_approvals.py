@@ -23,24 +23,28 @@ from tests.support.approvals import (
 )
 from tests.support.gateway import BIN, Gateway
 from tests.support.servers import Receiver
+from tests.support.slack import SlackStandIn
+
+SLACK_CHANNEL = "C0APPROVALS"
 
 
 @pytest.fixture(scope="module")
 def hooks():
-    json_hook, slack_hook, broken = Receiver(), Receiver(), Receiver(failing=True)
-    yield json_hook, slack_hook, broken
-    for r in (json_hook, slack_hook, broken):
+    json_hook, slack_api, broken = Receiver(), SlackStandIn("xoxb-test-bot", "slack-signing-secret"), Receiver(failing=True)
+    yield json_hook, slack_api, broken
+    for r in (json_hook, slack_api, broken):
         r.stop()
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, servers, hooks) -> Gateway:
-    json_hook, slack_hook, broken = hooks
+    json_hook, slack_api, broken = hooks
     gateway = start(make_gateway(tmp_path_factory.mktemp("approvals"), servers, webhooks=[
         {"url": json_hook.url, "format": "json"},
-        {"url": slack_hook.url, "format": "slack", "events": ["pending", "decided"]},
         {"url": broken.url},
-    ]))
+    ], approvals={"slack": {"bot_token": "env:SLACK_BOT_TOKEN", "signing_secret": "env:SLACK_SIGNING_SECRET",
+                            "channels": [SLACK_CHANNEL], "api_url": slack_api.api_url}},
+        env={"SLACK_BOT_TOKEN": "xoxb-test-bot", "SLACK_SIGNING_SECRET": "slack-signing-secret"}))
     yield gateway
     gateway.stop()
 
@@ -224,7 +228,7 @@ def test_held_requests_do_not_hold_up_anyone_else(gw, people, agents, token, ups
 
 
 def test_webhooks_carry_pending_and_decided(gw, people, agents, hooks):
-    json_hook, slack_hook, broken = hooks
+    json_hook, slack_api, broken = hooks
     held = agents.submit(send, gw, people["buyer"], "/orders", {"quantity": 600, "tag": "hooked"},
                          **{"X-Custody-Model": "gpt-4o", "X-Custody-Task": "restock"})
     approval = pending_for(people["m1"], "hooked")
@@ -235,11 +239,13 @@ def test_webhooks_carry_pending_and_decided(gw, people, agents, hooks):
     assert pending["approval"]["operation"]["summary"] == "POST /orders on api"
     assert pending["approval"]["rules"] == ["orders-need-two-managers"]
     assert pending["links"]["page"] == f"{gw.approvals_url}/#/approvals/{approval['id']}"
-    slack = wait_for(lambda: next((h for h in slack_hook.received if approval["id"] in h["text"]), None))
+    slack = wait_for(lambda: next((c.params for c in slack_api.called("chat.postMessage")
+                                   if approval["id"] in json.dumps(c.params["blocks"])), None))
+    assert slack["channel"] == SLACK_CHANNEL
     assert "*crew-buyer* (gpt-4o) wants to `POST /orders on api` (risk 40)" in slack["text"]
-    assert f"<{gw.approvals_url}/#/approvals/{approval['id']}/approve|Approve>" in slack["text"]
-    buttons = slack["blocks"][1]["elements"]
-    assert [b["url"].rsplit("/", 1)[-1] for b in buttons] == ["approve", "deny"]
+    buttons = next(b for b in slack["blocks"] if b["type"] == "actions")["elements"]
+    assert [(b["action_id"], b.get("value")) for b in buttons[:2]] == [("approve", approval["id"]), ("deny", approval["id"])]
+    assert buttons[-1]["url"] == f"{gw.approvals_url}/#/approvals/{approval['id']}"  # a link only opens the page
     # the broken receiver was retried, gave up, and that did nothing to the hold
     wait_for(lambda: any(s["detail"].get("step") == "notify_failed" for s in people["m1"].show(approval["id"])["timeline"]))
     assert broken.attempts >= 3 and not held.done()
@@ -252,7 +258,7 @@ def test_webhooks_carry_pending_and_decided(gw, people, agents, hooks):
     assert [v["approver"] for v in decided["approval"]["votes"]] == ["manager-1", "manager-2"]
     timeline = people["m1"].show(approval["id"])["timeline"]
     notified = {(e["detail"]["notification"], e["detail"]["target"]) for e in timeline if e["detail"].get("step") == "notified"}
-    assert ("pending", json_hook.url) in notified and ("pending", slack_hook.url) in notified
+    assert ("pending", json_hook.url) in notified and ("pending", f"slack:{SLACK_CHANNEL}") in notified
 
 
 # the API itself

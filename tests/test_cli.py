@@ -34,6 +34,8 @@ def setup(tmp_path):
     doc["connections"][3]["host_key"] = "bridge-host-key"
     doc["connections"][4]["credential"]["secret"] = "file:api.token"
     doc["connections"][5]["mcp"]["stdio"]["secrets"]["SAMPLE_MCP_SECRET"] = "file:api.token"
+    for models in doc["connections"][6:8]:
+        models["credential"]["secret"], models["tls"]["ca_file"] = "file:api.token", "cluster-ca.pem"
     doc["rules"] = str(ROOT / "rules")
     doc["store"]["path"] = "audit.db"
     (tmp_path / "api.token").write_text("t")
@@ -87,7 +89,7 @@ def test_token_needs_the_dev_issuer(setup):
 
 def test_rules_check(setup, tmp_path):
     ok = setup("rules", "check")
-    assert ok.returncode == 0 and ok.stdout.startswith("ok: 32 rules in 5 files")
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: 34 rules in 6 files")
     bad_dir = tmp_path / "bad-rules"
     bad_dir.mkdir()
     (bad_dir / "x.yaml").write_text(yaml.safe_dump({"rules": [

@@ -76,3 +76,27 @@ def test_client_credentials_are_cached_and_refreshed_before_expiry(endpoint):
 def test_client_credentials_refused_say_why(endpoint):
     with pytest.raises(ClientError, match=r"401 .*invalid_client"):
         ClientCredentials("crew", "wrong", token_url=endpoint.url).token()
+
+
+def test_the_helper_states_a_justification_in_every_channel():
+    custody = Custody("http://127.0.0.1:8080", "/ca.pem", StaticToken("tok.en"))
+    why = "customer 88 was charged twice " + "x" * 900
+    with custody.justify(why):
+        assert custody.headers()["x-custody-justification"] == why.strip()  # a justification keeps 1024 characters
+        assert custody.ssh_env()["CUSTODY_JUSTIFICATION"] == why.strip()
+        assert user_attributes(custody.proxy_url().split("//")[1].split(":")[0])["justification"] == why
+    assert "justification" not in custody.attributes()
+
+
+@pytest.mark.parametrize("description, expected, justification", [
+    ("Restock item 7\n  before noon", "an order id", "Restock item 7 before noon (expected: an order id)"),
+    ("Restock item 7", "", "Restock item 7"),
+    ("", "", ""),
+])
+def test_a_crewai_task_is_the_default_justification(description, expected, justification):
+    from types import SimpleNamespace
+
+    from addons.client.crew import task_justification
+
+    assert task_justification(SimpleNamespace(description=description, expected_output=expected)) == justification
+    assert task_justification(None) == ""

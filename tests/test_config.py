@@ -57,7 +57,7 @@ def test_base_parses(tmp_path):
 @pytest.mark.parametrize(
     "change, value, message",
     [
-        ("connections.0.kind", "ftp", "connections[0].kind: 'ftp' is not one of ['http', 'kubernetes', 'postgres', 'ssh', 'mcp']"),
+        ("connections.0.kind", "ftp", "connections[0].kind: 'ftp' is not one of ['http', 'kubernetes', 'postgres', 'ssh', 'mcp', 'llm']"),
         ("connections.0.name", "Bad Name", "connections[0].name: 'Bad Name' does not match"),
         ("connections.0.hosts", [], "connections[0].hosts: [] should be non-empty"),
         ("connections.0.credential.secret", "hunter2", "connections[0].credential.secret: 'hunter2' does not match"),
@@ -74,6 +74,15 @@ def test_base_parses(tmp_path):
         ("identity.issuers.0.leeway", "soon", "identity.issuers[0].leeway: 'soon' does not match"),
         ("identity.dev_issuer", {"enabled": True}, "identity.dev_issuer.key_file: required when enabled"),
         ("identity.colour", "blue", "identity: unknown field ('colour' was unexpected)"),
+        ("limits", {"connections": 0}, "limits.connections: 0 is less than the minimum of 1"),
+        ("limits", {"authenticate": 0}, "limits.authenticate: must be more than 0"),
+        ("limits", {"idle": "0s"}, "limits.idle: must be more than 0"),
+        ("limits", {"header_lines": 2}, "limits.header_lines: 2 is less than the minimum of 8"),
+        ("limits", {"header_bytes": 100}, "limits.header_bytes: 100 is less than the minimum of 1024"),
+        ("limits", {"idle": "soon"}, "limits.idle: 'soon' does not match"),
+        ("connections.0.limits", {"header_lines": 10}, "connections[0].limits: unknown field ('header_lines' was unexpected)"),
+        ("connections.0.limits", {"idle": "5m"}, "connections[0].limits.idle: only the bridges (postgres, ssh) have their own"),
+        ("connections.0.limits", {"authenticate": 0}, "connections[0].limits.authenticate: must be more than 0"),
     ],
 )
 def test_errors_name_file_and_field(tmp_path, change, value, message):
@@ -123,10 +132,15 @@ def test_sample_configuration_is_valid(monkeypatch, tmp_path):
     doc["connections"][3]["known_hosts"] = "cluster-ca.pem"
     doc["connections"][4]["credential"]["secret"] = "file:sample-api.token"
     doc["connections"][5]["mcp"]["stdio"]["secrets"]["SAMPLE_MCP_SECRET"] = "file:sample-api.token"
+    for models in doc["connections"][6:8]:
+        models["credential"]["secret"] = "file:sample-api.token"
+        models["tls"]["ca_file"] = "cluster-ca.pem"
     (tmp_path / "cluster-ca.pem").write_text("")
     cfg = config.parse(doc, str(tmp_path / "custody.yaml"))
     assert [(c.name, c.kind, c.mcp.stdio is not None) for c in cfg.connections[4:6]] == [
         ("tickets", "mcp", False), ("tickets-local", "mcp", True)]
+    assert [(c.name, c.kind, c.llm.api, c.bearer_is_gateway) for c in cfg.connections[6:8]] == [
+        ("models", "llm", "openai", True), ("models-anthropic", "llm", "anthropic", True)]
     assert cfg.identity.dev_issuer is not None
     assert [(c.name, c.kind, c.bearer_is_gateway) for c in cfg.connections[:4]] == [
         ("sample-api", "http", False), ("prod-k8s", "kubernetes", True), ("prod-db", "postgres", False),
@@ -239,3 +253,85 @@ def test_only_http_connections_route_case_insensitively(tmp_path):
     doc["connections"][0]["kind"] = "kubernetes"
     with pytest.raises(config.ConfigError, match=r"connections\[0\].paths: only http connections"):
         config.parse(doc, str(tmp_path / "c.yaml"))
+
+
+def test_limits_default_and_a_connection_s_own_override_the_top_level(tmp_path):
+    assert config.parse(BASE, str(tmp_path / "c.yaml")).limits == config.LimitsConfig(
+        connections=1000, authenticate=30.0, idle=600.0, header_lines=100, header_bytes=65536)
+    doc = with_("limits", {"connections": 50, "idle": "2m", "header_lines": 40})
+    doc["connections"].append({"name": "db", "kind": "postgres", "hosts": ["db.internal"],
+                               "upstream": "postgresql://127.0.0.1:5432/shop", "listen": "127.0.0.1:15432",
+                               "credential": {"type": "password", "username": "app", "secret": "env:HOME"},
+                               "limits": {"connections": 5, "idle": "1h"}})
+    cfg = config.parse(doc, str(tmp_path / "c.yaml"))
+    api, db = cfg.connections[:2]
+    assert cfg.limits == config.LimitsConfig(connections=50, idle=120.0, header_lines=40)
+    assert api.limits == cfg.limits
+    assert db.limits == config.LimitsConfig(connections=5, authenticate=30.0, idle=3600.0, header_lines=40)
+
+
+def test_an_ssh_command_ends_before_the_gateway_would_close_its_silent_stream(tmp_path):
+    (tmp_path / "known_hosts").write_text("")
+    conn = {"name": "web", "kind": "ssh", "hosts": ["web.internal"], "upstream": "ssh://deploy@10.0.0.5:22",
+            "credential": {"type": "private_key", "secret": "env:HOME"}, "known_hosts": "known_hosts",
+            "command_timeout": "10m"}
+    doc = {"connections": [conn], "rules": "rules", "store": {"path": "a.db"}}
+    with pytest.raises(config.ConfigError, match=re.escape(
+            "connections[0].command_timeout: 600s is not shorter than limits.idle (600s)")):
+        config.parse(doc, str(tmp_path / "c.yaml"))
+    doc["limits"] = {"idle": "11m"}
+    assert config.parse(doc, str(tmp_path / "c.yaml")).connections[0].command_timeout == 600.0
+
+
+def test_one_listen_address_has_one_set_of_limits(tmp_path):
+    (tmp_path / "known_hosts").write_text("")
+    web = {"kind": "ssh", "upstream": "ssh://deploy@10.0.0.5:22", "credential": {"type": "private_key", "secret": "env:HOME"},
+           "known_hosts": "known_hosts", "listen": "127.0.0.1:2222"}
+    doc = {"connections": [{"name": "a", "hosts": ["a.internal"], **web},
+                           {"name": "b", "hosts": ["b.internal"], "limits": {"connections": 5}, **web}],
+           "rules": "rules", "store": {"path": "a.db"}}
+    with pytest.raises(config.ConfigError, match="a and b listen on 127.0.0.1:2222 with different limits"):
+        config.parse(doc, str(tmp_path / "c.yaml"))
+    doc["connections"][0]["limits"] = {"connections": 5}
+    assert config.parse(doc, str(tmp_path / "c.yaml")).connections[1].limits.connections == 5
+OIDC = {"issuer": "https://idp.example", "client_id": "custody", "client_secret": "env:CFG_TEST_SECRET"}
+SLACK = {"bot_token": "env:CFG_TEST_SECRET", "signing_secret": "file:slack.secret", "channels": ["C0OPS"],
+         "users": {"U0ALICE": "Alice@Example.com"}}
+
+
+def test_approvers_sign_in_and_slack_settings(tmp_path):
+    (tmp_path / "slack.secret").write_text("signing\n")
+    (tmp_path / "idp.xml").write_text("<EntityDescriptor/>")
+    cfg = config.parse(with_("approvals", {"public_url": "https://approvals.example", "session_ttl": "2h", "oidc": OIDC,
+                                           "saml": {"idp_metadata": "idp.xml"}, "slack": SLACK}),
+                       str(tmp_path / "custody.yaml"))
+    a = cfg.approvals
+    assert (a.session_ttl, a.oidc.client_id, a.oidc.client_secret, a.oidc.groups_from) == (7200, "custody", "s3cret", "id_token")
+    assert a.oidc.issuer is cfg.identity.issuers[0]  # the same trusted issuer: one set of keys, one groups claim
+    assert a.saml.entity_id == "https://approvals.example/auth/saml/metadata"
+    assert (a.slack.signing_secret, a.slack.users, a.slack.api_url) == ("signing", (("U0ALICE", "alice@example.com"),),
+                                                                        "https://slack.com/api/")
+
+
+@pytest.mark.parametrize("approvals, message", [
+    ({"oidc": {**OIDC, "issuer": "https://other.example"}},
+     "approvals.oidc: https://other.example must also be in identity.issuers with 'custody' among its audiences"),
+    ({"oidc": {**OIDC, "client_id": "approvals-page"}},
+     "approvals.oidc: https://idp.example must also be in identity.issuers with 'approvals-page' among its audiences"),
+    ({"oidc": {**OIDC, "client_secret": "hunter2"}}, "approvals.oidc.client_secret: 'hunter2' does not match"),
+    ({"slack": {**SLACK, "signing_secret": "env:CFG_NO_SUCH_SECRET"}},
+     "approvals.slack.signing_secret: environment variable CFG_NO_SUCH_SECRET is not set"),
+    ({"slack": {**SLACK, "channels": []}}, "approvals.slack.channels: [] should be non-empty"),
+    ({"saml": {"idp_metadata": "missing.xml"}}, "approvals.saml.idp_metadata: no such file"),
+])
+def test_approvers_settings_errors(tmp_path, approvals, message):
+    (tmp_path / "slack.secret").write_text("signing\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(with_("approvals", approvals), str(tmp_path / "custody.yaml"))
+    assert message in str(e.value)
+
+
+def test_slack_webhooks_gave_way_to_interactive_messages(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"notify.webhooks\[0\].format: 'slack' is not one of \['json'\]"):
+        config.parse(with_("notify", {"webhooks": [{"url": "https://hooks.example/x", "format": "slack"}]}),
+                     str(tmp_path / "custody.yaml"))

@@ -3,6 +3,7 @@ reason, recorded, and nothing reaches the upstream; good tokens work from every 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -12,8 +13,16 @@ import socket
 import ssl
 import time
 
+import jwt
 import pytest
+from mitmproxy.http import Headers
 
+from addons.engine import devissuer
+from addons.engine.bridge import POSTGRES, SSH, Link, Refusal, step
+from addons.engine.config import IdentityConfig, Issuer
+from addons.engine.errors import Error
+from addons.engine.tokens import TokenError, Verifier, well_formed
+from addons.identity import proxy_credentials
 from examples.samples.pki import SigningKey
 from tests.conftest import standard_gateway
 from tests.support.gateway import Gateway
@@ -84,6 +93,10 @@ CASES = [
     ("no expiry", "token lacks the 'exp' claim"),
     ("unknown kid", "unknown signing key id 'rsa-2'"),
     ("oversized", "token too large ({size} bytes, limit 4096)"),
+    ("four parts", "malformed token"),
+    ("a header that is a list", "malformed token"),
+    ("an expiry too large for a time", "token expiry (exp) is not a time"),
+    ("an issue time that is not a number", "token issue time (iat) is not a time"),
 ]
 
 
@@ -112,6 +125,10 @@ def forge(keys: dict[str, SigningKey], iss: str) -> dict[str, str | None]:
         "no expiry": rsa.token(iss, exp=None),
         "unknown kid": keys["next"].token(iss),
         "oversized": rsa.token(iss, padding="x" * 5000),
+        "four parts": f"{good[0]}.{good[1]}.{good[2]}.{good[2]}",
+        "a header that is a list": f"{b64(b'[1]')}.{good[1]}.{good[2]}",
+        "an expiry too large for a time": rsa.token(iss, exp=10**400),  # an int that float() cannot hold
+        "an issue time that is not a number": rsa.token(iss, iat=[1]),
     }
 
 
@@ -243,6 +260,7 @@ def test_jwks_down_cached_keys_work_unknown_keys_fail_closed(idgw, rotating):
     [
         (None, "no token: send Authorization: Bearer"),
         ("Bearer not-a-jwt", "malformed token"),
+        ("Bearer eyJ\xff.e30.sig", "malformed token"),  # a byte that is not UTF-8 (sent as latin-1)
         ("Basic Zm9vOmJhcg==", "no token: send Authorization: Bearer"),
     ],
 )
@@ -260,8 +278,6 @@ def test_without_a_token_other_connections_refuse_the_tunnel(idgw, nothing_reach
 
 
 def test_development_issuer_tokens_and_its_published_jwks(tmp_path, servers):
-    import jwt
-
     gw = standard_gateway(tmp_path, servers, identity={"dev_issuer": {"enabled": True, "key_file": "dev.pem"}}).start()
     try:
         minted = gw.custody("token", "--sub", "crew-analyst", "--groups", "analysts", "--model", "gpt-4o", check=True)
@@ -278,3 +294,151 @@ def test_development_issuer_tokens_and_its_published_jwks(tmp_path, servers):
         assert recorded["model"] == "gpt-4o" and recorded["effect"] == "allow"
     finally:
         gw.stop()
+
+
+# malformed token input, case by case: a refusal with its reason, never a failure (502)
+
+
+@pytest.mark.parametrize("token, shaped", [
+    ("aGVhZA.Ym9keQ.c2ln", True),
+    ("aGVhZA.Ym9keQ.", True),  # unsigned (alg none): refused for its algorithm, not its shape
+    ("aGVhZA==.Ym9keQ.c2ln", True),  # padding PyJWT accepts
+    ("", False),
+    ("aGVhZA.Ym9keQ", False),
+    ("aGVhZA.Ym9keQ.c2ln.c2ln", False),
+    (".Ym9keQ.c2ln", False),
+    ("aGVhZA..c2ln", False),
+    ("aGVh ZA.Ym9keQ.c2ln", False),
+    ("aGVhZA.Ym9keQ.c2ln ", False),
+    ("aGVhZA.Ym9keQ.c2ln\n", False),
+    ("aGVhZA.Ym9keQ.c2ln\r\nX-Custody-Task: injected", False),
+    ("aGVhZA.Ym9keQ.c2l+", False),  # base64, not base64url
+    ("aGVh\u00e9ZA.Ym9keQ.c2ln", False),
+    ("aGVh\udcffZA.Ym9keQ.c2ln", False),  # a byte that was not UTF-8, as mitmproxy decodes it
+    ("aGVhZA.Ym9keQ.c2ln\x00", False),
+])
+def test_only_a_token_shaped_as_a_jwt_is_well_formed(token, shaped):
+    assert well_formed(token) is shaped
+
+
+DEV_ISSUER = "https://dev.test"
+
+
+@pytest.fixture(scope="module")
+def dev_key(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("dev") / "dev.pem")
+    return path, devissuer.ensure_key(path), devissuer.public_jwk(devissuer.ensure_key(path))["kid"]
+
+
+def signed(dev_key, header: dict | None = None, **claims) -> str:
+    """A token signed by the dev issuer's key, with `claims` over good ones (None drops one)."""
+    _, key, kid = dev_key
+    now = int(time.time())
+    payload = {"iss": DEV_ISSUER, "aud": "custody", "sub": "crew-analyst", "iat": now, "exp": now + 600,
+               "groups": ["analysts"], **claims}
+    return jwt.encode({k: v for k, v in payload.items() if v is not None}, key, algorithm="ES256",
+                      headers={"kid": kid, **(header or {})})
+
+
+def unsigned(header: dict | bytes, payload: dict | bytes) -> str:
+    """A token with these segments, as written (a signature PyJWT never gets to check)."""
+    return f"{b64(header)}.{b64(payload)}.c2ln"
+
+
+MALFORMED = {
+    # not shaped as a JWT
+    "bytes that are not ASCII": (lambda k: "eyJ\u00e9.e30.c2ln", "malformed token"),
+    "a byte that was not UTF-8": (lambda k: "eyJ\udcff.e30.c2ln", "malformed token"),
+    "a line break and a header": (lambda k: signed(k) + "\r\nX-Custody-Task: injected", "malformed token"),
+    "a space inside": (lambda k: signed(k).replace(".", " .", 1), "malformed token"),
+    "two segments": (lambda k: signed(k).rsplit(".", 1)[0], "malformed token"),
+    "four segments": (lambda k: signed(k) + ".c2ln", "malformed token"),
+    "an empty header": (lambda k: "." + signed(k).split(".", 1)[1], "malformed token"),
+    "too large": (lambda k: "a" * 9000, "token too large (9000 bytes, limit 8192)"),
+    # shaped as one, but what the segments hold is not
+    "a header that is not JSON": (lambda k: unsigned(b"{", {}), "malformed token"),
+    "a header that is a list": (lambda k: unsigned(b"[1]", {}), "malformed token"),
+    "a header nested deeper than it should": (lambda k: unsigned(b"[" * 1500 + b"]" * 1500, {}), "malformed token"),
+    "a payload that is a list": (lambda k: unsigned({"alg": "ES256"}, b"[1]"), "malformed token"),
+    "a payload that is not UTF-8": (lambda k: unsigned({"alg": "ES256"}, b'{"iss": "\xff"}'), "malformed token"),
+    "a payload number past what int() reads": (lambda k: unsigned({"alg": "ES256"}, b'{"iss": ' + b"9" * 5000 + b"}"),
+                                               "malformed token"),
+    "a kid that is a number": (lambda k: unsigned({"alg": "ES256", "kid": 7}, {"iss": DEV_ISSUER}), "malformed token"),
+    "an alg that is a list": (lambda k: unsigned({"alg": ["ES256"]}, {"iss": DEV_ISSUER}),
+                              "algorithm ['ES256'] is not allowed"),
+    "an issuer that is a list": (lambda k: unsigned({"alg": "ES256"}, {"iss": [DEV_ISSUER]}),
+                                 "token has no issuer (iss)"),
+    # signed by the issuer, with claims of the wrong type
+    "an expiry too large for a time": (lambda k: signed(k, exp=10**400), "token expiry (exp) is not a time"),
+    "an expiry that is a list": (lambda k: signed(k, exp=[1]),
+                                 "invalid token: Expiration Time claim (exp) must be an integer."),
+    "an expiry that is not a number": (lambda k: signed(k, exp="soon"),
+                                       "invalid token: Expiration Time claim (exp) must be an integer."),
+    "an issue time that is an object": (lambda k: signed(k, iat={}), "token issue time (iat) is not a time"),
+    "a not-before that is a list": (lambda k: signed(k, nbf=[]),
+                                    "invalid token: Not Before claim (nbf) must be an integer."),
+    "a subject that is a list": (lambda k: signed(k, sub=["a"]), "invalid token: Subject must be a string"),
+    "a token id that is an object": (lambda k: signed(k, jti={}), "invalid token: JWT ID must be a string"),
+    "an audience of numbers": (lambda k: signed(k, aud=[1]), "token audience is not accepted"),
+    "groups that are not names": (lambda k: signed(k, groups=[["analysts"]]),
+                                  "claim 'groups' is not a list of group names"),
+    "groups nested deeply": (lambda k: signed(k, groups=json.loads("[" * 1000 + "]" * 1000)),
+                             "claim 'groups' is not a list of group names"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_token_is_refused_with_its_reason_never_a_failure(dev_key, case):
+    make, reason = MALFORMED[case]
+    path, _, _ = dev_key
+    verifier = Verifier(IdentityConfig((Issuer(DEV_ISSUER, ("custody",), key_file=path),), None))
+    with pytest.raises(TokenError) as refused:
+        asyncio.run(verifier.verify(make(dev_key)))
+    assert str(refused.value) == reason
+
+
+def test_the_verifier_table_starts_from_a_token_it_accepts(dev_key):
+    path, _, _ = dev_key
+    verifier = Verifier(IdentityConfig((Issuer(DEV_ISSUER, ("custody",), key_file=path),), None))
+    assert asyncio.run(verifier.verify(signed(dev_key))).subject == "crew-analyst"
+
+
+def basic(user: bytes, token: bytes = b"tok") -> str:
+    return "Basic " + base64.b64encode(user + b":" + token).decode()
+
+
+def attributes_user(document: bytes) -> bytes:
+    return b"x-custody." + base64.urlsafe_b64encode(document).rstrip(b"=")
+
+
+@pytest.mark.parametrize("value, credentials", [
+    ("Bearer  tok ", ("tok", {})),
+    ("bearer tok", ("tok", {})),
+    ("Basic !!!", ("", {})),  # not base64
+    ("Basic \u00e9t\u00e9", ("", {})),  # not even ASCII
+    (basic(b"\xff\xfe"), ("", {})),  # a user name that is not UTF-8
+    ("Digest tok", ("", {})),
+    (basic(b"agent"), ("tok", {})),
+    (basic(attributes_user(b'{"task": "restock"}')), ("tok", {"task": "restock"})),
+    (basic(b"x-custody.!!!"), ("tok", {})),  # attributes that are not base64url
+    (basic(attributes_user(b'"restock"')), ("tok", {})),  # not an object
+    (basic(attributes_user(b'{"task": NaN, "agent": "a"}')), ("tok", {"task": "nan", "agent": "a"})),
+    (basic(attributes_user(b"\xff")), ("tok", {})),  # not UTF-8
+    (basic(attributes_user(b"[" * 30000 + b"]" * 30000)), ("tok", {})),  # nested past what json parses
+    (basic(attributes_user(b'{"task": ' + b"[" * 30000 + b"]" * 30000 + b"}")), ("tok", {})),
+])
+def test_proxy_credentials_of_any_shape_give_a_token_or_none(value, credentials):
+    assert proxy_credentials(Headers(proxy_authorization=value)) == credentials
+
+
+@pytest.mark.parametrize("contract", [POSTGRES, SSH], ids=["pg_bridge", "ssh_bridge"])
+@pytest.mark.parametrize("password", ["not-a-jwt", "a.b.c\r\nX-Custody-Task: injected",
+                                      "a.b.c\r\n\r\nPOST http://db.prod.internal/connect HTTP/1.1", "\u00e9.b.c"])
+def test_a_bridge_refuses_a_password_that_is_not_a_jwt_before_it_reaches_the_gateway(contract, password):
+    with socket.socket() as unused:  # a port nothing listens on: a connection attempt would be Unreachable
+        unused.bind(("127.0.0.1", 0))
+        link = Link("127.0.0.1", unused.getsockname()[1])
+        with pytest.raises(Refusal) as refused:
+            asyncio.run(step(link, contract, "db.prod.internal", "connect", password, "s", {}))
+    assert (refused.value.status, refused.value.identity, refused.value.reason) == (407, True, "custody: malformed token")
+    assert refused.value.body["error"] == Error.UNAUTHENTICATED and link.writer is None

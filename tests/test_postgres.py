@@ -482,6 +482,10 @@ def test_cancel_abandons_a_statement_waiting_for_approval(bridge, gw, tokens, pg
         ("not-a-jwt", "custody: malformed token"),
         ("", "fe_sendauth: no password supplied"),
         ("eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.", "custody:"),
+        # refused by pg_bridge itself: in the step's head it would end the line and write the rest
+        ("eyJ.e30.c2ln\r\nX-Custody-Task: injected", "custody: malformed token"),
+        ("eyJ.e30.c2ln\r\n\r\nPOST http://db.prod.internal/connect HTTP/1.1", "custody: malformed token"),
+        ("eyJ\u00e9.e30.c2ln", "custody: malformed token"),
     ],
 )
 def test_bad_tokens_never_open_a_database_session(bridge, gw, pg, password, message):

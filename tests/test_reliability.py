@@ -138,7 +138,7 @@ def test_a_worker_killed_while_idle_is_replaced_and_no_request_sees_it(make, ups
         os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
     r = gw.session(analyst).get("http://api.test/config/idle", timeout=30)
-    assert r.status_code == 200 and AWS_KEY not in r.text and "[AWS_ACCESS_KEY_ID]" in r.text  # tried on the new pool
+    assert r.status_code == 200 and AWS_KEY not in r.text and "[AWS_ACCESS_KEY_ID]" in r.text, (r.text, gw.log()[-3000:])  # tried on the new pool
     assert "restarting the masking workers: a worker died" in gw.log()
     assert gw.proc.poll() is None
 

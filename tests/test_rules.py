@@ -64,6 +64,12 @@ def op(method="GET", path="/items", connection="api", body=None):
          "t.yaml: rule 'm': masks[0]: not a JSONPath"),
         ({"rules": [{"id": "m", "match": {}, "effect": "allow", "masks": [{"fields": "$.a", "operator": "shred"}]}]},
          "t.yaml: rule 'm': masks[0]"),
+        ({"rules": [{"id": "g", "match": {}, "effect": "review",
+                     "review": {"approvers": ["group:managers"], "grants": {"max": "soon"}}}]},
+         "t.yaml: rule 'g': review.grants.max: "),
+        ({"rules": [{"id": "g", "match": {}, "effect": "review",
+                     "review": {"approvers": ["group:managers"], "require_justification": "yes"}}]},
+         "t.yaml: rule 'g': review.require_justification: 'yes' is not of type 'boolean'"),
         ({"rule": []}, "t.yaml: (top level): unknown field"),
         ("just text", "t.yaml: (top level): 'just text' is not of type 'object'"),
     ],
@@ -578,3 +584,13 @@ def test_patch_bodies_are_judged_as_the_server_reads_them(content_type, patch, e
         {"id": "huge", "match": {"body": [{"path": "$.spec.replicas", "op": "gt", "value": 100}]}, "effect": "deny"})
     operation = kube_body("PATCH", "/apis/apps/v1/namespaces/default/deployments/web", patch, content_type)
     assert rules.decide(ANALYST, operation).effect == effect
+
+
+def test_a_review_can_require_a_justification_and_allow_grants():
+    rules = parse_file({"rules": [{"id": "r", "match": {}, "effect": "review", "review": {
+        "approvers": ["group:managers"], "require_justification": True, "grants": {"max": "30m"}}}]}, "t.yaml")
+    review = rules[0].review
+    assert (review.require_justification, review.grant_max) == (True, 1800.0)
+    plain = parse_file({"rules": [{"id": "p", "match": {}, "effect": "review", "review": {"approvers": ["subject:x"]}}]},
+                       "t.yaml")[0].review
+    assert (plain.require_justification, plain.grant_max) == (False, 0.0)

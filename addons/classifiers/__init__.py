@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from addons.classifiers import http, kubernetes, mcp, postgres, ssh
+from addons.classifiers import http, kubernetes, llm, mcp, postgres, ssh
 from addons.engine.model import Operation, Request
 
 Classifier = Callable[[str, Request], Operation]
@@ -23,6 +23,7 @@ CLASSIFIERS: dict[str, Classifier] = {
     "postgres": postgres.from_request,
     "ssh": ssh.from_request,
     "mcp": mcp.from_request,
+    "llm": llm.from_request,
 }
 
 

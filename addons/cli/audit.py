@@ -4,6 +4,7 @@
     custody audit sessions [--from T] [--principal S] [-n 20]   (who, when, how many requests)
     custody audit show SEQ_OR_EVENT_FLOW_SESSION_OR_APPROVAL
     custody audit replay SESSION | --run RUN [--follow]
+    custody audit why SEQ_OR_EVENT                         (prompt → completion → command → decision → …)
     custody audit export --format jsonl|csv|har|flows -o FILE [--from T] [--to T] [--principal S] …
     custody audit report --from T [--to T] [-o BASE]      (BASE.html and BASE.json)
     custody audit verify [--export FILE] [--public-key PEM]
@@ -277,6 +278,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+# why
+
+
+def cmd_why(args: argparse.Namespace) -> int:
+    from addons.evidence import why
+
+    store = open_store(args)
+    found = why.chain(store, args.id)
+    if found is None:
+        raise CliError(f"no event {args.id!r} in {store.path} (events by sequence number or id: `custody audit tail`)")
+    if args.json:
+        print(json.dumps(found.as_dict(), indent=2, ensure_ascii=False))
+        return 0
+    for line in why.lines(found, args.body_limit):
+        print(line)
+    return 0
+
+
 # export / report
 
 
@@ -526,6 +545,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ar.add_argument("-f", "--follow", action="store_true", help="keep printing events as they are recorded")
     ar.add_argument("--json", action="store_true", help="one JSON object per event (the export's JSONL columns)")
     ar.add_argument("--body-limit", type=int, default=2000, help="characters of each body to print (default 2000)")
+    aw = audit("why", "one event's chain: the prompt and completion that asked for it, the command, its decision, "
+                      "approval and response (or, for a model call, the commands it led to)", cmd_why)
+    aw.add_argument("id", help="an event's sequence number or id (any event of the request or model call)")
+    aw.add_argument("--json", action="store_true")
+    aw.add_argument("--body-limit", type=int, default=600, help="characters of each text to print (default 600)")
     ae = audit("export", "write events as JSONL, CSV, HAR or mitmproxy flows, with a signed manifest", cmd_export)
     ae.add_argument("--format", required=True, help="jsonl, csv, har or flows")
     ae.add_argument("-o", "--output", required=True, help="the file to write (and FILE.manifest.json)")

@@ -6,7 +6,10 @@ tool is acting.
     custody = Custody.from_env()                 # CUSTODY_PROXY_URL, CUSTODY_CA, token source
     with custody.acting(agent="Inventory analyst", model="gpt-4o", task="restock"):
         custody.session().get("https://sample-api.internal/items")       # requests
+        with custody.justify("stock of item 7 is below the reorder point"):
+            custody.session().post("https://sample-api.internal/orders", json={...})  # says why
         custody.httpx_client().get(...)                                   # httpx
+        custody.live_httpx_client()          # a model SDK's client: fresh token and attributes per call
         custody.pg_connect("127.0.0.1", 15432, "shop").execute("SELECT 1")  # psycopg via pg_bridge
         custody.kubectl("get", "pods", kubeconfig="agent.kubeconfig")     # kubectl
         custody.ssh("uptime", "127.0.0.1", 2222, connection="prod-web")   # ssh_bridge
@@ -36,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from addons.engine.bridge import attribute_headers, header_value
-from addons.engine.model import AGENT_ATTRIBUTES
+from addons.engine.model import AGENT_ATTRIBUTES, attribute_limit
 from addons.engine.oauth import ClientCredentials
 from addons.engine.oauth import GrantError as ClientError
 
@@ -118,6 +121,12 @@ class Custody:
         finally:
             _acting.reset(reset)
 
+    def justify(self, why: str):
+        """Within the block, requests say why they are made (X-Custody-Justification, and the
+        same in every other channel): approvers see it, the record keeps it, and rules whose
+        review says `require_justification` refuse requests without one."""
+        return self.acting(justification=why)
+
     @staticmethod
     def set_acting(**attributes: str) -> None:
         """Like acting(), for hooks that cannot wrap the work in a block (CrewAI's tool hook)."""
@@ -133,7 +142,11 @@ class Custody:
         return self.tokens.token()
 
     def proxy_url(self, token: bool = True) -> str:
-        """The gateway as a proxy URL carrying the attributes (and the token) as its user info."""
+        """The gateway as a proxy URL carrying the attributes (and the token) as its user
+        info; without the token and with no attributes, the plain proxy URL (an empty user
+        name and password would be credentials that do not verify)."""
+        if not token and not self.attributes():
+            return self.proxy
         user = ATTRIBUTES_USER + base64.urlsafe_b64encode(
             json.dumps(self.attributes(), separators=(",", ":")).encode()).decode().rstrip("=")
         secret = urllib.parse.quote(self.token(), safe="") if token else ""
@@ -170,11 +183,32 @@ class Custody:
                             headers={**self.headers(), **kwargs.pop("headers", {})},
                             timeout=kwargs.pop("timeout", 330), **kwargs)
 
+    def live_httpx_client(self, asynchronous: bool = False, **kwargs):
+        """An httpx client (or AsyncClient) through the gateway whose every request carries
+        the token and attributes in force when it is sent: for long-lived clients such as a
+        model SDK's, made once and used for every call. The token goes as
+        `Authorization: Bearer` (the connection's token_header: the default for llm
+        connections, whose provider key the gateway holds); the proxy URL carries only the
+        attributes of the moment it was made."""
+        import httpx
+
+        def fresh(request) -> None:
+            request.headers["authorization"] = f"Bearer {self.token()}"
+            request.headers.update(self.headers())
+
+        async def afresh(request) -> None:
+            fresh(request)
+
+        cls = httpx.AsyncClient if asynchronous else httpx.Client
+        return cls(proxy=self.proxy_url(token=False), verify=kwargs.pop("verify", self.ca_file), trust_env=False,
+                   timeout=kwargs.pop("timeout", 330), event_hooks={"request": [afresh if asynchronous else fresh]},
+                   **kwargs)
+
     def pg_connect(self, host: str, port: int, dbname: str, **kwargs):
         """psycopg through pg_bridge: the token as the password, attributes as startup options."""
         import psycopg
 
-        options = " ".join(f"-c custody.{k}={_pg_escape(v)}" for k, v in self.attributes().items())
+        options = " ".join(f"-c custody.{k}={_pg_escape(v, attribute_limit(k))}" for k, v in self.attributes().items())
         return psycopg.connect(host=host, port=port, dbname=dbname, user=kwargs.pop("user", "agent"),
                                password=self.token(), options=options, **kwargs)
 
@@ -198,7 +232,7 @@ class Custody:
 
     def ssh_env(self) -> dict[str, str]:
         """Environment variables ssh_bridge reads (OpenSSH: -o SetEnv=NAME=VALUE each)."""
-        return {f"CUSTODY_{k.upper()}": header_value(v) for k, v in self.attributes().items()}
+        return {f"CUSTODY_{k.upper()}": header_value(v, attribute_limit(k)) for k, v in self.attributes().items()}
 
     def ssh(self, command: str, host: str, port: int, connection: str, known_hosts: str | None = None,
             timeout: float = 330):
@@ -225,6 +259,6 @@ class Custody:
             os.environ[name] = self.ca_file
 
 
-def _pg_escape(value: str) -> str:
+def _pg_escape(value: str, limit: int) -> str:
     """A value inside libpq `options`: whitespace and backslashes escaped with a backslash."""
-    return "".join("\\" + ch if ch in " \\" else ch for ch in header_value(value))
+    return "".join("\\" + ch if ch in " \\" else ch for ch in header_value(value, limit))

@@ -77,7 +77,9 @@ class Vote:
     vote: str  # approve | deny
     reason: str
     at: float
-    via: str = "api"  # api | console
+    via: str = "api"  # api | console | slack
+    grant: float = 0.0
+    """Seconds of a time-boxed grant this approving vote asks for (0: this request only)."""
 
 
 def tally(reviews: list[Review], votes: list[Vote]) -> str:
@@ -126,6 +128,8 @@ class Approval:
     session: str = ""
     replica: str = ""
     """The gateway replica holding the approval's flow (the only one that may run it while held)."""
+    grant: dict[str, Any] | None = None
+    """The time-boxed grant this approval issued (addons/engine/grants.py), as it stands now."""
 
     @property
     def connection(self) -> str:
@@ -137,6 +141,7 @@ class Approval:
     def document(self) -> dict[str, Any]:
         return {
             **shown(self.operation, self.request),
+            "justification": self.requester.attribute("justification"),
             "id": self.id,
             "state": self.state,
             "created": self.created,
@@ -159,6 +164,7 @@ class Approval:
             "flow": self.flow,
             "session": self.session,
             "replica": self.replica,
+            "grant": self.grant,
         }
 
     @classmethod
@@ -175,8 +181,7 @@ class Approval:
             fingerprint=d["fingerprint"],
             rules=d["rules"],
             reason=d["reason"],
-            reviews=[Review(tuple(r["approvers"]), r["approvals"], r["denials"], r["timeout"], r["ttl"])
-                     for r in d["reviews"]],
+            reviews=[Review.from_dict(r) for r in d["reviews"]],
             hold_until=d["hold_until"],
             expires=d["expires"],
             held=d["held"],
@@ -187,6 +192,7 @@ class Approval:
             flow=d["flow"],
             session=d["session"],
             replica=d.get("replica", ""),
+            grant=d.get("grant"),
         )
 
     def refresh(self, document: dict[str, Any]) -> Approval:
@@ -207,9 +213,24 @@ DETAIL_LENGTH = 240
 
 def shown(op: Operation, request: dict[str, Any]) -> dict[str, Any]:
     """What tells this request from others like it, for approvers: `detail`, one line for a
-    list (the body, the statement and its row estimate, the command line, the object), and
+    list (the body, the statement and its row estimate, the command line, the object),
     `statement`, the SQL or command line itself for protocols whose HTTP request is only the
-    bridge's envelope (None for HTTP and Kubernetes, whose request is shown as it is)."""
+    bridge's envelope (None for HTTP and Kubernetes, whose request is shown as it is), and
+    `provenance`, the model output that asked for it (or why none did)."""
+    return {**_shown(op, request), "provenance": asked_by(op)}
+
+
+def asked_by(op: Operation) -> dict[str, Any] | None:
+    """The model output behind a request, for approvers: which model, which tool call and
+    what it wrote, how it matched the request; or that no model output asked for it."""
+    found = op.details.get("provenance")
+    if not isinstance(found, dict) or found.get("match") in (None, "n/a"):
+        return None
+    keys = ("match", "model", "connection", "tool", "tool_call", "completion", "event", "reason", "asserted")
+    return {k: found[k] for k in keys if k in found}
+
+
+def _shown(op: Operation, request: dict[str, Any]) -> dict[str, Any]:
     d = op.details
     statement = None
     if op.protocol == "postgres":

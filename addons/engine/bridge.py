@@ -44,7 +44,9 @@ from typing import Any
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping
 
-from addons.engine.model import AGENT_ATTRIBUTES
+from addons.engine.errors import Error
+from addons.engine.model import AGENT_ATTRIBUTES, MAX_ATTRIBUTE, attribute_limit
+from addons.engine.tokens import well_formed
 
 SQL_REQUEST = "application/vnd.custody.sql-request+json"
 """pg_bridge requests ({"sql": …, "params": […]}): masked for the record as SQL text (Masker.sql_request)."""
@@ -137,12 +139,12 @@ class Refusal(Exception):
 
 def attribute_headers(attributes: dict[str, str]) -> dict[str, str]:
     """X-Custody-* headers for the agent attributes; values are made single-line ASCII-safe."""
-    return {f"x-custody-{name}": header_value(value) for name, value in attributes.items()
+    return {f"x-custody-{name}": header_value(value, attribute_limit(name)) for name, value in attributes.items()
             if name in AGENT_ATTRIBUTES and value}
 
 
-def header_value(value: str) -> str:
-    return " ".join(str(value).split()).encode("ascii", "backslashreplace").decode()[:256]
+def header_value(value: str, limit: int = MAX_ATTRIBUTE) -> str:
+    return " ".join(str(value).split()).encode("ascii", "backslashreplace").decode()[:limit]
 
 
 def attributes_from(pairs: dict[str, str], prefix: str) -> dict[str, str]:
@@ -234,6 +236,11 @@ async def read_fields(reader: asyncio.StreamReader) -> dict[str, str]:
 
 
 def _request(contract: Contract, host: str, token: str, session: str) -> dict[str, str]:
+    """A step's headers. The token is the client's password, as it typed it: one that is
+    not shaped as a JWT is refused here, as the gateway would refuse it, since in the
+    header it could end the line and write the rest of the request head itself."""
+    if not well_formed(token):
+        raise Refusal(407, {"decision": "deny", "error": Error.UNAUTHENTICATED, "reason": "malformed token"})
     return {"host": host, "proxy-authorization": f"Bearer {token}", "content-type": contract.requests,
             contract.session_header: session}
 

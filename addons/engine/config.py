@@ -15,7 +15,8 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -143,6 +144,30 @@ class McpSettings:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may cost a listener: open connections, the time from connect to
+    authenticated (the first request head on the gateway's listeners, a finished login on
+    the bridges), idle time, and the size of a request's header block. Each listener bounds
+    its own clients, so a flood on one port leaves the others serving."""
+
+    connections: int = 1000
+    authenticate: float = 30.0
+    idle: float = 600.0
+    header_lines: int = 100
+    header_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class LlmSettings:
+    """A model API: the wire format it speaks (`openai`: Chat Completions and Responses;
+    `anthropic`: Messages), and how long the tool calls its completions ask for are
+    remembered for provenance."""
+
+    api: str
+    remember: float = 1800.0
+
+
+@dataclass(frozen=True)
 class Connection:
     """A registered target: traffic to anything else is refused."""
 
@@ -164,6 +189,9 @@ class Connection:
     case_insensitive_paths: bool = False
     """http: the backend routes /ADMIN as /admin, so rules match paths folded to lower case."""
     mcp: McpSettings | None = None
+    limits: LimitsConfig = LimitsConfig()
+    """Its own listener's (`listen`): the top-level limits, with the connection's own on top."""
+    llm: LlmSettings | None = None
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -252,6 +280,42 @@ class Webhook:
 
 
 @dataclass(frozen=True)
+class OidcSignin:
+    """Approvers' page sign-in with an OpenID Connect provider that is also a trusted issuer."""
+
+    issuer: Issuer
+    client_id: str
+    client_secret: str = field(default="", repr=False)
+    scopes: tuple[str, ...] = ("openid", "email", "profile", "groups")
+    groups_from: str = "id_token"
+    label: str = "Sign in with SSO"
+
+
+@dataclass(frozen=True)
+class SamlSignin:
+    """Approvers' page sign-in with a SAML 2.0 identity provider."""
+
+    idp_metadata: str
+    entity_id: str
+    groups_attribute: str = "groups"
+    email_attribute: str = "email"
+    label: str = "Sign in with SAML"
+
+
+@dataclass(frozen=True)
+class SlackSettings:
+    """Interactive approval messages in Slack, and who a Slack user votes as."""
+
+    bot_token: str = field(repr=False)
+    signing_secret: str = field(repr=False)
+    channels: tuple[str, ...]
+    api_url: str = "https://slack.com/api/"
+    team: str = ""
+    users: tuple[tuple[str, str], ...] = ()
+    signin_max_age: float = 7 * 86400.0
+
+
+@dataclass(frozen=True)
 class ApprovalsConfig:
     """Where approvers act: the gateway host through the proxy, and optionally a listener."""
 
@@ -262,6 +326,10 @@ class ApprovalsConfig:
     retries: int = 3
     backoff: float = 1.0
     timeout: float = 5.0
+    session_ttl: float = 8 * 3600.0
+    oidc: OidcSignin | None = None
+    saml: SamlSignin | None = None
+    slack: SlackSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -285,6 +353,7 @@ class Config:
     store: StoreConfig
     approvals: ApprovalsConfig
     masking: MaskingConfig
+    limits: LimitsConfig = LimitsConfig()
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
     digest: str = ""
     """SHA-256 of the configuration as parsed, and of the masking key: replicas that differ
@@ -299,7 +368,7 @@ class Config:
 
 DEFAULT_UPSTREAM_PORTS = {"https": 443, "http": 80, "postgresql": 5432, "postgres": 5432, "ssh": 22}
 UPSTREAM_SCHEMES = {"http": ("http", "https"), "kubernetes": ("http", "https"), "postgres": ("postgresql", "postgres"),
-                    "ssh": ("ssh",), "mcp": ("http", "https")}
+                    "ssh": ("ssh",), "mcp": ("http", "https"), "llm": ("http", "https")}
 
 
 def _upstream(url: str, kind: str, where: str) -> Upstream:
@@ -313,10 +382,25 @@ def _upstream(url: str, kind: str, where: str) -> Upstream:
 
 # kubectl sends its kubeconfig token as Authorization: Bearer; that token is the agent's JWT.
 # MCP clients send their server's bearer token the same way: through Custody, the agent's JWT.
-DEFAULT_TOKEN_HEADER = {"kubernetes": "authorization", "mcp": "authorization"}
+# So do model SDKs their API key (the gateway holds the provider's).
+DEFAULT_TOKEN_HEADER = {"kubernetes": "authorization", "mcp": "authorization", "llm": "authorization"}
 
 
-def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = True) -> Connection:
+BRIDGED = ("postgres", "ssh")
+"""Kinds whose `listen` is a bridge's, outside the gateway: they alone have an idle time of their own."""
+
+
+def _limits(raw: dict[str, Any], inherited: LimitsConfig, where: str) -> LimitsConfig:
+    """`inherited` with the values `raw` sets; times must be more than zero."""
+    values = {k: parse_duration(v) if k in ("authenticate", "idle") else v for k, v in raw.items()}
+    for name in ("authenticate", "idle"):
+        if values.get(name) == 0:
+            raise ConfigError(f"{where}.{name}: must be more than 0")
+    return replace(inherited, **values)
+
+
+def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = True,
+                limits: LimitsConfig = LimitsConfig()) -> Connection:
     credential = None
     if "credential" in raw:
         try:
@@ -352,9 +436,17 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
         raise ConfigError(f"{where}.paths: only http connections can route case-insensitively")
     if credential is not None and credential.type == "oauth" and raw["kind"] != "mcp":
         raise ConfigError(f"{where}.credential: type oauth is for mcp connections")
+    if "idle" in raw.get("limits", {}) and raw["kind"] not in BRIDGED:
+        raise ConfigError(f"{where}.limits.idle: only the bridges (postgres, ssh) have their own; the gateway's "
+                          "listeners share limits.idle")
     mcp = _mcp(raw, base, where, secrets) if raw["kind"] == "mcp" else None
     if "mcp" in raw and mcp is None:
         raise ConfigError(f"{where}.mcp: only for mcp connections")
+    if ("llm" in raw) != (raw["kind"] == "llm"):
+        raise ConfigError(f"{where}.llm: only for llm connections" if "llm" in raw else
+                          f"{where}: an llm connection needs llm.api (openai or anthropic)")
+    if raw["kind"] == "llm" and "upstream" not in raw:
+        raise ConfigError(f"{where}.upstream: an llm connection needs the model API's http(s)://host:port")
     return Connection(
         name=raw["name"],
         kind=raw["kind"],
@@ -373,6 +465,8 @@ def _connection(raw: dict[str, Any], base: Path, where: str, secrets: bool = Tru
         command_timeout=parse_duration(raw.get("command_timeout", "5m")),
         case_insensitive_paths=raw.get("paths") == "case-insensitive",
         mcp=mcp,
+        limits=_limits(raw.get("limits", {}), limits, f"{where}.limits"),
+        llm=LlmSettings(raw["llm"]["api"], parse_duration(raw["llm"].get("remember", "30m"))) if "llm" in raw else None,
     )
 
 
@@ -474,12 +568,65 @@ def listen_address(spec: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _approvals(raw: dict[str, Any], notify: dict[str, Any], gateway_host: str) -> ApprovalsConfig:
+def _secret(ref: str, base: Path, where: str, secrets: bool) -> str:
+    if not secrets:
+        return ""
+    try:
+        return resolve_secret(ref, base)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _oidc(raw: dict[str, Any], identity: IdentityConfig, base: Path, secrets: bool) -> OidcSignin:
+    """The page's OIDC sign-in; its issuer is one the gateway trusts, for the same client id."""
+    issuer = next((i for i in identity.issuers if i.issuer == raw["issuer"]), None)
+    if issuer is None or raw["client_id"] not in issuer.audiences:
+        raise ConfigError(f"approvals.oidc: {raw['issuer']} must also be in identity.issuers with "
+                          f"{raw['client_id']!r} among its audiences (its ID tokens are verified as tokens)")
+    return OidcSignin(
+        issuer=issuer,
+        client_id=raw["client_id"],
+        client_secret=_secret(raw["client_secret"], base, "approvals.oidc.client_secret", secrets)
+        if "client_secret" in raw else "",
+        scopes=tuple(raw.get("scopes", ("openid", "email", "profile", "groups"))),
+        groups_from=raw.get("groups_from", "id_token"),
+        label=raw.get("label", "Sign in with SSO"),
+    )
+
+
+def _saml(raw: dict[str, Any], public_url: str, base: Path, secrets: bool) -> SamlSignin:
+    metadata = str((base / raw["idp_metadata"]).resolve())
+    if secrets and not os.path.isfile(metadata):
+        raise ConfigError(f"approvals.saml.idp_metadata: no such file: {metadata}")
+    return SamlSignin(
+        idp_metadata=metadata,
+        entity_id=raw.get("entity_id", f"{public_url}/auth/saml/metadata"),
+        groups_attribute=raw.get("groups_attribute", "groups"),
+        email_attribute=raw.get("email_attribute", "email"),
+        label=raw.get("label", "Sign in with SAML"),
+    )
+
+
+def _slack(raw: dict[str, Any], base: Path, secrets: bool) -> SlackSettings:
+    return SlackSettings(
+        bot_token=_secret(raw["bot_token"], base, "approvals.slack.bot_token", secrets),
+        signing_secret=_secret(raw["signing_secret"], base, "approvals.slack.signing_secret", secrets),
+        channels=tuple(raw["channels"]),
+        api_url=raw.get("api_url", "https://slack.com/api/").rstrip("/") + "/",
+        team=raw.get("team", ""),
+        users=tuple((user, email.lower()) for user, email in raw.get("users", {}).items()),
+        signin_max_age=parse_duration(raw.get("signin_max_age", "7d")),
+    )
+
+
+def _approvals(raw: dict[str, Any], notify: dict[str, Any], gateway_host: str, identity: IdentityConfig,
+               base: Path, secrets: bool) -> ApprovalsConfig:
     listen = listen_address(raw["listen"]) if "listen" in raw else None
     public = raw.get("public_url") or (f"http://{listen[0]}:{listen[1]}" if listen else f"http://{gateway_host}")
+    public = public.rstrip("/")
     return ApprovalsConfig(
         listen=listen,
-        public_url=public.rstrip("/"),
+        public_url=public,
         sweep=parse_duration(raw.get("sweep", "1s")),
         webhooks=tuple(
             Webhook(w["url"], w.get("format", "json"), tuple(w.get("events", ("pending", "decided", "expired"))))
@@ -488,6 +635,10 @@ def _approvals(raw: dict[str, Any], notify: dict[str, Any], gateway_host: str) -
         retries=notify.get("retries", 3),
         backoff=parse_duration(notify.get("backoff", "1s")),
         timeout=parse_duration(notify.get("timeout", "5s")),
+        session_ttl=parse_duration(raw.get("session_ttl", "8h")),
+        oidc=_oidc(raw["oidc"], identity, base, secrets) if "oidc" in raw else None,
+        saml=_saml(raw["saml"], public, base, secrets) if "saml" in raw else None,
+        slack=_slack(raw["slack"], base, secrets) if "slack" in raw else None,
     )
 
 
@@ -532,8 +683,9 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
         )
     base = Path(path).resolve().parent
     try:
+        limits = _limits(raw.get("limits", {}), LimitsConfig(), "limits")
         connections = tuple(
-            _connection(c, base, f"connections[{n}]", secrets) for n, c in enumerate(raw["connections"])
+            _connection(c, base, f"connections[{n}]", secrets, limits) for n, c in enumerate(raw["connections"])
         )
         identity = _identity(raw.get("identity", {}), base)
     except ConfigError as e:
@@ -551,21 +703,26 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
     names = [c.name for c in connections]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: connections: duplicate connection name")
-    trust: dict[tuple[str, int], Connection] = {}
-    for c in connections:
-        if c.upstream is None:
-            continue
-        other = trust.setdefault((c.upstream.host, c.upstream.port), c)
-        for setting in ("ca_file", "client_cert"):
-            if getattr(other, setting) != getattr(c, setting):  # upstream TLS is chosen by address
-                raise ConfigError(
-                    f"{path}: connections: {other.name} and {c.name} send to the same upstream "
-                    f"{c.upstream.host}:{c.upstream.port} with different tls.{setting}"
-                )
+    for n, c in enumerate(connections):
+        if c.kind == "ssh" and c.command_timeout >= limits.idle:  # a silent command's stream would close first
+            raise ConfigError(f"{path}: connections[{n}].command_timeout: {c.command_timeout:g}s is not shorter than "
+                              f"limits.idle ({limits.idle:g}s), after which the gateway closes a stream without output")
+    if clash := _disagreeing(connections, lambda c: c.listen, ("limits",)):  # one listener, one set of limits
+        other, c, _ = clash  # (ssh connections share an address)
+        raise ConfigError(f"{path}: connections: {other.name} and {c.name} listen on "
+                          f"{c.listen[0]}:{c.listen[1]} with different limits")
+    if clash := _disagreeing(connections, _upstream_address, ("ca_file", "client_cert")):  # TLS is chosen by address
+        other, c, setting = clash
+        raise ConfigError(f"{path}: connections: {other.name} and {c.name} send to the same upstream "
+                          f"{c.upstream.host}:{c.upstream.port} with different tls.{setting}")
     rules = raw["rules"]
     store = _store(raw["store"], base, path)
     masking = _masking(raw.get("masking", {}), base, store.directory, path) if secrets else MaskingConfig()
     gateway = raw.get("gateway", {})
+    try:
+        approvals = _approvals(raw.get("approvals", {}), raw.get("notify", {}), gateway_host, identity, base, secrets)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return Config(
         path=str(Path(path).resolve()),
         gateway_host=gateway_host,
@@ -574,13 +731,33 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
         rules=tuple(str((base / r).resolve()) for r in ([rules] if isinstance(rules, str) else rules)),
         rules_poll=parse_duration(raw.get("rules_poll", "1s")),
         store=store,
-        approvals=_approvals(raw.get("approvals", {}), raw.get("notify", {}), gateway_host),
+        approvals=approvals,
         masking=masking,
+        limits=limits,
         replica=ReplicaConfig(grace=parse_duration(gateway.get("grace", "10s")),
                               lease=parse_duration(gateway.get("lease", "10s")),
                               drain_delay=parse_duration(gateway.get("drain_delay", "1s"))),
         digest=hashlib.sha256((canonical(raw) + hashlib.sha256(masking.hash_key).hexdigest()).encode()).hexdigest(),
     )
+
+
+def _disagreeing(connections: tuple[Connection, ...], key: Callable[[Connection], Any],
+                 settings: tuple[str, ...]) -> tuple[Connection, Connection, str] | None:
+    """The first two connections with the same `key` (None: none) that differ in one of
+    `settings`, and that setting: what one address must have once only."""
+    first: dict[Any, Connection] = {}
+    for c in connections:
+        if (k := key(c)) is None:
+            continue
+        other = first.setdefault(k, c)
+        for setting in settings:
+            if getattr(other, setting) != getattr(c, setting):
+                return other, c, setting
+    return None
+
+
+def _upstream_address(c: Connection) -> tuple[str, int] | None:
+    return (c.upstream.host, c.upstream.port) if c.upstream is not None else None
 
 
 def canonical(raw: Any) -> str:

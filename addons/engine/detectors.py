@@ -20,6 +20,7 @@ never on the gateway's event loop.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -129,8 +130,28 @@ class PhoneNumbers(EntityRecognizer):
         return results
 
 
+class EmailAddresses(EmailRecognizer):
+    """Presidio's e-mail recognizer, with its domain check (tldextract: does the host end in
+    a public suffix?) kept per domain: a response holds many addresses at few domains, and
+    the check is most of the recognizer's cost. Without URL syntax in the match,
+    tldextract's host of "local@domain" is the domain itself, so the answer is the same; a
+    match with URL syntax is checked whole, as Presidio does."""
+
+    URL_SYNTAX = re.compile(r"[/?#:\[]")
+
+    def validate_result(self, pattern_text: str) -> bool:
+        if self.URL_SYNTAX.search(pattern_text):
+            return super().validate_result(pattern_text)
+        return _has_public_suffix(pattern_text.rpartition("@")[2])
+
+
+@functools.lru_cache(maxsize=4096)
+def _has_public_suffix(domain: str) -> bool:
+    return tldextract.extract(domain).fqdn != ""
+
+
 def pii_recognizers() -> list[EntityRecognizer]:
-    return [EmailRecognizer(), CreditCardRecognizer(), IbanRecognizer(), PhoneNumbers(), UsSsnRecognizer(), IpRecognizer()]
+    return [EmailAddresses(), CreditCardRecognizer(), IbanRecognizer(), PhoneNumbers(), UsSsnRecognizer(), IpRecognizer()]
 
 
 class Compiled:
@@ -166,7 +187,11 @@ class Compiled:
 
 # A cheap scan per entity: where it finds nothing, that entity cannot be. The scans are
 # plain regular expressions, mostly literals; only the recognizers of entities whose scan
-# finds something run on a string.
+# finds something run on a string. Each is a superset of what its recognizer's patterns
+# can match, and no wider than needed: a scan that fires on technical values (timestamps,
+# UUIDs, hashes) costs a recognizer run on every one of them.
+AWS_SECRET_SHAPE = (r"(?<![A-Za-z0-9/+=])(?=[A-Za-z0-9/+=]*[A-Z])(?=[A-Za-z0-9/+=]*[a-z])(?=[A-Za-z0-9/+=]*[0-9])"
+                    r"[A-Za-z0-9/+=]{40}(?![A-Za-z0-9/+=])")
 SCANS = {
     "EMAIL_ADDRESS": (r"@",),
     "AWS_ACCESS_KEY_ID": (r"AKIA|ASIA|ABIA|ACCA|A3T",),
@@ -176,37 +201,46 @@ SCANS = {
     "JWT": (r"eyJ",),
     "PRIVATE_KEY": (r"PRIVATE KEY-----",),
     "URL_CREDENTIAL": (r"://",),
-    "CREDIT_CARD": (r"\d{4}[ -]?\d{4}[ -]?\d{4}[ -]?\d",),
+    # the recognizer's own pattern without its word boundaries: groups of 3 to 5 digits, so
+    # Amex's 4-6-5 ("3782 822463 10005") too; not a 13-digit number starting with 1 (epoch ms)
+    "CREDIT_CARD": (r"(?!1\d{12}(?!\d))[13456]\d{3}[- ]?\d{3,4}[- ]?\d{3,4}[- ]?\d{3,5}",),
     "IBAN_CODE": (r"[A-Z]{2}\d{2} ?[A-Z0-9]{4}",),
-    "PHONE_NUMBER": (r"\+\d", r"\(\d{2,4}\)", r"\d{2,4}[\s.\-/]\d{3,4}[\s.\-]\d{3,4}"),
+    # the part of PhoneNumbers.CANDIDATE every match has (not "+\d": "+02:00" ends timestamps)
+    "PHONE_NUMBER": (r"\(\d{2,4}\)", r"\d{2,4}[\s.\-/]\d{3,4}[\s.\-]?\d{3,4}"),
     "US_SSN": (r"\d{3}[- .]\d{2}[- .]\d{4}",),
-    "IP_ADDRESS": (r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", r":[0-9a-fA-F]{0,4}:"),
-    "AWS_SECRET_ACCESS_KEY": (r"[A-Za-z0-9/+=]{40}",),
+    # every IPv6 form Presidio matches has "::" or six groups ("h:h:h:h:h:h:" before a last
+    # group or an IPv4 tail); a time of day ("12:34:56") has neither
+    "IP_ADDRESS": (r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", r"::|(?:[0-9A-Fa-f]{1,4}:){6}"),
+    # the unnamed shape exactly as the recognizer has it (hex hashes have no capitals)
+    "AWS_SECRET_ACCESS_KEY": (AWS_SECRET_SHAPE,),
 }
 # Scanned in lower-cased text: literals run much faster than case-insensitive patterns.
 LOWER_SCANS = {
     "AUTH_CREDENTIAL": (r"bearer|basic",),
     "GENERIC_SECRET": (r"key|secret|token|passw|pwd|credential",),
+    "AWS_SECRET_ACCESS_KEY": (r"aws_?secret_?(?:access_?)?key",),  # the named form: any 40 characters after it
 }
-COMPILED = {e: [re.compile(p) for p in ps] for e, ps in SCANS.items()}
-COMPILED_LOWER = {e: [re.compile(p) for p in ps] for e, ps in LOWER_SCANS.items()}
-
-
-def _scans(text: str):
-    """(entity, compiled scan, the text to run it on) for every scan."""
-    lower = text.lower() if text.isascii() else None  # same positions only for ASCII
-    for e, scans in COMPILED.items():
-        for scan in scans:
-            yield e, scan, text
-    for e, scans in COMPILED_LOWER.items():
-        for scan in scans:
-            yield e, (scan if lower is not None else re.compile(scan.pattern, re.IGNORECASE)), (lower or text)
+SCANNERS = tuple((e, re.compile(p)) for e, ps in SCANS.items() for p in ps)
+LOWER_SCANNERS = tuple((e, re.compile(p)) for e, ps in LOWER_SCANS.items() for p in ps)
+LOWER_SCANNERS_UNICODE = tuple((e, re.compile(scan.pattern, re.IGNORECASE)) for e, scan in LOWER_SCANNERS)
 
 
 def candidates(subject: str) -> set[str]:
     """The entities that could be in `subject` (a superset: recognizers decide)."""
-    return {e for e, scan, text in _scans(subject) if scan.search(text)}
-
+    found: set[str] = set()
+    for e, scan in SCANNERS:
+        if e not in found and scan.search(subject):
+            found.add(e)
+    if subject.isascii():  # lower-casing keeps positions only for ASCII
+        lower = subject.lower()
+        for e, scan in LOWER_SCANNERS:
+            if e not in found and scan.search(lower):
+                found.add(e)
+    else:
+        for e, scan in LOWER_SCANNERS_UNICODE:
+            if e not in found and scan.search(subject):
+                found.add(e)
+    return found
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from enum import StrEnum
 
 
 class Error(StrEnum):
+    # limits
+    HEADERS_TOO_LARGE = "headers_too_large"  # more header lines or bytes than limits allow (431)
     # identity
     UNAUTHENTICATED = "unauthenticated"  # no token, or one that did not verify (401/407)
     # classify
@@ -21,6 +23,7 @@ class Error(StrEnum):
     INTERACTIVE_PROGRAM = "interactive_program"  # an editor, pager or top: a line-based gate cannot govern its keys
     MALFORMED_HEADERS = "malformed_headers"  # a header form a proxy must reject (obs-fold, controls, two Hosts)
     INVALID_MESSAGE = "invalid_message"  # an MCP body that is not valid JSON-RPC 2.0 (or not valid MCP)
+    INVALID_MODEL_REQUEST = "invalid_model_request"  # a body that is not a request of the llm connection's API
     # MCP sessions and tools
     UNKNOWN_SESSION = "unknown_session"  # an Mcp-Session-Id this principal did not open (or that ended)
     TOOL_CHANGED = "tool_changed"  # a tool's definition differs from the one pinned
@@ -34,9 +37,12 @@ class Error(StrEnum):
     APPROVAL_ABANDONED = "approval_abandoned"  # the client went away, or the gateway restarted
     APPROVAL_USED = "approval_used"  # an approval runs one request, once
     APPROVAL_MISMATCH = "approval_mismatch"  # the request changed while it was held
+    JUSTIFICATION_REQUIRED = "justification_required"  # the review rule wants the agent to say why
     # masking
     MASKING_REFUSED = "masking_refused"  # the response cannot be masked (type, size, shape)
     MASKING_UNAVAILABLE = "masking_unavailable"  # masking could not run: nothing unmasked is sent
+    # model traffic
+    INVALID_COMPLETION = "invalid_completion"  # the model server's answer is not a completion of its API
     # recorder
     AUDIT_UNAVAILABLE = "audit_unavailable"  # the audit store could not record it
     # the gateway itself
@@ -53,10 +59,17 @@ class Error(StrEnum):
     SELF_APPROVAL = "self_approval"
     ALREADY_VOTED = "already_voted"
     NOT_AN_APPROVER = "not_an_approver"
+    GRANT_NOT_ALLOWED = "grant_not_allowed"  # no rule allows a grant that long (or at all)
+    GRANT_ENDED = "grant_ended"  # the grant was revoked or ran out already
+    # approvers' sign-in and channels
+    SIGNIN_FAILED = "signin_failed"  # an SSO sign-in that did not verify (state, nonce, PKCE, token, assertion)
+    CSRF_FAILED = "csrf_failed"  # a cookie-authenticated change without the session's CSRF token
+    SLACK_UNVERIFIED = "slack_unverified"  # not signed by Slack: bad signature, stale timestamp, replayed
+    UNMAPPED_USER = "unmapped_user"  # a Slack user bound to no approver identity
 
 
 GATEWAY_FAILURES = frozenset({Error.MASKING_REFUSED, Error.MASKING_UNAVAILABLE, Error.GATEWAY_ERROR,
-                              Error.NOT_CLEARED, Error.AUDIT_UNAVAILABLE})
+                              Error.NOT_CLEARED, Error.AUDIT_UNAVAILABLE, Error.INVALID_COMPLETION})
 """Refusals that are the gateway's own failure, not a decision about the request."""
 
 

@@ -264,6 +264,25 @@ class Masker:
                 report.entities["PRIVATE_KEY"] += 1
         return "\n".join(self.text(line, report) for line in text.split("\n"))
 
+    def json_text(self, text: str, report: Report) -> str | None:
+        """Text that is one JSON object or array (tool results often are), masked as a
+        document and written back in its layout (one line, or indented); None for other
+        text. Text with nothing masked comes back as it was."""
+        stripped = text.strip()
+        if stripped[:1] not in ("{", "["):
+            return None
+        try:
+            doc = json.loads(stripped)
+        except ValueError:
+            return None
+        if not isinstance(doc, (dict, list)):
+            return None
+        before = report.masked
+        masked = self.document(doc, report)
+        if report.masked == before:
+            return text
+        return json.dumps(masked, ensure_ascii=False, indent=2 if "\n" in stripped else None)
+
     # documents
 
     def document(self, doc: Any, report: Report) -> Any:

@@ -350,18 +350,8 @@ def _text(masker: Masker, text: str, report: Report, where: str) -> str:
     """Text a tool returned: a JSON document in it is masked as one (tools often return
     their data as JSON text); other text gets detection, line by line. Field and key masks
     need a structure: plain text is refused when one applies."""
-    stripped = text.strip()
-    if stripped[:1] in ("{", "["):
-        try:
-            doc = json.loads(stripped)
-        except ValueError:
-            doc = None
-        if isinstance(doc, (dict, list)):
-            before = report.masked
-            masked = masker.document(doc, report)
-            if report.masked == before:
-                return text
-            return json.dumps(masked, ensure_ascii=False, indent=2 if "\n" in stripped else None)
+    if (masked := masker.json_text(text, report)) is not None:
+        return masked
     if masker.structural:
         raise MaskError(f"field and key masks need JSON, and {where} of the result is text; use detect masks")
     return masker.lines(text, report)

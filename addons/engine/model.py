@@ -24,8 +24,17 @@ MARKERS = {"allow": ":heavy_check_mark:", "review": ":warning:", "deny": ":heavy
 that ordinary text fonts have, since servers rarely have an emoji font. The decision itself
 is written out in the flow's comment."""
 
-AGENT_ATTRIBUTES = ("agent", "model", "run", "task", "prompt")
-"""What an agent may say about itself (verified when the token carries it, else asserted)."""
+AGENT_ATTRIBUTES = ("agent", "model", "run", "task", "prompt", "justification")
+"""What an agent may say about itself (verified when the token carries it, else asserted).
+`justification` is why it asks: shown to approvers, recorded, and required by rules whose
+review says `require_justification`."""
+MAX_ATTRIBUTE = 256
+MAX_JUSTIFICATION = 1024
+
+
+def attribute_limit(name: str) -> int:
+    """How many characters of an attribute are kept: a justification is a sentence or two."""
+    return MAX_JUSTIFICATION if name == "justification" else MAX_ATTRIBUTE
 
 
 class Unparseable:
@@ -81,8 +90,17 @@ class Request:
 
 
 def canonical_json(value: Any) -> str:
-    """The one JSON encoding of audit data: sorted keys, no spaces, UTF-8 kept."""
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    """The one JSON encoding of audit data: sorted keys, no spaces, UTF-8 kept (and a
+    byte that was not UTF-8 escaped: `storable`)."""
+    return storable(json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False))
+
+
+def storable(text: str) -> str:
+    """`text` as UTF-8 can carry it, for the store and for hashing. A byte of a URL or a
+    header that was not UTF-8 reaches us as a lone surrogate (mitmproxy decodes with
+    surrogateescape), which no UTF-8 encoder takes: it becomes its escape, `\\udcff`, which
+    inside JSON reads back as the same character. Other text is unchanged."""
+    return text.encode("utf-8", "backslashreplace").decode()
 
 
 @dataclass(frozen=True)
@@ -170,6 +188,9 @@ class Review:
     denials: int = 1
     timeout: float = 300.0
     ttl: float = 3600.0
+    require_justification: bool = False
+    grant_max: float = 0.0
+    """The longest time-boxed grant an approver may answer with (0: none)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -178,7 +199,14 @@ class Review:
             "denials": self.denials,
             "timeout": self.timeout,
             "ttl": self.ttl,
+            "require_justification": self.require_justification,
+            "grant_max": self.grant_max,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Review:
+        return cls(tuple(d["approvers"]), d["approvals"], d["denials"], d["timeout"], d["ttl"],
+                   d.get("require_justification", False), d.get("grant_max", 0.0))
 
 
 @dataclass(frozen=True)
@@ -193,6 +221,8 @@ class Decision:
     status: int = 0
     error: str = ""
     approval: str = ""
+    grant: str = ""
+    """The time-boxed grant that allowed a request without a new hold (addons/engine/grants.py)."""
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -202,6 +232,8 @@ class Decision:
         }
         if self.approval:
             out["approval"] = self.approval
+        if self.grant:
+            out["grant"] = self.grant
         if self.masks:
             out["masks"] = list(self.masks)
         if self.reviews:

@@ -1,9 +1,12 @@
-"""The OAuth 2.0 client-credentials grant (RFC 6749 §4.4): a token for a client that acts
-as itself, fetched from the token endpoint (or the one the issuer's discovery document
-names) and reused until a minute before it expires.
+"""OAuth 2.0 grants a client of Custody uses: client credentials (RFC 6749 §4.4), a token
+for a client that acts as itself, fetched from the token endpoint (or the one the issuer's
+discovery document names) and reused until a minute before it expires; and the device
+authorization grant (RFC 8628), by which a person at a terminal signs in with the IdP in a
+browser anywhere and the terminal gets their ID token.
 
-The agent host's helper gets its agent's token this way (addons/client); the gateway gets
-the token it presents to an MCP server whose credential is `type: oauth` (addons/credentials.py).
+The agent host's helper gets its agent's token with client credentials (addons/client); the
+gateway gets the token it presents to an MCP server whose credential is `type: oauth`
+(addons/credentials.py); `custody login` gets an approver's ID token with the device grant.
 Blocking (urllib): callers on an event loop run it in a thread.
 """
 
@@ -60,11 +63,11 @@ class ClientCredentials:
             if not token:
                 raise GrantError(f"the token endpoint answered without an access_token: {answer}")
             self._token = token
-            self._expires = time.time() + float(answer.get("expires_in") or _expiry(token) - time.time())
+            self._expires = time.time() + float(answer.get("expires_in") or token_expiry(token) - time.time())
             return token
 
 
-def _expiry(token: str) -> float:
+def token_expiry(token: str) -> float:
     """A JWT's exp, read without verifying (the gateway verifies it); now + 5 min if absent."""
     try:
         payload = token.split(".")[1]
@@ -81,3 +84,54 @@ def _open_json(open_url, request: urllib.request.Request | str) -> dict[str, Any
         raise GrantError(f"{e.url}: {e.code} {e.read()[:300].decode(errors='replace')}") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise GrantError(f"{getattr(request, 'full_url', request)}: {e}") from None
+
+
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+
+
+def device_login(issuer: str, client_id: str, scope: str, show, *, direct: bool = True,
+                 sleep=time.sleep, deadline: float | None = None) -> dict[str, Any]:
+    """The device authorization grant (RFC 8628) against `issuer`: `show(authorization)`
+    is called once with the device authorization response (verification URI and user
+    code, for the person), then the token endpoint is polled until they have signed in.
+    Returns the token response (with `id_token` when `openid` is in `scope`)."""
+    open_url = urllib.request.build_opener(urllib.request.ProxyHandler({})).open if direct else urllib.request.urlopen
+    document = _open_json(open_url, issuer.rstrip("/") + "/.well-known/openid-configuration")
+    endpoint = document.get("device_authorization_endpoint")
+    if not endpoint:
+        raise GrantError(f"{issuer} publishes no device_authorization_endpoint (the device grant is not enabled)")
+
+    def post(url: str, form: dict[str, str]) -> dict[str, Any]:
+        request = urllib.request.Request(url, data=urllib.parse.urlencode(form).encode(), method="POST",
+                                         headers={"content-type": "application/x-www-form-urlencoded",
+                                                  "accept": "application/json"})
+        try:
+            with open_url(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            try:
+                return json.loads(e.read())
+            except ValueError:
+                raise GrantError(f"{url}: {e.code}") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise GrantError(f"{url}: {e}") from None
+
+    authorization = post(endpoint, {"client_id": client_id, "scope": scope})
+    if "device_code" not in authorization:
+        raise GrantError(f"the device authorization was refused: {authorization.get('error', authorization)}")
+    show(authorization)
+    interval = float(authorization.get("interval", 5))
+    ends = time.monotonic() + float(authorization.get("expires_in", 600)) if deadline is None else deadline
+    while time.monotonic() < ends:
+        sleep(interval)
+        answer = post(document["token_endpoint"], {"grant_type": DEVICE_GRANT, "device_code": authorization["device_code"],
+                                                   "client_id": client_id})
+        error = answer.get("error")
+        if error is None and answer.get("access_token"):
+            return answer
+        if error == "slow_down":
+            interval += 5
+        elif error != "authorization_pending":
+            raise GrantError(f"the sign-in did not complete: {error}" + (
+                f" ({answer['error_description']})" if answer.get("error_description") else ""))
+    raise GrantError("the sign-in did not complete before the device code expired")

@@ -36,7 +36,9 @@ from addons.engine.store import (
     BODY_COLUMNS,
     CHECKPOINT_COLUMNS,
     COLUMNS,
+    DIRECTORY_COLUMNS,
     GENESIS,
+    GRANT_COLUMNS,
     INDEXES,
     PIN_COLUMNS,
     REPLICA_COLUMNS,
@@ -141,9 +143,16 @@ MIGRATIONS: dict[int, list[str]] = {
         APPEND,
         JSON_EXTRACT,
     ],
+    4: [
+        _table("grants", GRANT_COLUMNS, "id", {"approval", "subject", "expires", "document"}),
+        "CREATE INDEX grants_subject_connection ON grants (subject, connection)",
+        "CREATE INDEX approvals_updated ON approvals (updated)",
+        _table("approver_directory", DIRECTORY_COLUMNS, "email", set(DIRECTORY_COLUMNS)),
+    ],
 }
 """Schema versions and the statements that reach each from the one before (3 is the first
-PostgreSQL schema: the SQLite store's version 3, with the same tables and columns)."""
+PostgreSQL schema: the SQLite store's version 3, with the same tables and columns; 4 adds
+time-boxed grants and the approver directory)."""
 
 
 @functools.lru_cache(maxsize=512)

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 from jsonpath_ng.ext import parse as jsonpath_parse
 
-from addons.engine import mcp, schema
+from addons.engine import mcp, provenance, schema
 from addons.engine.config import parse_duration
 from addons.engine.errors import Error
 from addons.engine.masks import parse as parse_mask
@@ -71,6 +71,12 @@ class Rule:
     reach: tuple[tuple[str, Check], ...] | None = field(default=None, repr=False)
     """An allow rule's checks with its Kubernetes scope read in part (see the module's
     docstring); None when they would be its `checks`."""
+    match: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """The rule's match as written (what a refusal's reason quotes)."""
+
+    def failures(self, principal: Principal, op: Operation) -> list[str]:
+        """Every match field that does not hold."""
+        return [name for name, check in self.checks if not check(principal, op)]
 
     def first_failure(self, principal: Principal, op: Operation) -> str | None:
         """The first match field that does not hold, or None when the rule matches."""
@@ -256,7 +262,62 @@ def _compile_checks(match: dict[str, Any], effect: str, whole: bool = True) -> t
     checks += _sql_checks(match.get("sql"), effect)
     checks += _ssh_checks(match.get("ssh"), effect)
     checks += _mcp_checks(match.get("mcp"), effect)
+    checks += _llm_checks(match.get("llm"), effect)
+    if "provenance" in match:
+        checks.append(("provenance", _provenance_check(match["provenance"], effect)))
     return tuple(checks)
+
+
+def _llm_checks(block: dict[str, Any] | None, effect: str) -> list[tuple[str, Check]]:
+    """Checks on one model call. `max_tokens` is a limit: an allow or review rule holds for
+    a call that asks for at most that many output tokens and says how many (a call that
+    does not say may run to the model's own limit); a deny rule for any other call. `tools`
+    of an allow or review rule holds when every tool offered is among its globs; of a deny
+    rule, when any is."""
+    checks: list[tuple[str, Check]] = []
+    block = block or {}
+    if "models" in block:
+        models = _globs(_many(block["models"]))
+        checks.append(("llm.models", lambda p, op: op.protocol == "llm" and "model" in op.details
+                       and models(str(op.details["model"]))))
+    if "endpoints" in block:
+        endpoints = frozenset(_many(block["endpoints"]))
+        checks.append(("llm.endpoints", lambda p, op: op.protocol == "llm" and op.details.get("endpoint") in endpoints))
+    if "max_tokens" in block:
+        limit = block["max_tokens"]
+
+        def within(p: Principal, op: Operation) -> bool:
+            asked = op.details.get("max_tokens")
+            inside = isinstance(asked, int) and not isinstance(asked, bool) and asked <= limit
+            return op.protocol == "llm" and (inside if effect != "deny" else not inside)
+
+        checks.append(("llm.max_tokens", within))
+    if "tools" in block:
+        tools = _globs(_many(block["tools"]))
+        test = any if effect == "deny" else all
+        checks.append(("llm.tools", lambda p, op: op.protocol == "llm"
+                       and test(tools(str(t)) for t in op.details.get("tools", ()))))
+    if "stream" in block:
+        checks.append(("llm.stream", lambda p, op, w=block["stream"]: op.protocol == "llm"
+                       and bool(op.details.get("stream")) == w))
+    return checks
+
+
+def _provenance_check(wanted: str, effect: str) -> Check:
+    """Does a model's output the gateway saw ask for the request (addons/engine/provenance.py)?
+    A request whose provenance is unknown counts against the agent; one asked about in
+    general (a tool listed before any call) may match allow and review rules."""
+    holds = {"required": (*provenance.VERIFIED, provenance.NOT_APPLICABLE),
+             "exact": (provenance.EXACT, provenance.NOT_APPLICABLE), "none": (provenance.NONE,)}[wanted]
+
+    def check(p: Principal, op: Operation) -> bool:
+        if op.payload is ANY_PAYLOAD:
+            return effect != "deny"
+        found = op.details.get("provenance")
+        how = found.get("match") if isinstance(found, dict) else None
+        return (effect != "allow") if how is None else how in holds
+
+    return check
 
 
 def _mcp_checks(block: dict[str, Any] | None, effect: str) -> list[tuple[str, Check]]:
@@ -447,6 +508,8 @@ def _review(raw: dict[str, Any]) -> Review:
         denials=raw.get("denials", 1),
         timeout=parse_duration(raw.get("timeout", "5m")),
         ttl=parse_duration(raw.get("ttl", "1h")),
+        require_justification=raw.get("require_justification", False),
+        grant_max=parse_duration(raw.get("grants", {}).get("max", 0)),
     )
 
 
@@ -508,6 +571,7 @@ def parse_file(document: Any, file: str, start: int = 0) -> list[Rule]:
                 actions=_many(match["action"]) if "action" in match else (),
                 checks=_compile_checks(match, raw["effect"]),
                 reach=_compile_checks(match, "allow", whole=False) if raw["effect"] == "allow" and scoped else None,
+                match=match,
             )
         )
     return out
@@ -616,10 +680,31 @@ class RuleSet:
         of a Kubernetes path, MCP batches), every part is decided on its own and the strictest
         decision wins."""
         if not op.parts:
-            return explained(decide(self.matching(principal, op), self.reaching(principal, op)), op)
+            decision = explained(decide(self.matching(principal, op), self.reaching(principal, op)), op)
+            return self.near_miss(principal, op, decision)
         decisions = [explained(decide(self.matching(principal, part), self.reaching(principal, part)), part)
                      for part in op.parts]
         return strictest(decisions, op.parts)
+
+    def near_miss(self, principal: Principal, op: Operation, decision: Decision) -> Decision:
+        """A model call no rule allows, explained by the rule it would have matched but for
+        its model or its limits: which model, which limit."""
+        if decision.error != Error.NO_MATCHING_RULE or op.protocol != "llm":
+            return decision
+        for r in self.candidates(op.connection, op.action):
+            missed = r.failures(principal, op)
+            if r.effect == "deny" or not missed or not set(missed) <= {"llm.models", "llm.max_tokens"}:
+                continue
+            block, d = r.match.get("llm", {}), op.details
+            if "llm.models" in missed:
+                reason = (f"model {d.get('model')!r} is not one you may use on {op.connection} (rule {r.id} allows "
+                          f"{', '.join(_many(block['models']))})")
+            elif d.get("max_tokens") is None:
+                reason = f"the call does not say max_tokens, and rule {r.id} allows at most {block['max_tokens']}"
+            else:
+                reason = f"max_tokens {d['max_tokens']} is over the limit of rule {r.id} ({block['max_tokens']})"
+            return Decision(effect="deny", status=403, error=Error.NO_MATCHING_RULE, reason=reason)
+        return decision
 
 
 def explained(decision: Decision, op: Operation) -> Decision:

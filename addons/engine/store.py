@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from addons.engine.config import StoreConfig
-from addons.engine.model import Decision, Operation, Principal, canonical_json, new_id
+from addons.engine.model import Decision, Operation, Principal, canonical_json, new_id, storable
 
 GENESIS = "0" * 64
-SCHEMA_VERSION = 3  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
-UPGRADABLE = (1, 2)  # versions upgraded in place (1: bodies inline in events; 2: no replica column)
+SCHEMA_VERSION = 4  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
+UPGRADABLE = (1, 2, 3)  # upgraded in place (1: bodies inline in events; 2: no replica column; 3: no grants)
 LIVE_STATES = ("pending", "approved")
 """Approval states that can still change (addons/engine/approval.py LIVE)."""
 
@@ -127,9 +127,11 @@ REPLICA_COLUMNS: dict[str, type] = {
 CHECKPOINT_COLUMNS: dict[str, type] = {"seq": int, "document": str, "signature": str}
 # Bodies: each distinct body once, by its digest; `encoding` is "deflate" or "identity".
 BODY_COLUMNS: dict[str, type] = {"digest": str, "size": int, "encoding": str, "data": bytes}
-TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies", "mcp_pins", "replicas")
+TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies", "mcp_pins", "replicas", "grants",
+          "approver_directory")
 COPIED = (("bodies", "digest"), ("events", "seq"), ("chain_head", "id"), ("checkpoints", "seq"),
-          ("anchors", "seq"), ("approvals", "id"), ("mcp_pins", "connection, tool"))
+          ("anchors", "seq"), ("approvals", "id"), ("mcp_pins", "connection, tool"), ("grants", "id"),
+          ("approver_directory", "email"))
 """What a migration copies, table by table, in the order of its key (replicas stay behind)."""
 
 
@@ -152,6 +154,16 @@ def unpack(encoding: str, data: bytes) -> bytes:
 # pinned it; this table outlives a prune, so a pin is never silently re-learned).
 PIN_COLUMNS: dict[str, type] = {"connection": str, "tool": str, "fingerprint": str, "created": float,
                                 "definition": str}
+
+
+# Grants: each time-boxed grant as the approval that issued it holds it (its document's
+# `grant`), written with the approval's row, so requests find the active ones by principal
+# and connection. Directory: the IdP identity each approver's e-mail had at their last SSO
+# sign-in, which binds a Slack user to an approver.
+GRANT_COLUMNS: dict[str, type] = {"id": str, "approval": str, "subject": str, "connection": str, "expires": float,
+                                  "revoked": float, "document": str}
+DIRECTORY_COLUMNS: dict[str, type] = {"email": str, "subject": str, "issuer": str, "groups": str, "method": str,
+                                      "signed_in": float}
 
 
 def _json(value: Any) -> str | None:
@@ -214,7 +226,7 @@ class Event:
         if self.body is not None and self.body_digest is None:
             self.body_digest = digest(self.body)
         detail = {**self.detail, "decision": d.as_dict()} if d else self.detail
-        return {
+        row = {
             "id": self.id,
             "ts": self.ts,
             "kind": self.kind,
@@ -241,6 +253,7 @@ class Event:
             "body_digest": self.body_digest,
             "body_size": self.body_size,
         }
+        return {k: storable(v) if isinstance(v, str) else v for k, v in row.items()}  # any request can be recorded
 
 
 def _canonical(values: list[Any]) -> str:
@@ -296,12 +309,37 @@ class Pin:
     fingerprint: str
     definition: dict[str, Any]
 
+    SQL = (f"INSERT INTO mcp_pins ({', '.join(PIN_COLUMNS)}) VALUES ({', '.join('?' * len(PIN_COLUMNS))}) "
+           "ON CONFLICT DO NOTHING")
+
     def row(self) -> tuple:
         return self.connection, self.tool, self.fingerprint, time.time(), canonical_json(self.definition)
 
 
-PUT_PIN = (f"INSERT INTO mcp_pins ({', '.join(PIN_COLUMNS)}) VALUES ({', '.join('?' * len(PIN_COLUMNS))}) "
-           "ON CONFLICT DO NOTHING")
+
+
+@dataclass(frozen=True)
+class Listing:
+    """An approver's identity as of an SSO sign-in (addons/signin.py), kept in the
+    transaction of the event recording the sign-in; the latest sign-in of an e-mail stands."""
+
+    email: str
+    subject: str
+    issuer: str
+    groups: tuple[str, ...]
+    method: str
+
+    SQL = (f"INSERT INTO approver_directory ({', '.join(DIRECTORY_COLUMNS)}) "
+           f"VALUES ({', '.join('?' * len(DIRECTORY_COLUMNS))}) ON CONFLICT(email) DO UPDATE SET "
+           + ", ".join(f"{c} = excluded.{c}" for c in DIRECTORY_COLUMNS if c != "email"))
+
+    def row(self) -> tuple:
+        groups = canonical_json(list(self.groups))
+        return self.email.lower(), self.subject, self.issuer, groups, self.method, time.time()
+
+
+Kept = Pin | Listing
+"""What a write keeps beside its events, in their transaction."""
 
 
 def approval_row(document: dict[str, Any]) -> list[Any]:
@@ -309,6 +347,16 @@ def approval_row(document: dict[str, Any]) -> list[Any]:
     return [document["id"], document["state"], document["created"], time.time(), document["requester"]["subject"],
             document["connection"], document["fingerprint"], int(document["held"]), document["expires"],
             canonical_json(document), document.get("replica") or None]
+
+
+UPSERT_GRANT = (f"INSERT INTO grants ({', '.join(GRANT_COLUMNS)}) VALUES ({', '.join('?' * len(GRANT_COLUMNS))}) "
+                "ON CONFLICT(id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in GRANT_COLUMNS if c != "id"))
+
+
+def grant_row(grant: dict[str, Any]) -> list[Any]:
+    """The grants table's columns for a grant document (addons/engine/grants.py), in GRANT_COLUMNS order."""
+    return [grant["id"], grant["approval"], grant["principal"]["subject"], grant["shape"]["connection"],
+            grant["expires"], grant["revoked"], canonical_json(grant)]
 
 
 def default_replica() -> str:
@@ -428,10 +476,10 @@ class AuditStore:
         """Chain and write `events` in one transaction."""
         self.commit([(events, None)])
 
-    def commit(self, batch: list[tuple[list[Event], Change | None]], pins: Sequence[Pin] = ()) -> list[Any]:
+    def commit(self, batch: list[tuple[list[Event], Change | None]], kept: Sequence[Kept] = ()) -> list[Any]:
         """Write a batch in one transaction: each item's events, each change decided under
-        its approval's row lock (locked in id order, so two writers never deadlock), and
-        `pins`. Returns, per item, None, the approval's document after its change, or the
+        its approval's row lock (locked in id order, so two writers never deadlock) with the
+        grant its document holds, and `kept`. Returns, per item, None, the approval's document after its change, or the
         exception its decision raised (that item alone then writes nothing)."""
         ids = sorted({change.approval for _, change in batch if change is not None})
         outcomes: list[Any] = []
@@ -455,8 +503,11 @@ class AuditStore:
                 outcomes.append(current.get(change.approval))
             if events or changed:
                 self._save(tx, events, list(changed.values()))
-            if pins:
-                tx.many(PUT_PIN, [p.row() for p in pins])
+            grants = [grant_row(d["grant"]) for d in changed.values() if d.get("grant")]
+            if grants:
+                tx.many(UPSERT_GRANT, grants)
+            for sql in dict.fromkeys(k.SQL for k in kept):
+                tx.many(sql, [k.row() for k in kept if k.SQL == sql])
         return outcomes
 
     def prune(self, before: float, sign: Callable[[dict[str, Any]], dict[str, str]],
@@ -747,6 +798,41 @@ class AuditStore:
         for document in documents:
             yield json.loads(document)
 
+    def updated_since(self, since: float) -> list[tuple[str, float]]:
+        """(id, updated) of the approvals written after `since`."""
+        with self._read() as tx:
+            return [(r["id"], r["updated"]) for r in tx.rows("SELECT id, updated FROM approvals WHERE updated > ?",
+                                                             [since])]
+
+    def grants(self, active_at: float | None = None, subject: str = "", connection: str = "",
+               ids: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """Grant documents, the latest to expire first; with `active_at`, only those neither
+        revoked nor expired then; with `subject`, `connection` or `ids`, only those."""
+        clauses, args = [], []
+        if active_at is not None:
+            clauses.append("revoked IS NULL AND expires > ?")
+            args.append(active_at)
+        for column, value in (("subject", subject), ("connection", connection)):
+            if value:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        if ids:
+            clauses.append(f"id IN ({', '.join('?' * len(ids))})")
+            args.extend(ids)
+        with self._read() as tx:
+            return [json.loads(r["document"]) for r in tx.rows(
+                f"SELECT document FROM grants WHERE {' AND '.join(clauses) or 'TRUE'} ORDER BY expires DESC", args)]
+
+    def directory(self, email: str) -> dict[str, Any] | None:
+        """The approver identity `email` had at its last SSO sign-in, or None."""
+        with self._read() as tx:
+            row = tx.one("SELECT subject, issuer, groups, method, signed_in FROM approver_directory WHERE email = ?",
+                         [email.lower()])
+        if row is None:
+            return None
+        return {"email": email.lower(), "subject": row[0], "issuer": row[1], "groups": json.loads(row[2]),
+                "method": row[3], "signed_in": row[4]}
+
 
 def _insert_rows(tx: Tx, table: str, rows: list[dict[str, Any]]) -> None:
     if rows:
@@ -851,6 +937,12 @@ class Store(AuditStore):
             db["mcp_pins"].create(PIN_COLUMNS, pk=("connection", "tool"), not_null=set(PIN_COLUMNS))
         if "replicas" not in tables:
             db["replicas"].create(REPLICA_COLUMNS, pk="id")
+        if "grants" not in tables:
+            db["grants"].create(GRANT_COLUMNS, pk="id", not_null={"approval", "subject", "expires", "document"})
+            db["grants"].create_index(["subject", "connection"], if_not_exists=True)
+        if "approver_directory" not in tables:
+            db["approver_directory"].create(DIRECTORY_COLUMNS, pk="email", not_null=set(DIRECTORY_COLUMNS))
+        db["approvals"].create_index(["updated"], if_not_exists=True)  # version 3: the inbox's news
         for table in ("events", "approvals"):
             if "replica" not in db[table].columns_dict:  # versions 1 and 2
                 self.conn.execute(f"ALTER TABLE {table} ADD COLUMN replica TEXT")
@@ -978,17 +1070,17 @@ class Writer:
         if self._error is not None:
             raise self._error
 
-    async def append(self, events: list[Event], pins: Sequence[Pin] = ()) -> None:
-        """Append `events` (and keep `pins` in the same transaction)."""
-        await self._submit(events, None, pins)
+    async def append(self, events: list[Event], kept: Sequence[Kept] = ()) -> None:
+        """Append `events` (and keep `kept` in the same transaction)."""
+        await self._submit(events, None, kept)
 
     async def change(self, change: Change, events: list[Event] = ()) -> dict[str, Any] | None:
         """Apply `change` (with `events`); the approval's document after it."""
         return await self._submit(list(events), change)
 
-    async def _submit(self, events: list[Event], change: Change | None, pins: Sequence[Pin] = ()) -> Any:
+    async def _submit(self, events: list[Event], change: Change | None, kept: Sequence[Kept] = ()) -> Any:
         future = asyncio.get_running_loop().create_future()
-        self._queue.put((events, change, pins, future))
+        self._queue.put((events, change, kept, future))
         return await future
 
     def close(self) -> None:
@@ -1020,7 +1112,7 @@ class Writer:
                 batch.append(more)
             try:
                 outcomes = store.commit([(events, change) for events, change, _, _ in batch],
-                                        [p for _, _, pins, _ in batch for p in pins])
+                                        [k for _, _, kept, _ in batch for k in kept])
                 if failing:
                     store.patience(self._patience)
                 failing = False

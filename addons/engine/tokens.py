@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import ssl
 import time
 import urllib.request
@@ -37,6 +38,18 @@ _CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
 
 class TokenError(Exception):
     """The token was refused; `str(e)` is the reason given to the client and the audit log."""
+
+
+COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]*=*")
+"""Three base64url segments and two dots (RFC 7515 §7.1; an unsigned token's last is empty)."""
+
+
+def well_formed(token: str) -> bool:
+    """Is `token` shaped as a JWT at all? Checked before anything parses it, and before a
+    bridge puts it in a header: whatever else a client sends as its token (other bytes,
+    spaces, line breaks) is a malformed token, never a failure of the parser or a broken
+    request head."""
+    return COMPACT_JWS.fullmatch(token) is not None
 
 
 def _key_fits(alg: str, key: Any) -> bool:
@@ -216,7 +229,21 @@ class Verifier:
             self._cache.popitem(last=False)
         return principal
 
+    async def verify_claims(self, token: str, now: float | None = None) -> tuple[Principal, dict[str, Any]]:
+        """Verify a token used once (an ID token at sign-in: never cached) and return its
+        claims too, for the checks only its user knows (the sign-in's nonce)."""
+        claims, issuer = await self._decode(token, time.time() if now is None else now)
+        return principal_from(claims, issuer, token), claims
+
     async def _verify(self, token: str, now: float) -> Principal:
+        claims, issuer = await self._decode(token, now)
+        return principal_from(claims, issuer, token)
+
+    async def _decode(self, token: str, now: float) -> tuple[dict[str, Any], Issuer]:
+        if len(token) > self.settings.max_token_bytes:
+            raise TokenError(f"token too large ({len(token)} bytes, limit {self.settings.max_token_bytes})")
+        if not well_formed(token):
+            raise TokenError("malformed token")
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -261,11 +288,11 @@ class Verifier:
             raise TokenError("bad signature") from None
         except jwt.MissingRequiredClaimError as e:
             raise TokenError(f"token lacks the {e.claim!r} claim") from None
-        except jwt.InvalidIssuedAtError:
-            raise TokenError("token issued in the future") from None
+        except jwt.InvalidIssuedAtError:  # a future iat is ImmatureSignatureError (PyJWT 2.10+)
+            raise TokenError("token issue time (iat) is not a time") from None
         except jwt.PyJWTError as e:
             raise TokenError(f"invalid token: {e}") from None
-        return principal_from(claims, issuer, token)
+        return claims, issuer
 
 
 def principal_from(claims: dict[str, Any], issuer: Issuer, token: str) -> Principal:
@@ -286,5 +313,14 @@ def principal_from(claims: dict[str, Any], issuer: Issuer, token: str) -> Princi
         agent=agent,
         token_id=str(claims.get("jti", "")),
         token_fingerprint=hashlib.sha256(token.encode()).hexdigest()[:32],
-        expires=float(claims["exp"]),
+        expires=expiry(claims["exp"]),
     )
+
+
+def expiry(exp: Any) -> float:
+    """`exp` as a time: PyJWT checked that int() takes it, which an integer too large for a
+    float also passes."""
+    try:
+        return float(exp)
+    except (TypeError, ValueError, OverflowError):
+        raise TokenError("token expiry (exp) is not a time") from None

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from addons.engine.config import GATEWAY_CONNECTION
-from addons.evidence.timeline import ApprovalStory, Record, approvals, iso, records
+from addons.evidence.timeline import ApprovalStory, Record, approvals, iso, provenance_of, records
 
 UNAUTHENTICATED = "(unauthenticated)"
 UNNAMED = "(not stated)"
@@ -66,6 +66,7 @@ def build(rows: Iterable[dict[str, Any]], start: float, end: float, chain: dict[
         fields.update(masking.get("fields") or {})
         masked_responses += bool(masking.get("masked"))
     outcomes = Counter(a.outcome for a in stories)
+    chains = provenance_chains(recs, stories)
     return {
         "period": {"from": iso(start), "to": iso(end)},
         "chain": chain,
@@ -77,6 +78,8 @@ def build(rows: Iterable[dict[str, Any]], start: float, end: float, chain: dict[
             "refused_tunnels": sum(d["effect"] == "deny" for d in decisions if d["kind"] == "connect"),
             "approvals": len(stories), "approver_calls": len(approver_calls), "masked_responses": masked_responses,
             "masked_values": sum(entities.values()) + sum(fields.values()),
+            "commands": len(chains), "commands_with_provenance": sum(c["provenance"] in ("exact", "normalised")
+                                                                     for c in chains),
         },
         "requests_by_agent": _tally(requests, agent),
         "requests_by_model": _tally(requests, lambda d: d.attribute("model") or UNNAMED),
@@ -89,7 +92,54 @@ def build(rows: Iterable[dict[str, Any]], start: float, end: float, chain: dict[
         },
         "masking_by_entity": [{"entity": k, "count": v} for k, v in sorted(entities.items(), key=lambda kv: (-kv[1], kv[0]))],
         "masking_by_field": [{"field": k, "count": v} for k, v in sorted(fields.items(), key=lambda kv: (-kv[1], kv[0]))],
+        "model_calls": model_calls(recs),
+        "provenance": chains,
     }
+
+
+def model_calls(recs: list[Record]) -> list[dict[str, Any]]:
+    """Completions by model: how many, how many tokens, how many tool calls they asked for."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for r in recs:
+        if r["kind"] == "completion":
+            c = counts[r.detail.get("model") or r.detail.get("requested") or UNNAMED]
+            c["calls"] += 1
+            c["input_tokens"] += (r.detail.get("usage") or {}).get("input_tokens", 0)
+            c["output_tokens"] += (r.detail.get("usage") or {}).get("output_tokens", 0)
+            c["tool_calls"] += len(r.detail.get("tool_calls") or [])
+    return [{"model": m, **{k: c[k] for k in ("calls", "input_tokens", "output_tokens", "tool_calls")}}
+            for m, c in sorted(counts.items())]
+
+
+def provenance_chains(recs: list[Record], stories: list[ApprovalStory]) -> list[dict[str, Any]]:
+    """Which prompt produced which command: every command of the period with the model
+    output that asked for it (or none), its decision, approval and response."""
+    by_id = {r["id"]: r for r in recs}
+    by_flow: dict[str, dict[str, Record]] = defaultdict(dict)
+    for r in recs:
+        if r["flow"]:
+            by_flow[r["flow"]].setdefault(r["kind"], r)
+    outcome = {a.id: a.outcome for a in stories}
+    out = []
+    for r in recs:
+        found = provenance_of(r)
+        if r["kind"] != "request" or found.get("match") in (None, "n/a"):
+            continue
+        completion = by_id.get(found.get("event", ""))
+        prompt = by_flow.get(found.get("flow", ""), {}).get("request")
+        flow = by_flow.get(r["flow"] or "", {})
+        decision, response = flow.get("decision"), flow.get("response")
+        out.append({
+            "time": iso(r["ts"]), "principal": r["subject"] or "", "connection": r["connection"] or "",
+            "command": r.operation.get("summary", ""), "provenance": found["match"],
+            "model": found.get("model", ""), "tool_call": found.get("tool_call", ""), "tool": found.get("tool", ""),
+            "completion": found.get("completion", "") or found.get("reason", ""),
+            "prompt": ((prompt.operation.get("details") or {}).get("last", "") if prompt else "")[:200],
+            "completion_event": completion["id"] if completion else found.get("event", ""),
+            "decision": decision["effect"] if decision else "", "approval": outcome.get(r["approval"] or "", ""),
+            "status": response["status"] if response else None,
+        })
+    return out
 
 
 def _table(table_id: str, title: str, columns: list[tuple[str, str]], items: list[dict[str, Any]]) -> str:
@@ -125,7 +175,8 @@ def render_html(report: dict[str, Any]) -> str:
         f'<div class="figure" id="figure-{key}"><b>{t[key]}</b>{html.escape(label)}</div>'
         for key, label in (("requests", "requests"), ("allowed", "allowed"), ("denied", "denied"),
                            ("held", "held for review"), ("approvals", "approvals"),
-                           ("masked_values", "values masked"))
+                           ("masked_values", "values masked"),
+                           ("commands_with_provenance", "commands a model asked for"))
     )
     state = (f'<p id="chain" class="ok">Audit chain verified: {chain["events"]} events, head {html.escape(chain["head"])}</p>'
              if chain["ok"] else
@@ -146,11 +197,20 @@ def render_html(report: dict[str, Any]) -> str:
         f'<p id="approval-latency">Median approval latency: {_cell(a["median_latency_s"])} s</p>',
         _table("approvals", "Approvals", [("id", "approval"), ("requester", "requester"), ("agent", "agent"),
                                           ("model", "model"), ("connection", "connection"), ("operation", "operation"),
-                                          ("rules", "rules"), ("requested", "requested"), ("approvers", "approvers"),
+                                          ("justification", "justification"), ("rules", "rules"), ("requested", "requested"), ("approvers", "approvers"),
                                           ("decided", "decided"), ("latency_s", "latency (s)"), ("outcome", "outcome")],
                a["items"]),
         _table("masking", "Masked values by entity", [("entity", "entity"), ("count", "count")], report["masking_by_entity"]),
         _table("masking-fields", "Masked fields by rule path", [("field", "field"), ("count", "count")],
                report["masking_by_field"]),
+        _table("model-calls", "Model calls by model", [("model", "model"), ("calls", "calls"),
+                                                       ("input_tokens", "input tokens"),
+                                                       ("output_tokens", "output tokens"),
+                                                       ("tool_calls", "tool calls asked for")], report["model_calls"]),
+        _table("provenance", "Which prompt produced which command",
+               [("time", "time"), ("principal", "principal"), ("prompt", "prompt (last message)"),
+                ("model", "model"), ("completion", "completion"), ("tool_call", "tool call"),
+                ("provenance", "provenance"), ("command", "command"), ("decision", "decision"),
+                ("approval", "approval"), ("status", "response")], report["provenance"]),
         "</body></html>\n",
     ])

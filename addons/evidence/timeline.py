@@ -154,6 +154,7 @@ class ApprovalStory:
     agent: str = ""
     model: str = ""
     task: str = ""
+    justification: str = ""
     connection: str = ""
     summary: str = ""
     rules: list[str] = field(default_factory=list)
@@ -187,6 +188,7 @@ class ApprovalStory:
     def as_dict(self) -> dict[str, Any]:
         return {
             "id": self.id, "requester": self.requester, "agent": self.agent, "model": self.model, "task": self.task,
+            "justification": self.justification,
             "connection": self.connection, "operation": self.summary, "rules": self.rules,
             "requested": iso(self.requested), "decided": iso(self.decided), "executed": iso(self.executed),
             "latency_s": self.latency, "outcome": self.outcome, "why": self.why,
@@ -210,6 +212,7 @@ def approvals(recs: Iterable[Record]) -> dict[str, ApprovalStory]:
         if step == "requested":
             a.requester, a.requested = r["subject"] or "", r["ts"]
             a.agent, a.model, a.task = r.attribute("agent"), r.attribute("model"), r.attribute("task")
+            a.justification = r.attribute("justification")
             a.connection, a.summary = r["connection"] or "", r.operation.get("summary", "")
             a.rules = r.detail.get("rules") or r.rules
         if step in VOTES and r.detail.get("vote"):
@@ -262,6 +265,51 @@ def tool_results(rec: Record) -> list[dict[str, Any]]:
         elif isinstance(m.get("error"), dict):
             out.append({"id": m.get("id"), "error": True, "text": f"{m['error'].get('code')}: {m['error'].get('message')}"})
     return out
+
+
+def provenance_of(rec: Record) -> dict[str, Any]:
+    """The provenance the gateway gave a request (addons/engine/provenance.py), or {}."""
+    found = (rec.operation.get("details") or {}).get("provenance")
+    return found if isinstance(found, dict) else {}
+
+
+def provenance_line(found: dict[str, Any]) -> str:
+    """One line: which model output asked for a request, how it matched, or why none did."""
+    if not found or found.get("match") == "n/a":
+        return ""
+    said = found.get("asserted") or {}
+    claim = f" (the request said: {', '.join(f'{k}={v}' for k, v in sorted(said.items()))})" if said else ""
+    if found["match"] == "none":
+        return f"PROVENANCE none: {found.get('reason', '')}{claim}"
+    return (f"PROVENANCE {found['match']}: tool call {found.get('tool_call')} ({found.get('tool')}) of completion "
+            f"{found.get('event')} by {found.get('model')} on {found.get('connection')}{claim}")
+
+
+def completion_lines(rec: Record, limit: int = 2000) -> list[str]:
+    """A completion event: model, tokens, text (as the agent got it: masked) and tool calls."""
+    d = rec.detail
+    usage = d.get("usage") or {}
+    tokens = f" ({usage.get('input_tokens', '?')} → {usage.get('output_tokens', '?')} tokens)" if usage else ""
+    state = "" if d.get("complete", True) else f"  INCOMPLETE: {d.get('error') or 'the stream ended early'}"
+    text = " ".join(str(d.get("text") or "").split())
+    lines = [f"{d.get('model') or d.get('requested') or '-'}{tokens}{' streamed' if d.get('streamed') else ''}{state}"]
+    if text:
+        lines.append(f"    > {text[:limit]}")
+    for c in d.get("tool_calls") or []:
+        invalid = f"  (not remembered: {c['invalid']})" if c.get("invalid") else ""
+        arguments = c["arguments"] if isinstance(c.get("arguments"), str) else json.dumps(c.get("arguments"),
+                                                                                          ensure_ascii=False)
+        lines.append(f"    TOOL CALL {c.get('id') or '(react)'} {c.get('name')} {arguments[:limit]}{invalid}")
+    return lines
+
+
+def model_call_line(rec: Record, limit: int = 2000) -> str:
+    """A model call's request: model, endpoint, conversation, tools offered, last message."""
+    d = rec.operation.get("details") or {}
+    tools = ", ".join(d.get("tools") or []) or "none"
+    last = " ".join(str(d.get("last") or "").split())[:limit]
+    return (f"    MODEL CALL {d.get('model', '?')} ({d.get('endpoint', '?')}), {d.get('messages', 0)} messages, "
+            f"tools offered: {tools}" + (f"; last: {last}" if last else ""))
 
 
 def decision_line(rec: Record) -> str:
@@ -318,7 +366,13 @@ def replay_lines(rec: Record, stories: dict[str, ApprovalStory], body_limit: int
         method, url = rec.detail.get("method", ""), rec.detail.get("url", "")
         calls = [f"    TOOL CALL {c['tool']} ({c['action']}) {json.dumps(c['arguments'], ensure_ascii=False)}"
                  for c in tool_calls(rec)]
-        return head + [f"    {method} {url}"] + calls + ([f"    > {line}" for line in body.splitlines()] if body else [])
+        model = [model_call_line(rec, body_limit)] if r["protocol"] == "llm" else []
+        origin = [f"    {line}"] if (line := provenance_line(provenance_of(rec))) else []
+        return head + [f"    {method} {url}"] + model + origin + calls + \
+            ([f"    > {line}" for line in body.splitlines()] if body else [])
+    if kind == "completion":
+        first, *rest = completion_lines(rec, body_limit)
+        return [f"{when}  #{r['seq']} COMPLETION {first}"] + rest
     if kind in ("decision", "connect"):
         if not r["effect"]:
             return []

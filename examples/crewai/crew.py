@@ -8,6 +8,13 @@ integration (`mcps=`), whose client reaches the server through the gateway as a 
 Every request carries the agent's role, model, crew run, task and tool
 (addons/client/crew.py). CREW_TASKS=key,key runs only those tasks.
 
+The model is the deterministic stand-in (examples/samples/standin.py), in process by
+default; with CREW_MODEL_URL (e.g. https://models.internal/v1, the sample model server
+through the gateway) it is CrewAI's own OpenAI client calling it over HTTPS through the
+proxy, with native tool calls, so the gateway sees every completion and proves which one
+asked for each request (`custody audit why EVENT`); the crew holds no API key
+(CREW_MODEL_STREAM=1 streams the completions). CREW_LLM=provider/model uses a real model.
+
     scripts/run                                   # in another terminal
     CUSTODY_CONFIG=examples/custody.yaml CUSTODY_SUBJECT=crew-inventory \\
     CUSTODY_GROUPS=analysts,buyers,k8s-readers CUSTODY_CA=.custody/mitmproxy/mitmproxy-ca-cert.pem \\
@@ -40,9 +47,12 @@ from pydantic import BaseModel, Field  # noqa: E402
 
 from addons.client import Custody  # noqa: E402
 from addons.client.crew import instrument  # noqa: E402
+from addons.client.crew import model as governed_model  # noqa: E402
+from examples.samples.standin import CREW_PLANS, MODEL  # noqa: E402
 
 API = os.environ.get("CREW_API", "http://sample-api.internal")
 MCP_URL = os.environ.get("CREW_MCP_URL", "")
+MODEL_URL = os.environ.get("CREW_MODEL_URL", "")
 PG = (os.environ.get("CREW_PG_HOST", "127.0.0.1"), int(os.environ.get("CREW_PG_PORT", "15432")),
       os.environ.get("CREW_PG_DB", "shop"))
 custody = Custody.from_env()
@@ -60,7 +70,12 @@ class InventoryApi(BaseTool):
     args_schema: type[BaseModel] = ApiInput
 
     def _run(self, method: str, path: str, body: dict | None = None) -> str:
-        r = custody.session().request(method, API + path, json=body)
+        http = custody.session()
+        if method.upper() == "POST" and path == "/orders" and isinstance((body or {}).get("item"), int):
+            # the tool's own check, which no model asked for: is there such an item?
+            if http.get(f"{API}/items/{body['item']}").status_code == 404:
+                return f"HTTP 404: no item {body['item']}; nothing was ordered"
+        r = http.request(method, API + path, json=body)
         return f"HTTP {r.status_code}: {r.text[:1500]}"
 
 
@@ -97,19 +112,18 @@ class Kubectl(BaseTool):
         return (done.stdout + done.stderr).strip()[:1500] + f"\n(exit {done.returncode})"
 
 
-def model():
+def model(function_calling: bool = True):
+    """The crew's model; with CREW_MODEL_URL, `function_calling=False` makes CrewAI use its
+    ReAct text format with it (as it does with models that have no function calling)."""
     if os.environ.get("CREW_LLM", "standin") != "standin":
         return LLM(model=os.environ["CREW_LLM"])
+    if MODEL_URL:
+        return governed_model(custody, MODEL, MODEL_URL, function_calling=function_calling, max_tokens=1024,
+                              stream=os.environ.get("CREW_MODEL_STREAM") == "1")
     sys.path.insert(0, str(Path(__file__).parent))
     from standin import StandIn
 
-    return StandIn(model="custody-standin/scripted-1", plans={
-        "stock-check": [("inventory_api", {"method": "GET", "path": "/items"}),
-                        ("sql", {"query": "SELECT item, sum(quantity) FROM orders GROUP BY item"})],
-        "restock": [("inventory_api", {"method": "POST", "path": "/orders", "body": {"item": 1, "quantity": 500}})],
-        "tidy-schema": [("sql", {"query": "DROP TABLE orders"}), ("kubectl", {"args": "get pods -n shop"})],
-        "triage": [("search_tickets", {"query": "VPN"})],  # the MCP server's tool, as CrewAI names it
-    })
+    return StandIn(model=MODEL, plans=CREW_PLANS)
 
 
 def key(task: Task) -> str:
@@ -122,7 +136,7 @@ def build() -> Crew:
                     tools=[InventoryApi(), Sql()], llm=llm, allow_delegation=False, max_iter=5)
     operator = Agent(role="Operations engineer", goal="Keep the shop stocked and tidy",
                      backstory="Places orders and looks after the cluster.", tools=[InventoryApi(), Sql(), Kubectl()],
-                     llm=llm, allow_delegation=False, max_iter=5)
+                     llm=model(function_calling=False) if MODEL_URL else llm, allow_delegation=False, max_iter=5)
     tasks = [
         Task(name="check stock", description="Task key: stock-check\nRead the inventory and the order totals.",
              expected_output="the stock levels", agent=analyst),

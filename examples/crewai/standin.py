@@ -1,20 +1,16 @@
-"""A deterministic local stand-in for an LLM, so the crew runs offline and the same way
-every time: for each task (found by the "Task key:" line in its description) it plays a
-fixed plan of tool calls in CrewAI's ReAct text format, then gives a final answer that
-quotes the last observation (what the gateway answered). Swap in a real model with CREW_LLM=provider/model.
+"""The deterministic stand-in model (examples/samples/standin.py) in process, as a CrewAI
+LLM, so the crew runs offline and the same way every time without a model server. It
+speaks CrewAI's ReAct text format. examples/sample_model.py serves the same stand-in over
+HTTPS as an OpenAI- and Anthropic-compatible API, which crew.py uses with CREW_MODEL_URL.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
 from crewai import BaseLLM
 
-KEY = re.compile(r"Task key: ([\w-]+)")
-TOOL = re.compile(r"Tool Name: (\S+)")
-"""How CrewAI lists tools in the prompt; an MCP server's tools carry the server's name first."""
+from examples.samples import standin
 
 
 class StandIn(BaseLLM):
@@ -25,16 +21,9 @@ class StandIn(BaseLLM):
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         text = "\n".join(str(m.get("content", "")) for m in messages)
-        keys = KEY.findall(text)
-        plan = self.plans.get(keys[-1] if keys else "", [])
         # CrewAI appends each action with its observation as one assistant message.
         done = [str(m.get("content", "")) for m in messages if m.get("role") == "assistant"]
-        if len(done) < len(plan):
-            tool, arguments = plan[len(done)]
-            tool = next((t for t in TOOL.findall(text) if t == tool or t.endswith(f"_{tool}")), tool)
-            return f"Thought: step {len(done) + 1} of my plan\nAction: {tool}\nAction Input: {json.dumps(arguments)}"
-        last = done[-1].split("Observation:", 1)[-1].strip()[:400] if done else "nothing to do"
-        return f"Thought: I now know the final answer\nFinal Answer: {last}"
+        return standin.reply(self.plans, text, len(done), done[-1] if done else "", []).text
 
     def supports_stop_words(self) -> bool:
         return False

@@ -227,35 +227,22 @@ class Client:
             self.writer.close()
 
     async def _login(self) -> bool:
-        startup = await self._startup()
-        while startup.code in (pgp.SSL_REQUEST, pgp.GSSENC_REQUEST):
-            if startup.code == pgp.SSL_REQUEST and self.bridge.tls is not None:
-                self.writer.write(pgp.SSL_YES)
-                await self.writer.drain()
-                await self.writer.start_tls(self.bridge.tls)
-            else:
-                self.writer.write(pgp.SSL_NO)  # GSSAPI encryption is never offered
-                await self.writer.drain()
-            startup = await self._startup()
-        if startup.cancel is not None:
-            await self.bridge.cancel(*startup.cancel)
+        """The startup, SSL negotiation and password within `limits.authenticate` (a client
+        still short of its password then is disconnected without a word, as PostgreSQL does
+        when its authentication_timeout passes); then the gateway opens the session."""
+        try:
+            async with asyncio.timeout(self.bridge.limits.authenticate):
+                hello = await self._hello()
+        except TimeoutError:
+            logger.info("pg_bridge: %s: no login within %gs; disconnected", self.conn.name,
+                        self.bridge.limits.authenticate)
             return False
-        params = startup.parameters
-        unsupported = [k for k in params if k.startswith("_pq_.")]
-        if startup.minor != 0 or unsupported:
-            self.out += pgp.negotiate_version(0, unsupported)
-        database = params.get("database") or params.get("user", "")
-        if database != self.conn.upstream.database:
-            await self._fatal("3D000", f'database "{database}" does not exist',
-                              f"this pg_bridge serves the database {self.conn.upstream.database!r} of connection "
-                              f"{self.conn.name}")
+        if isinstance(hello, pgp.Startup):
+            await self.bridge.cancel(*hello.cancel)
             return False
-        self.out += pgp.auth_request(3)  # cleartext password: the agent's JWT
-        await self._flush()
-        kind, body = await self._message()
-        if kind != "p":
-            raise ProtocolError("expected a password message")
-        token = pgp.decode("p", body).strip()
+        if hello is None:
+            return False
+        params, database, token = hello
         session = Session(id=secrets.token_hex(16), token=token, pid=secrets.randbits(31), secret=secrets.randbits(32),
                           link=self.bridge.gateway.link())
         options, attributes = split_options(params.get("options", ""))
@@ -284,6 +271,38 @@ class Client:
         await self._flush()
         return True
 
+    async def _hello(self) -> tuple[dict[str, str], str, str] | pgp.Startup | None:
+        """Up to the password: the startup parameters, the database and the token; or a
+        CancelRequest's startup; or None when the client was told no."""
+        startup = await self._startup()
+        while startup.code in (pgp.SSL_REQUEST, pgp.GSSENC_REQUEST):
+            if startup.code == pgp.SSL_REQUEST and self.bridge.tls is not None:
+                self.writer.write(pgp.SSL_YES)
+                await self.writer.drain()
+                await self.writer.start_tls(self.bridge.tls)
+            else:
+                self.writer.write(pgp.SSL_NO)  # GSSAPI encryption is never offered
+                await self.writer.drain()
+            startup = await self._startup()
+        if startup.cancel is not None:
+            return startup
+        params = startup.parameters
+        unsupported = [k for k in params if k.startswith("_pq_.")]
+        if startup.minor != 0 or unsupported:
+            self.out += pgp.negotiate_version(0, unsupported)
+        database = params.get("database") or params.get("user", "")
+        if database != self.conn.upstream.database:
+            await self._fatal("3D000", f'database "{database}" does not exist',
+                              f"this pg_bridge serves the database {self.conn.upstream.database!r} of connection "
+                              f"{self.conn.name}")
+            return None
+        self.out += pgp.auth_request(3)  # cleartext password: the agent's JWT
+        await self._flush()
+        kind, body = await self._message()
+        if kind != "p":
+            raise ProtocolError("expected a password message")
+        return params, database, pgp.decode("p", body).strip()
+
     async def _call(self, phase: str, body: dict) -> dict[str, Any]:
         """One step through the gateway; a cancel request while it waits ends it with 57014."""
         s = self.session
@@ -310,10 +329,24 @@ class Client:
                 self.out += pgp.parameter_status(name, value)
         return answer
 
+    async def _next(self) -> tuple[str, Any] | None:
+        """The client's next message, or None when it sent none for `limits.idle`: the
+        connection then ends with the FATAL error PostgreSQL's own idle timeouts send. Only
+        read between statements, so a statement that runs or is held is never idle."""
+        try:
+            async with asyncio.timeout(self.bridge.limits.idle):
+                return await self._message()
+        except TimeoutError:
+            code, kind = ("25P03", "idle-in-transaction") if self.session.status in "TE" else ("57P05", "idle-session")
+            await self._fatal(code, f"terminating connection due to {kind} timeout",
+                              f"custody: no message for {self.bridge.limits.idle:g}s (limits.idle of connection "
+                              f"{self.conn.name})")
+            return None
+
     async def _serve(self) -> None:
         batch: list[tuple[str, Any]] = []
-        while True:
-            kind, body = await self._message()
+        while (message := await self._next()) is not None:
+            kind, body = message
             if kind == "X":
                 return
             if kind == "Q":
@@ -542,6 +575,8 @@ class Bridge:
             self.tls.load_cert_chain(connection.server_cert)
         self.server: asyncio.Server | None = None
         self.names, self.address = (connection.name,), connection.listen
+        self.limits = connection.limits
+        self.clients = 0
 
     async def start(self) -> None:
         host, port = self.connection.listen
@@ -549,7 +584,22 @@ class Bridge:
         logger.info("pg_bridge: %s listening on %s:%d", self.connection.name, host, port)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await Client(self, reader, writer).run()
+        if self.clients >= self.limits.connections:
+            self._too_many(writer)
+            return
+        self.clients += 1
+        try:
+            await Client(self, reader, writer).run()
+        finally:
+            self.clients -= 1
+
+    def _too_many(self, writer: asyncio.StreamWriter) -> None:
+        """Refuse a client past `limits.connections` at once, before reading anything, with
+        the error PostgreSQL sends then (libpq reads it in place of an SSL answer too)."""
+        writer.write(pgp.error({"S": "FATAL", "V": "FATAL", "C": "53300", "M": "sorry, too many clients already",
+                                "D": f"custody: pg_bridge for {self.connection.name} accepts "
+                                     f"{self.limits.connections} connections (limits.connections)"}))
+        writer.close()
 
     async def cancel(self, pid: int, secret: int) -> None:
         """A CancelRequest: the gateway cancels what runs; a step still waiting (held for

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ from addons.engine.bridge import (
     step,
 )
 from addons.engine.config import Connection
+from ssh_bridge.server.idle import Idle
 
 logger = logging.getLogger(__name__)
 REFUSED = 126
@@ -114,14 +116,43 @@ class Server(asyncssh.SSHServer):
         self.token = ""
         self.connection: Connection | None = None
         self.conn: asyncssh.SSHServerConnection | None = None
+        self.peer: tuple | None = None
         self.link = Link(*bridge.gateway.proxy)
         self.waiting: set[asyncio.Task] = set()
         """Stream steps waiting for the gateway (held for approval): withdrawn if the client goes."""
+        self.idle = Idle(bridge.limits.idle, self._idle_out)
+        self.login = Idle(bridge.limits.authenticate, self._login_out)
+        """limits.authenticate: the client's time to log in; the gateway's time checking its
+        token does not count (as pg_bridge's, and PostgreSQL's authentication_timeout)."""
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-        self.conn = conn
+        self.conn, self.peer = conn, conn.get_extra_info("peername")
+        if not self.bridge.admit(self):
+            reason = f"custody: too many connections ({self.bridge.limits.connections}, limits.connections)"
+            logger.info("ssh_bridge: refusing a connection from %s: %s", self.peer, reason)
+            # once asyncssh has sent its version (right after this returns), before any key
+            # exchange: the reason goes in the clear, for a client that reads it in time
+            asyncio.get_running_loop().call_soon(conn.disconnect, asyncssh.DISC_TOO_MANY_CONNECTIONS, reason)
+            return
+        self.idle.touch()
+        self.login.touch()
+
+    def _login_out(self) -> None:
+        logger.info("ssh_bridge: %s: no login within %gs; disconnected", self.peer, self.bridge.limits.authenticate)
+        self.conn.disconnect(asyncssh.DISC_BY_APPLICATION,
+                             f"custody: no login within {self.bridge.limits.authenticate:g}s (limits.authenticate)")
+
+    def _idle_out(self) -> None:
+        logger.info("ssh_bridge: closing an idle connection (%gs)", self.bridge.limits.idle)
+        self.conn.disconnect(asyncssh.DISC_BY_APPLICATION,
+                             f"custody: nothing ran for {self.bridge.limits.idle:g}s (limits.idle); disconnected")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not self.token:
+            logger.info("ssh_bridge: %s gone before logging in: %s", self.peer, exc)
+        self.idle.stop()
+        self.login.stop()
+        self.bridge.clients.discard(self)
         for task in list(self.waiting):
             task.cancel()
         if self.token and self.connection is not None:
@@ -151,12 +182,14 @@ class Server(asyncssh.SSHServer):
         if not password:
             return False
         try:
-            await self.bridge.gateway.call(self.link, connection.hosts[0].split(":")[0], "connect", password.strip(),
-                                           self.session, {"user": username})
+            with self.login.busy(), self.idle.busy():  # a login under way is neither late nor idle
+                await self.bridge.gateway.call(self.link, connection.hosts[0].split(":")[0], "connect",
+                                               password.strip(), self.session, {"user": username})
         except Refused as e:
             logger.info("ssh_bridge: login refused for %s: %s", username, e)
             self._banner(str(e))
             return False
+        self.login.stop()
         self.token, self.connection = password.strip(), connection
         return True
 
@@ -207,6 +240,15 @@ class Bridge:
         self.host_key = host_key
         self.tasks: set[asyncio.Task] = set()
         self.server: asyncssh.SSHAcceptor | None = None
+        self.limits = connections[0].limits  # one listener, one set of limits (addons/engine/config.py)
+        self.clients: set[Server] = set()
+
+    def admit(self, server: Server) -> bool:
+        """Count a new client connection, unless `limits.connections` are open already."""
+        if len(self.clients) >= self.limits.connections:
+            return False
+        self.clients.add(server)
+        return True
 
     def select(self, username: str) -> Connection | None:
         """`anything+name` is connection `name`; otherwise the only one on this address."""
@@ -219,7 +261,8 @@ class Bridge:
         self.server = await asyncssh.create_server(
             lambda: Server(self), self.address[0], self.address[1], server_host_keys=[str(host_key(self.host_key))],
             process_factory=self._process, encoding=None, line_editor=False, agent_forwarding=False,
-            x11_forwarding=False, allow_scp=False, sftp_factory=refuse_sftp)
+            x11_forwarding=False, allow_scp=False, sftp_factory=refuse_sftp,
+            login_timeout=0)  # Server.login instead: asyncssh's counts the gateway's time too
 
     def close_later(self, server: Server) -> None:
         task = asyncio.ensure_future(self._close(server))
@@ -239,7 +282,8 @@ class Bridge:
         server.link.attributes = attributes_from(dict(process.env or {}), "CUSTODY_")  # ssh -o SetEnv=CUSTODY_TASK=…
         try:
             if process.command is not None:
-                await self._exec(server, process)
+                with server.idle.busy():
+                    await self._exec(server, process)
             else:
                 await self._shell(server, process)
         except (ConnectionError, asyncssh.Error, asyncio.CancelledError):
@@ -253,7 +297,7 @@ class Bridge:
         the gateway, which may hold it), sent once the stream opens, until EOF."""
         terminal = _terminal(process)
         out = Out(process, terminal is not None)
-        keys = Keys(process)
+        keys = Keys(process, server.idle.touch)
         keys.start()
         try:
             stream = await server.stream("exec", {"command": process.command,
@@ -274,7 +318,7 @@ class Bridge:
     async def _shell(self, server: Server, process: asyncssh.SSHServerProcess) -> None:
         terminal = process.get_terminal_type() is not None
         out = Out(process, terminal)
-        keys = Keys(process) if terminal else None
+        keys = Keys(process, server.idle.touch) if terminal else None
         if keys is not None:
             keys.start()
         status = 0
@@ -284,26 +328,28 @@ class Bridge:
                 line = await (keys.line(out) if keys is not None else read_line(process))
                 if line is None:
                     break
+                server.idle.touch()
                 if not line.strip():
                     continue
-                try:
-                    opening = asyncio.ensure_future(server.stream("shell", {"command": line}))
-                    stream = await (keys.unless_interrupted(opening) if keys is not None else opening)
-                except Refused as e:
-                    out.refusal(str(e))
-                    status = REFUSED
-                    continue
-                if stream is None:  # Ctrl-C while it waited: withdrawn
-                    out.refusal("custody: withdrawn (Ctrl-C); the request was not sent")
-                    status = 130
-                    continue
-                interrupts = asyncio.ensure_future(keys.interrupts(stream)) if keys is not None else None
-                try:
-                    status = await out.relay(stream)
-                finally:
-                    if interrupts is not None:
-                        interrupts.cancel()
-                    stream.close()
+                with server.idle.busy():
+                    try:
+                        opening = asyncio.ensure_future(server.stream("shell", {"command": line}))
+                        stream = await (keys.unless_interrupted(opening) if keys is not None else opening)
+                    except Refused as e:
+                        out.refusal(str(e))
+                        status = REFUSED
+                        continue
+                    if stream is None:  # Ctrl-C while it waited: withdrawn
+                        out.refusal("custody: withdrawn (Ctrl-C); the request was not sent")
+                        status = 130
+                        continue
+                    interrupts = asyncio.ensure_future(keys.interrupts(stream)) if keys is not None else None
+                    try:
+                        status = await out.relay(stream)
+                    finally:
+                        if interrupts is not None:
+                            interrupts.cancel()
+                        stream.close()
                 if out.ended:
                     break
         finally:
@@ -397,8 +443,10 @@ class Keys:
     """The client's input, read from the moment a command starts: kept while a step waits
     for the gateway, then sent to the stream; in a PTY session also the line editor's keys."""
 
-    def __init__(self, process: asyncssh.SSHServerProcess) -> None:
+    def __init__(self, process: asyncssh.SSHServerProcess, activity: Callable[[], None]) -> None:
         self.process = process
+        self.activity = activity
+        """Called for everything the client sends (the connection's idle time starts again)."""
         self.inbox = Inbox()
         self.reader: asyncio.Task | None = None
 
@@ -422,6 +470,7 @@ class Keys:
             except asyncssh.BreakReceived:
                 self.inbox.put((SIGNAL, b"INT"))
                 continue
+            self.activity()
             self.inbox.put((STDIN, data))
             if not data:
                 return

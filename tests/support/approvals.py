@@ -51,14 +51,17 @@ class Approver:
     def show(self, approval_id: str) -> dict:
         return self.session.get(f"{self.url}/approvals/{approval_id}", timeout=10).json()
 
-    def vote(self, approval_id: str, action: str, reason: str = "") -> requests.Response:
-        return self.session.post(f"{self.url}/approvals/{approval_id}/{action}", json={"reason": reason}, timeout=10)
+    def vote(self, approval_id: str, action: str, reason: str = "", **more) -> requests.Response:
+        return self.session.post(f"{self.url}/approvals/{approval_id}/{action}", json={"reason": reason, **more},
+                                 timeout=10)
 
 
-def make_gateway(directory, servers, webhooks=(), **overrides) -> Gateway:
-    gw = standard_gateway(directory, servers, rules=REVIEW_RULES, **overrides)
+def make_gateway(directory, servers, webhooks=(), approvals: dict | None = None, env: dict | None = None,
+                 **overrides) -> Gateway:
+    gw = standard_gateway(directory, servers, **{"rules": REVIEW_RULES, **overrides})
+    gw.env.update(env or {})
     port = free_port()
-    gw.config["approvals"] = {"listen": f"127.0.0.1:{port}", "sweep": "200ms"}
+    gw.config["approvals"] = {"listen": f"127.0.0.1:{port}", "sweep": "200ms", **(approvals or {})}
     gw.config["notify"] = {"webhooks": list(webhooks), "retries": 2, "backoff": "100ms", "timeout": "2s"}
     gw.config_file.write_text(yaml.safe_dump(gw.config))
     gw.approvals_url = f"http://127.0.0.1:{port}"

@@ -32,6 +32,7 @@ for the masks).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import re
@@ -362,6 +363,19 @@ def statements(sql: str) -> list[dict[str, Any]]:
 
 @functools.lru_cache(maxsize=2048)
 def _statements(sql: str) -> tuple[dict[str, Any], ...]:
+    shape = Shape.of(sql)
+    if shape is not None and (known := SHAPES.get(shape.key)) is not None:
+        SHAPES.move_to_end(shape.key)
+        return ({**known, "sql": shape.text},)
+    out = _parsed(sql)
+    if shape is not None and shape.holds(out):
+        SHAPES[shape.key] = {k: v for k, v in out[0].items() if k != "sql"}
+        if len(SHAPES) > SHAPES_KEPT:
+            SHAPES.popitem(last=False)
+    return out
+
+
+def _parsed(sql: str) -> tuple[dict[str, Any], ...]:
     try:
         parsed = pglast.parse_sql(sql)
     except pglast.parser.ParseError as e:
@@ -372,6 +386,42 @@ def _statements(sql: str) -> tuple[dict[str, Any], ...]:
         end = raw.stmt_location + raw.stmt_len if raw.stmt_len else len(sql)
         out.append(statement(raw.stmt, sql[raw.stmt_location:end].strip()))
     return tuple(out)
+
+
+CONSTANT_TOKENS = frozenset({"ICONST", "FCONST", "SCONST", "USCONST", "BCONST", "XCONST"})
+SHAPED_COMMANDS = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
+SHAPES: collections.OrderedDict[tuple[str, ...], dict[str, Any]] = collections.OrderedDict()
+SHAPES_KEPT = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A statement's tokens with its constants' values left out (their kinds kept): the
+    same SQL with other literals (`WHERE aid = 48213`) has the same shape. The parser
+    reads tokens, never a constant's value, so one shape is one tree up to its
+    constants; for a single SELECT, INSERT, UPDATE or DELETE that changes no setting,
+    classification reads no constant either (only set_config's arguments and the
+    options of other statements are read), so the shape's classification is every such
+    text's, with that text as its `sql`."""
+
+    key: tuple[str, ...]
+    text: str
+    """The statement's text as the parser delimits it: up to its first `;`."""
+
+    @classmethod
+    def of(cls, sql: str) -> Shape | None:
+        try:
+            tokens = pglast.parser.scan(sql)
+        except pglast.parser.ParseError:
+            return None
+        key = tuple(t.name if t.name in CONSTANT_TOKENS else sql[t.start:t.end + 1] for t in tokens)
+        end = next((t.start for t in tokens if t.name == "ASCII_59"), len(sql))
+        return cls(key, sql[:end].strip())
+
+    def holds(self, parts: tuple[dict[str, Any], ...]) -> bool:
+        """May this text's classification stand for its shape's?"""
+        return (len(parts) == 1 and parts[0]["command"] in SHAPED_COMMANDS and "setting" not in parts[0]
+                and parts[0]["sql"] == self.text)
 
 
 def part(connection: str, details: dict[str, Any]) -> Operation:

@@ -1,0 +1,153 @@
+"""Provenance: which model output asked for an infrastructure request.
+
+The gateway sees both sides when an agent's calls to its model go through it: the tool
+calls a completion asks for, and the requests the agent's tools then make. It keeps, per
+principal and crew run, the tool calls models recently asked for (the `Ledger`), and
+matches each request against them in the request's own protocol's normal form (the forms
+come from addons/classifiers/forms.py): a request is `exact` when the model's output holds
+it as sent (the SQL text, the command line, the method, path and body, the tool and its
+arguments), `normalised` when it holds it in the protocol's normal form (the statements'
+parse trees, the words of the line, the resolved path and the JSON document), and `none`
+when no model output seen by the gateway asked for it. Requests that are not commands
+(a session opening, a transaction's BEGIN, an MCP handshake, kubectl's discovery) are
+`n/a`: there is nothing a model could have asked for.
+
+What an agent says about itself (X-Custody-Model, X-Custody-Prompt) is recorded beside the
+verdict as `asserted`, so a request claiming a model it has no output from shows both.
+Pure code (no mitmproxy).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from addons.engine.model import Principal
+
+EXACT, NORMALISED, NONE, NOT_APPLICABLE = "exact", "normalised", "none", "n/a"
+VERIFIED = (EXACT, NORMALISED)
+WINDOW = 1800.0
+"""How long a tool call is remembered by default (an llm connection's `llm.remember`)."""
+PER_KEY = 256
+"""The most recent tool calls kept per principal and run."""
+KEYS = 10_000
+"""The most principals and runs kept at once (the least recently used go first)."""
+EXCERPT = 400
+NOTHING_ASKED = "no model output seen by the gateway asked for it"
+
+
+@dataclass(frozen=True)
+class Asked:
+    """A tool call a model asked for, as remembered: the completion event that recorded it,
+    the model call's flow and connection, the model, the call's id (a ReAct action has
+    none: `call` is then the completion event's, with `#0`), the tool and its arguments
+    (as the agent received them: masked) and what the model wrote for it."""
+
+    event: str
+    flow: str
+    connection: str
+    model: str
+    call: str
+    tool: str
+    arguments: Any
+    text: str
+    form: str
+    at: float
+    expires: float
+
+
+@dataclass(frozen=True)
+class Form:
+    """A command in one protocol's terms: `exact` as sent, `normal` in the protocol's
+    normal form (either may be None when it has none). Forms compare by kind too."""
+
+    kind: str
+    exact: Any
+    normal: Any
+
+
+Key = tuple[str, str, str]
+
+
+def key_of(principal: Principal) -> Key:
+    """Whose tool calls these are: the verified principal and the crew run it names."""
+    return principal.issuer, principal.subject, principal.attribute("run")
+
+
+class Ledger:
+    """The tool calls models recently asked for, per principal and run: bounded, expiring."""
+
+    def __init__(self, per_key: int = PER_KEY, keys: int = KEYS) -> None:
+        self.per_key, self.keys = per_key, keys
+        self.calls: OrderedDict[Key, deque[Asked]] = OrderedDict()
+
+    def remember(self, key: Key, asked: Iterable[Asked]) -> None:
+        kept = self.calls.pop(key, None) or deque(maxlen=self.per_key)
+        kept.extend(asked)
+        self.calls[key] = kept
+        while len(self.calls) > self.keys:
+            self.calls.popitem(last=False)
+
+    def recent(self, key: Key, now: float | None = None) -> list[Asked]:
+        """The calls still remembered for `key`, newest first."""
+        now = time.time() if now is None else now
+        kept = self.calls.get(key)
+        if not kept:
+            return []
+        if any(a.expires <= now for a in kept):  # connections remember for different times
+            kept = self.calls[key] = deque((a for a in kept if a.expires > now), maxlen=self.per_key)
+        return list(reversed(kept))
+
+    def forget(self, event: str) -> None:
+        """Drop the calls of a completion that did not make it onto the record."""
+        for key, kept in list(self.calls.items()):
+            left = deque((a for a in kept if a.event != event), maxlen=self.per_key)
+            if left:
+                self.calls[key] = left
+            else:
+                del self.calls[key]
+
+
+def match(command: list[Form], asked: list[Asked],
+          forms: Callable[[Asked], Iterable[Form]]) -> tuple[Asked, str] | None:
+    """The newest call that asked for `command` exactly, else the newest that asked for it
+    in normal form, else None."""
+    best: tuple[Asked, str] | None = None
+    for a in asked:
+        for f in forms(a):
+            for c in command:
+                if f.kind != c.kind:
+                    continue
+                if f.exact is not None and f.exact == c.exact:
+                    return a, EXACT
+                if best is None and f.normal is not None and f.normal == c.normal:
+                    best = (a, NORMALISED)
+    return best
+
+
+def asserted(principal: Principal) -> dict[str, str]:
+    """What the request says about the model and prompt it acts for (verified or not)."""
+    return {n: principal.attribute(n) for n in ("model", "prompt") if principal.attribute(n)}
+
+
+def verified(a: Asked, how: str, principal: Principal) -> dict[str, Any]:
+    """The provenance of a request a model asked for."""
+    said = asserted(principal)
+    return {"match": how, "event": a.event, "flow": a.flow, "connection": a.connection, "model": a.model,
+            "tool_call": a.call, "tool": a.tool, "arguments": a.arguments, "form": a.form,
+            "completion": a.text[:EXCERPT], **({"asserted": said} if said else {})}
+
+
+def unverified(principal: Principal, remembered: int) -> dict[str, Any]:
+    """The provenance of a command no model output asked for."""
+    said = asserted(principal)
+    reason = NOTHING_ASKED + (f" ({remembered} tool calls of this principal and run remembered; none asked for "
+                              "this)" if remembered else " (no tool calls of this principal and run remembered)")
+    return {"match": NONE, "reason": reason, **({"asserted": said} if said else {})}
+
+
+def not_applicable() -> dict[str, Any]:
+    return {"match": NOT_APPLICABLE}

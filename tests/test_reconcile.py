@@ -8,6 +8,7 @@ responses of the transaction the crash rolled back are named, and the chain veri
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -15,7 +16,7 @@ import psycopg
 import pytest
 import yaml
 
-from addons.engine.reconcile import INTERRUPTED, RECONCILED, ROLLED_BACK
+from addons.engine.reconcile import INTERRUPTED, RECONCILED, ROLLED_BACK, Transaction, gone, open_transactions, plan
 from examples.samples.postgres import PostgresServer
 from tests.conftest import STANDARD_RULES
 from tests.support.gateway import Gateway
@@ -248,3 +249,66 @@ def _allowed(gw: Gateway, clause: str, value: str) -> bool:
     return bool(gw.events("kind = 'decision' AND effect = 'allow' AND flow IN "
                           f"(SELECT flow FROM events WHERE kind = 'request' AND {clause})", [value]))
 
+
+
+# the pure parts: which replicas are gone, which transactions were open, what is written
+
+ROW = {"host": "here", "pid": 1, "state": "running", "age": 1.0}
+
+
+@pytest.mark.parametrize("row, trusted, why", [
+    ({"id": "me"}, True, None),  # this replica
+    ({"id": "r1", "state": "reconciled", "pid": 999999999}, True, None),  # done already
+    ({"id": "r1", "pid": 999999999}, False, "its process is gone"),  # this host, no such process
+    ({"id": "r1", "pid": os.getpid()}, True, None),  # alive on this host
+    ({"id": "r1", "state": "stopped"}, False, "it stopped"),
+    ({"id": "r1", "host": "there", "age": 30.0}, True, "no heartbeat for 30s"),  # its lease lapsed
+    ({"id": "r1", "host": "there", "age": 30.0}, False, None),  # unless this one cannot trust ages yet
+    ({"id": "r1", "host": "there", "age": 1.0}, True, None),  # another host, lease current
+])
+def test_which_replicas_are_gone(row, trusted, why):
+    found = gone([{**ROW, **row}], "me", 10.0, "here", trusted)
+    assert [w for _, w in found] == ([why] if why else [])
+
+
+def response(event: str, session: str, xid: str | None, status: str) -> dict:
+    tx = {"transaction": {"xid": xid, "status": status}} if xid else {}
+    return {"id": event, "session": session, "connection": "db", "detail": json.dumps(tx)}
+
+
+@pytest.mark.parametrize("responses, open_", [
+    ([response("a", "s", "7", "T"), response("b", "s", "7", "T")], [("s", "7", ("a", "b"))]),  # open at the end
+    ([response("a", "s", "7", "T"), response("b", "s", None, "I")], []),  # committed or rolled back by the client
+    ([response("a", "s", "7", "T"), response("b", "s", "7", "E")], [("s", "7", ("a", "b"))]),  # failed, not ended
+    ([response("a", "s", "7", "T"), response("b", "s", None, "I"), response("c", "s", "9", "T")],
+     [("s", "9", ("c",))]),  # only the transaction still open
+    ([response("a", "s", "7", "T"), response("b", "t", "8", "T")], [("s", "7", ("a",)), ("t", "8", ("b",))]),
+])
+def test_which_sql_transactions_were_open(responses, open_):
+    assert [(t.session, t.xid, t.responses) for t in open_transactions(responses)] == open_
+
+
+REQUEST = {"id": "req", "session": "s", "flow": "f", "connection": "db", "protocol": "postgres"}
+
+
+@pytest.mark.parametrize("status, outcome, said, rolled", [
+    ("aborted", "not committed", "rolled back", ["a"]),
+    ("committed", "committed", "committed", []),
+    ("in progress", "in progress", "in progress", []),
+    (None, "unknown", "unknown", []),  # too old to know, or the database could not be asked
+])
+def test_what_is_written_for_an_open_sql_flow(status, outcome, said, rolled):
+    tx = Transaction("db", "s", "7", ("a",))
+    out = plan("r1", "its process is gone", [REQUEST], [tx], {"7": status} if status else {})
+    kinds = [e.kind for e in out.events]
+    assert kinds == [INTERRUPTED, *([ROLLED_BACK] if rolled else []), RECONCILED]
+    assert (out.events[0].flow, out.events[0].detail["outcome"], out.events[0].detail["transaction"]) == \
+        ("f", outcome, {"xid": "7", "status": said})
+    assert out.rolled_back == rolled and out.events[-1].detail["interrupted"] == 1
+
+
+def test_an_open_flow_outside_sql_is_unknown_and_has_no_transaction():
+    out = plan("r1", "it stopped", [{**REQUEST, "protocol": "http", "connection": "api"}], [], {})
+    assert out.events[0].detail == {"replica": "r1", "why": "it stopped", "request": "req", "outcome": "unknown"}
+    assert out.events[1].detail == {"replica": "r1", "why": "it stopped", "interrupted": 1, "rolled_back": [],
+                                    "transactions": []}

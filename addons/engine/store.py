@@ -441,6 +441,12 @@ class AuditStore:
         """Inside `_write`: lock these approvals' rows and read their documents."""
         raise NotImplementedError
 
+    def patience(self, seconds: float) -> None:
+        """How long a write waits for another writer's lock before it fails. The writer
+        shortens it while the store is failing (a lock held elsewhere, a full disk), so each
+        refusal is fast instead of waiting out the whole timeout again; PostgreSQL's
+        failures (a connection refused or broken) are fast already."""
+
     def listen(self, changed: Callable[[str | None], None]) -> Callable[[], None] | None:
         """Call `changed(approval id)` when any replica changes an approval, and
         `changed(None)` after a gap in which changes may have been missed; returns how to
@@ -605,6 +611,33 @@ class AuditStore:
                 "FROM approvals LEFT JOIN replicas ON replicas.id = approvals.replica "
                 "WHERE approvals.held = 1 AND approvals.state IN ('pending', 'approved') "
                 "AND (approvals.replica IS NULL OR approvals.replica != ?)", [replica]))
+
+    # reconciling after a crash (addons/engine/reconcile.py)
+
+    def open_flows(self, replica: str, outcomes: Sequence[str]) -> list[dict[str, Any]]:
+        """The requests `replica` recorded with their decision and no outcome (`outcomes`:
+        the kinds that close a flow), in order."""
+        marks = ", ".join("?" * len(outcomes))
+        return list(self._events(
+            "events.kind = 'request' AND events.replica = ? AND EXISTS (SELECT 1 FROM events d WHERE "
+            "d.flow = events.flow AND d.kind = 'decision') AND NOT EXISTS (SELECT 1 FROM events o WHERE "
+            f"o.flow = events.flow AND o.kind IN ({marks}))", [replica, *outcomes], "ORDER BY seq"))
+
+    def transaction_responses(self, replica: str) -> list[dict[str, Any]]:
+        """Every response `replica` recorded in the sessions where it recorded a SQL
+        transaction's id (`detail.transaction`), in order."""
+        return self.where(
+            "kind = 'response' AND replica = ? AND session IN (SELECT session FROM events WHERE kind = 'response' "
+            "AND replica = ? AND json_extract(detail, '$.transaction.xid') IS NOT NULL)", [replica, replica])
+
+    def reconcile(self, replica: str, events: list[Event]) -> bool:
+        """Write `events` for a replica that is gone and mark its row reconciled, in one
+        transaction; False (nothing written) when another replica did it first."""
+        with self._write() as tx:
+            if not tx.run("UPDATE replicas SET state = 'reconciled' WHERE id = ? AND state != 'reconciled'", [replica]):
+                return False
+            self._save(tx, events, [])
+        return True
 
     # reading
 
@@ -837,17 +870,20 @@ class Store(AuditStore):
                 "SUM(kind = 'decision' AND effect = 'deny') AS denied, "
                 "SUM(kind = 'approval' AND json_extract(detail, '$.step') = 'requested') AS held")
 
-    def __init__(self, path: str, synchronous: str = "normal", replica: str = "") -> None:
+    def __init__(self, path: str, synchronous: str = "normal", replica: str = "", timeout: float = 5.0) -> None:
         self.path = self.location = path
         self.replica = replica or default_replica()
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA busy_timeout = 5000")
+        self.patience(timeout)
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         self._ensure_schema()
         cols = [c for c in COLUMNS if c != "seq"]
         self._insert = f"INSERT INTO events ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
         self._cols = cols
+
+    def patience(self, seconds: float) -> None:
+        self.conn.execute(f"PRAGMA busy_timeout = {round(seconds * 1000)}")
 
     def _tables(self) -> set[str]:
         return {name for (name,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -986,7 +1022,7 @@ def open_store(settings: StoreConfig, replica: str = "", *, writer: bool = False
     """The store the configuration names: SQLite at `store.path`, PostgreSQL at `store.url`.
     `writer`: for the one thread that appends (PostgreSQL: its own connection, not the pool)."""
     if not settings.url:
-        return Store(settings.path, settings.synchronous, replica)
+        return Store(settings.path, settings.synchronous, replica, settings.timeout)
     from addons.engine.pgstore import PgStore
 
     try:
@@ -1016,10 +1052,13 @@ class Writer:
     """
 
     MAX_BATCH = 256
+    HURRIED = 0.25
+    """Seconds a commit waits for a lock while the store is failing (`AuditStore.patience`)."""
 
     def __init__(self, open: Callable[[], AuditStore],
-                 outcome: Callable[[BaseException | None], None] | None = None) -> None:
+                 outcome: Callable[[BaseException | None], None] | None = None, patience: float = 5.0) -> None:
         self._open = open
+        self._patience = patience
         self._outcome = outcome or (lambda error: None)
         """Told after every commit whether the store took it (None) or why not."""
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -1056,6 +1095,7 @@ class Writer:
             self._ready.set()
             return
         self._ready.set()
+        failing = False
         while True:
             item = self._queue.get()
             if item is None:
@@ -1073,9 +1113,15 @@ class Writer:
             try:
                 outcomes = store.commit([(events, change) for events, change, _, _ in batch],
                                         [k for _, _, kept, _ in batch for k in kept])
+                if failing:
+                    store.patience(self._patience)
+                failing = False
                 self._outcome(None)
             except Exception as e:
                 outcomes = [e] * len(batch)
+                if not failing:
+                    store.patience(self.HURRIED)
+                failing = True
                 self._outcome(e)
             try:
                 batch[0][3].get_loop().call_soon_threadsafe(_settle, [f for *_, f in batch], outcomes)

@@ -408,6 +408,14 @@ def replay_lines(rec: Record, stories: dict[str, ApprovalStory], body_limit: int
             [f"    {direction} {line}" for line in body_text(row, body_limit).splitlines()]
     if kind == "error":
         return [f"{when}  #{r['seq']} ERROR     {rec.detail.get('error', '')}"]
+    if kind == "interrupted":
+        tx = rec.detail.get("transaction") or {}
+        said = f"; transaction {tx.get('xid') or '(no id)'}: {tx.get('status')}" if tx else ""
+        return [f"{when}  #{r['seq']} INTERRUPTED  outcome {rec.detail.get('outcome')}: the gateway stopped before "
+                f"the outcome was recorded (replica {rec.detail.get('replica')}: {rec.detail.get('why')}){said}"]
+    if kind == "rolled_back":
+        return [f"{when}  #{r['seq']} ROLLED BACK  transaction {rec.detail.get('xid')} never committed: the "
+                f"{len(rec.detail.get('responses') or [])} responses recorded inside it did not take effect"]
     if kind == "tools":
         removed = "; ".join(f"{t} ({why})" for t, why in (rec.detail.get("removed") or {}).items())
         return [f"{when}  #{r['seq']} TOOLS     offered {len(rec.detail.get('offered', []))} of "

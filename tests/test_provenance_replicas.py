@@ -1,0 +1,180 @@
+"""Provenance across replicas: two real gateways on one real PostgreSQL store, the real
+openai SDK calling the example's stand-in model (examples/sample_model.py) through one of
+them, and the request its tool call asked for sent through the other.
+
+Replica B has no model output of its own for the principal: it finds A's completion's tool
+calls in the store, by the same rules as its own ledger. A request nobody asked for is
+`none` on either. When the store's tool calls cannot be read, a request B has nothing for
+is refused as of unknown provenance (503 `provenance_unknown`) and never reaches the API,
+while A still matches from its own ledger; once the store answers again, B heals.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+import requests
+
+from examples.samples.postgres import PostgresServer
+from tests.conftest import standard_identity
+from tests.support.gateway import Gateway
+from tests.support.llm import ModelServer, openai_client
+from tests.support.servers import Upstream
+
+PASSWORD = "store-secret-5b1c"
+MODEL = "custody-standin/scripted-1"
+PLANS = {
+    "fetch": [["inventory_api", {"method": "GET", "path": "/items"}]],
+    "order": [["inventory_api", {"method": "POST", "path": "/orders", "body": {"item": 2, "quantity": 5}}]],
+}
+TOOLS = [{"type": "function", "function": {"name": "inventory_api", "parameters": {"type": "object"}}}]
+RULES = {"rules.yaml": {"rules": [
+    {"id": "standin", "match": {"connection": "openai", "llm": {"models": "custody-standin/*"}}, "effect": "allow"},
+    {"id": "api-read", "match": {"connection": "api", "action": "read"}, "effect": "allow"},
+    {"id": "writes-the-model-asked-for", "match": {"connection": "api", "action": "write",
+                                                   "provenance": "required"}, "effect": "allow"},
+    {"id": "unasked-writes-denied", "match": {"connection": "api", "action": "write", "provenance": "none"},
+     "effect": "deny", "reason": "no model output asked for this write"},
+]}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def environment():
+    """The store's password, for the gateways and for the tests' own reads."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STORE_PASSWORD", PASSWORD)
+        yield
+
+
+@pytest.fixture(scope="module")
+def pg():
+    server = PostgresServer(PASSWORD, log_statements=False)
+    server.execute("CREATE DATABASE audit")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    server = ModelServer(tmp_path_factory.mktemp("model"), PLANS)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def api():
+    server = Upstream()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory, jwks, pg, model, api):
+    """Replicas A and B: the same configuration, the same store."""
+    connections = [
+        {"name": "openai", "kind": "llm", "hosts": ["models.test"], "upstream": model.url,
+         "tls": {"ca_file": str(model.ca)}, "credential": {"type": "bearer", "secret": "env:MODEL_KEY"},
+         "llm": {"api": "openai"}},
+        {"name": "api", "kind": "http", "hosts": ["api.test"], "upstream": f"http://127.0.0.1:{api.port}"},
+    ]
+    store = {"url": f"postgresql://{pg.superuser}@127.0.0.1:{pg.port}/audit", "password": "env:STORE_PASSWORD"}
+    pair = [Gateway(tmp_path_factory.mktemp(f"replica-{name}"), connections=connections, rules=RULES,
+                    identity=standard_identity(jwks), store=store,
+                    env={"MODEL_KEY": model.key, "STORE_PASSWORD": PASSWORD}).start() for name in "ab"]
+    yield pair
+    for gw in pair:
+        gw.stop()
+
+
+def agent(token) -> tuple[str, str]:
+    subject = f"agent-{uuid.uuid4().hex[:8]}"
+    return subject, token(sub=subject, groups=["agents"])
+
+
+def ask(gw: Gateway, tok: str, key: str) -> str:
+    """One model call through `gw` with the real SDK; the id of the tool call it asked for."""
+    client = openai_client(gw, tok, "models.test", **{"x-custody-run": "run-1"})
+    message = client.chat.completions.create(model=MODEL, max_tokens=500, tools=TOOLS, messages=[
+        {"role": "user", "content": f"Task key: {key}"}]).choices[0].message
+    return message.tool_calls[0].id
+
+
+def recorded(gw: Gateway, kind: str, subject: str, count: int = 1) -> list[dict]:
+    """The principal's events of `kind`, once there are `count` of them."""
+    deadline = time.monotonic() + 10
+    while len(rows := gw.events("kind = ? AND subject = ?", [kind, subject])) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for r in rows:
+        r["operation"] = json.loads(r["operation"]) if r["operation"] else {}
+    return rows
+
+
+def send(gw: Gateway, tok: str, method: str, path: str, body: dict | None = None) -> tuple[requests.Response, str]:
+    marker = uuid.uuid4().hex
+    r = gw.session(tok).request(method, f"http://api.test{path}", timeout=30, data=json.dumps(body) if body else None,
+                                headers={"x-custody-run": "run-1", "content-type": "application/json",
+                                         "x-test-marker": marker})
+    return r, marker
+
+
+def reached(api: Upstream, marker: str) -> int:
+    return sum(1 for g in api.received if g.headers.get("x-test-marker") == marker)
+
+
+@pytest.mark.parametrize("key, method, path, body", [
+    ("fetch", "GET", "/items", None),
+    ("order", "POST", "/orders", {"item": 2, "quantity": 5}),
+])
+def test_a_request_through_another_replica_carries_the_provenance_of_the_model_call(replicas, token, api, key,
+                                                                                    method, path, body):
+    a, b = replicas
+    subject, tok = agent(token)
+    call = ask(a, tok, key)
+    completion = recorded(a, "completion", subject)[0]
+    r, marker = send(b, tok, method, path, body)
+    assert r.status_code == 200 and reached(api, marker) == 1
+    decision = recorded(b, "decision", subject, 2)[1]
+    found = decision["operation"]["details"]["provenance"]
+    assert decision["replica"] != completion["replica"]  # the model call and the request: two replicas
+    assert (found["match"], found["event"], found["tool_call"], found["flow"], found["model"]) == (
+        "exact", completion["id"], call, completion["flow"], MODEL)
+
+
+@pytest.mark.parametrize("method, path, body, status", [
+    ("GET", "/items?limit=5", None, 200),  # reads need no model, and record that none asked
+    ("POST", "/orders", {"item": 2, "quantity": 5}, 403),
+])
+def test_a_request_nobody_asked_for_is_none_on_the_other_replica(replicas, token, api, method, path, body, status):
+    a, b = replicas
+    subject, tok = agent(token)
+    ask(a, tok, "fetch")  # the model asked for GET /items, and for nothing else
+    r, marker = send(b, tok, method, path, body)
+    assert r.status_code == status and reached(api, marker) == (status == 200)
+    if status == 403:
+        assert (r.json()["error"], r.json()["rules"]) == ("denied_by_policy", ["unasked-writes-denied"])
+    found = recorded(b, "decision", subject, 2)[1]["operation"]["details"]["provenance"]
+    assert found["match"] == "none" and "(1 tool calls of this principal and run remembered" in found["reason"]
+
+
+def test_while_the_stores_tool_calls_cannot_be_read_the_other_replica_refuses_and_heals(replicas, token, api, pg):
+    a, b = replicas
+    subject, tok = agent(token)
+    ask(a, tok, "order")
+    order = {"item": 2, "quantity": 5}
+    pg.execute("ALTER TABLE tool_calls RENAME TO tool_calls_away", "audit")
+    try:
+        r, marker = send(b, tok, "POST", "/orders", order)
+        assert (r.status_code, r.json()["error"]) == (503, "provenance_unknown") and reached(api, marker) == 0
+        assert "rule writes-the-model-asked-for allows this only when a model asked for it" in r.json()["reason"]
+        found = recorded(b, "decision", subject, 2)[1]["operation"]["details"]["provenance"]
+        assert found["match"] == "unknown" and "could not be read (UndefinedTable" in found["reason"]
+        r, marker = send(a, tok, "POST", "/orders", order)  # A's own ledger answers: no store read
+        assert r.status_code == 200 and reached(api, marker) == 1
+    finally:
+        pg.execute("ALTER TABLE tool_calls_away RENAME TO tool_calls", "audit")
+    r, marker = send(b, tok, "POST", "/orders", order)
+    assert r.status_code == 200 and reached(api, marker) == 1
+    assert recorded(b, "decision", subject, 4)[3]["operation"]["details"]["provenance"]["match"] == "exact"

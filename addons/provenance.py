@@ -97,7 +97,9 @@ async def judge(op: Operation, view: Request, host: str, principal: Principal, r
     shared = await recall.everyone()
     if shared is None:
         return provenance.unknown(recall.problem, principal)
-    found = provenance.match(command, shared, lambda a: forms.asked_forms(a, host))
+    tried = {(a.event, a.call) for a in recall.local}  # matched nothing above: the same answer without them
+    found = provenance.match(command, [a for a in shared if (a.event, a.call) not in tried],
+                             lambda a: forms.asked_forms(a, host))
     if found is None:
         return provenance.unverified(principal, len(shared))
     return provenance.verified(*found, principal)

@@ -6,7 +6,8 @@ Replica B has no model output of its own for the principal: it finds A's complet
 calls in the store, by the same rules as its own ledger. A request nobody asked for is
 `none` on either. When the store's tool calls cannot be read, a request B has nothing for
 is refused as of unknown provenance (503 `provenance_unknown`) and never reaches the API,
-while A still matches from its own ledger; once the store answers again, B heals.
+while A still matches from its own ledger; once the store answers again, B heals. And
+`custody run --workers 2` on one port, where the kernel picks the worker of each connection.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from examples.samples.postgres import PostgresServer
 from tests.conftest import standard_identity
 from tests.support.gateway import Gateway
 from tests.support.llm import ModelServer, openai_client
-from tests.support.servers import Upstream
+from tests.support.servers import Upstream, free_port
 
 PASSWORD = "store-secret-5b1c"
 MODEL = "custody-standin/scripted-1"
@@ -178,3 +179,38 @@ def test_while_the_stores_tool_calls_cannot_be_read_the_other_replica_refuses_an
     r, marker = send(b, tok, "POST", "/orders", order)
     assert r.status_code == 200 and reached(api, marker) == 1
     assert recorded(b, "decision", subject, 4)[3]["operation"]["details"]["provenance"]["match"] == "exact"
+
+
+def test_workers_on_one_port_give_provenance_whichever_worker_each_connection_reaches(tmp_path, jwks, pg, model,
+                                                                                     api, token):
+    """`custody run --workers 2`: the kernel picks a worker for each new connection, so the
+    model call and the request it asked for reach the same worker or not, as it happens;
+    each request carries exact provenance either way, and some pairs did cross."""
+    pg.execute("CREATE DATABASE audit_workers")
+    store = {"url": f"postgresql://{pg.superuser}@127.0.0.1:{pg.port}/audit_workers",
+             "password": "env:STORE_PASSWORD"}
+    connections = [
+        {"name": "openai", "kind": "llm", "hosts": ["models.test"], "upstream": model.url,
+         "tls": {"ca_file": str(model.ca)}, "credential": {"type": "bearer", "secret": "env:MODEL_KEY"},
+         "llm": {"api": "openai"}},
+        {"name": "api", "kind": "http", "hosts": ["api.test"], "upstream": f"http://127.0.0.1:{api.port}"},
+    ]
+    gw = Gateway(tmp_path, connections=connections, rules=RULES, identity=standard_identity(jwks), store=store,
+                 env={"MODEL_KEY": model.key, "STORE_PASSWORD": PASSWORD}, runner="custody", port=free_port(),
+                 run_args=("--workers", "2")).start()
+    try:
+        pairs = []
+        for _ in range(12):  # each call and each request on a connection of its own
+            subject, tok = agent(token)
+            call = ask(gw, tok, "order")
+            r, marker = send(gw, tok, "POST", "/orders", {"item": 2, "quantity": 5})
+            assert r.status_code == 200 and reached(api, marker) == 1
+            completion = recorded(gw, "completion", subject)[0]
+            decision = recorded(gw, "decision", subject, 2)[1]
+            found = decision["operation"]["details"]["provenance"]
+            assert (found["match"], found["event"], found["tool_call"]) == ("exact", completion["id"], call)
+            pairs.append((completion["replica"], decision["replica"]))
+        assert len({replica for pair in pairs for replica in pair}) == 2
+        assert any(made != asked for made, asked in pairs)
+    finally:
+        gw.stop()

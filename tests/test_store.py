@@ -355,3 +355,19 @@ def test_a_version_4_store_gains_the_tool_calls_of_completions(tmp_path):
     assert store.tool_calls(key, 10) == calls[::-1] and store.tool_calls(key, 2) == calls[:0:-1]
     assert store.tool_calls(("https://idp", "crew-1", "run-2"), 10) == []
     assert store.verify().ok and store.verify().count == 2
+
+
+def test_prune_removes_the_tool_calls_that_expired_before_its_cutoff(tmp_path):
+    from addons.engine.provenance import Asked
+    from addons.engine.store import ToolCall
+
+    store = Store(str(tmp_path / "a.db"))
+    key = ("https://idp", "crew-1", "run-1")
+    calls = [Asked(event=f"c{n}", flow="f", connection="models", model="m", call=f"call_{n}", tool="sql",
+                   arguments={}, text="sql({})", form="function", at=float(n), expires=expires)
+             for n, expires in enumerate([50.0, 99.0, 100.0, 5000.0])]
+    store.commit([([Event(id="old", kind="completion", ts=10.0)], None)], [ToolCall(key, 0, a) for a in calls])
+    store.append([Event(id="new", kind="request", ts=200.0)])
+    assert store.prune(100.0, lambda doc: {"key_id": "k", "signature": "s"}, None) is not None
+    assert [a.call for a in store.tool_calls(key, 10)] == ["call_3", "call_2"]  # at the cutoff or later stay
+    assert store.verify().ok

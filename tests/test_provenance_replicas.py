@@ -22,16 +22,12 @@ import requests
 from examples.samples.postgres import PostgresServer
 from tests.conftest import standard_identity
 from tests.support.gateway import Gateway
-from tests.support.llm import ModelServer, openai_client
 from tests.support.servers import Upstream, free_port
+from tests.test_llm_gateway import MODEL, agent, api, ask, model  # noqa: F401  (the fixtures: the stand-in, an API)
 
 PASSWORD = "store-secret-5b1c"
-MODEL = "custody-standin/scripted-1"
-PLANS = {
-    "fetch": [["inventory_api", {"method": "GET", "path": "/items"}]],
-    "order": [["inventory_api", {"method": "POST", "path": "/orders", "body": {"item": 2, "quantity": 5}}]],
-}
-TOOLS = [{"type": "function", "function": {"name": "inventory_api", "parameters": {"type": "object"}}}]
+ORDER = {"item": 2, "quantity": 5}
+"""What the stand-in model asks for on the key "small-order" (tests/test_llm_gateway.py PLANS)."""
 RULES = {"rules.yaml": {"rules": [
     {"id": "standin", "match": {"connection": "openai", "llm": {"models": "custody-standin/*"}}, "effect": "allow"},
     {"id": "api-read", "match": {"connection": "api", "action": "read"}, "effect": "allow"},
@@ -59,20 +55,6 @@ def pg():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    server = ModelServer(tmp_path_factory.mktemp("model"), PLANS)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def api():
-    server = Upstream()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def replicas(tmp_path_factory, jwks, pg, model, api):
     """Replicas A and B: the same configuration, the same store."""
     connections = [
@@ -88,19 +70,6 @@ def replicas(tmp_path_factory, jwks, pg, model, api):
     yield pair
     for gw in pair:
         gw.stop()
-
-
-def agent(token) -> tuple[str, str]:
-    subject = f"agent-{uuid.uuid4().hex[:8]}"
-    return subject, token(sub=subject, groups=["agents"])
-
-
-def ask(gw: Gateway, tok: str, key: str) -> str:
-    """One model call through `gw` with the real SDK; the id of the tool call it asked for."""
-    client = openai_client(gw, tok, "models.test", **{"x-custody-run": "run-1"})
-    message = client.chat.completions.create(model=MODEL, max_tokens=500, tools=TOOLS, messages=[
-        {"role": "user", "content": f"Task key: {key}"}]).choices[0].message
-    return message.tool_calls[0].id
 
 
 def recorded(gw: Gateway, kind: str, subject: str, count: int = 1) -> list[dict]:
@@ -127,13 +96,13 @@ def reached(api: Upstream, marker: str) -> int:
 
 @pytest.mark.parametrize("key, method, path, body", [
     ("fetch", "GET", "/items", None),
-    ("order", "POST", "/orders", {"item": 2, "quantity": 5}),
+    ("small-order", "POST", "/orders", ORDER),
 ])
 def test_a_request_through_another_replica_carries_the_provenance_of_the_model_call(replicas, token, api, key,
                                                                                     method, path, body):
     a, b = replicas
     subject, tok = agent(token)
-    call = ask(a, tok, key)
+    call = ask(a, tok, key)["calls"][0][0]
     completion = recorded(a, "completion", subject)[0]
     r, marker = send(b, tok, method, path, body)
     assert r.status_code == 200 and reached(api, marker) == 1
@@ -146,7 +115,7 @@ def test_a_request_through_another_replica_carries_the_provenance_of_the_model_c
 
 @pytest.mark.parametrize("method, path, body, status", [
     ("GET", "/items?limit=5", None, 200),  # reads need no model, and record that none asked
-    ("POST", "/orders", {"item": 2, "quantity": 5}, 403),
+    ("POST", "/orders", ORDER, 403),
 ])
 def test_a_request_nobody_asked_for_is_none_on_the_other_replica(replicas, token, api, method, path, body, status):
     a, b = replicas
@@ -163,20 +132,19 @@ def test_a_request_nobody_asked_for_is_none_on_the_other_replica(replicas, token
 def test_while_the_stores_tool_calls_cannot_be_read_the_other_replica_refuses_and_heals(replicas, token, api, pg):
     a, b = replicas
     subject, tok = agent(token)
-    ask(a, tok, "order")
-    order = {"item": 2, "quantity": 5}
+    ask(a, tok, "small-order")
     pg.execute("ALTER TABLE tool_calls RENAME TO tool_calls_away", "audit")
     try:
-        r, marker = send(b, tok, "POST", "/orders", order)
+        r, marker = send(b, tok, "POST", "/orders", ORDER)
         assert (r.status_code, r.json()["error"]) == (503, "provenance_unknown") and reached(api, marker) == 0
         assert "rule writes-the-model-asked-for allows this only when a model asked for it" in r.json()["reason"]
         found = recorded(b, "decision", subject, 2)[1]["operation"]["details"]["provenance"]
         assert found["match"] == "unknown" and "could not be read (UndefinedTable" in found["reason"]
-        r, marker = send(a, tok, "POST", "/orders", order)  # A's own ledger answers: no store read
+        r, marker = send(a, tok, "POST", "/orders", ORDER)  # A's own ledger answers: no store read
         assert r.status_code == 200 and reached(api, marker) == 1
     finally:
         pg.execute("ALTER TABLE tool_calls_away RENAME TO tool_calls", "audit")
-    r, marker = send(b, tok, "POST", "/orders", order)
+    r, marker = send(b, tok, "POST", "/orders", ORDER)
     assert r.status_code == 200 and reached(api, marker) == 1
     assert recorded(b, "decision", subject, 4)[3]["operation"]["details"]["provenance"]["match"] == "exact"
 
@@ -202,8 +170,8 @@ def test_workers_on_one_port_give_provenance_whichever_worker_each_connection_re
         pairs = []
         for _ in range(12):  # each call and each request on a connection of its own
             subject, tok = agent(token)
-            call = ask(gw, tok, "order")
-            r, marker = send(gw, tok, "POST", "/orders", {"item": 2, "quantity": 5})
+            call = ask(gw, tok, "small-order")["calls"][0][0]
+            r, marker = send(gw, tok, "POST", "/orders", ORDER)
             assert r.status_code == 200 and reached(api, marker) == 1
             completion = recorded(gw, "completion", subject)[0]
             decision = recorded(gw, "decision", subject, 2)[1]

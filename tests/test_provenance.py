@@ -357,3 +357,14 @@ def test_unknown_provenance_refuses_what_a_rule_allows_only_when_asked_for_and_s
     deleted, _ = get("/orders/1", "DELETE")
     other = rules.decide(AGENT, dataclasses.replace(deleted, details={**deleted.details, "provenance": unknown}))
     assert (other.status, other.error) == (403, "no_matching_rule")  # no rule would allow it anyway
+
+
+@pytest.mark.parametrize("found, line", [
+    ({"match": "unknown", "reason": "the store could not be read"}, "PROVENANCE unknown: the store could not be read"),
+    ({"match": "none", "reason": "nothing asked"}, "PROVENANCE none: nothing asked"),
+    ({"match": "n/a"}, ""),
+])
+def test_the_record_tells_unknown_provenance_by_its_reason(found, line):
+    from addons.evidence.timeline import provenance_line
+
+    assert provenance_line(found) == line

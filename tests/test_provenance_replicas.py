@@ -138,7 +138,8 @@ def test_while_the_stores_tool_calls_cannot_be_read_the_other_replica_refuses_an
         r, marker = send(b, tok, "POST", "/orders", ORDER)
         assert (r.status_code, r.json()["error"]) == (503, "provenance_unknown") and reached(api, marker) == 0
         assert "rule writes-the-model-asked-for allows this only when a model asked for it" in r.json()["reason"]
-        found = recorded(b, "decision", subject, 2)[1]["operation"]["details"]["provenance"]
+        refused = recorded(b, "decision", subject, 2)[1]
+        found = refused["operation"]["details"]["provenance"]
         assert found["match"] == "unknown" and "could not be read (UndefinedTable" in found["reason"]
         r, marker = send(a, tok, "POST", "/orders", ORDER)  # A's own ledger answers: no store read
         assert r.status_code == 200 and reached(api, marker) == 1
@@ -147,6 +148,10 @@ def test_while_the_stores_tool_calls_cannot_be_read_the_other_replica_refuses_an
     r, marker = send(b, tok, "POST", "/orders", ORDER)
     assert r.status_code == 200 and reached(api, marker) == 1
     assert recorded(b, "decision", subject, 4)[3]["operation"]["details"]["provenance"]["match"] == "exact"
+    why = b.custody("audit", "why", refused["id"])
+    assert why.returncode == 0, why.stderr
+    assert "PROMPT      unknown: no model output seen by this replica asked for it" in why.stdout
+    assert "PROVENANCE unknown: no model output seen by this replica asked for it" in why.stdout
 
 
 def test_workers_on_one_port_give_provenance_whichever_worker_each_connection_reaches(tmp_path, jwks, pg, model,

@@ -20,10 +20,14 @@ import pytest
 import requests
 
 from examples.samples.postgres import PostgresServer
+from tests import test_llm_gateway
 from tests.conftest import standard_identity
 from tests.support.gateway import Gateway
 from tests.support.servers import Upstream, free_port
-from tests.test_llm_gateway import MODEL, agent, api, ask, model  # noqa: F401  (the fixtures: the stand-in, an API)
+from tests.test_llm_gateway import MODEL, agent, ask
+
+model, api = test_llm_gateway.model, test_llm_gateway.api
+"""The fixtures: the example's stand-in model with test_llm_gateway's plans, and an API."""
 
 PASSWORD = "store-secret-5b1c"
 ORDER = {"item": 2, "quantity": 5}
@@ -90,8 +94,8 @@ def send(gw: Gateway, tok: str, method: str, path: str, body: dict | None = None
     return r, marker
 
 
-def reached(api: Upstream, marker: str) -> int:
-    return sum(1 for g in api.received if g.headers.get("x-test-marker") == marker)
+def reached(server: Upstream, marker: str) -> int:
+    return sum(1 for g in server.received if g.headers.get("x-test-marker") == marker)
 
 
 @pytest.mark.parametrize("key, method, path, body", [

@@ -44,10 +44,12 @@ from typing import Any
 
 from addons.engine.config import StoreConfig
 from addons.engine.model import Decision, Operation, Principal, canonical_json, new_id, storable
+from addons.engine.provenance import Asked
 
 GENESIS = "0" * 64
-SCHEMA_VERSION = 4  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
-UPGRADABLE = (1, 2, 3)  # upgraded in place (1: bodies inline in events; 2: no replica column; 3: no grants)
+SCHEMA_VERSION = 5  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
+UPGRADABLE = (1, 2, 3, 4)  # upgraded in place (1: bodies inline in events; 2: no replica column; 3: no grants;
+# 4: no tool calls)
 LIVE_STATES = ("pending", "approved")
 """Approval states that can still change (addons/engine/approval.py LIVE)."""
 
@@ -128,6 +130,7 @@ CHECKPOINT_COLUMNS: dict[str, type] = {"seq": int, "document": str, "signature":
 # Bodies: each distinct body once, by its digest; `encoding` is "deflate" or "identity".
 BODY_COLUMNS: dict[str, type] = {"digest": str, "size": int, "encoding": str, "data": bytes}
 TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies", "mcp_pins", "replicas", "grants",
+          "tool_calls",
           "approver_directory")
 COPIED = (("bodies", "digest"), ("events", "seq"), ("chain_head", "id"), ("checkpoints", "seq"),
           ("anchors", "seq"), ("approvals", "id"), ("mcp_pins", "connection, tool"), ("grants", "id"),
@@ -164,6 +167,16 @@ GRANT_COLUMNS: dict[str, type] = {"id": str, "approval": str, "subject": str, "c
                                   "revoked": float, "document": str}
 DIRECTORY_COLUMNS: dict[str, type] = {"email": str, "subject": str, "issuer": str, "groups": str, "method": str,
                                       "signed_in": float}
+
+# Tool calls: what each completion asked for (addons/engine/provenance.py `Asked`), per
+# principal and crew run, written with the completion's event, so a request that reaches
+# another replica than its model call finds them. `position`: the call's place in its
+# completion. Not copied by a migration, and pruned once expired: they matter for minutes.
+TOOL_CALL_COLUMNS: dict[str, type] = {"issuer": str, "subject": str, "run": str, "event": str, "position": int,
+                                      "flow": str, "connection": str, "model": str, "call": str, "tool": str,
+                                      "arguments": str, "text": str, "form": str, "at": float, "expires": float}
+TOOL_CALL_KEY = ("event", "position")
+TOOL_CALL_INDEX = ("issuer", "subject", "run", "at")
 
 
 def _json(value: Any) -> str | None:
@@ -338,7 +351,31 @@ class Listing:
         return self.email.lower(), self.subject, self.issuer, groups, self.method, time.time()
 
 
-Kept = Pin | Listing
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool call a completion asked for (addons/modelguard.py), kept in the transaction of
+    the event recording the completion, for every replica's provenance."""
+
+    key: tuple[str, str, str]
+    position: int
+    asked: Asked
+
+    SQL = (f"INSERT INTO tool_calls ({', '.join(TOOL_CALL_COLUMNS)}) "
+           f"VALUES ({', '.join('?' * len(TOOL_CALL_COLUMNS))}) ON CONFLICT DO NOTHING")
+
+    def row(self) -> tuple:
+        a = self.asked
+        return (*self.key, a.event, self.position, a.flow, a.connection, a.model, a.call, a.tool,
+                canonical_json(a.arguments), a.text, a.form, a.at, a.expires)
+
+
+def asked_from(row: dict[str, Any]) -> Asked:
+    return Asked(event=row["event"], flow=row["flow"], connection=row["connection"], model=row["model"],
+                 call=row["call"], tool=row["tool"], arguments=json.loads(row["arguments"]), text=row["text"],
+                 form=row["form"], at=row["at"], expires=row["expires"])
+
+
+Kept = Pin | Listing | ToolCall
 """What a write keeps beside its events, in their transaction."""
 
 
@@ -557,6 +594,7 @@ class AuditStore:
                                   detail={"checkpoint": document, "key_id": signature["key_id"]})], [])
         with self._write() as tx:  # apart: approvals are locked before the head, never while it is held
             tx.run("DELETE FROM approvals WHERE updated < ? AND state NOT IN ('pending', 'approved')", [before])
+            tx.run("DELETE FROM tool_calls WHERE expires < ?", [before])
         return document
 
     def add_anchor(self, document: dict[str, Any], signature: dict[str, Any]) -> None:
@@ -655,6 +693,14 @@ class AuditStore:
         with self._read() as tx:
             return [{**r, "definition": json.loads(r["definition"])}
                     for r in tx.rows("SELECT connection, tool, fingerprint, definition FROM mcp_pins")]
+
+    def tool_calls(self, key: tuple[str, str, str], limit: int) -> list[Asked]:
+        """The `limit` newest tool calls kept for a principal and run (whichever replica saw
+        the completion), newest first, expired or not (provenance.current tells)."""
+        with self._read() as tx:
+            return [asked_from(r) for r in tx.rows(
+                f"SELECT {', '.join(TOOL_CALL_COLUMNS)} FROM tool_calls WHERE issuer = ? AND subject = ? AND run = ? "
+                "ORDER BY at DESC, position DESC LIMIT ?", [*key, limit])]
 
     def checkpoints(self) -> list[dict[str, Any]]:
         """Every checkpoint, oldest first, as {"document": …, "signature": …}."""
@@ -942,6 +988,9 @@ class Store(AuditStore):
             db["grants"].create_index(["subject", "connection"], if_not_exists=True)
         if "approver_directory" not in tables:
             db["approver_directory"].create(DIRECTORY_COLUMNS, pk="email", not_null=set(DIRECTORY_COLUMNS))
+        if "tool_calls" not in tables:  # version 5
+            db["tool_calls"].create(TOOL_CALL_COLUMNS, pk=TOOL_CALL_KEY, not_null=set(TOOL_CALL_COLUMNS))
+            db["tool_calls"].create_index(list(TOOL_CALL_INDEX), if_not_exists=True)
         db["approvals"].create_index(["updated"], if_not_exists=True)  # version 3: the inbox's news
         for table in ("events", "approvals"):
             if "replica" not in db[table].columns_dict:  # versions 1 and 2

@@ -279,8 +279,8 @@ def provenance_line(found: dict[str, Any]) -> str:
         return ""
     said = found.get("asserted") or {}
     claim = f" (the request said: {', '.join(f'{k}={v}' for k, v in sorted(said.items()))})" if said else ""
-    if found["match"] == "none":
-        return f"PROVENANCE none: {found.get('reason', '')}{claim}"
+    if found["match"] in ("none", "unknown"):  # nothing asked for it, or the store could not tell
+        return f"PROVENANCE {found['match']}: {found.get('reason', '')}{claim}"
     return (f"PROVENANCE {found['match']}: tool call {found.get('tool_call')} ({found.get('tool')}) of completion "
             f"{found.get('event')} by {found.get('model')} on {found.get('connection')}{claim}")
 

@@ -51,7 +51,7 @@ class AuditLog:
 
     def open(self, cfg: StoreConfig) -> None:
         self.writer = Writer(lambda: open_store(cfg, self.replica.id, writer=True),
-                             lambda error: self._outcome(error, "write"))
+                             lambda error: self._outcome(error, "write"), cfg.timeout)
         self.reader = open_store(cfg, self.replica.id)
 
     def done(self) -> None:

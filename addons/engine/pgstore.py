@@ -43,6 +43,9 @@ from addons.engine.store import (
     PIN_COLUMNS,
     REPLICA_COLUMNS,
     SCHEMA_VERSION,
+    TOOL_CALL_COLUMNS,
+    TOOL_CALL_INDEX,
+    TOOL_CALL_KEY,
     SINK_COLUMNS,
     AuditStore,
     Event,
@@ -151,12 +154,18 @@ MIGRATIONS: dict[int, list[str]] = {
         _table("approver_directory", DIRECTORY_COLUMNS, "email", set(DIRECTORY_COLUMNS)),
     ],
     5: [
+        _table("tool_calls", TOOL_CALL_COLUMNS, "", set(TOOL_CALL_COLUMNS)),
+        f"ALTER TABLE tool_calls ADD PRIMARY KEY ({', '.join(TOOL_CALL_KEY)})",
+        f"CREATE INDEX tool_calls_{'_'.join(TOOL_CALL_INDEX)} ON tool_calls ({', '.join(TOOL_CALL_INDEX)})",
+    ],
+    6: [
         _table("sink_cursors", SINK_COLUMNS, "sink", set(SINK_COLUMNS)),
     ],
 }
 """Schema versions and the statements that reach each from the one before (3 is the first
 PostgreSQL schema: the SQLite store's version 3, with the same tables and columns; 4 adds
-time-boxed grants and the approver directory; 5 the audit sinks' cursors)."""
+time-boxed grants and the approver directory; 5 the tool calls completions asked for; 6 the
+audit sinks' cursors)."""
 
 
 @functools.lru_cache(maxsize=512)

@@ -43,6 +43,9 @@ from addons.engine.store import (
     PIN_COLUMNS,
     REPLICA_COLUMNS,
     SCHEMA_VERSION,
+    SIGNIN_COLUMNS,
+    SLACK_SEEN_COLUMNS,
+    WEB_SESSION_COLUMNS,
     AuditStore,
     Event,
     StoreError,
@@ -149,10 +152,17 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX approvals_updated ON approvals (updated)",
         _table("approver_directory", DIRECTORY_COLUMNS, "email", set(DIRECTORY_COLUMNS)),
     ],
+    5: [
+        *(statement for name, columns in (("web_sessions", WEB_SESSION_COLUMNS), ("signins", SIGNIN_COLUMNS),
+                                          ("slack_seen", SLACK_SEEN_COLUMNS))
+          for statement in (_table(name, columns, "key", set(columns)),
+                            f"CREATE INDEX {name}_expires ON {name} (expires)")),
+    ],
 }
 """Schema versions and the statements that reach each from the one before (3 is the first
 PostgreSQL schema: the SQLite store's version 3, with the same tables and columns; 4 adds
-time-boxed grants and the approver directory)."""
+time-boxed grants and the approver directory; 5 approvers' web sessions, sign-ins in
+progress and Slack's seen requests, so any replica serves any step of them)."""
 
 
 @functools.lru_cache(maxsize=512)

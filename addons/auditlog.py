@@ -49,7 +49,7 @@ class AuditLog:
             self.settings.invalid(f"audit store: {e}")
 
     def open(self, cfg: StoreConfig) -> None:
-        self.writer = Writer(lambda: open_store(cfg, self.replica.id, writer=True), self._outcome)
+        self.writer = Writer(lambda: open_store(cfg, self.replica.id, writer=True), self._outcome, cfg.timeout)
         self.reader = open_store(cfg, self.replica.id)
 
     def done(self) -> None:

@@ -98,7 +98,7 @@ def build() -> list:
         SshPlanner(ssh),
         McpGuard(settings, log, pool, policy, credentials),
         ModelGuard(settings, log, pool, ledger),
-        Provenance(ledger),
+        Provenance(ledger, log),
         policy,
         Hold(settings, book, pool),
         PromptMask(pool),

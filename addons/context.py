@@ -63,6 +63,9 @@ class Context:
     response_body: bytes | None = None
     stream: Any = field(default=None, repr=False)
     """The masked stream the agent is receiving, when the response is streamed."""
+    transaction: dict[str, Any] | None = None
+    """A SQL session's transaction after the flow ran (its id and status), recorded with the
+    response so that after a crash the trail can say whether it committed."""
     events: list[str] = field(default_factory=list)
 
     def __deepcopy__(self, memo: dict) -> dict[str, Any]:

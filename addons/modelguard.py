@@ -16,8 +16,9 @@ On the response (before masking, which leaves completions to this addon):
   stream that fails or is cut mid-record ends with an error event in its own format;
 - the completion goes on record as a `completion` event (model, text, tool calls, token
   usage), and the tool calls it asks for are remembered for provenance
-  (addons/engine/provenance.py), once it is complete and, when whole, on record. Tool
-  calls whose arguments are not JSON are recorded, never remembered.
+  (addons/engine/provenance.py), once it is complete and, when whole, on record; they are
+  kept in the store with the completion's event too (`ToolCall`), for the other replicas.
+  Tool calls whose arguments are not JSON are recorded, never remembered.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from addons.engine.masks import Masker, MaskError, Report
 from addons.engine.model import new_id
 from addons.engine.provenance import Asked, Ledger, key_of
 from addons.engine.sse import EventStream
-from addons.engine.store import Event
+from addons.engine.store import Event, ToolCall
 from addons.failclosed import guarded
 from addons.maskpool import MaskPool, MaskUnavailable
 from addons.masking import reframe
@@ -131,15 +132,16 @@ class ModelGuard:
                 return
             completion = llm.read_completion(name, json.loads(f.response.content))
         event = self.event(f, c, new_id(), name, completion, streamed=False)
+        asked = self.asked(f, c, event.id, completion)
         try:
-            await self.log.write([event])
+            await self.log.write([event], self.kept(c, asked))
         except Exception as e:
             logger.error("custody: audit store write failed; withholding the completion", exc_info=e)
             failclosed.refuse(f, 502, f"audit store unavailable ({type(e).__name__}); the completion was withheld",
                               error=Error.AUDIT_UNAVAILABLE)
             return
         c.events.append(event.id)
-        self.remember(f, c, event.id, completion)
+        self.remember(c, asked)
 
     async def _masked(self, f: http.HTTPFlow, c: context.Context, content: bytes, content_type: str) -> bool:
         """The response body masked in the workers, or refused."""
@@ -170,7 +172,7 @@ class ModelGuard:
         relay.recorded = True
         event = self.event(f, c, relay.event_id, relay.name, relay.finished(), streamed=True)
         try:
-            await self.log.write([event])
+            await self.log.write([event], self.kept(c, relay.asked))
         except Exception as e:
             self.ledger.forget(relay.event_id)
             logger.error("custody: audit store write failed for a streamed completion; its tool calls are "
@@ -195,20 +197,29 @@ class ModelGuard:
                      operation=c.recorded_operation or c.operation, connection=c.connection, approval=c.approval,
                      detail=detail)
 
-    def remember(self, f: http.HTTPFlow, c: context.Context, event_id: str, completion: llm.Completion) -> None:
-        """The tool calls a complete completion asks for, for the requests that carry them out."""
+    def asked(self, f: http.HTTPFlow, c: context.Context, event_id: str,
+              completion: llm.Completion) -> list[tuple[int, Asked]]:
+        """The tool calls a complete completion asks for, for the requests that carry them
+        out, each with its place in the completion."""
         if not completion.complete or c.principal is None:
-            return
+            return []
         conn: Connection = self.settings.registry.by_name[c.connection]
         now = time.time()
         model = completion.model or c.operation.details.get("model", "")
-        asked = [Asked(event=event_id, flow=f.id, connection=conn.name, model=model, call=tc.id or f"{event_id}#{n}",
-                       tool=tc.name, arguments=tc.arguments,
-                       text=tc.text if tc.form == "react" else f"{tc.name}({tc.text})", form=tc.form, at=now,
-                       expires=now + conn.llm.remember)
-                 for n, tc in enumerate(completion.tool_calls) if not tc.invalid]
+        return [(n, Asked(event=event_id, flow=f.id, connection=conn.name, model=model,
+                          call=tc.id or f"{event_id}#{n}", tool=tc.name, arguments=tc.arguments,
+                          text=tc.text if tc.form == "react" else f"{tc.name}({tc.text})", form=tc.form, at=now,
+                          expires=now + conn.llm.remember))
+                for n, tc in enumerate(completion.tool_calls) if not tc.invalid]
+
+    def remember(self, c: context.Context, asked: list[tuple[int, Asked]]) -> None:
         if asked:
-            self.ledger.remember(key_of(c.principal), asked)
+            self.ledger.remember(key_of(c.principal), [a for _, a in asked])
+
+    @staticmethod
+    def kept(c: context.Context, asked: list[tuple[int, Asked]]) -> list[ToolCall]:
+        """The tool calls as the store keeps them beside the completion's event."""
+        return [ToolCall(key_of(c.principal), n, a) for n, a in asked]
 
 
 class CompletionRelay:
@@ -226,6 +237,7 @@ class CompletionRelay:
         self.events = EventStream(self.event, cfg.masking.max_record, keep=cfg.store.max_body)
         self.event_id = new_id()
         self.failed = ""
+        self.asked: list[tuple[int, Asked]] = []
         self.remembered = self.recorded = False
 
     @property
@@ -256,7 +268,8 @@ class CompletionRelay:
         out = self.reader(ev)
         if self.reader.completion.complete and not self.remembered:
             self.remembered = True
-            self.guard.remember(self.flow, self.ctx, self.event_id, self.reader.finished())
+            self.asked = self.guard.asked(self.flow, self.ctx, self.event_id, self.reader.finished())
+            self.guard.remember(self.ctx, self.asked)
         return out
 
     def finished(self) -> llm.Completion:

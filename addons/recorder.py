@@ -49,6 +49,11 @@ def _base(ctx: Context, f: mflow.Flow, kind: str, event_id: str | None = None) -
     }
 
 
+WITHHELD_HINT = ("the request was forwarded and may have run, but its answer could not be recorded: check "
+                 "whether it took effect before sending it again")
+"""The hint of a response withheld (Error.AUDIT_UNAVAILABLE's own says nothing was forwarded)."""
+
+
 class Recorder:
     def __init__(self, settings: Settings, log: AuditLog, pool: MaskPool) -> None:
         self.settings = settings
@@ -128,7 +133,7 @@ class Recorder:
         logger.error("custody: audit store write failed; refusing the flow", exc_info=exc)
         failclosed.refuse(
             f, 503, f"audit store unavailable ({type(exc).__name__}); nothing was forwarded",
-            error=Error.AUDIT_UNAVAILABLE,
+            error=Error.AUDIT_UNAVAILABLE, extra={"forwarded": False},
         )
         context.of(f).recorded = False
 
@@ -155,6 +160,8 @@ class Recorder:
         }
         if ctx.masking:
             detail["masking"] = ctx.masking
+        if ctx.transaction:
+            detail["transaction"] = ctx.transaction
         if ctx.stream is not None:
             detail["streamed"] = ctx.stream.size
         body = ctx.response_body if ctx.response_body is not None else resp.get_content(strict=False)
@@ -174,7 +181,7 @@ class Recorder:
             logger.error("custody: audit store write failed; withholding the response", exc_info=e)
             failclosed.refuse(
                 f, 502, f"audit store unavailable ({type(e).__name__}); response withheld",
-                error=Error.AUDIT_UNAVAILABLE,
+                error=Error.AUDIT_UNAVAILABLE, extra={"forwarded": True, "hint": WITHHELD_HINT},
             )
 
     @guarded

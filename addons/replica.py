@@ -7,6 +7,11 @@
 - Where bridge sessions live: every answer to a bridge step names this replica
   (`x-custody-replica`), so a bridge whose link breaks never continues a session on
   another replica (addons/engine/bridge.py `Link`).
+- Reconciling the replicas that are gone (addons/engine/reconcile.py): on its first beat,
+  and on later ones (a replica on another host is gone once its lease lapses), it closes
+  their open flows with `interrupted` events, looks up whether their SQL transactions
+  committed, and marks the responses of those the crash rolled back; once per replica,
+  however many replicas start together.
 - Its readiness, for `/readyz` (addons/wellknown.py): the store answers, the rules are
   loaded, masking is ready, and it is not stopping.
 - How it stops (`stop`, which `custody run` calls on SIGTERM): it says it is stopping (so
@@ -33,12 +38,14 @@ from mitmproxy import ctx, http
 
 from addons.approvalbook import ApprovalBook
 from addons.auditlog import AuditLog
+from addons.engine import reconcile
 from addons.engine.bridge import POSTGRES, REPLICA_HEADER, SSH
 from addons.engine.replicas import STOPPED
 from addons.failclosed import guarded
 from addons.maskpool import MaskPool
 from addons.policy import Policy
 from addons.settings import Settings
+from pg_bridge.terminal.backend import conninfo, transaction_statuses
 
 logger = logging.getLogger(__name__)
 INFLIGHT = "custody-inflight"
@@ -97,8 +104,46 @@ class Replica:
 
     async def _beat_forever(self) -> None:
         while True:
-            await self.beat()
+            if await self.beat():
+                await self.reconcile()
             await asyncio.sleep(max(self.lease / 4, 0.1))
+
+    # reconciling after a crash
+
+    async def reconcile(self) -> None:
+        """Close the open flows of every replica that is gone; a failure is retried next beat."""
+        me, reader = self.log.replica, self.log.reader
+        trusted = self.log.problem is None and time.time() - self.log.up_since >= self.lease
+        try:
+            for row, why in reconcile.gone(await self.log.call(reader.replicas), me.id, self.lease, me.host, trusted):
+                flows = await self.log.call(reader.open_flows, row["id"], reconcile.OUTCOMES)
+                transactions = reconcile.open_transactions(await self.log.call(reader.transaction_responses, row["id"]))
+                statuses = await self._statuses(transactions)
+                plan = reconcile.plan(row["id"], why, flows, transactions, statuses)
+                if await self.log.call(reader.reconcile, row["id"], plan.events):
+                    logger.warning("custody: reconciled replica %s (%s): %d open flows interrupted, %d SQL responses "
+                                   "rolled back", row["id"], why, len(flows), len(plan.rolled_back))
+        except Exception as e:
+            logger.warning("custody: reconciling lost replicas failed (%s: %s); retrying", type(e).__name__, e)
+
+    async def _statuses(self, transactions: list[reconcile.Transaction]) -> dict[str, str | None]:
+        """Whether each transaction committed, asked of its connection's database (a
+        database that cannot be asked leaves its transactions unknown)."""
+        out: dict[str, str | None] = {}
+        registry = self.settings.registry
+        for name in sorted({t.connection for t in transactions}):
+            conn = registry.by_name.get(name)
+            if conn is None:
+                continue
+            info = conninfo(conn.upstream.host, conn.upstream.port, conn.upstream.database, conn.credential.header,
+                            conn.credential.value, conn.ca_file, {})
+            try:
+                out.update(await asyncio.to_thread(transaction_statuses, info,
+                                                   [t.xid for t in transactions if t.connection == name]))
+            except Exception as e:
+                logger.warning("custody: cannot ask %s whether its transactions committed (%s: %s)", name,
+                               type(e).__name__, e)
+        return out
 
     # readiness
 

@@ -9,7 +9,9 @@ completion read (whole, or event by event when streamed), masked, recorded and i
 call remembered. Then the request that tool call asked for (GET /items on a local API,
 bench/upstream.py) is matched against the principal's remembered tool calls (by then the
 ledger holds the last 256 of them) and recorded with its provenance, beside the same
-request made directly.
+request made directly. A request no model asked for misses the ledger, so the principal's
+tool calls are read from the audit store too (what a request costs that reaches another
+replica than its model call): the same GET with a query no tool call named.
 
 Prints p50/p99 latency per call (sequential: what one agent waits) and what the gateway adds.
 
@@ -61,6 +63,7 @@ def gateway_config(work: Path, model_port: int, api_port: int) -> tuple[Path, st
          "effect": "allow", "masks": ["secrets"]},
         {"id": "asked-for", "match": {"connection": "api", "action": "read", "provenance": "required"},
          "effect": "allow"},
+        {"id": "unasked", "match": {"connection": "api", "action": "read", "provenance": "none"}, "effect": "allow"},
     ]}))
     cfg = work / "custody.yaml"
     cfg.write_text(yaml.safe_dump({
@@ -156,6 +159,10 @@ def main() -> None:
         governed = httpx.Client(proxy=f"http://agent:{token}@127.0.0.1:{port}", trust_env=False)
         results["asked-for request: directly"] = timed(request(plain, f"http://127.0.0.1:{api_port}/items"), args.calls)
         results["asked-for request: through Custody"] = timed(request(governed, "http://api.test/items"), args.calls)
+        results["unasked request (store read): directly"] = timed(
+            request(plain, f"http://127.0.0.1:{api_port}/items?unasked=1"), args.calls)
+        results["unasked request (store read): through Custody"] = timed(
+            request(governed, "http://api.test/items?unasked=1"), args.calls)
     finally:
         gw.terminate()
         gw.wait(10)
@@ -164,17 +171,19 @@ def main() -> None:
     store = Store(str(work / "audit.db"))
     matched = len(store.where("kind = 'decision' AND connection = 'api' AND "
                               "json_extract(operation, '$.details.provenance.match') = 'exact'", []))
+    unasked = len(store.where("kind = 'decision' AND connection = 'api' AND "
+                              "json_extract(operation, '$.details.provenance.match') = 'none'", []))
     completions = len(store.where("kind = 'completion'", []))
     verified = store.verify()
     store.close()
     print(f"\nmodel calls and the requests they ask for: {args.calls} sequential calls per variant "
           "(prompts and completions masked with `secrets`)\n")
-    print(f"{'variant':<42} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'ratio':>7}")
+    print(f"{'variant':<52} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'ratio':>7}")
     for name, r in results.items():
         base = results[name.split(":")[0] + ": directly"]
-        print(f"{name:<42} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['p50_ms'] - base['p50_ms']:>+8.2f} "
+        print(f"{name:<52} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['p50_ms'] - base['p50_ms']:>+8.2f} "
               f"{r['p50_ms'] / base['p50_ms']:>6.2f}x")
-    print(f"\naudit store: {completions} completions, {matched} requests with exact provenance, "
+    print(f"\naudit store: {completions} completions, {matched} requests with exact provenance, {unasked} with none, "
           f"chain {'verifies' if verified.ok else 'BROKEN'}")
     shutil.rmtree(work, ignore_errors=True)
 

@@ -4,6 +4,7 @@ for how long; and the rules that read model calls (`llm:`) and provenance (`prov
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -259,3 +260,111 @@ def test_model_and_provenance_rules_are_validated_field_by_field(match, message)
     with pytest.raises(RuleError, match="t.yaml: rule 'r': " + message.replace("[", r"\[").replace("]", r"\]")
                        .replace("(", r"\(").replace(")", r"\)")):
         parse_file({"rules": [{"id": "r", "match": match, "effect": "allow"}]}, "t.yaml")
+
+
+# the same answer from the store, for requests that reach another replica than their model call
+
+
+def remembered_in_both(tmp_path, completions, per_key):
+    """A ledger and a SQLite store each given the same completions (lists of calls, in order,
+    for one principal and run), the store in the transaction of each completion's event."""
+    from addons.engine.store import Event, Store, ToolCall
+
+    ledger, store = Ledger(per_key=per_key), Store(str(tmp_path / "audit.db"))
+    for calls in completions:
+        ledger.remember(key_of(AGENT), calls)
+        store.commit([([Event(id=calls[0].event, kind="completion")], None)],
+                     [ToolCall(key_of(AGENT), n, a) for n, a in enumerate(calls)])
+    return ledger, store
+
+
+def completion(n: int, *calls: tuple[str, dict, float], at: float | None = None) -> list[Asked]:
+    """Completion `n`'s tool calls (tool, arguments, expiry), asked at time `at` (default n)."""
+    return [Asked(event=f"ev{n}", flow=f"f{n}", connection="models", model="m", call=f"call_{n}_{i}", tool=tool,
+                  arguments=arguments, text=json.dumps(arguments), form="function", at=n if at is None else at,
+                  expires=expires) for i, (tool, arguments, expires) in enumerate(calls)]
+
+
+SELECT_1 = {"query": "SELECT 1"}
+
+
+@pytest.mark.parametrize("completions, per_key, now, command, match, call", [
+    ([completion(1, ("sql", SELECT_1, 50))], 5, 10, sql("SELECT 1"), "exact", "call_1_0"),
+    ([completion(1, ("sql", SELECT_1, 50))], 5, 50, sql("SELECT 1"), "none", None),  # expired at its time
+    ([completion(1, ("sql", {"query": "select 1"}, 50))], 5, 10, sql("SELECT 1"), "normalised", "call_1_0"),
+    # the newest exact wins, whether it is a later completion or a later call of the same one
+    ([completion(1, ("sql", SELECT_1, 50)), completion(2, ("sql", SELECT_1, 50))], 5, 10, sql("SELECT 1"), "exact",
+     "call_2_0"),
+    ([completion(1, ("sql", SELECT_1, 50), ("sql", SELECT_1, 50))], 5, 10, sql("SELECT 1"), "exact", "call_1_1"),
+    ([completion(1, ("sql", SELECT_1, 50)), completion(2, ("sql", {"query": "select 1"}, 50))], 5, 10,
+     sql("SELECT 1"), "exact", "call_1_0"),  # an older exact beats a newer normalised
+    ([completion(1, ("sql", SELECT_1, 50)), completion(2, ("sql", SELECT_1, 20))], 5, 30, sql("SELECT 1"), "exact",
+     "call_1_0"),  # connections remember for different times
+    # only the per_key newest count, expired or not
+    ([completion(1, ("sql", SELECT_1, 50)), completion(2, ("a", {}, 50), ("b", {}, 50))], 2, 10, sql("SELECT 1"),
+     "none", None),
+    ([completion(1, ("sql", SELECT_1, 50)), completion(2, ("a", {}, 5), ("b", {}, 50))], 2, 10, sql("SELECT 1"),
+     "none", None),
+    ([completion(1, ("sql", SELECT_1, 50)), completion(2, ("a", {}, 50))], 2, 10, sql("SELECT 1"), "exact",
+     "call_1_0"),
+    ([completion(1, ("api", {"method": "GET", "path": "/items"}, 50))], 5, 10, get("//items/"), "normalised",
+     "call_1_0"),
+    ([completion(1, ("api", {"method": "GET", "path": "/items"}, 50))], 5, 10, get("/items", "DELETE"), "none", None),
+    ([completion(1, ("search_tickets", {"query": "VPN"}, 50))], 5, 10, tool_call("search_tickets", {"query": "VPN"}),
+     "exact", "call_1_0"),
+    ([], 5, 10, line("uptime"), "none", None),
+])
+def test_the_store_and_the_ledger_find_the_same_tool_call(tmp_path, completions, per_key, now, command, match, call):
+    ledger, store = remembered_in_both(tmp_path, completions, per_key)
+    local = ledger.recent(key_of(AGENT), now=now)
+    shared = provenance.current(store.tool_calls(key_of(AGENT), per_key), now, per_key)
+    assert shared == local
+    op, request = command
+    found = [provenance.match(forms.command(op, request, "api.test"), calls, lambda a: forms.asked_forms(a, "api.test"))
+             for calls in (local, shared)]
+    assert found[0] == found[1]
+    assert ((found[0][1], found[0][0].call) if found[0] else ("none", None)) == (match, call)
+
+
+def test_the_store_keeps_each_principal_and_runs_calls_apart(tmp_path):
+    from addons.engine.store import Event, Store, ToolCall
+
+    store = Store(str(tmp_path / "audit.db"))
+    calls = completion(1, ("sql", SELECT_1, 50))
+    store.commit([([Event(id="ev1", kind="completion")], None)], [ToolCall(key_of(AGENT), 0, calls[0])])
+    for other in (Principal("crew-1", "https://idp", asserted={"run": "run-2"}),
+                  Principal("crew-1", "https://other-idp", asserted={"run": "run-1"}),
+                  Principal("crew-2", "https://idp", asserted={"run": "run-1"})):
+        assert store.tool_calls(key_of(other), 5) == []
+    assert store.tool_calls(key_of(AGENT), 5) == calls
+
+
+def test_unknown_provenance_refuses_what_a_rule_allows_only_when_asked_for_and_says_why():
+    rules = ruleset({"id": "writes-asked-for", "match": {"connection": "api", "action": "write",
+                                                         "provenance": "required"}, "effect": "allow"},
+                    {"id": "reads", "match": {"connection": "api", "action": "read"}, "effect": "allow"})
+    unknown = {"match": "unknown", "reason": "the audit store could not be read (OperationalError: gone)"}
+    write, _ = get("/orders", "POST", b"{}")
+    read, _ = get("/items")
+    refused = rules.decide(AGENT, dataclasses.replace(write, details={**write.details, "provenance": unknown}))
+    assert (refused.effect, refused.status, refused.error) == ("deny", 503, "provenance_unknown")
+    assert "rule writes-asked-for allows this only when a model asked for it" in refused.reason
+    assert "OperationalError: gone" in refused.reason
+    none = rules.decide(AGENT, dataclasses.replace(write, details={**write.details, "provenance": {"match": "none"}}))
+    assert (none.effect, none.status, none.error) == ("deny", 403, "no_matching_rule")
+    allowed = rules.decide(AGENT, dataclasses.replace(read, details={**read.details, "provenance": unknown}))
+    assert allowed.effect == "allow"  # a rule that does not ask about provenance does not care
+    deleted, _ = get("/orders/1", "DELETE")
+    other = rules.decide(AGENT, dataclasses.replace(deleted, details={**deleted.details, "provenance": unknown}))
+    assert (other.status, other.error) == (403, "no_matching_rule")  # no rule would allow it anyway
+
+
+@pytest.mark.parametrize("found, line", [
+    ({"match": "unknown", "reason": "the store could not be read"}, "PROVENANCE unknown: the store could not be read"),
+    ({"match": "none", "reason": "nothing asked"}, "PROVENANCE none: nothing asked"),
+    ({"match": "n/a"}, ""),
+])
+def test_the_record_tells_unknown_provenance_by_its_reason(found, line):
+    from addons.evidence.timeline import provenance_line
+
+    assert provenance_line(found) == line

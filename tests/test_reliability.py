@@ -3,6 +3,7 @@ cannot do truthfully and fast, and heals without a restart when the cause goes a
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +14,8 @@ from examples.samples.pki import SigningKey
 from tests.conftest import standard_identity
 from tests.support.gateway import ROOT
 from tests.support.servers import JwksServer
+from tests.test_reconcile import pg  # noqa: F401  (the fixture: a real PostgreSQL)
+from tests.test_ssh import sshd  # noqa: F401  (the fixture: a real sshd)
 
 
 @pytest.fixture
@@ -179,3 +182,188 @@ def test_the_workers_of_a_gateway_killed_with_9_end_with_it(make, token, upstrea
               for pid in workers):
         assert time.monotonic() < deadline, f"orphaned masking workers still running: {workers}"
         time.sleep(0.2)
+
+
+# the audit store locked by another process, or on a full disk
+
+NOT_FORWARDED = ("deny", "audit_unavailable", False, "it could not be recorded, so nothing was forwarded; retry shortly")
+
+
+def refused_while(gw, token, upstream, paths: list[str]) -> list[requests.Response]:
+    """Requests sent together while the store cannot record: their answers, and nothing upstream."""
+    before = len(upstream.received)
+    with ThreadPoolExecutor(len(paths)) as pool:
+        answers = list(pool.map(lambda p: gw.session(token).get(f"http://api.test{p}", timeout=60), paths))
+    assert len(upstream.received) == before  # nothing was forwarded
+    return answers
+
+
+def assert_not_forwarded(answers: list[requests.Response], reason: str) -> None:
+    for r in answers:
+        assert r.status_code == 503, r.text  # never 502 "response withheld": nothing left the gateway
+        body = r.json()
+        assert (body["decision"], body["error"], body["forwarded"], body["hint"]) == NOT_FORWARDED
+        assert body["reason"] == reason
+
+
+def test_a_store_locked_by_another_process_refuses_fast_and_heals(make, token, upstream):
+    import subprocess
+    import sys
+
+    gw = make().start()
+    analyst = token(groups=["analysts"])
+    assert gw.session(analyst).get("http://api.test/items/before-lock", timeout=30).status_code == 200
+    holder = subprocess.Popen(  # another process holds the write lock (a backup, a stuck tool)
+        [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+         "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); sys.stdin.read()", str(gw.db)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        first = refused_while(gw, analyst, upstream, [f"/items/locked-{i}" for i in range(6)])
+        then = refused_while(gw, analyst, upstream, [f"/items/still-locked-{i}" for i in range(6)])
+        assert_not_forwarded(first + then, "audit store unavailable (OperationalError); nothing was forwarded")
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    healed = gw.session(analyst).get("http://api.test/items/after-lock", timeout=30)
+    assert healed.status_code == 200 and gw.proc.poll() is None  # no restart
+    assert len(gw.events("kind = 'request' AND resource = '/items/after-lock'")) == 1
+    assert gw.events("kind = 'request' AND resource LIKE '/items/%locked-%'") == []  # none ran, none on record
+    assert gw.custody("audit", "verify", "--full").returncode == 0
+
+
+def test_a_store_on_a_full_disk_refuses_and_heals_when_space_returns(make, token, upstream, tmp_path):
+    import subprocess
+
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+    try:
+        gw = make(store={"path": str(disk / "audit.db")})
+        gw.db = disk / "audit.db"
+        gw.start()
+        analyst = token(groups=["analysts"])
+        assert gw.session(analyst).get("http://api.test/items/before-full", timeout=30).status_code == 200
+        filler = disk / "filler"
+        with open(filler, "wb") as out:  # fill the disk to its last byte
+            try:
+                while True:
+                    out.write(b"\0" * 65536)
+                    out.flush()
+            except OSError:
+                pass
+        answers = refused_while(gw, analyst, upstream, [f"/items/full-{i}" for i in range(6)])
+        assert_not_forwarded(answers, "audit store unavailable (OperationalError); nothing was forwarded")
+        filler.unlink()  # space returns
+        healed = gw.session(analyst).get("http://api.test/items/after-full", timeout=30)
+        assert healed.status_code == 200 and gw.proc.poll() is None
+        assert len(gw.events("kind = 'request' AND resource = '/items/after-full'")) == 1
+        assert gw.custody("audit", "verify", "--full").returncode == 0
+        gw.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# the database and the SSH host lost mid-session
+
+def test_a_database_stopped_mid_session_ends_it_with_08006_and_the_bridge_recovers(make, pg, token):
+    import psycopg
+
+    from tests.support.pgbridge import BridgeProcess
+    from tests.support.servers import free_port
+    from tests.test_reconcile import gateway_for
+
+    bridge_port = free_port()
+    gw = gateway_for(make, pg, free_port(), bridge_port).start()
+    bridge = BridgeProcess(gw, bridge_port, gw.dir / "bridge.log")
+    agent = token(groups=["writers"], sub="db-loser")
+
+    def connect() -> psycopg.Connection:
+        return psycopg.connect(host="127.0.0.1", port=bridge_port, dbname="shop", user="agent", password=agent,
+                               sslmode="disable", autocommit=True, connect_timeout=10)
+
+    try:
+        c = connect()
+        assert c.execute("SELECT 1").fetchone() == (1,)
+        pg.halt()  # the whole server goes away, mid-session
+        with pytest.raises(psycopg.OperationalError) as lost:
+            c.execute("SELECT 2")
+        assert lost.value.sqlstate == "08006" and "database connection failed" in str(lost.value)
+        assert c.closed  # the bridge ended the connection, as a server that went away does
+        with pytest.raises(psycopg.OperationalError) as down:  # while it is down: a clear refusal
+            connect()
+        assert "FATAL:  the gateway could not connect to the database: connection to server" in str(down.value)
+        pg.start()
+        with connect() as again:  # the same bridge and gateway, no restart
+            assert again.execute("SELECT 3").fetchone() == (3,)
+        assert gw.proc.poll() is None and bridge.proc.poll() is None
+    finally:
+        bridge.stop()
+
+
+def test_an_ssh_host_stopped_mid_session_ends_it_clearly_and_a_new_session_works(make, sshd, token, tmp_path):
+    import asyncio
+    import subprocess
+
+    import asyncssh
+
+    from tests.support.pgbridge import BridgeProcess
+    from tests.support.servers import free_port, wait_listening
+
+    port = free_port()
+    gw = make(rules={"ssh.yaml": {"rules": [{"id": "ops", "match": {"connection": "web", "principal": {
+        "groups": ["ops"]}}, "effect": "allow"}]}})
+    gw.config["connections"].append(
+        {"name": "web", "kind": "ssh", "hosts": ["web.internal"], "upstream": f"ssh://{sshd.user}@127.0.0.1:{sshd.port}",
+         "credential": {"type": "private_key", "secret": f"file:{sshd.client_key}"}, "listen": f"127.0.0.1:{port}",
+         "host_key": str(tmp_path / "bridge_host_key"), "known_hosts": str(sshd.known_hosts)})
+    gw.config_file.write_text(__import__("yaml").safe_dump(gw.config))
+    gw.start()
+    bridge = BridgeProcess(gw, port, tmp_path / "ssh-bridge.log", module="ssh_bridge")
+    ops = token(groups=["ops"], sub="ssh-loser")
+
+    async def session() -> tuple[str, str]:
+        async with asyncssh.connect("127.0.0.1", port, username="agent+web", password=ops, known_hosts=None,
+                                    client_keys=None, agent_path=None, config=None) as conn:
+            first = await conn.run("echo before", timeout=30)
+            stop_host(sshd)  # the host goes away: its listener and every session it serves
+            try:
+                after = await conn.run("echo after", timeout=30)
+                return first.stdout, f"{after.exit_status}:{after.stderr}"
+            except (asyncssh.Error, OSError) as e:
+                return first.stdout, f"ended:{e}"
+
+    try:
+        before, after = asyncio.run(session())
+        assert before == "before\n"
+        assert re.fullmatch(r"255:custody: the connection to the SSH host was lost \(.+\); the command did not "
+                            r"run: reconnect \(audit event: [0-9a-f]+\)\n", after), after
+        sshd.proc = subprocess.Popen([sshd.proc.args[0], "-D", "-e", "-f", str(sshd.dir / "sshd_config")],
+                                     stdout=open(sshd.log_file, "ab"), stderr=subprocess.STDOUT)
+        wait_listening(sshd.port, sshd.proc, "sshd", sshd.log)
+
+        async def again() -> str:
+            async with asyncssh.connect("127.0.0.1", port, username="agent+web", password=ops, known_hosts=None,
+                                        client_keys=None, agent_path=None, config=None) as conn:
+                return (await conn.run("echo healed", timeout=30)).stdout
+
+        assert asyncio.run(again()) == "healed\n"  # the same bridge and gateway, no restart
+        assert gw.proc.poll() is None and bridge.proc.poll() is None
+    finally:
+        bridge.stop()
+
+
+def stop_host(sshd) -> None:
+    """Stop the sshd this test started, and the session processes it forked (by their ids)."""
+    import os
+    import signal
+    import subprocess
+
+    children = subprocess.run(["pgrep", "-P", str(sshd.proc.pid)], capture_output=True, text=True).stdout.split()
+    sshd.proc.kill()
+    sshd.proc.wait(10)
+    for pid in children:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass

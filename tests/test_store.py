@@ -323,7 +323,7 @@ def test_a_version_3_store_gains_grants_and_the_approver_directory(tmp_path):
     old.close()
     assert 3 in UPGRADABLE
     store = Store(path)
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     assert store.grants() == [] and store.directory("alice@example.com") is None
     store.commit([([Event(id="signin", kind="signin")], None)],
                  [Listing("Alice@Example.com", "alice", "https://idp", ("managers",), "oidc")])
@@ -331,8 +331,50 @@ def test_a_version_3_store_gains_grants_and_the_approver_directory(tmp_path):
     assert store.verify().ok and store.verify().count == 2
 
 
-def test_a_version_4_store_gains_web_sessions_sign_ins_and_slack_requests(tmp_path):
-    """Version 4 (approvers' sessions in each replica's memory) is upgraded in place: the
+def test_a_version_4_store_gains_the_tool_calls_of_completions(tmp_path):
+    """Version 4 (before provenance across replicas) is upgraded in place: the tool calls
+    table appears, kept in the transaction of a completion's event, and read back newest
+    first by principal and run."""
+    from addons.engine.provenance import Asked
+    from addons.engine.store import SCHEMA_VERSION, UPGRADABLE, ToolCall
+
+    path = str(tmp_path / "a.db")
+    old = Store(path)
+    old.append([Event(id="before", kind="request")])
+    old.conn.executescript("DROP TABLE tool_calls; PRAGMA user_version = 4;")
+    old.close()
+    assert 4 in UPGRADABLE
+    store = Store(path)
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    key = ("https://idp", "crew-1", "run-1")
+    assert store.tool_calls(key, 10) == []
+    calls = [Asked(event="done", flow="f1", connection="models", model="m", call=f"call_{n}", tool="sql",
+                   arguments={"query": f"SELECT {n}"}, text=f"sql(SELECT {n})", form="function", at=5.0, expires=9.0)
+             for n in range(3)]
+    store.commit([([Event(id="done", kind="completion")], None)], [ToolCall(key, n, a) for n, a in enumerate(calls)])
+    assert store.tool_calls(key, 10) == calls[::-1] and store.tool_calls(key, 2) == calls[:0:-1]
+    assert store.tool_calls(("https://idp", "crew-1", "run-2"), 10) == []
+    assert store.verify().ok and store.verify().count == 2
+
+
+def test_prune_removes_the_tool_calls_that_expired_before_its_cutoff(tmp_path):
+    from addons.engine.provenance import Asked
+    from addons.engine.store import ToolCall
+
+    store = Store(str(tmp_path / "a.db"))
+    key = ("https://idp", "crew-1", "run-1")
+    calls = [Asked(event=f"c{n}", flow="f", connection="models", model="m", call=f"call_{n}", tool="sql",
+                   arguments={}, text="sql({})", form="function", at=float(n), expires=expires)
+             for n, expires in enumerate([50.0, 99.0, 100.0, 5000.0])]
+    store.commit([([Event(id="old", kind="completion", ts=10.0)], None)], [ToolCall(key, 0, a) for a in calls])
+    store.append([Event(id="new", kind="request", ts=200.0)])
+    assert store.prune(100.0, lambda doc: {"key_id": "k", "signature": "s"}, None) is not None
+    assert [a.call for a in store.tool_calls(key, 10)] == ["call_3", "call_2"]  # at the cutoff or later stay
+    assert store.verify().ok
+
+
+def test_a_version_5_store_gains_web_sessions_sign_ins_and_slack_requests(tmp_path):
+    """Version 5 (approvers' sessions in each replica's memory) is upgraded in place: the
     tables every replica shares sign-ins through appear, what was recorded still verifies."""
     from addons.engine.store import SCHEMA_VERSION, UPGRADABLE
 
@@ -340,9 +382,9 @@ def test_a_version_4_store_gains_web_sessions_sign_ins_and_slack_requests(tmp_pa
     old = Store(path)
     old.append([Event(id="before", kind="request")])
     old.conn.executescript("DROP TABLE web_sessions; DROP TABLE signins; DROP TABLE slack_seen; "
-                           "PRAGMA user_version = 4;")
+                           "PRAGMA user_version = 5;")
     old.close()
-    assert 4 in UPGRADABLE
+    assert 5 in UPGRADABLE
     store = Store(path)
     assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert store.web_session("0" * 64) is None and store.take_signin("state", "oidc", 0.0) is None

@@ -103,6 +103,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"why        {', '.join(a['rules'])}: {a['reason']}")
     if p := a.get("provenance"):
         print(f"asked by   no model output: {p['reason']}" if p["match"] == "none" else
+              f"asked by   unknown: {p['reason']}" if p["match"] == "unknown" else
               f"asked by   {p['model']} ({p['match']} match of tool call {p['tool_call']}): {p['completion']}")
     print(f"justified  {a.get('justification') or '(no justification given)'}")
     print(f"approvers  {', '.join(a['approvers'])}")

@@ -43,6 +43,7 @@ class Error(StrEnum):
     MASKING_UNAVAILABLE = "masking_unavailable"  # masking could not run: nothing unmasked is sent
     # model traffic
     INVALID_COMPLETION = "invalid_completion"  # the model server's answer is not a completion of its API
+    PROVENANCE_UNKNOWN = "provenance_unknown"  # the store holding other replicas' tool calls could not be read
     # recorder
     AUDIT_UNAVAILABLE = "audit_unavailable"  # the audit store could not record it
     # the gateway itself
@@ -69,7 +70,8 @@ class Error(StrEnum):
 
 
 GATEWAY_FAILURES = frozenset({Error.MASKING_REFUSED, Error.MASKING_UNAVAILABLE, Error.GATEWAY_ERROR,
-                              Error.NOT_CLEARED, Error.AUDIT_UNAVAILABLE, Error.INVALID_COMPLETION})
+                              Error.NOT_CLEARED, Error.AUDIT_UNAVAILABLE, Error.INVALID_COMPLETION,
+                              Error.PROVENANCE_UNKNOWN})
 """Refusals that are the gateway's own failure, not a decision about the request."""
 
 
@@ -96,6 +98,8 @@ HINTS: dict[Error, str] = {
     Error.MASKING_REFUSED: "the answer cannot be masked as the rules require; ask for JSON or text, or less of it",
     Error.MASKING_UNAVAILABLE: "nothing unmasked was sent; retry shortly",
     Error.AUDIT_UNAVAILABLE: "it could not be recorded, so nothing was forwarded; retry shortly",
+    Error.PROVENANCE_UNKNOWN: "the gateway could not tell which model output asked for this (its audit store "
+                              "did not answer), so nothing was forwarded; retry shortly",
     Error.GATEWAY_ERROR: "nothing was forwarded; retry, and give an operator the audit event id",
     Error.NOT_CLEARED: "nothing was forwarded; give an operator the audit event id",
 }

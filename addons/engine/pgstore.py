@@ -46,6 +46,9 @@ from addons.engine.store import (
     SIGNIN_COLUMNS,
     SLACK_SEEN_COLUMNS,
     WEB_SESSION_COLUMNS,
+    TOOL_CALL_COLUMNS,
+    TOOL_CALL_INDEX,
+    TOOL_CALL_KEY,
     AuditStore,
     Event,
     StoreError,
@@ -153,6 +156,11 @@ MIGRATIONS: dict[int, list[str]] = {
         _table("approver_directory", DIRECTORY_COLUMNS, "email", set(DIRECTORY_COLUMNS)),
     ],
     5: [
+        _table("tool_calls", TOOL_CALL_COLUMNS, "", set(TOOL_CALL_COLUMNS)),
+        f"ALTER TABLE tool_calls ADD PRIMARY KEY ({', '.join(TOOL_CALL_KEY)})",
+        f"CREATE INDEX tool_calls_{'_'.join(TOOL_CALL_INDEX)} ON tool_calls ({', '.join(TOOL_CALL_INDEX)})",
+    ],
+    6: [
         *(statement for name, columns in (("web_sessions", WEB_SESSION_COLUMNS), ("signins", SIGNIN_COLUMNS),
                                           ("slack_seen", SLACK_SEEN_COLUMNS))
           for statement in (_table(name, columns, "key", set(columns)),
@@ -161,8 +169,9 @@ MIGRATIONS: dict[int, list[str]] = {
 }
 """Schema versions and the statements that reach each from the one before (3 is the first
 PostgreSQL schema: the SQLite store's version 3, with the same tables and columns; 4 adds
-time-boxed grants and the approver directory; 5 approvers' web sessions, sign-ins in
-progress and Slack's seen requests, so any replica serves any step of them)."""
+time-boxed grants and the approver directory; 5 the tool calls completions asked for; 6
+approvers' web sessions, sign-ins in progress and Slack's seen requests, so any replica
+serves any step of them)."""
 
 
 @functools.lru_cache(maxsize=512)

@@ -12,6 +12,13 @@ when no model output seen by the gateway asked for it. Requests that are not com
 (a session opening, a transaction's BEGIN, an MCP handshake, kubectl's discovery) are
 `n/a`: there is nothing a model could have asked for.
 
+Replicas share what models asked for through the audit store: each completion's tool calls
+are kept in the transaction that records it (`tool_calls`, addons/engine/store.py). A
+request that matches nothing in this process's ledger is matched again against the
+principal's recent calls in the store, by the same rules (`current`, then `match`), since
+its model call may have gone through another replica; when the store cannot be read, its
+provenance is `unknown`, which no rule takes for asked.
+
 What an agent says about itself (X-Custody-Model, X-Custody-Prompt) is recorded beside the
 verdict as `asserted`, so a request claiming a model it has no output from shows both.
 Pure code (no mitmproxy).
@@ -23,11 +30,12 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from addons.engine.model import Principal
 
-EXACT, NORMALISED, NONE, NOT_APPLICABLE = "exact", "normalised", "none", "n/a"
+EXACT, NORMALISED, NONE, NOT_APPLICABLE, UNKNOWN = "exact", "normalised", "none", "n/a", "unknown"
 VERIFIED = (EXACT, NORMALISED)
 WINDOW = 1800.0
 """How long a tool call is remembered by default (an llm connection's `llm.remember`)."""
@@ -77,6 +85,12 @@ def key_of(principal: Principal) -> Key:
     return principal.issuer, principal.subject, principal.attribute("run")
 
 
+def current(newest_first: Iterable[Asked], now: float, per_key: int = PER_KEY) -> list[Asked]:
+    """Of the `per_key` newest calls remembered for one principal and run, those not yet
+    expired, newest first: what both the ledger and the store's `tool_calls` answer."""
+    return [a for a in islice(newest_first, per_key) if a.expires > now]
+
+
 class Ledger:
     """The tool calls models recently asked for, per principal and run: bounded, expiring."""
 
@@ -97,9 +111,10 @@ class Ledger:
         kept = self.calls.get(key)
         if not kept:
             return []
-        if any(a.expires <= now for a in kept):  # connections remember for different times
-            kept = self.calls[key] = deque((a for a in kept if a.expires > now), maxlen=self.per_key)
-        return list(reversed(kept))
+        found = current(reversed(kept), now, self.per_key)
+        if not found:
+            del self.calls[key]
+        return found
 
     def forget(self, event: str) -> None:
         """Drop the calls of a completion that did not make it onto the record."""
@@ -147,6 +162,15 @@ def unverified(principal: Principal, remembered: int) -> dict[str, Any]:
     reason = NOTHING_ASKED + (f" ({remembered} tool calls of this principal and run remembered; none asked for "
                               "this)" if remembered else " (no tool calls of this principal and run remembered)")
     return {"match": NONE, "reason": reason, **({"asserted": said} if said else {})}
+
+
+def unknown(why: str, principal: Principal) -> dict[str, Any]:
+    """The provenance of a command this replica has no model output for, when the store that
+    would say whether another replica's model asked for it cannot be read."""
+    said = asserted(principal)
+    return {"match": UNKNOWN, "reason": f"no model output seen by this replica asked for it, and the audit store, "
+                                        f"which holds the other replicas' tool calls, could not be read ({why})",
+            **({"asserted": said} if said else {})}
 
 
 def not_applicable() -> dict[str, Any]:

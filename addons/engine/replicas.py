@@ -59,6 +59,8 @@ def lapsed(holder: dict, lease: float, host: str, trust_age: bool, starting: boo
         return RESTARTED  # held by a process from before replicas were recorded, or unknown to the store
     if holder["state"] == "stopped":
         return STOPPED
+    if holder["state"] == "reconciled":
+        return f"gateway replica {holder['replica']} was lost while the request was held (its flows were reconciled)"
     lost = f"gateway replica {holder['replica']} was lost while the request was held"
     if holder["host"] == host and not running(holder["pid"]):
         return RESTARTED if starting else f"{lost} (its process is gone)"
@@ -69,7 +71,8 @@ def lapsed(holder: dict, lease: float, host: str, trust_age: bool, starting: boo
 
 def live(replicas: list[dict], lease: float) -> list[dict]:
     """The replicas whose lease holds."""
-    return [r for r in replicas if r["state"] != "stopped" and r["age"] is not None and r["age"] <= lease]
+    return [r for r in replicas if r["state"] not in ("stopped", "reconciled") and r["age"] is not None
+            and r["age"] <= lease]
 
 
 def disagreements(replicas: list[dict]) -> list[str]:

@@ -682,15 +682,20 @@ class RuleSet:
         if not op.parts:
             decision = explained(decide(self.matching(principal, op), self.reaching(principal, op)), op)
             return self.near_miss(principal, op, decision)
-        decisions = [explained(decide(self.matching(principal, part), self.reaching(principal, part)), part)
+        decisions = [self.near_miss(principal, part, explained(decide(self.matching(principal, part),
+                                                                      self.reaching(principal, part)), part))
                      for part in op.parts]
         return strictest(decisions, op.parts)
 
     def near_miss(self, principal: Principal, op: Operation, decision: Decision) -> Decision:
         """A model call no rule allows, explained by the rule it would have matched but for
-        its model or its limits: which model, which limit."""
-        if decision.error != Error.NO_MATCHING_RULE or op.protocol != "llm":
+        its model or its limits: which model, which limit. A request no rule allows whose
+        provenance is unknown (the store that holds the other replicas' tool calls could not
+        be read), when a rule would have matched but for its provenance: 503, retry."""
+        if decision.error != Error.NO_MATCHING_RULE:
             return decision
+        if op.protocol != "llm":
+            return self.unknown_provenance(principal, op, decision)
         for r in self.candidates(op.connection, op.action):
             missed = r.failures(principal, op)
             if r.effect == "deny" or not missed or not set(missed) <= {"llm.models", "llm.max_tokens"}:
@@ -704,6 +709,18 @@ class RuleSet:
             else:
                 reason = f"max_tokens {d['max_tokens']} is over the limit of rule {r.id} ({block['max_tokens']})"
             return Decision(effect="deny", status=403, error=Error.NO_MATCHING_RULE, reason=reason)
+        return decision
+
+
+    def unknown_provenance(self, principal: Principal, op: Operation, decision: Decision) -> Decision:
+        found = op.details.get("provenance")
+        if not isinstance(found, dict) or found.get("match") != provenance.UNKNOWN:
+            return decision
+        for r in self.candidates(op.connection, op.action):
+            if r.effect != "deny" and r.failures(principal, op) == ["provenance"]:
+                return Decision(effect="deny", status=503, error=Error.PROVENANCE_UNKNOWN,
+                                reason=f"rule {r.id} allows this only when a model asked for it, and that is "
+                                       f"unknown: {found.get('reason', '')}")
         return decision
 
 

@@ -44,10 +44,12 @@ from typing import Any
 
 from addons.engine.config import StoreConfig
 from addons.engine.model import Decision, Operation, Principal, canonical_json, new_id, storable
+from addons.engine.provenance import Asked
 
 GENESIS = "0" * 64
-SCHEMA_VERSION = 5  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
-UPGRADABLE = (1, 2, 3, 4)  # upgraded in place (1: bodies inline; 2: no replica column; 3: no grants; 4: no web sessions)
+SCHEMA_VERSION = 6  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
+UPGRADABLE = (1, 2, 3, 4, 5)  # upgraded in place (1: bodies inline in events; 2: no replica column; 3: no grants;
+# 4: no tool calls; 5: no web sessions)
 LIVE_STATES = ("pending", "approved")
 """Approval states that can still change (addons/engine/approval.py LIVE)."""
 
@@ -128,6 +130,7 @@ CHECKPOINT_COLUMNS: dict[str, type] = {"seq": int, "document": str, "signature":
 # Bodies: each distinct body once, by its digest; `encoding` is "deflate" or "identity".
 BODY_COLUMNS: dict[str, type] = {"digest": str, "size": int, "encoding": str, "data": bytes}
 TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies", "mcp_pins", "replicas", "grants",
+          "tool_calls",
           "approver_directory", "web_sessions", "signins", "slack_seen")
 COPIED = (("bodies", "digest"), ("events", "seq"), ("chain_head", "id"), ("checkpoints", "seq"),
           ("anchors", "seq"), ("approvals", "id"), ("mcp_pins", "connection, tool"), ("grants", "id"),
@@ -175,6 +178,16 @@ WEB_SESSION_COLUMNS: dict[str, type] = {"key": str, "subject": str, "principal":
                                         "csrf": str, "created": float, "expires": float}
 SIGNIN_COLUMNS: dict[str, type] = {"key": str, "method": str, "document": str, "expires": float}
 SLACK_SEEN_COLUMNS: dict[str, type] = {"key": str, "expires": float}
+
+# Tool calls: what each completion asked for (addons/engine/provenance.py `Asked`), per
+# principal and crew run, written with the completion's event, so a request that reaches
+# another replica than its model call finds them. `position`: the call's place in its
+# completion. Not copied by a migration, and pruned once expired: they matter for minutes.
+TOOL_CALL_COLUMNS: dict[str, type] = {"issuer": str, "subject": str, "run": str, "event": str, "position": int,
+                                      "flow": str, "connection": str, "model": str, "call": str, "tool": str,
+                                      "arguments": str, "text": str, "form": str, "at": float, "expires": float}
+TOOL_CALL_KEY = ("event", "position")
+TOOL_CALL_INDEX = ("issuer", "subject", "run", "at")
 
 
 def _json(value: Any) -> str | None:
@@ -370,7 +383,31 @@ class SessionRow:
                 self.created, self.expires)
 
 
-Kept = Pin | Listing | SessionRow
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool call a completion asked for (addons/modelguard.py), kept in the transaction of
+    the event recording the completion, for every replica's provenance."""
+
+    key: tuple[str, str, str]
+    position: int
+    asked: Asked
+
+    SQL = (f"INSERT INTO tool_calls ({', '.join(TOOL_CALL_COLUMNS)}) "
+           f"VALUES ({', '.join('?' * len(TOOL_CALL_COLUMNS))}) ON CONFLICT DO NOTHING")
+
+    def row(self) -> tuple:
+        a = self.asked
+        return (*self.key, a.event, self.position, a.flow, a.connection, a.model, a.call, a.tool,
+                canonical_json(a.arguments), a.text, a.form, a.at, a.expires)
+
+
+def asked_from(row: dict[str, Any]) -> Asked:
+    return Asked(event=row["event"], flow=row["flow"], connection=row["connection"], model=row["model"],
+                 call=row["call"], tool=row["tool"], arguments=json.loads(row["arguments"]), text=row["text"],
+                 form=row["form"], at=row["at"], expires=row["expires"])
+
+
+Kept = Pin | Listing | ToolCall | SessionRow
 """What a write keeps beside its events, in their transaction."""
 
 
@@ -472,6 +509,12 @@ class AuditStore:
     def _lock(self, tx: Tx, ids: list[str]) -> dict[str, dict[str, Any]]:
         """Inside `_write`: lock these approvals' rows and read their documents."""
         raise NotImplementedError
+
+    def patience(self, seconds: float) -> None:
+        """How long a write waits for another writer's lock before it fails. The writer
+        shortens it while the store is failing (a lock held elsewhere, a full disk), so each
+        refusal is fast instead of waiting out the whole timeout again; PostgreSQL's
+        failures (a connection refused or broken) are fast already."""
 
     def listen(self, changed: Callable[[str | None], None]) -> Callable[[], None] | None:
         """Call `changed(approval id)` when any replica changes an approval, and
@@ -583,6 +626,7 @@ class AuditStore:
                                   detail={"checkpoint": document, "key_id": signature["key_id"]})], [])
         with self._write() as tx:  # apart: approvals are locked before the head, never while it is held
             tx.run("DELETE FROM approvals WHERE updated < ? AND state NOT IN ('pending', 'approved')", [before])
+            tx.run("DELETE FROM tool_calls WHERE expires < ?", [before])
         return document
 
     def add_anchor(self, document: dict[str, Any], signature: dict[str, Any]) -> None:
@@ -638,6 +682,33 @@ class AuditStore:
                 "WHERE approvals.held = 1 AND approvals.state IN ('pending', 'approved') "
                 "AND (approvals.replica IS NULL OR approvals.replica != ?)", [replica]))
 
+    # reconciling after a crash (addons/engine/reconcile.py)
+
+    def open_flows(self, replica: str, outcomes: Sequence[str]) -> list[dict[str, Any]]:
+        """The requests `replica` recorded with their decision and no outcome (`outcomes`:
+        the kinds that close a flow), in order."""
+        marks = ", ".join("?" * len(outcomes))
+        return list(self._events(
+            "events.kind = 'request' AND events.replica = ? AND EXISTS (SELECT 1 FROM events d WHERE "
+            "d.flow = events.flow AND d.kind = 'decision') AND NOT EXISTS (SELECT 1 FROM events o WHERE "
+            f"o.flow = events.flow AND o.kind IN ({marks}))", [replica, *outcomes], "ORDER BY seq"))
+
+    def transaction_responses(self, replica: str) -> list[dict[str, Any]]:
+        """Every response `replica` recorded in the sessions where it recorded a SQL
+        transaction's id (`detail.transaction`), in order."""
+        return self.where(
+            "kind = 'response' AND replica = ? AND session IN (SELECT session FROM events WHERE kind = 'response' "
+            "AND replica = ? AND json_extract(detail, '$.transaction.xid') IS NOT NULL)", [replica, replica])
+
+    def reconcile(self, replica: str, events: list[Event]) -> bool:
+        """Write `events` for a replica that is gone and mark its row reconciled, in one
+        transaction; False (nothing written) when another replica did it first."""
+        with self._write() as tx:
+            if not tx.run("UPDATE replicas SET state = 'reconciled' WHERE id = ? AND state != 'reconciled'", [replica]):
+                return False
+            self._save(tx, events, [])
+        return True
+
     # reading
 
     def head(self) -> tuple[int, str]:
@@ -654,6 +725,14 @@ class AuditStore:
         with self._read() as tx:
             return [{**r, "definition": json.loads(r["definition"])}
                     for r in tx.rows("SELECT connection, tool, fingerprint, definition FROM mcp_pins")]
+
+    def tool_calls(self, key: tuple[str, str, str], limit: int) -> list[Asked]:
+        """The `limit` newest tool calls kept for a principal and run (whichever replica saw
+        the completion), newest first, expired or not (provenance.current tells)."""
+        with self._read() as tx:
+            return [asked_from(r) for r in tx.rows(
+                f"SELECT {', '.join(TOOL_CALL_COLUMNS)} FROM tool_calls WHERE issuer = ? AND subject = ? AND run = ? "
+                "ORDER BY at DESC, position DESC LIMIT ?", [*key, limit])]
 
     def checkpoints(self) -> list[dict[str, Any]]:
         """Every checkpoint, oldest first, as {"document": …, "signature": …}."""
@@ -915,17 +994,20 @@ class Store(AuditStore):
                 "SUM(kind = 'decision' AND effect = 'deny') AS denied, "
                 "SUM(kind = 'approval' AND json_extract(detail, '$.step') = 'requested') AS held")
 
-    def __init__(self, path: str, synchronous: str = "normal", replica: str = "") -> None:
+    def __init__(self, path: str, synchronous: str = "normal", replica: str = "", timeout: float = 5.0) -> None:
         self.path = self.location = path
         self.replica = replica or default_replica()
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA busy_timeout = 5000")
+        self.patience(timeout)
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         self._ensure_schema()
         cols = [c for c in COLUMNS if c != "seq"]
         self._insert = f"INSERT INTO events ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
         self._cols = cols
+
+    def patience(self, seconds: float) -> None:
+        self.conn.execute(f"PRAGMA busy_timeout = {round(seconds * 1000)}")
 
     def _tables(self) -> set[str]:
         return {name for (name,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -984,8 +1066,11 @@ class Store(AuditStore):
             db["grants"].create_index(["subject", "connection"], if_not_exists=True)
         if "approver_directory" not in tables:
             db["approver_directory"].create(DIRECTORY_COLUMNS, pk="email", not_null=set(DIRECTORY_COLUMNS))
+        if "tool_calls" not in tables:  # version 5
+            db["tool_calls"].create(TOOL_CALL_COLUMNS, pk=TOOL_CALL_KEY, not_null=set(TOOL_CALL_COLUMNS))
+            db["tool_calls"].create_index(list(TOOL_CALL_INDEX), if_not_exists=True)
         for table, columns in (("web_sessions", WEB_SESSION_COLUMNS), ("signins", SIGNIN_COLUMNS),
-                               ("slack_seen", SLACK_SEEN_COLUMNS)):  # version 5
+                               ("slack_seen", SLACK_SEEN_COLUMNS)):  # version 6
             if table not in tables:
                 db[table].create(columns, pk="key", not_null=set(columns))
                 db[table].create_index(["expires"], if_not_exists=True)
@@ -1069,7 +1154,7 @@ def open_store(settings: StoreConfig, replica: str = "", *, writer: bool = False
     """The store the configuration names: SQLite at `store.path`, PostgreSQL at `store.url`.
     `writer`: for the one thread that appends (PostgreSQL: its own connection, not the pool)."""
     if not settings.url:
-        return Store(settings.path, settings.synchronous, replica)
+        return Store(settings.path, settings.synchronous, replica, settings.timeout)
     from addons.engine.pgstore import PgStore
 
     try:
@@ -1099,10 +1184,13 @@ class Writer:
     """
 
     MAX_BATCH = 256
+    HURRIED = 0.25
+    """Seconds a commit waits for a lock while the store is failing (`AuditStore.patience`)."""
 
     def __init__(self, open: Callable[[], AuditStore],
-                 outcome: Callable[[BaseException | None], None] | None = None) -> None:
+                 outcome: Callable[[BaseException | None], None] | None = None, patience: float = 5.0) -> None:
         self._open = open
+        self._patience = patience
         self._outcome = outcome or (lambda error: None)
         """Told after every commit whether the store took it (None) or why not."""
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -1139,6 +1227,7 @@ class Writer:
             self._ready.set()
             return
         self._ready.set()
+        failing = False
         while True:
             item = self._queue.get()
             if item is None:
@@ -1156,9 +1245,15 @@ class Writer:
             try:
                 outcomes = store.commit([(events, change) for events, change, _, _ in batch],
                                         [k for _, _, kept, _ in batch for k in kept])
+                if failing:
+                    store.patience(self._patience)
+                failing = False
                 self._outcome(None)
             except Exception as e:
                 outcomes = [e] * len(batch)
+                if not failing:
+                    store.patience(self.HURRIED)
+                failing = True
                 self._outcome(e)
             try:
                 batch[0][3].get_loop().call_soon_threadsafe(_settle, [f for *_, f in batch], outcomes)

@@ -279,8 +279,8 @@ def provenance_line(found: dict[str, Any]) -> str:
         return ""
     said = found.get("asserted") or {}
     claim = f" (the request said: {', '.join(f'{k}={v}' for k, v in sorted(said.items()))})" if said else ""
-    if found["match"] == "none":
-        return f"PROVENANCE none: {found.get('reason', '')}{claim}"
+    if found["match"] in ("none", "unknown"):  # nothing asked for it, or the store could not tell
+        return f"PROVENANCE {found['match']}: {found.get('reason', '')}{claim}"
     return (f"PROVENANCE {found['match']}: tool call {found.get('tool_call')} ({found.get('tool')}) of completion "
             f"{found.get('event')} by {found.get('model')} on {found.get('connection')}{claim}")
 
@@ -408,6 +408,14 @@ def replay_lines(rec: Record, stories: dict[str, ApprovalStory], body_limit: int
             [f"    {direction} {line}" for line in body_text(row, body_limit).splitlines()]
     if kind == "error":
         return [f"{when}  #{r['seq']} ERROR     {rec.detail.get('error', '')}"]
+    if kind == "interrupted":
+        tx = rec.detail.get("transaction") or {}
+        said = f"; transaction {tx.get('xid') or '(no id)'}: {tx.get('status')}" if tx else ""
+        return [f"{when}  #{r['seq']} INTERRUPTED  outcome {rec.detail.get('outcome')}: the gateway stopped before "
+                f"the outcome was recorded (replica {rec.detail.get('replica')}: {rec.detail.get('why')}){said}"]
+    if kind == "rolled_back":
+        return [f"{when}  #{r['seq']} ROLLED BACK  transaction {rec.detail.get('xid')} never committed: the "
+                f"{len(rec.detail.get('responses') or [])} responses recorded inside it did not take effect"]
     if kind == "tools":
         removed = "; ".join(f"{t} ({why})" for t, why in (rec.detail.get("removed") or {}).items())
         return [f"{when}  #{r['seq']} TOOLS     offered {len(rec.detail.get('offered', []))} of "

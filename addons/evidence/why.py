@@ -107,8 +107,11 @@ def lines(c: Chain, limit: int = 600) -> list[str]:
         for flow in c.commands:
             out += ["  " + line for line in _command(flow, {}, limit)]
         return out
-    if not c.model_call and c.request is not None and provenance_of(c.request).get("match") == "none":
+    found = provenance_of(c.request) if not c.model_call and c.request is not None else {}
+    if found.get("match") == "none":
         out.append("PROMPT      none: no model output seen by the gateway asked for this request")
+    elif found.get("match") == "unknown":
+        out.append(f"PROMPT      unknown: {found.get('reason', '')}")
     return out + _command(c.flow, c.approvals, limit)
 
 

@@ -87,6 +87,15 @@ def conninfo(host: str, port: int, database: str, user: str, password: str, ca_f
     )
 
 
+def transaction_statuses(info: str, xids: list[str]) -> dict[str, str | None]:
+    """pg_xact_status of each transaction id ("committed", "aborted", "in progress", or None:
+    too old to know), asked of the database with the gateway's credential."""
+    import psycopg
+
+    with psycopg.connect(info, autocommit=True) as conn:
+        return {x: conn.execute("SELECT txid_status(%s::bigint)", (int(x),)).fetchone()[0] for x in xids}
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace(" ", "\\ ")
 
@@ -226,6 +235,19 @@ class Backend:
                 self.running = False
             out.notices, out.status, out.parameters = self.notices, self.status, self.changed_parameters()
             return out
+
+    async def xid(self) -> str | None:
+        """The id of the transaction the session is in, once it has one (it has written);
+        recorded with the response so that, after a crash, whether it committed can be
+        looked up (addons/engine/reconcile.py)."""
+        async with self.lock:
+            self.notices = []
+            with self._io():
+                self.pg.send_query(b"SELECT txid_current_if_assigned()")
+                await self._flush()
+                values = [r.get_value(0, 0) async for r in self._results()
+                          if r.status == pq.ExecStatus.TUPLES_OK and r.ntuples]
+        return values[0].decode() if values and values[0] else None
 
     async def _collect(self, out: Output, max_bytes: int) -> None:
         current: dict[str, Any] | None = None

@@ -191,10 +191,24 @@ class PgExecutor:
         else:
             statements = [session.statement(p) or UNREAD for p in parts]  # a cursor's, before CLOSE forgets it
         session.remember(parts, out.results)
+        await self._transaction(session, c, out)
         if body.get("declare") and not any("error" in r for r in out.results):
             session.cursors[body["declare"]] = body["sql"]
         await self.columns.describe(conn, out, statements, structural)
         return self._formats(out, wanted)
+
+    @staticmethod
+    async def _transaction(session: Session, c: context.Context, out: Output) -> None:
+        """Keep the id of the session's transaction once a write gave it one, and record it
+        with every response inside it (addons/engine/reconcile.py)."""
+        if out.status == "I" or out.closed:
+            session.xid = None
+        elif session.xid is None and out.status == "T" and c.operation.action != "read":
+            try:
+                session.xid = await session.backend.xid()
+            except BackendError:
+                session.xid = None
+        c.transaction = {"xid": session.xid, "status": out.status} if session.xid else None
 
     @staticmethod
     def _formats(out: Output, wanted: list[int], described: bool = False) -> Output:

@@ -33,6 +33,8 @@ class Session:
     """Cursors declared on the backend (SQL DECLARE, and the bridge's named portals) → the
     statement that declared them, so a FETCH's rows are masked as that statement's."""
     used: float = field(default_factory=time.monotonic)
+    xid: str | None = None
+    """The id of the transaction the session is in, once a write gave it one."""
 
     def remember(self, parts: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
         """Track SQL-level prepared statements and cursors from the statements that succeeded."""

@@ -146,7 +146,10 @@ class Endpoint:
             writer.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
                          + f"sec-websocket-accept: {websocket_accept(key)}\r\n\r\n".encode())
             await writer.drain()
-            await (run_exec(job, peer) if job.phase == "exec" else run_line(job, peer))
+            try:
+                await (run_exec(job, peer) if job.phase == "exec" else run_line(job, peer))
+            except asyncssh.Error as e:  # the host went away: its connection lost, a channel refused
+                await _host_lost(peer, e, job)
         except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
             logger.info("custody: a stream ended early: %s", e)
         except Exception:
@@ -208,6 +211,15 @@ async def _feed(peer: Peer, process) -> None:
         elif channel == SIGNAL and data.decode(errors="replace") in SIGNALS:
             process.send_signal(data.decode())
     process.close()
+
+
+async def _host_lost(peer: Peer, e: asyncssh.Error, job: Job) -> None:
+    """The host's connection failed under the session: nothing more runs there; the client
+    is told so and its session ends (a new one connects to the host again)."""
+    job.host.shell_lost()
+    message = (f"custody: the connection to the SSH host was lost ({e.reason or type(e).__name__}); "
+               "the command did not run: reconnect")
+    await peer.status({"exit_status": 255, "error": message, "ended": True, "event_id": job.event_id})
 
 
 async def _stopped(peer: Peer, e: Exception, job: Job) -> None:

@@ -285,6 +285,13 @@ def stranger_click(slack: SlackStandIn) -> tuple[bytes, dict[str, str]]:
     return body, slack.sign(body, int(time.time()))
 
 
+def click(gw: Gateway, slack: SlackStandIn) -> requests.Response:
+    """`stranger_click` sent to `gw`, waiting as long as a store that is down takes to say so
+    (the reader thread's calls ahead of it each wait `store.timeout` for a connection)."""
+    body, headers = stranger_click(slack)
+    return requests.post(f"{gw.approvals_url}/slack/interactions", data=body, headers=headers, timeout=60)
+
+
 def test_while_the_store_is_down_nobody_is_signed_in_and_it_heals(tmp_path, servers, idp, slack):
     own = PostgresServer(PASSWORD, log_statements=False)
     try:
@@ -296,6 +303,7 @@ def test_while_the_store_is_down_nobody_is_signed_in_and_it_heals(tmp_path, serv
         alice.sign_in(start=gw, finish=gw)
         waiting = Browser()
         callback = waiting.at_idp(waiting.start(gw), ALICE)  # a sign-in in progress when the store goes
+        own.execute("CHECKPOINT")  # on disk: this test server commits asynchronously, and halts as if it crashed
         own.halt()
         down = {
             "the page's session": alice.me(gw),
@@ -303,7 +311,7 @@ def test_while_the_store_is_down_nobody_is_signed_in_and_it_heals(tmp_path, serv
             "a sign-in starting": alice.http.get(f"{gw.approvals_url}/auth/oidc/login", allow_redirects=False,
                                                  timeout=30),
             "a sign-in finishing": waiting.finish(gw, callback),
-            "a Slack click": slack.send(f"{gw.approvals_url}/slack/interactions", *stranger_click(slack)),
+            "a Slack click": click(gw, slack),
         }
         assert {name: (r.status_code, r.json()["error"]) for name, r in down.items()} == {
             name: (503, "audit_unavailable") for name in down}
@@ -316,7 +324,7 @@ def test_while_the_store_is_down_nobody_is_signed_in_and_it_heals(tmp_path, serv
         finished = waiting.finish(gw, callback)  # the outage took nothing: the sign-in is still there, once
         assert finished.status_code == 303, finished.text
         assert waiting.me(gw).json()["subject"] == "alice"
-        clicked = slack.send(f"{gw.approvals_url}/slack/interactions", *stranger_click(slack))
+        clicked = click(gw, slack)
         assert (clicked.status_code, clicked.json()["error"]) == (200, "unmapped_user")
         assert gw.proc.poll() is None
         gw.stop()

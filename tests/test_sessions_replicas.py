@@ -40,34 +40,14 @@ from tests.support.oidc import Provider, User
 from tests.support.saml import IdentityProvider
 from tests.support.servers import free_port
 from tests.support.slack import SlackStandIn
+from tests.test_approvers_replicas import idp, slack  # noqa: F401  (fixtures: the OIDC provider, the Slack stand-in)
 from tests.test_replicas import ENV, PASSWORD, database, ready, reached
+from tests.test_sso import saml  # noqa: F401  (the fixture: the SAML IdP)
 from tests.test_replicas import environment, pg  # noqa: F401  (fixtures: the store's password, a real PostgreSQL)
 
 SIGNED_OUT = "no such session: sign in again"
 NO_STATE = "state does not match any sign-in in progress (expired, used already, or forged)"
 UNSOLICITED = "the response answers no sign-in this gateway started (unsolicited, expired or replayed)"
-
-
-@pytest.fixture(scope="module")
-def idp():
-    op = Provider([ALICE])
-    yield op
-    op.stop()
-
-
-@pytest.fixture(scope="module")
-def saml(tmp_path_factory):
-    provider = IdentityProvider(tmp_path_factory.mktemp("saml-idp"), [BOB])
-    yield provider
-    provider.stop()
-
-
-@pytest.fixture(scope="module")
-def slack():
-    api = SlackStandIn(BOT_TOKEN, SIGNING_SECRET)
-    api.users.update({SLACK_ALICE: ALICE.email})
-    yield api
-    api.stop()
 
 
 def replica(directory, servers, public: str, idp: Provider, slack: SlackStandIn, *, store: dict | None = None,

@@ -47,9 +47,9 @@ from addons.engine.model import Decision, Operation, Principal, canonical_json, 
 from addons.engine.provenance import Asked
 
 GENESIS = "0" * 64
-SCHEMA_VERSION = 5  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
-UPGRADABLE = (1, 2, 3, 4)  # upgraded in place (1: bodies inline in events; 2: no replica column; 3: no grants;
-# 4: no tool calls)
+SCHEMA_VERSION = 6  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
+UPGRADABLE = (1, 2, 3, 4, 5)  # upgraded in place (1: bodies inline in events; 2: no replica column; 3: no grants;
+# 4: no tool calls; 5: no web sessions)
 LIVE_STATES = ("pending", "approved")
 """Approval states that can still change (addons/engine/approval.py LIVE)."""
 
@@ -131,11 +131,12 @@ CHECKPOINT_COLUMNS: dict[str, type] = {"seq": int, "document": str, "signature":
 BODY_COLUMNS: dict[str, type] = {"digest": str, "size": int, "encoding": str, "data": bytes}
 TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies", "mcp_pins", "replicas", "grants",
           "tool_calls",
-          "approver_directory")
+          "approver_directory", "web_sessions", "signins", "slack_seen")
 COPIED = (("bodies", "digest"), ("events", "seq"), ("chain_head", "id"), ("checkpoints", "seq"),
           ("anchors", "seq"), ("approvals", "id"), ("mcp_pins", "connection, tool"), ("grants", "id"),
           ("approver_directory", "email"))
-"""What a migration copies, table by table, in the order of its key (replicas stay behind)."""
+"""What a migration copies, table by table, in the order of its key (replicas, web sessions,
+sign-ins in progress and Slack's seen requests stay behind)."""
 
 
 def pack(body: bytes) -> tuple[str, bytes]:
@@ -167,6 +168,16 @@ GRANT_COLUMNS: dict[str, type] = {"id": str, "approval": str, "subject": str, "c
                                   "revoked": float, "document": str}
 DIRECTORY_COLUMNS: dict[str, type] = {"email": str, "subject": str, "issuer": str, "groups": str, "method": str,
                                       "signed_in": float}
+# Web sessions: an approver's page session by the SHA-256 of its cookie (the cookie itself is
+# never stored). Sign-ins: each SSO sign-in in progress by its OIDC state or SAML request id,
+# taken (deleted) once when the identity provider sends the browser back. Slack requests:
+# each signed interactivity request seen, by the hash of its timestamp and signature.
+# Every replica reads them, so an approver may reach any replica at any step; none is
+# copied by a migration (they expire within hours) and each is swept once expired.
+WEB_SESSION_COLUMNS: dict[str, type] = {"key": str, "subject": str, "principal": str, "method": str, "email": str,
+                                        "csrf": str, "created": float, "expires": float}
+SIGNIN_COLUMNS: dict[str, type] = {"key": str, "method": str, "document": str, "expires": float}
+SLACK_SEEN_COLUMNS: dict[str, type] = {"key": str, "expires": float}
 
 # Tool calls: what each completion asked for (addons/engine/provenance.py `Asked`), per
 # principal and crew run, written with the completion's event, so a request that reaches
@@ -352,6 +363,27 @@ class Listing:
 
 
 @dataclass(frozen=True)
+class SessionRow:
+    """An approver's page session (addons/engine/websession.py), kept in the transaction of
+    the event recording the sign-in: a sign-in not on record starts no session."""
+
+    key: str
+    principal: Principal
+    method: str
+    email: str
+    csrf: str
+    created: float
+    expires: float
+
+    SQL = (f"INSERT INTO web_sessions ({', '.join(WEB_SESSION_COLUMNS)}) "
+           f"VALUES ({', '.join('?' * len(WEB_SESSION_COLUMNS))})")
+
+    def row(self) -> tuple:
+        return (self.key, self.principal.subject, self.principal.json, self.method, self.email, self.csrf,
+                self.created, self.expires)
+
+
+@dataclass(frozen=True)
 class ToolCall:
     """A tool call a completion asked for (addons/modelguard.py), kept in the transaction of
     the event recording the completion, for every replica's provenance."""
@@ -375,7 +407,7 @@ def asked_from(row: dict[str, Any]) -> Asked:
                  form=row["form"], at=row["at"], expires=row["expires"])
 
 
-Kept = Pin | Listing | ToolCall
+Kept = Pin | Listing | ToolCall | SessionRow
 """What a write keeps beside its events, in their transaction."""
 
 
@@ -879,6 +911,52 @@ class AuditStore:
         return {"email": email.lower(), "subject": row[0], "issuer": row[1], "groups": json.loads(row[2]),
                 "method": row[3], "signed_in": row[4]}
 
+    # what approvers' sign-ins share between replicas
+
+    def web_session(self, key: str) -> dict[str, Any] | None:
+        """The session whose cookie hashes to `key` (expired, until swept), or None (unknown, signed out)."""
+        with self._read() as tx:
+            found = list(tx.rows("SELECT * FROM web_sessions WHERE key = ?", [key]))
+        if not found:
+            return None
+        return {**found[0], "principal": json.loads(found[0]["principal"])}
+
+    def end_web_session(self, key: str) -> None:
+        """Sign out: the session is gone for every replica."""
+        with self._write(single=True) as tx:
+            tx.run("DELETE FROM web_sessions WHERE key = ?", [key])
+
+    def begin_signin(self, key: str, method: str, document: dict[str, Any], expires: float) -> None:
+        """Keep a sign-in in progress (and sweep the sessions and sign-ins that expired)."""
+        with self._write() as tx:
+            for table in ("web_sessions", "signins"):
+                tx.run(f"DELETE FROM {table} WHERE expires <= ?", [time.time()])
+            tx.run(f"INSERT INTO signins ({', '.join(SIGNIN_COLUMNS)}) VALUES (?, ?, ?, ?)",
+                   [key, method, canonical_json(document), expires])
+
+    def peek_signin(self, key: str, method: str, now: float) -> dict[str, Any] | None:
+        """A sign-in in progress, left in place (SAML checks the response before taking it)."""
+        with self._read() as tx:
+            row = tx.one("SELECT document FROM signins WHERE key = ? AND method = ? AND expires > ?", [key, method, now])
+        return None if row is None else json.loads(row[0])
+
+    def take_signin(self, key: str, method: str, now: float) -> dict[str, Any] | None:
+        """The sign-in in progress `key` names, removed in the same statement: of two
+        replicas sent the same callback, one gets it and the other None."""
+        with self._write(single=True) as tx:
+            found = list(tx.rows("DELETE FROM signins WHERE key = ? AND method = ? RETURNING document, expires",
+                                 [key, method]))
+        if not found or found[0]["expires"] <= now:
+            return None
+        return json.loads(found[0]["document"])
+
+    def first_seen(self, key: str, expires: float) -> bool:
+        """Note a signed Slack request; False when any replica noted it already (a replay)."""
+        with self._write() as tx:
+            tx.run("DELETE FROM slack_seen WHERE expires <= ?", [time.time()])
+            return tx.run("INSERT INTO slack_seen (key, expires) VALUES (?, ?) ON CONFLICT(key) DO NOTHING",
+                          [key, expires]) == 1
+
 
 def _insert_rows(tx: Tx, table: str, rows: list[dict[str, Any]]) -> None:
     if rows:
@@ -991,6 +1069,11 @@ class Store(AuditStore):
         if "tool_calls" not in tables:  # version 5
             db["tool_calls"].create(TOOL_CALL_COLUMNS, pk=TOOL_CALL_KEY, not_null=set(TOOL_CALL_COLUMNS))
             db["tool_calls"].create_index(list(TOOL_CALL_INDEX), if_not_exists=True)
+        for table, columns in (("web_sessions", WEB_SESSION_COLUMNS), ("signins", SIGNIN_COLUMNS),
+                               ("slack_seen", SLACK_SEEN_COLUMNS)):  # version 6
+            if table not in tables:
+                db[table].create(columns, pk="key", not_null=set(columns))
+                db[table].create_index(["expires"], if_not_exists=True)
         db["approvals"].create_index(["updated"], if_not_exists=True)  # version 3: the inbox's news
         for table in ("events", "approvals"):
             if "replica" not in db[table].columns_dict:  # versions 1 and 2

@@ -205,7 +205,7 @@ class Identity:
         claims = {**self.tunnel_claims.get(f.client_conn, {}), **user_claims, **asserted(headers)}
         if token is None and conn is not None and conn.name == GATEWAY_CONNECTION:
             try:
-                session = self.signin.principal(headers, f.request.method)
+                session = await self.signin.principal(headers, f.request.method)
             except SessionError as e:
                 failclosed.refuse(f, e.status, str(e), error=e.error)
                 return

@@ -36,10 +36,12 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
+from addons import failclosed
 from addons.approvalbook import ApprovalBook
 from addons.auditlog import AuditLog
 from addons.engine import reconcile
 from addons.engine.bridge import POSTGRES, REPLICA_HEADER, SSH
+from addons.engine.errors import Error
 from addons.engine.replicas import STOPPED
 from addons.failclosed import guarded
 from addons.maskpool import MaskPool
@@ -187,6 +189,10 @@ class Replica:
         if INFLIGHT not in f.metadata:
             f.metadata[INFLIGHT] = True
             self.inflight += 1
+        wanted = f.request.headers.pop(REPLICA_HEADER, None)
+        if wanted is not None and wanted != self.log.replica.id:  # a balancer sent a session's step elsewhere
+            failclosed.refuse(f, 421, f"this step belongs to a session on gateway replica {wanted}; nothing was "
+                                      "forwarded", error=Error.WRONG_REPLICA)
 
     @guarded
     def responseheaders(self, f: http.HTTPFlow) -> None:

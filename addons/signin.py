@@ -33,7 +33,7 @@ from addons.engine import oidc
 from addons.engine.config import GATEWAY_CONNECTION, IdentityConfig
 from addons.engine.errors import Error
 from addons.engine.model import Decision, Principal, new_id
-from addons.engine.saml import SamlError, ServiceProvider
+from addons.engine.saml import SamlError, ServiceProvider, in_response_to
 from addons.engine.store import Event, Listing
 from addons.engine.tokens import TokenError, Verifier
 from addons.engine.websession import (
@@ -59,7 +59,7 @@ class Signin:
         self.log = log
         self.host = ""
         self.secure_url = False
-        self.sessions = Sessions(8 * 3600.0)
+        self.sessions = Sessions(log, 8 * 3600.0)
         self.oidc: oidc.OidcClient | None = None
         self.verifier: Verifier | None = None
         self.saml: ServiceProvider | None = None
@@ -91,13 +91,14 @@ class Signin:
 
     # what identity asks
 
-    def principal(self, headers: http.Headers, method: str) -> Principal | None:
+    async def principal(self, headers: http.Headers, method: str) -> Principal | None:
         """The approver behind the request's session cookie (None: no cookie). Raises
-        SessionError for a cookie that identifies nobody, or a change without the CSRF token."""
+        SessionError for a cookie that identifies nobody, a change without the CSRF token, or
+        a store that cannot say (503)."""
         value = cookies(headers.get("cookie", "")).get(SESSION_COOKIE)
         if value is None:
             return None
-        session = self.sessions.find(value)
+        session = await self.sessions.find(value)
         if method not in SAFE_METHODS:
             self.sessions.check_csrf(session, headers.get(CSRF_HEADER, ""))
         return session.principal
@@ -137,20 +138,22 @@ class Signin:
     async def me(self, f: http.HTTPFlow) -> None:
         value = cookies(f.request.headers.get("cookie", "")).get(SESSION_COOKIE, "")
         try:
-            self._json(f, self.sessions.find(value).about())
-        except SessionError:
+            self._json(f, (await self.sessions.find(value)).about())
+        except SessionError as e:
+            if e.status != 401:
+                raise  # the store cannot say: never "signed out" (nor signed in) on a guess
             self._json(f, {"signed_in": False, "methods": self.methods})
 
     async def logout(self, f: http.HTTPFlow) -> None:
         value = cookies(f.request.headers.get("cookie", "")).get(SESSION_COOKIE, "")
-        self.sessions.check_csrf(self.sessions.find(value), f.request.headers.get(CSRF_HEADER, ""))
-        self.sessions.end(value)
+        self.sessions.check_csrf(await self.sessions.find(value), f.request.headers.get(CSRF_HEADER, ""))
+        await self.sessions.end(value)
         self._json(f, {"signed_in": False, "methods": self.methods},
                    set_cookie(SESSION_COOKIE, "", max_age=0, secure=self._secure(f), same_site="Strict"))
 
     async def oidc_login(self, f: http.HTTPFlow) -> None:
         client = self._oidc()
-        pending, browser = self.sessions.begin()
+        pending, browser = await self.sessions.begin()
         url = await asyncio.to_thread(client.authorization_url, pending)
         self._redirect(f, url, set_cookie(SIGNIN_COOKIE, browser, max_age=int(PENDING_TTL), secure=self._secure(f),
                                           same_site="Lax", path="/auth/"))
@@ -161,7 +164,8 @@ class Signin:
         if "error" in query:
             raise oidc.OidcError(f"the identity provider refused the sign-in: {query['error']}"
                                  + (f" ({query['error_description']})" if query.get("error_description") else ""))
-        pending = self.sessions.resume(query.get("state", ""), cookies(f.request.headers.get("cookie", "")).get(SIGNIN_COOKIE, ""))
+        pending = await self.sessions.resume(query.get("state", ""),
+                                             cookies(f.request.headers.get("cookie", "")).get(SIGNIN_COOKIE, ""))
         if not query.get("code"):
             raise oidc.OidcError("the identity provider sent no code")
         token = await asyncio.to_thread(client.exchange, pending, query["code"])
@@ -179,30 +183,35 @@ class Signin:
                                          path="/auth/"))
 
     async def saml_login(self, f: http.HTTPFlow) -> None:
-        self._redirect(f, self._saml().login_url())
+        url, request_id = self._saml().login_url()
+        await self.sessions.begin_saml(request_id)
+        self._redirect(f, url)
 
     async def saml_acs(self, f: http.HTTPFlow) -> None:
         sp = self._saml()
         form = urllib.parse.parse_qs((f.request.get_content(strict=False) or b"").decode(errors="replace"))
         response = (form.get("SAMLResponse") or [""])[0]
-        who = await asyncio.to_thread(sp.accept, response)
+        outstanding = await self.sessions.outstanding_saml(in_response_to(response))
+        who = await asyncio.to_thread(sp.accept, response, outstanding)
+        await self.sessions.answered_saml(who.request)
         await self._signed_in(f, who.principal, "saml", who.email)
 
     async def saml_metadata(self, f: http.HTTPFlow) -> None:
         f.response = http.Response.make(200, self._saml().metadata(), {"content-type": "application/samlmetadata+xml"})
 
     async def _signed_in(self, f: http.HTTPFlow, principal: Principal, method: str, email: str, *cookie: str) -> None:
-        """Record the sign-in (and, with an e-mail, the identity it binds), then start the session."""
+        """Record the sign-in with its session (and, with an e-mail, the identity it binds), in
+        one transaction: a sign-in that is not on record starts no session."""
         value, session = self.sessions.start(principal, method, email)
         event = Event(id=new_id(), kind="signin", session=context.of(f).session, flow=f.id, principal=principal,
                       connection=GATEWAY_CONNECTION,
                       detail={"method": method, "email": email, "session_expires": session.expires})
+        listing = [Listing(email, principal.subject, principal.issuer, principal.groups, method)] if email else []
         try:
-            await self.log.write([event], [Listing(email, principal.subject, principal.issuer, principal.groups,
-                                                   method)] if email else [])
-        except Exception:
-            self.sessions.end(value)  # a sign-in that is not on record is no sign-in
-            raise
+            await self.log.write([event], [session, *listing])
+        except Exception as e:
+            raise SessionError(503, Error.AUDIT_UNAVAILABLE, f"the sign-in could not be recorded, so it did not "
+                                                             f"happen: {type(e).__name__}: {e}") from None
         self._redirect(f, "/", set_cookie(SESSION_COOKIE, value, max_age=int(self.sessions.ttl),
                                           secure=self._secure(f), same_site="Strict"), *cookie)
 

@@ -2,9 +2,10 @@
 the gateway's host (the Slack app's interactivity request URL: public_url + that path).
 
 Nobody has a token here, so the request itself must prove it is Slack's: its signature
-(the app's signing secret), a timestamp within five minutes, and never seen before
-(addons/engine/slack.py); anything else is refused (401 `slack_unverified`) and votes
-nothing. A verified click is a vote by an approver identity, never by a Slack account: the
+(the app's signing secret), a timestamp within five minutes, and never seen before by any
+replica (addons/engine/slack.py; the audit store notes each signed request, and a store
+that cannot say refuses: 503 `audit_unavailable`); anything else is refused (401
+`slack_unverified`) and votes nothing. A verified click is a vote by an approver identity, never by a Slack account: the
 Slack user's e-mail (the configured mapping, else users.info) must be one an approver used
 to sign in with SSO within `slack.signin_max_age`, and the vote is cast as that IdP
 identity, with its groups as of that sign-in — so quorum, eligibility and self-approval are
@@ -73,11 +74,20 @@ class SlackApp:
             return
         body = f.request.get_content(strict=False) or b""
         try:
-            self.verifier.check(body, f.request.headers.get("x-slack-request-timestamp", ""),
-                                f.request.headers.get("x-slack-signature", ""))
+            key = self.verifier.check(body, f.request.headers.get("x-slack-request-timestamp", ""),
+                                      f.request.headers.get("x-slack-signature", ""))
             click = slack.parse(body)
         except slack.SlackError as e:
             failclosed.refuse(f, 401, str(e), error=Error.SLACK_UNVERIFIED)
+            return
+        try:
+            new = await self.log.call(self.log.reader.first_seen, key, time.time() + 2 * slack.WINDOW)
+        except Exception as e:
+            failclosed.refuse(f, 503, f"the audit store cannot say whether this click was seen before: {e}",
+                              error=Error.AUDIT_UNAVAILABLE)
+            return
+        if not new:
+            failclosed.refuse(f, 401, slack.REPLAYED, error=Error.SLACK_UNVERIFIED)
             return
         c.decision = Decision(effect="allow", reason="a click signed by Slack")
         if self.slack.team and click.team != self.slack.team:

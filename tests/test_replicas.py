@@ -464,7 +464,7 @@ def test_a_rolling_restart_drops_no_allowed_request(fleet, people, token):
 
     loop = asyncio.new_event_loop()
     conn, first = loop.run_until_complete(ssh_session())
-    assert (first.exit_status, first.stdout) == (0, "before\n")
+    assert (first.exit_status, first.stdout) == (0, "before\n"), first.stderr
     load = Load(lb, people["reader"], "rolling")
     try:
         wait_for(lambda: len(load.answers) > 20)
@@ -492,15 +492,40 @@ def test_a_rolling_restart_drops_no_allowed_request(fleet, people, token):
     assert store.verify().ok
 
 
+def test_every_stream_of_a_bridge_session_behind_the_balancer_runs_on_its_replica(fleet, token):
+    """Each ssh command is a stream on a connection of its own, which the balancer (round
+    robin) sends to either replica: the other refuses it at once (421 wrong_replica, on
+    record, nothing run) and the bridge tries again until it reaches the session's."""
+    import asyncssh
+
+    async def commands():
+        async with asyncssh.connect("127.0.0.1", fleet["ssh_port"], username="agent", known_hosts=None,
+                                    password=token(sub="crew-ops", groups=["ops"])) as conn:
+            return [await conn.run(f"echo step-{n}", check=False) for n in range(8)]
+
+    results = asyncio.run(commands())
+    assert [(r.exit_status, r.stdout) for r in results] == [(0, f"step-{n}\n") for n in range(8)]
+    store = store_of(fleet["url"])
+    refused = store.where("kind = 'response' AND status = 421", [])
+    assert refused, "the balancer never sent a stream to the other replica"
+    assert {json.loads(r["body"])["error"] for r in refused} == {"wrong_replica"}
+    ran = store.where("kind = 'request' AND operation LIKE '%step-%'", [])
+    assert len({r["flow"] for r in ran}) == 8
+    (home,), (other,) = {r["replica"] for r in ran}, {r["replica"] for r in refused}
+    assert home != other and {home, other} == {replica_id(fleet["a"]), replica_id(fleet["b"])}
+
+
 def test_a_bridge_session_outlives_its_idle_link_on_the_same_gateway(tmp_path, servers, shop, people):
-    """The gateway closes a link left idle (mitmproxy's tcp_timeout): the bridge opens it
+    """The gateway closes a link left idle (limits.idle): the bridge opens it
     again, to the same gateway, and the session carries on on its own backend connection."""
     from tests.support.pgbridge import BridgeProcess
 
     port = free_port()
-    gw = replica(tmp_path / "gw", servers, database(shop), rules=FLEET_RULES, options=("tcp_timeout=1",),
+    gw = replica(tmp_path / "gw", servers, database(shop), rules=FLEET_RULES,
                  env={**ENV, "PG_APP_PASSWORD": APP_PASSWORD})
     gw.config["connections"].append(shop_connection(shop, port))
+    gw.config["limits"] = {"idle": "1s"}  # the gateway's listeners: mitmproxy's tcp_timeout
+    gw.config["connections"][-1]["limits"] = {"idle": "10m"}  # the bridge's own clients may idle
     gw.config_file.write_text(yaml.safe_dump(gw.config))
     started(gw)
     bridge = BridgeProcess(gw, port, tmp_path / "bridge.log")

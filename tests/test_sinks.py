@@ -163,7 +163,7 @@ def test_two_sinks_may_not_share_a_cursor(tmp_path, servers):
 
 
 def test_replicas_on_one_postgresql_store_ship_a_sink_once_and_hand_it_over(tmp_path, servers, pg, keys, jwks):
-    """Two replicas share the sink's cursor in the store (schema version 6): one ships at a
+    """Two replicas share the sink's cursor in the store (schema version 7): one ships at a
     time, and when it stops the other takes over from the cursor within the lease."""
     hook, url = WebhookReceiver(), database(pg)
     replicas = [replica(tmp_path / name, servers, url) for name in ("a", "b")]
@@ -186,4 +186,4 @@ def test_replicas_on_one_postgresql_store_ship_a_sink_once_and_hand_it_over(tmp_
             gw.stop()
         hook.stop()
     with psycopg.connect(pg.dsn(url.rsplit("/", 1)[1])) as conn:
-        assert conn.execute("SELECT value FROM custody_meta WHERE key = 'schema_version'").fetchone()[0] == "6"
+        assert conn.execute("SELECT value FROM custody_meta WHERE key = 'schema_version'").fetchone()[0] == "7"

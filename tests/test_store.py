@@ -324,7 +324,7 @@ def test_a_version_3_store_gains_grants_and_the_approver_directory(tmp_path):
     old.close()
     assert 3 in UPGRADABLE
     store = Store(path)
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
     assert store.grants() == [] and store.directory("alice@example.com") is None
     store.commit([([Event(id="signin", kind="signin")], None)],
                  [Listing("Alice@Example.com", "alice", "https://idp", ("managers",), "oidc")])
@@ -346,7 +346,7 @@ def test_a_version_4_store_gains_the_tool_calls_of_completions(tmp_path):
     old.close()
     assert 4 in UPGRADABLE
     store = Store(path)
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
     key = ("https://idp", "crew-1", "run-1")
     assert store.tool_calls(key, 10) == []
     calls = [Asked(event="done", flow="f1", connection="models", model="m", call=f"call_{n}", tool="sql",
@@ -374,19 +374,88 @@ def test_prune_removes_the_tool_calls_that_expired_before_its_cutoff(tmp_path):
     assert store.verify().ok
 
 
-def test_a_version_5_store_gains_the_sinks_cursors(tmp_path):
-    """Version 5 (before audit sinks) is upgraded in place: `sink_cursors` appears, what was
+def test_a_version_5_store_gains_web_sessions_sign_ins_and_slack_requests(tmp_path):
+    """Version 5 (approvers' sessions in each replica's memory) is upgraded in place: the
+    tables every replica shares sign-ins through appear, what was recorded still verifies."""
+    from addons.engine.store import SCHEMA_VERSION, UPGRADABLE
+
+    path = str(tmp_path / "a.db")
+    old = Store(path)
+    old.append([Event(id="before", kind="request")])
+    old.conn.executescript("DROP TABLE web_sessions; DROP TABLE signins; DROP TABLE slack_seen; "
+                           "PRAGMA user_version = 5;")
+    old.close()
+    assert 5 in UPGRADABLE
+    store = Store(path)
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert store.web_session("0" * 64) is None and store.take_signin("state", "oidc", 0.0) is None
+    assert store.verify().ok and store.verify().count == 1
+
+
+def test_a_session_is_kept_by_the_hash_of_its_cookie_and_started_only_with_its_sign_in(tmp_path):
+    import hashlib
+
+    from addons.engine.store import SessionRow
+    from addons.engine.websession import Sessions
+
+    store = Store(str(tmp_path / "a.db"))
+    cookie, row = Sessions(None, 3600.0).start(Principal("alice", "https://idp", ("managers",)), "oidc", "a@x")
+    store.commit([([Event(id="signin", kind="signin")], None)], [row])
+    assert isinstance(row, SessionRow) and row.key == hashlib.sha256(cookie.encode()).hexdigest()
+    found = store.web_session(row.key)
+    assert (found["subject"], found["principal"]["groups"], found["csrf"]) == ("alice", ["managers"], row.csrf)
+    dump = "\n".join(store.conn.iterdump())
+    assert cookie not in dump and row.key in dump  # the cookie itself is nowhere in the store
+    store.end_web_session(row.key)
+    assert store.web_session(row.key) is None
+
+
+@pytest.mark.parametrize("method, taken_as, expires, first, second", [
+    ("oidc", "oidc", 2e9, {"nonce": "n"}, None),  # used once
+    ("oidc", "saml", 2e9, None, {"nonce": "n"}),  # a SAML response cannot take an OIDC sign-in (it is left alone)
+    ("oidc", "oidc", 1.0, None, None),  # expired: taken, and worth nothing
+])
+def test_a_sign_in_in_progress_is_taken_once(tmp_path, method, taken_as, expires, first, second):
+    store = Store(str(tmp_path / "a.db"))
+    store.begin_signin("state-1", method, {"nonce": "n"}, expires)
+    assert store.take_signin("state-1", taken_as, 100.0) == first
+    assert store.take_signin("state-1", method, 100.0) == second
+
+
+def test_a_sign_in_taken_by_many_threads_at_once_is_taken_by_one(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = str(tmp_path / "a.db")
+    Store(path).begin_signin("state-1", "oidc", {"nonce": "n"}, 2e9)
+    stores = [Store(path) for _ in range(8)]  # a connection each, as replicas' workers have
+    with ThreadPoolExecutor(8) as pool:
+        taken = list(pool.map(lambda s: s.take_signin("state-1", "oidc", 100.0), stores))
+    assert taken.count({"nonce": "n"}) == 1 and taken.count(None) == 7
+
+
+def test_a_slack_request_is_new_once_and_forgotten_once_expired(tmp_path):
+    import time
+
+    store = Store(str(tmp_path / "a.db"))
+    assert [store.first_seen("k1", time.time() + 600), store.first_seen("k1", time.time() + 600)] == [True, False]
+    store.first_seen("old", time.time() - 1)
+    store.first_seen("k2", time.time() + 600)  # each note sweeps what expired
+    assert [k for (k,) in store.conn.execute("SELECT key FROM slack_seen ORDER BY key")] == ["k1", "k2"]
+
+
+def test_a_version_6_store_gains_the_sinks_cursors(tmp_path):
+    """Version 6 (before audit sinks) is upgraded in place: `sink_cursors` appears, what was
     recorded stays and still verifies, and a sink starts from the beginning."""
     from addons.engine.store import SCHEMA_VERSION, UPGRADABLE
 
     path = str(tmp_path / "a.db")
     old = Store(path)
     old.append([Event(id="before", kind="request")])
-    old.conn.executescript("DROP TABLE sink_cursors; PRAGMA user_version = 5;")
+    old.conn.executescript("DROP TABLE sink_cursors; PRAGMA user_version = 6;")
     old.close()
-    assert 5 in UPGRADABLE
+    assert 6 in UPGRADABLE
     store = Store(path)
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
     assert store.sink_cursors() == {} and store.claim_sink("siem", "me", 10) == 0
     assert [r["id"] for r in store.after(0, 10)] == ["before"]
     assert store.verify().ok and store.verify().count == 1

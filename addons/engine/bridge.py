@@ -26,9 +26,12 @@ A session lives on one gateway replica (its backend connection is there), named 
 `x-custody-replica` header of the terminal's answers. A link that breaks once the session
 is established may be opened again only to that replica (a keep-alive connection the
 gateway closed while idle, or after an answer that closed it): the first answer on the new
-connection must name it. Anything else, a break in the middle of a step or an answer from
-another replica (behind a load balancer), ends the session: `LinkLost`, which the bridges
-report as a fatal error (pg: SQLSTATE 08006; ssh: exit status 255).
+connection must name it. Every step names the session's replica (`x-custody-replica`), and
+another replica refuses it at once with 421 `wrong_replica`, before anything runs: behind a
+load balancer, the bridge then opens another connection, which the balancer may send
+elsewhere, up to REPLICA_TRIES times. Anything else, a break in the middle of a step or an
+answer from another replica, ends the session: `LinkLost`, which the bridges report as a
+fatal error (pg: SQLSTATE 08006; ssh: exit status 255).
 """
 
 from __future__ import annotations
@@ -103,7 +106,10 @@ class LinkLost(Unreachable):
 LOST = ("custody: the link to the gateway broke; this session has ended and cannot continue on another gateway "
         "(reconnect to start a new one)")
 REPLICA_HEADER = "x-custody-replica"
-"""The gateway replica that answered a bridge step (addons/replica.py stamps it)."""
+"""The gateway replica that answered a bridge step (addons/replica.py stamps it), and the one
+a step is for (a bridge sends it once it knows; another replica refuses the step)."""
+REPLICA_TRIES = 16
+"""New connections a step may open to find its session's replica behind a balancer."""
 
 
 class Refusal(Exception):
@@ -176,6 +182,15 @@ class Link:
         self.lost = False
 
     async def post(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+        for _ in range(REPLICA_TRIES):
+            answer = await self._post(url, headers, body)
+            if answer is not None:
+                return answer
+        self.lost = True
+        raise LinkLost(LOST)
+
+    async def _post(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes] | None:
+        """One exchange; None when it reached another replica than the session's (nothing ran)."""
         if self.lost:
             raise LinkLost(LOST)
         if self.writer is None or self.writer.is_closing() or self.reader.at_eof():
@@ -184,6 +199,8 @@ class Link:
             self.reopened = self.answered
         try:
             headers = {**headers, **attribute_headers(self.attributes)}
+            if self.replica is not None:
+                headers[REPLICA_HEADER] = self.replica
             head = f"POST {url} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
             self.writer.write(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
             status, fields = await read_head(self.reader)
@@ -205,6 +222,9 @@ class Link:
                 self.lost = True  # the step's outcome is unknown, and the session cannot go on
                 raise LinkLost(LOST) from None
             raise
+        if status == 421 and self.replica is not None and _error(content) == Error.WRONG_REPLICA:
+            self.close()
+            return None
         replica = fields.get(REPLICA_HEADER)
         if self.reopened and replica != self.replica:  # a connection opened again reached another replica
             self.close()
@@ -243,6 +263,15 @@ def _request(contract: Contract, host: str, token: str, session: str) -> dict[st
         raise Refusal(407, {"decision": "deny", "error": Error.UNAUTHENTICATED, "reason": "malformed token"})
     return {"host": host, "proxy-authorization": f"Bearer {token}", "content-type": contract.requests,
             contract.session_header: session}
+
+
+def _error(content: bytes) -> str | None:
+    """The error code of a JSON refusal, if it is one."""
+    try:
+        doc = json.loads(content)
+    except ValueError:
+        return None
+    return doc.get("error") if isinstance(doc, dict) else None
 
 
 def _refusal(status: int, fields: dict[str, str], content: bytes, contract: Contract) -> dict[str, Any]:

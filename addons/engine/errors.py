@@ -18,6 +18,7 @@ class Error(StrEnum):
     # classify
     UNKNOWN_CONNECTION = "unknown_connection"  # not a registered connection: never an open proxy
     MISDIRECTED_REQUEST = "misdirected_request"  # Host, SNI or request target disagree
+    WRONG_REPLICA = "wrong_replica"  # a bridge step for a session another replica holds (421): nothing ran
     AMBIGUOUS_PATH = "ambiguous_path"  # a path servers may resolve differently
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"  # an upgrade or protocol the gateway cannot govern
     INTERACTIVE_PROGRAM = "interactive_program"  # an editor, pager or top: a line-based gate cannot govern its keys
@@ -81,6 +82,7 @@ HINTS: dict[Error, str] = {
                            "get a fresh one",
     Error.UNKNOWN_CONNECTION: "the gateway reaches only registered connections: ask an operator to register it",
     Error.MISDIRECTED_REQUEST: "send the request to the host the tunnel or request line names",
+    Error.WRONG_REPLICA: "the bridges open another connection until the balancer reaches the session's replica",
     Error.AMBIGUOUS_PATH: "send the path as the server will resolve it (no '.', '..' or backslashes)",
     Error.MALFORMED_HEADERS: "send each header on one line, without control characters, and one Host",
     Error.UNSUPPORTED_PROTOCOL: "use a protocol the gateway can govern (HTTP/1.1, HTTP/2 over TLS, WebSocket "

@@ -43,6 +43,9 @@ from addons.engine.store import (
     PIN_COLUMNS,
     REPLICA_COLUMNS,
     SCHEMA_VERSION,
+    SIGNIN_COLUMNS,
+    SLACK_SEEN_COLUMNS,
+    WEB_SESSION_COLUMNS,
     TOOL_CALL_COLUMNS,
     TOOL_CALL_INDEX,
     TOOL_CALL_KEY,
@@ -159,13 +162,21 @@ MIGRATIONS: dict[int, list[str]] = {
         f"CREATE INDEX tool_calls_{'_'.join(TOOL_CALL_INDEX)} ON tool_calls ({', '.join(TOOL_CALL_INDEX)})",
     ],
     6: [
+        *(statement for name, columns in (("web_sessions", WEB_SESSION_COLUMNS), ("signins", SIGNIN_COLUMNS),
+                                          ("slack_seen", SLACK_SEEN_COLUMNS))
+          for statement in (_table(name, columns, "key", set(columns)),
+                            f"CREATE INDEX {name}_expires ON {name} (expires)")),
+    ],
+    7: [
         _table("sink_cursors", SINK_COLUMNS, "sink", set(SINK_COLUMNS)),
     ],
 }
 """Schema versions and the statements that reach each from the one before (3 is the first
 PostgreSQL schema: the SQLite store's version 3, with the same tables and columns; 4 adds
-time-boxed grants and the approver directory; 5 the tool calls completions asked for; 6 the
-audit sinks' cursors)."""
+time-boxed grants and the approver directory; 5 the tool calls completions asked for; 6
+approvers' web sessions, sign-ins in progress and Slack's seen requests, so any replica
+serves any step of them).; 7 the audit
+sinks' cursors)."""
 
 
 @functools.lru_cache(maxsize=512)

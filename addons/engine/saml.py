@@ -6,7 +6,8 @@ assertion consumer service with HTTP-POST. What is required of a response: an as
 signed by the key in the IdP's metadata (an unsigned or altered one is refused), the
 audience restriction naming this service provider, the subject confirmation's recipient
 being our ACS URL, the validity times, and InResponseTo naming a request this gateway sent
-(and has not seen answered: each request is answered once). The approver is the NameID, of
+(and has not seen answered: each request is answered once). Which requests are outstanding
+is the caller's to keep (addons/signin.py keeps them in the audit store, for every replica). The approver is the NameID, of
 the IdP's entity ID, with the groups and e-mail of the configured attributes.
 
 Blocking (xmlsec1 runs as a subprocess): callers on an event loop run it in a thread.
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import threading
-import time
 from dataclasses import dataclass
 
 from addons.engine.config import SamlSignin
@@ -27,6 +26,7 @@ from addons.engine.model import Principal
 
 REQUEST_TTL = 600.0
 CLOCK_SKEW = 60  # seconds an assertion's times may be off by
+UNSOLICITED = "the response answers no sign-in this gateway started (unsolicited, expired or replayed)"
 
 
 class SamlError(Exception):
@@ -37,6 +37,22 @@ class SamlError(Exception):
 class SamlIdentity:
     principal: Principal
     email: str
+    request: str  # the id of the AuthnRequest the response answers
+
+
+def in_response_to(encoded: str) -> str:
+    """The request id a base64 SAMLResponse says it answers ("" if it cannot be read): which
+    outstanding request to look up before the response is verified (which needs it)."""
+    import base64
+    import binascii
+
+    from defusedxml import DefusedXmlException
+    from defusedxml.ElementTree import ParseError, fromstring
+
+    try:
+        return str(fromstring(base64.b64decode(encoded, validate=False)).get("InResponseTo") or "")
+    except (binascii.Error, ValueError, ParseError, DefusedXmlException):
+        return ""
 
 
 def _reason(e: Exception) -> str:
@@ -59,7 +75,7 @@ def _reason(e: Exception) -> str:
     if isinstance(e, VerificationError) and "recipient" in text:
         return "the assertion's recipient is not this service provider's ACS URL"
     if isinstance(e, UnsolicitedResponse):
-        return "the response answers no sign-in this gateway started (unsolicited, expired or replayed)"
+        return UNSOLICITED
     if isinstance(e, StatusError):
         return f"the identity provider refused the sign-in: {text}"
     if isinstance(e, NotValid):
@@ -102,29 +118,22 @@ class ServiceProvider:
         if len(idps) != 1:
             raise SamlError(f"the IdP metadata must describe exactly one identity provider (found {len(idps)})")
         self.idp = idps[0]
-        self.outstanding: dict[str, float] = {}
-        self._lock = threading.Lock()
 
-    def login_url(self) -> str:
-        """Where the browser goes to sign in: the IdP, with our AuthnRequest."""
+    def login_url(self) -> tuple[str, str]:
+        """Where the browser goes to sign in (the IdP, with our AuthnRequest), and the request's id."""
         from saml2 import BINDING_HTTP_REDIRECT
 
         request_id, info = self.client.prepare_for_authenticate(entityid=self.idp, binding=BINDING_HTTP_REDIRECT)
-        with self._lock:
-            now = time.time()
-            for old in [k for k, t in self.outstanding.items() if t + REQUEST_TTL <= now]:
-                del self.outstanding[old]
-            self.outstanding[request_id] = now
-        return dict(info["headers"])["Location"]
+        return dict(info["headers"])["Location"], request_id
 
-    def accept(self, encoded: str) -> SamlIdentity:
-        """The approver a base64 SAMLResponse (HTTP-POST) vouches for, or SamlError."""
+    def accept(self, encoded: str, outstanding: dict[str, float]) -> SamlIdentity:
+        """The approver a base64 SAMLResponse (HTTP-POST) vouches for, if it answers one of
+        the `outstanding` requests (id: when sent), or SamlError. The caller then marks
+        that request answered (`SamlIdentity.request`)."""
         if not encoded:
             raise SamlError("no SAMLResponse in the form")
         from saml2 import BINDING_HTTP_POST
 
-        with self._lock:
-            outstanding = dict(self.outstanding)
         try:
             response = self.client.parse_authn_request_response(encoded, BINDING_HTTP_POST, outstanding=outstanding)
         except Exception as e:
@@ -136,14 +145,14 @@ class ServiceProvider:
             if destination and destination != self.acs:
                 raise SamlError("the response's recipient is not this service provider's ACS URL")
             raise SamlError("the response carries no assertion")
-        with self._lock:
-            if self.outstanding.pop(response.in_response_to, None) is None:
-                raise SamlError("the response answers no sign-in this gateway started (unsolicited, expired or replayed)")
+        if response.in_response_to not in outstanding:
+            raise SamlError(UNSOLICITED)
         attributes = response.get_identity()
         groups = tuple(str(g) for g in attributes.get(self.settings.groups_attribute, []))
         emails = [str(e).lower() for e in attributes.get(self.settings.email_attribute, []) if "@" in str(e)]
         issuer = response.issuer() or self.idp
-        return SamlIdentity(Principal(response.name_id.text, issuer, groups), emails[0] if emails else "")
+        return SamlIdentity(Principal(response.name_id.text, issuer, groups), emails[0] if emails else "",
+                            response.in_response_to)
 
     def metadata(self) -> bytes:
         from saml2.metadata import create_metadata_string

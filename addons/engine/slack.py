@@ -12,7 +12,8 @@ left to press; one pressed anyway is answered with what already happened.
 
 A click counts only when Slack signed it (HMAC-SHA256 of `v0:timestamp:body` with the
 app's signing secret, checked by the SDK's SignatureVerifier), its timestamp is within five
-minutes, and the same signed request has not been seen before. Agent-supplied text never
+minutes, and the same signed request has not been seen before by any replica (the audit
+store notes each one until its timestamp is out of the window). Agent-supplied text never
 becomes links or formatting: `mrkdwn` escapes it. The SDK is imported when Slack is configured.
 """
 
@@ -20,10 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 import urllib.parse
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,16 +162,16 @@ def parse(body: bytes) -> Click:
 
 
 class Verifier:
-    """Is an interactivity request Slack's, fresh, and new?"""
+    """Is an interactivity request Slack's, and fresh? (Whether it is new is the store's to say:
+    `check` gives the key under which every replica notes it, addons/slackapp.py.)"""
 
     def __init__(self, signing_secret: str) -> None:
         from slack_sdk.signature import SignatureVerifier
 
         self.signatures = SignatureVerifier(signing_secret)
-        self.seen: OrderedDict[str, float] = OrderedDict()
-        self._lock = threading.Lock()
 
-    def check(self, body: bytes, timestamp: str, signature: str, now: float | None = None) -> None:
+    def check(self, body: bytes, timestamp: str, signature: str, now: float | None = None) -> str:
+        """The request's replay key, once its signature and timestamp hold; SlackError if not."""
         now = time.time() if now is None else now
         if not timestamp.isdigit() or not signature:
             raise SlackError("not signed by Slack: X-Slack-Request-Timestamp and X-Slack-Signature are required")
@@ -180,13 +179,10 @@ class Verifier:
             raise SlackError(f"the request's timestamp is more than {WINDOW // 60} minutes from now (stale or replayed)")
         if not self.signatures.is_valid(body=body, timestamp=timestamp, signature=signature):
             raise SlackError("bad signature: not signed with this app's signing secret")
-        key = hashlib.sha256(f"{timestamp}:{signature}".encode()).hexdigest()
-        with self._lock:
-            for old in [k for k, t in self.seen.items() if t < now - 2 * WINDOW]:
-                del self.seen[old]
-            if key in self.seen:
-                raise SlackError("this signed request was seen already (replayed)")
-            self.seen[key] = now
+        return hashlib.sha256(f"{timestamp}:{signature}".encode()).hexdigest()
+
+
+REPLAYED = "this signed request was seen already (replayed)"
 
 
 class SlackApi:

@@ -22,7 +22,7 @@ Bodies are kept once per distinct content, deflated, in `bodies` (keyed by their
 an event refers to its body by `body_digest`, which is what the chain covers, so where a
 body is kept does not change any hash. Readers get rows with `body` filled in as before.
 Stores of schema versions 1 (bodies inline), 2 (no `replica`), 3 (no grants), 4 (no tool
-calls) and 5 (no `sink_cursors`) are upgraded in place: their events stay as they were and
+calls), 5 (no web sessions) and 6 (no `sink_cursors`) are upgraded in place: their events stay as they were and
 still verify.
 
 `sink_cursors` holds, for each audit sink (addons/sinks.py), the last event it has
@@ -52,9 +52,9 @@ from addons.engine.model import Decision, Operation, Principal, canonical_json, 
 from addons.engine.provenance import Asked
 
 GENESIS = "0" * 64
-SCHEMA_VERSION = 6  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
-UPGRADABLE = (1, 2, 3, 4, 5)  # upgraded in place (1: bodies inline in events; 2: no replica column; 3: no grants;
-# 4: no tool calls; 5: no sink_cursors)
+SCHEMA_VERSION = 7  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
+UPGRADABLE = (1, 2, 3, 4, 5, 6)  # upgraded in place (1: bodies inline in events; 2: no replica column; 3: no grants;
+# 4: no tool calls; 5: no web sessions; 6: no sink_cursors)
 LIVE_STATES = ("pending", "approved")
 """Approval states that can still change (addons/engine/approval.py LIVE)."""
 
@@ -138,11 +138,13 @@ CHECKPOINT_COLUMNS: dict[str, type] = {"seq": int, "document": str, "signature":
 # Bodies: each distinct body once, by its digest; `encoding` is "deflate" or "identity".
 BODY_COLUMNS: dict[str, type] = {"digest": str, "size": int, "encoding": str, "data": bytes}
 TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies", "mcp_pins", "replicas", "grants",
-          "tool_calls", "approver_directory", "sink_cursors")
+          "tool_calls",
+          "approver_directory", "web_sessions", "signins", "slack_seen", "sink_cursors")
 COPIED = (("bodies", "digest"), ("events", "seq"), ("chain_head", "id"), ("checkpoints", "seq"),
           ("anchors", "seq"), ("approvals", "id"), ("mcp_pins", "connection, tool"), ("grants", "id"),
           ("approver_directory", "email"), ("sink_cursors", "sink"))
-"""What a migration copies, table by table, in the order of its key (replicas stay behind)."""
+"""What a migration copies, table by table, in the order of its key (replicas, web sessions,
+sign-ins in progress and Slack's seen requests stay behind)."""
 
 
 def pack(body: bytes) -> tuple[str, bytes]:
@@ -174,6 +176,16 @@ GRANT_COLUMNS: dict[str, type] = {"id": str, "approval": str, "subject": str, "c
                                   "revoked": float, "document": str}
 DIRECTORY_COLUMNS: dict[str, type] = {"email": str, "subject": str, "issuer": str, "groups": str, "method": str,
                                       "signed_in": float}
+# Web sessions: an approver's page session by the SHA-256 of its cookie (the cookie itself is
+# never stored). Sign-ins: each SSO sign-in in progress by its OIDC state or SAML request id,
+# taken (deleted) once when the identity provider sends the browser back. Slack requests:
+# each signed interactivity request seen, by the hash of its timestamp and signature.
+# Every replica reads them, so an approver may reach any replica at any step; none is
+# copied by a migration (they expire within hours) and each is swept once expired.
+WEB_SESSION_COLUMNS: dict[str, type] = {"key": str, "subject": str, "principal": str, "method": str, "email": str,
+                                        "csrf": str, "created": float, "expires": float}
+SIGNIN_COLUMNS: dict[str, type] = {"key": str, "method": str, "document": str, "expires": float}
+SLACK_SEEN_COLUMNS: dict[str, type] = {"key": str, "expires": float}
 
 # Tool calls: what each completion asked for (addons/engine/provenance.py `Asked`), per
 # principal and crew run, written with the completion's event, so a request that reaches
@@ -359,6 +371,27 @@ class Listing:
 
 
 @dataclass(frozen=True)
+class SessionRow:
+    """An approver's page session (addons/engine/websession.py), kept in the transaction of
+    the event recording the sign-in: a sign-in not on record starts no session."""
+
+    key: str
+    principal: Principal
+    method: str
+    email: str
+    csrf: str
+    created: float
+    expires: float
+
+    SQL = (f"INSERT INTO web_sessions ({', '.join(WEB_SESSION_COLUMNS)}) "
+           f"VALUES ({', '.join('?' * len(WEB_SESSION_COLUMNS))})")
+
+    def row(self) -> tuple:
+        return (self.key, self.principal.subject, self.principal.json, self.method, self.email, self.csrf,
+                self.created, self.expires)
+
+
+@dataclass(frozen=True)
 class ToolCall:
     """A tool call a completion asked for (addons/modelguard.py), kept in the transaction of
     the event recording the completion, for every replica's provenance."""
@@ -382,7 +415,7 @@ def asked_from(row: dict[str, Any]) -> Asked:
                  form=row["form"], at=row["at"], expires=row["expires"])
 
 
-Kept = Pin | Listing | ToolCall
+Kept = Pin | Listing | ToolCall | SessionRow
 """What a write keeps beside its events, in their transaction."""
 
 
@@ -923,6 +956,52 @@ class AuditStore:
         return {"email": email.lower(), "subject": row[0], "issuer": row[1], "groups": json.loads(row[2]),
                 "method": row[3], "signed_in": row[4]}
 
+    # what approvers' sign-ins share between replicas
+
+    def web_session(self, key: str) -> dict[str, Any] | None:
+        """The session whose cookie hashes to `key` (expired, until swept), or None (unknown, signed out)."""
+        with self._read() as tx:
+            found = list(tx.rows("SELECT * FROM web_sessions WHERE key = ?", [key]))
+        if not found:
+            return None
+        return {**found[0], "principal": json.loads(found[0]["principal"])}
+
+    def end_web_session(self, key: str) -> None:
+        """Sign out: the session is gone for every replica."""
+        with self._write(single=True) as tx:
+            tx.run("DELETE FROM web_sessions WHERE key = ?", [key])
+
+    def begin_signin(self, key: str, method: str, document: dict[str, Any], expires: float) -> None:
+        """Keep a sign-in in progress (and sweep the sessions and sign-ins that expired)."""
+        with self._write() as tx:
+            for table in ("web_sessions", "signins"):
+                tx.run(f"DELETE FROM {table} WHERE expires <= ?", [time.time()])
+            tx.run(f"INSERT INTO signins ({', '.join(SIGNIN_COLUMNS)}) VALUES (?, ?, ?, ?)",
+                   [key, method, canonical_json(document), expires])
+
+    def peek_signin(self, key: str, method: str, now: float) -> dict[str, Any] | None:
+        """A sign-in in progress, left in place (SAML checks the response before taking it)."""
+        with self._read() as tx:
+            row = tx.one("SELECT document FROM signins WHERE key = ? AND method = ? AND expires > ?", [key, method, now])
+        return None if row is None else json.loads(row[0])
+
+    def take_signin(self, key: str, method: str, now: float) -> dict[str, Any] | None:
+        """The sign-in in progress `key` names, removed in the same statement: of two
+        replicas sent the same callback, one gets it and the other None."""
+        with self._write(single=True) as tx:
+            found = list(tx.rows("DELETE FROM signins WHERE key = ? AND method = ? RETURNING document, expires",
+                                 [key, method]))
+        if not found or found[0]["expires"] <= now:
+            return None
+        return json.loads(found[0]["document"])
+
+    def first_seen(self, key: str, expires: float) -> bool:
+        """Note a signed Slack request; False when any replica noted it already (a replay)."""
+        with self._write() as tx:
+            tx.run("DELETE FROM slack_seen WHERE expires <= ?", [time.time()])
+            return tx.run("INSERT INTO slack_seen (key, expires) VALUES (?, ?) ON CONFLICT(key) DO NOTHING",
+                          [key, expires]) == 1
+
 
 def _insert_rows(tx: Tx, table: str, rows: list[dict[str, Any]]) -> None:
     if rows:
@@ -1035,8 +1114,13 @@ class Store(AuditStore):
         if "tool_calls" not in tables:  # version 5
             db["tool_calls"].create(TOOL_CALL_COLUMNS, pk=TOOL_CALL_KEY, not_null=set(TOOL_CALL_COLUMNS))
             db["tool_calls"].create_index(list(TOOL_CALL_INDEX), if_not_exists=True)
+        for table, columns in (("web_sessions", WEB_SESSION_COLUMNS), ("signins", SIGNIN_COLUMNS),
+                               ("slack_seen", SLACK_SEEN_COLUMNS)):  # version 6
+            if table not in tables:
+                db[table].create(columns, pk="key", not_null=set(columns))
+                db[table].create_index(["expires"], if_not_exists=True)
         db["approvals"].create_index(["updated"], if_not_exists=True)  # version 3: the inbox's news
-        if "sink_cursors" not in tables:  # versions 1 to 5
+        if "sink_cursors" not in tables:  # versions 1 to 6
             db["sink_cursors"].create(SINK_COLUMNS, pk="sink", not_null=set(SINK_COLUMNS))
         for table in ("events", "approvals"):
             if "replica" not in db[table].columns_dict:  # versions 1 and 2

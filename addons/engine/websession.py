@@ -1,14 +1,16 @@
 """Approvers' browser sessions: what an SSO sign-in leaves behind, kept on the server.
 
 The browser holds only a random session id in an HttpOnly, SameSite=Strict cookie (Secure
-when the page is served over TLS); the gateway keeps, by the id's SHA-256, who signed in,
-how, a CSRF token, and when the session ends (`approvals.session_ttl`), so an expired or
-signed-out cookie is worth nothing whatever the browser keeps. Changes (votes, revocations,
-sign-out) need the CSRF token in a header as well as the cookie.
+when the page is served over TLS); the audit store keeps, by the id's SHA-256 (never the id
+itself), who signed in, how, a CSRF token, and when the session ends
+(`approvals.session_ttl`), so an expired or signed-out cookie is worth nothing whatever the
+browser keeps, on every replica. Changes (votes, revocations, sign-out) need the CSRF token
+in a header as well as the cookie.
 
-A sign-in in progress (OIDC) is bound to the browser that started it by a second cookie
-(SameSite=Lax: it must come back on the identity provider's redirect), and each is used
-once and lasts only PENDING_TTL.
+A sign-in in progress (OIDC) is kept in the store by its state, bound to the browser that
+started it by a second cookie (SameSite=Lax: it must come back on the identity provider's
+redirect; the store has only its hash); each is taken from the store once, by one
+statement, and lasts only PENDING_TTL.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from addons.engine.errors import Error
 from addons.engine.model import Principal
+from addons.engine.saml import REQUEST_TTL, UNSOLICITED
+from addons.engine.store import SessionRow
 
 SESSION_COOKIE = "custody_session"
 SIGNIN_COOKIE = "custody_signin"
@@ -85,33 +90,58 @@ class Pending:
     started: float
 
 
+class Reading(Protocol):
+    """The audit log as sessions use it (addons/auditlog.py AuditLog): its reader store, and
+    `call` to run one of the reader's methods off the event loop."""
+
+    reader: Any
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+
+def principal_of(document: dict[str, Any]) -> Principal:
+    """A Principal as `Principal.as_dict` wrote it."""
+    return Principal(document["subject"], document["issuer"], tuple(document["groups"]), document["agent"],
+                     document["asserted"], document["token_id"], document["token_fingerprint"])
+
+
 class Sessions:
-    def __init__(self, ttl: float) -> None:
+    """Sessions and sign-ins in progress, kept in the audit store so that every replica (and
+    every worker of `custody run --workers`) serves every step of them: each store call runs
+    on the audit log's reader thread, and a store that cannot answer refuses (503
+    `audit_unavailable`): nobody is signed in by a store that did not say so."""
+
+    def __init__(self, log: Reading, ttl: float) -> None:
+        self.log = log
         self.ttl = ttl
-        self.live: dict[str, WebSession] = {}
-        self.pending: dict[str, Pending] = {}
 
-    def start(self, principal: Principal, method: str, email: str, now: float | None = None) -> tuple[str, WebSession]:
-        """A new session for `principal`: the cookie value and the session."""
+    async def _store(self, fn: str, *args: Any) -> Any:
+        try:
+            return await self.log.call(getattr(self.log.reader, fn), *args)
+        except Exception as e:
+            raise SessionError(503, Error.AUDIT_UNAVAILABLE,
+                               f"the audit store, which keeps approvers' sessions, cannot be used: {e}") from None
+
+    def start(self, principal: Principal, method: str, email: str, now: float | None = None) -> tuple[str, SessionRow]:
+        """A new session for `principal`: the cookie value, and the row to keep in the
+        transaction that records the sign-in."""
         now = time.time() if now is None else now
-        self._sweep(now)
         value = secrets.token_urlsafe(32)
-        session = WebSession(principal, method, email, secrets.token_urlsafe(24), now, now + self.ttl)
-        self.live[_key(value)] = session
-        return value, session
+        return value, SessionRow(_key(value), principal, method, email, secrets.token_urlsafe(24), now, now + self.ttl)
 
-    def find(self, value: str, now: float | None = None) -> WebSession:
+    async def find(self, value: str, now: float | None = None) -> WebSession:
         now = time.time() if now is None else now
-        session = self.live.get(_key(value)) if value else None
-        if session is None:
+        row = await self._store("web_session", _key(value)) if value else None
+        if row is None:
             raise SessionError(401, Error.UNAUTHENTICATED, "no such session: sign in again")
-        if session.expires <= now:
-            del self.live[_key(value)]
+        if row["expires"] <= now:
+            await self._store("end_web_session", row["key"])  # found expired: gone for every replica
             raise SessionError(401, Error.UNAUTHENTICATED, "the session expired: sign in again")
-        return session
+        return WebSession(principal_of(row["principal"]), row["method"], row["email"], row["csrf"], row["created"],
+                          row["expires"])
 
-    def end(self, value: str) -> None:
-        self.live.pop(_key(value), None)
+    async def end(self, value: str) -> None:
+        await self._store("end_web_session", _key(value))
 
     @staticmethod
     def check_csrf(session: WebSession, sent: str) -> None:
@@ -122,29 +152,42 @@ class Sessions:
 
     # sign-ins in progress
 
-    def begin(self, now: float | None = None) -> tuple[Pending, str]:
-        """A new sign-in in progress, and the value of the cookie binding it to this browser."""
+    async def begin(self, now: float | None = None) -> tuple[Pending, str]:
+        """A new OIDC sign-in in progress, and the value of the cookie binding it to this browser."""
         now = time.time() if now is None else now
-        self._sweep(now)
         browser = secrets.token_urlsafe(24)
         pending = Pending(secrets.token_urlsafe(24), secrets.token_urlsafe(24), secrets.token_urlsafe(48),
                           _key(browser), now)
-        self.pending[pending.state] = pending
+        await self._store("begin_signin", pending.state, "oidc", {"nonce": pending.nonce, "verifier": pending.verifier,
+                                                                  "browser": pending.browser, "started": now},
+                          now + PENDING_TTL)
         return pending, browser
 
-    def resume(self, state: str, browser: str, now: float | None = None) -> Pending:
-        """The sign-in `state` names, once, if this browser started it and it is recent."""
+    async def resume(self, state: str, browser: str, now: float | None = None) -> Pending:
+        """The sign-in `state` names, once (whichever replica asks first takes it), if this
+        browser started it and it is recent."""
         now = time.time() if now is None else now
-        pending = self.pending.pop(state, None) if state else None
-        if pending is None or pending.started + PENDING_TTL <= now:
+        found = await self._store("take_signin", state, "oidc", now) if state else None
+        if found is None:
             raise SessionError(400, Error.SIGNIN_FAILED,
                                "state does not match any sign-in in progress (expired, used already, or forged)")
-        if not browser or not hmac.compare_digest(_key(browser), pending.browser):
+        if not browser or not hmac.compare_digest(_key(browser), found["browser"]):
             raise SessionError(400, Error.SIGNIN_FAILED, "this browser did not start that sign-in")
-        return pending
+        return Pending(state, found["nonce"], found["verifier"], found["browser"], found["started"])
 
-    def _sweep(self, now: float) -> None:
-        for key in [k for k, s in self.live.items() if s.expires <= now]:
-            del self.live[key]
-        for state in [k for k, p in self.pending.items() if p.started + PENDING_TTL <= now]:
-            del self.pending[state]
+    async def begin_saml(self, request_id: str, now: float | None = None) -> None:
+        """Keep a SAML AuthnRequest outstanding until it is answered or REQUEST_TTL passes."""
+        now = time.time() if now is None else now
+        await self._store("begin_signin", request_id, "saml", {"started": now}, now + REQUEST_TTL)
+
+    async def outstanding_saml(self, request_id: str, now: float | None = None) -> dict[str, float]:
+        """The outstanding request a response says it answers, as pysaml2 wants it ({} if none)."""
+        now = time.time() if now is None else now
+        found = await self._store("peek_signin", request_id, "saml", now) if request_id else None
+        return {request_id: found["started"]} if found else {}
+
+    async def answered_saml(self, request_id: str, now: float | None = None) -> None:
+        """Mark a verified response's request answered: once, whichever replica is first."""
+        now = time.time() if now is None else now
+        if await self._store("take_signin", request_id, "saml", now) is None:
+            raise SessionError(400, Error.SIGNIN_FAILED, UNSOLICITED)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from addons.engine import metrics
 from addons.engine.config import StoreConfig
 from addons.engine.replicas import Identity
 from addons.engine.store import AuditStore, Change, Event, Kept, StoreError, Writer, open_store
@@ -49,7 +50,8 @@ class AuditLog:
             self.settings.invalid(f"audit store: {e}")
 
     def open(self, cfg: StoreConfig) -> None:
-        self.writer = Writer(lambda: open_store(cfg, self.replica.id, writer=True), self._outcome, cfg.timeout)
+        self.writer = Writer(lambda: open_store(cfg, self.replica.id, writer=True),
+                             lambda error: self._outcome(error, "write"), cfg.timeout)
         self.reader = open_store(cfg, self.replica.id)
 
     def done(self) -> None:
@@ -58,18 +60,24 @@ class AuditLog:
         if self.reader is not None:
             self.reader.close()
 
-    def _outcome(self, error: BaseException | None) -> None:
+    def _outcome(self, error: BaseException | None, operation: str) -> None:
         """What the store just did (called from the writer's and the reader's threads)."""
         if error is None:
             if self.problem is not None:
                 self.problem, self.up_since = None, time.time()
         else:
+            metrics.STORE_ERRORS.labels(operation).inc()
             self.problem = f"{type(error).__name__}: {error}".strip().splitlines()[0]
 
     async def write(self, events: list[Event], kept: Sequence[Kept] = ()) -> None:
         """Append `events` (with what they record that is kept beside them: tool pins, an
         approver's sign-in); raises if they are not on record."""
-        await self.writer.append(events, kept)
+        metrics.AUDIT_QUEUE.inc()
+        try:
+            with metrics.AUDIT_WRITE_SECONDS.time():
+                await self.writer.append(events, kept)
+        finally:
+            metrics.AUDIT_QUEUE.dec()
 
     async def change(self, change: Change) -> dict[str, Any] | None:
         """Apply an approval's change with the events it decides on; its document after."""
@@ -80,9 +88,9 @@ class AuditLog:
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._reads, fn, *args)
         except Exception as e:
-            self._outcome(e)
+            self._outcome(e, "read")
             raise
-        self._outcome(None)
+        self._outcome(None, "read")
         return result
 
     def call_now(self, fn: Callable[..., Any], *args: Any, timeout: float = 10.0) -> Any:

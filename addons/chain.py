@@ -6,6 +6,8 @@ order of a request's story (docs/design.md):
     hardening, settings                  options the chain needs; the configuration, once
     replica                              this process among the gateway's replicas: lease,
                                          readiness, stopping (before the store: its done)
+    sinks, retention                     the audit log shipped to SIEMs as it is written, and
+                                         pruned to store.retention once they have it
     auditlog, approvalbook, maskpool,    shared services, no flow hooks: the audit store,
     sessions                             the approvals, the masking workers, pg sessions
     limits                               what one client may cost: connections, time, headers
@@ -24,6 +26,8 @@ order of a request's story (docs/design.md):
     approverapi                          approvers' calls, answered once they are on record
     credentials                          the gateway's credential on the way upstream
     pgexecutor, sshexecutor, mcpstdio    terminals: Postgres, SSH and stdio MCP flows answered locally
+    metrics, logs                        every finished request counted (the Prometheus endpoint),
+                                         and logged (JSON lines that name its audit events)
 
 Masking acts on responses (on requests it only asks for a maskable format), and on
 responses it runs before the recorder, which therefore only ever sees masked bodies; MCP
@@ -46,18 +50,22 @@ from addons.hardening import Hardening
 from addons.hold import Hold
 from addons.identity import Identity
 from addons.limits import Limits
+from addons.logs import Logs
 from addons.masking import Masking
 from addons.maskpool import MaskPool
 from addons.mcpguard import McpGuard
 from addons.mcpstdio import McpStdio
+from addons.metrics import Metrics
 from addons.modelguard import ModelGuard
 from addons.policy import Policy
 from addons.promptmask import PromptMask
 from addons.provenance import Provenance
 from addons.recorder import Recorder
 from addons.replica import Replica
+from addons.retention import Retention
 from addons.settings import Settings
 from addons.signin import Signin
+from addons.sinks import Sinks
 from addons.slackapp import SlackApp
 from addons.wellknown import WellKnown
 from pg_bridge.terminal.executor import PgExecutor
@@ -84,6 +92,8 @@ def build() -> list:
         Hardening(),
         settings,
         replica,
+        Sinks(settings, log),
+        Retention(settings, log),
         log,
         book,
         pool,
@@ -109,6 +119,8 @@ def build() -> list:
         PgExecutor(settings, sessions),
         ssh,
         McpStdio(settings),
+        Metrics(settings),
+        Logs(settings),
     ]
 
 

@@ -100,6 +100,18 @@ def of(f: mflow.Flow) -> Context:
     return ctx
 
 
+LOG_FIELDS = "custody"
+"""The attribute of a log record that carries the flow's ids (addons/logs.py prints them)."""
+
+
+def log_fields(f: mflow.Flow) -> dict[str, Any]:
+    """`extra=` for a log line about flow `f`: its flow id, session, decision event and the
+    events on record so far, which tie the line to the audit record."""
+    ctx = of(f)
+    return {LOG_FIELDS: {"flow": f.id, "session": ctx.session, "connection": ctx.connection,
+                         "decision_event": ctx.decision_event, "events": list(ctx.events)}}
+
+
 def restart(f: mflow.Flow, session: str) -> Context:
     """A fresh context for a new request carried by an old flow object (mitmproxy replays
     a flow in place), in its own session: nothing of the original's clearance survives."""

@@ -149,9 +149,10 @@ def answered(f: mflow.Flow) -> bool:
 
 def _fail(addon: object, hook: str, f: Any, exc: BaseException) -> None:
     name = type(addon).__name__.lower()
-    logger.error("custody %s.%s failed; refusing the flow", name, hook, exc_info=exc)
     if not isinstance(f, mflow.Flow):
+        logger.error("custody %s.%s failed", name, hook, exc_info=exc)
         return
+    logger.error("custody %s.%s failed; refusing the flow", name, hook, exc_info=exc, extra=context.log_fields(f))
     try:
         refuse(
             f,

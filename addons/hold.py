@@ -43,7 +43,7 @@ from mitmproxy import hooks, http
 
 from addons import classifiers, context, failclosed
 from addons.approvalbook import ApprovalBook
-from addons.engine import mcp
+from addons.engine import mcp, metrics
 from addons.engine.approval import ABANDONED, APPROVED, DENIED, EXPIRED, ApprovalError, fingerprint
 from addons.engine.errors import Error
 from addons.engine.model import MARKERS, Decision, Request
@@ -147,7 +147,8 @@ class Hold:
         self._show(f, f"custody: held for review · rules {', '.join(decision.rules)} · approval {approval.id}",
                    MARKERS["review"])
         try:
-            outcome = await self._hold(f, approval, f.metadata.get(KEEPALIVE))
+            with metrics.APPROVALS_HELD.track_inprogress():
+                outcome = await self._hold(f, approval, f.metadata.get(KEEPALIVE))
             await self._conclude(f, c, approval, decision, outcome, fp)
         finally:
             f.resume()

@@ -279,7 +279,7 @@ class Masking:
             failclosed.refuse(f, 502, f"{e}; it was not sent", error=Error.MASKING_REFUSED)
             return
         except MaskUnavailable as e:
-            logger.error("custody: masking unavailable for flow %s: %s", f.id, e)
+            logger.error("custody: masking unavailable for flow %s: %s", f.id, e, extra=context.log_fields(f))
             failclosed.refuse(f, 502, f"{e}; the response was not sent", error=Error.MASKING_UNAVAILABLE)
             return
         f.response.content = masked

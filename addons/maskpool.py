@@ -27,7 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from addons.context import Context
-from addons.engine import llm, mcp
+from addons.engine import llm, mcp, metrics
 from addons.engine.config import MaskingConfig
 from addons.engine.masks import (
     FRAMING_HEADERS,
@@ -184,7 +184,13 @@ class MaskPool:
         self.start()
 
     async def mask(self, content: bytes, content_type: str, masks: tuple) -> tuple[bytes, dict]:
-        """The masked body and its report; MaskError for bodies that cannot be masked."""
+        """The masked body and its report; MaskError for bodies that cannot be masked. Timed
+        by where it is sent: this process's detector (inline) or the workers."""
+        where = "inline" if len(content) <= INLINE and self._here() else "worker"
+        with metrics.MASKING_SECONDS.labels(where).time():
+            return await self._dispatch(content, content_type, masks)
+
+    async def _dispatch(self, content: bytes, content_type: str, masks: tuple) -> tuple[bytes, dict]:
         timeout = self.masking.timeout
         deadline = time.monotonic() + timeout
         if len(content) <= INLINE and self._here():

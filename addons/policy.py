@@ -16,6 +16,7 @@ from mitmproxy import http
 
 from addons import context, failclosed
 from addons.engine.config import GATEWAY_CONNECTION
+from addons.engine import metrics
 from addons.engine.errors import Error
 from addons.engine.model import Decision
 from addons.engine.rules import RuleError, RuleSet, rule_files
@@ -105,7 +106,8 @@ class Policy:
             # The gateway's own API: who may approve what is decided per approval by the API.
             ctx.decision = Decision(effect="allow", rules=("custody:gateway-api",), reason="the gateway's own API")
             return
-        decision = self.rules.decide(ctx.principal, ctx.operation)
+        with metrics.DECISION_SECONDS.labels(ctx.protocol or "none").time():
+            decision = self.rules.decide(ctx.principal, ctx.operation)
         if decision.effect == "deny":
             failclosed.refuse(f, decision.status, decision.reason, error=decision.error, rules=decision.rules)
         else:

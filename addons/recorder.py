@@ -130,7 +130,7 @@ class Recorder:
         self._show(f, ctx)
 
     def _unavailable(self, f: mflow.Flow, exc: Exception) -> None:
-        logger.error("custody: audit store write failed; refusing the flow", exc_info=exc)
+        logger.error("custody: audit store write failed; refusing the flow", exc_info=exc, extra=context.log_fields(f))
         failclosed.refuse(
             f, 503, f"audit store unavailable ({type(exc).__name__}); nothing was forwarded",
             error=Error.AUDIT_UNAVAILABLE, extra={"forwarded": False},
@@ -176,9 +176,11 @@ class Recorder:
             await self._write(ctx, [*late, event])
         except Exception as e:
             if d is not None and d.effect == "deny":  # our own refusal: nothing of the upstream's to withhold
-                logger.error("custody: audit store write failed; the refusal goes out unrecorded", exc_info=e)
+                logger.error("custody: audit store write failed; the refusal goes out unrecorded", exc_info=e,
+                             extra=context.log_fields(f))
                 return
-            logger.error("custody: audit store write failed; withholding the response", exc_info=e)
+            logger.error("custody: audit store write failed; withholding the response", exc_info=e,
+                         extra=context.log_fields(f))
             failclosed.refuse(
                 f, 502, f"audit store unavailable ({type(e).__name__}); response withheld",
                 error=Error.AUDIT_UNAVAILABLE, extra={"forwarded": True, "hint": WITHHELD_HINT},
@@ -192,7 +194,7 @@ class Recorder:
         try:
             await self._write(ctx, [event])
         except Exception:
-            logger.exception("custody: audit store write failed while recording an error")
+            logger.exception("custody: audit store write failed while recording an error", extra=context.log_fields(f))
 
     @guarded
     async def websocket_message(self, f: http.HTTPFlow) -> None:
@@ -214,7 +216,8 @@ class Recorder:
         try:
             await self._write(ctx, [event])
         except Exception as e:
-            logger.error("custody: audit store write failed; ending the session", exc_info=e)
+            logger.error("custody: audit store write failed; ending the session", exc_info=e,
+                         extra=context.log_fields(f))
             message.drop()
             f.kill()
 

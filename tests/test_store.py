@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -323,7 +324,7 @@ def test_a_version_3_store_gains_grants_and_the_approver_directory(tmp_path):
     old.close()
     assert 3 in UPGRADABLE
     store = Store(path)
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
     assert store.grants() == [] and store.directory("alice@example.com") is None
     store.commit([([Event(id="signin", kind="signin")], None)],
                  [Listing("Alice@Example.com", "alice", "https://idp", ("managers",), "oidc")])
@@ -345,7 +346,7 @@ def test_a_version_4_store_gains_the_tool_calls_of_completions(tmp_path):
     old.close()
     assert 4 in UPGRADABLE
     store = Store(path)
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
     key = ("https://idp", "crew-1", "run-1")
     assert store.tool_calls(key, 10) == []
     calls = [Asked(event="done", flow="f1", connection="models", model="m", call=f"call_{n}", tool="sql",
@@ -440,3 +441,53 @@ def test_a_slack_request_is_new_once_and_forgotten_once_expired(tmp_path):
     store.first_seen("old", time.time() - 1)
     store.first_seen("k2", time.time() + 600)  # each note sweeps what expired
     assert [k for (k,) in store.conn.execute("SELECT key FROM slack_seen ORDER BY key")] == ["k1", "k2"]
+
+
+def test_a_version_6_store_gains_the_sinks_cursors(tmp_path):
+    """Version 6 (before audit sinks) is upgraded in place: `sink_cursors` appears, what was
+    recorded stays and still verifies, and a sink starts from the beginning."""
+    from addons.engine.store import SCHEMA_VERSION, UPGRADABLE
+
+    path = str(tmp_path / "a.db")
+    old = Store(path)
+    old.append([Event(id="before", kind="request")])
+    old.conn.executescript("DROP TABLE sink_cursors; PRAGMA user_version = 6;")
+    old.close()
+    assert 6 in UPGRADABLE
+    store = Store(path)
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+    assert store.sink_cursors() == {} and store.claim_sink("siem", "me", 10) == 0
+    assert [r["id"] for r in store.after(0, 10)] == ["before"]
+    assert store.verify().ok and store.verify().count == 1
+
+
+def test_pruning_the_whole_log_keeps_the_sequence_going(tmp_path):
+    """Everything pruned: the next event still follows the head (SQLite would restart an
+    emptied table's rowids at 1, and the chain would no longer verify)."""
+    from addons.engine.signing import Signer
+
+    store = Store(str(tmp_path / "a.db"))
+    store.append([Event(id=f"e{n}", kind="request") for n in range(3)])
+    signer = Signer.open(str(tmp_path / "key"))
+    doc = store.prune(time.time() + 1, lambda d: signer.sign(d).as_dict(), None)
+    assert doc["seq"] == 3
+    store.append([Event(id="after", kind="request")])
+    assert [(r["seq"], r["kind"]) for r in store.where("1", [])] == [(4, "prune"), (5, "request")]
+    assert store.verify().ok
+
+
+def test_a_sink_is_shipped_by_one_replica_at_a_time_from_its_cursor(tmp_path):
+    """The cursor and lease of an audit sink (addons/sinks.py): whoever holds the lease
+    ships and moves the cursor; another replica gets the sink once it is handed over."""
+    store = Store(str(tmp_path / "a.db"))
+    store.append([Event(id=f"e{n}", kind="request") for n in range(5)])
+    assert store.claim_sink("siem", "a", 60) == 0
+    assert store.claim_sink("siem", "b", 60) is None  # a's lease runs
+    assert [r["seq"] for r in store.after(0, 3)] == [1, 2, 3]
+    assert store.advance_sink("siem", "a", 3)
+    assert not store.advance_sink("siem", "b", 5)  # not b's to move
+    assert not store.advance_sink("siem", "a", 2)  # never backwards
+    store.release_sinks("a")
+    assert store.claim_sink("siem", "b", 60) == 3
+    assert store.claim_sink("siem", "a", 60) is None
+    assert store.sink_cursors() == {"siem": 3}

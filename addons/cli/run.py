@@ -154,12 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         from addons.cli.workers import Supervisor
 
         try:
-            grace = config.load(config.find(args.config), secrets=False).replica.grace
+            loaded = config.load(config.find(args.config), secrets=False)
         except config.ConfigError as e:
             print(f"custody run: {e}", file=sys.stderr)
             return 1
         rest = _without_workers(argv if argv is not None else sys.argv[2:])
-        return Supervisor(rest, args.workers, args.listen_host, args.listen_port, grace).run()
+        return Supervisor(rest, args.workers, args.listen_host, args.listen_port, loaded.replica.grace,
+                          loaded.observability.metrics_listen).run()
     return asyncio.run(_run(args), loop_factory=ReusePortLoop if args.worker_of else None)
 
 

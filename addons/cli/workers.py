@@ -12,16 +12,24 @@ replica: the others abandon what the dead one held), and on SIGTERM or SIGINT te
 worker to stop (each finishes what is in flight, see addons/replica.py) and waits for them,
 killing those still running after the grace period and a margin. A worker that exits right
 after it started (a bad configuration) stops them all, with its exit status.
+
+With `metrics.listen` configured, the supervisor serves the metrics of all its workers
+there: each worker writes its samples into a directory the supervisor makes (Prometheus'
+multiprocess mode, addons/engine/metrics.py), which it removes when it exits.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+
+from addons.engine import metrics
 
 STARTUP = 10.0
 """A worker that exits sooner than this after starting is taken for a configuration that
@@ -41,22 +49,43 @@ def reserve(host: str, port: int) -> socket.socket:
 
 
 class Supervisor:
-    def __init__(self, argv: list[str], workers: int, host: str, port: int, grace: float) -> None:
+    def __init__(self, argv: list[str], workers: int, host: str, port: int, grace: float,
+                 metrics_listen: tuple[str, int] | None = None) -> None:
         self.argv, self.count, self.grace = argv, workers, grace
+        self.metrics_listen = metrics_listen
         self.holder = reserve(host, port)
         self.port = self.holder.getsockname()[1]
         self.workers: dict[int, tuple[subprocess.Popen, float]] = {}
         self.stopping = False
         self.deadline = 0.0
+        self.samples = tempfile.mkdtemp(prefix="custody-metrics-")
+        """The workers' metric files (their environment names it before they import anything)."""
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "addons.cli.main", "run", *self.argv, "--listen-port", str(self.port),
                 "--worker-of", str(os.getpid())]
 
     def spawn(self, slot: int) -> None:
-        self.workers[slot] = (subprocess.Popen(self.command()), time.monotonic())
+        env = {**os.environ, metrics.MULTIPROCESS_DIR: self.samples}
+        self.workers[slot] = (subprocess.Popen(self.command(), env=env), time.monotonic())
 
     def run(self) -> int:
+        os.environ[metrics.MULTIPROCESS_DIR] = self.samples  # what the endpoint reads
+        try:
+            endpoint = metrics.Endpoint(self.metrics_listen) if self.metrics_listen else None
+        except OSError as e:
+            print(f"custody run: metrics.listen: cannot listen on {self.metrics_listen[0]}:{self.metrics_listen[1]}: "
+                  f"{e.strerror}", file=sys.stderr)
+            shutil.rmtree(self.samples, ignore_errors=True)
+            return 1
+        try:
+            return self._supervise()
+        finally:
+            if endpoint is not None:
+                endpoint.close()
+            shutil.rmtree(self.samples, ignore_errors=True)
+
+    def _supervise(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         print(f"custody run: {self.count} workers on port {self.port}", flush=True)
@@ -70,6 +99,7 @@ class Supervisor:
                 if code is None:
                     continue
                 del self.workers[slot]
+                metrics.worker_exited(proc.pid)
                 if self.stopping:
                     continue
                 if time.monotonic() - started < STARTUP and code != 0:

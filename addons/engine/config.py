@@ -253,6 +253,16 @@ class StoreConfig:
     pool: int = 4
     timeout: float = 5.0
     base: str = ""
+    retention: float = 0.0
+    """Events older than this are pruned by the gateway behind a signed checkpoint (0: never)."""
+    archive: str = ""
+    """Where the gateway writes each pruned prefix first (a directory of signed JSONL bundles)."""
+    prune_every: float = 3600.0
+
+    @property
+    def signing_key_path(self) -> str:
+        """The key that signs checkpoints: `signing_key`, else audit-signing.key beside the store."""
+        return self.signing_key or str(self.directory / "audit-signing.key")
 
     @property
     def directory(self) -> Path:
@@ -270,6 +280,36 @@ class ReplicaConfig:
     grace: float = 10.0
     lease: float = 10.0
     drain_delay: float = 1.0
+
+
+@dataclass(frozen=True)
+class ObservabilityConfig:
+    """How the gateway is watched: where it serves its Prometheus metrics (None: nowhere),
+    and whether its log lines are text or JSON objects."""
+
+    metrics_listen: tuple[str, int] | None = None
+    log_format: str = "text"
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """Where the audit log is shipped as it is written (addons/sinks.py): `type` is file,
+    stdout, syslog (RFC 5424 over TCP, TLS with `tls`), otlp (OTLP/HTTP logs, JSON) or
+    webhook; `name` keys its cursor in the store."""
+
+    name: str
+    type: str
+    path: str = ""
+    url: str = ""
+    address: tuple[str, int] | None = None
+    tls: bool = False
+    ca_file: str = ""
+    token: str = field(default="", repr=False)
+    facility: int = 13
+    app_name: str = "custody"
+    batch: int = 100
+    interval: float = 1.0
+    timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -355,6 +395,8 @@ class Config:
     masking: MaskingConfig
     limits: LimitsConfig = LimitsConfig()
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    sinks: tuple[SinkConfig, ...] = ()
     digest: str = ""
     """SHA-256 of the configuration as parsed, and of the masking key: replicas that differ
     in it do not run the same configuration (`custody status` warns)."""
@@ -568,6 +610,35 @@ def listen_address(spec: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _observability(metrics: dict[str, Any], log: dict[str, Any]) -> ObservabilityConfig:
+    return ObservabilityConfig(metrics_listen=listen_address(metrics["listen"]) if "listen" in metrics else None,
+                               log_format=log.get("format", "text"))
+
+
+def _sinks(raw: list[dict[str, Any]], base: Path, path: str, secrets: bool) -> tuple[SinkConfig, ...]:
+    names = [s.get("name", s["type"]) for s in raw]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: sinks: two sinks named alike (name one of them: it keys its cursor)")
+    out = []
+    for name, s in zip(names, raw):
+        token = _secret(s["token"], base, f"sinks.{name}.token", secrets) if "token" in s else ""
+        tls = s.get("tls")
+        out.append(SinkConfig(
+            name=name, type=s["type"], path=str((base / s["path"]).resolve()) if "path" in s else "",
+            url=s.get("url", ""), address=_address(s["address"]) if "address" in s else None,
+            tls=tls is not None and tls is not False, ca_file=str((base / tls["ca_file"]).resolve())
+            if isinstance(tls, dict) and "ca_file" in tls else "",
+            token=token, facility=s.get("facility", 13), app_name=s.get("app_name", "custody"),
+            batch=s.get("batch", 100), interval=parse_duration(s.get("interval", "1s")),
+            timeout=parse_duration(s.get("timeout", "5s"))))
+    return tuple(out)
+
+
+def _address(spec: str) -> tuple[str, int]:
+    host, _, port = spec.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def _secret(ref: str, base: Path, where: str, secrets: bool) -> str:
     if not secrets:
         return ""
@@ -737,6 +808,8 @@ def parse(raw: Any, path: str, secrets: bool = True) -> Config:
         replica=ReplicaConfig(grace=parse_duration(gateway.get("grace", "10s")),
                               lease=parse_duration(gateway.get("lease", "10s")),
                               drain_delay=parse_duration(gateway.get("drain_delay", "1s"))),
+        observability=_observability(raw.get("metrics", {}), raw.get("log", {})),
+        sinks=_sinks(raw.get("sinks", []), base, path, secrets),
         digest=hashlib.sha256((canonical(raw) + hashlib.sha256(masking.hash_key).hexdigest()).encode()).hexdigest(),
     )
 
@@ -789,6 +862,9 @@ def _store(raw: dict[str, Any], base: Path, path: str) -> StoreConfig:
         pool=raw.get("pool", 4),
         timeout=parse_duration(raw.get("timeout", "5s")),
         base=str(base),
+        retention=parse_duration(raw["retention"]) if "retention" in raw else 0.0,
+        archive=str((base / raw["archive"]).resolve()) if "archive" in raw else "",
+        prune_every=parse_duration(raw.get("prune_every", "1h")),
     )
 
 

@@ -49,6 +49,7 @@ from addons.engine.store import (
     TOOL_CALL_COLUMNS,
     TOOL_CALL_INDEX,
     TOOL_CALL_KEY,
+    SINK_COLUMNS,
     AuditStore,
     Event,
     StoreError,
@@ -166,12 +167,16 @@ MIGRATIONS: dict[int, list[str]] = {
           for statement in (_table(name, columns, "key", set(columns)),
                             f"CREATE INDEX {name}_expires ON {name} (expires)")),
     ],
+    7: [
+        _table("sink_cursors", SINK_COLUMNS, "sink", set(SINK_COLUMNS)),
+    ],
 }
 """Schema versions and the statements that reach each from the one before (3 is the first
 PostgreSQL schema: the SQLite store's version 3, with the same tables and columns; 4 adds
 time-boxed grants and the approver directory; 5 the tool calls completions asked for; 6
 approvers' web sessions, sign-ins in progress and Slack's seen requests, so any replica
-serves any step of them)."""
+serves any step of them).; 7 the audit
+sinks' cursors)."""
 
 
 @functools.lru_cache(maxsize=512)

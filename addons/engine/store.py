@@ -21,8 +21,13 @@ exactly once.
 Bodies are kept once per distinct content, deflated, in `bodies` (keyed by their SHA-256);
 an event refers to its body by `body_digest`, which is what the chain covers, so where a
 body is kept does not change any hash. Readers get rows with `body` filled in as before.
-Stores of schema versions 1 (bodies inline) and 2 (no `replica`) are upgraded in place:
-their events stay as they were and still verify.
+Stores of schema versions 1 (bodies inline), 2 (no `replica`), 3 (no grants), 4 (no tool
+calls), 5 (no web sessions) and 6 (no `sink_cursors`) are upgraded in place: their events stay as they were and
+still verify.
+
+`sink_cursors` holds, for each audit sink (addons/sinks.py), the last event it has
+delivered and which replica ships it until when (its lease): the cursor lives with the
+log, so every replica resumes where the sink stopped, and only one ships it at a time.
 """
 
 from __future__ import annotations
@@ -47,9 +52,9 @@ from addons.engine.model import Decision, Operation, Principal, canonical_json, 
 from addons.engine.provenance import Asked
 
 GENESIS = "0" * 64
-SCHEMA_VERSION = 6  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
-UPGRADABLE = (1, 2, 3, 4, 5)  # upgraded in place (1: bodies inline in events; 2: no replica column; 3: no grants;
-# 4: no tool calls; 5: no web sessions)
+SCHEMA_VERSION = 7  # bumped when tables, columns or hashing change (SQLite: PRAGMA user_version)
+UPGRADABLE = (1, 2, 3, 4, 5, 6)  # upgraded in place (1: bodies inline in events; 2: no replica column; 3: no grants;
+# 4: no tool calls; 5: no web sessions; 6: no sink_cursors)
 LIVE_STATES = ("pending", "approved")
 """Approval states that can still change (addons/engine/approval.py LIVE)."""
 
@@ -124,6 +129,9 @@ REPLICA_COLUMNS: dict[str, type] = {
     "listen": str,
 }
 
+# Sink cursors: the last event each audit sink delivered, and the replica shipping it until
+# `lease_until` (the database's clock).
+SINK_COLUMNS: dict[str, type] = {"sink": str, "seq": int, "owner": str, "lease_until": float}
 # Checkpoints: the signed hash and extent of each pruned prefix of the chain. Anchors: the
 # signed hash of an event a full verification reached, where the next one may start.
 CHECKPOINT_COLUMNS: dict[str, type] = {"seq": int, "document": str, "signature": str}
@@ -131,10 +139,10 @@ CHECKPOINT_COLUMNS: dict[str, type] = {"seq": int, "document": str, "signature":
 BODY_COLUMNS: dict[str, type] = {"digest": str, "size": int, "encoding": str, "data": bytes}
 TABLES = ("events", "chain_head", "checkpoints", "anchors", "approvals", "bodies", "mcp_pins", "replicas", "grants",
           "tool_calls",
-          "approver_directory", "web_sessions", "signins", "slack_seen")
+          "approver_directory", "web_sessions", "signins", "slack_seen", "sink_cursors")
 COPIED = (("bodies", "digest"), ("events", "seq"), ("chain_head", "id"), ("checkpoints", "seq"),
           ("anchors", "seq"), ("approvals", "id"), ("mcp_pins", "connection, tool"), ("grants", "id"),
-          ("approver_directory", "email"))
+          ("approver_directory", "email"), ("sink_cursors", "sink"))
 """What a migration copies, table by table, in the order of its key (replicas, web sessions,
 sign-ins in progress and Slack's seen requests stay behind)."""
 
@@ -580,9 +588,11 @@ class AuditStore:
         return outcomes
 
     def prune(self, before: float, sign: Callable[[dict[str, Any]], dict[str, str]],
-              archive: Callable[[Iterator[dict[str, Any]], int, str], dict[str, Any]] | None) -> dict[str, Any] | None:
+              archive: Callable[[Iterator[dict[str, Any]], int, str], dict[str, Any]] | None,
+              keep_after: int | None = None) -> dict[str, Any] | None:
         """Remove the events recorded before `before` (a prefix of the chain: it stops at the
-        first event at or after it), leaving a signed checkpoint of the prefix's last hash so
+        first event at or after it, and never goes past event `keep_after`: what the audit
+        sinks have not delivered yet stays), leaving a signed checkpoint of the prefix's last hash so
         the rest still verifies. The prefix is verified and handed to `archive` (which returns
         what it wrote) before anything is removed, outside the write lock so the gateway keeps
         recording meanwhile; if either fails, nothing is removed. Finished approvals last
@@ -593,6 +603,8 @@ class AuditStore:
             start = previous["seq"] if previous else 0
             first_kept = tx.one("SELECT MIN(seq) FROM events WHERE ts >= ?", [before])[0]
             upto = (first_kept - 1) if first_kept is not None else self._head(tx)[0]
+            if keep_after is not None:
+                upto = min(upto, keep_after)
             if upto <= start:
                 return None
             check = self._walk(tx, upto)
@@ -708,6 +720,39 @@ class AuditStore:
                 return False
             self._save(tx, events, [])
         return True
+
+    # audit sinks
+
+    def claim_sink(self, sink: str, owner: str, lease: float) -> int | None:
+        """Ship `sink` as `owner` for `lease` seconds more: the sequence number of the last
+        event it delivered, or None while another replica's lease on it runs."""
+        with self._write() as tx:
+            tx.run("INSERT INTO sink_cursors (sink, seq, owner, lease_until) VALUES (?, 0, '', 0) "
+                   "ON CONFLICT (sink) DO NOTHING", [sink])
+            if not tx.run(f"UPDATE sink_cursors SET owner = ?, lease_until = {self.NOW} + ? "
+                          f"WHERE sink = ? AND (owner = ? OR lease_until < {self.NOW})", [owner, lease, sink, owner]):
+                return None
+            return tx.one("SELECT seq FROM sink_cursors WHERE sink = ?", [sink])[0]
+
+    def advance_sink(self, sink: str, owner: str, seq: int) -> bool:
+        """`sink` delivered everything up to event `seq`; False if `owner` lost its lease."""
+        with self._write() as tx:
+            return bool(tx.run("UPDATE sink_cursors SET seq = ? WHERE sink = ? AND owner = ? AND seq < ?",
+                               [seq, sink, owner, seq]))
+
+    def release_sinks(self, owner: str) -> None:
+        """`owner` stops shipping: its leases end now, so another replica takes over at once."""
+        with self._write() as tx:
+            tx.run("UPDATE sink_cursors SET lease_until = 0 WHERE owner = ?", [owner])
+
+    def sink_cursors(self) -> dict[str, int]:
+        """Every sink's cursor: the last event it delivered."""
+        with self._read() as tx:
+            return {r["sink"]: r["seq"] for r in tx.rows("SELECT sink, seq FROM sink_cursors")}
+
+    def after(self, seq: int, limit: int) -> list[dict[str, Any]]:
+        """At most `limit` events after event `seq`, in order."""
+        return list(self._events("seq > ?", [seq], f"ORDER BY seq LIMIT {int(limit)}"))
 
     # reading
 
@@ -1002,7 +1047,7 @@ class Store(AuditStore):
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         self._ensure_schema()
-        cols = [c for c in COLUMNS if c != "seq"]
+        cols = list(COLUMNS)  # seq too: after a prune of the whole log, the rowid SQLite picks would restart at 1
         self._insert = f"INSERT INTO events ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
         self._cols = cols
 
@@ -1075,6 +1120,8 @@ class Store(AuditStore):
                 db[table].create(columns, pk="key", not_null=set(columns))
                 db[table].create_index(["expires"], if_not_exists=True)
         db["approvals"].create_index(["updated"], if_not_exists=True)  # version 3: the inbox's news
+        if "sink_cursors" not in tables:  # versions 1 to 6
+            db["sink_cursors"].create(SINK_COLUMNS, pk="sink", not_null=set(SINK_COLUMNS))
         for table in ("events", "approvals"):
             if "replica" not in db[table].columns_dict:  # versions 1 and 2
                 self.conn.execute(f"ALTER TABLE {table} ADD COLUMN replica TEXT")

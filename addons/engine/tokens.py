@@ -27,7 +27,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from addons.engine import devissuer
+from addons.engine import devissuer, metrics
 from addons.engine.config import IdentityConfig, Issuer
 from addons.engine.model import Principal
 
@@ -150,7 +150,9 @@ class KeySet:
         except Exception as e:
             self.last_error = f"{type(e).__name__}: {e}"
             logger.warning("JWKS for %s unavailable: %s", self.issuer.issuer, self.last_error)
+            metrics.JWKS_REFRESHES.labels(self.issuer.issuer, "error").inc()
         else:
+            metrics.JWKS_REFRESHES.labels(self.issuer.issuer, "ok").inc()
             if keys != self.keys:
                 self.keys, self.version = keys, self.version + 1
             self.fetched, self.last_error = time.monotonic(), ""

@@ -59,13 +59,13 @@ def lapsed(holder: dict, lease: float, host: str, trust_age: bool, starting: boo
         return RESTARTED  # held by a process from before replicas were recorded, or unknown to the store
     if holder["state"] == "stopped":
         return STOPPED
-    if holder["state"] == "reconciled":
-        return f"gateway replica {holder['replica']} was lost while the request was held (its flows were reconciled)"
     lost = f"gateway replica {holder['replica']} was lost while the request was held"
     if holder["host"] == host and not running(holder["pid"]):
         return RESTARTED if starting else f"{lost} (its process is gone)"
     if trust_age and holder["age"] is not None and holder["age"] > lease:
         return f"{lost} (no heartbeat for {holder['age']:.0f}s)"
+    if holder["state"] == "reconciled":  # another replica found it gone (the why above, when this one can tell)
+        return f"{lost} (its flows were reconciled)"
     return None
 
 

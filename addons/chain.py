@@ -108,7 +108,7 @@ def build() -> list:
         SshPlanner(ssh),
         McpGuard(settings, log, pool, policy, credentials),
         ModelGuard(settings, log, pool, ledger),
-        Provenance(ledger, log),
+        Provenance(ledger, log, policy),
         policy,
         Hold(settings, book, pool),
         PromptMask(pool),

@@ -33,6 +33,7 @@ from addons.engine.config import GATEWAY_CONNECTION
 from addons.engine.model import Operation, Principal, Request
 from addons.engine.provenance import PER_KEY, Asked, Key, Ledger, key_of
 from addons.failclosed import guarded
+from addons.policy import Policy
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +61,12 @@ class Recall:
 
 
 class Provenance:
-    def __init__(self, ledger: Ledger, log: AuditLog) -> None:
-        self.ledger, self.log = ledger, log
+    def __init__(self, ledger: Ledger, log: AuditLog, policy: Policy) -> None:
+        self.ledger, self.log, self.policy = ledger, log, policy
 
     async def stored(self, key: Key) -> list[Asked]:
+        if self.policy.rules is not None and not self.policy.rules.provenance:
+            return []  # no rule asks: this replica's memory answers, without a store read per request
         return await self.log.call(self.log.reader.tool_calls, key, PER_KEY)
 
     @guarded

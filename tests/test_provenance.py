@@ -368,3 +368,14 @@ def test_the_record_tells_unknown_provenance_by_its_reason(found, line):
     from addons.evidence.timeline import provenance_line
 
     assert provenance_line(found) == line
+
+
+@pytest.mark.parametrize("rules, asks", [
+    ([], False),
+    ([{"id": "reads", "match": {"connection": "api", "action": "read"}, "effect": "allow"}], False),
+    ([{"id": "reads", "match": {"connection": "api", "action": "read"}, "effect": "allow"},
+      {"id": "asked", "match": {"connection": "api", "provenance": "required"}, "effect": "allow"}], True),
+    ([{"id": "unasked", "match": {"connection": "api", "provenance": "none"}, "effect": "deny"}], True),
+])
+def test_the_store_is_read_for_provenance_only_while_a_rule_asks_about_it(rules, asks):
+    assert ruleset(*rules).provenance is asks

@@ -601,6 +601,9 @@ class RuleSet:
         self.digest = digest
         """SHA-256 of the files' contents, in load order: replicas that differ in it do not
         decide alike (`custody status` warns)."""
+        self.provenance = any(name == "provenance" for r in rules for name, _ in r.checks)
+        """Whether any rule asks about provenance: only then is a request no completion in this
+        replica's memory asked for looked up among every replica's (a store read each)."""
         self._candidates: dict[tuple[str, str], tuple[Rule, ...]] = {}
         self._scoped: dict[tuple[str, str], tuple[Rule, ...]] = {}
 

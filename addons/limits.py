@@ -14,7 +14,8 @@
 - Idle time: mitmproxy's `tcp_timeout` (its TimeoutWatchdog, mitmproxy/proxy/server.py),
   kept at `limits.idle`. The watchdog is disarmed while a hook runs
   (mitmproxy/proxy/mode_servers.py, ProxyConnectionHandler.handle_hook), so a flow held for
-  approval, which waits inside the hold's request hook, is never cut for being idle.
+  approval, which waits inside the hold's request hook, is never cut for being idle —
+  once `HoldAwareWatchdog` stands in for mitmproxy's, which can fire while disarmed.
 
 A connection's own `limits` apply to its direct listener; every other listener uses the
 top-level ones.
@@ -26,8 +27,10 @@ import asyncio
 import collections
 import logging
 import math
+import time
 
 from mitmproxy import connection, ctx, http
+from mitmproxy.proxy import server
 
 from addons import failclosed
 from addons.engine.config import LimitsConfig
@@ -91,6 +94,28 @@ def close_forgotten(client: connection.Client) -> None:
         io.writer.close()
 
 
+class HoldAwareWatchdog(server.TimeoutWatchdog):
+    """mitmproxy's idle watchdog, which does not cut a connection while a hook is running.
+
+    mitmproxy's `watch` waits until it may time out, sleeps until the last activity plus the
+    timeout, and then fires without asking again whether it may: a hook that began during
+    that sleep — a request held for approval, which sends and receives nothing — is cut
+    when the sleep ends, if no event came between the sleep's start and the hold's. Which
+    of the two came first is a matter of scheduling, so a held request was cut at
+    `limits.idle` now and then, more often on a busy machine. This one checks again."""
+
+    async def watch(self) -> None:
+        try:
+            while True:
+                await self.can_timeout.wait()
+                await asyncio.sleep(self.timeout - (time.time() - self.last_activity))
+                if self.can_timeout.is_set() and self.last_activity + self.timeout < time.time():
+                    await self.callback()
+                    return
+        except asyncio.CancelledError:
+            return
+
+
 class Limits:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -103,6 +128,9 @@ class Limits:
         """Each counted client's listener."""
         self.deadlines: dict[str, asyncio.TimerHandle] = {}
         """Clients whose first request head has not arrived yet."""
+
+    def load(self, loader) -> None:
+        server.TimeoutWatchdog = HoldAwareWatchdog  # ConnectionHandler.__init__ looks it up here
 
     def configure(self, updated: set[str]) -> None:
         if self.settings.changed(updated):

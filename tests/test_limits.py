@@ -12,6 +12,7 @@ other's clock, and `roomy` the defaults, for the flood. Nothing here asserts a t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import http.client
@@ -30,6 +31,7 @@ import requests
 import yaml
 
 from addons.engine.errors import GATEWAY_FAILURES
+from addons.limits import HoldAwareWatchdog
 from tests.conftest import API_TOKEN, STANDARD_RULES, standard_gateway
 from tests.support import fuzz
 from tests.support.approvals import Approver, listening, wait_for
@@ -384,6 +386,33 @@ def test_a_request_held_for_approval_outlasts_the_idle_time(quick, servers, toke
     agent.join(60)
     assert outcome["r"].status_code == 200 and outcome["r"].json()["path"] == "/held"
     assert len(servers.upstream.received) == before + 1
+
+
+async def hold_after_the_watch_slept(watchdog_class) -> tuple[int, int]:
+    """How often an idle watchdog (timeout 1s) fires during a 1.5s hook that began while it
+    slept, with no event between, and in the 1.5s idle after the hook."""
+    fired = []
+
+    async def cut() -> None:
+        fired.append(1)
+
+    watchdog = watchdog_class(1, cut)
+    watch = asyncio.create_task(watchdog.watch())
+    await asyncio.sleep(0)  # the watch now sleeps until the last activity plus its timeout
+    with watchdog.disarm():  # a request held for approval: no event until it is decided
+        await asyncio.sleep(1.5)
+    during = len(fired)
+    await asyncio.sleep(1.5)
+    watch.cancel()
+    return during, len(fired) - during
+
+
+@pytest.mark.parametrize("watchdog_class, during, after", [
+    (HoldAwareWatchdog.__mro__[1], 1, 0),  # mitmproxy's own: cuts the held connection (fix ours when this fails)
+    (HoldAwareWatchdog, 0, 1),  # the gateway's: waits for the hold, then cuts the connection once idle
+])
+def test_the_idle_watchdog_never_cuts_a_connection_while_a_hook_runs(watchdog_class, during, after):
+    assert asyncio.run(hold_after_the_watch_slept(watchdog_class)) == (during, after)
 
 
 def pg_connect(gw: Gateway, token: str) -> psycopg.Connection:

@@ -350,3 +350,21 @@ def test_rows_as_json_objects_have_masked_keys_hidden_wherever_they_are():
                            "secret-keys")
     assert json.loads(doc["results"][0]["rows"][0][0]) == [{"id": 1, "password": "[REDACTED]",
                                                            "nested": {"api_token": "[REDACTED]"}}]
+
+
+ESCAPED = [
+    ('{"kind":"\\u0053ecret","data":{"password":"aHVudGVyMg=="}}', {"kind": "Secret", "data": MASKED_DATA}),
+    ('{"kind":"ConfigMap","metadata":{"annotations":{"kubectl.kubernetes.io\\/last-applied-configuration":"{no"}}}',
+     {"kind": "ConfigMap", "metadata": {"annotations": {LAST_APPLIED: "[REDACTED]"}}}),
+    ('{"items":[{"kind":"Secret","data":{"password":"aHVudGVyMg=="}},{"kind":"Pod"}]}',
+     {"items": [{"kind": "Secret", "data": MASKED_DATA}, {"kind": "Pod"}]}),
+    ('{"kind":"PodList","items":[{"kind":"Pod","data":{"password":"visible"}}]}', None),
+]
+
+
+@pytest.mark.parametrize("body, masked", ESCAPED)
+def test_a_body_is_walked_for_secrets_wherever_its_text_could_spell_one(body, masked):
+    """A body is not walked for Secrets when neither the kind nor the annotation is in its
+    text: every spelling JSON allows (\\u escapes, \\/) is still found."""
+    out, _ = Masker(parse_all(("kubernetes-secrets",)), None, b"k").body(body.encode(), "application/json")
+    assert (json.loads(out) if masked is not None else out) == (masked if masked is not None else body.encode())

@@ -47,6 +47,7 @@ from jsonpath_ng.ext import parse as jsonpath_parse
 
 from addons.engine import sqltext
 from addons.engine.bridge import SQL_REQUEST, SQL_RESULTS, SSH_RESULTS
+from addons.engine.jsonpaths import Locator
 
 OPERATION = "application/vnd.custody.operation+json"
 """An Operation's details as the recorder stores them (MaskPool.operation_for_record): the
@@ -64,6 +65,8 @@ NER_ENTITIES = ("PERSON", "LOCATION")
 GROUPS = {"secrets": SECRET_ENTITIES, "pii": PII_ENTITIES}
 ENTITIES = SECRET_ENTITIES + PII_ENTITIES + NER_ENTITIES
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+LAST_APPLIED_NAME = LAST_APPLIED.rpartition("/")[2]
+"""The annotation's name after its slash, which JSON may write as \\/."""
 ERROR_TEXT_FIELDS = ("M", "D", "H", "W")
 QUOTING_ERRORS = {
     "22": (("M", r'"[^"]*"', '"[REDACTED]"'), ("D", r'"[^"]*"', '"[REDACTED]"')),  # invalid input: "<value>"
@@ -117,6 +120,10 @@ class Mask:
     @functools.cached_property
     def compiled(self) -> tuple:
         return tuple(jsonpath_parse(p) for p in self.paths)
+
+    @functools.cached_property
+    def locators(self) -> tuple[Locator, ...]:
+        return tuple(Locator(expr) for expr in self.compiled)
 
     def names(self, name: str) -> bool:
         """Does a `keys` mask's glob match this (lower-cased) name?"""
@@ -285,17 +292,21 @@ class Masker:
 
     # documents
 
-    def document(self, doc: Any, report: Report) -> Any:
-        """Mask a JSON document: field and key masks first, then detection on string leaves."""
+    def document(self, doc: Any, report: Report, source: str | None = None) -> Any:
+        """Mask a JSON document: field and key masks first, then detection on string leaves.
+        `source` is the text it was parsed from, if at hand: an `objects` mask has nothing to
+        look for where neither its kind nor kubectl's annotation is in it, and no \\u escape
+        could spell them (a 1,000-pod list is then not walked for Secrets)."""
         for mask in self.structural:
             if mask.kind == "fields":
-                for expr in mask.compiled:
-                    for match in expr.find(doc):
-                        if not _masked_already(match.value):
-                            doc = match.full_path.update(doc, self._whole(match.value, mask))
+                for locator in mask.locators:
+                    for location in locator.find(doc):
+                        if not _masked_already(location.value):
+                            doc = locator.put(doc, location, self._whole(location.value, mask))
                             report.fields[mask.label] += 1
             elif mask.kind == "objects":
-                doc = self._objects(doc, mask, report)
+                if source is None or any(word in source for word in (mask.object_kind, LAST_APPLIED_NAME, "\\u")):
+                    doc = self._objects(doc, mask, report)
             else:
                 doc = self._keys(doc, mask, report)
         if self.entities:
@@ -565,7 +576,7 @@ class Masker:
                 raise MaskError(f"field masks need a JSON body, and this {content_type or 'response'} is not JSON")
             masked = self.lines(text, report)
             return (masked if report.masked else None), report
-        masked_doc = self.document(doc.value, report)
+        masked_doc = self.document(doc.value, report, text)
         if not report.masked and not doc.duplicates:
             return None, report
         return json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":")), report
@@ -596,7 +607,7 @@ class Masker:
                 raise MaskError("field masks need JSON records, and this stream carries text")
             masked = self.lines(text, report)
             return None if report.masked == before else masked
-        masked_doc = self.document(doc.value, report)
+        masked_doc = self.document(doc.value, report, text)
         if report.masked == before and not doc.duplicates:
             return None
         return (" " if text.startswith(" ") else "") + json.dumps(masked_doc, ensure_ascii=False, separators=(",", ":"))

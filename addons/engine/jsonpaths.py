@@ -60,16 +60,23 @@ def _child(left, right) -> Callable[[Any], list[Location]]:
     return find
 
 
-def _descendants(left, right, scalars: bool) -> Callable[[Any], list[Location]]:
+def _descendants(left, right, scalars: bool, names: tuple[str, ...] | None) -> Callable[[Any], list[Location]]:
     """`scalars`: whether `right` can match in a string or number (only a path that starts
-    with `$` or `@` can); the walk does not ask it of the thousands of leaves otherwise."""
+    with `$` or `@` can); the walk does not ask it of the thousands of leaves otherwise.
+    `names`: the fields `right` reads, when it is just those (`..name`, what masks mostly
+    say), looked up in each dict without a call."""
     def find(node: Any) -> list[Location]:
         hits: list[Location] = []
         stack = [value for value, *_ in reversed(left(node))]
         while stack:
             value = stack.pop()
             if isinstance(value, dict):
-                hits.extend(right(value))
+                if names is None:
+                    hits.extend(right(value))
+                else:
+                    for n in names:
+                        if n in value:
+                            hits.append(Location(value[n], value, n))
                 stack.extend(reversed(value.values()))
             elif isinstance(value, list):
                 hits.extend(right(value))
@@ -100,7 +107,10 @@ def finder(expr: jp.JSONPath) -> Callable[[Any], list[Location]] | None:
         left, right = finder(expr.left), finder(expr.right)
         if left is None or right is None:
             return None
-        return _child(left, right) if kind is jp.Child else _descendants(left, right, _reaches_scalars(expr.right))
+        if kind is jp.Child:
+            return _child(left, right)
+        plain = type(expr.right) is jp.Fields and not expr.right._deprecated_wildcard_use
+        return _descendants(left, right, _reaches_scalars(expr.right), tuple(expr.right.fields) if plain else None)
     return None
 
 

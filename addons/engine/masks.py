@@ -251,7 +251,8 @@ class Masker:
         if not self.entities:
             return text
         masked, found = self._detected(text, name) if len(text) <= REMEMBERED else self._detect(text, name)
-        report.entities.update(found)
+        if found:
+            report.entities.update(found)
         return masked
 
     def _detect(self, text: str, name: str) -> tuple[str, tuple[str, ...]]:
@@ -476,11 +477,18 @@ class Masker:
             return self.text(node, report, name)
         if isinstance(node, dict):
             out: dict[str, Any] = {}
+            clean, text = self.clean_keys, self.text
             for k, v in node.items():
-                key = k if k in self.clean_keys else self._key(k, report)
+                key = k if k in clean else self._key(k, report)
                 while key in out:  # two keys masked to the same text stay two keys
                     key += "'"
-                out[key] = self._leaves(v, report, k)
+                kind = type(v)  # the common leaves first, without a call (a list has tens of thousands)
+                if kind is str:
+                    out[key] = text(v, report, k)
+                elif v is None or kind is bool:
+                    out[key] = v
+                else:
+                    out[key] = self._leaves(v, report, k)
             return out
         if isinstance(node, list):
             return [self._leaves(v, report, name) for v in node]

@@ -5,6 +5,8 @@ technical values every response is full of."""
 from __future__ import annotations
 
 import json
+import random
+import re
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,21 @@ def test_the_kept_domain_check_answers_as_presidios_own(text):
     from presidio_analyzer.predefined_recognizers import EmailRecognizer
 
     assert EmailAddresses().validate_result(text) == EmailRecognizer().validate_result(text)
+
+
+def strings_near_every_scan(count: int) -> list[str]:
+    """Random strings of the characters the gated scans are made of, with a fixed seed."""
+    rng = random.Random(7)
+    alphabet = "0123456789....::::--  ()AZaz/+=é٣"
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 48))) for _ in range(count)]
+
+
+@pytest.mark.parametrize("pattern", list(detectors.GATES), ids=[p[:30] for p in detectors.GATES])
+def test_a_scan_gate_refuses_no_string_its_scan_would_match(pattern):
+    scan, gate = re.compile(pattern), detectors.GATES[pattern]
+    strings = [text for text, _ in subjects(Detector(None))] + strings_near_every_scan(20000) + [
+        "1.2.3.4", "::", "1:2:3:4:5:6:", "123-45-6789", "123 45 6789", "123.45.6789", "(212)", "DE89 3704",
+        "x" * 39 + "A", "A1" * 20, "0" * 40,
+    ]
+    matched = [s for s in strings if scan.search(s)]
+    assert matched and all(gate(s) for s in matched), [s for s in matched if not gate(s)][:5]

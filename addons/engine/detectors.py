@@ -25,6 +25,7 @@ import math
 import os
 import re
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import phonenumbers
@@ -220,7 +221,18 @@ LOWER_SCANS = {
     "GENERIC_SECRET": (r"key|secret|token|passw|pwd|credential",),
     "AWS_SECRET_ACCESS_KEY": (r"aws_?secret_?(?:access_?)?key",),  # the named form: any 40 characters after it
 }
-SCANNERS = tuple((e, re.compile(p)) for e, ps in SCANS.items() for p in ps)
+GATES: dict[str, Callable[[str], bool]] = {
+    # What a string must have for a scan to match it, tested first: a count of characters
+    # costs a fraction of a regular expression's search, and most strings fail one.
+    SCANS["IP_ADDRESS"][0]: lambda s: s.count(".") >= 3,
+    SCANS["IP_ADDRESS"][1]: lambda s: s.count(":") >= 2,
+    SCANS["US_SSN"][0]: lambda s: s.count("-") + s.count(" ") + s.count(".") >= 2,
+    SCANS["PHONE_NUMBER"][0]: lambda s: "(" in s,
+    SCANS["IBAN_CODE"][0]: lambda s: not s.islower(),  # [A-Z]: no capital in an all-lower-case string
+    AWS_SECRET_SHAPE: lambda s: len(s) >= 40,
+}
+"""For some scans, a necessary condition (a test checks each against its scan)."""
+SCANNERS = tuple((e, re.compile(p), GATES.get(p)) for e, ps in SCANS.items() for p in ps)
 LOWER_SCANNERS = tuple((e, re.compile(p)) for e, ps in LOWER_SCANS.items() for p in ps)
 LOWER_SCANNERS_UNICODE = tuple((e, re.compile(scan.pattern, re.IGNORECASE)) for e, scan in LOWER_SCANNERS)
 
@@ -228,8 +240,8 @@ LOWER_SCANNERS_UNICODE = tuple((e, re.compile(scan.pattern, re.IGNORECASE)) for 
 def candidates(subject: str) -> set[str]:
     """The entities that could be in `subject` (a superset: recognizers decide)."""
     found: set[str] = set()
-    for e, scan in SCANNERS:
-        if e not in found and scan.search(subject):
+    for e, scan, gate in SCANNERS:
+        if e not in found and (gate is None or gate(subject)) and scan.search(subject):
             found.add(e)
     if subject.isascii():  # lower-casing keeps positions only for ASCII
         lower = subject.lower()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import multiprocessing
@@ -64,6 +65,7 @@ def _init(hash_key: bytes, ner_model: str | None, parent: int) -> None:
     threading.Thread(target=_outlive_no_parent, args=(parent,), name="custody-parent-watch", daemon=True).start()
     _state["detector"] = _detector(ner_model)
     _state["key"] = hash_key
+    gc.freeze()  # Presidio's objects, for good: a full collection during a large body walked them all (pauses of 100+ ms)
 
 
 def _outlive_no_parent(parent: int) -> None:

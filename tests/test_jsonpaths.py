@@ -18,7 +18,8 @@ PLAIN = [
     "$.a[5]", "$..a", "$..b", "$..*", "$..[*]", "$..a[*]", "$..a..b", "$..env[*].value", "$.items[*].spec",
     "$.*.x", "$..x.y", "rows[*].ssn", "$..[0]", "$.a.*.b", "$..a.b[*]", "$.a[0,1]",
 ]
-OTHER = ["$.a[1:3]", "$.a[?(@.b)]", "$..a[?(@.b == 1)]", "$.a.`parent`", "$..b.`parent`"]
+OTHER = ["$.a[1:3]", "$.a[?(@.b)]", "$..a[?(@.b == 1)]", "$.a.`parent`", "$..b.`parent`",
+         "$.a.$", "$.a.$.b", "$..$", "$.a.@", "$..@.b"]  # $ and @ after the first step: jsonpath-ng's own reading
 DOCUMENTS = [
     {},
     [],

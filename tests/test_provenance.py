@@ -174,6 +174,17 @@ def test_the_ledger_forgets_the_least_recent_principals_first():
     assert [bool(ledger.recent(("i", f"s{n}", ""))) for n in range(3)] == [False, True, True]
 
 
+@pytest.mark.parametrize("everywhere, reason", [
+    (True, "no model output seen by the gateway asked for it (2 tool calls of this principal and run remembered; "
+           "none asked for this)"),
+    (False, "no model output seen by this gateway replica asked for it (2 tool calls of this principal and run "
+            "remembered; none asked for this); other replicas' tool calls are looked up only while a rule asks "
+            "about provenance"),
+])
+def test_a_command_no_model_asked_for_says_whose_tool_calls_were_looked_at(everywhere, reason):
+    assert provenance.unverified(Principal("crew-1", "https://idp"), 2, everywhere)["reason"] == reason
+
+
 def test_provenance_says_what_the_request_asserted_beside_what_the_gateway_saw():
     claiming = Principal("crew-1", "https://idp", asserted={"run": "run-1", "model": "gpt-4o", "prompt": "call_9"})
     none = provenance.unverified(claiming, 0)

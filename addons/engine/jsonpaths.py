@@ -60,11 +60,11 @@ def _child(left, right) -> Callable[[Any], list[Location]]:
     return find
 
 
-def _descendants(left, right, scalars: bool, names: tuple[str, ...] | None) -> Callable[[Any], list[Location]]:
-    """`scalars`: whether `right` can match in a string or number (only a path that starts
-    with `$` or `@` can); the walk does not ask it of the thousands of leaves otherwise.
-    `names`: the fields `right` reads, when it is just those (`..name`, what masks mostly
-    say), looked up in each dict without a call."""
+def _descendants(left, right, names: tuple[str, ...] | None) -> Callable[[Any], list[Location]]:
+    """`right` is a plain path not starting with `$` or `@` (finder), so it matches nothing
+    in a string or a number: the walk does not ask it of the thousands of leaves. `names`:
+    the fields `right` reads, when it is just those (`..name`, what masks mostly say),
+    looked up in each dict without a call."""
     def find(node: Any) -> list[Location]:
         hits: list[Location] = []
         stack = [value for value, *_ in reversed(left(node))]
@@ -81,8 +81,6 @@ def _descendants(left, right, scalars: bool, names: tuple[str, ...] | None) -> C
             elif isinstance(value, list):
                 hits.extend(right(value))
                 stack.extend(reversed(value))
-            elif scalars:
-                hits.extend(right(value))
         return hits
     return find
 
@@ -91,12 +89,13 @@ def _itself(node: Any) -> list[Location]:
     return [Location(node, None, None)]
 
 
-def finder(expr: jp.JSONPath) -> Callable[[Any], list[Location]] | None:
+def finder(expr: jp.JSONPath, leftmost: bool = True) -> Callable[[Any], list[Location]] | None:
     """A function giving the locations `expr` matches in a document, or None when `expr`
-    uses something besides the plain steps."""
+    uses something besides the plain steps. `$` and `@` are plain only as the first step
+    (`$.a.$` is the document's root again in jsonpath-ng, not the node reached)."""
     kind = type(expr)
     if kind in (jp.Root, jp.This):
-        return _itself
+        return _itself if leftmost else None
     if kind is jp.Fields and not expr._deprecated_wildcard_use:
         return _fields(tuple(expr.fields))
     if kind is jp.Wildcard:
@@ -104,22 +103,14 @@ def finder(expr: jp.JSONPath) -> Callable[[Any], list[Location]] | None:
     if kind is jp.Index:
         return _index(tuple(expr.indices))
     if kind in (jp.Child, jp.Descendants):
-        left, right = finder(expr.left), finder(expr.right)
+        left, right = finder(expr.left, leftmost), finder(expr.right, False)
         if left is None or right is None:
             return None
         if kind is jp.Child:
             return _child(left, right)
         plain = type(expr.right) is jp.Fields and not expr.right._deprecated_wildcard_use
-        return _descendants(left, right, _reaches_scalars(expr.right), tuple(expr.right.fields) if plain else None)
+        return _descendants(left, right, tuple(expr.right.fields) if plain else None)
     return None
-
-
-def _reaches_scalars(expr: jp.JSONPath) -> bool:
-    """Whether a plain path can match anything in a string or a number: Fields, Wildcard
-    and Index read only dicts and lists, and a Child or Descendants nothing its left did not."""
-    if type(expr) in (jp.Child, jp.Descendants):
-        return _reaches_scalars(expr.left)
-    return type(expr) in (jp.Root, jp.This)
 
 
 class Locator:

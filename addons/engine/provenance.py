@@ -45,6 +45,7 @@ KEYS = 10_000
 """The most principals and runs kept at once (the least recently used go first)."""
 EXCERPT = 400
 NOTHING_ASKED = "no model output seen by the gateway asked for it"
+NOTHING_ASKED_HERE = "no model output seen by this gateway replica asked for it"
 
 
 @dataclass(frozen=True)
@@ -156,11 +157,16 @@ def verified(a: Asked, how: str, principal: Principal) -> dict[str, Any]:
             "completion": a.text[:EXCERPT], **({"asserted": said} if said else {})}
 
 
-def unverified(principal: Principal, remembered: int) -> dict[str, Any]:
-    """The provenance of a command no model output asked for."""
+def unverified(principal: Principal, remembered: int, everywhere: bool = True) -> dict[str, Any]:
+    """The provenance of a command no model output asked for. `everywhere`: every replica's
+    tool calls were looked at; otherwise only this replica's (no rule asks about provenance,
+    so the store is not read), and the reason says so."""
     said = asserted(principal)
-    reason = NOTHING_ASKED + (f" ({remembered} tool calls of this principal and run remembered; none asked for "
-                              "this)" if remembered else " (no tool calls of this principal and run remembered)")
+    reason = (NOTHING_ASKED if everywhere else NOTHING_ASKED_HERE) + (
+        f" ({remembered} tool calls of this principal and run remembered; none asked for this)" if remembered
+        else " (no tool calls of this principal and run remembered)")
+    if not everywhere:
+        reason += "; other replicas' tool calls are looked up only while a rule asks about provenance"
     return {"match": NONE, "reason": reason, **({"asserted": said} if said else {})}
 
 

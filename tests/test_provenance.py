@@ -130,6 +130,21 @@ def test_the_newest_exact_match_wins_over_an_older_or_normalised_one():
     assert (found.call, how) == ("call_2", "exact")
 
 
+@pytest.mark.parametrize("calls, match, derived", [
+    ([], None, 0),  # nothing asked: no statement is deparsed
+    ([asked("sql", {"query": "SELECT 1"})], "exact", 0),
+    ([asked("sql", {"query": "select  1"}, n=2), asked("sql", {"query": "select 1"}, n=1)], "normalised", 1),
+    ([asked("sql", {"query": "SELECT 2"})], None, 1),
+])
+def test_a_commands_normal_form_is_derived_once_and_only_when_no_exact_form_matched(calls, match, derived):
+    op, request = sql("SELECT 1")
+    command = forms.command(op, request, "")
+    parsed = []
+    command = [dataclasses.replace(f, derive=lambda d=f.derive: parsed.append(1) or d()) for f in command]
+    found = provenance.match(command, calls, lambda a: forms.asked_forms(a, ""))
+    assert (found and found[1], len(parsed)) == (match, derived)
+
+
 def test_model_calls_and_the_gateways_own_api_are_not_commands():
     op = llm.from_request("models", Request("POST", "/v1/chat/completions", (), json.dumps(
         {"model": "m", "messages": [{"role": "user", "content": "x"}]}).encode()))

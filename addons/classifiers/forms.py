@@ -58,7 +58,7 @@ def command(op: Operation, request: Request, host: str) -> list[Form] | None:
         if d.get("phase") not in ("execute", "describe") or not isinstance(sql, str) or not sql.strip() or all(
                 p.details.get("command") in TRANSACTION_CONTROL for p in parts):
             return None
-        return [Form("sql", _sql_exact(sql), sql_normal(sql))]
+        return [Form("sql", _sql_exact(sql), derive=functools.partial(sql_normal, sql))]
     if op.protocol == "ssh":
         line = d.get("line")
         if d.get("phase") not in ("exec", "shell") or not isinstance(line, str) or not line.strip():
@@ -142,7 +142,7 @@ def asked_forms(a: Asked, host: str) -> Iterator[Form]:
     for tool in tool_names(a.tool):
         yield Form("mcp", (tool, arguments), None)
     for text in _strings(a.arguments):
-        yield Form("sql", _sql_exact(text), sql_normal(text))
+        yield Form("sql", _sql_exact(text), derive=functools.partial(sql_normal, text))
         said = words(text)
         yield Form("words", text.strip(), said)
         yield Form("uri", text, None)

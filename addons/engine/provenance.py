@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
@@ -71,11 +71,22 @@ class Asked:
 @dataclass(frozen=True)
 class Form:
     """A command in one protocol's terms: `exact` as sent, `normal` in the protocol's
-    normal form (either may be None when it has none). Forms compare by kind too."""
+    normal form (either may be None when it has none). Forms compare by kind too.
+
+    A normal form that costs a parse (SQL's) is given as `derive` and computed on first
+    use (`normalised`): most requests match exactly, or have no tool call to match, and a
+    statement's parse and deparse was a tenth of the gateway's time per SQL statement."""
 
     kind: str
     exact: Any
-    normal: Any
+    normal: Any = None
+    derive: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
+
+    def normalised(self) -> Any:
+        if self.derive is not None:
+            object.__setattr__(self, "normal", self.derive())
+            object.__setattr__(self, "derive", None)
+        return self.normal
 
 
 Key = tuple[str, str, str]
@@ -139,7 +150,7 @@ def match(command: list[Form], asked: list[Asked],
                     continue
                 if f.exact is not None and f.exact == c.exact:
                     return a, EXACT
-                if best is None and f.normal is not None and f.normal == c.normal:
+                if best is None and (normal := f.normalised()) is not None and normal == c.normalised():
                     best = (a, NORMALISED)
     return best
 

@@ -224,6 +224,7 @@ class Masker:
         self.entities = frozenset(self.by_entity)
         self.threshold = min((m.threshold for m in detect), default=1.0)
         self.clean_keys: set[str] = set()
+        self.header_masks: dict[str, Mask | None] = {}
         if self.entities and finder is None:
             raise MaskError("content detection is not available")
         self._detected = functools.lru_cache(maxsize=4096)(self._detect)
@@ -513,11 +514,10 @@ class Masker:
         mask matches are replaced whole, detection runs on the others with the header's
         name as context; framing headers are left alone. `fields` masks do not apply."""
         secrets = not self.entities.isdisjoint(SECRET_ENTITIES)
-        keys = [m for m in self.structural if m.kind == "keys"]
         out = []
         for name, value in fields:
             lower = name.lower()
-            mask = next((m for m in keys if any(fnmatch.fnmatchcase(lower, g) for g in m.keys)), None)
+            mask = self._header_mask(lower)
             if lower in FRAMING_HEADERS or not value:
                 out.append((name, value))
             elif mask is not None or (secrets and lower in CREDENTIAL_HEADERS):
@@ -527,6 +527,17 @@ class Masker:
             else:
                 out.append((name, self.text(value, report, lower)))
         return out
+
+    def _header_mask(self, lower: str) -> Mask | None:
+        """The `keys` mask a header's name matches, if any; names repeat on every flow, so
+        what each matched is kept (up to CLEAN_KEYS names)."""
+        if lower in self.header_masks:
+            return self.header_masks[lower]
+        mask = next((m for m in self.structural if m.kind == "keys" and any(fnmatch.fnmatchcase(lower, g)
+                                                                              for g in m.keys)), None)
+        if len(self.header_masks) < CLEAN_KEYS:
+            self.header_masks[lower] = mask
+        return mask
 
     # bodies
 

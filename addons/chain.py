@@ -37,7 +37,9 @@ hooks run first. The gate goes after everything, mitmproxy's own addons included
 
 from __future__ import annotations
 
-from mitmproxy import ctx
+import inspect
+
+from mitmproxy import addonmanager, ctx, exceptions, hooks
 
 from addons.approvalbook import ApprovalBook
 from addons.approverapi import ApproverAPI
@@ -144,11 +146,94 @@ class Chain:
         return next(a for a in self.addons if isinstance(a, Replica))
 
 
+class Hooks(addonmanager.AddonManager):
+    """mitmproxy's addon manager, resolving each event's hooks once.
+
+    mitmproxy walks the whole addon tree and looks each hook up by name for every event of
+    every flow, entering an error handler per top-level addon: some 40 addons under
+    `custody run`, 68 top-level ones under mitmdump with the chain (most with no hook for
+    the event), a dozen events a flow, and under mitmdump an `update` after each. What it
+    finds changes only when the tree does, and every change of the tree goes through the
+    manager: an addon registered or removed (a script loaded, reloaded or unloaded), all
+    cleared, or options changed (the `scripts` option reorders the scripts' addons in its
+    own `configure`, dispatched by `trigger`); each forgets what was resolved. Events are
+    dispatched as mitmproxy does (each top-level addon's hooks under its own error
+    handler, an AddonHalt ending the event), only to the top-level addons with a hook."""
+
+    _resolved: dict[tuple[int, str], list]
+
+    def __init__(self, master) -> None:
+        super().__init__(master)
+        self._resolved = {}
+
+    @classmethod
+    def adopt(cls, manager: addonmanager.AddonManager) -> None:
+        """Make a running master's manager this one, keeping its addons (mitmdump's and
+        mitmweb's, which the chain's script cannot construct)."""
+        if not isinstance(manager, cls):
+            manager.__class__ = cls
+            manager._resolved = {}
+
+    async def trigger_event(self, event: hooks.Hook) -> None:
+        for funcs in self._tops(event):
+            try:
+                with addonmanager.safecall():
+                    for _, func in funcs:
+                        res = func(*event.args())
+                        if res is not None and inspect.isawaitable(res):
+                            await res
+            except exceptions.AddonHalt:
+                return
+
+    def _tops(self, event: hooks.Hook) -> list[list]:
+        """The hooks of each top-level addon that has any for `event`, in chain order."""
+        key = (0, event.name)  # no addon has id 0
+        found = self._resolved.get(key)
+        if found is None:
+            found = self._resolved[key] = [h for h in (self._iter_hooks(a, event) for a in self.chain) if h]
+        return found
+
+    def _iter_hooks(self, addon, event: hooks.Hook):
+        key = (id(addon), event.name)
+        found = self._resolved.get(key)
+        if found is None:
+            found = self._resolved[key] = list(super()._iter_hooks(addon, event))
+        return found
+
+    def register(self, addon):
+        try:
+            return super().register(addon)
+        finally:
+            self._resolved.clear()
+
+    def remove(self, addon) -> None:
+        try:
+            super().remove(addon)
+        finally:
+            self._resolved.clear()
+
+    def clear(self) -> None:
+        try:
+            super().clear()
+        finally:
+            self._resolved.clear()
+
+    def trigger(self, event: hooks.Hook) -> None:
+        self._resolved.clear()
+        try:
+            super().trigger(event)
+        finally:
+            self._resolved.clear()
+
+
 def _install_gate() -> None:
-    """Put the gate at the very end of the running master's addons, once."""
+    """Put the gate at the very end of the running master's addons, once; and let its
+    manager resolve each event's hooks once (`Hooks`)."""
     master = getattr(ctx, "master", None)
-    if master is not None and master.addons.get("gate") is None:
-        master.addons.add(Gate())
+    if master is not None:
+        Hooks.adopt(master.addons)
+        if master.addons.get("gate") is None:
+            master.addons.add(Gate())
 
 
 if __name__.startswith("__mitmproxy_script__"):

@@ -5,8 +5,9 @@ each one) through all of them. Custody needs eight: option plumbing (core), the 
 (proxyserver), protocol detection (next_layer), certificates (tlsconfig), client address
 blocking (block), refusing h2c upgrades (disable_h2c), startup error checks (errorcheck)
 and the terminal log. Everything else (replay, map-remote, anticache, the flow printer ...)
-is either irrelevant to a gateway or a way around its decisions. `bench/http_overhead.py`
-measures the difference.
+is either irrelevant to a gateway or a way around its decisions. Its addon manager is the
+chain's `Hooks`, which resolves each event's hooks once. `bench/http_overhead.py` measures
+the difference.
 
 SIGTERM (or SIGINT) stops the gateway gracefully: no new connections, requests in flight
 finished within `gateway.grace`, held requests refused with their approvals abandoned
@@ -24,7 +25,7 @@ import os
 import signal
 import sys
 
-from mitmproxy import addonmanager, exceptions, hooks, master, options
+from mitmproxy import exceptions, hooks, master, options
 from mitmproxy.addons import (
     block,
     core,
@@ -56,44 +57,13 @@ class Builtins:
         ]
 
 
-class Hooks(addonmanager.AddonManager):
-    """mitmproxy's addon manager, resolving each event's hooks in an addon's tree once.
-
-    mitmproxy walks every addon of the tree and looks the hook up by name for every event
-    of every flow (some 40 addons, a dozen events a flow); the tree of this master changes
-    only when an addon is registered or removed, and then what was resolved is forgotten."""
-
-    def __init__(self, m: master.Master) -> None:
-        super().__init__(m)
-        self._resolved: dict[tuple[int, str], list] = {}
-
-    def _iter_hooks(self, addon, event: hooks.Hook):
-        key = (id(addon), event.name)
-        found = self._resolved.get(key)
-        if found is None:
-            found = self._resolved[key] = list(super()._iter_hooks(addon, event))
-        return found
-
-    def register(self, addon):
-        try:
-            return super().register(addon)
-        finally:
-            self._resolved.clear()
-
-    def remove(self, addon) -> None:
-        try:
-            super().remove(addon)
-        finally:
-            self._resolved.clear()
-
-
 class Gateway(master.Master):
     """Three top-level addons: mitmproxy's, Custody's chain, and the gate on its own, so
     that nothing that goes wrong inside the other two can skip it."""
 
     def __init__(self, opts: options.Options) -> None:
         super().__init__(opts, with_termlog=False)
-        self.addons = Hooks(self)
+        self.addons = chain.Hooks(self)
         self._termlog_addon = termlog.TermLog()
         self.addons.add(self._termlog_addon)
         self.chain = chain.Chain()

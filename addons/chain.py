@@ -158,9 +158,10 @@ class Hooks(addonmanager.AddonManager):
     cleared, or options changed (the `scripts` option reorders the scripts' addons in its
     own `configure`, dispatched by `trigger`); each forgets what was resolved. Events are
     dispatched as mitmproxy does (each top-level addon's hooks under its own error
-    handler, an AddonHalt ending the event), only to the top-level addons with a hook."""
+    handler, an AddonHalt ending the event), only to the top-level addons with a hook; an
+    addon added while an event is being dispatched sees the next one."""
 
-    _resolved: dict[tuple[int, str], list]
+    _resolved: dict[str, list[list]]
 
     def __init__(self, master) -> None:
         super().__init__(master)
@@ -175,7 +176,11 @@ class Hooks(addonmanager.AddonManager):
             manager._resolved = {}
 
     async def trigger_event(self, event: hooks.Hook) -> None:
-        for funcs in self._tops(event):
+        tops = self._tops(event)
+        if tops is None:  # an addon's hook could not be resolved: mitmproxy logs it and goes on
+            await super().trigger_event(event)
+            return
+        for funcs in tops:
             try:
                 with addonmanager.safecall():
                     for _, func in funcs:
@@ -185,19 +190,21 @@ class Hooks(addonmanager.AddonManager):
             except exceptions.AddonHalt:
                 return
 
-    def _tops(self, event: hooks.Hook) -> list[list]:
-        """The hooks of each top-level addon that has any for `event`, in chain order."""
-        key = (0, event.name)  # no addon has id 0
-        found = self._resolved.get(key)
+    def _tops(self, event: hooks.Hook) -> list[list] | None:
+        """The hooks of each top-level addon that has any for `event`, in chain order;
+        None (not kept) when one of them cannot be resolved (a hook name that is not
+        callable). Only events dispatched here are kept: loading, `trigger` and mitmproxy's
+        own direct calls (`script.run`) resolve as mitmproxy does, every time."""
+        found = self._resolved.get(event.name)
         if found is None:
-            found = self._resolved[key] = [h for h in (self._iter_hooks(a, event) for a in self.chain) if h]
-        return found
-
-    def _iter_hooks(self, addon, event: hooks.Hook):
-        key = (id(addon), event.name)
-        found = self._resolved.get(key)
-        if found is None:
-            found = self._resolved[key] = list(super()._iter_hooks(addon, event))
+            found = []
+            try:
+                for addon in self.chain:
+                    if funcs := list(super()._iter_hooks(addon, event)):
+                        found.append(funcs)
+            except exceptions.AddonManagerError:
+                return None
+            self._resolved[event.name] = found
         return found
 
     def register(self, addon):

@@ -64,6 +64,20 @@ async def _fire(m: master.Master, *events) -> None:
         await m.addons.trigger_event(event)
 
 
+class Unresolvable:
+    """A hook name bound to something that is not callable: mitmproxy logs an error for this
+    addon and still runs the others."""
+
+    request = "not a hook"
+
+
+def _invoke_unregistered(m: master.Master, log: list) -> None:
+    """mitmproxy's `script.run` invokes a fresh, never registered module's hooks directly;
+    fresh objects may reuse an earlier one's id."""
+    for i in range(6):
+        m.addons.invoke_addon_sync(Seen(f"run{i}", log), HttpRequestHook(tflow.tflow()))
+
+
 def _adopt(m: master.Master, child) -> None:
     """What mitmproxy asks of an addon that manages sub-addons: add it, then register it."""
     m.addons.get("parent").addons.append(child)
@@ -89,6 +103,9 @@ STEPS = [
                                                                             Seen("h", log))),
     ("add i, whose response hook halts, and j", lambda m, log: m.addons.add(Seen("i", log, ("response",), "halt"),
                                                                              Seen("j", log, ("response",)))),
+    ("add an addon whose request is not callable, and l", lambda m, log: m.addons.add(Unresolvable(),
+                                                                                       Seen("l", log))),
+    ("invoke unregistered addons directly, as script.run does", lambda m, log: _invoke_unregistered(m, log)),
     ("clear", lambda m, log: m.addons.clear()),
     ("add k", lambda m, log: m.addons.add(Seen("k", log))),
 ]

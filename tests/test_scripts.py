@@ -290,3 +290,17 @@ def test_the_readme_walkthrough_runs_as_written_on_a_fresh_clone(fresh):
             if not line.strip() or line.strip() == "...":
                 continue
             assert shown(line).search(got), f"block {n}:\n{body}\nexpected a line like {line!r} in:\n{got}"
+
+
+def test_scripts_test_asks_for_every_system_package_it_lists():
+    """Every program=package pair written in scripts/test's `ensure_packages` call reaches the
+    call as bash reads it: a line that lost its `\\` is a variable assignment to bash, and
+    that package is silently never installed (xmlsec1 was, until a fresh machine ran CI)."""
+    text = (ROOT / "scripts" / "test").read_text()
+    call = text[text.index("ensure_packages "):text.index("\nensure_venv")]
+    written = [w for w in call.replace("\\\n", " ").split() if "=" in w]
+    out = subprocess.run(["bash", "-c", 'ensure_packages() { printf "%s\\n" "$@"; }\n' + call],
+                         capture_output=True, text=True, timeout=30)
+    assert (out.returncode, out.stderr) == (0, "")
+    assert out.stdout.split() == written
+    assert "xmlsec1=xmlsec1" in written

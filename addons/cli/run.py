@@ -33,7 +33,6 @@ from mitmproxy.addons import (
     errorcheck,
     next_layer,
     proxyserver,
-    termlog,
     tlsconfig,
 )
 
@@ -62,10 +61,8 @@ class Gateway(master.Master):
     that nothing that goes wrong inside the other two can skip it."""
 
     def __init__(self, opts: options.Options) -> None:
-        super().__init__(opts, with_termlog=False)
-        self.addons = chain.Hooks(self)
-        self._termlog_addon = termlog.TermLog()
-        self.addons.add(self._termlog_addon)
+        super().__init__(opts, with_termlog=True)
+        chain.Hooks.adopt(self.addons)
         self.chain = chain.Chain()
         self.addons.add(Builtins(), self.chain, Gate())
         self.addons.handle_lifecycle = self._handle_lifecycle

@@ -1,7 +1,9 @@
 """What ssh_bridge costs: 200 sequential `exec`s over one SSH connection, directly to a real
 sshd versus through the bridge and the gateway (`custody run`, the shipped rules/ssh.yaml,
-output masked for secrets), in one run. Prints the time per command of each, the ratio and
-the latency added per command.
+output masked for secrets), in one run, taking turns. Two commands: `echo N` (a bash builtin: the gateway
+asks the host nothing before deciding) and `cat /etc/hostname` (a program and a path: the
+planner asks the host where `cat` is and what the path really is, one more round trip).
+Prints the time per command of each, the ratio and the latency added per command.
 
     .venv/bin/python bench/ssh.py [--commands 200]
 """
@@ -29,16 +31,28 @@ from tests.support.pgbridge import BridgeProcess  # noqa: E402
 from tests.support.servers import JwksServer, free_port  # noqa: E402
 
 
-async def timed(connect, commands: int) -> list[float]:
-    async with await connect() as conn:
-        await conn.run("true", check=False)  # warm
-        times = []
+COMMANDS = {
+    "echo N": lambda n: f"echo {n}",
+    "cat /etc/hostname": lambda n: "cat /etc/hostname",
+}
+
+
+async def compare(direct, bridged, commands: int, command) -> tuple[list[float], list[float]]:
+    """Each command directly and through the bridge in turn, on two open connections, so both
+    see the same machine."""
+    expected = Path("/etc/hostname").read_text()
+    async with await direct() as d, await bridged() as b:
+        times: tuple[list[float], list[float]] = ([], [])
+        for conn in (d, b):
+            await conn.run("true", check=False)  # warm
         for n in range(commands):
-            start = time.perf_counter()
-            result = await conn.run(f"echo {n}", check=False)
-            times.append(time.perf_counter() - start)
-            if result.stdout != f"{n}\n":
-                raise RuntimeError(f"unexpected output {result.stdout!r} / {result.stderr!r}")
+            line = command(n)
+            for conn, into in zip((d, b), times):
+                start = time.perf_counter()
+                result = await conn.run(line, check=False)
+                into.append(time.perf_counter() - start)
+                if result.stdout != (f"{n}\n" if line.startswith("echo") else expected):
+                    raise RuntimeError(f"unexpected output {result.stdout!r} / {result.stderr!r}")
     return times
 
 
@@ -74,15 +88,13 @@ def main() -> None:
             return asyncssh.connect("127.0.0.1", port, username="agent", password=token, known_hosts=None,
                                     client_keys=None, agent_path=None, config=None)
 
-        d = asyncio.run(timed(direct, args.commands))
-        b = asyncio.run(timed(bridged, args.commands))
-        dm, bm = statistics.median(d) * 1000, statistics.median(b) * 1000
-        print(f"{args.commands} sequential execs over one connection (`echo N`); gateway: custody run, "
+        print(f"{args.commands} sequential execs of each command over one connection; gateway: custody run, "
               "rules/ssh.yaml (output masked for secrets)\n")
-        print(f"{'':10} {'total s':>8} {'p50 ms':>8}")
-        print(f"{'direct':10} {sum(d):8.2f} {dm:8.2f}")
-        print(f"{'bridge':10} {sum(b):8.2f} {bm:8.2f}")
-        print(f"{'ratio':10} {sum(b) / sum(d):8.2f} {bm / dm:8.2f}   added per command at p50: {bm - dm:.2f} ms")
+        print(f"{'':28} {'direct p50':>10} {'bridge p50':>10} {'ratio':>6} {'added':>9}")
+        for label, command in COMMANDS.items():
+            d, b = asyncio.run(compare(direct, bridged, args.commands, command))
+            dm, bm = statistics.median(d) * 1000, statistics.median(b) * 1000
+            print(f"{label:28} {dm:8.2f}ms {bm:8.2f}ms {bm / dm:6.2f} {bm - dm:+7.2f}ms")
     finally:
         if bridge:
             bridge.stop()

@@ -207,6 +207,32 @@ def test_a_program_the_gateway_cannot_identify_is_exec_and_riskiest(text, sessio
 
 
 @pytest.mark.parametrize(
+    "text, asked",
+    [
+        ("cat /etc/hostname", set()),  # a bare word on an all-system PATH: asking could not change it
+        ("ls -la | grep x | wc -l", set()),
+        ("nice timeout 5 ps aux", set()),
+        ("xargs -a list rm", set()),
+        ("sudo ls", set()),
+        ("awk 1 x", set()),
+        ("./tool x | sort", {"./tool"}),  # a word with a slash is that file: still asked
+        ("cat x; /tmp/l/cat y", {"/tmp/l/cat"}),
+        ("env /tmp/cat notes", {"/tmp/cat"}),
+    ],
+)
+def test_bare_programs_on_a_system_path_are_not_asked_about(text, asked):
+    system = where(path="/usr/bin:/bin", system_path=True, asked=shellops.Asked())
+    unchecked = where(path="/usr/bin:/bin", asked=shellops.Asked())
+    op = shellops.classify("prod-web", "exec", text, session=system)
+    shellops.classify("prod-web", "exec", text, session=unchecked)
+    assert {w for w, _ in system.asked.programs} == asked
+    assert asked < {w for w, _ in unchecked.asked.programs}  # what the host would have been asked
+    # and what the host would have answered changes nothing: each word found in /usr/bin
+    answered = {w: (f"/usr/bin/{w}", f"/usr/bin/{w}") for w, _ in unchecked.asked.programs if "/" not in w}
+    assert op == shellops.classify("prod-web", "exec", text, session=where(path="/usr/bin:/bin", programs=answered))
+
+
+@pytest.mark.parametrize(
     "text, programs, action, expected",
     [
         ("/usr/bin/ls -la", {}, "read", ["ls"]),  # a system directory: the name is what it is

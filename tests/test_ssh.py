@@ -626,3 +626,91 @@ def test_the_attackers_spellings_do_not_reach_the_host(bridge, gw, askpass, toke
     assert not CANARY.exists() and not Path("/etc/custody-test").exists()
     marks = ",".join("?" * len(lines))
     assert gw.wait_events(f"kind = 'decision' AND effect = 'deny' AND resource IN ({marks})", list(lines))
+
+
+# what the planner asks the host: the probe's script run in a real bash, as sshd runs it
+
+@pytest.fixture
+def tree(tmp_path):
+    """bin/tool (a program), link -> bin, odd dir/ (spaces), a symlinked tool, a non-program."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "tool").write_bytes(b"#!/bin/sh\n")
+    (tmp_path / "bin" / "tool").chmod(0o755)
+    (tmp_path / "link").symlink_to(tmp_path / "bin")
+    (tmp_path / "odd dir").mkdir()
+    (tmp_path / "odd dir" / "sh").symlink_to("/bin/sh")
+    (tmp_path / "odd dir" / "sh").parent.joinpath("plain").write_text("")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "word, where, path, expected",
+    [
+        ("tool", None, "{t}/link", ("{t}/bin/tool", "{t}/bin/tool")),  # found on PATH, its directory resolved
+        ("tool", None, "/nonexistent:{t}/bin", ("{t}/bin/tool", "{t}/bin/tool")),
+        ("tool", None, "/nonexistent", ("", "")),  # not found: nothing runs
+        ("ls", None, "", ("/usr/bin/ls", os.path.realpath("/usr/bin/ls"))),
+        ("./tool", "{t}/bin", "", ("{t}/bin/tool", "{t}/bin/tool")),  # relative to where it runs
+        ("./tool", "{t}/link", "", ("{t}/bin/tool", "{t}/bin/tool")),
+        ("../bin/tool", "{t}/link", "", ("{t}/bin/tool", "{t}/bin/tool")),  # cd -P: physical ..
+        ("{t}/link/tool", None, "", ("{t}/bin/tool", "{t}/bin/tool")),
+        ("{t}/link//tool", None, "", ("{t}/bin/tool", "{t}/bin/tool")),
+        ("{t}/odd dir/sh", None, "", ("{t}/odd dir/sh", os.path.realpath("/bin/sh"))),  # named where, is sh
+        ("{t}/odd dir/plain", None, "", ("{t}/odd dir/plain", "{t}/odd dir/plain")),
+        ("{t}/bin/", None, "", ("{t}/bin", "{t}/bin")),  # a directory with a trailing slash: basename's rule
+        ("{t}/missing/tool", None, "", ("", "")),
+        ("/", None, "", ("//", "/")),
+    ],
+)
+def test_the_probe_says_where_a_program_is_and_what_it_really_is(tree, word, where, path, expected):
+    from ssh_bridge.terminal.backend import parse_resolved, resolve_script
+
+    t = str(tree)
+    word, where = word.format(t=t), where and where.format(t=t)
+    script = resolve_script(t, [], [(word, where)])
+    done = subprocess.run(["/bin/bash", "--noprofile", "--norc", "-c", script], capture_output=True, timeout=10,
+                          env={"PATH": ":".join(filter(None, [path.format(t=t), "/usr/bin:/bin"]))})
+    assert done.returncode == 0 and done.stderr == b"", done.stderr
+    real, found = parse_resolved(done.stdout.decode(errors="surrogateescape").split("\0"))
+    assert (real, found) == ({}, {word: tuple(x.format(t=t) for x in expected)})
+
+
+def test_the_probe_resolves_paths_and_programs_in_one_answer(tree):
+    from ssh_bridge.terminal.backend import parse_resolved, resolve_script
+
+    t = str(tree)
+    script = resolve_script(f"{t}/link", ["tool", f"{t}/link/new/file", "../odd dir"], [("tool", None), ("nope", None)])
+    done = subprocess.run(["/bin/bash", "--noprofile", "--norc", "-c", script], capture_output=True, timeout=10,
+                          env={"PATH": f"{t}/bin:/usr/bin:/bin"})
+    assert parse_resolved(done.stdout.decode().split("\0")) == (
+        {"tool": f"{t}/bin/tool", f"{t}/link/new/file": f"{t}/bin/new/file", "../odd dir": f"{t}/odd dir"},
+        {"tool": (f"{t}/bin/tool", f"{t}/bin/tool"), "nope": ("", "")})
+
+
+@pytest.mark.parametrize(
+    "path, system",
+    [
+        ("/usr/local/bin:/usr/bin:/bin:/usr/games", True),  # sshd's own (/bin may be a link to /usr/bin)
+        ("/usr/bin", True),
+        ("{t}/link", False),  # not a system directory
+        ("/usr/bin:{t}/usr/bin", False),
+        ("/usr/bin:/nonexistent", False),  # cannot be placed: not trusted
+        ("/usr/bin:", False),  # the empty entry is the working directory
+    ],
+)
+def test_the_host_says_whether_a_path_is_all_system_directories(tree, path, system):
+    from ssh_bridge.terminal.backend import all_system, physical_dirs_script
+
+    path = path.format(t=tree)
+    (tree / "usr" / "bin").mkdir(parents=True)
+    done = subprocess.run(["/bin/bash", "--noprofile", "--norc", "-c", physical_dirs_script(path)],
+                          capture_output=True, timeout=10)
+    assert all_system(done.stdout.decode().split("\0"), path) is system
+
+
+def test_a_system_directory_that_is_a_link_elsewhere_is_not_trusted():
+    from ssh_bridge.terminal.backend import all_system
+
+    assert all_system(["/usr/bin", "/tmp/evil", ""], "/usr/bin:/usr/local/bin") is False
+    assert all_system(["/usr/bin", ""], "/usr/bin:/usr/local/bin") is False  # an answer short of a directory
+    assert all_system(["/usr/bin", "/usr/local/bin", ""], "/usr/bin:/usr/local/bin") is True

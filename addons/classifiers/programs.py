@@ -336,7 +336,7 @@ def identify(word: str, cwd: str | None, path: str | None,
             return _by_location(word, *resolved[word])
         if path is None:  # not found on the host (then nothing runs), or not asked: by the PATH
             return Identity("", f"the session's PATH is unknown, so {word!r} could be any program")
-        outside = [d for d in path.split(":") if posixpath.normpath(d or ".") not in SYSTEM_DIRS]
+        outside = _outside(path)
         if outside:
             return Identity("", f"the session's PATH includes {outside[0] or '.'!r}, so {word!r} could be any program")
         return Identity(word)
@@ -349,6 +349,15 @@ def identify(word: str, cwd: str | None, path: str | None,
     if ".." in parts or "." in parts[1:-1] or posixpath.dirname(posixpath.normpath(full)) not in SYSTEM_DIRS:
         return Identity("", f"{word} is not in a system directory, so the gateway cannot tell what it is")
     return Identity(posixpath.basename(full))
+
+
+def lexically_system(path: str) -> bool:
+    """Every directory of a PATH is, as written, a system directory (the empty one is `.`)."""
+    return not _outside(path)
+
+
+def _outside(path: str) -> list[str]:
+    return [d for d in path.split(":") if posixpath.normpath(d or ".") not in SYSTEM_DIRS]
 
 
 def _by_location(word: str, location: str, real: str) -> Identity:

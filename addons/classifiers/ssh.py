@@ -76,6 +76,10 @@ class Session:
 
     cwd: str | None = "/"
     path: str | None = P.STANDARD_PATH
+    system_path: bool = False
+    """The host said every directory of `path` is, symlinks followed, a system directory: a
+    bare program word on it is what its name says (`programs.identify`), so it is not asked
+    about — the answer could not change what it is."""
     home: str | None = None
     stdin: bool = False
     paths: dict[str, str] = field(default_factory=dict)
@@ -183,7 +187,7 @@ def command(s: Simple, where: Session, depth: int = 0, source: tuple[str, str] |
     word = args[0]
     if set(word) & EXPANDING:
         raise Unclassifiable(f"the program {word!r} is expanded by the shell (a variable, a glob or braces)")
-    if where.asked is not None and word not in P.BUILTINS:
+    if where.asked is not None and word not in P.BUILTINS and ("/" in word or not where.system_path):
         where.asked.programs.add((word, where.cwd))
     who = P.identify(word, where.cwd, where.path, where.programs)
     # an unidentified program is judged by the name it was given too (a copy named sudo is

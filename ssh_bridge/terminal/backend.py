@@ -19,6 +19,7 @@ A session holds one connection to the host, and on it:
 from __future__ import annotations
 
 import asyncio
+import posixpath
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 
 import asyncssh
 
+from addons.classifiers import programs as P
 from addons.engine.config import Connection
 
 SHELL = "exec bash --noprofile --norc"
@@ -71,6 +73,9 @@ class Host:
     cwd: str | None = None
     shell_path: str | None = None
     """The PATH the shell last reported (its lines cannot change it, but it is read, not assumed)."""
+    system_paths: set[str] = field(default_factory=set)
+    """PATHs whose every directory is, symlinks followed, a system directory (asked at
+    connect): a program word found on one is what its name says (`system_path`)."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     probe: asyncssh.SSHClientProcess | None = None
     probe_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -91,7 +96,14 @@ class Host:
         host = cls(conn)
         home, path = (await host.ask("printf '%s\\0%s\\0' \"$(pwd -P)\" \"$PATH\"") + ["", ""])[:2]
         host.home, host.path = home or None, path or None  # where exec commands start, and their PATH
+        if host.path is not None and P.lexically_system(host.path):
+            if all_system(await host.ask(physical_dirs_script(host.path)), host.path):
+                host.system_paths.add(host.path)
         return host
+
+    def system_path(self, path: str | None) -> bool:
+        """Whether `path` is one of this host's all-system PATHs."""
+        return path is not None and path in self.system_paths
 
     async def process(self, command: str, terminal: dict | None) -> asyncssh.SSHClientProcess:
         """A command of its own (an exec), with a terminal when the client asked for one."""
@@ -119,34 +131,12 @@ class Host:
                       ) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
         """What the paths really are (`realpath -m`: symlinks followed, missing parts kept) and
         where the shell finds each program word (its directory resolved) and what file it
-        really is; answers the host could not give are left out."""
+        really is; answers the host could not give are left out. One round trip; per program
+        two subshells and one `realpath`, since every process the host starts is on the
+        critical path of the line."""
         if not paths and not programs:
             return {}, {}
-        lines = [f"cd -- {quote(cwd)} 2>/dev/null || cd /"] if cwd else []
-        for p in paths:
-            lines.append(f"printf 'P\\0%s\\0' {quote(p)}; realpath -mz -- {quote(p)} || printf '\\0'")
-        for word, where in programs:
-            found = f"$(type -P -- {quote(word)})" if "/" not in word else quote(word)
-            cd = f"cd -- {quote(where)} 2>/dev/null; " if where and "/" in word else ""
-            lines.append(f"( {cd}f={found}; printf 'X\\0%s\\0' {quote(word)}; "
-                         "if [ -n \"$f\" ] && [ -e \"$f\" ]; then d=$(cd -P -- \"$(dirname -- \"$f\")\" && pwd -P); "
-                         "printf '%s\\0' \"${d%/}/$(basename -- \"$f\")\"; realpath -z -- \"$f\"; "
-                         "else printf '\\0\\0'; fi )")
-        fields = await self.ask("\n".join(lines))
-        real: dict[str, str] = {}
-        found: dict[str, tuple[str, str]] = {}
-        i = 0
-        while i + 1 < len(fields) and fields[i] in ("P", "X"):
-            if fields[i] == "P" and i + 2 < len(fields):
-                if fields[i + 2]:
-                    real[fields[i + 1]] = fields[i + 2]
-                i += 3
-            elif fields[i] == "X" and i + 3 < len(fields):
-                found[fields[i + 1]] = (fields[i + 2], fields[i + 3])
-                i += 4
-            else:
-                break
-        return real, found
+        return parse_resolved(await self.ask(resolve_script(cwd, paths, programs)))
 
     async def ask(self, script: str) -> list[str]:
         """Run `script` in a subshell of the probe shell (started with the connection: the
@@ -167,6 +157,68 @@ class Host:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def resolve_script(cwd: str | None, paths: list[str], programs: list[tuple[str, str | None]]) -> str:
+    """The probe's script for `Host.resolve`: per path `P`, the path, its real path; per
+    program `X`, the word, the file the shell would run (`type -P`, or the word itself when
+    it has a slash, from the directory it runs in), that file's directory with symlinks
+    followed (`cd -P`, as the shell's own `cd` resolves it) and the file's real path; three
+    empty fields where there is no such file. dirname and basename are done in bash (`_d`) and here,
+    not by starting programs."""
+    lines = [_DIRNAME, f"cd -- {quote(cwd)} 2>/dev/null || cd /"] if cwd else [_DIRNAME]
+    for p in paths:
+        lines.append(f"printf 'P\\0%s\\0' {quote(p)}; realpath -mz -- {quote(p)} || printf '\\0'")
+    for word, where in programs:
+        found = f"$(type -P -- {quote(word)})" if "/" not in word else quote(word)
+        cd = f"cd -- {quote(where)} 2>/dev/null; " if where and "/" in word else ""
+        answer = (f"f={found}; printf 'X\\0%s\\0' {quote(word)}; if [ -n \"$f\" ] && [ -e \"$f\" ]; then "
+                  "_d \"$f\"; printf '%s\\0%s\\0' \"$f\" \"$(cd -P -- \"$d\" && pwd -P)\"; "
+                  "realpath -z -- \"$f\" || printf '\\0'; else printf '\\0\\0\\0'; fi")
+        lines.append(f"( {cd}{answer} )" if cd else answer)  # a subshell only where it must not move the cd
+    return "\n".join(lines)
+
+
+def physical_dirs_script(path: str) -> str:
+    """Each directory of `path`, symlinks followed (empty where it does not exist)."""
+    return "; ".join(f"printf '%s\\0' \"$(cd -P -- {quote(d)} 2>/dev/null && pwd -P)\"" for d in path.split(":"))
+
+
+def all_system(fields: list[str], path: str) -> bool:
+    """`physical_dirs_script`'s answer: one directory per entry of `path`, each a system one."""
+    dirs = fields[:-1] if fields[-1:] == [""] else fields
+    return len(dirs) == len(path.split(":")) and all(posixpath.normpath(d or ".") in P.SYSTEM_DIRS for d in dirs)
+
+
+_DIRNAME = ("_d() { d=$1; [[ $d == *[!/]* ]] || { d=/; return; }; d=${d%${d##*[!/]}}; "
+            "[[ $d == */* ]] || { d=.; return; }; d=${d%/*}; [[ $d == *[!/]* ]] && d=${d%${d##*[!/]}}; d=${d:-/}; }")
+"""`dirname` in bash: trailing slashes, then the last component, then the slashes before it."""
+
+
+def parse_resolved(fields: list[str]) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """`resolve_script`'s answer; a program is `(physical directory + its name, real path)`,
+    or `("", "")` where the host has no such file."""
+    real: dict[str, str] = {}
+    found: dict[str, tuple[str, str]] = {}
+    i = 0
+    while i + 1 < len(fields) and fields[i] in ("P", "X"):
+        if fields[i] == "P" and i + 2 < len(fields):
+            if fields[i + 2]:
+                real[fields[i + 1]] = fields[i + 2]
+            i += 3
+        elif fields[i] == "X" and i + 4 < len(fields):
+            word, file, directory, target = fields[i + 1:i + 5]
+            found[word] = (f"{directory.removesuffix('/')}/{basename(file)}", target) if file else ("", "")
+            i += 5
+        else:
+            break
+    return real, found
+
+
+def basename(path: str) -> str:
+    """coreutils' `basename`: the last component, trailing slashes dropped; `/` for `/`."""
+    stripped = path.rstrip("/")
+    return stripped.rpartition("/")[2] if stripped else ("/" if path else "")
 
 
 def line_script(line: str, mark: str) -> bytes:

@@ -6,7 +6,8 @@ on the next), a program name nothing without the PATH, and a path nothing withou
 symlinks on the way (`/tmp/l/passwd` may be /etc/passwd). Classify cannot know them; the
 session can. So each ssh line is classified here again in its session (directory, PATH,
 home), and then once more with the host's answers about the paths and programs it names
-(backend.Host.resolve). A line the gateway cannot place (no session, a directory it lost)
+(backend.Host.resolve; a bare program word on a PATH the host said is all system
+directories is not asked about, since the answer could not change what it is). A line the gateway cannot place (no session, a directory it lost)
 stays `unknown` where that matters.
 
 An interactive program (an editor, a pager, top) cannot be governed line by line; it is
@@ -46,9 +47,10 @@ class SshPlanner:
         if session is not None:
             host = session.host
             shell = phase == "shell"
-            where = ssh.Session(cwd=(host.cwd or host.home) if shell else host.home,
-                                path=(host.shell_path or host.path) if shell else host.path, home=host.home,
-                                stdin=not shell, asked=ssh.Asked())
+            path = (host.shell_path or host.path) if shell else host.path
+            where = ssh.Session(cwd=(host.cwd or host.home) if shell else host.home, path=path,
+                                system_path=host.system_path(path), home=host.home, stdin=not shell,
+                                asked=ssh.Asked())
             ssh.classify(op.connection, phase, op.details["line"], extra, session=where)
             try:
                 paths, programs = await self.executor.resolve(session, where.cwd, sorted(where.asked.paths),

@@ -95,9 +95,40 @@ def masked_body(masker: Masker, content: bytes, content_type: str) -> tuple[byte
     return masker.body(content, content_type)
 
 
+def masked_bodies(masker: Masker, items: list[tuple[bytes, str]]) -> list[tuple[bytes, Report] | MaskError]:
+    """Several bodies, one after the other; one that cannot be masked gives its MaskError."""
+    out: list[tuple[bytes, Report] | MaskError] = []
+    for content, content_type in items:
+        try:
+            out.append(masked_body(masker, content, content_type))
+        except MaskError as e:
+            out.append(e)
+    return out
+
+
 def _mask(content: bytes, content_type: str, masks_json: str) -> tuple[bytes, dict]:
     out, report = masked_body(_masker(masks_json), content, content_type)
     return out, report.as_dict()
+
+
+def operation_doc(op: Operation, masks: tuple) -> bytes | None:
+    """What of an operation is masked for its record (its details, and each part's when it
+    has several); None when nothing is to be masked."""
+    if not masks:
+        return None
+    recorded = op.parts if len(op.parts) > 1 else ()  # one statement is its operation (Operation.as_dict)
+    return canonical_json({"details": op.details, "parts": [p.details for p in recorded]}).encode()
+
+
+def recorded_operation(op: Operation, masked: bytes | None, withheld: str) -> Operation:
+    """The operation with `operation_doc` masked back in, or its details withheld."""
+    recorded = op.parts if len(op.parts) > 1 else ()
+    if masked is None:
+        doc = {"details": {"withheld": withheld}, "parts": [{"withheld": withheld} for _ in recorded]}
+    else:
+        doc = json.loads(masked)
+    parts = tuple(dataclasses.replace(p, details=d) for p, d in zip(recorded, doc["parts"]))
+    return dataclasses.replace(op, details=doc["details"], parts=parts or op.parts[:0])
 
 
 def masks_json(masks: tuple) -> str:
@@ -230,11 +261,15 @@ class MaskPool:
         return self.detector is not None and self.inline
 
     async def _mask_here(self, content: bytes, content_type: str, masks: tuple, deadline: float) -> tuple[bytes, dict]:
+        out, report = await self._here_job(masked_body, (content, content_type), masks, deadline)
+        return out, report.as_dict()
+
+    async def _here_job(self, job, args: tuple, masks: tuple, deadline: float):
+        """`job(masker, *args)` in a thread of this process, within the deadline."""
         timeout = self.masking.timeout
         masker = self._local(masks_json(masks))
         try:
-            out, report = await asyncio.wait_for(asyncio.to_thread(masked_body, masker, content, content_type),
-                                                 max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(asyncio.to_thread(job, masker, *args), max(0.0, deadline - time.monotonic()))
         except MaskError:
             raise
         except TimeoutError:
@@ -243,7 +278,6 @@ class MaskPool:
             raise MaskUnavailable(f"masking did not finish within {timeout:g}s") from None
         except Exception as e:
             raise MaskUnavailable(f"masking failed: {type(e).__name__}: {e}") from None
-        return out, report.as_dict()
 
     async def _ready(self, deadline: float) -> ProcessPoolExecutor:
         """The pool once its workers answer; restarted when it failed to start."""
@@ -276,27 +310,41 @@ class MaskPool:
         """Fix the masks of the flow's record and what its operation looks like on record,
         once: every event of the flow then shows the same masked text, even after a late
         refusal dropped the decision's masks. The masks."""
+        masks, _ = await self.fix_record_with(ctx)
+        return masks
+
+    async def fix_record_with(self, ctx: Context, *bodies: tuple[bytes | None, str]
+                              ) -> tuple[tuple, list[tuple[bytes | None, str]]]:
+        """`fix_record`, and `bodies` (content, type) as they may be stored (`for_record`),
+        masked together with the operation: a request's operation and its body are one job,
+        not two trips to a thread."""
         if ctx.record_masks is None:
             ctx.record_masks = tuple(ctx.decision.masks) if ctx.decision else ()
-        if ctx.recorded_operation is None and ctx.operation is not None:
-            ctx.recorded_operation = await self.operation_for_record(ctx.operation, ctx.record_masks)
-        return ctx.record_masks
+        masks = ctx.record_masks
+        pending = ctx.recorded_operation is None and ctx.operation is not None
+        doc = operation_doc(ctx.operation, masks) if pending else None
+        stored = await self.for_records([*bodies, (doc, OPERATION)], masks)
+        if pending:
+            ctx.recorded_operation = recorded_operation(ctx.operation, *stored[-1]) if doc else ctx.operation
+        return masks, stored[:-1]
 
-    async def operation_for_record(self, op: Operation, masks: tuple) -> Operation:
-        """The operation as it may be stored: its details (a statement's SQL text, a command
-        line) masked with the masks of the request body, since they hold the same text; its
-        details withheld when they cannot be masked."""
-        if not masks:
-            return op
-        recorded = op.parts if len(op.parts) > 1 else ()  # one statement is its operation (Operation.as_dict)
-        doc = {"details": op.details, "parts": [p.details for p in recorded]}
-        masked, withheld = await self.for_record(canonical_json(doc).encode(), OPERATION, masks)
-        if masked is None:
-            doc = {"details": {"withheld": withheld}, "parts": [{"withheld": withheld} for _ in recorded]}
-        else:
-            doc = json.loads(masked)
-        parts = tuple(dataclasses.replace(p, details=d) for p, d in zip(recorded, doc["parts"]))
-        return dataclasses.replace(op, details=doc["details"], parts=parts or op.parts[:0])
+    async def for_records(self, items: list[tuple[bytes | None, str]], masks: tuple) -> list[tuple[bytes | None, str]]:
+        """`for_record` of each item; small ones in one job of this process's detector."""
+        out = [(content, "") for content, _ in items]
+        todo = [i for i, (content, _) in enumerate(items) if content and masks]
+        if len(todo) < 2 or not self._here() or any(len(items[i][0]) > INLINE for i in todo):
+            for i in todo:
+                out[i] = await self.for_record(*items[i], masks)
+            return out
+        try:
+            with metrics.MASKING_SECONDS.labels("inline").time():
+                done = await self._here_job(masked_bodies, ([items[i] for i in todo],), masks,
+                                            time.monotonic() + self.masking.timeout)
+        except MaskUnavailable as e:
+            return [(None, f"withheld: {e}") if i in todo else out[i] for i in range(len(items))]
+        for i, result in zip(todo, done):
+            out[i] = (None, f"withheld: {result}") if isinstance(result, MaskError) else (result[0], "")
+        return out
 
     async def for_record(self, content: bytes | None, content_type: str, masks: tuple) -> tuple[bytes | None, str]:
         """A body as it may be stored: masked, or withheld (None) with the reason why."""

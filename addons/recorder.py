@@ -104,10 +104,9 @@ class Recorder:
         if f.metadata.get(PROBE):
             return
         ctx = context.of(f)
-        masks = await self.pool.fix_record(ctx)
         req = f.request
-        body, withheld = await self.pool.for_record(req.get_content(strict=False),
-                                                    context.body_type(ctx, req.headers.get("content-type", "")), masks)
+        masks, [(body, withheld)] = await self.pool.fix_record_with(
+            ctx, (req.get_content(strict=False), context.body_type(ctx, req.headers.get("content-type", ""))))
         request_event = Event(
             **_base(ctx, f, "request"),
             detail={

@@ -50,7 +50,7 @@ from addons.engine.bridge import SQL_REQUEST, SQL_RESULTS, SSH_RESULTS
 from addons.engine.jsonpaths import Locator
 
 OPERATION = "application/vnd.custody.operation+json"
-"""An Operation's details as the recorder stores them (MaskPool.operation_for_record): the
+"""An Operation's details as the recorder stores them (maskpool.operation_doc): the
 SQL text in them is masked as statements, the rest as a document."""
 REMEMBERED = 2048
 """Strings up to this length have what detection made of them kept (per Masker)."""

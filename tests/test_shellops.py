@@ -169,8 +169,11 @@ def decide(op) -> str:
     return decision.effect
 
 
+HOME = "/home/agent"
+
+
 def where(**kw) -> shellops.Session:
-    return shellops.Session(**{"cwd": "/home/agent", "home": "/home/agent", **kw})
+    return shellops.Session(**{"cwd": HOME, "home": HOME, **kw})
 
 
 @pytest.mark.parametrize(
@@ -194,8 +197,10 @@ def where(**kw) -> shellops.Session:
         ("grep x notes", {"path": ".:/usr/bin"}),
         ("id", {"path": "/usr/bin:/tmp"}),  # late in PATH is still on it: id may be missing earlier
         ("ls", {"path": None}),  # a PATH the gateway does not know
-        ("cat x", {"programs": {"cat": ("/home/agent/.local/bin/cat", "/home/agent/.local/bin/cat")}}),  # host's answer
-        ("/tmp/l/cat x", {"programs": {"/tmp/l/cat": ("/tmp/l/cat", "/tmp/tool")}}),
+        ("ls", {"path": "/home/agent/l/../../../usr/bin"}),  # wherever the link l points when bash looks
+        ("ls", {"path": "/usr//bin:/usr/bin/."}),  # spelled unlike a system directory: not taken for one
+        ("cat x", {"programs": {("cat", "/home/agent"): ("/home/agent/.local/bin/cat", "/home/agent/.local/bin/cat")}}),  # host's answer
+        ("/tmp/l/cat x", {"programs": {("/tmp/l/cat", "/home/agent"): ("/tmp/l/cat", "/tmp/tool")}}),
     ],
 )
 def test_a_program_the_gateway_cannot_identify_is_exec_and_riskiest(text, session):
@@ -204,6 +209,37 @@ def test_a_program_the_gateway_cannot_identify_is_exec_and_riskiest(text, sessio
     assert (part.action, part.risk, op.risk) == ("exec", 100, 100)
     assert "could be any program" in part.details["reason"] or "cannot tell" in part.details["reason"]
     assert decide(op) != "allow"
+
+
+def test_the_same_word_from_two_directories_is_two_programs():
+    line = "cd /usr/bin && ./cat /etc/hostname && cd /tmp/evil && ./cat -c 'sudo id'"
+    asking = where(asked=shellops.Asked())
+    shellops.classify("prod-web", "exec", line, session=asking)
+    assert asking.asked.programs == {("./cat", "/usr/bin"), ("./cat", "/tmp/evil")}
+    answers = {("./cat", "/usr/bin"): ("/usr/bin/cat", "/usr/bin/cat"),
+               ("./cat", "/tmp/evil"): ("/tmp/evil/cat", "/usr/bin/bash")}  # the second is a copy of bash
+    op = shellops.classify("prod-web", "exec", line, session=where(programs=answers))
+    assert (op.action, [x for p in op.parts for x in p.details["programs"]]) == ("admin", ["cd", "cat", "cd", "bash",
+                                                                                           "sudo", "id"])
+
+
+@pytest.mark.parametrize(
+    "path, system",
+    [
+        ("/usr/local/bin:/usr/bin:/bin:/usr/games", True),
+        ("/usr/bin/:/bin", True),  # a trailing slash names the same directory
+        ("/usr/bin:", False),  # the empty entry is the working directory
+        (":/usr/bin", False),
+        ("/home/agent/l/../../../usr/bin", False),  # not normalised: l is a link the agent may move
+        ("/usr/bin/.", False),
+        ("/usr//bin", False),
+        ("/opt/bin:/usr/bin", False),
+    ],
+)
+def test_a_path_is_all_system_directories_only_as_written(path, system):
+    from addons.classifiers import programs
+
+    assert programs.lexically_system(path) is system
 
 
 @pytest.mark.parametrize(
@@ -228,7 +264,7 @@ def test_bare_programs_on_a_system_path_are_not_asked_about(text, asked):
     assert {w for w, _ in system.asked.programs} == asked
     assert asked < {w for w, _ in unchecked.asked.programs}  # what the host would have been asked
     # and what the host would have answered changes nothing: each word found in /usr/bin
-    answered = {w: (f"/usr/bin/{w}", f"/usr/bin/{w}") for w, _ in unchecked.asked.programs if "/" not in w}
+    answered = {(w, d): (f"/usr/bin/{w}", f"/usr/bin/{w}") for w, d in unchecked.asked.programs if "/" not in w}
     assert op == shellops.classify("prod-web", "exec", text, session=where(path="/usr/bin:/bin", programs=answered))
 
 
@@ -237,11 +273,11 @@ def test_bare_programs_on_a_system_path_are_not_asked_about(text, asked):
     [
         ("/usr/bin/ls -la", {}, "read", ["ls"]),  # a system directory: the name is what it is
         ("/bin/cat x", {}, "read", ["cat"]),
-        ("ls", {"ls": ("/usr/bin/ls", "/usr/bin/ls")}, "read", ["ls"]),
-        ("awk 1 x", {"awk": ("/usr/bin/awk", "/usr/bin/mawk")}, "exec", ["awk"]),  # root's alternatives keep the name
+        ("ls", {("ls", HOME): ("/usr/bin/ls", "/usr/bin/ls")}, "read", ["ls"]),
+        ("awk 1 x", {("awk", HOME): ("/usr/bin/awk", "/usr/bin/mawk")}, "exec", ["awk"]),  # root's alternatives keep the name
         # a symlink somewhere else is what it points at: bash, whatever it is called
-        ("/tmp/l/cat -c 'sudo id'", {"/tmp/l/cat": ("/tmp/l/cat", "/usr/bin/bash")}, "admin", ["bash", "sudo", "id"]),
-        ("/tmp/bin/ls /etc", {"/tmp/bin/ls": ("/usr/bin/ls", "/usr/bin/ls")}, "read", ["ls"]),
+        ("/tmp/l/cat -c 'sudo id'", {("/tmp/l/cat", HOME): ("/tmp/l/cat", "/usr/bin/bash")}, "admin", ["bash", "sudo", "id"]),
+        ("/tmp/bin/ls /etc", {("/tmp/bin/ls", HOME): ("/usr/bin/ls", "/usr/bin/ls")}, "read", ["ls"]),
     ],
 )
 def test_a_program_is_classified_by_what_it_is(text, programs, action, expected):

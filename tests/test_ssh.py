@@ -640,6 +640,9 @@ def tree(tmp_path):
     (tmp_path / "odd dir").mkdir()
     (tmp_path / "odd dir" / "sh").symlink_to("/bin/sh")
     (tmp_path / "odd dir" / "sh").parent.joinpath("plain").write_text("")
+    (tmp_path / "fake").mkdir()  # a realpath of the agent's, early on PATH, that lies
+    (tmp_path / "fake" / "realpath").write_text("#!/bin/sh\nprintf '/usr/bin/cat\\0'\n")
+    (tmp_path / "fake" / "realpath").chmod(0o755)
     return tmp_path
 
 
@@ -660,6 +663,8 @@ def tree(tmp_path):
         ("{t}/bin/", None, "", ("{t}/bin", "{t}/bin")),  # a directory with a trailing slash: basename's rule
         ("{t}/missing/tool", None, "", ("", "")),
         ("/", None, "", ("//", "/")),
+        ("./bin/tool", "{t}/gone", "", ("", "")),  # its directory is gone: not looked up from elsewhere
+        ("{t}/bin/tool", None, "{t}/fake", ("{t}/bin/tool", "{t}/bin/tool")),  # the system's realpath answers
     ],
 )
 def test_the_probe_says_where_a_program_is_and_what_it_really_is(tree, word, where, path, expected):
@@ -671,8 +676,8 @@ def test_the_probe_says_where_a_program_is_and_what_it_really_is(tree, word, whe
     done = subprocess.run(["/bin/bash", "--noprofile", "--norc", "-c", script], capture_output=True, timeout=10,
                           env={"PATH": ":".join(filter(None, [path.format(t=t), "/usr/bin:/bin"]))})
     assert done.returncode == 0 and done.stderr == b"", done.stderr
-    real, found = parse_resolved(done.stdout.decode(errors="surrogateescape").split("\0"))
-    assert (real, found) == ({}, {word: tuple(x.format(t=t) for x in expected)})
+    real, found = parse_resolved(done.stdout.decode(errors="surrogateescape").split("\0"), [(word, where)])
+    assert (real, found) == ({}, {(word, where): tuple(x.format(t=t) for x in expected)})
 
 
 def test_the_probe_resolves_paths_and_programs_in_one_answer(tree):
@@ -681,10 +686,10 @@ def test_the_probe_resolves_paths_and_programs_in_one_answer(tree):
     t = str(tree)
     script = resolve_script(f"{t}/link", ["tool", f"{t}/link/new/file", "../odd dir"], [("tool", None), ("nope", None)])
     done = subprocess.run(["/bin/bash", "--noprofile", "--norc", "-c", script], capture_output=True, timeout=10,
-                          env={"PATH": f"{t}/bin:/usr/bin:/bin"})
-    assert parse_resolved(done.stdout.decode().split("\0")) == (
+                          env={"PATH": f"{t}/fake:{t}/bin:/usr/bin:/bin"})
+    assert parse_resolved(done.stdout.decode().split("\0"), [("tool", None), ("nope", None)]) == (
         {"tool": f"{t}/bin/tool", f"{t}/link/new/file": f"{t}/bin/new/file", "../odd dir": f"{t}/odd dir"},
-        {"tool": (f"{t}/bin/tool", f"{t}/bin/tool"), "nope": ("", "")})
+        {("tool", None): (f"{t}/bin/tool", f"{t}/bin/tool"), ("nope", None): ("", "")})
 
 
 @pytest.mark.parametrize(
@@ -714,3 +719,22 @@ def test_a_system_directory_that_is_a_link_elsewhere_is_not_trusted():
     assert all_system(["/usr/bin", "/tmp/evil", ""], "/usr/bin:/usr/local/bin") is False
     assert all_system(["/usr/bin", ""], "/usr/bin:/usr/local/bin") is False  # an answer short of a directory
     assert all_system(["/usr/bin", "/usr/local/bin", ""], "/usr/bin:/usr/local/bin") is True
+
+
+def test_the_probe_answers_each_word_from_its_own_directory(tree):
+    from ssh_bridge.terminal.backend import parse_resolved, resolve_script
+
+    t = str(tree)
+    asked = [("./tool", f"{t}/bin"), ("./tool", f"{t}/odd dir"), ("plain", f"{t}/odd dir"), ("plain", t)]
+    done = subprocess.run(["/bin/bash", "--noprofile", "--norc", "-c", resolve_script(t, [], asked)],
+                          capture_output=True, timeout=10, env={"PATH": ".:/usr/bin:/bin"})  # "." is where it runs
+    assert parse_resolved(done.stdout.decode().split("\0"), asked) == ({}, {
+        ("./tool", f"{t}/bin"): (f"{t}/bin/tool", f"{t}/bin/tool"), ("./tool", f"{t}/odd dir"): ("", ""),
+        ("plain", f"{t}/odd dir"): (f"{t}/odd dir/plain", f"{t}/odd dir/plain"), ("plain", t): ("", "")})
+
+
+def test_an_answer_that_is_not_what_was_asked_ends_the_answers():
+    from ssh_bridge.terminal.backend import parse_resolved
+
+    fields = ["X", "cat", "/usr/bin/cat", "/usr/bin", "/usr/bin/cat", "X", "ls", "/usr/bin/ls", "/usr/bin", "/usr/bin/ls", ""]
+    assert parse_resolved(fields, [("cat", None), ("sh", None)]) == ({}, {("cat", None): ("/usr/bin/cat", "/usr/bin/cat")})

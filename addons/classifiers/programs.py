@@ -319,21 +319,21 @@ class Identity:
 
 
 def identify(word: str, cwd: str | None, path: str | None,
-             resolved: dict[str, tuple[str, str]] | None = None) -> Identity:
+             resolved: dict[tuple[str, str | None], tuple[str, str]] | None = None) -> Identity:
     """What the shell will run for `word`, named the way the tables know it.
 
     A name with a slash is that file: trusted when it is in a system directory. A bare name
     is a builtin, or the first match on PATH: trusted only when every directory of the
     session's PATH is a system directory. When the planner asked the host, `resolved` maps
-    the word to where the shell finds it (its directory's symlinks resolved) and the file
-    it really is, and that answer decides.
+    the word, named from `cwd`, to where the shell finds it (its directory's symlinks
+    resolved) and the file it really is, and that answer decides.
     """
-    resolved = resolved or {}
+    answer = (resolved or {}).get((word, cwd), ("", ""))
     if "/" not in word:
         if word in BUILTINS:
             return Identity(word)
-        if resolved.get(word, ("",))[0]:
-            return _by_location(word, *resolved[word])
+        if answer[0]:
+            return _by_location(word, *answer)
         if path is None:  # not found on the host (then nothing runs), or not asked: by the PATH
             return Identity("", f"the session's PATH is unknown, so {word!r} could be any program")
         outside = _outside(path)
@@ -343,8 +343,8 @@ def identify(word: str, cwd: str | None, path: str | None,
     if not word.startswith("/") and cwd is None:
         return Identity("", f"{word!r} is relative to a directory the gateway does not know")
     full = word if word.startswith("/") else posixpath.join(cwd, word)
-    if resolved.get(word, ("",))[0]:
-        return _by_location(word, *resolved[word])
+    if answer[0]:
+        return _by_location(word, *answer)
     parts = full.split("/")
     if ".." in parts or "." in parts[1:-1] or posixpath.dirname(posixpath.normpath(full)) not in SYSTEM_DIRS:
         return Identity("", f"{word} is not in a system directory, so the gateway cannot tell what it is")
@@ -352,12 +352,15 @@ def identify(word: str, cwd: str | None, path: str | None,
 
 
 def lexically_system(path: str) -> bool:
-    """Every directory of a PATH is, as written, a system directory (the empty one is `.`)."""
+    """Every directory of a PATH is, as written, a system directory."""
     return not _outside(path)
 
 
 def _outside(path: str) -> list[str]:
-    return [d for d in path.split(":") if posixpath.normpath(d or ".") not in SYSTEM_DIRS]
+    """The directories of a PATH not written as a system directory (a trailing slash aside):
+    not normalised, since `/home/u/l/../../usr/bin` is wherever the link `l` points when
+    the shell looks, and the empty entry is the working directory."""
+    return [d for d in path.split(":") if (d.rstrip("/") or d) not in SYSTEM_DIRS]
 
 
 def _by_location(word: str, location: str, real: str) -> Identity:

@@ -71,8 +71,9 @@ class Session:
 
     `cwd` (None: unknown), `path` (the session's PATH; None: unknown), `home`, `stdin`
     (the line's standard input is the client's stream, not /dev/null); `paths` and
-    `programs` are the host's answers (raw path -> real path; program word -> (where the
-    shell finds it, the file it really is)); `asked` collects what to ask the host."""
+    `programs` are the host's answers (raw path -> real path; (program word, directory it
+    is named from) -> (where the shell finds it, the file it really is)); `asked` collects
+    what to ask the host."""
 
     cwd: str | None = "/"
     path: str | None = P.STANDARD_PATH
@@ -83,7 +84,7 @@ class Session:
     home: str | None = None
     stdin: bool = False
     paths: dict[str, str] = field(default_factory=dict)
-    programs: dict[str, tuple[str, str]] = field(default_factory=dict)
+    programs: dict[tuple[str, str | None], tuple[str, str]] = field(default_factory=dict)
     asked: Asked | None = None
 
     def at(self, cwd: str | None) -> Session:

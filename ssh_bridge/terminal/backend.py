@@ -128,7 +128,7 @@ class Host:
         self.shell, self.cwd, self.shell_path = None, None, None
 
     async def resolve(self, cwd: str | None, paths: list[str], programs: list[tuple[str, str | None]]
-                      ) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+                      ) -> tuple[dict[str, str], dict[tuple[str, str | None], tuple[str, str]]]:
         """What the paths really are (`realpath -m`: symlinks followed, missing parts kept) and
         where the shell finds each program word (its directory resolved) and what file it
         really is; answers the host could not give are left out. One round trip; per program
@@ -136,7 +136,7 @@ class Host:
         critical path of the line."""
         if not paths and not programs:
             return {}, {}
-        return parse_resolved(await self.ask(resolve_script(cwd, paths, programs)))
+        return parse_resolved(await self.ask(resolve_script(cwd, paths, programs)), programs)
 
     async def ask(self, script: str) -> list[str]:
         """Run `script` in a subshell of the probe shell (started with the connection: the
@@ -168,15 +168,23 @@ def resolve_script(cwd: str | None, paths: list[str], programs: list[tuple[str, 
     not by starting programs."""
     lines = [_DIRNAME, f"cd -- {quote(cwd)} 2>/dev/null || cd /"] if cwd else [_DIRNAME]
     for p in paths:
-        lines.append(f"printf 'P\\0%s\\0' {quote(p)}; realpath -mz -- {quote(p)} || printf '\\0'")
+        lines.append(f"printf 'P\\0%s\\0' {quote(p)}; {REALPATH} -mz -- {quote(p)} || printf '\\0'")
     for word, where in programs:
         found = f"$(type -P -- {quote(word)})" if "/" not in word else quote(word)
-        cd = f"cd -- {quote(where)} 2>/dev/null; " if where and "/" in word else ""
         answer = (f"f={found}; printf 'X\\0%s\\0' {quote(word)}; if [ -n \"$f\" ] && [ -e \"$f\" ]; then "
                   "_d \"$f\"; printf '%s\\0%s\\0' \"$f\" \"$(cd -P -- \"$d\" && pwd -P)\"; "
-                  "realpath -z -- \"$f\" || printf '\\0'; else printf '\\0\\0\\0'; fi")
-        lines.append(f"( {cd}{answer} )" if cd else answer)  # a subshell only where it must not move the cd
+                  f"{REALPATH} -z -- \"$f\" || printf '\\0'; else printf '\\0\\0\\0'; fi")
+        if where and ("/" in word or where != cwd):  # from its own directory (a relative word, or PATH
+            # entry, means another file there), in a subshell; no answer where that directory is gone
+            answer = (f"( if cd -- {quote(where)} 2>/dev/null; then {answer}; "
+                      f"else printf 'X\\0%s\\0\\0\\0\\0' {quote(word)}; fi )")
+        lines.append(answer)
     return "\n".join(lines)
+
+
+REALPATH = "command -p realpath"
+"""realpath from the system's standard PATH: one found on the session's PATH could be the
+agent's own, answering whatever it likes."""
 
 
 def physical_dirs_script(path: str) -> str:
@@ -195,12 +203,16 @@ _DIRNAME = ("_d() { d=$1; [[ $d == *[!/]* ]] || { d=/; return; }; d=${d%${d##*[!
 """`dirname` in bash: trailing slashes, then the last component, then the slashes before it."""
 
 
-def parse_resolved(fields: list[str]) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
-    """`resolve_script`'s answer; a program is `(physical directory + its name, real path)`,
-    or `("", "")` where the host has no such file."""
+def parse_resolved(fields: list[str], programs: list[tuple[str, str | None]]
+                   ) -> tuple[dict[str, str], dict[tuple[str, str | None], tuple[str, str]]]:
+    """`resolve_script`'s answer for `programs` (the words and directories it was asked
+    about, in order): a program is `(physical directory + its name, real path)`, or
+    `("", "")` where the host has no such file, keyed as it was asked, by word and
+    directory (`./tool` is another file in another directory). Answers stop at the first
+    record that is not what was asked."""
     real: dict[str, str] = {}
-    found: dict[str, tuple[str, str]] = {}
-    i = 0
+    found: dict[tuple[str, str | None], tuple[str, str]] = {}
+    i, asked = 0, iter(programs)
     while i + 1 < len(fields) and fields[i] in ("P", "X"):
         if fields[i] == "P" and i + 2 < len(fields):
             if fields[i + 2]:
@@ -208,7 +220,10 @@ def parse_resolved(fields: list[str]) -> tuple[dict[str, str], dict[str, tuple[s
             i += 3
         elif fields[i] == "X" and i + 4 < len(fields):
             word, file, directory, target = fields[i + 1:i + 5]
-            found[word] = (f"{directory.removesuffix('/')}/{basename(file)}", target) if file else ("", "")
+            key = next(asked, None)
+            if key is None or key[0] != word:
+                break
+            found[key] = (f"{directory.removesuffix('/')}/{basename(file)}", target) if file else ("", "")
             i += 5
         else:
             break

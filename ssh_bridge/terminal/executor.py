@@ -61,7 +61,8 @@ class SshExecutor:
         return s
 
     async def resolve(self, session: Session, cwd: str | None, paths: list[str],
-                      programs: list[tuple[str, str | None]]) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+                      programs: list[tuple[str, str | None]]
+                      ) -> tuple[dict[str, str], dict[tuple[str, str | None], tuple[str, str]]]:
         """The host's answers for the planner (backend.Host.resolve)."""
         return await self._host_loop().run(session.host.resolve(cwd, paths, programs))
 

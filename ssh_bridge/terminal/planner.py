@@ -52,11 +52,13 @@ class SshPlanner:
                                 system_path=host.system_path(path), home=host.home, stdin=not shell,
                                 asked=ssh.Asked())
             ssh.classify(op.connection, phase, op.details["line"], extra, session=where)
-            try:
-                paths, programs = await self.executor.resolve(session, where.cwd, sorted(where.asked.paths),
-                                                              sorted(where.asked.programs, key=str))
-            except HostError:
-                paths, programs = {}, {}
+            paths, programs = {}, {}
+            if where.asked.paths or where.asked.programs:  # else no trip to the host's thread and back
+                try:
+                    paths, programs = await self.executor.resolve(session, where.cwd, sorted(where.asked.paths),
+                                                                  sorted(where.asked.programs, key=str))
+                except HostError:
+                    pass
             where = dataclasses.replace(where, paths=paths, programs=programs, asked=None)
         c.operation = dataclasses.replace(ssh.classify(op.connection, phase, op.details["line"], extra,
                                                        session=where), payload=op.payload)

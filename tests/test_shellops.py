@@ -359,6 +359,15 @@ def test_readers_of_writers_write_nothing(text):
 
 @pytest.mark.parametrize(
     "text",
+    ["echo ${HOME}", "echo ${HOME:-/tmp}", "echo ${#HOME}", "echo ${HOME^^}", "echo ${1}", "echo ${HOME:+set}",
+     "echo ${X-none}", "test -v X", "test '[a]' = b", "wait -n", "jobs -l", "jobs"],
+)
+def test_expansions_and_builtins_that_only_read_stay_reads(text):
+    assert shellops.classify("prod-web", "shell", text, session=where()).action == "read"
+
+
+@pytest.mark.parametrize(
+    "text",
     [
         "export PATH=/tmp:$PATH",
         "declare -x PATH=/tmp",
@@ -401,6 +410,21 @@ def test_readers_of_writers_write_nothing(text):
         "eval 'export PATH=/tmp'",
         "bash -c 'read X'",
         "ls; export X=1",
+        "wait -n -p PATH; cat x",  # the job's id into PATH (none: PATH emptied)
+        "wait -np PATH",
+        "test -v 'x[PATH=7]'; cat x",  # a subscript is arithmetic, and arithmetic assigns
+        "test -R 'x[PATH++]'",
+        "echo ${x[PATH=7]}; cat x",
+        "echo \"${#x[PATH=7]}\"",
+        "echo ${x:PATH=1}",  # a substring's offset is arithmetic too
+        "echo ${x:1:PATH=2}",
+        ": ${X=1}",  # assigns X
+        ": ${PATH:=/tmp}",
+        "echo ${!x}",  # the variable a value names: x='a[PATH=1]'
+        "x='$'; y='(touch /tmp/p)'; z=$x$y; echo ${z@P}",  # a prompt expansion runs command substitution
+        "echo ${z@E}",
+        "jobs -x rm -rf /etc",  # jobs -x runs its command
+        "jobs -lx id",
     ],
 )
 def test_a_line_that_changes_what_later_lines_run_is_refused(text):

@@ -610,6 +610,8 @@ def planted():
         ("raw", ["env /tmp/custody-bin/../custody-bin/ls -c 'touch /tmp/custody-canary'"]),
         ("raw", ["printf -v PATH %s /tmp/custody-bin", "ls -c 'touch /tmp/custody-canary'"]),  # session state
         ("raw", ["umask 000"]),
+        ("raw", ["jobs -x touch /tmp/custody-canary"]),  # a builtin that runs its command
+        ("raw", ["x='$'; y='(touch /tmp/custody-canary)'; z=$x$y; echo ${z@P}"]),  # a prompt expansion runs it
         ("ops", ["echo x > /tmp/custody-etc/custody-test"]),  # a writer's target, symlinks followed
         ("ops", ["cd /tmp/custody-etc && echo x > custody-test"]),
         ("ops", ["printf 78 > /tmp/custody-hex", "xxd -r -p /tmp/custody-hex /etc/custody-test"]),  # every writer

@@ -303,10 +303,24 @@ def session_change(program: str, args: list[str]) -> str:
     """What a builtin changes that later commands depend on ("" for nothing)."""
     if program == "printf":
         return "variables" if any(a == "-v" or (a.startswith("-v") and len(a) > 2) for a in args) else ""
+    if program == "wait":  # -p NAME: the job's id into a variable (PATH, say)
+        return "variables" if any(a.startswith("-") and "p" in a for a in options(args)) else ""
+    if program == "test":  # -v 'x[PATH=7]': the subscript is arithmetic, and arithmetic assigns
+        return "variables" if any("[" in a for a in args) and any(a in ("-v", "-R") for a in args) else ""
     if program in ("umask", "ulimit", "set", "trap", "hash", "history"):
         shows = not args or all(a in ("-S", "-p", "-l", "-a", "-o", "-v") for a in args)
         return "" if shows else SESSION_STATE[program]
     return SESSION_STATE.get(program, "")
+
+
+def options(args: list[str]) -> list[str]:
+    """A builtin's option words: those before `--` or its first operand."""
+    out = []
+    for a in args:
+        if a == "--" or not a.startswith("-") or a == "-":
+            break
+        out.append(a)
+    return out
 
 
 @dataclass(frozen=True)

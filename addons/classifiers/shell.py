@@ -11,6 +11,8 @@ substitution, unbalanced quotes, a redirection without a target, a function defi
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 
 SEPARATORS = (";", "&&", "||", "&", "|", "|&", ";;", "(", ")", ";&", ";;&")
@@ -78,6 +80,12 @@ class Quoted(str):
 OPERATORS = sorted((";;&", ";;", ";&", "&&", "||", "|&", "<<<", "<<", ">>", "&>>", "&>", "<&", ">&", "<>", ">|",
                     "(", ")", ";", "&", "|", "<", ">"), key=len, reverse=True)
 OPERATOR_CHARS = set(";&|<>()")
+PLAIN_EXPANSION = re.compile(r"\$\{#?(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+|[@*#?$!-])(?=\}|:?[-+?]|[#%/^,])")
+"""A `${…}` that only reads a variable: its value, its length, a default (`:-`), or a
+pattern taken off it. Anything else can run code or change the session: a subscript and a
+substring offset are arithmetic (`${x[PATH=7]}` assigns PATH), `=` and `:=` assign, `!`
+reads a variable named by a value, and `@P` expands a value as a prompt, command
+substitution included."""
 
 
 def words(line: str) -> list[str]:
@@ -88,6 +96,10 @@ def words(line: str) -> list[str]:
     line = strip_comment(line)
     if "`" in line or "$(" in line or "<(" in line or ">(" in line or "$[" in line:
         raise Unclassifiable("command substitution runs commands the gateway cannot see")
+    if line.count("${") != len(PLAIN_EXPANSION.findall(line)):
+        raise Unclassifiable("a ${…} expansion other than a variable's value, length, default or pattern "
+                             "(subscripts and offsets are arithmetic, = assigns, ! and @ expand values as code); "
+                             "write the value out")
     out: list[str] = []
     word, quoted, started = [], False, False
     i, n = 0, len(line)

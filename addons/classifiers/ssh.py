@@ -201,6 +201,8 @@ def command(s: Simple, where: Session, depth: int = 0, source: tuple[str, str] |
     trees: list[str] = []
     if not who.name:
         out["unidentified"] = who.why
+    if program == "jobs" and any(a.startswith("-") and "x" in a for a in P.options(rest)):
+        raise Unclassifiable("jobs -x runs the command after it; run that command itself")
     if change := P.session_change(program, rest):
         if change != "tracked":
             raise Unclassifiable(f"{program} changes {change} for later commands; a line-based gate decides each "

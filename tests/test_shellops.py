@@ -211,6 +211,14 @@ def test_a_program_the_gateway_cannot_identify_is_exec_and_riskiest(text, sessio
     assert decide(op) != "allow"
 
 
+def test_a_bare_program_on_an_unknown_path_is_not_asked_about_and_not_trusted():
+    asking = where(path=None, asked=shellops.Asked())  # the shell's PATH could not be read back
+    op = shellops.classify("prod-web", "exec", "cat x", session=asking)
+    assert asking.asked.programs == set()  # the probe's answer would be for its own PATH
+    assert (op.action, op.risk, [p.details.get("unidentified") for p in op.parts]) == (
+        "exec", 100, ["the session's PATH is unknown, so 'cat' could be any program"])
+
+
 def test_the_same_word_from_two_directories_is_two_programs():
     line = "cd /usr/bin && ./cat /etc/hostname && cd /tmp/evil && ./cat -c 'sudo id'"
     asking = where(asked=shellops.Asked())

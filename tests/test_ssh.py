@@ -674,9 +674,9 @@ def test_the_probe_says_where_a_program_is_and_what_it_really_is(tree, word, whe
 
     t = str(tree)
     word, where = word.format(t=t), where and where.format(t=t)
-    script = resolve_script(t, [], [(word, where)])
+    script = resolve_script(t, ":".join(filter(None, [path.format(t=t), "/usr/bin:/bin"])), [], [(word, where)])
     done = subprocess.run(["/bin/bash", "--noprofile", "--norc", "-c", script], capture_output=True, timeout=10,
-                          env={"PATH": ":".join(filter(None, [path.format(t=t), "/usr/bin:/bin"]))})
+                          env={"PATH": f"{t}/fake"})  # the probe's own PATH: not the line's
     assert done.returncode == 0 and done.stderr == b"", done.stderr
     real, found = parse_resolved(done.stdout.decode(errors="surrogateescape").split("\0"), [(word, where)])
     assert (real, found) == ({}, {(word, where): tuple(x.format(t=t) for x in expected)})
@@ -686,9 +686,10 @@ def test_the_probe_resolves_paths_and_programs_in_one_answer(tree):
     from ssh_bridge.terminal.backend import parse_resolved, resolve_script
 
     t = str(tree)
-    script = resolve_script(f"{t}/link", ["tool", f"{t}/link/new/file", "../odd dir"], [("tool", None), ("nope", None)])
+    script = resolve_script(f"{t}/link", f"{t}/fake:{t}/bin:/usr/bin:/bin", ["tool", f"{t}/link/new/file", "../odd dir"],
+                            [("tool", None), ("nope", None)])
     done = subprocess.run(["/bin/bash", "--noprofile", "--norc", "-c", script], capture_output=True, timeout=10,
-                          env={"PATH": f"{t}/fake:{t}/bin:/usr/bin:/bin"})
+                          env={"PATH": "/nonexistent"})
     assert parse_resolved(done.stdout.decode().split("\0"), [("tool", None), ("nope", None)]) == (
         {"tool": f"{t}/bin/tool", f"{t}/link/new/file": f"{t}/bin/new/file", "../odd dir": f"{t}/odd dir"},
         {("tool", None): (f"{t}/bin/tool", f"{t}/bin/tool"), ("nope", None): ("", "")})
@@ -728,8 +729,8 @@ def test_the_probe_answers_each_word_from_its_own_directory(tree):
 
     t = str(tree)
     asked = [("./tool", f"{t}/bin"), ("./tool", f"{t}/odd dir"), ("plain", f"{t}/odd dir"), ("plain", t)]
-    done = subprocess.run(["/bin/bash", "--noprofile", "--norc", "-c", resolve_script(t, [], asked)],
-                          capture_output=True, timeout=10, env={"PATH": ".:/usr/bin:/bin"})  # "." is where it runs
+    done = subprocess.run(["/bin/bash", "--noprofile", "--norc", "-c", resolve_script(t, ".:/usr/bin:/bin", [], asked)],
+                          capture_output=True, timeout=10)  # "." is where it runs
     assert parse_resolved(done.stdout.decode().split("\0"), asked) == ({}, {
         ("./tool", f"{t}/bin"): (f"{t}/bin/tool", f"{t}/bin/tool"), ("./tool", f"{t}/odd dir"): ("", ""),
         ("plain", f"{t}/odd dir"): (f"{t}/odd dir/plain", f"{t}/odd dir/plain"), ("plain", t): ("", "")})

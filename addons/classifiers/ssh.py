@@ -188,7 +188,8 @@ def command(s: Simple, where: Session, depth: int = 0, source: tuple[str, str] |
     word = args[0]
     if set(word) & EXPANDING:
         raise Unclassifiable(f"the program {word!r} is expanded by the shell (a variable, a glob or braces)")
-    if where.asked is not None and word not in P.BUILTINS and ("/" in word or not where.system_path):
+    if where.asked is not None and word not in P.BUILTINS and (
+            "/" in word or (where.path is not None and not where.system_path)):  # unknown PATH: no answer is its
         where.asked.programs.add((word, where.cwd))
     who = P.identify(word, where.cwd, where.path, where.programs)
     # an unidentified program is judged by the name it was given too (a copy named sudo is

@@ -127,7 +127,7 @@ class Host:
             self.shell.close()
         self.shell, self.cwd, self.shell_path = None, None, None
 
-    async def resolve(self, cwd: str | None, paths: list[str], programs: list[tuple[str, str | None]]
+    async def resolve(self, cwd: str | None, path: str | None, paths: list[str], programs: list[tuple[str, str | None]]
                       ) -> tuple[dict[str, str], dict[tuple[str, str | None], tuple[str, str]]]:
         """What the paths really are (`realpath -m`: symlinks followed, missing parts kept) and
         where the shell finds each program word (its directory resolved) and what file it
@@ -136,7 +136,7 @@ class Host:
         critical path of the line."""
         if not paths and not programs:
             return {}, {}
-        return parse_resolved(await self.ask(resolve_script(cwd, paths, programs)), programs)
+        return parse_resolved(await self.ask(resolve_script(cwd, path, paths, programs)), programs)
 
     async def ask(self, script: str) -> list[str]:
         """Run `script` in a subshell of the probe shell (started with the connection: the
@@ -159,14 +159,15 @@ class Host:
         self.conn.close()
 
 
-def resolve_script(cwd: str | None, paths: list[str], programs: list[tuple[str, str | None]]) -> str:
+def resolve_script(cwd: str | None, path: str | None, paths: list[str], programs: list[tuple[str, str | None]]) -> str:
     """The probe's script for `Host.resolve`: per path `P`, the path, its real path; per
     program `X`, the word, the file the shell would run (`type -P`, or the word itself when
     it has a slash, from the directory it runs in), that file's directory with symlinks
     followed (`cd -P`, as the shell's own `cd` resolves it) and the file's real path; three
     empty fields where there is no such file. dirname and basename are done in bash (`_d`) and here,
     not by starting programs."""
-    lines = [_DIRNAME, f"cd -- {quote(cwd)} 2>/dev/null || cd /"] if cwd else [_DIRNAME]
+    lines = [_DIRNAME, *([f"cd -- {quote(cwd)} 2>/dev/null || cd /"] if cwd else []),
+             *([f"PATH={quote(path)}"] if path is not None else [])]  # the line's PATH, not the probe's
     for p in paths:
         lines.append(f"printf 'P\\0%s\\0' {quote(p)}; {REALPATH} -mz -- {quote(p)} || printf '\\0'")
     for word, where in programs:

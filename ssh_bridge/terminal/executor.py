@@ -60,11 +60,11 @@ class SshExecutor:
             return None
         return s
 
-    async def resolve(self, session: Session, cwd: str | None, paths: list[str],
+    async def resolve(self, session: Session, cwd: str | None, path: str | None, paths: list[str],
                       programs: list[tuple[str, str | None]]
                       ) -> tuple[dict[str, str], dict[tuple[str, str | None], tuple[str, str]]]:
         """The host's answers for the planner (backend.Host.resolve)."""
-        return await self._host_loop().run(session.host.resolve(cwd, paths, programs))
+        return await self._host_loop().run(session.host.resolve(cwd, path, paths, programs))
 
     def _host_loop(self) -> Loop:
         if self.loop is None:

@@ -47,7 +47,7 @@ class SshPlanner:
         if session is not None:
             host = session.host
             shell = phase == "shell"
-            path = (host.shell_path or host.path) if shell else host.path
+            path = (host.shell_path if host.shell is not None else host.path) if shell else host.path
             where = ssh.Session(cwd=(host.cwd or host.home) if shell else host.home, path=path,
                                 system_path=host.system_path(path), home=host.home, stdin=not shell,
                                 asked=ssh.Asked())
@@ -55,7 +55,8 @@ class SshPlanner:
             paths, programs = {}, {}
             if where.asked.paths or where.asked.programs:  # else no trip to the host's thread and back
                 try:
-                    paths, programs = await self.executor.resolve(session, where.cwd, sorted(where.asked.paths),
+                    paths, programs = await self.executor.resolve(session, where.cwd, where.path,
+                                                                  sorted(where.asked.paths),
                                                                   sorted(where.asked.programs, key=str))
                 except HostError:
                     pass

@@ -219,6 +219,31 @@ def test_a_bare_program_on_an_unknown_path_is_not_asked_about_and_not_trusted():
         "exec", 100, ["the session's PATH is unknown, so 'cat' could be any program"])
 
 
+BIN = "/home/agent/bin"
+
+
+@pytest.mark.parametrize(
+    "line, answers, replaced",
+    [
+        # the host, asked before the line ran, found each later program in a system directory
+        (f"cp /bin/bash {BIN}/cat && cat -c id", {("cat", HOME): ("/usr/bin/cat", "/usr/bin/cat")}, True),
+        (f"mv /tmp/x {BIN} && cat y", {("cat", HOME): ("/usr/bin/cat", "/usr/bin/cat")}, True),  # a directory of PATH
+        (f"tar -xf a.tar -C {BIN} && cat y", {("cat", HOME): ("/usr/bin/cat", "/usr/bin/cat")}, True),
+        (f"echo x > {BIN}/cat; cat y", {("cat", HOME): ("/usr/bin/cat", "/usr/bin/cat")}, True),
+        ("ln -sfn /tmp/evil /tmp/l && /tmp/l/ls -c id", {("/tmp/l/ls", HOME): ("/tmp/l/ls", "/usr/bin/ls")}, True),
+        ("ln -sf /bin/bash /tmp/l/ls && /tmp/l/ls -c id", {("/tmp/l/ls", HOME): ("/tmp/l/ls", "/usr/bin/ls")}, True),
+        # a write elsewhere leaves the answer standing
+        ("echo x > /tmp/log && cat y", {("cat", HOME): ("/usr/bin/cat", "/usr/bin/cat")}, False),
+        (f"cp a {BIN}-old/cat && cat y", {("cat", HOME): ("/usr/bin/cat", "/usr/bin/cat")}, False),
+    ],
+)
+def test_a_program_a_line_may_have_replaced_is_judged_without_the_hosts_answer(line, answers, replaced):
+    op = shellops.classify("prod-web", "shell", line, session=where(path=f"{BIN}:/usr/bin:/bin", programs=answers))
+    last = op.parts[-1]
+    assert bool(last.details.get("unidentified")) is replaced, last.details
+    assert (last.action, last.risk) == ("exec", 100) if replaced else last.action == "read"
+
+
 def test_the_same_word_from_two_directories_is_two_programs():
     line = "cd /usr/bin && ./cat /etc/hostname && cd /tmp/evil && ./cat -c 'sudo id'"
     asking = where(asked=shellops.Asked())

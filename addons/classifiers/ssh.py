@@ -429,12 +429,38 @@ def classify_line(line: str, depth: int = 0, where: Session | None = None) -> li
                 where, moved_at = where.at(None), None
             part = command(s, where, depth, None)
             out.append(part)
+            where = _unanswered(where, part["writes"])
             if part["program"] in ("cd", "pushd", "popd") and not part.get("unidentified"):
                 where = where.at(_moved(part["program"], s.argv[1:], where) if s.then == "&&" else None)
                 moved_at = s.depth if s.depth else None
         return out
     except Unclassifiable as e:
         return [_blank(line, UNKNOWN, str(e))]
+
+
+def _unanswered(where: Session, writes: list[str]) -> Session:
+    """The session without the host's answers a write may have made untrue: the host was
+    asked before the line ran, so after `cp /bin/bash ~/bin/cat` its answer that `cat` is
+    /usr/bin/cat no longer holds. An answer goes when a write reaches where its word is
+    looked up (the file, a directory on the way, a directory of PATH) or what it found;
+    the program is then judged as if the host had not been asked."""
+    if not writes or not where.programs:
+        return where
+    written = [w.removesuffix("/**") for w in writes]
+
+    def touched(path: str) -> bool:
+        return any(path == w or path.startswith(w.rstrip("/") + "/") for w in written)
+
+    kept = {}
+    for (word, cwd), answer in where.programs.items():
+        if "/" in word:
+            looked = [posixpath.normpath(posixpath.join(cwd or "/", word))]
+        else:
+            looked = [posixpath.join(posixpath.normpath(posixpath.join(cwd or "/", d or ".")), word)
+                      for d in (where.path or "").split(":")]
+        if not any(touched(x) for x in [*looked, *answer] if x):
+            kept[(word, cwd)] = answer
+    return dataclasses.replace(where, programs=kept)
 
 
 def _moved(program: str, rest: list[str], where: Session) -> str | None:

@@ -391,9 +391,23 @@ def test_readers_of_writers_write_nothing(text):
 
 
 @pytest.mark.parametrize(
+    "text, action",
+    [
+        ("GREP='sh -c id' zgrep x f.txt", "exec"),  # zgrep evals $GREP
+        ("FOO=1 ls", "exec"),  # a variable nobody listed may name a helper
+        ("PAGER='sh -c id' man ls", "admin"),
+        ("LANG=C LC_ALL=C TZ=UTC ls -l", "read"),  # formatting only
+    ],
+)
+def test_a_commands_environment_can_name_what_it_runs(text, action):
+    assert shellops.classify("prod-web", "shell", text, session=where()).action == action
+
+
+@pytest.mark.parametrize(
     "text",
     ["echo ${HOME}", "echo ${HOME:-/tmp}", "echo ${#HOME}", "echo ${HOME^^}", "echo ${1}", "echo ${HOME:+set}",
-     "echo ${X-none}", "test -v X", "test '[a]' = b", "wait -n", "jobs -l", "jobs"],
+     "echo ${X-none}", "test -v X", "wait -n", "jobs -l", "jobs", "set -o", "set +o", "umask -S", "trap -l",
+     "journalctl -u nginx", "printf '%s\\n' \"$HOME\"", "LANG=C ls", "TZ=UTC date", "nice " * 16 + "ls"],
 )
 def test_expansions_and_builtins_that_only_read_stay_reads(text):
     assert shellops.classify("prod-web", "shell", text, session=where()).action == "read"
@@ -458,6 +472,24 @@ def test_expansions_and_builtins_that_only_read_stay_reads(text):
         "echo ${z@E}",
         "jobs -x rm -rf /etc",  # jobs -x runs its command
         "jobs -lx id",
+        "echo $'\\' '; touch ../canary; #'",  # in $'…' a \' is a quote: bash runs touch
+        "echo $\"x\"",
+        "echo \"${x:-'\"; echo hi '}\"; touch ../canary; #'",  # quotes pair up inside ${…}, even in "…"
+        "echo \"${x#'a'}\"",
+        "printf {-v,PATH} %s /tmp; ls",  # flags the shell makes: braces, variables, globs
+        "f=-v; printf $f PATH x; ls",
+        "jobs {-x,touch} ../canary",
+        "test {-v,x[PATH=7]}",
+        "test $x",
+        "wait $w PATH",
+        "set -a",  # exports every later assignment
+        "set -x",
+        "dmesg {-C,}",
+        "x=--rotate; journalctl $x",
+        "journalctl {--vacuum-size=1,}",
+        "ss {-K,} dst 10.0.0.1",
+        "systemctl $x nginx",
+        "nice " * 17 + "ls",  # every later word tried as the program, nested: bounded
     ],
 )
 def test_a_line_that_changes_what_later_lines_run_is_refused(text):

@@ -612,6 +612,8 @@ def planted():
         ("raw", ["umask 000"]),
         ("raw", ["jobs -x touch /tmp/custody-canary"]),  # a builtin that runs its command
         ("raw", ["x='$'; y='(touch /tmp/custody-canary)'; z=$x$y; echo ${z@P}"]),  # a prompt expansion runs it
+        ("raw", ["cd /tmp/custody-bin && echo $'\\' '; touch ../custody-canary; #'"]),  # $'…' pairs quotes its way
+        ("raw", ["cd /tmp/custody-bin && echo \"${x:-'\"; echo hi '}\"; touch ../custody-canary; #'"]),  # so does ${…}
         ("ops", ["echo x > /tmp/custody-etc/custody-test"]),  # a writer's target, symlinks followed
         ("ops", ["cd /tmp/custody-etc && echo x > custody-test"]),
         ("ops", ["printf 78 > /tmp/custody-hex", "xxd -r -p /tmp/custody-hex /etc/custody-test"]),  # every writer

@@ -92,6 +92,10 @@ RISKY_VARIABLES = ("PATH", "LD_", "BASH_ENV", "ENV", "IFS", "PROMPT_COMMAND", "C
                    "GLOBIGNORE", "BASH_", "PS4", "HOME", "PYTHON", "PERL5", "RUBY", "NODE_", "GCONV_PATH", "LESS",
                    "PAGER", "EDITOR", "VISUAL", "GIT_", "TMPDIR", "SYSTEMD_", "MANPAGER", "XDG_")
 """Variables that change which program runs or what it loads: setting them is admin."""
+PLAIN_VARIABLES = ("LANG", "LANGUAGE", "LC_", "TZ", "COLUMNS", "LINES", "NO_COLOR", "CLICOLOR", "TERM", "TIME_STYLE",
+                   "LS_COLORS", "GREP_COLORS")
+"""Variables a program only formats its output by. Any other in a command's environment
+may name what it runs (zgrep evals $GREP, many programs run $PAGER-like helpers): exec."""
 STDIN_NAMES = ("-", "/dev/stdin", "/dev/fd/0", "/proc/self/fd/0")
 
 
@@ -299,6 +303,31 @@ def operands(args: list[str], values: tuple[str, ...]) -> list[str]:
     return out
 
 
+SHOWN_BY = {"set": ("-o", "+o"), "umask": ("-S", "-p"), "ulimit": ("-S", "-H", "-a"), "trap": ("-l", "-p"),
+            "hash": ("-l",), "history": ()}
+"""The options with which each of these builtins only shows its state (`set -o`); any other
+argument changes it (`set -a` exports every later assignment)."""
+FLAG_BUILTINS = frozenset({"printf", "wait", "jobs", *SHOWN_BY})
+"""Builtins whose leading options decide whether they change the session or run a command."""
+EXPANDS = frozenset("$`{}*?[~")
+
+
+def hidden_flags(program: str, args: list[str]) -> str:
+    """A word the shell would expand into what decides what `program` does, or "": any word
+    of an external program whose flags change it (GNU options go anywhere), of `test`
+    (positional: `test $x` may become `-v 'a[PATH=7]'`), and the leading words of the
+    builtins that read options first. `{-v,PATH}`, `$x`, `-?` are flags only once expanded."""
+    if program in CHANGING_FLAGS or program in READ_SUBCOMMANDS or program == "test":
+        return next((a for a in args if EXPANDS & set(a)), "")
+    if program in FLAG_BUILTINS:
+        for a in args:
+            if EXPANDS & set(a):
+                return a
+            if a == "--" or not a.startswith(("-", "+")):
+                return ""
+    return ""
+
+
 def session_change(program: str, args: list[str]) -> str:
     """What a builtin changes that later commands depend on ("" for nothing)."""
     if program == "printf":
@@ -307,8 +336,8 @@ def session_change(program: str, args: list[str]) -> str:
         return "variables" if any(a.startswith("-") and "p" in a for a in options(args)) else ""
     if program == "test":  # -v 'x[PATH=7]': the subscript is arithmetic, and arithmetic assigns
         return "variables" if any("[" in a for a in args) and any(a in ("-v", "-R") for a in args) else ""
-    if program in ("umask", "ulimit", "set", "trap", "hash", "history"):
-        shows = not args or all(a in ("-S", "-p", "-l", "-a", "-o", "-v") for a in args)
+    if program in SHOWN_BY:
+        shows = not args or all(a in SHOWN_BY[program] for a in args)
         return "" if shows else SESSION_STATE[program]
     return SESSION_STATE.get(program, "")
 

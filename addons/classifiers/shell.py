@@ -88,6 +88,20 @@ reads a variable named by a value, and `@P` expands a value as a prompt, command
 substitution included."""
 
 
+QUOTES_IN_EXPANSION = set("'\"\\")
+
+
+def _expansion_texts(line: str) -> str:
+    """What each `${` is followed by up to its `}` (to the end of the line when none): inside
+    it bash pairs quotes on its own terms, even within double quotes."""
+    out, at = [], line.find("${")
+    while at != -1:
+        end = line.find("}", at)
+        out.append(line[at + 2:] if end == -1 else line[at + 2:end])
+        at = line.find("${", at + 2)
+    return "".join(out)
+
+
 def words(line: str) -> list[str]:
     """Shell words (str, or Quoted) and operators (Op), as bash splits them; Unclassifiable
     for what a line-based gate cannot see."""
@@ -96,6 +110,11 @@ def words(line: str) -> list[str]:
     line = strip_comment(line)
     if "`" in line or "$(" in line or "<(" in line or ">(" in line or "$[" in line:
         raise Unclassifiable("command substitution runs commands the gateway cannot see")
+    if "$'" in line or '$"' in line:
+        raise Unclassifiable("$'…' and $\"…\" quoting reads escapes and translations the gateway does not; "
+                             "write the characters out in plain quotes")
+    if any(ch in QUOTES_IN_EXPANSION for ch in _expansion_texts(line)):
+        raise Unclassifiable("quotes or a backslash inside ${…} pair up differently there; write the value out")
     if line.count("${") != len(PLAIN_EXPANSION.findall(line)):
         raise Unclassifiable("a ${…} expansion other than a variable's value, length, default or pattern "
                              "(subscripts and offsets are arithmetic, = assigns, ! and @ expand values as code); "

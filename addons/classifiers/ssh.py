@@ -51,6 +51,10 @@ ORDER = (READ, WRITE, DELETE, EXEC, ADMIN, UNKNOWN)
 NULL_SINKS = ("/dev/null", "/dev/stdout", "/dev/stderr", "/dev/tty")
 EXPANDING = set("*?[{~$`")
 MAX_DEPTH = 3
+MAX_WRAPPERS = 16
+"""Each word that runs the rest of its command (nice, env, sudo, …) has every later word
+tried as the program, nested: the cost grows with the cube of their number (80 took 1.4 s)."""
+RUNNERS = frozenset({"xargs", "busybox", "parallel", "sudo", "doas", "su", "pkexec", "runuser", "eval"})
 TREE = "/**"
 """A written path ending so is a whole tree (an archive extracted, a patch applied): rules
 read it as every path under its directory."""
@@ -174,6 +178,8 @@ def command(s: Simple, where: Session, depth: int = 0, source: tuple[str, str] |
         if name.startswith(P.RISKY_VARIABLES) or name.startswith("BASH_FUNC_"):
             action = ADMIN  # PATH, LD_PRELOAD, BASH_ENV, …: what runs is no longer what the line names
             where = dataclasses.replace(where, path=None) if name == "PATH" else where
+        elif args and not name.startswith(P.PLAIN_VARIABLES):
+            action = _riskier(action, EXEC)  # GREP='sh -c …' zgrep: the program's environment can name what it runs
     written = [t for op, t in redirects if op.startswith((">", "&>", "<>")) and not t.isdigit() and t != "-"
                and t not in NULL_SINKS]
     if any(t.startswith(("/dev/tcp/", "/dev/udp/")) for _, t in redirects):
@@ -202,6 +208,9 @@ def command(s: Simple, where: Session, depth: int = 0, source: tuple[str, str] |
     trees: list[str] = []
     if not who.name:
         out["unidentified"] = who.why
+    if hidden := P.hidden_flags(program, rest):
+        raise Unclassifiable(f"the shell would expand {hidden!r} into the arguments that decide what {program} does; "
+                             "write them out")
     if program == "jobs" and any(a.startswith("-") and "x" in a for a in P.options(rest)):
         raise Unclassifiable("jobs -x runs the command after it; run that command itself")
     if change := P.session_change(program, rest):
@@ -424,7 +433,10 @@ def classify_line(line: str, depth: int = 0, where: Session | None = None) -> li
     try:
         out = []
         moved_at: int | None = None
-        for s in simple_commands(words(line)):
+        tokens = words(line)
+        if sum(1 for t in tokens if t in P.WRAPPERS or t in RUNNERS) > MAX_WRAPPERS:
+            raise Unclassifiable(f"more than {MAX_WRAPPERS} words that run the rest of a command; split the line")
+        for s in simple_commands(tokens):
             if moved_at is not None and s.depth < moved_at:
                 where, moved_at = where.at(None), None
             part = command(s, where, depth, None)

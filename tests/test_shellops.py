@@ -244,6 +244,24 @@ def test_a_program_a_line_may_have_replaced_is_judged_without_the_hosts_answer(l
     assert (last.action, last.risk) == ("exec", 100) if replaced else last.action == "read"
 
 
+@pytest.mark.parametrize(
+    "line, action",
+    [
+        ("tar -xf a.tar -C /tmp/x && echo x > /tmp/x/link/passwd", "unknown"),  # the archive may hold link -> /etc
+        ("cp -r /tmp/src /tmp/dst && cat /tmp/dst/l/shadow", "unknown"),  # cp -r copies symlinks as symlinks
+        ("mv /tmp/l /tmp/d && echo x > /tmp/d/f", "unknown"),
+        ("ln -s /etc /tmp/x; cat /tmp/x/passwd", "unknown"),
+        ("unzip a.zip -d /tmp/x && cd /tmp/x/l && echo x > f", "unknown"),
+        ("mkdir -p /tmp/d && echo x > /tmp/d/f", "write"),  # a directory is no symlink
+        ("tar -xf a.tar -C /tmp/x && cat /tmp/other", "exec"),  # not under what it wrote
+        ("cp /tmp/a /tmp/b && cat /tmp/b", "write"),  # the file itself, not a path through it
+    ],
+)
+def test_a_path_under_what_the_line_may_have_made_a_symlink_cannot_be_placed(line, action):
+    op = shellops.classify("prod-web", "shell", line, session=where())
+    assert op.action == action, op.details
+
+
 def test_the_same_word_from_two_directories_is_two_programs():
     line = "cd /usr/bin && ./cat /etc/hostname && cd /tmp/evil && ./cat -c 'sudo id'"
     asking = where(asked=shellops.Asked())

@@ -92,6 +92,9 @@ RISKY_VARIABLES = ("PATH", "LD_", "BASH_ENV", "ENV", "IFS", "PROMPT_COMMAND", "C
                    "GLOBIGNORE", "BASH_", "PS4", "HOME", "PYTHON", "PERL5", "RUBY", "NODE_", "GCONV_PATH", "LESS",
                    "PAGER", "EDITOR", "VISUAL", "GIT_", "TMPDIR", "SYSTEMD_", "MANPAGER", "XDG_")
 """Variables that change which program runs or what it loads: setting them is admin."""
+LINKERS = frozenset("ln cp mv tar bsdtar unzip cpio rsync git patch 7z 7za busybox".split())
+"""Programs that can leave a symlink where they write (ln -s; cp -r and mv carry links;
+archives, checkouts and patches hold them)."""
 PLAIN_VARIABLES = ("LANG", "LANGUAGE", "LC_", "TZ", "COLUMNS", "LINES", "NO_COLOR", "CLICOLOR", "TERM", "TIME_STYLE",
                    "LS_COLORS", "GREP_COLORS")
 """Variables a program only formats its output by. Any other in a command's environment

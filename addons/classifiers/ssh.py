@@ -90,6 +90,9 @@ class Session:
     paths: dict[str, str] = field(default_factory=dict)
     programs: dict[tuple[str, str | None], tuple[str, str]] = field(default_factory=dict)
     asked: Asked | None = None
+    linked: tuple[str, ...] = ()
+    """What earlier commands of the line wrote that may now be a symlink (`P.LINKERS`): the
+    host was asked before the line ran, so a path under one cannot be placed."""
 
     def at(self, cwd: str | None) -> Session:
         return dataclasses.replace(self, cwd=cwd)
@@ -106,7 +109,11 @@ class Session:
             path = posixpath.join(self.cwd, path)
         if self.asked is not None:
             self.asked.paths.add(path)
-        return self.paths.get(path) or posixpath.normpath(path).replace("//", "/")
+        lexical = posixpath.normpath(path).replace("//", "/")
+        if under := next((w for w in self.linked if lexical.startswith(w.rstrip("/") + "/")), None):
+            raise Unclassifiable(f"{path!r} is under {under!r}, which an earlier command of this line may have made "
+                                 "a symlink; run them as separate lines")
+        return self.paths.get(path) or lexical
 
 
 def _is_path(word: str) -> bool:
@@ -442,6 +449,9 @@ def classify_line(line: str, depth: int = 0, where: Session | None = None) -> li
             part = command(s, where, depth, None)
             out.append(part)
             where = _unanswered(where, part["writes"])
+            if part["writes"] and P.LINKERS & set(part["programs"]):
+                where = dataclasses.replace(where, linked=where.linked + tuple(w.removesuffix("/**")
+                                                                               for w in part["writes"]))
             if part["program"] in ("cd", "pushd", "popd") and not part.get("unidentified"):
                 where = where.at(_moved(part["program"], s.argv[1:], where) if s.then == "&&" else None)
                 moved_at = s.depth if s.depth else None

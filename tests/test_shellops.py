@@ -244,6 +244,13 @@ def test_a_program_a_line_may_have_replaced_is_judged_without_the_hosts_answer(l
     assert (last.action, last.risk) == ("exec", 100) if replaced else last.action == "read"
 
 
+def test_a_program_looked_up_from_an_unknown_directory_loses_the_answer_after_any_write():
+    answers = {("cat", None): ("/usr/bin/cat", "/usr/bin/cat")}  # "." on PATH: the directory decides
+    op = shellops.classify("prod-web", "shell", "cp /bin/bash /tmp/cat && cat x",
+                           session=where(cwd=None, path=".:/usr/bin", programs=answers))
+    assert (op.parts[-1].action, op.parts[-1].risk, bool(op.parts[-1].details.get("unidentified"))) == ("exec", 100, True)
+
+
 @pytest.mark.parametrize(
     "line, action",
     [

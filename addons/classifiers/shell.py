@@ -12,7 +12,6 @@ substitution, unbalanced quotes, a redirection without a target, a function defi
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field
 
 SEPARATORS = (";", "&&", "||", "&", "|", "|&", ";;", "(", ")", ";&", ";;&")

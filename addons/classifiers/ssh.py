@@ -475,11 +475,10 @@ def _unanswered(where: Session, writes: list[str]) -> Session:
 
     kept = {}
     for (word, cwd), answer in where.programs.items():
-        if "/" in word:
-            looked = [posixpath.normpath(posixpath.join(cwd or "/", word))]
-        else:
-            looked = [posixpath.join(posixpath.normpath(posixpath.join(cwd or "/", d or ".")), word)
-                      for d in (where.path or "").split(":")]
+        places = [word] if "/" in word else [posixpath.join(d or ".", word) for d in (where.path or "").split(":")]
+        if cwd is None and not all(x.startswith("/") for x in places):
+            continue  # looked up from a directory the gateway does not know: any write may have reached it
+        looked = [posixpath.normpath(posixpath.join(cwd or "/", x)) for x in places]
         if not any(touched(x) for x in [*looked, *answer] if x):
             kept[(word, cwd)] = answer
     return dataclasses.replace(where, programs=kept)

@@ -134,8 +134,6 @@ class Host:
         really is; answers the host could not give are left out. One round trip; per program
         two subshells and one `realpath`, since every process the host starts is on the
         critical path of the line."""
-        if not paths and not programs:
-            return {}, {}
         return parse_resolved(await self.ask(resolve_script(cwd, path, paths, programs)), programs)
 
     async def ask(self, script: str) -> list[str]:

@@ -52,14 +52,7 @@ class SshPlanner:
                                 system_path=host.system_path(path), home=host.home, stdin=not shell,
                                 asked=ssh.Asked())
             ssh.classify(op.connection, phase, op.details["line"], extra, session=where)
-            paths, programs = {}, {}
-            if where.asked.paths or where.asked.programs:  # else no trip to the host's thread and back
-                try:
-                    paths, programs = await self.executor.resolve(session, where.cwd, where.path,
-                                                                  sorted(where.asked.paths),
-                                                                  sorted(where.asked.programs, key=str))
-                except HostError:
-                    pass
+            paths, programs = await self._answers(session, where)
             where = dataclasses.replace(where, paths=paths, programs=programs, asked=None)
         c.operation = dataclasses.replace(ssh.classify(op.connection, phase, op.details["line"], extra,
                                                        session=where), payload=op.payload)
@@ -67,3 +60,15 @@ class SshPlanner:
             failclosed.refuse(f, 403, f"{', '.join(interactive)} is interactive: a line-based gate cannot govern "
                                       "what is typed into it; run a non-interactive command",
                               error=Error.INTERACTIVE_PROGRAM)
+
+    async def _answers(self, session, where: ssh.Session) -> tuple[dict, dict]:
+        """The host's answers to what the first pass asked: none when nothing was asked (no
+        trip to the host's thread and back) or the host cannot answer, and the line is then
+        judged unasked, which is stricter."""
+        if not where.asked.paths and not where.asked.programs:
+            return {}, {}
+        try:
+            return await self.executor.resolve(session, where.cwd, where.path, sorted(where.asked.paths),
+                                               sorted(where.asked.programs, key=str))
+        except HostError:
+            return {}, {}

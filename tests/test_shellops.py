@@ -418,6 +418,49 @@ def test_readers_of_writers_write_nothing(text):
 @pytest.mark.parametrize(
     "text, action",
     [
+        # GNU getopt_long takes any unambiguous prefix of a long option
+        ("date --s=2020-01-01", "admin"),
+        ("date --se=2020", "admin"),
+        ("journalctl --vacuum-ti=1s", "admin"),
+        ("journalctl --rot", "admin"),
+        ("dmesg --cl", "admin"),
+        ("ss --ki dst 10.0.0.1", "admin"),
+        ("hostname --fi=/tmp/x", "admin"),
+        # a word after an option may be the option's value, not the subcommand
+        ("systemctl -p status restart nginx", "admin"),
+        ("systemctl --property status stop sshd", "admin"),
+        ("timedatectl -p status set-time 2020-01-01", "admin"),
+        ("pip --cache-dir show install foo", "admin"),
+        ("ip -b - a", "admin"),  # batch commands from standard input or a file
+        ("ip -b addr", "admin"),
+        # ifconfig sets with any word after the interface, and expansions may make those words
+        ("ifconfig eth0 -arp", "admin"),
+        ("ifconfig {eth0,down}", "unknown"),
+        ("x='eth0 down'; ifconfig $x", "unknown"),
+        ("x=--pre=touch; rg $x . /tmp", "unknown"),  # rg --pre runs a program on every file
+        ("rg {--pre=bash,foo} /tmp", "unknown"),
+        # variables the shell itself looks programs up by
+        ("EXECIGNORE=/usr/bin/cat:/bin/cat; cat x", "admin"),
+        ("SHELL=/usr/bin/perl; flock /usr/bin/ls -c ls", "admin"),
+        # env's -S and -C in bundles, abbreviated, or nested past what is looked at
+        ("env -vS'touch /tmp/p'", "unknown"),
+        ("env -iS'bash -c id'", "unknown"),
+        ("env --sp='touch /tmp/p'", "unknown"),
+        ("env '-Senv -S\"env -S\\\"nice touch /tmp/p\\\"\"'", "unknown"),
+        ("echo x | env -vC/etc/cron.d tee ls", "unknown"),
+        ("echo x | env --ch=/etc/cron.d tee ls", "unknown"),
+        # a link the line makes, then a path through it
+        ("cd /tmp/w && ln -s /etc/cron.d && echo x > cron.d/ls", "unknown"),  # one operand: ./cron.d
+        ("ln -s /etc/ssh /tmp/w/d && echo x > /tmp/w/d/../passwd", "unknown"),  # the link, then its ..
+    ],
+)
+def test_spellings_that_change_what_a_listed_program_does_are_not_reads(text, action):
+    assert shellops.classify("prod-web", "shell", text, session=where()).action == action
+
+
+@pytest.mark.parametrize(
+    "text, action",
+    [
         ("GREP='sh -c id' zgrep x f.txt", "exec"),  # zgrep evals $GREP
         ("FOO=1 ls", "exec"),  # a variable nobody listed may name a helper
         ("PAGER='sh -c id' man ls", "admin"),
@@ -432,7 +475,9 @@ def test_a_commands_environment_can_name_what_it_runs(text, action):
     "text",
     ["echo ${HOME}", "echo ${HOME:-/tmp}", "echo ${#HOME}", "echo ${HOME^^}", "echo ${1}", "echo ${HOME:+set}",
      "echo ${X-none}", "test -v X", "wait -n", "jobs -l", "jobs", "set -o", "set +o", "umask -S", "trap -l",
-     "journalctl -u nginx", "printf '%s\\n' \"$HOME\"", "LANG=C ls", "TZ=UTC date", "nice " * 16 + "ls"],
+     "journalctl -u nginx", "printf '%s\\n' \"$HOME\"", "LANG=C ls", "TZ=UTC date", "nice " * 16 + "ls",
+     "systemctl --no-pager status nginx", "ip -4 addr", "ifconfig eth0", "ifconfig -a", "journalctl --since today",
+     "dmesg --ctime", "env -i ls", "rg foo /tmp"],
 )
 def test_expansions_and_builtins_that_only_read_stay_reads(text):
     assert shellops.classify("prod-web", "shell", text, session=where()).action == "read"

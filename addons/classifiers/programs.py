@@ -61,6 +61,10 @@ READ_SUBCOMMANDS = {"systemctl": ("status", "show", "list-units", "is-active", "
                     "ip": ("addr", "a", "address", "route", "r", "link", "l", "neigh", "n"),
                     "timedatectl": ("status", "show", "list-timezones"), "hostnamectl": ("status",),
                     "loginctl": ("list-sessions", "list-users", "show-session", "session-status")}
+VALUELESS = frozenset("--no-pager --user --system --full --all --no-legend -a -l -4 -6 -br -j".split())
+"""Options that take no value, so a word after one is still the subcommand (`systemctl
+--no-pager status`); after any other option it may be the option's value (`systemctl -p
+status restart nginx` restarts)."""
 IP_CHANGES = ("add", "del", "delete", "set", "change", "replace", "flush", "exec", "netns")
 CHANGING_FLAGS = {
     "date": ("-s", "--set"), "dmesg": ("-c", "-C", "-D", "-E", "-n", "--clear", "--read-clear", "--console-off",
@@ -90,7 +94,8 @@ BUILTINS = frozenset(SESSION_STATE) | frozenset(
 """Bash builtins: found before any PATH lookup, so their names need no resolving."""
 RISKY_VARIABLES = ("PATH", "LD_", "BASH_ENV", "ENV", "IFS", "PROMPT_COMMAND", "CDPATH", "SHELLOPTS", "BASHOPTS",
                    "GLOBIGNORE", "BASH_", "PS4", "HOME", "PYTHON", "PERL5", "RUBY", "NODE_", "GCONV_PATH", "LESS",
-                   "PAGER", "EDITOR", "VISUAL", "GIT_", "TMPDIR", "SYSTEMD_", "MANPAGER", "XDG_")
+                   "PAGER", "EDITOR", "VISUAL", "GIT_", "TMPDIR", "SYSTEMD_", "MANPAGER", "XDG_", "EXECIGNORE",
+                   "SHELL")
 """Variables that change which program runs or what it loads: setting them is admin."""
 LINKERS = frozenset("ln cp mv tar bsdtar unzip cpio rsync git patch 7z 7za busybox".split())
 """Programs that can leave a symlink where they write (ln -s; cp -r and mv carry links;
@@ -275,14 +280,16 @@ def option_value(args: list[str], names: tuple[str, ...]) -> list[str]:
 
 
 def has_flag(args: list[str], flags: tuple[str, ...]) -> bool:
-    """Is any of `flags` given, long (`--x`, `--x=v`), short alone or in a bundle (`-ni`
-    for -i), or as a bare word (tar's `xf`, gawk's `-i inplace`)?"""
+    """Is any of `flags` given, long (`--x`, `--x=v`, or abbreviated as GNU getopt_long allows:
+    `--vacuum-ti`), short alone or in a bundle (`-ni` for -i), or as a bare word (tar's
+    `xf`, gawk's `-i inplace`)?"""
     for n, a in enumerate(args):
         if a == "--":
             break
+        name = a.split("=", 1)[0]
         for f in flags:
-            if a == f or (f.startswith("--") and a.startswith(f + "=")):
-                return True
+            if a == f or (f.startswith("--") and name.startswith("--") and len(name) > 2 and f.startswith(name)):
+                return True  # getopt_long takes any unambiguous prefix: `date --se=…` is --set
             short = len(f) == 2 and f[0] == "-"
             if short and a.startswith("-") and not a.startswith("--") and f[1] in a[1:]:
                 return True
@@ -320,7 +327,7 @@ def hidden_flags(program: str, args: list[str]) -> str:
     of an external program whose flags change it (GNU options go anywhere), of `test`
     (positional: `test $x` may become `-v 'a[PATH=7]'`), and the leading words of the
     builtins that read options first. `{-v,PATH}`, `$x`, `-?` are flags only once expanded."""
-    if program in CHANGING_FLAGS or program in READ_SUBCOMMANDS or program == "test":
+    if program in CHANGING_FLAGS or program in READ_SUBCOMMANDS or program in ("test", "ifconfig", "rg"):
         return next((a for a in args if EXPANDS & set(a)), "")
     if program in FLAG_BUILTINS:
         for a in args:

@@ -110,6 +110,8 @@ class Session:
         if self.asked is not None:
             self.asked.paths.add(path)
         lexical = posixpath.normpath(path).replace("//", "/")
+        if self.linked and ".." in path.split("/"):  # the kernel follows a link before its `..`
+            raise Unclassifiable(f"{path!r} has '..' after a line that may have made a symlink; name it plainly")
         if under := next((w for w in self.linked if lexical.startswith(w.rstrip("/") + "/")), None):
             raise Unclassifiable(f"{path!r} is under {under!r}, which an earlier command of this line may have made "
                                  "a symlink; run them as separate lines")
@@ -280,16 +282,21 @@ def _wrapped(program: str, rest: list[str], where: Session, depth: int, source: 
     parallel give it operands the gateway does not see."""
     inner: list[dict[str, Any]] = []
     if depth >= MAX_DEPTH:
-        return inner
+        return inner  # every later word was already tried as the program by the wrapper outside
     unseen = program in ("xargs", "parallel")
     inner_source = ("null", "") if unseen else source
     for i in range(len(rest)):
         a = rest[i]
+        if program == "env" and a not in ("-C", "-S") and not a.startswith(("-C", "-S", "--chdir", "--split-string")) \
+                and (P.has_flag([a], ("-C", "-S")) or P.has_flag([a], ("--chdir", "--split-string"))):
+            raise Unclassifiable(f"env {a}: -C and -S spelled in a bundle or abbreviated; write them on their own")
         if program == "env" and (value := P.option_value(rest[i:i + 2], ("-C", "--chdir"))):
             where = where.at(where.resolve(value[0]))
         if not a.startswith("-"):
             inner.append(command(Simple(rest[i:]), where, depth + 1, inner_source, args_unseen=unseen))
         if a.startswith(("-S", "--split-string")):
+            if depth + 1 >= MAX_DEPTH:  # its words are only in the string: nobody outside tried them
+                raise Unclassifiable(f"env -S nested more than {MAX_DEPTH} deep; run the inner command itself")
             script = a[2:] or (rest[i + 1] if i + 1 < len(rest) else "")
             inner += classify_line(script.split("=", 1)[-1] if script.startswith("=") else script, depth + 1, where)
     return inner
@@ -320,7 +327,8 @@ def _program(program: str, rest: list[str], where: Session, depth: int, source: 
             inner = classify_line(text, depth + 1, where)
     elif program in P.ADMINS:
         read_only = program in P.READ_SUBCOMMANDS and sub in P.READ_SUBCOMMANDS[program] and not (
-            program == "ip" and any(a in P.IP_CHANGES for a in rest))
+            program == "ip" and any(a in P.IP_CHANGES for a in rest)) and all(
+            a in P.VALUELESS for a in rest[:rest.index(sub)])
         action = _riskier(action, READ if read_only else ADMIN)
         out["package"] = program in P.PACKAGE_MANAGERS and not read_only
     elif program == "scp" and ("-t" in rest or "-f" in rest):
@@ -400,8 +408,8 @@ def _changes_system(program: str, rest: list[str]) -> bool:
         return any(not a.startswith("+") for a in plain)
     if program == "hostname":
         return bool(plain)
-    if program == "ifconfig":
-        return len(plain) > 1
+    if program == "ifconfig":  # an interface alone shows it; anything after it (`up`, `-arp`) sets it
+        return len([a for a in rest if a not in ("-a", "-s", "-v")]) > 1
     return False
 
 
@@ -450,8 +458,10 @@ def classify_line(line: str, depth: int = 0, where: Session | None = None) -> li
             out.append(part)
             where = _unanswered(where, part["writes"])
             if part["writes"] and P.LINKERS & set(part["programs"]):
-                where = dataclasses.replace(where, linked=where.linked + tuple(w.removesuffix("/**")
-                                                                               for w in part["writes"]))
+                made = [w.removesuffix("/**") for w in part["writes"]]
+                if "ln" in part["programs"] and where.cwd:  # `ln -s /etc/cron.d` makes ./cron.d
+                    made += [posixpath.join(where.cwd, posixpath.basename(w)) for w in made]
+                where = dataclasses.replace(where, linked=where.linked + tuple(made))
             if part["program"] in ("cd", "pushd", "popd") and not part.get("unidentified"):
                 where = where.at(_moved(part["program"], s.argv[1:], where) if s.then == "&&" else None)
                 moved_at = s.depth if s.depth else None

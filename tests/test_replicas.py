@@ -87,7 +87,7 @@ def replica(directory: Path, servers, url: str, *, sweep: str = "200ms", lease: 
 def started(*gateways: Gateway) -> None:
     for gw in gateways:
         gw.start()
-        wait_for(lambda: ready(gw))
+        wait_for(lambda: ready(gw), timeout=60)  # each worker loads Presidio first: slow on a busy 2-core host
 
 
 def ready(gw: Gateway) -> bool:

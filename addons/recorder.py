@@ -4,7 +4,10 @@ On requests it writes the request and its decision before anything executes; if 
 fails, the request does not proceed. The request body and the operation (whose details hold
 the same text: a statement's SQL, a command line) are stored masked alike, with the masks
 fixed once for the flow (MaskPool.fix_record). On responses (after masking) it writes the response;
-if that write fails, the agent gets an error instead of data that is not on record. It
+if that write fails, the agent gets an error instead of data that is not on record. A 101
+carries no data, so its switch is not held for its write: every frame of the session (and
+its end, or its error) waits for that write before its own, and a session whose 101 is
+not on record ends before any frame passes. It
 refuses to record, and so to forward, a response that a rule said to mask when no masker
 ran. It also writes tunnels opened or refused, and upstream errors. Health probes
 (`/healthz`, `/readyz`) are not recorded: they reach nothing, and a load balancer asks
@@ -14,6 +17,7 @@ The flow's comment and marker show the decision in mitmweb.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -68,6 +72,14 @@ class Recorder:
     async def _write(self, ctx: Context, events: list[Event]) -> None:
         await self.log.write(events)
         ctx.events.extend(e.id for e in events)
+
+    async def _write_switched(self, ctx: Context, events: list[Event]) -> None:
+        """`_write` for a flow past its 101, once the 101's event is on record; raises if it
+        is not. Every frame waits for it, not only the first: each side's frames are
+        recorded concurrently."""
+        if ctx.switched is not None:
+            await asyncio.shield(ctx.switched)  # a frame's task cancelled must not cancel the 101's write
+        await self._write(ctx, events)
 
     def _decision_event(self, ctx: Context, f: mflow.Flow, kind: str, **detail) -> Event:
         d = ctx.decision
@@ -171,6 +183,10 @@ class Recorder:
             **body_fields(body, self.store),
             ts=resp.timestamp_end or resp.timestamp_start,
         )
+        if resp.status_code == 101:
+            ctx.switched = asyncio.ensure_future(self._write(ctx, [*late, event]))
+            ctx.switched.add_done_callback(lambda w: self._switch_written(w, f))
+            return
         try:
             await self._write(ctx, [*late, event])
         except Exception as e:
@@ -185,13 +201,19 @@ class Recorder:
                 error=Error.AUDIT_UNAVAILABLE, extra={"forwarded": True, "hint": WITHHELD_HINT},
             )
 
+    @staticmethod
+    def _switch_written(write: asyncio.Future, f: http.HTTPFlow) -> None:
+        if not write.cancelled() and write.exception() is not None:
+            logger.error("custody: audit store write failed for a 101; the session ends at its first frame",
+                         exc_info=write.exception(), extra=context.log_fields(f))
+
     @guarded
     async def error(self, f: http.HTTPFlow) -> None:
         ctx = context.of(f)
         await self.pool.fix_record(ctx)
         event = Event(**_base(ctx, f, "error"), detail={"error": f.error.msg if f.error else ""})
         try:
-            await self._write(ctx, [event])
+            await self._write_switched(ctx, [event])
         except Exception:
             logger.exception("custody: audit store write failed while recording an error", extra=context.log_fields(f))
 
@@ -213,7 +235,7 @@ class Recorder:
                               "dropped": message.dropped, **({"body": withheld} if withheld else {})},
                       **body_fields(content, self.store))
         try:
-            await self._write(ctx, [event])
+            await self._write_switched(ctx, [event])
         except Exception as e:
             logger.error("custody: audit store write failed; ending the session", exc_info=e,
                          extra=context.log_fields(f))
@@ -225,7 +247,7 @@ class Recorder:
         ctx = context.of(f)
         await self.pool.fix_record(ctx)
         ws = f.websocket
-        await self._write(ctx, [Event(**_base(ctx, f, "session_end"),
+        await self._write_switched(ctx, [Event(**_base(ctx, f, "session_end"),
                                       detail={"close_code": ws.close_code, "close_reason": ws.close_reason,
                                               "messages": len(ws.messages), "masking": ctx.masking})])
 

@@ -142,6 +142,29 @@ def test_exec_returns_stdout_stderr_and_the_exit_status(bridge, gw, askpass, tok
     assert (done.returncode, done.stdout, done.stderr) == (3, b"hello\n", b"oops\n")
 
 
+def test_a_session_whose_switch_is_not_on_record_ends_before_any_output(bridge, gw, askpass, tokens):
+    """The 101 that opens an exec's stream is not held for its audit write (Recorder.response):
+    the stream's first frame waits for that write too. Here the store refuses exactly that
+    event (a trigger: a real SQLite error), so the command's output never reaches the
+    client, the session's frames are not on record, and the next exec works."""
+    import sqlite3
+
+    db = sqlite3.connect(gw.db, isolation_level=None)
+    db.execute("CREATE TRIGGER no_switch BEFORE INSERT ON events WHEN NEW.kind = 'response' AND NEW.status = 101 "
+               "BEGIN SELECT RAISE(ABORT, 'the switch is not recorded'); END")
+    try:
+        done = ssh(gw, askpass, tokens["ops"], "echo unrecorded-output")
+    finally:
+        db.execute("DROP TRIGGER no_switch")
+        db.close()
+    assert (done.returncode, done.stdout) == (255, b""), done
+    [request] = gw.events("kind = 'request' AND operation LIKE '%unrecorded-output%'")
+    assert [e["kind"] for e in gw.events("flow = ?", [request["flow"]])] == ["request", "decision"]
+    healed = ssh(gw, askpass, tokens["ops"], "echo healed")
+    assert (healed.returncode, healed.stdout) == (0, b"healed\n")
+    assert gw.custody("audit", "verify", "--full").returncode == 0
+
+
 def test_exec_is_binary_safe(bridge, gw, askpass, tokens):
     done = ssh(gw, askpass, tokens["raw"], r"printf '\000\001\377abc'")  # a rule without masks
     assert (done.returncode, done.stdout) == (0, b"\x00\x01\xffabc")

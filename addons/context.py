@@ -68,8 +68,8 @@ class Context:
     response so that after a crash the trail can say whether it committed."""
     events: list[str] = field(default_factory=list)
     switched: Any = field(default=None, repr=False)
-    """The write of the flow's 101 response event, not waited for (Recorder.response): the
-    flow's next write waits for it too."""
+    """The write of the flow's 101 response event, not waited for (Recorder.response): every
+    later write of the flow waits for it."""
 
     def __deepcopy__(self, memo: dict) -> dict[str, Any]:
         return self.snapshot()

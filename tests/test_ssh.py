@@ -144,7 +144,7 @@ def test_exec_returns_stdout_stderr_and_the_exit_status(bridge, gw, askpass, tok
 
 def test_a_session_whose_switch_is_not_on_record_ends_before_any_output(bridge, gw, askpass, tokens):
     """The 101 that opens an exec's stream is not held for its audit write (Recorder.response):
-    the stream's first frame waits for that write too. Here the store refuses exactly that
+    every frame of the stream waits for that write. Here the store refuses exactly that
     event (a trigger: a real SQLite error), so the command's output never reaches the
     client, the session's frames are not on record, and the next exec works."""
     import sqlite3
